@@ -1,0 +1,1294 @@
+/* Shared-memory inode and file-handle tables for pyvirtiofsd.
+ *
+ * Everything that reads-modifies-writes shared memory lives here: Python only calls in.
+ * See docs/shm_table.md for the layout, the lock and the reader protocol.
+ *
+ * Rules that every function below keeps:
+ *  - One writer at a time per segment (the PID lock in the header).  Readers never lock.
+ *  - A slot's identity (nodeid / fh generation) changes only under the lock, bracketed by
+ *    seq++ (odd) ... seq++ (even).  refcount == 0 means "free or being removed": nobody
+ *    raises it again; only a writer re-initialising the slot sets it to 1.
+ *  - Before a multi-step change the writer records an intent (op, slot, nodeid, fd) in the
+ *    header.  Whoever takes the lock over from a dead holder rolls that operation forward or
+ *    back, then rebuilds every derived structure (indexes, free list, counters) from the
+ *    slots, which are the single source of truth.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "native.h"
+
+#define LD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ST_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define ST_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define ST_SC(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define LD_SC(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define CAS(p, expp, d) \
+    __atomic_compare_exchange_n((p), (expp), (d), 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)
+#define FADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_SEQ_CST)
+#define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define CPU_RELAX() __builtin_ia32_pause()
+
+#define SEG_MAGIC 0x3142415448534650ULL /* "PFSHTAB1" little endian */
+#define SEG_VERSION 1u
+#define KIND_INODE 1u
+#define KIND_HANDLE 2u
+#define HDR_SIZE 4096u
+#define NONE32 0xFFFFFFFFu
+#define TOMB 0xFFFFFFFFu
+#define MAX_HANDLE 128u
+#define MAX_NAME 255u
+#define N_ORPHANS 64
+#define ROOT_ID 1ULL
+
+enum { OP_NONE = 0, OP_INSERT = 1, OP_REMOVE = 2, OP_REBUILD = 3, OP_SETINFO = 4,
+       OP_CLAIM = 5, OP_OPEN = 6, OP_FREE = 7 };
+
+/* Segment header: 4096 bytes, shared by both table kinds.  Offsets are fixed by the
+ * _Static_asserts below and listed in docs/shm_table.md. */
+typedef struct {
+    /* cache line 0: written once at init (index_gen: only on nodeid-index rebuild) */
+    uint64_t magic;          /* 0  written last at init */
+    uint32_t version;        /* 8 */
+    uint32_t kind;           /* 12 */
+    uint32_t capacity;       /* 16 */
+    uint32_t slot_size;      /* 20 */
+    uint32_t index_bits;     /* 24 index_size = 1 << index_bits buckets */
+    uint32_t owner_pid;      /* 28 creator (supervisor) */
+    uint64_t segment_size;   /* 32 */
+    uint64_t slots_off;      /* 40 */
+    uint64_t index_off;      /* 48 */
+    uint64_t index_gen;      /* 56 active nodeid index = gen & 1 */
+    /* cache line 1: the writer lock and everything only the holder writes */
+    uint32_t lock;           /* 64 TID of holder, 0 = free */
+    uint32_t waiters;        /* 68 */
+    uint32_t intent_op;      /* 72 */
+    uint32_t intent_slot;    /* 76 */
+    uint64_t intent_nodeid;  /* 80 */
+    int32_t intent_fd;       /* 88 */
+    uint32_t root_slot;      /* 92 NONE32 until the root is inserted */
+    uint64_t next_nodeid;    /* 96 */
+    uint32_t free_head;      /* 104 NONE32 = empty */
+    uint32_t hwm;            /* 108 slots >= hwm were never used */
+    uint64_t entries;        /* 112 live entries */
+    uint64_t with_handle;    /* 120 live entries that are in the handle index */
+    /* cache line 2: statistics */
+    uint64_t lookups;        /* 128 claim_or_insert hits */
+    uint64_t inserts;        /* 136 */
+    uint64_t removals;       /* 144 */
+    uint64_t acquire_misses; /* 152 */
+    uint64_t rebuilds;       /* 160 */
+    uint64_t takeovers;      /* 168 */
+    uint64_t tombs[3];       /* 176 nodeid, ids, handle index tombstones */
+    uint64_t full_errors;    /* 200 */
+    uint64_t _pad2[6];       /* 208 */
+    /* cache line 4: fds whose owner died inside the table (supervisor closes them) */
+    uint32_t n_orphans;      /* 256 */
+    uint32_t orphans_lost;   /* 260 */
+    int32_t orphans[N_ORPHANS]; /* 264 */
+} hdr_t;
+
+_Static_assert(sizeof(hdr_t) <= HDR_SIZE, "header too big");
+_Static_assert(offsetof(hdr_t, lock) == 64, "lock offset");
+_Static_assert(offsetof(hdr_t, lookups) == 128, "stats offset");
+_Static_assert(offsetof(hdr_t, n_orphans) == 256, "orphans offset");
+
+/* Inode slot: 512 bytes; the first cache line holds what acquire/release touch. */
+typedef struct {
+    uint64_t refcount;       /* 0 */
+    uint32_t seq;            /* 8 odd while identity changes */
+    uint32_t info_seq;       /* 12 odd while migration info changes */
+    uint64_t nodeid;         /* 16 0 = free */
+    int32_t fd;              /* 24 */
+    uint32_t mode;           /* 28 */
+    uint64_t ino;            /* 32 */
+    uint64_t dev;            /* 40 */
+    uint64_t mnt_id;         /* 48 */
+    uint32_t next_free;      /* 56 */
+    uint32_t has_handle;     /* 60 */
+    int32_t handle_type;     /* 64 */
+    uint32_t handle_bytes;   /* 68 */
+    uint64_t handle_mnt_id;  /* 72 */
+    uint64_t parent;         /* 80 */
+    uint64_t ids_hash;       /* 88 */
+    uint64_t handle_hash;    /* 96 */
+    uint32_t name_len;       /* 104 */
+    uint32_t _pad;           /* 108 */
+    uint8_t handle[MAX_HANDLE]; /* 112 */
+    uint8_t name[256];       /* 240 */
+    uint8_t _tail[16];       /* 496 */
+} islot_t;
+_Static_assert(sizeof(islot_t) == 512, "inode slot size");
+
+/* Handle slot: 64 bytes. */
+typedef struct {
+    uint64_t refcount;       /* 0 */
+    uint32_t seq;            /* 8 fh generation; odd while changing */
+    uint32_t guest_open;     /* 12 1 while the guest's reference is held */
+    uint64_t nodeid;         /* 16 */
+    int32_t fd;              /* 24 */
+    uint32_t flags;          /* 28 */
+    uint32_t next_free;      /* 32 */
+    uint32_t _pad;           /* 36 */
+    uint64_t _pad2[3];       /* 40 */
+} hslot_t;
+_Static_assert(sizeof(hslot_t) == 64, "handle slot size");
+
+/* ------------------------------------------------------------------ helpers */
+
+static uint64_t dbg_countdown; /* process-local: tests make a writer kill itself mid-op */
+
+#define CRASH_POINT()                                                          \
+    do {                                                                       \
+        if (__builtin_expect(dbg_countdown != 0, 0) && --dbg_countdown == 0)   \
+            syscall(SYS_kill, syscall(SYS_getpid), SIGKILL);                   \
+    } while (0)
+
+void seg_debug_crash_after(uint64_t n) { dbg_countdown = n; }
+
+static inline hdr_t *H(void *base) { return (hdr_t *)base; }
+static inline islot_t *ISLOT(hdr_t *h, uint32_t i) {
+    return (islot_t *)((char *)h + h->slots_off) + i;
+}
+static inline hslot_t *HSLOT(hdr_t *h, uint32_t i) {
+    return (hslot_t *)((char *)h + h->slots_off) + i;
+}
+static inline uint64_t isize(hdr_t *h) { return 1ULL << h->index_bits; }
+/* index k: 0,1 = nodeid (double buffered), 2 = ids, 3 = handle */
+static inline uint64_t *IDX(hdr_t *h, int k) {
+    return (uint64_t *)((char *)h + h->index_off) + (uint64_t)k * isize(h);
+}
+
+static inline uint64_t mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+static inline uint64_t hash_nodeid(uint64_t n) { return mix64(n); }
+static inline uint32_t tag_nodeid(uint64_t n) { return (uint32_t)n; }
+static inline uint64_t hash_ids(uint64_t ino, uint64_t dev, uint64_t mnt) {
+    return mix64(ino ^ mix64(dev ^ mix64(mnt + 0x9e3779b97f4a7c15ULL)));
+}
+static uint64_t hash_handle(const uint8_t *b, uint32_t n, int32_t type, uint64_t mnt) {
+    uint64_t x = 0xcbf29ce484222325ULL ^ mix64(((uint64_t)(uint32_t)type << 32) | n) ^ mnt;
+    for (uint32_t i = 0; i < n; i++) x = (x ^ b[i]) * 0x100000001b3ULL;
+    return mix64(x);
+}
+static inline uint32_t tag_hash(uint64_t h) { return (uint32_t)(h >> 32); }
+static inline uint64_t mkb(uint32_t tag, uint32_t slot) {
+    return ((uint64_t)tag << 32) | (uint64_t)(slot + 1);
+}
+
+static uint32_t my_tid(void) { return (uint32_t)syscall(SYS_gettid); }
+
+/* Is the task with this TID gone?  kill(0) succeeds for zombies, so look at /proc too. */
+static int task_dead(uint32_t tid) {
+    if (tid == 0) return 0;
+    if (kill((pid_t)tid, 0) != 0) return errno == ESRCH;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%u/stat", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+/* ------------------------------------------------------------------ the lock */
+
+static void repair(hdr_t *h);
+
+/* Take the writer lock.  Spins briefly, then sleeps on the futex with a 2 ms timeout; after
+ * each timeout checks whether the holder died and, if so, takes the lock over and repairs. */
+static void lock_acquire(hdr_t *h) {
+    uint32_t me = my_tid();
+    uint32_t z = 0;
+    if (CAS(&h->lock, &z, me)) return;
+    for (unsigned spins = 0;; spins++) {
+        uint32_t cur = LD_ACQ(&h->lock);
+        if (cur == 0) {
+            z = 0;
+            if (CAS(&h->lock, &z, me)) return;
+            continue;
+        }
+        if (spins < 200) {
+            CPU_RELAX();
+            continue;
+        }
+        FADD(&h->waiters, 1);
+        struct timespec ts = {0, 2000000};
+        long r = syscall(SYS_futex, &h->lock, FUTEX_WAIT, cur, &ts, NULL, 0);
+        int timed_out = (r != 0 && errno == ETIMEDOUT);
+        __atomic_fetch_sub(&h->waiters, 1, __ATOMIC_SEQ_CST);
+        if (!timed_out && cur != me) continue;
+        cur = LD_ACQ(&h->lock);
+        if (cur != 0 && (cur == me || task_dead(cur))) {
+            /* cur == me: a dead task's TID was reused by us; it cannot be a recursive lock
+             * because no code path here re-enters the lock. */
+            if (CAS(&h->lock, &cur, me)) {
+                FADD(&h->takeovers, 1);
+                repair(h);
+                return;
+            }
+        }
+    }
+}
+
+static void lock_release(hdr_t *h) {
+    ST_SC(&h->lock, 0u);
+    if (LD_SC(&h->waiters)) syscall(SYS_futex, &h->lock, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+static inline void set_intent(hdr_t *h, uint32_t op, uint32_t slot, uint64_t nodeid, int32_t fd) {
+    h->intent_slot = slot;
+    h->intent_nodeid = nodeid;
+    h->intent_fd = fd;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    ST_REL(&h->intent_op, op);
+}
+static inline void clear_intent(hdr_t *h) { ST_REL(&h->intent_op, (uint32_t)OP_NONE); }
+
+static void add_orphan(hdr_t *h, int32_t fd) {
+    if (fd < 0) return;
+    if (h->n_orphans < N_ORPHANS) {
+        h->orphans[h->n_orphans] = fd;
+        h->n_orphans++;
+    } else {
+        h->orphans_lost++;
+    }
+}
+
+int seg_take_orphans(void *base, int32_t *out, int max) {
+    hdr_t *h = H(base);
+    lock_acquire(h);
+    int n = (int)h->n_orphans;
+    if (n > max) n = max;
+    for (int i = 0; i < n; i++) out[i] = h->orphans[i];
+    memmove(h->orphans, h->orphans + n, (h->n_orphans - n) * sizeof(int32_t));
+    h->n_orphans -= n;
+    lock_release(h);
+    return n;
+}
+
+uint32_t seg_lock_word(void *base) { return LD_ACQ(&H(base)->lock); }
+
+int seg_check(void *base, uint64_t size, uint32_t kind) {
+    hdr_t *h = H(base);
+    if (size < HDR_SIZE) return -4;
+    if (LD_ACQ(&h->magic) != SEG_MAGIC) return -1;
+    if (h->version != SEG_VERSION) return -2;
+    if (h->kind != kind) return -3;
+    if (h->segment_size > size) return -4;
+    return 0;
+}
+
+uint32_t seg_owner_pid(void *base) { return H(base)->owner_pid; }
+int seg_owner_alive(void *base) { return !task_dead(H(base)->owner_pid); }
+
+int seg_stats(void *base, uint64_t *out, int n) {
+    hdr_t *h = H(base);
+    uint64_t v[] = {
+        h->capacity, LD_RLX(&h->entries), LD_RLX(&h->hwm), isize(h),
+        LD_RLX(&h->tombs[0]), LD_RLX(&h->tombs[1]), LD_RLX(&h->tombs[2]),
+        LD_RLX(&h->lookups), LD_RLX(&h->inserts), LD_RLX(&h->removals),
+        LD_RLX(&h->acquire_misses), LD_RLX(&h->rebuilds), LD_RLX(&h->takeovers),
+        LD_RLX(&h->full_errors), LD_RLX(&h->n_orphans), LD_RLX(&h->next_nodeid),
+        LD_RLX(&h->with_handle), LD_RLX(&h->index_gen),
+    };
+    int m = (int)(sizeof v / sizeof v[0]);
+    if (n > m) n = m;
+    memcpy(out, v, (size_t)n * sizeof(uint64_t));
+    return m;
+}
+
+static void init_header(hdr_t *h, uint32_t kind, uint32_t capacity, uint32_t slot_size,
+                        uint32_t index_bits, uint64_t index_off, uint64_t size,
+                        uint32_t owner) {
+    h->version = SEG_VERSION;
+    h->kind = kind;
+    h->capacity = capacity;
+    h->slot_size = slot_size;
+    h->index_bits = index_bits;
+    h->owner_pid = owner;
+    h->segment_size = size;
+    h->slots_off = HDR_SIZE;
+    h->index_off = index_off;
+    h->index_gen = 0;
+    h->lock = 0;
+    h->intent_op = OP_NONE;
+    h->root_slot = NONE32;
+    h->next_nodeid = 2;
+    h->free_head = NONE32;
+    h->hwm = 0;
+    ST_REL(&h->magic, SEG_MAGIC);
+}
+
+/* ================================================================ inode table */
+
+static uint32_t index_bits_for(uint32_t capacity) {
+    uint32_t bits = 4;
+    while ((1ULL << bits) < 2ULL * capacity) bits++;
+    return bits;
+}
+
+static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
+
+uint64_t it_segment_size(uint32_t capacity) {
+    uint64_t idx_off = align_up(HDR_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
+    return idx_off + 4ULL * 8ULL * (1ULL << index_bits_for(capacity));
+}
+
+int it_init(void *base, uint32_t capacity, uint32_t owner_pid) {
+    if (capacity == 0 || capacity > 0x7FFFFFFFu) return -1;
+    uint64_t idx_off = align_up(HDR_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
+    init_header(H(base), KIND_INODE, capacity, sizeof(islot_t), index_bits_for(capacity),
+                idx_off, it_segment_size(capacity), owner_pid);
+    return 0;
+}
+
+static inline int slot_live(islot_t *s) { return LD_RLX(&s->nodeid) != 0; }
+
+static inline int handle_eq(islot_t *s, const uint8_t *hb, uint32_t n, int32_t type,
+                            uint64_t mnt) {
+    return s->has_handle && s->handle_bytes == n && s->handle_type == type &&
+           s->handle_mnt_id == mnt && memcmp(s->handle, hb, n) == 0;
+}
+
+/* Writer-side index primitives (lock held). */
+static void idx_put(hdr_t *h, uint64_t *idx, int tk, uint64_t hash, uint32_t tag,
+                    uint32_t slot) {
+    uint64_t mask = isize(h) - 1, i = hash & mask;
+    for (;;) {
+        uint32_t lo = (uint32_t)LD_RLX(&idx[i]);
+        if (lo == 0 || lo == TOMB) {
+            ST_REL(&idx[i], mkb(tag, slot));
+            if (lo == TOMB) h->tombs[tk]--;
+            return;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+static int idx_del(hdr_t *h, uint64_t *idx, int tk, uint64_t hash, uint32_t slot) {
+    uint64_t mask = isize(h) - 1, i = hash & mask;
+    for (uint64_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
+        uint32_t lo = (uint32_t)LD_RLX(&idx[i]);
+        if (lo == 0) return -1;
+        if (lo == slot + 1) {
+            ST_REL(&idx[i], (uint64_t)TOMB);
+            h->tombs[tk]++;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static void clear_index(uint64_t *idx, uint64_t n) {
+    /* Word stores: a lock-free reader of a retired nodeid buffer must never see a torn
+     * bucket (it re-checks index_gen anyway, but each bucket must be a value we wrote). */
+    for (uint64_t i = 0; i < n; i++) ST_RLX(&idx[i], 0ULL);
+}
+
+/* Rebuild the nodeid index into the inactive buffer, then publish it (index_gen++). */
+static void rebuild_nodeid_index(hdr_t *h) {
+    uint64_t gen = h->index_gen;
+    uint64_t *next = IDX(h, (int)((gen + 1) & 1));
+    clear_index(next, isize(h));
+    uint64_t mask = isize(h) - 1;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        islot_t *s = ISLOT(h, i);
+        if (!slot_live(s)) continue;
+        uint64_t j = hash_nodeid(s->nodeid) & mask;
+        while ((uint32_t)next[j] != 0) j = (j + 1) & mask;
+        ST_RLX(&next[j], mkb(tag_nodeid(s->nodeid), i));
+        CRASH_POINT();
+    }
+    FENCE();
+    ST_SC(&h->index_gen, gen + 1);
+    FENCE();
+    h->tombs[0] = 0;
+}
+
+/* Rebuild the ids (k=2) or handle (k=3) index in place; only writers read them. */
+static void rebuild_key_index(hdr_t *h, int k) {
+    uint64_t *idx = IDX(h, k);
+    clear_index(idx, isize(h));
+    h->tombs[k - 1] = 0;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        islot_t *s = ISLOT(h, i);
+        if (!slot_live(s)) continue;
+        if (k == 2)
+            idx_put(h, idx, 1, s->ids_hash, tag_hash(s->ids_hash), i);
+        else if (s->has_handle)
+            idx_put(h, idx, 2, s->handle_hash, tag_hash(s->handle_hash), i);
+        CRASH_POINT();
+    }
+}
+
+static void maybe_rebuild(hdr_t *h) {
+    uint64_t limit = isize(h) / 4 * 3;
+    uint64_t live = h->entries + 1;
+    if (live + h->tombs[0] > limit) {
+        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        rebuild_nodeid_index(h);
+        h->rebuilds++;
+        clear_intent(h);
+    }
+    if (live + h->tombs[1] > limit) {
+        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        rebuild_key_index(h, 2);
+        h->rebuilds++;
+        clear_intent(h);
+    }
+    if (h->with_handle + 1 + h->tombs[2] > limit) {
+        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        rebuild_key_index(h, 3);
+        h->rebuilds++;
+        clear_intent(h);
+    }
+}
+
+static void islot_clear(islot_t *s) {
+    ST_REL(&s->seq, s->seq + 1);
+    ST_RLX(&s->nodeid, 0ULL);
+    s->fd = -1;
+    s->mode = 0;
+    s->ino = s->dev = s->mnt_id = 0;
+    s->has_handle = 0;
+    s->handle_type = 0;
+    s->handle_bytes = 0;
+    s->handle_mnt_id = 0;
+    s->parent = 0;
+    s->name_len = 0;
+    s->ids_hash = s->handle_hash = 0;
+    ST_REL(&s->seq, s->seq + 1);
+}
+
+/* Remove a slot whose refcount the caller just took to 0 (lock held).  Returns its fd. */
+static int32_t it_remove_locked(hdr_t *h, uint32_t slot) {
+    islot_t *s = ISLOT(h, slot);
+    int32_t fd = s->fd;
+    idx_del(h, IDX(h, (int)(h->index_gen & 1)), 0, hash_nodeid(s->nodeid), slot);
+    CRASH_POINT();
+    idx_del(h, IDX(h, 2), 1, s->ids_hash, slot);
+    CRASH_POINT();
+    if (s->has_handle) {
+        idx_del(h, IDX(h, 3), 2, s->handle_hash, slot);
+        h->with_handle--;
+    }
+    CRASH_POINT();
+    islot_clear(s);
+    CRASH_POINT();
+    s->next_free = h->free_head;
+    h->free_head = slot;
+    h->entries--;
+    h->removals++;
+    return fd;
+}
+
+/* Full rebuild of everything derived from the slots: after a takeover. */
+static void rebuild_all(hdr_t *h) {
+    uint32_t cap = h->capacity;
+    if (h->hwm > cap) h->hwm = cap;
+    uint64_t live = 0, wh = 0;
+    uint32_t head = NONE32;
+    h->root_slot = NONE32;
+    for (uint32_t i = h->hwm; i-- > 0;) {
+        islot_t *s = ISLOT(h, i);
+        if (s->seq & 1) s->seq++; /* a writer died mid-change; the intent step fixed it */
+        if (slot_live(s)) {
+            live++;
+            if (s->has_handle) wh++;
+            if (s->nodeid == ROOT_ID) h->root_slot = i;
+        } else {
+            s->next_free = head;
+            head = i;
+        }
+    }
+    h->free_head = head;
+    h->entries = live;
+    h->with_handle = wh;
+    rebuild_nodeid_index(h);
+    rebuild_key_index(h, 2);
+    rebuild_key_index(h, 3);
+    h->rebuilds++;
+}
+
+/* Decrement with saturation at the slot's floor (1 for the root, else 0).  Returns the new
+ * value, or UINT64_MAX when the count was already 0 (nothing to do). */
+static inline uint64_t sat_sub(uint64_t rc, uint64_t n, uint64_t floor) {
+    uint64_t nv = rc > n ? rc - n : 0;
+    return nv < floor ? floor : nv;
+}
+
+static int64_t it_release_slow(hdr_t *h, uint32_t slot, uint64_t n);
+
+static void it_repair(hdr_t *h) {
+    uint32_t op = h->intent_op, slot = h->intent_slot;
+    if (slot >= h->hwm) slot = NONE32;
+    islot_t *s = slot != NONE32 ? ISLOT(h, slot) : NULL;
+    if (op == OP_INSERT && s) {
+        if (LD_ACQ(&s->refcount) == 0) {
+            /* Died before the slot was complete: nobody can hold a reference to it. */
+            islot_clear(s);
+            if (s->seq & 1) s->seq++;
+            add_orphan(h, h->intent_fd);
+            s = NULL;
+        } else if (s->seq & 1) {
+            s->seq++; /* refcount = 1 is written last: the fields are complete */
+        }
+    } else if (op == OP_REMOVE && s) {
+        if (LD_ACQ(&s->refcount) == 0) {
+            /* Past the commit point (refcount -> 0): finish the removal. */
+            islot_clear(s);
+            if (s->seq & 1) s->seq++;
+            add_orphan(h, h->intent_fd);
+        }
+        s = NULL;
+    } else if (op == OP_SETINFO && s) {
+        if (s->info_seq & 1) {
+            s->parent = 0;
+            s->name_len = 0;
+            ST_REL(&s->info_seq, s->info_seq + 1);
+        }
+        s = NULL;
+    } else {
+        s = NULL;
+    }
+    rebuild_all(h);
+    clear_intent(h);
+    if (op == OP_INSERT && s) {
+        /* The entry is complete and indexed; drop the reference its dead creator held. */
+        uint64_t rc = LD_ACQ(&s->refcount);
+        uint64_t floor = (slot == h->root_slot) ? 1 : 0;
+        for (;;) {
+            uint64_t nv = sat_sub(rc, 1, floor);
+            if (nv == rc) break;
+            if (nv == 0) {
+                set_intent(h, OP_REMOVE, slot, s->nodeid, s->fd);
+                if (!CAS(&s->refcount, &rc, nv)) { clear_intent(h); continue; }
+                add_orphan(h, it_remove_locked(h, slot));
+                clear_intent(h);
+                break;
+            }
+            if (CAS(&s->refcount, &rc, nv)) break;
+        }
+    }
+}
+
+static void ht_repair(hdr_t *h);
+
+static void repair(hdr_t *h) {
+    if (h->kind == KIND_INODE)
+        it_repair(h);
+    else
+        ht_repair(h);
+}
+
+/* Find `nodeid`'s slot, lock-free.  On success with `take_ref`, a reference is held. */
+static int64_t it_find(hdr_t *h, uint64_t nodeid, int take_ref) {
+    if (nodeid == 0) return -1;
+    uint32_t cap = h->capacity;
+    uint64_t mask = isize(h) - 1;
+    uint32_t tag = tag_nodeid(nodeid);
+    for (;;) {
+        uint64_t gen = LD_ACQ(&h->index_gen);
+        uint64_t *idx = IDX(h, (int)(gen & 1));
+        uint64_t i = hash_nodeid(nodeid) & mask;
+        for (uint64_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
+            uint64_t b = LD_ACQ(&idx[i]);
+            uint32_t lo = (uint32_t)b;
+            if (lo == 0) break;
+            if (lo == TOMB || (uint32_t)(b >> 32) != tag) continue;
+            uint32_t slot = lo - 1;
+            if (slot >= cap) continue;
+            islot_t *s = ISLOT(h, slot);
+            uint32_t seq = LD_ACQ(&s->seq);
+            if (seq & 1) continue;
+            if (LD_ACQ(&s->nodeid) != nodeid) continue;
+            if (!take_ref) {
+                FENCE();
+                if (LD_ACQ(&s->seq) == seq) return slot;
+                continue;
+            }
+            uint64_t rc = LD_ACQ(&s->refcount);
+            int got = 0;
+            while (rc != 0) {
+                if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
+            }
+            if (!got) break; /* being removed: treat as not found */
+            if (LD_ACQ(&s->seq) == seq && LD_ACQ(&s->nodeid) == nodeid) return slot;
+            /* The slot changed identity between our check and our increment: the count we
+             * raised belongs to the new occupant; give it back the normal way. */
+            int64_t fd = it_release(h, slot, 1);
+            if (fd >= 0) return -2 - fd;
+        }
+        FENCE();
+        if (LD_ACQ(&h->index_gen) == gen) break;
+    }
+    FADD(&h->acquire_misses, 1);
+    return -1;
+}
+
+int64_t it_acquire(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 1); }
+int64_t it_lookup(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 0); }
+
+int64_t it_release(void *base, uint32_t slot, uint64_t n) {
+    hdr_t *h = H(base);
+    if (slot >= h->capacity || n == 0) return -1;
+    islot_t *s = ISLOT(h, slot);
+    uint64_t floor = (slot == LD_RLX(&h->root_slot)) ? 1 : 0;
+    uint64_t rc = LD_ACQ(&s->refcount);
+    for (;;) {
+        if (rc == 0) return -1;
+        uint64_t nv = sat_sub(rc, n, floor);
+        if (nv == rc) return -1;
+        if (nv == 0) return it_release_slow(h, slot, n);
+        if (CAS(&s->refcount, &rc, nv)) return -1;
+    }
+}
+
+static int64_t it_release_slow(hdr_t *h, uint32_t slot, uint64_t n) {
+    islot_t *s = ISLOT(h, slot);
+    lock_acquire(h);
+    uint64_t floor = (slot == h->root_slot) ? 1 : 0;
+    set_intent(h, OP_REMOVE, slot, s->nodeid, s->fd);
+    CRASH_POINT();
+    uint64_t rc = LD_ACQ(&s->refcount), nv;
+    for (;;) {
+        if (rc == 0) { nv = rc; break; }
+        nv = sat_sub(rc, n, floor);
+        if (nv == rc || CAS(&s->refcount, &rc, nv)) break;
+    }
+    int64_t fd = -1;
+    if (nv == 0 && rc != 0) {
+        CRASH_POINT();
+        fd = it_remove_locked(h, slot);
+        CRASH_POINT();
+    }
+    clear_intent(h);
+    lock_release(h);
+    return fd;
+}
+
+int64_t it_forget(void *base, uint64_t nodeid, uint64_t n) {
+    if (n == 0) return -1;
+    int64_t r = it_find(H(base), nodeid, 1);
+    if (r < 0) return r < -1 ? -2 - r : -1;
+    return it_release(base, (uint32_t)r, n == UINT64_MAX ? n : n + 1);
+}
+
+/* Under the lock: find a live entry by handle, else by ids (with an fd), and take a
+ * reference.  Returns the slot or -1. */
+static int64_t it_claim_locked(hdr_t *h, uint64_t ino, uint64_t dev, uint64_t mnt,
+                               const uint8_t *hb, uint32_t hn, int32_t htype, uint64_t hmnt,
+                               uint64_t ih, uint64_t hh) {
+    uint64_t mask = isize(h) - 1;
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t hash;
+        uint64_t *idx;
+        if (pass == 0) {
+            if (!hb) continue;
+            hash = hh;
+            idx = IDX(h, 3);
+        } else {
+            hash = ih;
+            idx = IDX(h, 2);
+        }
+        uint32_t tag = tag_hash(hash);
+        uint64_t i = hash & mask;
+        for (uint64_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
+            uint64_t b = idx[i];
+            uint32_t lo = (uint32_t)b;
+            if (lo == 0) break;
+            if (lo == TOMB || (uint32_t)(b >> 32) != tag) continue;
+            uint32_t slot = lo - 1;
+            islot_t *s = ISLOT(h, slot);
+            if (!slot_live(s)) continue;
+            if (pass == 0) {
+                if (!handle_eq(s, hb, hn, htype, hmnt)) continue;
+            } else {
+                if (s->ino != ino || s->dev != dev || s->mnt_id != mnt || s->fd < 0) continue;
+            }
+            uint64_t rc = LD_ACQ(&s->refcount);
+            int got = 0;
+            while (rc != 0) {
+                if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
+            }
+            if (got) return slot;
+        }
+    }
+    return -1;
+}
+
+static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_t dev,
+                                uint64_t mnt, const uint8_t *hb, uint32_t hn, int32_t htype,
+                                uint64_t hmnt, int32_t fd, uint32_t mode, uint64_t parent,
+                                const uint8_t *name, uint32_t name_len, uint64_t ih,
+                                uint64_t hh) {
+    uint32_t slot = h->free_head;
+    if (slot == NONE32 && h->hwm >= h->capacity) {
+        h->full_errors++;
+        return -1;
+    }
+    maybe_rebuild(h);
+    if (slot == NONE32) slot = h->hwm;
+    if (nodeid == 0) nodeid = FADD(&h->next_nodeid, 1);
+    set_intent(h, OP_INSERT, slot, nodeid, fd);
+    CRASH_POINT();
+    islot_t *s = ISLOT(h, slot);
+    if (slot == h->hwm) {
+        s->seq = 0;
+        s->info_seq = 0;
+        h->hwm = slot + 1;
+    } else {
+        h->free_head = s->next_free;
+    }
+    CRASH_POINT();
+    ST_REL(&s->seq, s->seq + 1);
+    s->next_free = NONE32;
+    s->fd = fd;
+    s->mode = mode;
+    s->ino = ino;
+    s->dev = dev;
+    s->mnt_id = mnt;
+    s->ids_hash = ih;
+    s->has_handle = hb != NULL;
+    s->handle_type = hb ? htype : 0;
+    s->handle_bytes = hb ? hn : 0;
+    s->handle_mnt_id = hb ? hmnt : 0;
+    s->handle_hash = hb ? hh : 0;
+    if (hb) memcpy(s->handle, hb, hn);
+    s->parent = parent;
+    s->name_len = name_len;
+    if (name_len) memcpy(s->name, name, name_len);
+    s->name[name_len] = 0;
+    ST_REL(&s->nodeid, nodeid);
+    CRASH_POINT();
+    ST_REL(&s->refcount, 1ULL); /* last field: repair treats refcount != 0 as complete */
+    CRASH_POINT();
+    ST_REL(&s->seq, s->seq + 1);
+    CRASH_POINT();
+    idx_put(h, IDX(h, (int)(h->index_gen & 1)), 0, hash_nodeid(nodeid), tag_nodeid(nodeid),
+            slot);
+    CRASH_POINT();
+    idx_put(h, IDX(h, 2), 1, ih, tag_hash(ih), slot);
+    CRASH_POINT();
+    if (hb) {
+        idx_put(h, IDX(h, 3), 2, hh, tag_hash(hh), slot);
+        h->with_handle++;
+    }
+    h->entries++;
+    h->inserts++;
+    CRASH_POINT();
+    if (nodeid == ROOT_ID) h->root_slot = slot;
+    clear_intent(h);
+    return slot;
+}
+
+static int args_ok(uint32_t hn, uint32_t name_len) {
+    return hn <= MAX_HANDLE && name_len <= MAX_NAME;
+}
+
+int64_t it_insert_root(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                       const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                       uint64_t handle_mnt_id, int32_t fd, uint32_t mode) {
+    hdr_t *h = H(base);
+    if (!args_ok(handle_bytes, 0)) return -3;
+    const uint8_t *hb = (const uint8_t *)handle;
+    uint64_t ih = hash_ids(ino, dev, mnt_id);
+    uint64_t hh = hb ? hash_handle(hb, handle_bytes, handle_type, handle_mnt_id) : 0;
+    lock_acquire(h);
+    int64_t r;
+    if (h->root_slot != NONE32)
+        r = -2;
+    else
+        r = it_insert_locked(h, ROOT_ID, ino, dev, mnt_id, hb, handle_bytes, handle_type,
+                             handle_mnt_id, fd, mode, 0, NULL, 0, ih, hh);
+    lock_release(h);
+    return r;
+}
+
+/* Returns slot | inserted << 32, -1 when full, -3 on bad arguments. */
+int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                           const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                           uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
+                           uint64_t parent, const char *name, uint32_t name_len) {
+    hdr_t *h = H(base);
+    if (!args_ok(handle_bytes, name_len)) return -3;
+    const uint8_t *hb = (const uint8_t *)handle;
+    uint64_t ih = hash_ids(ino, dev, mnt_id);
+    uint64_t hh = hb ? hash_handle(hb, handle_bytes, handle_type, handle_mnt_id) : 0;
+    lock_acquire(h);
+    set_intent(h, OP_CLAIM, NONE32, 0, fd);
+    int64_t r = it_claim_locked(h, ino, dev, mnt_id, hb, handle_bytes, handle_type,
+                                handle_mnt_id, ih, hh);
+    CRASH_POINT();
+    if (r >= 0) {
+        h->lookups++;
+        clear_intent(h);
+    } else {
+        r = it_insert_locked(h, 0, ino, dev, mnt_id, hb, handle_bytes, handle_type,
+                             handle_mnt_id, fd, mode, parent, (const uint8_t *)name,
+                             name_len, ih, hh);
+        if (r >= 0) r |= 1LL << 32;
+        clear_intent(h);
+    }
+    lock_release(h);
+    return r;
+}
+
+int32_t it_fd(void *base, uint32_t slot) {
+    hdr_t *h = H(base);
+    return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->fd) : -1;
+}
+uint64_t it_nodeid(void *base, uint32_t slot) {
+    hdr_t *h = H(base);
+    return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->nodeid) : 0;
+}
+uint64_t it_refcount(void *base, uint32_t slot) {
+    hdr_t *h = H(base);
+    return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->refcount) : 0;
+}
+uint32_t it_hwm(void *base) { return LD_ACQ(&H(base)->hwm); }
+
+/* A reader that keeps seeing an odd seq may be looking at a slot whose writer died: after a
+ * while, pass through the lock, which repairs the table if its holder is dead. */
+static void reader_backoff(hdr_t *h, unsigned *spins) {
+    if (++*spins % 4096 == 0) {
+        lock_acquire(h);
+        lock_release(h);
+    } else {
+        CPU_RELAX();
+    }
+}
+
+/* Seqlock snapshot of one slot.  1 = live entry copied, 0 = free slot. */
+int it_snapshot(void *base, uint32_t slot, it_entry_t *out) {
+    hdr_t *h = H(base);
+    if (slot >= LD_ACQ(&h->hwm)) return 0;
+    islot_t *s = ISLOT(h, slot);
+    unsigned spins = 0;
+    for (;;) {
+        uint32_t q1 = LD_ACQ(&s->seq), i1 = LD_ACQ(&s->info_seq);
+        if ((q1 | i1) & 1) {
+            reader_backoff(h, &spins);
+            continue;
+        }
+        out->nodeid = LD_RLX(&s->nodeid);
+        out->refcount = LD_RLX(&s->refcount);
+        out->ino = s->ino;
+        out->dev = s->dev;
+        out->mnt_id = s->mnt_id;
+        out->fd = s->fd;
+        out->mode = s->mode;
+        out->has_handle = (int32_t)s->has_handle;
+        out->handle_type = s->handle_type;
+        out->handle_bytes = s->handle_bytes;
+        out->handle_mnt_id = s->handle_mnt_id;
+        out->parent = s->parent;
+        out->name_len = s->name_len;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (out->handle_bytes > MAX_HANDLE || out->name_len > MAX_NAME) goto retry;
+        memcpy(out->handle, s->handle, out->handle_bytes);
+        memcpy(out->name, s->name, out->name_len);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LD_ACQ(&s->seq) == q1 && LD_ACQ(&s->info_seq) == i1)
+            return out->nodeid != 0;
+    retry:
+        reader_backoff(h, &spins);
+    }
+}
+
+int it_set_info(void *base, uint32_t slot, uint64_t parent, const char *name,
+                uint32_t name_len) {
+    hdr_t *h = H(base);
+    if (slot >= h->capacity || name_len > MAX_NAME) return -1;
+    islot_t *s = ISLOT(h, slot);
+    lock_acquire(h);
+    int r = -1;
+    if (slot < h->hwm && slot_live(s)) {
+        set_intent(h, OP_SETINFO, slot, s->nodeid, -1);
+        ST_REL(&s->info_seq, s->info_seq + 1);
+        CRASH_POINT();
+        s->parent = parent;
+        s->name_len = name_len;
+        memcpy(s->name, name, name_len);
+        s->name[name_len] = 0;
+        ST_REL(&s->info_seq, s->info_seq + 1);
+        clear_intent(h);
+        r = 0;
+    }
+    lock_release(h);
+    return r;
+}
+
+#define FAIL(...)                                    \
+    do {                                             \
+        snprintf(msg, msglen, __VA_ARGS__);          \
+        lock_release(h);                             \
+        return -1;                                   \
+    } while (0)
+
+/* Full consistency check (tests, stats command).  Takes the lock. */
+int it_check(void *base, char *msg, size_t msglen) {
+    hdr_t *h = H(base);
+    lock_acquire(h);
+    uint64_t mask = isize(h) - 1;
+    if (h->intent_op != OP_NONE) FAIL("intent %u left set", h->intent_op);
+    if (h->hwm > h->capacity) FAIL("hwm %u > capacity", h->hwm);
+    uint64_t live = 0, wh = 0, nfree = 0;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        islot_t *s = ISLOT(h, i);
+        if ((s->seq | s->info_seq) & 1) FAIL("slot %u seq odd", i);
+        if (slot_live(s)) {
+            live++;
+            if (s->refcount == 0) FAIL("slot %u live with refcount 0", i);
+            if (s->nodeid >= h->next_nodeid && s->nodeid != ROOT_ID)
+                FAIL("slot %u nodeid %llu not yet allocated", i, (unsigned long long)s->nodeid);
+            if (s->nodeid == ROOT_ID && h->root_slot != i) FAIL("root slot mismatch");
+            if (s->has_handle) wh++;
+            if (s->ids_hash != hash_ids(s->ino, s->dev, s->mnt_id)) FAIL("slot %u ids hash", i);
+            /* each live slot is in every index exactly once, and keys are unique */
+            for (int k = 0; k < 3; k++) {
+                if (k == 2 && !s->has_handle) continue;
+                uint64_t *idx = k == 0 ? IDX(h, (int)(h->index_gen & 1)) : IDX(h, k + 1);
+                uint64_t hash = k == 0 ? hash_nodeid(s->nodeid) : k == 1 ? s->ids_hash
+                                                                          : s->handle_hash;
+                uint64_t j = hash & mask;
+                int found = 0;
+                for (uint64_t n = 0; n <= mask; n++, j = (j + 1) & mask) {
+                    uint32_t lo = (uint32_t)idx[j];
+                    if (lo == 0) break;
+                    if (lo == TOMB) continue;
+                    islot_t *o = ISLOT(h, lo - 1);
+                    if (lo - 1 == i) {
+                        found++;
+                        continue;
+                    }
+                    if (!slot_live(o)) continue;
+                    if (k == 0 && o->nodeid == s->nodeid) FAIL("nodeid dup %u", i);
+                    if (k == 1 && s->fd >= 0 && o->fd >= 0 && o->ino == s->ino &&
+                        o->dev == s->dev && o->mnt_id == s->mnt_id)
+                        FAIL("ids dup (with fd) slots %u %u", i, lo - 1);
+                    if (k == 2 && handle_eq(o, s->handle, s->handle_bytes, s->handle_type,
+                                            s->handle_mnt_id))
+                        FAIL("handle dup slots %u %u", i, lo - 1);
+                }
+                if (found != 1) FAIL("slot %u found %d times in index %d", i, found, k);
+            }
+        } else {
+            if (s->refcount != 0) FAIL("free slot %u refcount %llu", i,
+                                       (unsigned long long)s->refcount);
+        }
+    }
+    if (live != h->entries) FAIL("entries %llu != live %llu", (unsigned long long)h->entries,
+                                 (unsigned long long)live);
+    if (wh != h->with_handle) FAIL("with_handle mismatch");
+    for (uint32_t f = h->free_head; f != NONE32; f = ISLOT(h, f)->next_free) {
+        if (f >= h->hwm) FAIL("free list slot %u >= hwm", f);
+        if (slot_live(ISLOT(h, f))) FAIL("live slot %u on free list", f);
+        if (++nfree > h->hwm) FAIL("free list cycle");
+    }
+    if (nfree + live != h->hwm) FAIL("free %llu + live %llu != hwm %u",
+                                     (unsigned long long)nfree, (unsigned long long)live,
+                                     h->hwm);
+    /* bucket counts and tombstone counters */
+    for (int k = 0; k < 3; k++) {
+        uint64_t *idx = k == 0 ? IDX(h, (int)(h->index_gen & 1)) : IDX(h, k + 1);
+        uint64_t used = 0, tombs = 0;
+        for (uint64_t j = 0; j <= mask; j++) {
+            uint32_t lo = (uint32_t)idx[j];
+            if (lo == TOMB)
+                tombs++;
+            else if (lo != 0) {
+                if (lo - 1 >= h->hwm || !slot_live(ISLOT(h, lo - 1)))
+                    FAIL("index %d bucket %llu -> dead slot %u", k, (unsigned long long)j,
+                         lo - 1);
+                used++;
+            }
+        }
+        if (used != (k == 2 ? wh : live)) FAIL("index %d has %llu buckets", k,
+                                               (unsigned long long)used);
+        if (tombs != h->tombs[k]) FAIL("index %d tombs %llu != %llu", k,
+                                       (unsigned long long)tombs,
+                                       (unsigned long long)h->tombs[k]);
+    }
+    lock_release(h);
+    msg[0] = 0;
+    return 0;
+}
+
+/* ================================================================ handle table */
+
+uint64_t ht_segment_size(uint32_t capacity) {
+    return align_up(HDR_SIZE + (uint64_t)capacity * sizeof(hslot_t), 4096);
+}
+
+int ht_init(void *base, uint32_t capacity, uint32_t owner_pid) {
+    if (capacity == 0 || capacity > 0x7FFFFFFFu) return -1;
+    init_header(H(base), KIND_HANDLE, capacity, sizeof(hslot_t), 0, ht_segment_size(capacity),
+                ht_segment_size(capacity), owner_pid);
+    return 0;
+}
+
+static inline int hslot_live(hslot_t *s) { return LD_RLX(&s->refcount) != 0; }
+
+static void hslot_clear(hslot_t *s) {
+    ST_REL(&s->seq, s->seq + 1);
+    s->nodeid = 0;
+    s->fd = -1;
+    s->flags = 0;
+    s->guest_open = 0;
+    ST_REL(&s->seq, s->seq + 1);
+}
+
+static int32_t ht_free_locked(hdr_t *h, uint32_t slot) {
+    hslot_t *s = HSLOT(h, slot);
+    int32_t fd = s->fd;
+    hslot_clear(s);
+    CRASH_POINT();
+    s->next_free = h->free_head;
+    h->free_head = slot;
+    h->entries--;
+    h->removals++;
+    return fd;
+}
+
+static void ht_rebuild(hdr_t *h) {
+    uint64_t live = 0;
+    uint32_t head = NONE32;
+    if (h->hwm > h->capacity) h->hwm = h->capacity;
+    for (uint32_t i = h->hwm; i-- > 0;) {
+        hslot_t *s = HSLOT(h, i);
+        if (s->seq & 1) s->seq++;
+        if (hslot_live(s)) {
+            live++;
+        } else {
+            s->next_free = head;
+            head = i;
+        }
+    }
+    h->free_head = head;
+    h->entries = live;
+    h->rebuilds++;
+}
+
+static int64_t ht_release_n(hdr_t *h, uint32_t slot, uint64_t n);
+
+static void ht_repair(hdr_t *h) {
+    uint32_t op = h->intent_op, slot = h->intent_slot;
+    hslot_t *s = (slot < h->hwm) ? HSLOT(h, slot) : NULL;
+    int drop_guest = 0;
+    if (op == OP_OPEN && s) {
+        if (LD_ACQ(&s->refcount) == 0) {
+            hslot_clear(s);
+            if (s->seq & 1) s->seq++;
+            add_orphan(h, h->intent_fd);
+        } else {
+            if (s->seq & 1) s->seq++;
+            drop_guest = 1; /* the guest never learnt this fh */
+        }
+    } else if (op == OP_FREE && s) {
+        if (LD_ACQ(&s->refcount) == 0) {
+            hslot_clear(s);
+            if (s->seq & 1) s->seq++;
+            add_orphan(h, h->intent_fd);
+        }
+    }
+    ht_rebuild(h);
+    clear_intent(h);
+    if (drop_guest) {
+        uint32_t one = 1;
+        if (CAS(&s->guest_open, &one, 0u)) {
+            uint64_t rc = LD_ACQ(&s->refcount);
+            for (;;) {
+                uint64_t nv = rc - 1;
+                if (nv == 0) {
+                    set_intent(h, OP_FREE, slot, 0, s->fd);
+                    if (!CAS(&s->refcount, &rc, nv)) { clear_intent(h); continue; }
+                    add_orphan(h, ht_free_locked(h, slot));
+                    clear_intent(h);
+                    break;
+                }
+                if (CAS(&s->refcount, &rc, nv)) break;
+            }
+        }
+    }
+}
+
+/* Returns fh, or 0 when the table is full (0 is never a valid fh: live generations are
+ * even and >= 2). */
+uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags) {
+    hdr_t *h = H(base);
+    lock_acquire(h);
+    uint32_t slot = h->free_head;
+    if (slot == NONE32 && h->hwm >= h->capacity) {
+        h->full_errors++;
+        lock_release(h);
+        return 0;
+    }
+    if (slot == NONE32) slot = h->hwm;
+    set_intent(h, OP_OPEN, slot, nodeid, fd);
+    CRASH_POINT();
+    hslot_t *s = HSLOT(h, slot);
+    if (slot == h->hwm) {
+        s->seq = 0;
+        h->hwm = slot + 1;
+    } else {
+        h->free_head = s->next_free;
+    }
+    CRASH_POINT();
+    ST_REL(&s->seq, s->seq + 1);
+    s->next_free = NONE32;
+    s->nodeid = nodeid;
+    s->fd = fd;
+    s->flags = flags;
+    s->guest_open = 1;
+    CRASH_POINT();
+    ST_REL(&s->refcount, 1ULL);
+    CRASH_POINT();
+    uint32_t gen = s->seq + 1;
+    ST_REL(&s->seq, gen);
+    h->entries++;
+    h->inserts++;
+    CRASH_POINT();
+    clear_intent(h);
+    lock_release(h);
+    return ((uint64_t)gen << 32) | slot;
+}
+
+int64_t ht_acquire(void *base, uint64_t fh) {
+    hdr_t *h = H(base);
+    uint32_t slot = (uint32_t)fh, gen = (uint32_t)(fh >> 32);
+    if (slot >= h->capacity || (gen & 1) || gen == 0) return -1;
+    hslot_t *s = HSLOT(h, slot);
+    if (LD_ACQ(&s->seq) != gen) return -1;
+    uint64_t rc = LD_ACQ(&s->refcount);
+    for (;;) {
+        if (rc == 0) return -1;
+        if (CAS(&s->refcount, &rc, rc + 1)) break;
+    }
+    if (LD_ACQ(&s->seq) == gen) return slot;
+    int64_t fd = ht_release_n(h, slot, 1); /* raised a newer occupant's count: give back */
+    return fd >= 0 ? -2 - fd : -1;
+}
+
+static int64_t ht_release_n(hdr_t *h, uint32_t slot, uint64_t n) {
+    if (slot >= h->capacity) return -1;
+    hslot_t *s = HSLOT(h, slot);
+    uint64_t rc = LD_ACQ(&s->refcount);
+    for (;;) {
+        if (rc == 0) return -1;
+        uint64_t nv = rc > n ? rc - n : 0;
+        if (nv == 0) break;
+        if (CAS(&s->refcount, &rc, nv)) return -1;
+    }
+    lock_acquire(h);
+    set_intent(h, OP_FREE, slot, s->nodeid, s->fd);
+    CRASH_POINT();
+    int64_t fd = -1;
+    rc = LD_ACQ(&s->refcount);
+    for (;;) {
+        if (rc == 0) break;
+        uint64_t nv = rc > n ? rc - n : 0;
+        if (CAS(&s->refcount, &rc, nv)) {
+            if (nv == 0) {
+                CRASH_POINT();
+                fd = ht_free_locked(h, slot);
+            }
+            break;
+        }
+    }
+    clear_intent(h);
+    lock_release(h);
+    return fd;
+}
+
+int64_t ht_release_ref(void *base, uint32_t slot) { return ht_release_n(H(base), slot, 1); }
+
+int64_t ht_close(void *base, uint64_t fh) {
+    hdr_t *h = H(base);
+    int64_t r = ht_acquire(base, fh);
+    if (r < 0) return r < -1 ? -2 - r : -1;
+    uint32_t slot = (uint32_t)r, one = 1;
+    hslot_t *s = HSLOT(h, slot);
+    /* Our reference pins the slot's identity, so this flag belongs to `fh`. */
+    if (CAS(&s->guest_open, &one, 0u)) return ht_release_n(h, slot, 2);
+    return ht_release_n(h, slot, 1);
+}
+
+int32_t ht_fd(void *base, uint32_t slot) {
+    hdr_t *h = H(base);
+    return slot < h->capacity ? LD_ACQ(&HSLOT(h, slot)->fd) : -1;
+}
+uint32_t ht_hwm(void *base) { return LD_ACQ(&H(base)->hwm); }
+
+int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out) {
+    hdr_t *h = H(base);
+    if (slot >= LD_ACQ(&h->hwm)) return 0;
+    hslot_t *s = HSLOT(h, slot);
+    unsigned spins = 0;
+    for (;;) {
+        uint32_t q = LD_ACQ(&s->seq);
+        if (q & 1) {
+            reader_backoff(h, &spins);
+            continue;
+        }
+        out->fh = ((uint64_t)q << 32) | slot;
+        out->refcount = LD_RLX(&s->refcount);
+        out->nodeid = s->nodeid;
+        out->fd = s->fd;
+        out->flags = s->flags;
+        out->guest_open = LD_RLX(&s->guest_open);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LD_ACQ(&s->seq) == q) return out->refcount != 0;
+        reader_backoff(h, &spins);
+    }
+}
+
+int ht_check(void *base, char *msg, size_t msglen) {
+    hdr_t *h = H(base);
+    lock_acquire(h);
+    if (h->intent_op != OP_NONE) FAIL("intent %u left set", h->intent_op);
+    if (h->hwm > h->capacity) FAIL("hwm > capacity");
+    uint64_t live = 0, nfree = 0;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        hslot_t *s = HSLOT(h, i);
+        if (s->seq & 1) FAIL("slot %u seq odd", i);
+        if (hslot_live(s)) {
+            live++;
+            if (s->seq == 0) FAIL("live slot %u with generation 0", i);
+        } else if (s->guest_open) {
+            FAIL("free slot %u marked open", i);
+        }
+    }
+    if (live != h->entries) FAIL("entries %llu != live %llu", (unsigned long long)h->entries,
+                                 (unsigned long long)live);
+    for (uint32_t f = h->free_head; f != NONE32; f = HSLOT(h, f)->next_free) {
+        if (f >= h->hwm) FAIL("free list slot %u >= hwm", f);
+        if (hslot_live(HSLOT(h, f))) FAIL("live slot %u on free list", f);
+        if (++nfree > h->hwm) FAIL("free list cycle");
+    }
+    if (nfree + live != h->hwm) FAIL("free + live != hwm");
+    lock_release(h);
+    msg[0] = 0;
+    return 0;
+}

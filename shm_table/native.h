@@ -1,0 +1,80 @@
+/* Declarations shared by the cffi cdef (see _native_build.py) and native.c.
+ * Keep this file free of preprocessor directives other than the include guard:
+ * _native_build.py feeds the part between the BEGIN/END markers to ffi.cdef(). */
+#ifndef SHM_TABLE_NATIVE_H
+#define SHM_TABLE_NATIVE_H
+#include <stdint.h>
+#include <stddef.h>
+/* BEGIN CDEF */
+typedef struct {
+    uint64_t nodeid;
+    uint64_t refcount;
+    uint64_t ino;
+    uint64_t dev;
+    uint64_t mnt_id;
+    int32_t fd;
+    uint32_t mode;
+    int32_t has_handle;
+    int32_t handle_type;
+    uint32_t handle_bytes;
+    uint64_t handle_mnt_id;
+    uint64_t parent;
+    uint32_t name_len;
+    uint8_t handle[128];
+    uint8_t name[256];
+} it_entry_t;
+
+typedef struct {
+    uint64_t fh;
+    uint64_t refcount;
+    uint64_t nodeid;
+    int32_t fd;
+    uint32_t flags;
+    uint32_t guest_open;
+} ht_entry_t;
+
+/* common */
+int seg_check(void *base, uint64_t size, uint32_t kind);
+int seg_owner_alive(void *base);
+uint32_t seg_owner_pid(void *base);
+int seg_take_orphans(void *base, int32_t *out, int max);
+void seg_debug_crash_after(uint64_t n);
+uint32_t seg_lock_word(void *base);
+int seg_stats(void *base, uint64_t *out, int n);
+
+/* inode table */
+uint64_t it_segment_size(uint32_t capacity);
+int it_init(void *base, uint32_t capacity, uint32_t owner_pid);
+int64_t it_insert_root(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                       const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                       uint64_t handle_mnt_id, int32_t fd, uint32_t mode);
+int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                           const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                           uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
+                           uint64_t parent, const char *name, uint32_t name_len);
+int64_t it_acquire(void *base, uint64_t nodeid);
+int64_t it_release(void *base, uint32_t slot, uint64_t n);
+int64_t it_forget(void *base, uint64_t nodeid, uint64_t n);
+int64_t it_lookup(void *base, uint64_t nodeid);
+int32_t it_fd(void *base, uint32_t slot);
+uint64_t it_nodeid(void *base, uint32_t slot);
+uint64_t it_refcount(void *base, uint32_t slot);
+uint32_t it_hwm(void *base);
+int it_snapshot(void *base, uint32_t slot, it_entry_t *out);
+int it_set_info(void *base, uint32_t slot, uint64_t parent, const char *name,
+                uint32_t name_len);
+int it_check(void *base, char *msg, size_t msglen);
+
+/* handle table */
+uint64_t ht_segment_size(uint32_t capacity);
+int ht_init(void *base, uint32_t capacity, uint32_t owner_pid);
+uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags);
+int64_t ht_acquire(void *base, uint64_t fh);
+int64_t ht_release_ref(void *base, uint32_t slot);
+int64_t ht_close(void *base, uint64_t fh);
+int32_t ht_fd(void *base, uint32_t slot);
+uint32_t ht_hwm(void *base);
+int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out);
+int ht_check(void *base, char *msg, size_t msglen);
+/* END CDEF */
+#endif

@@ -1,0 +1,468 @@
+"""The inode store shared by the supervisor and every queue worker.
+
+One POSIX shared memory segment holds a header, fixed 512-byte slots and three
+open-addressing indexes (by nodeid, by (ino, dev, mnt_id), by file handle).  All
+read-modify-write on the segment is C (``shm_table._native``); this module only wraps it.
+See docs/shm_table.md for the layout, the lock and the lock-free reader protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import posix_ipc
+
+from shm_table._native import ffi, lib
+
+log = logging.getLogger("pyvirtiofsd.shm_table")
+
+FUSE_ROOT_ID = 1
+MAX_HANDLE_SZ = 128
+NAME_MAX = 255
+DEFAULT_INODE_CAPACITY = 1 << 20
+_HDR_SIZE = 4096
+_KIND_INODE = 1
+_KIND_HANDLE = 2
+_U64 = (1 << 64) - 1
+
+_STAT_KEYS = (
+    "capacity", "entries", "high_water_mark", "index_size", "tombstones_nodeid",
+    "tombstones_ids", "tombstones_handle", "lookups", "inserts", "removals",
+    "acquire_misses", "rebuilds", "lock_takeovers", "full_errors", "orphaned_fds",
+    "next_nodeid", "with_handle", "index_generation",
+)
+
+
+class ShmTableError(Exception):
+    """Base class of the shared-table errors."""
+
+
+class InodeTableFull(ShmTableError):
+    """No free slot in the inode table (reply ENFILE to the guest)."""
+
+
+class InodeNotFound(ShmTableError, LookupError):
+    """Unknown or already forgotten nodeid."""
+
+
+class HandleTableFull(ShmTableError):
+    """No free slot in the open-file table (reply EMFILE to the guest)."""
+
+
+class HandleNotFound(ShmTableError, LookupError):
+    """Unknown, closed or forged file handle (fh)."""
+
+
+class SegmentInUse(ShmTableError):
+    """A segment with this name belongs to a live process: refusing to replace it."""
+
+
+class SegmentLayoutError(ShmTableError):
+    """The segment is not a table of this kind and layout version."""
+
+
+class TableCorrupt(ShmTableError):
+    """The consistency check found a broken invariant (a bug: please report)."""
+
+
+class InodeIds(NamedTuple):
+    """What identifies an inode on the host (the key of the by-ids index)."""
+
+    ino: int
+    dev: int
+    mnt_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class InodeEntry:
+    """A consistent snapshot of one entry (for tests, stats and migration)."""
+
+    slot: int
+    nodeid: int
+    refcount: int
+    ids: InodeIds
+    fd: int
+    mode: int
+    handle: bytes | None
+    handle_type: int
+    handle_mnt_id: int
+    parent: int
+    name: bytes
+
+
+def _shm_name(name: str) -> str:
+    return name if name.startswith("/") else "/" + name
+
+
+def _close_fd(fd: int) -> None:
+    """Default closer for fds the table hands back from internal paths."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        log.warning("closing fd %d returned by the shared table failed: %s", fd, e)
+
+
+_S = TypeVar("_S", bound="_Segment")
+
+
+class _Segment:
+    """Owns the mapping of one table segment; subclasses add the table operations."""
+
+    _KIND = 0
+    _KIND_NAME = ""
+
+    def __init__(self, name: str, mm: mmap.mmap, size: int) -> None:
+        self.name = name
+        self._mm: mmap.mmap | None = mm
+        self._size = size
+        self._b: Any = ffi.from_buffer(mm, require_writable=True)
+        #: called with fds the table hands back on paths that have no return value for them
+        #: (a racing acquire's give-back, StrongRef.__exit__); tests replace it.
+        self.close_fd: Callable[[int], None] = _close_fd
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @staticmethod
+    def _segment_size(capacity: int) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def _init(base: Any, capacity: int, owner: int) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls: type[_S], name: str, capacity: int) -> _S:
+        """Create the segment (supervisor).  A leftover segment of a dead owner, or one that is
+        not ours at all, is replaced with a warning; one owned by a live process is refused."""
+        if not 1 <= capacity <= 0x7FFFFFFF:
+            raise ValueError(f"capacity must be in 1..2**31-1, not {capacity}")
+        name = _shm_name(name)
+        size = cls._segment_size(capacity)
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.ExistentialError:
+            cls._replace_stale(name)
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        try:
+            mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        self = cls(name, mm, size)
+        if cls._init(self._b, capacity, os.getpid()) != 0:
+            self.detach()
+            raise ValueError(f"bad capacity {capacity}")
+        return self
+
+    @classmethod
+    def _replace_stale(cls, name: str) -> None:
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            size = os.fstat(shm.fd).st_size
+            reason = f"size {size} is too small for a header"
+            if size >= _HDR_SIZE:
+                with mmap.mmap(shm.fd, _HDR_SIZE, prot=mmap.PROT_READ) as mm:
+                    buf = ffi.from_buffer(mm)
+                    try:
+                        rc = lib.seg_check(buf, size, cls._KIND)
+                        owner = lib.seg_owner_pid(buf)
+                        alive = rc == 0 and lib.seg_owner_alive(buf)
+                    finally:
+                        ffi.release(buf)
+                if alive:
+                    raise SegmentInUse(
+                        f"shared memory {name} is an active {cls._KIND_NAME} of live pid {owner}"
+                    )
+                reason = (f"its owner pid {owner} is gone" if rc == 0
+                          else f"it is not a {cls._KIND_NAME} of this version (check {rc})")
+        finally:
+            shm.close_fd()
+        log.warning("replacing stale shared memory segment %s: %s", name, reason)
+        posix_ipc.unlink_shared_memory(name)
+
+    @classmethod
+    def attach(cls: type[_S], name: str) -> _S:
+        """Map an existing segment (tests, the stats command; cloned workers simply keep the
+        creator's mapping)."""
+        name = _shm_name(name)
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size < _HDR_SIZE:
+                raise SegmentLayoutError(f"{name}: {size} bytes is too small")
+            mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        self = cls(name, mm, size)
+        rc = lib.seg_check(self._b, size, cls._KIND)
+        if rc != 0:
+            self.detach()
+            what = {-1: "bad magic", -2: "layout version", -3: "table kind", -4: "size"}
+            raise SegmentLayoutError(f"{name}: not a {cls._KIND_NAME} ({what.get(rc, rc)})")
+        return self
+
+    def detach(self) -> None:
+        """Unmap (the segment itself stays until unlink())."""
+        if self._mm is not None:
+            ffi.release(self._b)
+            self._b = None
+            self._mm.close()
+            self._mm = None
+
+    def unlink(self) -> None:
+        """Remove the segment's name; mappings stay valid until detached."""
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # -- maintenance -----------------------------------------------------------------------
+    def take_orphaned_fds(self) -> list[int]:
+        """fds whose owner process died inside a table operation; the caller (supervisor, which
+        shares the fd table with the workers) should close them."""
+        out = ffi.new("int32_t[64]")
+        n = lib.seg_take_orphans(self._b, out, 64)
+        return [out[i] for i in range(n)]
+
+    @property
+    def lock_owner(self) -> int:
+        """TID holding the writer lock, 0 if free (diagnostics)."""
+        return int(lib.seg_lock_word(self._b))
+
+    def _raw_stats(self) -> dict[str, int]:
+        out = ffi.new("uint64_t[32]")
+        n = lib.seg_stats(self._b, out, 32)
+        return {k: int(out[i]) for i, k in enumerate(_STAT_KEYS[:n])}
+
+
+class StrongRef:
+    """A counted reference to an inode: the entry (and its fd) stays while it is held.
+
+    Use as a context manager, or call release() (idempotent) and close the fd it returns."""
+
+    __slots__ = ("_table", "slot", "nodeid", "fd")
+
+    def __init__(self, table: InodeTable, slot: int, nodeid: int, fd: int) -> None:
+        self._table: InodeTable | None = table
+        self.slot = slot
+        self.nodeid = nodeid
+        self.fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._table is not None
+
+    def release(self) -> int:
+        """Drop the reference.  Returns the fd to close if this was the last one, else -1."""
+        t = self._table
+        if t is None:
+            return -1
+        self._table = None
+        return t.release(self.slot)
+
+    def __enter__(self) -> StrongRef:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t = self._table
+        fd = self.release()
+        if fd >= 0 and t is not None:
+            t.close_fd(fd)
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "released"
+        return f"<StrongRef nodeid={self.nodeid} slot={self.slot} fd={self.fd} {state}>"
+
+
+class InodeTable(_Segment):
+    """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, refcount)."""
+
+    _KIND = _KIND_INODE
+    _KIND_NAME = "inode table"
+
+    @staticmethod
+    def _segment_size(capacity: int) -> int:
+        return int(lib.it_segment_size(capacity))
+
+    @staticmethod
+    def _init(base: Any, capacity: int, owner: int) -> int:
+        return int(lib.it_init(base, capacity, owner))
+
+    @classmethod
+    def create(cls, name: str, capacity: int = DEFAULT_INODE_CAPACITY) -> InodeTable:
+        """Create the table (supervisor).  See _Segment.create for stale-segment handling."""
+        return super().create(name, capacity)
+
+    def close(self) -> None:
+        """Unmap this process's view (alias of detach())."""
+        self.detach()
+
+    # -- writer operations (take the lock; in C) -------------------------------------------
+    def insert_root(self, ids: tuple[int, int, int], fd: int, mode: int,
+                    handle: bytes | None = None, handle_type: int = 0,
+                    handle_mnt_id: int | None = None) -> int:
+        """Insert FUSE_ROOT_ID (refcount 1; it never drops below 1).  Returns its slot."""
+        hb, hn, hmnt = self._handle_args(ids, handle, handle_mnt_id)
+        r = lib.it_insert_root(self._b, ids[0], ids[1], ids[2], hb, hn, handle_type, hmnt,
+                               fd, mode)
+        if r == -1:
+            raise InodeTableFull(f"{self.name}: inode table full")
+        if r == -2:
+            raise ShmTableError(f"{self.name}: root inode already present")
+        return int(r)
+
+    def claim_or_insert(self, ids: tuple[int, int, int], handle: bytes | None,
+                        handle_type: int, fd: int, mode: int, parent: int = 0,
+                        name: bytes | str = b"",
+                        handle_mnt_id: int | None = None) -> tuple[int, int, bool]:
+        """Find the inode by handle, else by ids (only entries holding an fd count), and take a
+        reference; or insert a new entry with refcount 1 that owns `fd`.
+
+        Returns (nodeid, slot, inserted).  When not inserted the caller still owns (and should
+        close) its `fd`.  Raises InodeTableFull when a new entry is needed but there is no room.
+        """
+        hb, hn, hmnt = self._handle_args(ids, handle, handle_mnt_id)
+        nb = os.fsencode(name)
+        if len(nb) > NAME_MAX:
+            raise ValueError(f"name longer than {NAME_MAX} bytes")
+        r = lib.it_claim_or_insert(self._b, ids[0], ids[1], ids[2], hb, hn, handle_type, hmnt,
+                                   fd, mode, parent, nb, len(nb))
+        if r < 0:
+            raise InodeTableFull(
+                f"{self.name}: inode table full ({lib.it_hwm(self._b)} slots in use)")
+        slot = r & 0xFFFFFFFF
+        return int(lib.it_nodeid(self._b, slot)), slot, bool(r >> 32)
+
+    @staticmethod
+    def _handle_args(ids: tuple[int, int, int], handle: bytes | None,
+                     handle_mnt_id: int | None) -> tuple[Any, int, int]:
+        if handle is None:
+            return ffi.NULL, 0, 0
+        if len(handle) > MAX_HANDLE_SZ:
+            raise ValueError(f"file handle longer than MAX_HANDLE_SZ ({MAX_HANDLE_SZ})")
+        return handle, len(handle), ids[2] if handle_mnt_id is None else handle_mnt_id
+
+    def set_migration_info(self, slot: int, parent: int, name: bytes | str) -> None:
+        """Record (parent nodeid, name) for migration; `slot` must be referenced by the caller."""
+        nb = os.fsencode(name)
+        if len(nb) > NAME_MAX:
+            raise ValueError(f"name longer than {NAME_MAX} bytes")
+        if lib.it_set_info(self._b, slot, parent, nb, len(nb)) != 0:
+            raise InodeNotFound(f"slot {slot} holds no inode")
+
+    # -- hot path (lock-free except a release that reaches 0) ------------------------------
+    def acquire(self, nodeid: int) -> tuple[int, int] | None:
+        """Take a strong reference by nodeid: (slot, fd), or None if unknown/forgotten."""
+        try:
+            r = lib.it_acquire(self._b, nodeid)
+        except OverflowError:
+            return None
+        if r >= 0:
+            return r, lib.it_fd(self._b, r)
+        if r < -1:
+            self.close_fd(-2 - r)
+        return None
+
+    def acquire_slot(self, nodeid: int) -> int:
+        """acquire() without the tuple: slot or -1.  Read the fd with fd_of(slot)."""
+        try:
+            r = lib.it_acquire(self._b, nodeid)
+        except OverflowError:
+            return -1
+        if r < -1:
+            self.close_fd(-2 - r)
+            return -1
+        return r
+
+    def fd_of(self, slot: int) -> int:
+        """The O_PATH fd of a slot the caller holds a reference on (-1 if it has none)."""
+        return lib.it_fd(self._b, slot)
+
+    def release(self, slot: int, n: int = 1) -> int:
+        """Drop n references (saturating).  Returns the fd to close when the entry was removed,
+        else -1.  The root is never removed."""
+        return lib.it_release(self._b, slot, n)
+
+    def forget(self, nodeid: int, n: int) -> int:
+        """FUSE FORGET: drop n lookups of `nodeid` (unknown nodeid: no-op).  Returns the fd to
+        close when the entry was removed, else -1."""
+        try:
+            return lib.it_forget(self._b, nodeid, min(n, _U64))
+        except OverflowError:
+            return -1
+
+    def strong_ref(self, nodeid: int) -> StrongRef:
+        """acquire() as a StrongRef; raises InodeNotFound."""
+        r = self.acquire(nodeid)
+        if r is None:
+            raise InodeNotFound(f"inode {nodeid} not found (never existed or forgotten)")
+        return StrongRef(self, r[0], nodeid, r[1])
+
+    # -- inspection ------------------------------------------------------------------------
+    def _snapshot(self, slot: int, out: Any) -> InodeEntry | None:
+        if not lib.it_snapshot(self._b, slot, out):
+            return None
+        return InodeEntry(
+            slot=slot,
+            nodeid=out.nodeid,
+            refcount=out.refcount,
+            ids=InodeIds(out.ino, out.dev, out.mnt_id),
+            fd=out.fd,
+            mode=out.mode,
+            handle=bytes(ffi.buffer(out.handle, out.handle_bytes)) if out.has_handle else None,
+            handle_type=out.handle_type,
+            handle_mnt_id=out.handle_mnt_id,
+            parent=out.parent,
+            name=bytes(ffi.buffer(out.name, out.name_len)),
+        )
+
+    def get(self, nodeid: int) -> InodeEntry | None:
+        """Snapshot of the entry for `nodeid` (takes no reference), or None."""
+        try:
+            slot = lib.it_lookup(self._b, nodeid)
+        except OverflowError:
+            return None
+        if slot < 0:
+            return None
+        e = self._snapshot(slot, ffi.new("it_entry_t *"))
+        return e if e is not None and e.nodeid == nodeid else None
+
+    def refcount(self, nodeid: int) -> int:
+        """Current refcount of `nodeid` (0 if unknown)."""
+        e = self.get(nodeid)
+        return 0 if e is None else e.refcount
+
+    def iter_entries(self) -> Iterator[InodeEntry]:
+        """Snapshots of the live entries, by slot.  Safe while others insert and remove: may miss
+        entries added meanwhile, never yields a torn one, always ends."""
+        out = ffi.new("it_entry_t *")
+        for slot in range(lib.it_hwm(self._b)):
+            e = self._snapshot(slot, out)
+            if e is not None:
+                yield e
+
+    def __len__(self) -> int:
+        return self._raw_stats()["entries"]
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters from the header (updated atomically by every process)."""
+        s: dict[str, int | float] = dict(self._raw_stats())
+        s["load_factor"] = s["entries"] / s["capacity"]
+        s["tombstones"] = (s["tombstones_nodeid"] + s["tombstones_ids"]
+                           + s["tombstones_handle"])
+        return s
+
+    def check(self) -> None:
+        """Verify every invariant (slots, free list, all indexes); raises TableCorrupt."""
+        msg = ffi.new("char[256]")
+        if lib.it_check(self._b, msg, 256) != 0:
+            raise TableCorrupt(f"{self.name}: {ffi.string(msg).decode()}")
