@@ -1,0 +1,255 @@
+"""FUSE wire format (protocol 7.38, ``linux/fuse.h``): opcodes, flags and struct codecs.
+
+Pure data: no file system or guest-memory access happens here, so the codecs can be
+tested and fuzzed on their own.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+
+KERNEL_VERSION = 7
+KERNEL_MINOR_VERSION = 38
+MIN_KERNEL_MINOR_VERSION = 27
+ROOT_ID = 1
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+MAX_BACKGROUND = 0xFFFF
+CONGESTION_THRESHOLD = MAX_BACKGROUND * 3 // 4
+
+
+class Opcode(enum.IntEnum):
+    LOOKUP = 1
+    FORGET = 2
+    GETATTR = 3
+    SETATTR = 4
+    READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
+    OPEN = 14
+    READ = 15
+    WRITE = 16
+    STATFS = 17
+    RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
+    FLUSH = 25
+    INIT = 26
+    OPENDIR = 27
+    READDIR = 28
+    RELEASEDIR = 29
+    FSYNCDIR = 30
+    GETLK = 31
+    SETLK = 32
+    SETLKW = 33
+    ACCESS = 34
+    CREATE = 35
+    INTERRUPT = 36
+    BMAP = 37
+    DESTROY = 38
+    IOCTL = 39
+    POLL = 40
+    NOTIFY_REPLY = 41
+    BATCH_FORGET = 42
+    FALLOCATE = 43
+    READDIRPLUS = 44
+    RENAME2 = 45
+    LSEEK = 46
+    COPY_FILE_RANGE = 47
+    SETUPMAPPING = 48
+    REMOVEMAPPING = 49
+    SYNCFS = 50
+    TMPFILE = 51
+
+
+# INIT flags
+ASYNC_READ = 1 << 0
+POSIX_LOCKS = 1 << 1
+ATOMIC_O_TRUNC = 1 << 3
+EXPORT_SUPPORT = 1 << 4
+BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+FLOCK_LOCKS = 1 << 10
+HAS_IOCTL_DIR = 1 << 11
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+ASYNC_DIO = 1 << 15
+WRITEBACK_CACHE = 1 << 16
+PARALLEL_DIROPS = 1 << 18
+HANDLE_KILLPRIV = 1 << 19
+POSIX_ACL = 1 << 20
+MAX_PAGES_FLAG = 1 << 22
+SUBMOUNTS = 1 << 27
+HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
+INIT_EXT = 1 << 30
+SECURITY_CTX = 1 << 32
+CREATE_SUPP_GROUP = 1 << 34
+ALLOW_IDMAP = 1 << 40
+
+# open_out flags
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+# setattr valid bits
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+GETATTR_FH = 1 << 0
+FSYNC_FDATASYNC = 1 << 0
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("<IiQ")
+IN_HEADER_SIZE = IN_HEADER.size  # 40
+OUT_HEADER_SIZE = OUT_HEADER.size  # 16
+
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # 88 bytes
+ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid nsec nsec
+ENTRY_OUT_SIZE = ENTRY_HEAD.size + ATTR.size  # 128
+ATTR_OUT_HEAD = struct.Struct("<QII")
+INIT_IN = struct.Struct("<IIIII")  # major minor max_readahead flags flags2
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+GETATTR_IN = struct.Struct("<IIQ")
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+MKNOD_IN = struct.Struct("<IIII")
+MKDIR_IN = struct.Struct("<II")
+RENAME_IN = struct.Struct("<Q")
+RENAME2_IN = struct.Struct("<QII")
+LINK_IN = struct.Struct("<Q")
+OPEN_IN = struct.Struct("<II")
+CREATE_IN = struct.Struct("<IIII")
+OPEN_OUT = struct.Struct("<QII")
+RELEASE_IN = struct.Struct("<QIIQ")
+FLUSH_IN = struct.Struct("<QIIQ")
+READ_IN = struct.Struct("<QQIIQII")
+WRITE_IN = struct.Struct("<QQIIQII")
+WRITE_OUT = struct.Struct("<II")
+STATFS_OUT = struct.Struct("<QQQQQIIII24x")
+FSYNC_IN = struct.Struct("<QII")
+ACCESS_IN = struct.Struct("<II")
+INTERRUPT_IN = struct.Struct("<Q")
+DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
+
+# file types in dirents (DT_*) come from the mode's type bits
+_DT_SHIFT = 12
+
+
+class FuseError(Exception):
+    """A request that is malformed on the wire (the reply is an errno, the worker lives)."""
+
+    def __init__(self, errno_value: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+def dirent_type(mode: int) -> int:
+    return (mode & 0o170000) >> _DT_SHIFT
+
+
+def encode_dev(rdev: int) -> int:
+    """The lower 32 bits of glibc's dev_t encoding are the kernel's new_encode_dev."""
+    return rdev & 0xFFFFFFFF
+
+
+def pack_attr_into(buf: bytearray | memoryview, offset: int, st: os.stat_result) -> None:
+    ATTR.pack_into(
+        buf,
+        offset,
+        st.st_ino,
+        st.st_size,
+        st.st_blocks,
+        st.st_atime_ns // 1_000_000_000,
+        st.st_mtime_ns // 1_000_000_000,
+        st.st_ctime_ns // 1_000_000_000,
+        st.st_atime_ns % 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
+        st.st_ctime_ns % 1_000_000_000,
+        st.st_mode,
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        encode_dev(st.st_rdev),
+        st.st_blksize,
+        0,
+    )
+
+
+def pack_entry_into(
+    buf: bytearray | memoryview,
+    offset: int,
+    nodeid: int,
+    st: os.stat_result,
+    entry_valid: tuple[int, int],
+    attr_valid: tuple[int, int],
+    attr_flags: int = 0,
+) -> None:
+    ENTRY_HEAD.pack_into(
+        buf, offset, nodeid, 0, entry_valid[0], attr_valid[0], entry_valid[1], attr_valid[1]
+    )
+    pack_attr_into(buf, offset + ENTRY_HEAD.size, st)
+    if attr_flags:
+        struct.pack_into("<I", buf, offset + ENTRY_OUT_SIZE - 4, attr_flags)
+
+
+def entry_out(
+    nodeid: int, st: os.stat_result, entry_valid: tuple[int, int], attr_valid: tuple[int, int]
+) -> bytearray:
+    buf = bytearray(ENTRY_OUT_SIZE)
+    pack_entry_into(buf, 0, nodeid, st, entry_valid, attr_valid)
+    return buf
+
+
+def negative_entry_out(entry_valid: tuple[int, int]) -> bytearray:
+    """A LOOKUP answer with nodeid 0: the guest caches the name's absence."""
+    buf = bytearray(ENTRY_OUT_SIZE)
+    ENTRY_HEAD.pack_into(buf, 0, 0, 0, entry_valid[0], 0, entry_valid[1], 0)
+    return buf
+
+
+def attr_out(st: os.stat_result, attr_valid: tuple[int, int]) -> bytearray:
+    buf = bytearray(ATTR_OUT_HEAD.size + ATTR.size)
+    ATTR_OUT_HEAD.pack_into(buf, 0, attr_valid[0], attr_valid[1], 0)
+    pack_attr_into(buf, ATTR_OUT_HEAD.size, st)
+    return buf
+
+
+def dirent_size(namelen: int) -> int:
+    return (DIRENT_HEAD.size + namelen + 7) & ~7
+
+
+def direntplus_size(namelen: int) -> int:
+    return (ENTRY_OUT_SIZE + DIRENT_HEAD.size + namelen + 7) & ~7
+
+
+def split_name(data: bytes | memoryview, what: str = "name") -> tuple[bytes, int]:
+    """First NUL-terminated string in data: (name, bytes consumed incl. the NUL)."""
+    raw = bytes(data)
+    end = raw.find(b"\0")
+    if end < 0:
+        raise FuseError(22, f"{what} is not NUL-terminated")
+    return raw[:end], end + 1

@@ -1,0 +1,635 @@
+"""The FUSE file system: each request answered by system calls on the shared directory.
+
+Inodes live in the shared-memory :class:`shm_table.InodeTable`, open files in
+:class:`shm_table.HandleTable`; both store fd numbers of the one fd table that the
+supervisor and all workers share (see ``docs/design.md``), so a request can arrive on any
+queue. Every operation is relative to an inode's O_PATH fd and one validated name
+component, never a path the guest builds, so nothing can reach outside the share.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon import fuse
+from daemon._sys import ffi, lib
+from daemon.fuse import FuseError
+
+log = logging.getLogger("pyvirtiofsd.fs")
+
+O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+NAME_MAX = 255
+# Flags the guest may not pass through to an open(2) on the host.
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_PATH", 0)
+DIRENT64_HEAD = 19  # d_ino u64, d_off s64, d_reclen u16, d_type u8
+GETDENTS_BUF = 32768
+
+
+@dataclass(slots=True)
+class Config:
+    """Options of virtiofsd that change how requests are answered."""
+
+    cache: str = "auto"
+    readdirplus: bool = True
+    writeback: bool = False
+    allow_direct_io: bool = False
+    preserve_noatime: bool = False
+    announce_submounts: bool = True
+    readonly: bool = False
+    file_handles: str = "prefer"  # never | prefer | mandatory
+
+    @property
+    def timeout(self) -> tuple[int, int]:
+        return {"never": (0, 0), "auto": (1, 0)}.get(self.cache, (86400, 0))
+
+
+@dataclass(slots=True)
+class Request:
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    arg: bytes
+
+
+class InodeRef:
+    """A strong reference taken for the length of one request (never raises 0->1)."""
+
+    __slots__ = ("fs", "slot", "fd", "nodeid")
+
+    def __init__(self, fs: PassthroughFs, nodeid: int) -> None:
+        got = fs.inodes.acquire(nodeid)
+        if got is None:
+            raise OSError(errno.EBADF, f"unknown nodeid {nodeid}")
+        self.fs = fs
+        self.slot, self.fd = got
+        self.nodeid = nodeid
+
+    def __enter__(self) -> InodeRef:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fd = self.fs.inodes.release(self.slot)
+        if fd >= 0:
+            os.close(fd)
+
+
+class HandleRef:
+    __slots__ = ("fs", "slot", "fd")
+
+    def __init__(self, fs: PassthroughFs, fh: int) -> None:
+        got = fs.handles.acquire(fh)
+        if got is None:
+            raise OSError(errno.EBADF, f"unknown file handle {fh:#x}")
+        self.fs = fs
+        self.slot, self.fd = got
+
+    def __enter__(self) -> HandleRef:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fd = self.fs.handles.release_ref(self.slot)
+        if fd >= 0:
+            os.close(fd)
+
+
+def check_name(name: bytes) -> bytes:
+    """One path component, nothing that could climb out of its directory."""
+    if not name or b"/" in name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, f"invalid name {name[:64]!r}")
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    return name
+
+
+def proc_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+class Credentials:
+    """Switch this thread's fsuid/fsgid to the guest caller's so new files get its ids."""
+
+    __slots__ = ("uid", "gid")
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid = uid
+        self.gid = gid
+
+    def __enter__(self) -> None:
+        lib.pyvfs_setfsgid(self.gid)
+        lib.pyvfs_setfsuid(self.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        lib.pyvfs_setfsuid(0)
+        lib.pyvfs_setfsgid(0)
+
+
+class PassthroughFs:
+    def __init__(self, shared_dir: str, inodes, handles, config: Config) -> None:  # noqa: ANN001
+        self.shared_dir = shared_dir
+        self.inodes = inodes
+        self.handles = handles
+        self.config = config
+        self.use_handles = config.file_handles != "never"
+        self._dents = ffi.new("char[]", GETDENTS_BUF)
+        self._dents_view = ffi.buffer(self._dents)
+        self._handle_buf = ffi.new("unsigned char[]", 128)
+        self._handle_type = ffi.new("int *")
+        self._mount_id = ffi.new("int *")
+        self.ops: dict[int, Callable[[Request], bytes | bytearray | None]] = {
+            fuse.Opcode.INIT: self.op_init,
+            fuse.Opcode.DESTROY: self.op_destroy,
+            fuse.Opcode.LOOKUP: self.op_lookup,
+            fuse.Opcode.FORGET: self.op_forget,
+            fuse.Opcode.BATCH_FORGET: self.op_batch_forget,
+            fuse.Opcode.GETATTR: self.op_getattr,
+            fuse.Opcode.SETATTR: self.op_setattr,
+            fuse.Opcode.READLINK: self.op_readlink,
+            fuse.Opcode.SYMLINK: self.op_symlink,
+            fuse.Opcode.MKNOD: self.op_mknod,
+            fuse.Opcode.MKDIR: self.op_mkdir,
+            fuse.Opcode.UNLINK: self.op_unlink,
+            fuse.Opcode.RMDIR: self.op_rmdir,
+            fuse.Opcode.RENAME: self.op_rename,
+            fuse.Opcode.RENAME2: self.op_rename2,
+            fuse.Opcode.LINK: self.op_link,
+            fuse.Opcode.OPEN: self.op_open,
+            fuse.Opcode.CREATE: self.op_create,
+            fuse.Opcode.FLUSH: self.op_flush,
+            fuse.Opcode.RELEASE: self.op_release,
+            fuse.Opcode.FSYNC: self.op_fsync,
+            fuse.Opcode.OPENDIR: self.op_opendir,
+            fuse.Opcode.READDIR: self.op_readdir,
+            fuse.Opcode.READDIRPLUS: self.op_readdirplus,
+            fuse.Opcode.RELEASEDIR: self.op_release,
+            fuse.Opcode.FSYNCDIR: self.op_fsync,
+            fuse.Opcode.STATFS: self.op_statfs,
+            fuse.Opcode.ACCESS: self.op_access,
+            fuse.Opcode.INTERRUPT: self.op_interrupt,
+        }
+
+    # ----- setup -----------------------------------------------------------------
+
+    def add_root(self) -> int:
+        """Insert the shared directory as nodeid 1; it is never forgotten."""
+        fd = os.open(self.shared_dir, O_PATH_FLAGS | os.O_DIRECTORY)
+        st = os.fstat(fd)
+        handle, htype, mnt = self._file_handle(fd)
+        if self.config.file_handles == "mandatory" and handle is None:
+            os.close(fd)
+            raise OSError(
+                errno.EOPNOTSUPP,
+                f"--inode-file-handles=mandatory, but {self.shared_dir} has no file handles "
+                "(needs CAP_DAC_READ_SEARCH and a file system that supports them)",
+            )
+        if handle is None and self.config.file_handles == "prefer":
+            self.use_handles = False
+        nodeid, _slot, inserted = self.inodes.claim_or_insert(
+            (st.st_ino, st.st_dev, mnt), handle, htype, fd, st.st_mode, 0, b""
+        )
+        if not inserted:
+            os.close(fd)
+        if nodeid != fuse.ROOT_ID:
+            raise RuntimeError(f"root inode got nodeid {nodeid}, expected {fuse.ROOT_ID}")
+        return nodeid
+
+    def _file_handle(self, fd: int) -> tuple[bytes | None, int, int]:
+        if not self.use_handles:
+            return None, 0, 0
+        n = lib.pyvfs_name_to_handle(
+            fd, b"", 0x1000, self._handle_buf, 128, self._handle_type, self._mount_id
+        )  # AT_EMPTY_PATH
+        if n < 0:
+            return None, 0, 0
+        return bytes(ffi.buffer(self._handle_buf, n)), self._handle_type[0], self._mount_id[0]
+
+    # ----- helpers -----------------------------------------------------------------
+
+    def do_lookup(self, parent: InodeRef, name: bytes) -> tuple[int, os.stat_result]:
+        """Open, identify and claim one directory entry; leaks one reference to the guest."""
+        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+            handle, htype, mnt = self._file_handle(fd)
+            nodeid, _slot, inserted = self.inodes.claim_or_insert(
+                (st.st_ino, st.st_dev, mnt), handle, htype, fd, st.st_mode, parent.nodeid, name
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        if not inserted:
+            os.close(fd)
+        return nodeid, st
+
+    def entry(self, parent: InodeRef, name: bytes) -> bytearray:
+        nodeid, st = self.do_lookup(parent, name)
+        t = self.config.timeout
+        return fuse.entry_out(nodeid, st, t, t)
+
+    def _check_writable(self) -> None:
+        if self.config.readonly:
+            raise OSError(errno.EROFS, "shared directory is read-only")
+
+    # ----- operations ------------------------------------------------------------
+
+    def op_init(self, req: Request) -> bytes:
+        if len(req.arg) < 16:
+            raise FuseError(errno.EINVAL, "short INIT")
+        major, minor, max_readahead, flags, flags2 = fuse.INIT_IN.unpack_from(
+            req.arg.ljust(fuse.INIT_IN.size, b"\0")
+        )
+        if major != fuse.KERNEL_VERSION or minor < fuse.MIN_KERNEL_MINOR_VERSION:
+            log.error("guest speaks FUSE %d.%d, need 7.%d+", major, minor,
+                      fuse.MIN_KERNEL_MINOR_VERSION)
+            raise OSError(errno.EPROTO, "unsupported FUSE version")
+        offered = (
+            fuse.ASYNC_READ | fuse.PARALLEL_DIROPS | fuse.BIG_WRITES | fuse.AUTO_INVAL_DATA
+            | fuse.ASYNC_DIO | fuse.HAS_IOCTL_DIR | fuse.ATOMIC_O_TRUNC | fuse.MAX_PAGES_FLAG
+            | fuse.INIT_EXT
+        )
+        if self.config.announce_submounts:
+            offered |= fuse.SUBMOUNTS
+        if self.config.readdirplus and self.config.cache != "never":
+            offered |= fuse.DO_READDIRPLUS | fuse.READDIRPLUS_AUTO
+        if self.config.writeback:
+            offered |= fuse.WRITEBACK_CACHE
+        guest = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
+        agreed = guest & offered
+        return fuse.INIT_OUT.pack(
+            fuse.KERNEL_VERSION, min(minor, fuse.KERNEL_MINOR_VERSION), max_readahead,
+            agreed & 0xFFFFFFFF, fuse.MAX_BACKGROUND, fuse.CONGESTION_THRESHOLD,
+            fuse.MAX_WRITE, 1, fuse.MAX_PAGES, 0, agreed >> 32,
+        )
+
+    def op_destroy(self, req: Request) -> bytes:
+        """The guest unmounted: drop everything it held, keep the root."""
+        for fd in self.handles.clear():
+            os.close(fd)
+        for fd in self.inodes.clear_guest_references():
+            os.close(fd)
+        return b""
+
+    def op_lookup(self, req: Request) -> bytearray:
+        name, _ = fuse.split_name(req.arg)
+        check_name(name)
+        with InodeRef(self, req.nodeid) as parent:
+            try:
+                return self.entry(parent, name)
+            except FileNotFoundError:
+                if self.config.cache == "never":
+                    raise
+                return fuse.negative_entry_out(self.config.timeout)
+
+    def op_forget(self, req: Request) -> None:
+        if len(req.arg) >= 8:
+            self._forget(req.nodeid, fuse.FORGET_IN.unpack_from(req.arg)[0])
+        return None
+
+    def op_batch_forget(self, req: Request) -> None:
+        if len(req.arg) < 8:
+            return None
+        count, _ = fuse.BATCH_FORGET_IN.unpack_from(req.arg)
+        count = min(count, (len(req.arg) - 8) // 16)
+        for i in range(count):
+            nodeid, nlookup = fuse.FORGET_ONE.unpack_from(req.arg, 8 + 16 * i)
+            self._forget(nodeid, nlookup)
+        return None
+
+    def _forget(self, nodeid: int, n: int) -> None:
+        if nodeid == fuse.ROOT_ID:
+            return
+        fd = self.inodes.forget(nodeid, n)
+        if fd >= 0:
+            os.close(fd)
+
+    def _stat_reply(self, st: os.stat_result) -> bytearray:
+        return fuse.attr_out(st, self.config.timeout)
+
+    def op_getattr(self, req: Request) -> bytearray:
+        flags, _, fh = fuse.GETATTR_IN.unpack_from(req.arg.ljust(16, b"\0"))
+        with InodeRef(self, req.nodeid) as inode:
+            return self._stat_reply(os.fstat(inode.fd))
+
+    def op_setattr(self, req: Request) -> bytearray:
+        if len(req.arg) < fuse.SETATTR_IN.size:
+            raise FuseError(errno.EINVAL, "short SETATTR")
+        (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
+         mode, _, uid, gid, _) = fuse.SETATTR_IN.unpack_from(req.arg)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as inode:
+            handle = HandleRef(self, fh) if valid & fuse.FATTR_FH else None
+            try:
+                if valid & fuse.FATTR_MODE:
+                    if handle is not None:
+                        os.fchmod(handle.fd, mode & 0o7777)
+                    else:
+                        os.chmod(proc_path(inode.fd), mode & 0o7777)
+                if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
+                    new_uid = uid if valid & fuse.FATTR_UID else 0xFFFFFFFF
+                    new_gid = gid if valid & fuse.FATTR_GID else 0xFFFFFFFF
+                    if lib.pyvfs_fchownat_empty(inode.fd, new_uid, new_gid) < 0:
+                        err = lib.pyvfs_errno()
+                        raise OSError(err, os.strerror(err))
+                if valid & fuse.FATTR_SIZE:
+                    if handle is not None:
+                        os.ftruncate(handle.fd, size)
+                    else:
+                        os.truncate(proc_path(inode.fd), size)
+                if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME):
+                    self._set_times(inode.fd, valid, atime, atimensec, mtime, mtimensec)
+                return self._stat_reply(os.fstat(inode.fd))
+            finally:
+                if handle is not None:
+                    handle.__exit__()
+
+    def _set_times(self, fd: int, valid: int, atime: int, ans: int, mtime: int, mns: int) -> None:
+        omit, now = lib.PYVFS_UTIME_OMIT, lib.PYVFS_UTIME_NOW
+        a_sec, a_ns = 0, omit
+        m_sec, m_ns = 0, omit
+        if valid & fuse.FATTR_ATIME:
+            a_sec, a_ns = (0, now) if valid & fuse.FATTR_ATIME_NOW else (atime, ans)
+        if valid & fuse.FATTR_MTIME:
+            m_sec, m_ns = (0, now) if valid & fuse.FATTR_MTIME_NOW else (mtime, mns)
+        if a_ns not in (omit, now) and a_ns >= 1_000_000_000 or (
+            m_ns not in (omit, now) and m_ns >= 1_000_000_000
+        ):
+            raise OSError(errno.EINVAL, "nanoseconds out of range")
+        if lib.pyvfs_utimensat(-100, proc_path(fd).encode(), a_sec, a_ns, m_sec, m_ns, 0) < 0:
+            err = lib.pyvfs_errno()
+            raise OSError(err, os.strerror(err))
+
+    def op_readlink(self, req: Request) -> bytes:
+        with InodeRef(self, req.nodeid) as inode:
+            return os.fsencode(os.readlink("", dir_fd=inode.fd))
+
+    def _create_node(self, req: Request, make: Callable[[int, bytes], None], name: bytes) -> bytes:
+        self._check_writable()
+        check_name(name)
+        with InodeRef(self, req.nodeid) as parent:
+            with Credentials(req.uid, req.gid):
+                make(parent.fd, name)
+            return self.entry(parent, name)
+
+    def op_mkdir(self, req: Request) -> bytes:
+        mode, _umask = fuse.MKDIR_IN.unpack_from(req.arg)
+        name, _ = fuse.split_name(req.arg[fuse.MKDIR_IN.size :])
+        return self._create_node(req, lambda d, n: os.mkdir(n, mode & 0o7777, dir_fd=d), name)
+
+    def op_mknod(self, req: Request) -> bytes:
+        mode, rdev, _umask, _ = fuse.MKNOD_IN.unpack_from(req.arg)
+        name, _ = fuse.split_name(req.arg[fuse.MKNOD_IN.size :])
+        return self._create_node(req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), name)
+
+    def op_symlink(self, req: Request) -> bytes:
+        name, used = fuse.split_name(req.arg)
+        target, _ = fuse.split_name(req.arg[used:], "symlink target")
+        if len(target) >= 4096:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        return self._create_node(req, lambda d, n: os.symlink(target, n, dir_fd=d), name)
+
+    def op_unlink(self, req: Request) -> bytes:
+        name, _ = fuse.split_name(req.arg)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as parent:
+            os.unlink(check_name(name), dir_fd=parent.fd)
+        return b""
+
+    def op_rmdir(self, req: Request) -> bytes:
+        name, _ = fuse.split_name(req.arg)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as parent:
+            os.rmdir(check_name(name), dir_fd=parent.fd)
+        return b""
+
+    def _rename(self, req: Request, newdir: int, names: bytes, flags: int) -> bytes:
+        old, used = fuse.split_name(names)
+        new, _ = fuse.split_name(names[used:])
+        check_name(old)
+        check_name(new)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as src, InodeRef(self, newdir) as dst:
+            if flags:
+                if lib.pyvfs_renameat2(src.fd, old, dst.fd, new, flags) < 0:
+                    err = lib.pyvfs_errno()
+                    raise OSError(err, os.strerror(err))
+            else:
+                os.rename(old, new, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        return b""
+
+    def op_rename(self, req: Request) -> bytes:
+        (newdir,) = fuse.RENAME_IN.unpack_from(req.arg)
+        return self._rename(req, newdir, req.arg[fuse.RENAME_IN.size :], 0)
+
+    def op_rename2(self, req: Request) -> bytes:
+        newdir, flags, _ = fuse.RENAME2_IN.unpack_from(req.arg)
+        return self._rename(req, newdir, req.arg[fuse.RENAME2_IN.size :], flags)
+
+    def op_link(self, req: Request) -> bytes:
+        (old_nodeid,) = fuse.LINK_IN.unpack_from(req.arg)
+        name, _ = fuse.split_name(req.arg[fuse.LINK_IN.size :])
+        check_name(name)
+        self._check_writable()
+        with InodeRef(self, old_nodeid) as target, InodeRef(self, req.nodeid) as parent:
+            os.link(proc_path(target.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            return self.entry(parent, name)
+
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~OPEN_STRIP
+        if not self.config.allow_direct_io:
+            flags &= ~os.O_DIRECT
+        if not self.config.preserve_noatime:
+            flags &= ~os.O_NOATIME
+        if self.config.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            # the guest's page cache may need to read around partial writes
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_CLOEXEC
+
+    def _open_reply_flags(self, is_dir: bool) -> int:
+        cache = self.config.cache
+        if is_dir:
+            return fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE if cache in (
+                "always", "metadata") else 0
+        if cache in ("never", "metadata"):
+            return fuse.FOPEN_DIRECT_IO
+        if cache == "always":
+            return fuse.FOPEN_KEEP_CACHE
+        return 0
+
+    def op_open(self, req: Request) -> bytes:
+        flags, _ = fuse.OPEN_IN.unpack_from(req.arg)
+        if self.config.readonly and (
+            flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        ):
+            raise OSError(errno.EROFS, "shared directory is read-only")
+        with InodeRef(self, req.nodeid) as inode:
+            mode = os.fstat(inode.fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, "cannot open a symlink")
+            fd = os.open(proc_path(inode.fd), self._open_flags(flags))
+            return self._new_handle(req.nodeid, fd, flags, stat.S_ISDIR(mode))
+
+    def _new_handle(self, nodeid: int, fd: int, flags: int, is_dir: bool) -> bytes:
+        try:
+            fh = self.handles.open(nodeid, fd, flags)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fuse.OPEN_OUT.pack(fh, self._open_reply_flags(is_dir), 0)
+
+    def op_create(self, req: Request) -> bytes:
+        flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(req.arg)
+        name, _ = fuse.split_name(req.arg[fuse.CREATE_IN.size :])
+        check_name(name)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as parent:
+            with Credentials(req.uid, req.gid):
+                fd = os.open(
+                    name, self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
+                    mode & 0o7777, dir_fd=parent.fd,
+                )
+            try:
+                entry = self.entry(parent, name)
+            except BaseException:
+                os.close(fd)
+                raise
+            nodeid = int.from_bytes(entry[:8], "little")
+            try:
+                opened = self._new_handle(nodeid, fd, flags, False)
+            except BaseException:
+                self._forget(nodeid, 1)
+                raise
+            return bytes(entry) + opened
+
+    def op_flush(self, req: Request) -> bytes:
+        (fh, _, _, _) = fuse.FLUSH_IN.unpack_from(req.arg)
+        with HandleRef(self, fh):
+            pass
+        return b""
+
+    def op_release(self, req: Request) -> bytes:
+        (fh, _, _, _) = fuse.RELEASE_IN.unpack_from(req.arg.ljust(fuse.RELEASE_IN.size, b"\0"))
+        fd = self.handles.close(fh)
+        if fd >= 0:
+            os.close(fd)
+        return b""
+
+    def op_fsync(self, req: Request) -> bytes:
+        fh, flags, _ = fuse.FSYNC_IN.unpack_from(req.arg)
+        with HandleRef(self, fh) as handle:
+            if flags & fuse.FSYNC_FDATASYNC:
+                os.fdatasync(handle.fd)
+            else:
+                os.fsync(handle.fd)
+        return b""
+
+    def op_opendir(self, req: Request) -> bytes:
+        with InodeRef(self, req.nodeid) as inode:
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return self._new_handle(req.nodeid, fd, 0, True)
+
+    def _dirents(self, fd: int, offset: int):  # noqa: ANN202 - generator of tuples
+        """(d_ino, next_offset, d_type, name) from getdents64, starting at offset."""
+        os.lseek(fd, offset, os.SEEK_SET)
+        buf = self._dents_view
+        while True:
+            n = lib.pyvfs_getdents64(fd, self._dents, GETDENTS_BUF)
+            if n < 0:
+                err = lib.pyvfs_errno()
+                raise OSError(err, os.strerror(err))
+            if n == 0:
+                return
+            pos = 0
+            while pos < n:
+                ino = int.from_bytes(buf[pos : pos + 8], "little")
+                off = int.from_bytes(buf[pos + 8 : pos + 16], "little", signed=True)
+                reclen = int.from_bytes(buf[pos + 16 : pos + 18], "little")
+                dtype = buf[pos + 18][0]
+                end = buf[pos + 19 : pos + reclen].index(b"\0") if reclen > 19 else 0
+                name = bytes(buf[pos + 19 : pos + 19 + end])
+                pos += reclen
+                yield ino, off, dtype, name
+
+    def op_readdir(self, req: Request) -> bytes:
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(req.arg)
+        size = min(size, fuse.MAX_WRITE)
+        out = bytearray()
+        with HandleRef(self, fh) as handle:
+            for ino, off, dtype, name in self._dirents(handle.fd, offset):
+                rec = fuse.dirent_size(len(name))
+                if len(out) + rec > size:
+                    break
+                out += fuse.DIRENT_HEAD.pack(ino, off, len(name), dtype)
+                out += name
+                out += b"\0" * (rec - fuse.DIRENT_HEAD.size - len(name))
+        return bytes(out)
+
+    def op_readdirplus(self, req: Request) -> bytes:
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(req.arg)
+        size = min(size, fuse.MAX_WRITE)
+        out = bytearray()
+        t = self.config.timeout
+        with HandleRef(self, fh) as handle, InodeRef(self, req.nodeid) as parent:
+            for ino, off, dtype, name in self._dirents(handle.fd, offset):
+                rec = fuse.direntplus_size(len(name))
+                if len(out) + rec > size:
+                    break
+                start = len(out)
+                out += bytes(rec)
+                if name in (b".", b".."):
+                    # nodeid 0: the guest makes no dentry and sends no FORGET for it
+                    fuse.ENTRY_HEAD.pack_into(out, start, 0, 0, 0, 0, 0, 0)
+                    fuse.ATTR.pack_into(out, start + fuse.ENTRY_HEAD.size, ino, *(0,) * 8,
+                                        dtype << 12, *(0,) * 6)
+                else:
+                    try:
+                        nodeid, st = self.do_lookup(parent, name)
+                    except FileNotFoundError:
+                        del out[start:]
+                        continue
+                    fuse.pack_entry_into(out, start, nodeid, st, t, t)
+                    ino = st.st_ino
+                fuse.DIRENT_HEAD.pack_into(out, start + fuse.ENTRY_OUT_SIZE, ino, off,
+                                           len(name), dtype)
+                p = start + fuse.ENTRY_OUT_SIZE + fuse.DIRENT_HEAD.size
+                out[p : p + len(name)] = name
+        return bytes(out)
+
+    def op_statfs(self, req: Request) -> bytes:
+        with InodeRef(self, req.nodeid) as inode:
+            s = os.fstatvfs(inode.fd)
+        return fuse.STATFS_OUT.pack(
+            s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
+            s.f_namemax, s.f_frsize, 0,
+        )
+
+    def op_access(self, req: Request) -> bytes:
+        (mask, _) = fuse.ACCESS_IN.unpack_from(req.arg)
+        with InodeRef(self, req.nodeid) as inode:
+            st = os.fstat(inode.fd)
+        if mask == os.F_OK:
+            return b""
+        if mask & os.W_OK and self.config.readonly:
+            raise OSError(errno.EROFS, "read-only share")
+        if req.uid == 0:
+            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+                raise OSError(errno.EACCES, "no execute bit")
+            return b""
+        if req.uid == st.st_uid:
+            bits = (st.st_mode >> 6) & 7
+        elif req.gid == st.st_gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if mask & ~bits & 7:
+            raise OSError(errno.EACCES, "permission denied")
+        return b""
+
+    def op_interrupt(self, req: Request) -> None:
+        return None

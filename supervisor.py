@@ -1,0 +1,540 @@
+"""The supervisor: owns the vhost-user socket, the guest memory fds, the shared-memory
+tables and the worker processes (one per started virtqueue).
+
+It speaks vhost-user with the front-end (QEMU) on uvloop, and turns ring set-up and
+tear-down into control messages to workers, replying to the front-end only once the
+workers have acknowledged. It never touches a FUSE request itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from daemon import vhost_user as vu
+from daemon.passthrough import PassthroughFs
+from daemon.process import clone_shared_fds
+from daemon.vhost_user import Message, ProtocolError
+from workers import control
+from workers.control import QueueSetup
+
+log = logging.getLogger("pyvirtiofsd")
+
+MAX_FDS_PER_MESSAGE = 16
+MAX_MEM_SLOTS = 509
+WORKER_REPLY_TIMEOUT = 30.0
+RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
+
+
+@dataclass
+class VringState:
+    size: int = 0
+    addr: vu.VringAddr | None = None
+    base: int = 0
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    worker: Worker | None = None
+
+
+@dataclass
+class Worker:
+    pid: int
+    control: socket.socket
+    peer_fd: int  # the worker's end of the control pair, in the shared fd table
+    queue: int
+
+
+@dataclass
+class DeviceState:
+    acked_features: int = 0
+    protocol_features: int = 0
+    regions: list[tuple[vu.MemoryRegion, int]] = field(default_factory=list)
+    vrings: dict[int, VringState] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        fs: PassthroughFs,
+        *,
+        tag: str | None,
+        num_request_queues: int,
+    ) -> None:
+        self.fs = fs
+        self.tag = tag
+        self.num_queues = 1 + num_request_queues
+        self.state = DeviceState()
+        self.conn: socket.socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.messages: asyncio.Queue[Message | None] | None = None
+        self.exit_code = 0
+
+    # ----- features ---------------------------------------------------------------
+
+    @property
+    def virtio_features(self) -> int:
+        return (
+            vu.VIRTIO_F_VERSION_1 | vu.VIRTIO_RING_F_INDIRECT_DESC | vu.VIRTIO_RING_F_EVENT_IDX
+            | vu.VHOST_USER_F_PROTOCOL_FEATURES
+        )
+
+    @property
+    def offered_protocol_features(self) -> int:
+        pf = vu.ProtocolFeature
+        offered = pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
+        if self.tag is not None:
+            offered |= pf.CONFIG
+        return int(offered)
+
+    # ----- connection -------------------------------------------------------------
+
+    async def serve(self, listener: socket.socket) -> int:
+        """Accept one front-end and serve it until it goes away, like virtiofsd."""
+        self.loop = asyncio.get_running_loop()
+        self.messages = asyncio.Queue()
+        listener.setblocking(False)
+        conn, _ = await self.loop.sock_accept(listener)
+        log.info("front-end connected")
+        conn.setblocking(False)
+        self.conn = conn
+        self.loop.add_reader(conn.fileno(), self._on_readable)
+        try:
+            while True:
+                msg = await self.messages.get()
+                if msg is None:
+                    break
+                await self.dispatch(msg)
+        finally:
+            self.loop.remove_reader(conn.fileno())
+            await self.stop_all_workers()
+            conn.close()
+        log.info("front-end disconnected, shutting down")
+        return self.exit_code
+
+    def _on_readable(self) -> None:
+        assert self.conn is not None and self.messages is not None
+        try:
+            msg = self._receive_message()
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ProtocolError) as e:
+            log.error("vhost-user connection: %s; disconnecting", e)
+            self.exit_code = 1
+            msg = None
+        if msg is None:
+            self.loop.remove_reader(self.conn.fileno())
+        self.messages.put_nowait(msg)
+
+    def _receive_message(self) -> Message | None:
+        """One message: the header with its fds, then the payload (None on EOF)."""
+        conn = self.conn
+        assert conn is not None
+        header, ancdata, _flags, _ = conn.recvmsg(
+            vu.HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+        )
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(int.from_bytes(payload[i : i + 4], "little", signed=True)
+                           for i in range(0, usable, 4))
+        try:
+            if not header:
+                raise EOFError
+            conn.settimeout(RECEIVE_TIMEOUT)
+            try:
+                header += _recv_exact(conn, vu.HEADER_SIZE - len(header))
+                request, flags, size = vu.decode_header(header)
+                payload = _recv_exact(conn, size)
+            finally:
+                conn.setblocking(False)
+        except BaseException:
+            for fd in fds:
+                _close_quietly(fd)
+            if isinstance(sys.exc_info()[1], EOFError):
+                return None
+            raise
+        return Message(request, flags, payload, fds)
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.setblocking(True)
+        try:
+            self.conn.sendall(data)
+        finally:
+            self.conn.setblocking(False)
+
+    # ----- dispatch ---------------------------------------------------------------
+
+    async def dispatch(self, msg: Message) -> None:
+        handler = getattr(self, "on_" + msg.name.lower(), None)
+        ok = True
+        reply: bytes | None = None
+        try:
+            if handler is None:
+                log.warning("vhost-user request %s is not supported", msg.name)
+                ok = False
+            else:
+                reply = await handler(msg)
+        except (ProtocolError, ValueError, OSError) as e:
+            log.error("vhost-user %s failed: %s", msg.name, e)
+            ok = False
+        finally:
+            if handler is None or not ok:
+                for fd in msg.fds:
+                    _close_quietly(fd)
+        if reply is not None:
+            self.send(vu.encode_reply(msg.request, reply))
+        elif msg.need_reply and self.state.protocol_features & vu.ProtocolFeature.REPLY_ACK:
+            self.send(vu.encode_u64_reply(msg.request, 0 if ok else 1))
+
+    def _vring(self, index: int) -> VringState:
+        if index >= self.num_queues:
+            raise ProtocolError(f"queue index {index} >= {self.num_queues} queues")
+        return self.state.vrings.setdefault(index, VringState())
+
+    def _take_fd(self, msg: Message) -> int:
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"{msg.name} carried {len(msg.fds)} fds, expected 1")
+        return msg.fds[0]
+
+    # --- features and owner
+    async def on_get_features(self, msg: Message) -> bytes:
+        return vu.U64.pack(self.virtio_features)
+
+    async def on_set_features(self, msg: Message) -> None:
+        features = vu.decode_u64(msg.payload, "features")
+        if features & ~self.virtio_features:
+            raise ProtocolError(f"front-end acked features {features:#x} we never offered")
+        self.state.acked_features = features
+
+    async def on_get_protocol_features(self, msg: Message) -> bytes:
+        return vu.U64.pack(self.offered_protocol_features)
+
+    async def on_set_protocol_features(self, msg: Message) -> None:
+        features = vu.decode_u64(msg.payload, "protocol features")
+        self.state.protocol_features = features & self.offered_protocol_features
+
+    async def on_set_owner(self, msg: Message) -> None:
+        return None
+
+    async def on_reset_owner(self, msg: Message) -> None:
+        await self.reset()
+
+    async def on_reset_device(self, msg: Message) -> None:
+        await self.reset()
+
+    async def reset(self) -> None:
+        await self.stop_all_workers()
+        for vring in self.state.vrings.values():
+            for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
+                _close_quietly(fd)
+        self.state.vrings.clear()
+        self.state.acked_features = 0
+
+    async def on_get_queue_num(self, msg: Message) -> bytes:
+        return vu.U64.pack(self.num_queues)
+
+    async def on_get_max_mem_slots(self, msg: Message) -> bytes:
+        return vu.U64.pack(MAX_MEM_SLOTS)
+
+    async def on_get_config(self, msg: Message) -> bytes:
+        offset, size, flags = vu.decode_config_request(msg.payload)
+        space = vu.virtio_fs_config(self.tag or "", self.num_queues - 1)
+        if offset + size > len(space):
+            raise ProtocolError(f"config read {offset}+{size} beyond {len(space)} bytes")
+        return vu.encode_config_reply(offset, flags, space[offset : offset + size])
+
+    async def on_set_config(self, msg: Message) -> None:
+        raise ProtocolError("the virtio-fs config space is read-only")
+
+    # --- memory
+    async def on_set_mem_table(self, msg: Message) -> None:
+        regions = vu.decode_mem_table(msg.payload)
+        if len(regions) != len(msg.fds):
+            raise ProtocolError(f"{len(regions)} memory regions but {len(msg.fds)} fds")
+        old = self.state.regions
+        self.state.regions = list(zip(regions, msg.fds, strict=True))
+        await self._broadcast_memory()
+        for _, fd in old:
+            _close_quietly(fd)
+
+    async def on_add_mem_reg(self, msg: Message) -> None:
+        region = vu.decode_single_region(msg.payload)
+        fd = self._take_fd(msg)
+        if len(self.state.regions) >= MAX_MEM_SLOTS:
+            raise ProtocolError("no free memory slot")
+        self.state.regions.append((region, fd))
+        await self._broadcast_memory()
+
+    async def on_rem_mem_reg(self, msg: Message) -> None:
+        region = vu.decode_single_region(msg.payload)
+        for fd in msg.fds:
+            _close_quietly(fd)
+        kept, removed = [], []
+        for r, fd in self.state.regions:
+            same = (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
+                region.guest_phys_addr, region.memory_size, region.userspace_addr)
+            (removed if same else kept).append((r, fd))
+        if not removed:
+            raise ProtocolError(f"no memory region at {region.guest_phys_addr:#x} to remove")
+        self.state.regions = kept
+        await self._broadcast_memory()
+        for _, fd in removed:
+            _close_quietly(fd)
+
+    def _region_list(self) -> list[list[int]]:
+        return [
+            [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd]
+            for r, fd in self.state.regions
+        ]
+
+    async def _broadcast_memory(self) -> None:
+        for vring in self.state.vrings.values():
+            if vring.worker is not None:
+                await self._ask(vring.worker, {"op": control.OP_MEM,
+                                               "regions": self._region_list()})
+
+    # --- vrings
+    async def on_set_vring_num(self, msg: Message) -> None:
+        index, num = vu.decode_vring_state(msg.payload)
+        if num == 0 or num > 32768 or num & (num - 1):
+            raise ProtocolError(f"queue size {num} is not a power of two <= 32768")
+        self._vring(index).size = num
+
+    async def on_set_vring_addr(self, msg: Message) -> None:
+        addr = vu.decode_vring_addr(msg.payload)
+        self._vring(addr.index).addr = addr
+
+    async def on_set_vring_base(self, msg: Message) -> None:
+        index, base = vu.decode_vring_state(msg.payload)
+        self._vring(index).base = base & 0xFFFF
+
+    async def on_get_vring_base(self, msg: Message) -> bytes:
+        index, _ = vu.decode_vring_state(msg.payload)
+        vring = self._vring(index)
+        if vring.worker is not None:
+            answer = await self._ask(vring.worker, {"op": control.OP_STOP})
+            await self._reap(vring.worker)
+            vring.worker = None
+            vring.base = int(answer.get("last_avail", vring.base))
+        _close_quietly(vring.kick_fd)
+        vring.kick_fd = -1
+        vring.enabled = False
+        return vu.encode_vring_state(index, vring.base)
+
+    async def on_set_vring_kick(self, msg: Message) -> None:
+        index, has_fd = vu.decode_vring_fd(msg.payload)
+        vring = self._vring(index)
+        if not has_fd:
+            raise ProtocolError(f"queue {index}: polling mode without a kick fd is unsupported")
+        fd = self._take_fd(msg)
+        old = vring.kick_fd
+        vring.kick_fd = fd
+        if vring.worker is not None:
+            await self._ask(vring.worker, {"op": control.OP_KICK, "fd": fd})
+        else:
+            if not self.state.protocol_features and not self.state.acked_features & (
+                vu.VHOST_USER_F_PROTOCOL_FEATURES
+            ):
+                vring.enabled = True  # without protocol features rings start enabled
+            await self.start_worker(index, vring)
+        _close_quietly(old)
+
+    async def on_set_vring_call(self, msg: Message) -> None:
+        index, has_fd = vu.decode_vring_fd(msg.payload)
+        vring = self._vring(index)
+        fd = self._take_fd(msg) if has_fd else -1
+        old = vring.call_fd
+        vring.call_fd = fd
+        if vring.worker is not None:
+            await self._ask(vring.worker, {"op": control.OP_CALL, "fd": fd})
+        _close_quietly(old)
+
+    async def on_set_vring_err(self, msg: Message) -> None:
+        index, has_fd = vu.decode_vring_fd(msg.payload)
+        vring = self._vring(index)
+        _close_quietly(vring.err_fd)
+        vring.err_fd = self._take_fd(msg) if has_fd else -1
+
+    async def on_set_vring_enable(self, msg: Message) -> None:
+        index, enable = vu.decode_vring_state(msg.payload)
+        vring = self._vring(index)
+        vring.enabled = bool(enable)
+        if vring.worker is not None:
+            await self._ask(vring.worker, {"op": control.OP_ENABLE, "on": vring.enabled})
+
+    # ----- workers ----------------------------------------------------------------
+
+    async def start_worker(self, index: int, vring: VringState) -> None:
+        if vring.addr is None or vring.size == 0:
+            raise ProtocolError(f"queue {index} kicked before its size and addresses were set")
+        if not self.state.regions:
+            raise ProtocolError(f"queue {index} started without a memory table")
+        features = self.state.acked_features
+        setup = QueueSetup(
+            index=index, size=vring.size, desc_uva=vring.addr.desc_user_addr,
+            avail_uva=vring.addr.avail_user_addr, used_uva=vring.addr.used_user_addr,
+            last_avail_idx=vring.base, kick_fd=vring.kick_fd, call_fd=vring.call_fd,
+            enabled=vring.enabled, event_idx=bool(features & vu.VIRTIO_RING_F_EVENT_IDX),
+            indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
+            regions=self._region_list(),
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = clone_shared_fds()
+        if pid == 0:
+            from workers.queue_worker import worker_main
+
+            ours.detach()  # shared fd table: closing it here would close it for everyone
+            worker_main(setup, self.fs, theirs)
+        peer_fd = theirs.detach()  # the worker's end stays open in the shared table
+        ours.setblocking(False)
+        vring.worker = Worker(pid, ours, peer_fd, index)
+        log.info("queue %d: worker %d started", index, pid)
+
+    async def _ask(self, worker: Worker, message: dict) -> dict:
+        assert self.loop is not None
+        await self.loop.sock_sendall(worker.control, control.encode(message))
+        try:
+            data = await asyncio.wait_for(
+                self.loop.sock_recv(worker.control, control.MAX_MESSAGE), WORKER_REPLY_TIMEOUT
+            )
+        except TimeoutError as e:
+            raise OSError(errno.ETIMEDOUT, f"worker {worker.pid} did not answer") from e
+        if not data:
+            raise OSError(errno.ECONNRESET, f"worker {worker.pid} for queue {worker.queue} died")
+        answer = control.decode(data)
+        if not answer.get("ok"):
+            raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
+        return answer
+
+    async def _reap(self, worker: Worker) -> None:
+        for _ in range(200):
+            pid, _status = os.waitpid(worker.pid, os.WNOHANG)
+            if pid:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            os.kill(worker.pid, signal.SIGKILL)
+            os.waitpid(worker.pid, 0)
+        worker.control.close()
+        _close_quietly(worker.peer_fd)
+
+    async def stop_all_workers(self) -> None:
+        for vring in self.state.vrings.values():
+            worker = vring.worker
+            if worker is None:
+                continue
+            vring.worker = None
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            await self._reap(worker)
+
+    def kill_workers_now(self) -> None:
+        for vring in self.state.vrings.values():
+            if vring.worker is not None:
+                try:
+                    os.kill(vring.worker.pid, signal.SIGKILL)
+                    os.waitpid(vring.worker.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ----- listening socket and pid file ------------------------------------------------
+
+
+def create_listener(path: str, group: str | None) -> socket.socket:
+    """A listening socket as virtiofsd makes it: umask 077 (007 with --socket-group)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o007 if group else 0o077)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            raise SystemExit(f"pyvirtiofsd: --socket-group: no group named {group!r}") from None
+        os.chown(path, -1, gid)
+    sock.listen(1)
+    return sock
+
+
+def lock_pid_file(socket_path: str) -> int:
+    """Create and lock <socket>.pid so a second daemon on the same socket refuses to run."""
+    path = socket_path + ".pid"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"pyvirtiofsd: {path} is locked: another daemon is serving {socket_path}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
+        num_request_queues: int) -> int:
+    """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return."""
+    import uvloop
+
+    sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await sup.serve(listener)
+        except asyncio.CancelledError:
+            log.info("signal received, stopping")
+            sup.kill_workers_now()
+            return 0
+
+    try:
+        return uvloop.run(main())
+    finally:
+        sup.kill_workers_now()
+        sys.stdout.flush()

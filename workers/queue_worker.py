@@ -1,0 +1,311 @@
+"""One worker process per virtqueue: wait for a kick, pop descriptor chains, answer each
+FUSE request straight between guest memory and the host file, push used elements,
+signal the call eventfd.
+
+A worker is a clone of the supervisor that shares its fd table but not its memory; the
+only state that outlives it is in the shared-memory tables and the shared fds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+from typing import NoReturn
+
+from daemon import fuse
+from daemon._sys import lib
+from daemon.fuse import FuseError
+from daemon.guest_memory import BadGuestAddress, GuestMemory
+from daemon.passthrough import HandleRef, PassthroughFs, Request
+from daemon.vhost_user import MemoryRegion
+from daemon.virtqueue import BadChain, DescriptorChain, SplitQueue
+from shm_table import HandleTableFull, InodeTableFull
+from workers import control
+from workers.control import QueueSetup
+
+log = logging.getLogger("pyvirtiofsd.worker")
+
+MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
+ONE = struct.pack("<Q", 1)
+
+
+def gather(views: list[memoryview], start: int, length: int) -> bytes:
+    """Copy [start, start+length) of the chain's readable bytes (headers and names only)."""
+    out = bytearray()
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length - len(out))
+        out += v[start : start + take]
+        start = 0
+        if len(out) == length:
+            break
+    return bytes(out)
+
+
+def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """Views onto [start, start+length) of guest buffers, without copying."""
+    out: list[memoryview] = []
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(v[start : start + take] if start or take != n else v)
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out
+
+
+def scatter(views: list[memoryview], start: int, data: bytes | bytearray) -> None:
+    pos = 0
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, len(data) - pos)
+        v[start : start + take] = data[pos : pos + take]
+        pos += take
+        start = 0
+        if pos == len(data):
+            return
+
+
+class QueueWorker:
+    def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket) -> None:
+        self.setup = setup
+        self.fs = fs
+        self.control = control_sock
+        self.kick_fd = setup.kick_fd
+        self.call_fd = setup.call_fd
+        self.enabled = setup.enabled
+        self.mem = self._map(setup.regions)
+        self.queue = self._make_queue(setup.last_avail_idx)
+        self.unknown_opcodes: set[int] = set()
+
+    @staticmethod
+    def _map(regions: list[list[int]]) -> GuestMemory:
+        return GuestMemory([(MemoryRegion(g, s, u, o), fd) for g, s, u, o, fd in regions])
+
+    def _make_queue(self, last_avail: int) -> SplitQueue:
+        s = self.setup
+        m = self.mem
+        return SplitQueue(
+            m, s.size,
+            m.uva_to_gpa(s.desc_uva, 16 * s.size),
+            m.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
+            m.uva_to_gpa(s.used_uva, 6 + 8 * s.size),
+            event_idx=s.event_idx, indirect=s.indirect, last_avail_idx=last_avail,
+        )
+
+    # ----- event loop ------------------------------------------------------------
+
+    def run(self) -> NoReturn:
+        ep = select.epoll()
+        ep.register(self.control.fileno(), select.EPOLLIN)
+        ep.register(self.kick_fd, select.EPOLLIN)
+        self.process()
+        while True:
+            try:
+                events = ep.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self.control.fileno():
+                    old_kick = self.kick_fd
+                    self.handle_control()
+                    if self.kick_fd != old_kick:
+                        ep.unregister(old_kick)
+                        ep.register(self.kick_fd, select.EPOLLIN)
+                elif fd == self.kick_fd:
+                    try:
+                        os.read(self.kick_fd, 8)
+                    except BlockingIOError:
+                        pass
+                    self.process()
+
+    def handle_control(self) -> None:
+        data = self.control.recv(control.MAX_MESSAGE)
+        if not data:
+            os._exit(0)  # the supervisor is gone
+        msg = control.decode(data)
+        op = msg.get("op")
+        reply: dict = {"ok": True}
+        if op == control.OP_MEM:
+            last = self.queue.last_avail_idx
+            self.queue.release()
+            self.mem.close()
+            self.mem = self._map(msg["regions"])
+            self.queue = self._make_queue(last)
+        elif op == control.OP_CALL:
+            self.call_fd = msg["fd"]
+        elif op == control.OP_KICK:
+            self.kick_fd = msg["fd"]
+        elif op == control.OP_ENABLE:
+            self.enabled = bool(msg["on"])
+        elif op == control.OP_STOP:
+            reply["last_avail"] = self.queue.last_avail_idx
+            self.control.send(control.encode(reply))
+            os._exit(0)
+        else:
+            reply = {"ok": False, "error": f"unknown op {op!r}"}
+        self.control.send(control.encode(reply))
+        if op in (control.OP_ENABLE, control.OP_MEM, control.OP_KICK):
+            self.process()
+
+    def process(self) -> None:
+        if not self.enabled:
+            return
+        q = self.queue
+        pushed = False
+        while True:
+            q.disable_notifications()
+            while True:
+                try:
+                    chain = q.pop()
+                except BadChain as e:
+                    log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
+                    self.enabled = False
+                    return
+                if chain is None:
+                    break
+                pushed = True
+                if isinstance(chain, int):
+                    log.warning("queue %d: dropped %s", self.setup.index, q.last_error)
+                    q.push(chain, 0)
+                    continue
+                try:
+                    written = self.handle_chain(chain)
+                finally:
+                    chain.release()
+                q.push(chain.head, written)
+            if not q.enable_notifications():
+                break
+        if pushed and self.call_fd >= 0 and q.should_notify():
+            os.write(self.call_fd, ONE)
+
+    # ----- one request -----------------------------------------------------------
+
+    def handle_chain(self, chain: DescriptorChain) -> int:
+        """Answer one request; returns the number of bytes written to the guest."""
+        if chain.readable_len < fuse.IN_HEADER_SIZE:
+            log.warning("queue %d: request of %d bytes has no FUSE header",
+                        self.setup.index, chain.readable_len)
+            return 0
+        hdr = gather(chain.readable, 0, fuse.IN_HEADER_SIZE)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = fuse.IN_HEADER.unpack(hdr)
+        try:
+            if length > chain.readable_len or length < fuse.IN_HEADER_SIZE + 8 * extlen:
+                raise FuseError(errno.EINVAL, f"header length {length} does not match the "
+                                f"{chain.readable_len} bytes sent")
+            if length > MAX_REQUEST:
+                raise FuseError(errno.ENOMEM, f"request of {length} bytes is too large")
+            if opcode == fuse.Opcode.READ:
+                return self.do_read(chain, unique, length)
+            if opcode == fuse.Opcode.WRITE:
+                payload = self.do_write(chain, length)
+            else:
+                handler = self.fs.ops.get(opcode)
+                if handler is None:
+                    if opcode not in self.unknown_opcodes:
+                        self.unknown_opcodes.add(opcode)
+                        log.info("opcode %d not implemented: ENOSYS", opcode)
+                    raise OSError(errno.ENOSYS, "not implemented")
+                arg = gather(chain.readable, fuse.IN_HEADER_SIZE,
+                             length - fuse.IN_HEADER_SIZE - 8 * extlen)
+                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg))
+                if payload is None:
+                    return 0  # FORGET, BATCH_FORGET, INTERRUPT: no reply
+        except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
+            return self.reply_error(chain, unique, opcode, e)
+        return self.reply(chain, unique, 0, payload)
+
+    def reply(self, chain: DescriptorChain, unique: int, error: int, payload: bytes) -> int:
+        total = fuse.OUT_HEADER_SIZE + len(payload)
+        if total > chain.writable_len:
+            if chain.writable_len < fuse.OUT_HEADER_SIZE:
+                log.warning("queue %d: no room for a reply to request %d", self.setup.index,
+                            unique)
+                return 0
+            error, payload, total = -errno.ERANGE, b"", fuse.OUT_HEADER_SIZE
+        scatter(chain.writable, 0, fuse.OUT_HEADER.pack(total, error, unique))
+        if payload:
+            scatter(chain.writable, fuse.OUT_HEADER_SIZE, payload)
+        return total
+
+    def reply_error(self, chain: DescriptorChain, unique: int, opcode: int, e: Exception) -> int:
+        if isinstance(e, FuseError):
+            code = e.errno
+            log.warning("queue %d: bad request (opcode %d): %s", self.setup.index, opcode, e)
+        elif isinstance(e, InodeTableFull):
+            code = errno.ENFILE
+            log.error("inode table full: %s", e)
+        elif isinstance(e, HandleTableFull):
+            code = errno.EMFILE
+            log.error("handle table full: %s", e)
+        elif isinstance(e, (BadGuestAddress, BadChain)):
+            code = errno.EFAULT
+            log.warning("queue %d: %s", self.setup.index, e)
+        elif isinstance(e, OSError) and e.errno:
+            code = e.errno
+        elif isinstance(e, struct.error):
+            code = errno.EINVAL
+            log.warning("queue %d: truncated arguments for opcode %d", self.setup.index, opcode)
+        else:
+            code = errno.EIO
+            log.exception("queue %d: opcode %d failed", self.setup.index, opcode)
+        return self.reply(chain, unique, -code, b"")
+
+    def do_read(self, chain: DescriptorChain, unique: int, length: int) -> int:
+        arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.READ_IN.size)
+        fh, offset, size, *_ = fuse.READ_IN.unpack(arg)
+        if offset >= 1 << 63:
+            raise OSError(errno.EINVAL, "offset out of range")
+        size = min(size, chain.writable_len - fuse.OUT_HEADER_SIZE, fuse.MAX_WRITE)
+        with HandleRef(self.fs, fh) as handle:
+            views = slice_views(chain.writable, fuse.OUT_HEADER_SIZE, size)
+            n = os.preadv(handle.fd, views, offset) if size > 0 else 0
+        total = fuse.OUT_HEADER_SIZE + n
+        scatter(chain.writable, 0, fuse.OUT_HEADER.pack(total, 0, unique))
+        return total
+
+    def do_write(self, chain: DescriptorChain, length: int) -> bytes:
+        arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.WRITE_IN.size)
+        fh, offset, size, _wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(arg)
+        start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
+        if start + size > length:
+            raise FuseError(errno.EINVAL, f"WRITE of {size} bytes with {length - start} sent")
+        if offset >= 1 << 63:
+            raise OSError(errno.EINVAL, "offset out of range")
+        if self.fs.config.readonly:
+            raise OSError(errno.EROFS, "read-only share")
+        with HandleRef(self.fs, fh) as handle:
+            n = os.pwritev(handle.fd, slice_views(chain.readable, start, size), offset)
+        return fuse.WRITE_OUT.pack(n, 0)
+
+
+def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket) -> NoReturn:
+    """Entry point in the freshly cloned child; never returns."""
+    try:
+        lib.pyvfs_set_pdeathsig(signal.SIGKILL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if os.getppid() == 1:
+            os._exit(1)
+        QueueWorker(setup, fs, control_sock).run()
+    except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
+        log.exception("worker for queue %d failed", setup.index)
+        os._exit(1)
