@@ -46,7 +46,7 @@ class HandleTable(_Segment):
     """Shared open-file table.  Note: close(fh) is the guest's RELEASE; detach() unmaps."""
 
     _KIND = _KIND_HANDLE
-    _KIND_NAME = "handle table"
+    _KIND_NAME = "pyvirtiofsd handle table"
 
     @staticmethod
     def _segment_size(capacity: int) -> int:

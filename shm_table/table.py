@@ -177,7 +177,7 @@ class _Segment:
                         f"shared memory {name} is an active {cls._KIND_NAME} of live pid {owner}"
                     )
                 reason = (f"its owner pid {owner} is gone" if rc == 0
-                          else f"it is not a {cls._KIND_NAME} of this version (check {rc})")
+                          else f"it is not a {cls._KIND_NAME} of this layout (check {rc})")
         finally:
             shm.close_fd()
         log.warning("replacing stale shared memory segment %s: %s", name, reason)
@@ -287,7 +287,7 @@ class InodeTable(_Segment):
     """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, refcount)."""
 
     _KIND = _KIND_INODE
-    _KIND_NAME = "inode table"
+    _KIND_NAME = "pyvirtiofsd inode table"
 
     @staticmethod
     def _segment_size(capacity: int) -> int:
