@@ -158,11 +158,14 @@ def raise_nofile(limit: int | None) -> None:
                 limit = min(1_000_000, int(f.read()))
         except OSError:
             limit = 1_000_000
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    except (ValueError, OSError) as e:
-        logging.getLogger("pyvirtiofsd").warning("cannot raise RLIMIT_NOFILE to %d: %s",
-                                                 limit, e)
+    except (ValueError, OSError):
+        # without CAP_SYS_RESOURCE the hard limit is the ceiling
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        logging.getLogger("pyvirtiofsd").info(
+            "RLIMIT_NOFILE is %d (the hard limit; %d needs CAP_SYS_RESOURCE)", hard, limit)
 
 
 def listener_from_fd(fd: int) -> socket.socket:

@@ -191,14 +191,8 @@ class PassthroughFs:
             )
         if handle is None and self.config.file_handles == "prefer":
             self.use_handles = False
-        nodeid, _slot, inserted = self.inodes.claim_or_insert(
-            (st.st_ino, st.st_dev, mnt), handle, htype, fd, st.st_mode, 0, b""
-        )
-        if not inserted:
-            os.close(fd)
-        if nodeid != fuse.ROOT_ID:
-            raise RuntimeError(f"root inode got nodeid {nodeid}, expected {fuse.ROOT_ID}")
-        return nodeid
+        self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
+        return fuse.ROOT_ID
 
     def _file_handle(self, fd: int) -> tuple[bytes | None, int, int]:
         if not self.use_handles:
@@ -270,10 +264,13 @@ class PassthroughFs:
 
     def op_destroy(self, req: Request) -> bytes:
         """The guest unmounted: drop everything it held, keep the root."""
-        for fd in self.handles.clear():
-            os.close(fd)
-        for fd in self.inodes.clear_guest_references():
-            os.close(fd)
+        for handle in list(self.handles.iter_handles()):
+            fd = self.handles.close(handle.fh)
+            if fd >= 0:
+                os.close(fd)
+        for entry in list(self.inodes.iter_entries()):
+            if entry.nodeid != fuse.ROOT_ID and entry.refcount:
+                self._forget(entry.nodeid, entry.refcount)
         return b""
 
     def op_lookup(self, req: Request) -> bytearray:

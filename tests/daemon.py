@@ -1,0 +1,53 @@
+"""Starting pyvirtiofsd itself for the tests, as an operator would (the console script's
+module, a fresh process per test)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.guest.reference import stop_daemon, wait_for_socket
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_pyvirtiofsd(
+    shared_dir: str | Path, socket_path: str | Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Start the daemon with ``--sandbox none`` and wait for its socket. Its log goes to
+    ``<socket>.log`` (``proc.log_path``)."""
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)
+    log_path = Path(f"{socket_path}.log")
+    cmd = [
+        sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
+        "--socket-path", str(socket_path), "--sandbox", "none", *extra,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    wait_for_socket(proc, socket_path, timeout=20.0)
+    return proc
+
+
+def daemon_log(proc: subprocess.Popen[bytes]) -> str:
+    return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def pyvirtiofsd(
+    shared_dir: str | Path, socket_path: str | Path, *extra: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon for the duration of a ``with`` block; always stopped afterwards, and
+    its log is printed on failure so pytest shows it."""
+    proc = start_pyvirtiofsd(shared_dir, socket_path, *extra)
+    try:
+        yield proc
+    except BaseException:
+        print(daemon_log(proc), file=sys.stderr)
+        raise
+    finally:
+        stop_daemon(proc)
