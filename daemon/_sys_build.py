@@ -30,6 +30,8 @@ ffibuilder.cdef(
     int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                         const char *newpath, unsigned int flags);
     int pyvfs_set_pdeathsig(int sig);
+    int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
+    int pyvfs_syncfs(int fd);
     #define PYVFS_UTIME_NOW ...
     #define PYVFS_UTIME_OMIT ...
     """
@@ -114,6 +116,10 @@ ffibuilder.set_source(
         return utimensat(dirfd, path, ts, flags);
     }
     int pyvfs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+    int pyvfs_fallocate(int fd, int mode, long long offset, long long len) {
+        return fallocate(fd, mode, (off_t)offset, (off_t)len);
+    }
+    int pyvfs_syncfs(int fd) { return syncfs(fd); }
     int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                         const char *newpath, unsigned int flags) {
         return syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);

@@ -223,7 +223,7 @@ def serve(args: argparse.Namespace) -> int:
             cache=args.cache, readdirplus=not args.no_readdirplus, writeback=args.writeback,
             allow_direct_io=args.allow_direct_io, preserve_noatime=args.preserve_noatime,
             announce_submounts=args.announce_submounts, readonly=args.readonly,
-            file_handles=args.inode_file_handles,
+            file_handles=args.inode_file_handles, xattr=args.xattr,
         )
         fs = PassthroughFs(os.path.abspath(args.shared_dir), inodes, handles, config)
         try:

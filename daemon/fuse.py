@@ -154,6 +154,16 @@ FSYNC_IN = struct.Struct("<QII")
 ACCESS_IN = struct.Struct("<II")
 INTERRUPT_IN = struct.Struct("<Q")
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
+LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("<Q")
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
+SETXATTR_IN = struct.Struct("<IIII")  # size flags setxattr_flags padding (8 bytes without EXT)
+SETXATTR_IN_COMPAT = struct.Struct("<II")
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+SYNCFS_IN = struct.Struct("<Q")
+ATTR_SUBMOUNT = 1 << 0
 
 # file types in dirents (DT_*) come from the mode's type bits
 _DT_SHIFT = 12

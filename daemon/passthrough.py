@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ class Config:
     announce_submounts: bool = True
     readonly: bool = False
     file_handles: str = "prefer"  # never | prefer | mandatory
+    xattr: bool = False
 
     @property
     def timeout(self) -> tuple[int, int]:
@@ -100,6 +103,9 @@ class HandleRef:
             os.close(fd)
 
 
+SESSION_FLAGS = struct.Struct("<Q")
+
+
 def check_name(name: bytes) -> bytes:
     """One path component, nothing that could climb out of its directory."""
     if not name or b"/" in name or name in (b".", b".."):
@@ -138,6 +144,9 @@ class PassthroughFs:
         self.handles = handles
         self.config = config
         self.use_handles = config.file_handles != "never"
+        # What INIT agreed on, for every worker: an anonymous MAP_SHARED page made before
+        # the workers are cloned, so all of them see the one copy.
+        self.session = mmap.mmap(-1, mmap.PAGESIZE)
         self._dents = ffi.new("char[]", GETDENTS_BUF)
         self._dents_view = ffi.buffer(self._dents)
         self._handle_buf = ffi.new("unsigned char[]", 128)
@@ -173,7 +182,18 @@ class PassthroughFs:
             fuse.Opcode.STATFS: self.op_statfs,
             fuse.Opcode.ACCESS: self.op_access,
             fuse.Opcode.INTERRUPT: self.op_interrupt,
+            fuse.Opcode.FALLOCATE: self.op_fallocate,
+            fuse.Opcode.LSEEK: self.op_lseek,
+            fuse.Opcode.COPY_FILE_RANGE: self.op_copy_file_range,
+            fuse.Opcode.SYNCFS: self.op_syncfs,
         }
+        if config.xattr:
+            self.ops.update({
+                fuse.Opcode.GETXATTR: self.op_getxattr,
+                fuse.Opcode.LISTXATTR: self.op_listxattr,
+                fuse.Opcode.SETXATTR: self.op_setxattr,
+                fuse.Opcode.REMOVEXATTR: self.op_removexattr,
+            })
 
     # ----- setup -----------------------------------------------------------------
 
@@ -225,7 +245,19 @@ class PassthroughFs:
     def entry(self, parent: InodeRef, name: bytes) -> bytearray:
         nodeid, st = self.do_lookup(parent, name)
         t = self.config.timeout
-        return fuse.entry_out(nodeid, st, t, t)
+        buf = bytearray(fuse.ENTRY_OUT_SIZE)
+        fuse.pack_entry_into(buf, 0, nodeid, st, t, t, self._attr_flags(parent, st))
+        return buf
+
+    def negotiated(self, flag: int) -> bool:
+        return bool(SESSION_FLAGS.unpack_from(self.session)[0] & flag)
+
+    def _attr_flags(self, parent: InodeRef, st: os.stat_result) -> int:
+        """FUSE_ATTR_SUBMOUNT on a directory that is another file system's root, so the
+        guest gives it its own superblock (and its own SYNCFS)."""
+        if not stat.S_ISDIR(st.st_mode) or not self.negotiated(fuse.SUBMOUNTS):
+            return 0
+        return fuse.ATTR_SUBMOUNT if os.fstat(parent.fd).st_dev != st.st_dev else 0
 
     def _check_writable(self) -> None:
         if self.config.readonly:
@@ -256,6 +288,7 @@ class PassthroughFs:
             offered |= fuse.WRITEBACK_CACHE
         guest = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
         agreed = guest & offered
+        SESSION_FLAGS.pack_into(self.session, 0, agreed)
         return fuse.INIT_OUT.pack(
             fuse.KERNEL_VERSION, min(minor, fuse.KERNEL_MINOR_VERSION), max_readahead,
             agreed & 0xFFFFFFFF, fuse.MAX_BACKGROUND, fuse.CONGESTION_THRESHOLD,
@@ -590,7 +623,8 @@ class PassthroughFs:
                     except FileNotFoundError:
                         del out[start:]
                         continue
-                    fuse.pack_entry_into(out, start, nodeid, st, t, t)
+                    fuse.pack_entry_into(out, start, nodeid, st, t, t,
+                                         self._attr_flags(parent, st))
                     ino = st.st_ino
                 fuse.DIRENT_HEAD.pack_into(out, start + fuse.ENTRY_OUT_SIZE, ino, off,
                                            len(name), dtype)
@@ -630,3 +664,85 @@ class PassthroughFs:
 
     def op_interrupt(self, req: Request) -> None:
         return None
+
+    def op_fallocate(self, req: Request) -> bytes:
+        fh, offset, length, mode, _ = fuse.FALLOCATE_IN.unpack_from(req.arg)
+        self._check_writable()
+        with HandleRef(self, fh) as handle:
+            if lib.pyvfs_fallocate(handle.fd, mode, offset, length) < 0:
+                err = lib.pyvfs_errno()
+                raise OSError(err, os.strerror(err))
+        return b""
+
+    def op_lseek(self, req: Request) -> bytes:
+        fh, offset, whence, _ = fuse.LSEEK_IN.unpack_from(req.arg)
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, f"lseek whence {whence}")
+        with HandleRef(self, fh) as handle:
+            return fuse.LSEEK_OUT.pack(os.lseek(handle.fd, offset, whence))
+
+    def op_copy_file_range(self, req: Request) -> bytes:
+        fh_in, off_in, _nodeid_out, fh_out, off_out, length, flags = (
+            fuse.COPY_FILE_RANGE_IN.unpack_from(req.arg))
+        self._check_writable()
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        with HandleRef(self, fh_in) as src, HandleRef(self, fh_out) as dst:
+            n = os.copy_file_range(src.fd, dst.fd, min(length, 1 << 30), off_in, off_out)
+        return fuse.WRITE_OUT.pack(n, 0)
+
+    def op_syncfs(self, req: Request) -> bytes:
+        with InodeRef(self, req.nodeid) as inode:
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if lib.pyvfs_syncfs(fd) < 0:
+                    err = lib.pyvfs_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+        return b""
+
+    # ----- extended attributes (--xattr) --------------------------------------------
+
+    def op_getxattr(self, req: Request) -> bytes:
+        size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
+        name, _ = fuse.split_name(req.arg[fuse.GETXATTR_IN.size :])
+        with InodeRef(self, req.nodeid) as inode:
+            value = os.getxattr(proc_path(inode.fd), name)
+        return self._sized(value, size)
+
+    def op_listxattr(self, req: Request) -> bytes:
+        size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
+        with InodeRef(self, req.nodeid) as inode:
+            names = os.listxattr(proc_path(inode.fd))
+        raw = b"".join(os.fsencode(n) + b"\0" for n in names)
+        return self._sized(raw, size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        """The xattr size probe: size 0 asks how much room the value needs."""
+        if size == 0:
+            return fuse.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "xattr buffer too small")
+        return value
+
+    def op_setxattr(self, req: Request) -> bytes:
+        head = fuse.SETXATTR_IN if self.negotiated(fuse.SETXATTR_EXT) else (
+            fuse.SETXATTR_IN_COMPAT)
+        size, flags = head.unpack_from(req.arg)[:2]
+        name, used = fuse.split_name(req.arg[head.size :])
+        value = req.arg[head.size + used : head.size + used + size]
+        if len(value) != size:
+            raise FuseError(errno.EINVAL, "SETXATTR value shorter than its size")
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as inode:
+            os.setxattr(proc_path(inode.fd), name, value, flags)
+        return b""
+
+    def op_removexattr(self, req: Request) -> bytes:
+        name, _ = fuse.split_name(req.arg)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as inode:
+            os.removexattr(proc_path(inode.fd), name)
+        return b""
