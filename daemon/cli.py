@@ -187,16 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_compat(args)
         validate(args)
+        setup_logging(args.log_level, args.syslog)
+        log = logging.getLogger("pyvirtiofsd")
+        if args.sandbox != "none":
+            log.warning("--sandbox=%s is not implemented yet; running without a sandbox",
+                        args.sandbox)
+        return serve(args)
     except UsageError as e:
         parser.print_usage(sys.stderr)
         print(f"pyvirtiofsd: error: {e}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level, args.syslog)
-    log = logging.getLogger("pyvirtiofsd")
-    if args.sandbox != "none":
-        log.warning("--sandbox=%s is not implemented yet; running without a sandbox",
-                    args.sandbox)
-    return serve(args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -208,11 +208,11 @@ def serve(args: argparse.Namespace) -> int:
     raise_nofile(args.rlimit_nofile)
     os.umask(0)  # modes come from the guest, already masked by its umask
     pid_fd = -1
-    if args.socket_path:
+    if args.fd is not None:
+        listener = listener_from_fd(args.fd)
+    elif args.socket_path:
         pid_fd = supervisor.lock_pid_file(args.socket_path)
         listener = supervisor.create_listener(args.socket_path, args.socket_group)
-    elif args.fd is not None:
-        listener = listener_from_fd(args.fd)
     else:
         listener = socket.socket(fileno=3)  # systemd socket activation (LISTEN_FDS)
     name = f"/pyvirtiofsd-{os.getpid()}"
