@@ -502,6 +502,10 @@ class PassthroughFs:
             mode = os.fstat(inode.fd).st_mode
             if stat.S_ISLNK(mode):
                 raise OSError(errno.ELOOP, "cannot open a symlink")
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                # the guest opens fifos and device nodes itself; opening them here could
+                # block the worker or reach a host device
+                raise OSError(errno.EACCES, "only regular files and directories are opened")
             fd = os.open(proc_path(inode.fd), self._open_flags(flags))
             return self._new_handle(req.nodeid, fd, flags, stat.S_ISDIR(mode))
 
@@ -519,12 +523,15 @@ class PassthroughFs:
         check_name(name)
         self._check_writable()
         with InodeRef(self, req.nodeid) as parent:
+            open_flags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
             with Credentials(req.uid, req.gid):
-                fd = os.open(
-                    name, self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
-                    mode & 0o7777, dir_fd=parent.fd,
-                )
+                fd = os.open(name, open_flags | (flags & os.O_EXCL), mode & 0o7777,
+                             dir_fd=parent.fd)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EEXIST, "an entry that is not a regular file exists")
+                if not flags & os.O_NONBLOCK:
+                    os.set_blocking(fd, True)
                 entry = self.entry(parent, name)
             except BaseException:
                 os.close(fd)
