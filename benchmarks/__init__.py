@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of pyvirtiofsd, Rust virtiofsd and C virtiofsd."""

@@ -1,0 +1,228 @@
+"""The three daemons under test, behind one start/stop interface.
+
+* ``pyvirtiofsd``: this repository (``python -m daemon.cli ... --sandbox none``).
+* ``rust``: Rust virtiofsd 1.13.2 from Debian 13 (trixie). It needs trixie's libc, so the
+  packages ``virtiofsd``, ``libc6``, ``libseccomp2``, ``libcap-ng0`` and ``libgcc-s1`` are
+  fetched from a trixie apt source pinned to priority 1 (nothing on this Debian 12 system is
+  ever upgraded from it), unpacked with ``dpkg -x`` into
+  ``~/.cache/pyvirtiofsd/rust-virtiofsd`` and started through trixie's own loader.
+* ``c``: QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``, package qemu-system-common).
+
+Every daemon exits when the front-end disconnects, so each benchmark run starts a fresh one.
+``python3 -m benchmarks.reference_daemons`` fetches Rust virtiofsd and prints the versions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "pyvirtiofsd" / "rust-virtiofsd"
+RUST_VERSION = "1.13.2"
+TRIXIE_PACKAGES = ["virtiofsd", "libc6", "libseccomp2", "libcap-ng0", "libgcc-s1"]
+TRIXIE_SOURCES = Path("/etc/apt/sources.list.d/pyvirtiofsd-trixie.sources")
+TRIXIE_PIN = Path("/etc/apt/preferences.d/pyvirtiofsd-trixie")
+C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+
+SOURCES_TEXT = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+PIN_TEXT = """\
+# Only for fetching Rust virtiofsd for the benchmarks: never upgrade anything from trixie.
+Package: *
+Pin: release n=trixie
+Pin-Priority: 1
+"""
+
+
+def _loader_dir(root: Path) -> Path:
+    return root / "usr" / "lib" / "x86_64-linux-gnu"
+
+
+def rust_command(root: Path = CACHE) -> list[str]:
+    lib = _loader_dir(root)
+    return [str(lib / "ld-linux-x86-64.so.2"), "--library-path", str(lib),
+            str(root / "usr" / "libexec" / "virtiofsd")]
+
+
+def fetch_rust_virtiofsd(root: Path = CACHE, quiet: bool = True) -> Path:
+    """Download and unpack Rust virtiofsd with trixie's libraries (once); return the root."""
+    binary = root / "usr" / "libexec" / "virtiofsd"
+    if binary.exists():
+        return root
+    out = subprocess.DEVNULL if quiet else None
+    if not TRIXIE_SOURCES.exists():
+        TRIXIE_SOURCES.write_text(SOURCES_TEXT)
+    if not TRIXIE_PIN.exists():
+        TRIXIE_PIN.write_text(PIN_TEXT)
+    # Refresh only the trixie list, leave the system's other lists alone.
+    subprocess.run(
+        ["apt-get", "update", "-o", f"Dir::Etc::sourcelist={TRIXIE_SOURCES}",
+         "-o", "Dir::Etc::sourceparts=-", "-o", "APT::Get::List-Cleanup=0"],
+        check=True, stdout=out, stderr=out,
+    )  # fmt: skip
+    debs = root.parent / "rust-virtiofsd-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", *(f"{p}/trixie" for p in TRIXIE_PACKAGES)],
+                   cwd=debs, check=True, stdout=out, stderr=out)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(tmp)], check=True)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    version = subprocess.run([*rust_command(root), "--version"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    if RUST_VERSION not in version:
+        print(f"warning: expected virtiofsd {RUST_VERSION}, got {version!r}", file=sys.stderr)
+    return root
+
+
+def _wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
+                     timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{proc.args!r} did not create {path}:\n"
+                               f"{log.read_text(errors='replace')}")
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@dataclass
+class Daemon:
+    """One kind of daemon; :meth:`start` gives a fresh process for one front-end."""
+
+    name: str
+    label: str
+    max_request_queues: int
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log_path: Path | None = None
+
+    def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
+        socket_path = Path(socket_path)
+        socket_path.unlink(missing_ok=True)
+        self.log_path = Path(f"{socket_path}.{self.name}.log")
+        cmd = self.command(Path(shared_dir), socket_path)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log)
+        _wait_for_socket(self.proc, socket_path, self.log_path, 20.0)
+        return self.proc
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        code = stop(self.proc)
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+class PyVirtiofsd(Daemon):
+    def __init__(self) -> None:
+        super().__init__("pyvirtiofsd", "pyvirtiofsd", 64)
+
+    def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
+        return [sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
+                "--socket-path", str(socket_path), "--sandbox", "none"]
+
+    def version(self) -> str:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        return f"pyvirtiofsd {rev} (Python {sys.version.split()[0]})"
+
+
+class RustVirtiofsd(Daemon):
+    def __init__(self) -> None:
+        super().__init__("rust", "Rust virtiofsd", 1)
+
+    def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
+        root = fetch_rust_virtiofsd()
+        return [*rust_command(root), f"--socket-path={socket_path}",
+                f"--shared-dir={shared_dir}", "--sandbox=none"]
+
+    def version(self) -> str:
+        root = fetch_rust_virtiofsd()
+        out = subprocess.run([*rust_command(root), "--version"], capture_output=True,
+                             text=True).stdout.strip()
+        return f"{out} (Debian 13 package, trixie libc)"
+
+
+class CVirtiofsd(Daemon):
+    def __init__(self) -> None:
+        super().__init__("c", "C virtiofsd", 1)
+
+    def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
+        if not C_VIRTIOFSD.exists():
+            raise RuntimeError(f"{C_VIRTIOFSD} missing: apt-get install -y qemu-system-x86")
+        return [str(C_VIRTIOFSD), f"--socket-path={socket_path}", "-o",
+                f"source={shared_dir}", "-o", "cache=auto"]
+
+    def version(self) -> str:
+        out = subprocess.run([str(C_VIRTIOFSD), "--version"], capture_output=True, text=True)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return f"C virtiofsd ({text[0] if text else 'QEMU'}, {C_VIRTIOFSD})"
+
+
+DAEMONS: dict[str, type[Daemon]] = {"pyvirtiofsd": PyVirtiofsd, "rust": RustVirtiofsd,
+                                    "c": CVirtiofsd}
+
+
+def make(name: str) -> Daemon:
+    return DAEMONS[name]()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (threads' children included)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return out
+
+
+if __name__ == "__main__":
+    fetch_rust_virtiofsd(quiet=False)
+    for d in DAEMONS.values():
+        print(d().version())
