@@ -30,6 +30,7 @@ log = logging.getLogger("pyvirtiofsd")
 MAX_FDS_PER_MESSAGE = 16
 MAX_MEM_SLOTS = 509
 WORKER_REPLY_TIMEOUT = 30.0
+MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
 
 
@@ -43,6 +44,7 @@ class VringState:
     err_fd: int = -1
     enabled: bool = False
     worker: Worker | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Worker:
     control: socket.socket
     peer_fd: int  # the worker's end of the control pair, in the shared fd table
     queue: int
+    pidfd: int = -1  # readable when the worker exits (uvloop keeps SIGCHLD to itself)
 
 
 @dataclass
@@ -322,10 +325,11 @@ class Supervisor:
     async def on_get_vring_base(self, msg: Message) -> bytes:
         index, _ = vu.decode_vring_state(msg.payload)
         vring = self._vring(index)
-        if vring.worker is not None:
-            answer = await self._ask(vring.worker, {"op": control.OP_STOP})
-            await self._reap(vring.worker)
-            vring.worker = None
+        worker = vring.worker
+        if worker is not None:
+            vring.worker = None  # from here on its exit is expected, not a crash
+            answer = await self._ask(worker, {"op": control.OP_STOP})
+            await self._reap(worker)
             vring.base = int(answer.get("last_avail", vring.base))
         _close_quietly(vring.kick_fd)
         vring.kick_fd = -1
@@ -375,7 +379,38 @@ class Supervisor:
 
     # ----- workers ----------------------------------------------------------------
 
-    async def start_worker(self, index: int, vring: VringState) -> None:
+    def _on_worker_exit(self, index: int, worker: Worker) -> None:
+        """A worker that dies on its own is replaced; its ring state is in guest memory."""
+        assert self.loop is not None
+        self.loop.remove_reader(worker.pidfd)
+        vring = self.state.vrings.get(index)
+        if vring is None or vring.worker is not worker:
+            return  # stopped on purpose; _reap collects it
+        vring.worker = None
+        _pid, status = os.waitpid(worker.pid, 0)
+        self._release_worker_fds(worker)
+        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit code {os.WEXITSTATUS(status)}")
+        if vring.restarts >= MAX_RESTARTS:
+            log.error("queue %d: worker %d died (%s); %d restarts already, giving up",
+                      index, worker.pid, how, vring.restarts)
+            return
+        vring.restarts += 1
+        log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
+        asyncio.ensure_future(self._restart(index, vring))
+
+    def _release_worker_fds(self, worker: Worker) -> None:
+        worker.control.close()
+        _close_quietly(worker.peer_fd)
+        _close_quietly(worker.pidfd)
+
+    async def _restart(self, index: int, vring: VringState) -> None:
+        try:
+            await self.start_worker(index, vring, resume=True)
+        except (ProtocolError, OSError) as e:
+            log.error("queue %d: cannot restart its worker: %s", index, e)
+
+    async def start_worker(self, index: int, vring: VringState, resume: bool = False) -> None:
         if vring.addr is None or vring.size == 0:
             raise ProtocolError(f"queue {index} kicked before its size and addresses were set")
         if not self.state.regions:
@@ -387,7 +422,7 @@ class Supervisor:
             last_avail_idx=vring.base, kick_fd=vring.kick_fd, call_fd=vring.call_fd,
             enabled=vring.enabled, event_idx=bool(features & vu.VIRTIO_RING_F_EVENT_IDX),
             indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
-            regions=self._region_list(),
+            regions=self._region_list(), resume_from_used=resume,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = clone_shared_fds()
@@ -398,7 +433,10 @@ class Supervisor:
             worker_main(setup, self.fs, theirs)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
-        vring.worker = Worker(pid, ours, peer_fd, index)
+        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid))
+        vring.worker = worker
+        assert self.loop is not None
+        self.loop.add_reader(worker.pidfd, self._on_worker_exit, index, worker)
         log.info("queue %d: worker %d started", index, pid)
 
     async def _ask(self, worker: Worker, message: dict) -> dict:
@@ -426,8 +464,9 @@ class Supervisor:
         else:
             os.kill(worker.pid, signal.SIGKILL)
             os.waitpid(worker.pid, 0)
-        worker.control.close()
-        _close_quietly(worker.peer_fd)
+        if self.loop is not None:
+            self.loop.remove_reader(worker.pidfd)
+        self._release_worker_fds(worker)
 
     async def stop_all_workers(self) -> None:
         for vring in self.state.vrings.values():

@@ -48,4 +48,5 @@ class QueueSetup:
     enabled: bool
     event_idx: bool
     indirect: bool
+    resume_from_used: bool = False  # a restarted worker replays the request in flight
     regions: list[list[int]] = field(default_factory=list)

@@ -92,6 +92,10 @@ class QueueWorker:
         self.enabled = setup.enabled
         self.mem = self._map(setup.regions)
         self.queue = self._make_queue(setup.last_avail_idx)
+        if setup.resume_from_used:
+            # a worker handles one request at a time, so everything before the used index
+            # was answered and at most the one request after it was lost with the old worker
+            self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
 
     @staticmethod
