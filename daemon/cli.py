@@ -168,6 +168,14 @@ def raise_nofile(limit: int | None) -> None:
             "RLIMIT_NOFILE is %d (the hard limit; %d needs CAP_SYS_RESOURCE)", hard, limit)
 
 
+def fd_cache_budget(num_request_queues: int) -> int:
+    """Each worker's share of RLIMIT_NOFILE for re-opened inode fds: a quarter of what is
+    left after memory slots and the daemon's own fds, so open files keep the rest."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reserve = 509 + 200
+    return max(32, min(4096, (soft - reserve) // (4 * (num_request_queues + 1))))
+
+
 def listener_from_fd(fd: int) -> socket.socket:
     try:
         mode = os.fstat(fd).st_mode
@@ -224,6 +232,7 @@ def serve(args: argparse.Namespace) -> int:
             allow_direct_io=args.allow_direct_io, preserve_noatime=args.preserve_noatime,
             announce_submounts=args.announce_submounts, readonly=args.readonly,
             file_handles=args.inode_file_handles, xattr=args.xattr,
+            fd_cache_size=fd_cache_budget(args.num_request_queues),
         )
         fs = PassthroughFs(os.path.abspath(args.shared_dir), inodes, handles, config)
         try:

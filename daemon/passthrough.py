@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from daemon import fuse
 from daemon._sys import ffi, lib
+from daemon.fd_cache import FdCache, open_by_handle
 from daemon.fuse import FuseError
 
 log = logging.getLogger("pyvirtiofsd.fs")
@@ -45,6 +46,7 @@ class Config:
     readonly: bool = False
     file_handles: str = "prefer"  # never | prefer | mandatory
     xattr: bool = False
+    fd_cache_size: int = 1024  # per worker, for inodes the table keeps by handle only
 
     @property
     def timeout(self) -> tuple[int, int]:
@@ -65,7 +67,7 @@ class Request:
 class InodeRef:
     """A strong reference taken for the length of one request (never raises 0->1)."""
 
-    __slots__ = ("fs", "slot", "fd", "nodeid")
+    __slots__ = ("fs", "slot", "fd", "nodeid", "pinned")
 
     def __init__(self, fs: PassthroughFs, nodeid: int) -> None:
         got = fs.inodes.acquire(nodeid)
@@ -74,11 +76,22 @@ class InodeRef:
         self.fs = fs
         self.slot, self.fd = got
         self.nodeid = nodeid
+        self.pinned = False
+        if self.fd < 0:
+            try:
+                self.fd = fs.fd_for_handle(nodeid)
+            except BaseException:
+                self.__exit__()
+                raise
+            fs.fd_cache.pin(nodeid)
+            self.pinned = True
 
     def __enter__(self) -> InodeRef:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.pinned:
+            self.fs.fd_cache.unpin(self.nodeid)
         fd = self.fs.inodes.release(self.slot)
         if fd >= 0:
             os.close(fd)
@@ -144,6 +157,9 @@ class PassthroughFs:
         self.handles = handles
         self.config = config
         self.use_handles = config.file_handles != "never"
+        self.mount_fd = -1
+        self.root_mnt_id = -1
+        self.fd_cache = FdCache(config.fd_cache_size)
         # What INIT agreed on, for every worker: an anonymous MAP_SHARED page made before
         # the workers are cloned, so all of them see the one copy.
         self.session = mmap.mmap(-1, mmap.PAGESIZE)
@@ -210,7 +226,13 @@ class PassthroughFs:
                 "(needs CAP_DAC_READ_SEARCH and a file system that supports them)",
             )
         if handle is None and self.config.file_handles == "prefer":
+            log.warning("%s has no file handles (needs CAP_DAC_READ_SEARCH and a file "
+                        "system that exports them): every inode keeps an O_PATH fd",
+                        self.shared_dir)
             self.use_handles = False
+        self.root_mnt_id = mnt
+        # open_by_handle_at wants a real (not O_PATH) fd on the mount
+        self.mount_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
         return fuse.ROOT_ID
 
@@ -232,15 +254,36 @@ class PassthroughFs:
         try:
             st = os.fstat(fd)
             handle, htype, mnt = self._file_handle(fd)
+            if handle is None and self.config.file_handles == "mandatory":
+                raise OSError(errno.EIO, "--inode-file-handles=mandatory: no file handle")
+            # Entries found by handle on the root's mount keep no fd: any worker can
+            # re-open them; others (no handle, or another mount) keep their O_PATH fd.
+            by_handle = handle is not None and mnt == self.root_mnt_id
             nodeid, _slot, inserted = self.inodes.claim_or_insert(
-                (st.st_ino, st.st_dev, mnt), handle, htype, fd, st.st_mode, parent.nodeid, name
+                (st.st_ino, st.st_dev, mnt), handle, htype, -1 if by_handle else fd,
+                st.st_mode, parent.nodeid, name,
             )
         except BaseException:
             os.close(fd)
             raise
-        if not inserted:
+        if by_handle:
+            self.fd_cache.put(nodeid, fd)  # the next request on it needs no re-open
+        elif not inserted:
             os.close(fd)
         return nodeid, st
+
+    def fd_for_handle(self, nodeid: int) -> int:
+        """An O_PATH fd for an inode the table keeps by file handle only."""
+        fd = self.fd_cache.get(nodeid)
+        if fd >= 0:
+            return fd
+        entry = self.inodes.get(nodeid)
+        if entry is None or entry.handle is None:
+            raise OSError(errno.EBADF, f"nodeid {nodeid} has neither fd nor file handle")
+        fd = open_by_handle(self.mount_fd, entry.handle, entry.handle_type)
+        self.fd_cache.opened += 1
+        self.fd_cache.put(nodeid, fd)
+        return fd
 
     def entry(self, parent: InodeRef, name: bytes) -> bytearray:
         nodeid, st = self.do_lookup(parent, name)
@@ -338,6 +381,8 @@ class PassthroughFs:
         fd = self.inodes.forget(nodeid, n)
         if fd >= 0:
             os.close(fd)
+        if self.inodes.get(nodeid) is None:
+            self.fd_cache.drop(nodeid)
 
     def _stat_reply(self, st: os.stat_result) -> bytearray:
         return fuse.attr_out(st, self.config.timeout)
