@@ -187,6 +187,11 @@ def listener_from_fd(fd: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        from daemon import stats
+
+        return stats.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.print_capabilities:

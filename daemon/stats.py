@@ -1,0 +1,112 @@
+"""``pyvirtiofsd stats``: what a running daemon holds, read from its shared-memory tables
+without disturbing it (the tables' counters are updated atomically by every worker).
+
+    pyvirtiofsd stats --socket-path /run/vfs.sock [--interval 1] [--json]
+    pyvirtiofsd stats --pid 1234
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from shm_table import HandleTable, InodeTable
+
+
+def segment_names(pid: int) -> tuple[str, str]:
+    """The daemon names its segments after its pid (see daemon.cli.serve)."""
+    return f"/pyvirtiofsd-{pid}-inodes", f"/pyvirtiofsd-{pid}-handles"
+
+
+def daemon_pid(socket_path: str) -> int:
+    path = socket_path + ".pid"
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError) as e:
+        raise SystemExit(f"pyvirtiofsd stats: cannot read the daemon's pid from {path}: {e}"
+                         ) from None
+
+
+def processes(pid: int) -> list[int]:
+    """The supervisor and its workers."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except OSError:
+        return [pid]
+
+
+def snapshot(pid: int, interval: float) -> dict:
+    inode_name, handle_name = segment_names(pid)
+    try:
+        inodes = InodeTable.attach(inode_name)
+        handles = HandleTable.attach(handle_name)
+    except Exception as e:  # noqa: BLE001 - any attach failure means the same to the user
+        raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
+                         "is the daemon running?") from None
+    try:
+        first = inodes.stats()
+        time.sleep(interval)
+        second = inodes.stats()
+        handle_stats = handles.stats()
+    finally:
+        inodes.detach()
+        handles.detach()
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = -1
+    rate = {k: (second[k] - first[k]) / interval for k in ("lookups", "inserts", "removals")}
+    return {
+        "pid": pid,
+        "workers": len(processes(pid)) - 1,
+        "fds_held": fds,
+        "inodes": {
+            "entries": second["entries"], "capacity": second["capacity"],
+            "load_factor": round(second["load_factor"], 6),
+            "with_file_handle": second["with_handle"], "tombstones": second["tombstones"],
+            "lookups_per_s": rate["lookups"], "inserts_per_s": rate["inserts"],
+            "removals_per_s": rate["removals"], "full_errors": second["full_errors"],
+            "lock_takeovers": second["lock_takeovers"],
+        },
+        "open_files": {
+            "entries": handle_stats["entries"], "capacity": handle_stats["capacity"],
+            "load_factor": round(handle_stats["load_factor"], 6),
+            "full_errors": handle_stats["full_errors"],
+        },
+    }
+
+
+def render(s: dict) -> str:
+    i, h = s["inodes"], s["open_files"]
+    return "\n".join([
+        f"pyvirtiofsd pid {s['pid']}: {s['workers']} worker(s), {s['fds_held']} fds held",
+        f"inodes:     {i['entries']:>10,} of {i['capacity']:,} "
+        f"(load {i['load_factor']:.2%}, {i['with_file_handle']:,} by file handle, "
+        f"{i['tombstones']:,} tombstones)",
+        f"            {i['lookups_per_s']:>10,.0f} lookups/s, {i['inserts_per_s']:,.0f} "
+        f"inserts/s, {i['removals_per_s']:,.0f} removals/s, {i['full_errors']} full errors",
+        f"open files: {h['entries']:>10,} of {h['capacity']:,} (load {h['load_factor']:.2%})",
+    ])
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pyvirtiofsd stats", description=__doc__.splitlines()[0])
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--socket-path", help="the daemon's --socket-path (reads <socket>.pid)")
+    who.add_argument("--pid", type=int, help="the daemon's pid")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    pid = args.pid if args.pid is not None else daemon_pid(args.socket_path)
+    s = snapshot(pid, args.interval)
+    print(json.dumps(s) if args.json else render(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
