@@ -24,6 +24,10 @@ from shm_table.table import (
 
 DEFAULT_HANDLE_CAPACITY = 1 << 16
 
+_ht_acquire = lib.ht_acquire
+_ht_acquire_fd = lib.ht_acquire_fd
+_ht_release_ref = lib.ht_release_ref
+
 __all__ = [
     "DEFAULT_HANDLE_CAPACITY", "HandleEntry", "HandleNotFound", "HandleTable", "HandleTableFull",
 ]
@@ -71,13 +75,20 @@ class HandleTable(_Segment):
 
     def acquire(self, fh: int) -> tuple[int, int] | None:
         """Take a reference for one request: (slot, fd), or None for an unknown/stale fh."""
-        r = self.acquire_slot(fh)
-        return None if r < 0 else (r, lib.ht_fd(self._b, r))
+        try:
+            r = _ht_acquire_fd(self._b, fh)
+        except OverflowError:
+            return None
+        if r >= 0:
+            return r & 0xFFFFFFFF, (r >> 32) - 1
+        if r < -1:
+            self.close_fd(-2 - r)
+        return None
 
     def acquire_slot(self, fh: int) -> int:
         """acquire() without the tuple: slot or -1.  Read the fd with fd_of(slot)."""
         try:
-            r = lib.ht_acquire(self._b, fh)
+            r = _ht_acquire(self._b, fh)
         except OverflowError:
             return -1
         if r < -1:
@@ -91,7 +102,7 @@ class HandleTable(_Segment):
 
     def release_ref(self, slot: int) -> int:
         """Drop a request's reference.  Returns the fd to close if it was the last, else -1."""
-        return lib.ht_release_ref(self._b, slot)
+        return _ht_release_ref(self._b, slot)
 
     def close(self, fh: int) -> int:  # type: ignore[override]
         """The guest's RELEASE: drop its reference (once per fh).  Returns the fd to close if

@@ -650,6 +650,15 @@ static int64_t it_find(hdr_t *h, uint64_t nodeid, int take_ref) {
 int64_t it_acquire(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 1); }
 int64_t it_lookup(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 0); }
 
+/* acquire and read the fd in one call: ((fd + 1) << 32) | slot (fds are < 2^30 on Linux),
+ * else it_acquire's -1 / -2-fd. */
+int64_t it_acquire_fd(void *base, uint64_t nodeid) {
+    hdr_t *h = H(base);
+    int64_t r = it_find(h, nodeid, 1);
+    if (r < 0) return r;
+    return ((int64_t)(uint32_t)(ISLOT(h, (uint32_t)r)->fd + 1) << 32) | r;
+}
+
 int64_t it_release(void *base, uint32_t slot, uint64_t n) {
     hdr_t *h = H(base);
     if (slot >= h->capacity || n == 0) return -1;
@@ -1223,6 +1232,14 @@ static int64_t ht_release_n(hdr_t *h, uint32_t slot, uint64_t n) {
 }
 
 int64_t ht_release_ref(void *base, uint32_t slot) { return ht_release_n(H(base), slot, 1); }
+
+/* ht_acquire and the fd in one call, packed like it_acquire_fd. */
+int64_t ht_acquire_fd(void *base, uint64_t fh) {
+    hdr_t *h = H(base);
+    int64_t r = ht_acquire(base, fh);
+    if (r < 0) return r;
+    return ((int64_t)(uint32_t)(HSLOT(h, (uint32_t)r)->fd + 1) << 32) | r;
+}
 
 int64_t ht_close(void *base, uint64_t fh) {
     hdr_t *h = H(base);

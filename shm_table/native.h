@@ -53,6 +53,7 @@ int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_
                            uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
                            uint64_t parent, const char *name, uint32_t name_len);
 int64_t it_acquire(void *base, uint64_t nodeid);
+int64_t it_acquire_fd(void *base, uint64_t nodeid);
 int64_t it_release(void *base, uint32_t slot, uint64_t n);
 int64_t it_forget(void *base, uint64_t nodeid, uint64_t n);
 int64_t it_lookup(void *base, uint64_t nodeid);
@@ -70,6 +71,7 @@ uint64_t ht_segment_size(uint32_t capacity);
 int ht_init(void *base, uint32_t capacity, uint32_t owner_pid);
 uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags);
 int64_t ht_acquire(void *base, uint64_t fh);
+int64_t ht_acquire_fd(void *base, uint64_t fh);
 int64_t ht_release_ref(void *base, uint32_t slot);
 int64_t ht_close(void *base, uint64_t fh);
 int32_t ht_fd(void *base, uint32_t slot);

@@ -21,6 +21,12 @@ from shm_table._native import ffi, lib
 
 log = logging.getLogger("pyvirtiofsd.shm_table")
 
+# bound once: the hot-path wrappers below avoid attribute lookups on `lib`
+_it_acquire = lib.it_acquire
+_it_acquire_fd = lib.it_acquire_fd
+_it_release = lib.it_release
+_it_forget = lib.it_forget
+
 FUSE_ROOT_ID = 1
 MAX_HANDLE_SZ = 128
 NAME_MAX = 255
@@ -363,11 +369,11 @@ class InodeTable(_Segment):
     def acquire(self, nodeid: int) -> tuple[int, int] | None:
         """Take a strong reference by nodeid: (slot, fd), or None if unknown/forgotten."""
         try:
-            r = lib.it_acquire(self._b, nodeid)
+            r = _it_acquire_fd(self._b, nodeid)
         except OverflowError:
             return None
         if r >= 0:
-            return r, lib.it_fd(self._b, r)
+            return r & 0xFFFFFFFF, (r >> 32) - 1
         if r < -1:
             self.close_fd(-2 - r)
         return None
@@ -375,7 +381,7 @@ class InodeTable(_Segment):
     def acquire_slot(self, nodeid: int) -> int:
         """acquire() without the tuple: slot or -1.  Read the fd with fd_of(slot)."""
         try:
-            r = lib.it_acquire(self._b, nodeid)
+            r = _it_acquire(self._b, nodeid)
         except OverflowError:
             return -1
         if r < -1:
@@ -390,13 +396,13 @@ class InodeTable(_Segment):
     def release(self, slot: int, n: int = 1) -> int:
         """Drop n references (saturating).  Returns the fd to close when the entry was removed,
         else -1.  The root is never removed."""
-        return lib.it_release(self._b, slot, n)
+        return _it_release(self._b, slot, n)
 
     def forget(self, nodeid: int, n: int) -> int:
         """FUSE FORGET: drop n lookups of `nodeid` (unknown nodeid: no-op).  Returns the fd to
         close when the entry was removed, else -1."""
         try:
-            return lib.it_forget(self._b, nodeid, min(n, _U64))
+            return _it_forget(self._b, nodeid, min(n, _U64))
         except OverflowError:
             return -1
 
