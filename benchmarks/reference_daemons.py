@@ -148,18 +148,63 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
 
+SNAPSHOT_ROOT = Path("/tmp/pyvirtiofsd-bench-snapshots")
+SNAPSHOT_PATHS = ["daemon", "workers", "shm_table", "supervisor.py", "setup.py",
+                  "pyproject.toml", "README.md"]
+
+
+def snapshot_pyvirtiofsd(rev: str = "HEAD") -> tuple[Path, str]:
+    """Export a commit of pyvirtiofsd (``git archive``) and build its cffi extensions, so a
+    benchmark measures one committed version even while the work tree is being edited."""
+    full = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dest = SNAPSHOT_ROOT / full[:12]
+    if not (dest / ".built").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", full, *SNAPSHOT_PATHS],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (dest / ".built").write_text(full)
+    return dest, full
+
+
 class PyVirtiofsd(Daemon):
-    def __init__(self) -> None:
+    """pyvirtiofsd from a snapshot of a commit (default HEAD at the first start), or from
+    the live work tree with ``rev=None``."""
+
+    def __init__(self, rev: str | None = "HEAD") -> None:
         super().__init__("pyvirtiofsd", "pyvirtiofsd", 64)
+        self.rev = rev
+        self.tree: Path = REPO
+        self.commit = ""
+        if rev is not None:
+            self.tree, self.commit = snapshot_pyvirtiofsd(rev)
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
         return [sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
                 "--socket-path", str(socket_path), "--sandbox", "none"]
 
+    def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
+        socket_path = Path(socket_path)
+        socket_path.unlink(missing_ok=True)
+        self.log_path = Path(f"{socket_path}.{self.name}.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(Path(shared_dir), socket_path),
+                                         cwd=self.tree, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log)
+        _wait_for_socket(self.proc, socket_path, self.log_path, 20.0)
+        return self.proc
+
     def version(self) -> str:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        return f"pyvirtiofsd {rev} (Python {sys.version.split()[0]})"
+        if self.commit:
+            subject = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%s",
+                                      self.commit], capture_output=True, text=True).stdout
+            return (f"pyvirtiofsd commit {self.commit[:10]} ({subject.strip()[:60]}), "
+                    f"Python {sys.version.split()[0]}")
+        return f"pyvirtiofsd work tree {REPO} (Python {sys.version.split()[0]})"
 
 
 class RustVirtiofsd(Daemon):
