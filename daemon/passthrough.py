@@ -202,6 +202,7 @@ class PassthroughFs:
             fuse.Opcode.LSEEK: self.op_lseek,
             fuse.Opcode.COPY_FILE_RANGE: self.op_copy_file_range,
             fuse.Opcode.SYNCFS: self.op_syncfs,
+            fuse.Opcode.TMPFILE: self.op_tmpfile,
         }
         if config.xattr:
             self.ops.update({
@@ -521,9 +522,12 @@ class PassthroughFs:
             flags &= ~os.O_DIRECT
         if not self.config.preserve_noatime:
             flags &= ~os.O_NOATIME
-        if self.config.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
-            # the guest's page cache may need to read around partial writes
-            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        if self.config.writeback:
+            # the guest's page cache writes whole pages at explicit offsets, and may need
+            # to read around partial writes
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_CLOEXEC
 
     def _open_reply_flags(self, is_dir: bool) -> int:
@@ -582,6 +586,47 @@ class PassthroughFs:
                 os.close(fd)
                 raise
             nodeid = int.from_bytes(entry[:8], "little")
+            try:
+                opened = self._new_handle(nodeid, fd, flags, False)
+            except BaseException:
+                self._forget(nodeid, 1)
+                raise
+            return bytes(entry) + opened
+
+    def op_tmpfile(self, req: Request) -> bytes:
+        """O_TMPFILE: an unnamed file in the directory, answered like CREATE (the name the
+        guest sends is a placeholder)."""
+        flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(req.arg)
+        self._check_writable()
+        with InodeRef(self, req.nodeid) as parent:
+            with Credentials(req.uid, req.gid):
+                fd = os.open(proc_path(parent.fd),
+                             (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
+                             mode & 0o7777)
+            try:
+                st = os.fstat(fd)
+                # follow the magic link (no O_NOFOLLOW): we want the file, not the link
+                path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                handle, htype, mnt = self._file_handle(path_fd)
+                by_handle = handle is not None and mnt == self.root_mnt_id
+                nodeid, _slot, inserted = self.inodes.claim_or_insert(
+                    (st.st_ino, st.st_dev, mnt), handle, htype, -1 if by_handle else path_fd,
+                    st.st_mode, parent.nodeid, b"",
+                )
+            except BaseException:
+                os.close(path_fd)
+                os.close(fd)
+                raise
+            if by_handle:
+                self.fd_cache.put(nodeid, path_fd)  # an unlinked file may not re-open
+            elif not inserted:
+                os.close(path_fd)
+            t = self.config.timeout
+            entry = fuse.entry_out(nodeid, st, t, t)
             try:
                 opened = self._new_handle(nodeid, fd, flags, False)
             except BaseException:

@@ -97,6 +97,7 @@ class QueueWorker:
             # was answered and at most the one request after it was lost with the old worker
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     @staticmethod
     def _map(regions: list[list[int]]) -> GuestMemory:
@@ -209,6 +210,9 @@ class QueueWorker:
             return 0
         hdr = gather(chain.readable, 0, fuse.IN_HEADER_SIZE)
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = fuse.IN_HEADER.unpack(hdr)
+        if self.debug:
+            log.debug("queue %d: request %d opcode %d nodeid %d len %d", self.setup.index,
+                      unique, opcode, nodeid, length)
         try:
             if length > chain.readable_len or length < fuse.IN_HEADER_SIZE + 8 * extlen:
                 raise FuseError(errno.EINVAL, f"header length {length} does not match the "
@@ -263,6 +267,8 @@ class QueueWorker:
             log.warning("queue %d: %s", self.setup.index, e)
         elif isinstance(e, OSError) and e.errno:
             code = e.errno
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("queue %d: opcode %d: %s", self.setup.index, opcode, e)
         elif isinstance(e, struct.error):
             code = errno.EINVAL
             log.warning("queue %d: truncated arguments for opcode %d", self.setup.index, opcode)
