@@ -33,7 +33,8 @@ ffibuilder.set_source(
     "shm_table._native",
     _source(),
     include_dirs=[HERE],
-    depends=[os.path.join(HERE, "native.c"), os.path.join(HERE, "native.h")],
+    # relative to the project root, so setuptools also ships them in the sdist
+    depends=["shm_table/native.c", "shm_table/native.h"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
 )
 
