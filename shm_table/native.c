@@ -267,6 +267,10 @@ static inline void clear_intent(hdr_t *h) { ST_REL(&h->intent_op, (uint32_t)OP_N
 
 static void add_orphan(hdr_t *h, int32_t fd) {
     if (fd < 0) return;
+    /* A repairer that dies mid-repair leaves the intent set: the next one must not queue the
+     * same fd twice (closing it twice could close an unrelated file). */
+    for (uint32_t i = 0; i < h->n_orphans && i < N_ORPHANS; i++)
+        if (h->orphans[i] == fd) return;
     if (h->n_orphans < N_ORPHANS) {
         h->orphans[h->n_orphans] = fd;
         h->n_orphans++;

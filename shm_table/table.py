@@ -355,6 +355,8 @@ class InodeTable(_Segment):
             return ffi.NULL, 0, 0
         if len(handle) > MAX_HANDLE_SZ:
             raise ValueError(f"file handle longer than MAX_HANDLE_SZ ({MAX_HANDLE_SZ})")
+        if type(handle) is not bytes:
+            handle = bytes(handle)
         return handle, len(handle), ids[2] if handle_mnt_id is None else handle_mnt_id
 
     def set_migration_info(self, slot: int, parent: int, name: bytes | str) -> None:

@@ -64,9 +64,10 @@ def test_insert_then_claim_by_handle(table: InodeTable) -> None:
     assert inserted and nodeid == 2
     # same handle, different ids: found by handle
     assert table.claim_or_insert(ids(2), b"h1", 1, 11, REG, 1, "b") == (nodeid, slot, False)
+    assert table.claim_or_insert(ids(3), bytearray(b"h1"), 1, 12, REG)[2] is False
     e = table.get(nodeid)
     assert e is not None
-    assert (e.refcount, e.fd, e.handle, e.handle_type, e.name) == (2, 10, b"h1", 1, b"a")
+    assert (e.refcount, e.fd, e.handle, e.handle_type, e.name) == (3, 10, b"h1", 1, b"a")
     assert e.ids == InodeIds(*ids(1)) and e.parent == 1 and e.mode == REG
     table.check()
 

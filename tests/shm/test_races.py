@@ -4,6 +4,7 @@ the references the processes say they hold."""
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 
 from procs import Child
@@ -142,3 +143,32 @@ def test_handle_release_racing_reads(handles: HandleTable) -> None:
     left = {e.fh: e.refcount for e in handles.iter_handles()}
     assert left == {fh: 1 for fh in fhs if fds[fh] not in released}
     handles.check()
+
+
+def test_threads_share_the_lock(make_table) -> None:
+    """The lock word holds a TID, so threads of one process exclude each other too (cffi
+    releases the GIL during every call, so they really run concurrently in C)."""
+    table = make_table(capacity=256)
+    errors: list[BaseException] = []
+
+    def work(me: int) -> None:
+        try:
+            rng = random.Random(me)
+            for _ in range(20_000):
+                k = rng.randrange(16)
+                nodeid, slot, _ = table.claim_or_insert((k, 3, 3), b"t%d" % k, 1, 7, 0o100644)
+                if rng.random() < 0.5:
+                    assert table.acquire(nodeid) == (slot, 7)
+                    table.release(slot)
+                table.forget(nodeid, 1)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    table.check()
+    assert {e.nodeid for e in table.iter_entries()} == {FUSE_ROOT_ID}
