@@ -92,7 +92,8 @@ typedef struct {
     uint64_t takeovers;      /* 168 */
     uint64_t tombs[3];       /* 176 nodeid, ids, handle index tombstones */
     uint64_t full_errors;    /* 200 */
-    uint64_t _pad2[6];       /* 208 */
+    uint64_t owner_start;    /* 208 owner's start time (/proc/pid/stat field 22): PID reuse */
+    uint64_t _pad2[5];       /* 216 */
     /* cache line 4: fds whose owner died inside the table (supervisor closes them) */
     uint32_t n_orphans;      /* 256 */
     uint32_t orphans_lost;   /* 260 */
@@ -211,6 +212,28 @@ static int task_dead(uint32_t tid) {
     return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
 }
 
+/* Start time of a task in clock ticks since boot (field 22 of /proc/pid/stat), 0 if unknown.
+ * (pid, start time) names a process even after its PID is reused. */
+static uint64_t task_starttime(uint32_t pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) return 0;
+    /* after ")": field 3 (state) ... field 22 (starttime) */
+    int field = 2;
+    for (; *p && field < 22; p++)
+        if (*p == ' ') field++;
+    unsigned long long v = 0;
+    if (sscanf(p, "%llu", &v) != 1) return 0;
+    return v;
+}
+
 /* ------------------------------------------------------------------ the lock */
 
 static void repair(hdr_t *h);
@@ -304,7 +327,12 @@ int seg_check(void *base, uint64_t size, uint32_t kind) {
 }
 
 uint32_t seg_owner_pid(void *base) { return H(base)->owner_pid; }
-int seg_owner_alive(void *base) { return !task_dead(H(base)->owner_pid); }
+int seg_owner_alive(void *base) {
+    hdr_t *h = H(base);
+    if (task_dead(h->owner_pid)) return 0;
+    uint64_t st = task_starttime(h->owner_pid);
+    return st == 0 || h->owner_start == 0 || st == h->owner_start;
+}
 
 int seg_stats(void *base, uint64_t *out, int n) {
     hdr_t *h = H(base);
@@ -331,6 +359,7 @@ static void init_header(hdr_t *h, uint32_t kind, uint32_t capacity, uint32_t slo
     h->slot_size = slot_size;
     h->index_bits = index_bits;
     h->owner_pid = owner;
+    h->owner_start = task_starttime(owner);
     h->segment_size = size;
     h->slots_off = HDR_SIZE;
     h->index_off = index_off;

@@ -182,7 +182,8 @@ class _Segment:
                     raise SegmentInUse(
                         f"shared memory {name} is an active {cls._KIND_NAME} of live pid {owner}"
                     )
-                reason = (f"its owner pid {owner} is gone" if rc == 0
+                reason = (f"its owner pid {owner} is gone (or the pid now names another "
+                          f"process)" if rc == 0
                           else f"it is not a {cls._KIND_NAME} of this layout (check {rc})")
         finally:
             shm.close_fd()

@@ -333,6 +333,22 @@ def test_create_replaces_stale_segment_of_dead_owner(caplog) -> None:
         t.detach()
 
 
+def test_create_replaces_segment_whose_owner_pid_was_reused(caplog) -> None:
+    """A daemon restarted with the same PID (fresh container) finds its predecessor's
+    segment: same PID, alive (it is us), but a different start time."""
+    name = unique_name("reuse")
+    old = InodeTable.create(name, 16)
+    old._mm[208:216] = (12345).to_bytes(8, "little")  # owner_start of "another" process
+    try:
+        with caplog.at_level(logging.WARNING, "pyvirtiofsd.shm_table"):
+            new = InodeTable.create(name, 16)
+        assert "stale" in caplog.text
+        new.unlink()
+        new.detach()
+    finally:
+        old.detach()
+
+
 def test_create_replaces_foreign_segment(caplog) -> None:
     name = unique_name("foreign")
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=8192)
