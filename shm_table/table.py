@@ -26,6 +26,9 @@ _it_acquire = lib.it_acquire
 _it_acquire_fd = lib.it_acquire_fd
 _it_release = lib.it_release
 _it_forget = lib.it_forget
+_it_claim_or_insert = lib.it_claim_or_insert
+_it_nodeid = lib.it_nodeid
+_NULL = ffi.NULL
 
 FUSE_ROOT_ID = 1
 MAX_HANDLE_SZ = 128
@@ -337,17 +340,26 @@ class InodeTable(_Segment):
         Returns (nodeid, slot, inserted).  When not inserted the caller still owns (and should
         close) its `fd`.  Raises InodeTableFull when a new entry is needed but there is no room.
         """
-        hb, hn, hmnt = self._handle_args(ids, handle, handle_mnt_id)
-        nb = os.fsencode(name)
+        # inlined _handle_args/fsencode: this runs for every LOOKUP
+        if handle is None:
+            hb, hn, hmnt = _NULL, 0, 0
+        else:
+            hn = len(handle)
+            if hn > MAX_HANDLE_SZ:
+                raise ValueError(f"file handle longer than MAX_HANDLE_SZ ({MAX_HANDLE_SZ})")
+            hb = handle if type(handle) is bytes else bytes(handle)
+            hmnt = ids[2] if handle_mnt_id is None else handle_mnt_id
+        nb = name if type(name) is bytes else os.fsencode(name)
         if len(nb) > NAME_MAX:
             raise ValueError(f"name longer than {NAME_MAX} bytes")
-        r = lib.it_claim_or_insert(self._b, ids[0], ids[1], ids[2], hb, hn, handle_type, hmnt,
-                                   fd, mode, parent, nb, len(nb))
+        ino, dev, mnt = ids
+        r = _it_claim_or_insert(self._b, ino, dev, mnt, hb, hn, handle_type, hmnt, fd, mode,
+                                parent, nb, len(nb))
         if r < 0:
             raise InodeTableFull(
                 f"{self.name}: inode table full ({lib.it_hwm(self._b)} slots in use)")
         slot = r & 0xFFFFFFFF
-        return int(lib.it_nodeid(self._b, slot)), slot, bool(r >> 32)
+        return _it_nodeid(self._b, slot), slot, r > 0xFFFFFFFF
 
     @staticmethod
     def _handle_args(ids: tuple[int, int, int], handle: bytes | None,
