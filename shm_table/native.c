@@ -22,6 +22,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -194,7 +195,58 @@ static inline uint64_t mkb(uint32_t tag, uint32_t slot) {
     return ((uint64_t)tag << 32) | (uint64_t)(slot + 1);
 }
 
-static uint32_t my_tid(void) { return (uint32_t)syscall(SYS_gettid); }
+/* The caller's TID without a syscall on the fast path (gettid costs ~0.4 us on this VM).
+ *
+ * A TID cached in TLS goes stale in a child made by a raw clone() (no CLONE_VM): the child
+ * gets a copy of the parent's memory, TLS included, and no at-fork handler runs.  So the
+ * cache is validated against a per-process epoch kept in a MADV_WIPEONFORK page, which the
+ * kernel hands to every such child zero-filled.  The epoch is the process's PID, so it also
+ * differs from any epoch a child could have copied.  Without MADV_WIPEONFORK (Linux < 4.14)
+ * every call makes the syscall. */
+static uint64_t *wof_page;
+static int wof_state; /* 0 untried, 1 ok, -1 unavailable */
+static __thread uint64_t tls_epoch;
+static __thread uint32_t tls_tid;
+
+static uint32_t my_tid_slow(void) {
+    uint32_t tid = (uint32_t)syscall(SYS_gettid);
+    if (__atomic_load_n(&wof_state, __ATOMIC_ACQUIRE) == 0) {
+        void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        int ok = p != MAP_FAILED && madvise(p, 4096, MADV_WIPEONFORK) == 0;
+        void *expected = NULL;
+        if (ok && !__atomic_compare_exchange_n(&wof_page, &expected, p, 0, __ATOMIC_ACQ_REL,
+                                               __ATOMIC_ACQUIRE))
+            munmap(p, 4096); /* another thread won */
+        else if (!ok && p != MAP_FAILED)
+            munmap(p, 4096);
+        __atomic_store_n(&wof_state, ok ? 1 : -1, __ATOMIC_RELEASE);
+    }
+    uint64_t *page = __atomic_load_n(&wof_page, __ATOMIC_ACQUIRE);
+    if (page && __atomic_load_n(&wof_state, __ATOMIC_ACQUIRE) == 1) {
+        uint64_t e = __atomic_load_n(page, __ATOMIC_ACQUIRE);
+        if (e == 0) {
+            uint64_t mine = (uint64_t)syscall(SYS_getpid);
+            if (!__atomic_compare_exchange_n(page, &e, mine, 0, __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE))
+                mine = e;
+            e = mine;
+        }
+        tls_epoch = e;
+        tls_tid = tid;
+    }
+    return tid;
+}
+
+static inline uint32_t my_tid(void) {
+    uint64_t *page = __atomic_load_n(&wof_page, __ATOMIC_RELAXED);
+    if (__builtin_expect(page != NULL, 1)) {
+        uint64_t e = __atomic_load_n(page, __ATOMIC_RELAXED);
+        if (__builtin_expect(e != 0 && e == tls_epoch, 1)) return tls_tid;
+    }
+    return my_tid_slow();
+}
+
+uint32_t seg_my_tid(void) { return my_tid(); }
 
 /* Is the task with this TID gone?  kill(0) succeeds for zombies, so look at /proc too. */
 static int task_dead(uint32_t tid) {

@@ -40,6 +40,7 @@ uint32_t seg_owner_pid(void *base);
 int seg_take_orphans(void *base, int32_t *out, int max);
 void seg_debug_crash_after(uint64_t n);
 uint32_t seg_lock_word(void *base);
+uint32_t seg_my_tid(void);
 int seg_stats(void *base, uint64_t *out, int n);
 
 /* inode table */
