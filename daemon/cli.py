@@ -21,8 +21,6 @@ LOG_LEVELS = {
     "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
     "debug": logging.DEBUG, "trace": logging.DEBUG, "off": logging.CRITICAL + 10,
 }
-# legacy -o keys (C virtiofsd syntax) that virtiofsd 1.13 accepts and ignores
-IGNORED_COMPAT_OPTIONS = {"no_posix_lock", "no_flock", "posix_lock", "flock"}
 
 
 class UsageError(Exception):
@@ -67,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="compat_debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-f", dest="compat_foreground", action="store_true", help=argparse.SUPPRESS)
     # pyvirtiofsd's own
+    p.add_argument("--posix-lock", dest="posix_lock", action="store_true", default=True,
+                   help="forward fcntl() locks to the host (default; virtiofsd keeps them "
+                        "inside the guest)")
+    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false")
+    p.add_argument("--flock", dest="flock", action="store_true", default=True,
+                   help="forward flock() locks to the host (default)")
+    p.add_argument("--no-flock", dest="flock", action="store_false")
     p.add_argument("--num-request-queues", type=int, default=16,
                    help="most request queues served (one worker process each; default 16)")
     p.add_argument("--inode-table-size", type=int, default=1 << 20,
@@ -106,8 +111,10 @@ def apply_compat(args: argparse.Namespace) -> None:
                 args.announce_submounts = True
             elif key == "log_level":
                 args.log_level = value
-            elif key in IGNORED_COMPAT_OPTIONS:
-                continue
+            elif key in ("posix_lock", "no_posix_lock"):
+                args.posix_lock = key == "posix_lock"
+            elif key in ("flock", "no_flock"):
+                args.flock = key == "flock"
             else:
                 raise UsageError(f"-o {item}: unknown legacy option")
     if args.socket_path_deprecated and not args.socket_path:
@@ -238,6 +245,7 @@ def serve(args: argparse.Namespace) -> int:
             announce_submounts=args.announce_submounts, readonly=args.readonly,
             file_handles=args.inode_file_handles, xattr=args.xattr,
             fd_cache_size=fd_cache_budget(args.num_request_queues),
+            posix_lock=args.posix_lock, flock=args.flock,
         )
         fs = PassthroughFs(os.path.abspath(args.shared_dir), inodes, handles, config)
         try:

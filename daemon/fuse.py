@@ -163,6 +163,11 @@ SETXATTR_IN_COMPAT = struct.Struct("<II")
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 SYNCFS_IN = struct.Struct("<Q")
+FILE_LOCK = struct.Struct("<QQII")  # start end type pid
+LK_IN = struct.Struct("<QQQQIIII")  # fh owner lk(start end type pid) lk_flags padding
+LK_OUT = FILE_LOCK
+LK_FLOCK = 1 << 0
+OFFSET_MAX = (1 << 63) - 1
 ATTR_SUBMOUNT = 1 << 0
 
 # file types in dirents (DT_*) come from the mode's type bits

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon import fuse
+from daemon import fuse, locks
 from daemon._sys import ffi, lib
 from daemon.fd_cache import FdCache, open_by_handle
 from daemon.fuse import FuseError
@@ -47,6 +47,8 @@ class Config:
     file_handles: str = "prefer"  # never | prefer | mandatory
     xattr: bool = False
     fd_cache_size: int = 1024  # per worker, for inodes the table keeps by handle only
+    posix_lock: bool = True  # forward fcntl locks to the host (virtiofsd keeps them local)
+    flock: bool = True  # forward flock() to the host
 
     @property
     def timeout(self) -> tuple[int, int]:
@@ -98,13 +100,14 @@ class InodeRef:
 
 
 class HandleRef:
-    __slots__ = ("fs", "slot", "fd")
+    __slots__ = ("fs", "slot", "fd", "fh")
 
     def __init__(self, fs: PassthroughFs, fh: int) -> None:
         got = fs.handles.acquire(fh)
         if got is None:
             raise OSError(errno.EBADF, f"unknown file handle {fh:#x}")
         self.fs = fs
+        self.fh = fh
         self.slot, self.fd = got
 
     def __enter__(self) -> HandleRef:
@@ -203,6 +206,8 @@ class PassthroughFs:
             fuse.Opcode.COPY_FILE_RANGE: self.op_copy_file_range,
             fuse.Opcode.SYNCFS: self.op_syncfs,
             fuse.Opcode.TMPFILE: self.op_tmpfile,
+            fuse.Opcode.GETLK: self.op_getlk,
+            fuse.Opcode.SETLK: self.op_setlk,
         }
         if config.xattr:
             self.ops.update({
@@ -330,6 +335,10 @@ class PassthroughFs:
             offered |= fuse.DO_READDIRPLUS | fuse.READDIRPLUS_AUTO
         if self.config.writeback:
             offered |= fuse.WRITEBACK_CACHE
+        if self.config.posix_lock:
+            offered |= fuse.POSIX_LOCKS
+        if self.config.flock:
+            offered |= fuse.FLOCK_LOCKS
         guest = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
         agreed = guest & offered
         SESSION_FLAGS.pack_into(self.session, 0, agreed)
@@ -843,3 +852,70 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as inode:
             os.removexattr(proc_path(inode.fd), name)
         return b""
+
+    # ----- locks ----------------------------------------------------------------------
+
+    def _lock_args(self, req: Request) -> tuple[int, int, int, int, bool]:
+        fh, _owner, start, end, kind, _pid, lk_flags, _ = fuse.LK_IN.unpack_from(req.arg)
+        flock = bool(lk_flags & fuse.LK_FLOCK)
+        if (flock and not self.config.flock) or (not flock and not self.config.posix_lock):
+            raise OSError(errno.ENOSYS, "lock forwarding is off")
+        return fh, start, end, kind, flock
+
+    def op_getlk(self, req: Request) -> bytes:
+        fh, start, end, kind, _flock = self._lock_args(req)
+        with HandleRef(self, fh) as handle:
+            return locks.get_lock(handle.fd, start, end, kind)
+
+    def op_setlk(self, req: Request) -> bytes:
+        fh, start, end, kind, flock = self._lock_args(req)
+        with HandleRef(self, fh) as handle:
+            try:
+                locks.set_lock(handle.fd, start, end, kind, flock)
+            except locks.LockBusy:
+                raise OSError(errno.EAGAIN, "lock held elsewhere") from None
+        return b""
+
+    def start_setlkw(self, req: Request) -> PendingLock | None:
+        """SETLKW: take the lock now, or return what the worker must retry later (the
+        open file stays referenced until then)."""
+        fh, start, end, kind, flock = self._lock_args(req)
+        handle = HandleRef(self, fh)
+        pending = PendingLock(handle, start, end, kind, flock)
+        try:
+            if pending.attempt():
+                return None
+        except BaseException:
+            pending.drop()
+            raise
+        return pending
+
+
+class PendingLock:
+    """A SETLKW the host could not grant yet."""
+
+    __slots__ = ("handle", "start", "end", "kind", "flock")
+
+    def __init__(self, handle: HandleRef, start: int, end: int, kind: int, flock: bool) -> None:
+        self.handle = handle
+        self.start, self.end, self.kind, self.flock = start, end, kind, flock
+
+    def attempt(self) -> bool:
+        """True once the lock is ours (the reference is then released); raises OSError
+        when the guest closed the file meanwhile or the host refuses."""
+        entry = self.handle.fs.handles.get(self.handle.fh)
+        if entry is None or not entry.guest_open:
+            self.drop()
+            raise OSError(errno.EBADF, "file released while waiting for its lock")
+        try:
+            locks.set_lock(self.handle.fd, self.start, self.end, self.kind, self.flock)
+        except locks.LockBusy:
+            return False
+        except BaseException:
+            self.drop()
+            raise
+        self.drop()
+        return True
+
+    def drop(self) -> None:
+        self.handle.__exit__()

@@ -96,14 +96,15 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         chain = DescriptorChain(head)
         try:
-            self._walk(chain)
+            self.walk(chain)
         except (BadChain, BadGuestAddress) as e:
             chain.release()
             self.last_error = f"descriptor chain at head {head}: {e}"
             return head
         return chain
 
-    def _walk(self, chain: DescriptorChain) -> None:
+    def walk(self, chain: DescriptorChain) -> None:
+        """Translate the chain at chain.head into views (raises BadChain, BadGuestAddress)."""
         if chain.head >= self.size:
             raise BadChain(f"head index {chain.head} >= queue size {self.size}")
         table = self.desc

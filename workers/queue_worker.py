@@ -21,7 +21,7 @@ from daemon import fuse
 from daemon._sys import lib
 from daemon.fuse import FuseError
 from daemon.guest_memory import BadGuestAddress, GuestMemory
-from daemon.passthrough import HandleRef, PassthroughFs, Request
+from daemon.passthrough import HandleRef, PassthroughFs, PendingLock, Request
 from daemon.vhost_user import MemoryRegion
 from daemon.virtqueue import BadChain, DescriptorChain, SplitQueue
 from shm_table import HandleTableFull, InodeTableFull
@@ -32,6 +32,8 @@ log = logging.getLogger("pyvirtiofsd.worker")
 
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
+PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
+LOCK_RETRY_SECONDS = 0.01
 
 
 def gather(views: list[memoryview], start: int, length: int) -> bytes:
@@ -97,6 +99,7 @@ class QueueWorker:
             # was answered and at most the one request after it was lost with the old worker
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
+        self.waiting_locks: list[tuple[int, int, PendingLock]] = []  # head, unique, lock
         self.debug = log.isEnabledFor(logging.DEBUG)
 
     @staticmethod
@@ -123,9 +126,11 @@ class QueueWorker:
         self.process()
         while True:
             try:
-                events = ep.poll()
+                events = ep.poll(LOCK_RETRY_SECONDS if self.waiting_locks else -1)
             except InterruptedError:
                 continue
+            if self.waiting_locks:
+                self.retry_locks()
             for fd, _ in events:
                 if fd == self.control.fileno():
                     old_kick = self.kick_fd
@@ -194,7 +199,8 @@ class QueueWorker:
                     written = self.handle_chain(chain)
                 finally:
                     chain.release()
-                q.push(chain.head, written)
+                if written != PENDING:
+                    q.push(chain.head, written)
             if not q.enable_notifications():
                 break
         if pushed and self.call_fd >= 0 and q.should_notify():
@@ -223,6 +229,14 @@ class QueueWorker:
                 return self.do_read(chain, unique, length)
             if opcode == fuse.Opcode.WRITE:
                 payload = self.do_write(chain, length)
+            elif opcode == fuse.Opcode.SETLKW:
+                arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.LK_IN.size)
+                waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
+                                                       arg))
+                if waiting is not None:
+                    self.waiting_locks.append((chain.head, unique, waiting))
+                    return PENDING
+                payload = b""
             else:
                 handler = self.fs.ops.get(opcode)
                 if handler is None:
@@ -238,6 +252,39 @@ class QueueWorker:
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
             return self.reply_error(chain, unique, opcode, e)
         return self.reply(chain, unique, 0, payload)
+
+    def retry_locks(self) -> None:
+        """Try the waiting SETLKWs again; answer those that got their lock or failed."""
+        still: list[tuple[int, int, PendingLock]] = []
+        done = False
+        for head, unique, waiting in self.waiting_locks:
+            try:
+                if not waiting.attempt():
+                    still.append((head, unique, waiting))
+                    continue
+                error = 0
+            except OSError as e:
+                error = -(e.errno or errno.EIO)
+            self.complete_later(head, unique, error)
+            done = True
+        self.waiting_locks = still
+        if done and self.call_fd >= 0 and self.queue.should_notify():
+            os.write(self.call_fd, ONE)
+
+    def complete_later(self, head: int, unique: int, error: int) -> None:
+        """Answer a request after others: walk its chain again (the memory table may
+        have changed since) and push it."""
+        chain = DescriptorChain(head)
+        try:
+            self.queue.walk(chain)
+            written = self.reply(chain, unique, error, b"")
+        except (BadChain, BadGuestAddress) as e:
+            log.warning("queue %d: chain %d went bad while waiting: %s", self.setup.index,
+                        head, e)
+            written = 0
+        finally:
+            chain.release()
+        self.queue.push(head, written)
 
     def reply(self, chain: DescriptorChain, unique: int, error: int, payload: bytes) -> int:
         total = fuse.OUT_HEADER_SIZE + len(payload)
