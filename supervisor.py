@@ -192,11 +192,12 @@ class Supervisor:
             log.error("vhost-user %s failed: %s", msg.name, e)
             ok = False
         finally:
-            if handler is None or not ok:
-                for fd in msg.fds:
-                    _close_quietly(fd)
+            for fd in msg.fds:  # handlers take the fds they keep out of msg.fds
+                _close_quietly(fd)
         if reply is not None:
             self.send(vu.encode_reply(msg.request, reply))
+        elif msg.request in vu.REQUESTS_WITH_REPLY:
+            self.send(vu.encode_reply(msg.request, b""))  # an empty reply is the error
         elif msg.need_reply and self.state.protocol_features & vu.ProtocolFeature.REPLY_ACK:
             self.send(vu.encode_u64_reply(msg.request, 0 if ok else 1))
 
@@ -206,9 +207,10 @@ class Supervisor:
         return self.state.vrings.setdefault(index, VringState())
 
     def _take_fd(self, msg: Message) -> int:
+        """The message's one fd, now owned by the caller."""
         if len(msg.fds) != 1:
             raise ProtocolError(f"{msg.name} carried {len(msg.fds)} fds, expected 1")
-        return msg.fds[0]
+        return msg.fds.pop()
 
     # --- features and owner
     async def on_get_features(self, msg: Message) -> bytes:
@@ -265,24 +267,26 @@ class Supervisor:
         regions = vu.decode_mem_table(msg.payload)
         if len(regions) != len(msg.fds):
             raise ProtocolError(f"{len(regions)} memory regions but {len(msg.fds)} fds")
-        old = self.state.regions
-        self.state.regions = list(zip(regions, msg.fds, strict=True))
-        await self._broadcast_memory()
+        new = list(zip(regions, msg.fds, strict=True))
+        await self._broadcast_memory(new)
+        old, self.state.regions = self.state.regions, new
+        msg.fds = []  # taken
         for _, fd in old:
             _close_quietly(fd)
 
     async def on_add_mem_reg(self, msg: Message) -> None:
         region = vu.decode_single_region(msg.payload)
-        fd = self._take_fd(msg)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"ADD_MEM_REG carried {len(msg.fds)} fds, expected 1")
         if len(self.state.regions) >= MAX_MEM_SLOTS:
             raise ProtocolError("no free memory slot")
-        self.state.regions.append((region, fd))
-        await self._broadcast_memory()
+        new = [*self.state.regions, (region, msg.fds[0])]
+        await self._broadcast_memory(new)
+        self.state.regions = new
+        msg.fds = []  # taken
 
     async def on_rem_mem_reg(self, msg: Message) -> None:
         region = vu.decode_single_region(msg.payload)
-        for fd in msg.fds:
-            _close_quietly(fd)
         kept, removed = [], []
         for r, fd in self.state.regions:
             same = (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
@@ -290,22 +294,41 @@ class Supervisor:
             (removed if same else kept).append((r, fd))
         if not removed:
             raise ProtocolError(f"no memory region at {region.guest_phys_addr:#x} to remove")
+        await self._broadcast_memory(kept)
         self.state.regions = kept
-        await self._broadcast_memory()
         for _, fd in removed:
             _close_quietly(fd)
 
-    def _region_list(self) -> list[list[int]]:
+    def _region_list(self, regions: list[tuple[vu.MemoryRegion, int]] | None = None
+                     ) -> list[list[int]]:
         return [
             [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd]
-            for r, fd in self.state.regions
+            for r, fd in (self.state.regions if regions is None else regions)
         ]
 
-    async def _broadcast_memory(self) -> None:
+    async def _broadcast_memory(self, regions: list[tuple[vu.MemoryRegion, int]]) -> None:
+        """Every running worker maps the new table (and keeps its old one if it can't)."""
+        for index, vring in self.state.vrings.items():
+            if vring.worker is not None:
+                self._check_ring_addresses(index, vring, regions)
+        listed = self._region_list(regions)
         for vring in self.state.vrings.values():
             if vring.worker is not None:
-                await self._ask(vring.worker, {"op": control.OP_MEM,
-                                               "regions": self._region_list()})
+                await self._ask(vring.worker, {"op": control.OP_MEM, "regions": listed})
+
+    @staticmethod
+    def _check_ring_addresses(index: int, vring: VringState,
+                              regions: list[tuple[vu.MemoryRegion, int]]) -> None:
+        """The rings must lie in guest memory before a worker is told to use them."""
+        assert vring.addr is not None
+        n = vring.size
+        for what, uva, size in (("descriptor table", vring.addr.desc_user_addr, 16 * n),
+                                ("avail ring", vring.addr.avail_user_addr, 6 + 2 * n),
+                                ("used ring", vring.addr.used_user_addr, 6 + 8 * n)):
+            if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
+                       + r.memory_size for r, _ in regions):
+                raise ProtocolError(f"queue {index}: {what} address {uva:#x}+{size:#x} is "
+                                    "outside guest memory")
 
     # --- vrings
     async def on_set_vring_num(self, msg: Message) -> None:
@@ -415,6 +438,7 @@ class Supervisor:
             raise ProtocolError(f"queue {index} kicked before its size and addresses were set")
         if not self.state.regions:
             raise ProtocolError(f"queue {index} started without a memory table")
+        self._check_ring_addresses(index, vring, self.state.regions)
         features = self.state.acked_features
         setup = QueueSetup(
             index=index, size=vring.size, desc_uva=vring.addr.desc_user_addr,

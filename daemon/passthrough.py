@@ -64,6 +64,16 @@ class Request:
     gid: int
     pid: int
     arg: bytes
+    room: int = fuse.MAX_WRITE  # bytes the guest left for the reply payload
+
+
+class GuestInputError(OSError):
+    """An errno answer to something only a buggy or hostile guest sends (forged ids,
+    names that would climb out of a directory): the worker logs it, rate-limited."""
+
+    def __init__(self, code: int, message: str, kind: str) -> None:
+        super().__init__(code, message)
+        self.kind = kind
 
 
 class InodeRef:
@@ -74,7 +84,7 @@ class InodeRef:
     def __init__(self, fs: PassthroughFs, nodeid: int) -> None:
         got = fs.inodes.acquire(nodeid)
         if got is None:
-            raise OSError(errno.EBADF, f"unknown nodeid {nodeid}")
+            raise GuestInputError(errno.EBADF, f"unknown nodeid {nodeid}", "nodeid")
         self.fs = fs
         self.slot, self.fd = got
         self.nodeid = nodeid
@@ -105,7 +115,7 @@ class HandleRef:
     def __init__(self, fs: PassthroughFs, fh: int) -> None:
         got = fs.handles.acquire(fh)
         if got is None:
-            raise OSError(errno.EBADF, f"unknown file handle {fh:#x}")
+            raise GuestInputError(errno.EBADF, f"unknown file handle {fh:#x}", "fh")
         self.fs = fs
         self.fh = fh
         self.slot, self.fd = got
@@ -125,9 +135,9 @@ SESSION_FLAGS = struct.Struct("<Q")
 def check_name(name: bytes) -> bytes:
     """One path component, nothing that could climb out of its directory."""
     if not name or b"/" in name or name in (b".", b".."):
-        raise OSError(errno.EINVAL, f"invalid name {name[:64]!r}")
+        raise GuestInputError(errno.EINVAL, f"invalid name {name[:64]!r}", "name")
     if len(name) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+        raise GuestInputError(errno.ENAMETOOLONG, "name longer than 255 bytes", "name")
     return name
 
 
@@ -694,7 +704,7 @@ class PassthroughFs:
 
     def op_readdir(self, req: Request) -> bytes:
         fh, offset, size, *_ = fuse.READ_IN.unpack_from(req.arg)
-        size = min(size, fuse.MAX_WRITE)
+        size = min(size, fuse.MAX_WRITE, req.room)
         out = bytearray()
         with HandleRef(self, fh) as handle:
             for ino, off, dtype, name in self._dirents(handle.fd, offset):
@@ -708,7 +718,7 @@ class PassthroughFs:
 
     def op_readdirplus(self, req: Request) -> bytes:
         fh, offset, size, *_ = fuse.READ_IN.unpack_from(req.arg)
-        size = min(size, fuse.MAX_WRITE)
+        size = min(size, fuse.MAX_WRITE, req.room)  # every entry sent carries a reference
         out = bytearray()
         t = self.config.timeout
         with HandleRef(self, fh) as handle, InodeRef(self, req.nodeid) as parent:

@@ -90,6 +90,14 @@ class ProtocolFeature(enum.IntFlag):
     DEVICE_STATE = 1 << 19
 
 
+# requests the front-end always waits for an answer to (an empty payload is an error)
+REQUESTS_WITH_REPLY = frozenset({
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
+    Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.GET_MAX_MEM_SLOTS,
+    Request.GET_INFLIGHT_FD, Request.GET_STATUS, Request.GET_SHARED_OBJECT,
+    Request.SET_DEVICE_STATE_FD, Request.CHECK_DEVICE_STATE, Request.POSTCOPY_ADVISE,
+})
+
 # virtio feature bits the device offers
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28

@@ -15,13 +15,20 @@ import select
 import signal
 import socket
 import struct
+import time
 from typing import NoReturn
 
 from daemon import fuse
 from daemon._sys import lib
 from daemon.fuse import FuseError
 from daemon.guest_memory import BadGuestAddress, GuestMemory
-from daemon.passthrough import HandleRef, PassthroughFs, PendingLock, Request
+from daemon.passthrough import (
+    GuestInputError,
+    HandleRef,
+    PassthroughFs,
+    PendingLock,
+    Request,
+)
 from daemon.vhost_user import MemoryRegion
 from daemon.virtqueue import BadChain, DescriptorChain, SplitQueue
 from shm_table import HandleTableFull, InodeTableFull
@@ -33,7 +40,20 @@ log = logging.getLogger("pyvirtiofsd.worker")
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
+# replies of a fixed size, checked against the guest's buffer before the request acts
+MIN_REPLY = {
+    fuse.Opcode.LOOKUP: fuse.ENTRY_OUT_SIZE, fuse.Opcode.MKDIR: fuse.ENTRY_OUT_SIZE,
+    fuse.Opcode.MKNOD: fuse.ENTRY_OUT_SIZE, fuse.Opcode.SYMLINK: fuse.ENTRY_OUT_SIZE,
+    fuse.Opcode.LINK: fuse.ENTRY_OUT_SIZE,
+    fuse.Opcode.CREATE: fuse.ENTRY_OUT_SIZE + fuse.OPEN_OUT.size,
+    fuse.Opcode.TMPFILE: fuse.ENTRY_OUT_SIZE + fuse.OPEN_OUT.size,
+    fuse.Opcode.OPEN: fuse.OPEN_OUT.size, fuse.Opcode.OPENDIR: fuse.OPEN_OUT.size,
+    fuse.Opcode.GETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
+    fuse.Opcode.SETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
+}
 LOCK_RETRY_SECONDS = 0.01
+WARN_BURST = 100
+WARN_PERIOD = 10.0
 
 
 def gather(views: list[memoryview], start: int, length: int) -> bytes:
@@ -101,10 +121,25 @@ class QueueWorker:
         self.unknown_opcodes: set[int] = set()
         self.waiting_locks: list[tuple[int, int, PendingLock]] = []  # head, unique, lock
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.warned: dict[str, tuple[float, int]] = {}
 
     @staticmethod
     def _map(regions: list[list[int]]) -> GuestMemory:
         return GuestMemory([(MemoryRegion(g, s, u, o), fd) for g, s, u, o, fd in regions])
+
+    def remap(self, regions: list[list[int]]) -> None:
+        """Switch to a new memory table; on any failure the old one stays in use."""
+        mem = self._map(regions)
+        old_mem, old_queue = self.mem, self.queue
+        self.mem = mem
+        try:
+            self.queue = self._make_queue(old_queue.last_avail_idx)
+        except BaseException:
+            self.mem = old_mem
+            mem.close()
+            raise
+        old_queue.release()
+        old_mem.close()
 
     def _make_queue(self, last_avail: int) -> SplitQueue:
         s = self.setup
@@ -153,11 +188,10 @@ class QueueWorker:
         op = msg.get("op")
         reply: dict = {"ok": True}
         if op == control.OP_MEM:
-            last = self.queue.last_avail_idx
-            self.queue.release()
-            self.mem.close()
-            self.mem = self._map(msg["regions"])
-            self.queue = self._make_queue(last)
+            try:
+                self.remap(msg["regions"])
+            except (OSError, BadGuestAddress, BadChain) as e:
+                reply = {"ok": False, "error": f"new memory table refused: {e}"}
         elif op == control.OP_CALL:
             self.call_fd = msg["fd"]
         elif op == control.OP_KICK:
@@ -220,11 +254,17 @@ class QueueWorker:
             log.debug("queue %d: request %d opcode %d nodeid %d len %d", self.setup.index,
                       unique, opcode, nodeid, length)
         try:
+            if length > MAX_REQUEST:
+                raise FuseError(errno.ENOMEM, f"request of {length} bytes is too large")
             if length > chain.readable_len or length < fuse.IN_HEADER_SIZE + 8 * extlen:
                 raise FuseError(errno.EINVAL, f"header length {length} does not match the "
                                 f"{chain.readable_len} bytes sent")
-            if length > MAX_REQUEST:
-                raise FuseError(errno.ENOMEM, f"request of {length} bytes is too large")
+            room = chain.writable_len - fuse.OUT_HEADER_SIZE
+            if opcode in MIN_REPLY and room < MIN_REPLY[opcode]:
+                # checked before acting: a LOOKUP whose answer cannot be delivered must not
+                # take a reference the guest will never FORGET
+                raise FuseError(errno.ERANGE, f"no room for the reply: {room} bytes for "
+                                f"opcode {opcode}")
             if opcode == fuse.Opcode.READ:
                 return self.do_read(chain, unique, length)
             if opcode == fuse.Opcode.WRITE:
@@ -232,7 +272,7 @@ class QueueWorker:
             elif opcode == fuse.Opcode.SETLKW:
                 arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.LK_IN.size)
                 waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
-                                                       arg))
+                                                       arg, room))
                 if waiting is not None:
                     self.waiting_locks.append((chain.head, unique, waiting))
                     return PENDING
@@ -246,12 +286,27 @@ class QueueWorker:
                     raise OSError(errno.ENOSYS, "not implemented")
                 arg = gather(chain.readable, fuse.IN_HEADER_SIZE,
                              length - fuse.IN_HEADER_SIZE - 8 * extlen)
-                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg))
+                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg, room))
                 if payload is None:
                     return 0  # FORGET, BATCH_FORGET, INTERRUPT: no reply
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
             return self.reply_error(chain, unique, opcode, e)
         return self.reply(chain, unique, 0, payload)
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """Log a guest mistake, at most WARN_BURST per kind and WARN_PERIOD seconds, so a
+        hostile guest cannot flood the log."""
+        now = time.monotonic()
+        start, count = self.warned.get(kind, (now, 0))
+        if now - start > WARN_PERIOD:
+            if count > WARN_BURST:
+                log.warning("queue %d: %d more %s warnings suppressed", self.setup.index,
+                            count - WARN_BURST, kind)
+            start, count = now, 0
+        count += 1
+        self.warned[kind] = (start, count)
+        if count <= WARN_BURST:
+            log.warning("queue %d: " + message, self.setup.index, *args)
 
     def retry_locks(self) -> None:
         """Try the waiting SETLKWs again; answer those that got their lock or failed."""
@@ -290,9 +345,10 @@ class QueueWorker:
         total = fuse.OUT_HEADER_SIZE + len(payload)
         if total > chain.writable_len:
             if chain.writable_len < fuse.OUT_HEADER_SIZE:
-                log.warning("queue %d: no room for a reply to request %d", self.setup.index,
-                            unique)
+                self.warn("reply", "no room for a reply to request %d", unique)
                 return 0
+            self.warn("reply", "reply of %d bytes to request %d does not fit in %d: ERANGE",
+                      total, unique, chain.writable_len)
             error, payload, total = -errno.ERANGE, b"", fuse.OUT_HEADER_SIZE
         scatter(chain.writable, 0, fuse.OUT_HEADER.pack(total, error, unique))
         if payload:
@@ -302,7 +358,10 @@ class QueueWorker:
     def reply_error(self, chain: DescriptorChain, unique: int, opcode: int, e: Exception) -> int:
         if isinstance(e, FuseError):
             code = e.errno
-            log.warning("queue %d: bad request (opcode %d): %s", self.setup.index, opcode, e)
+            self.warn("request", "bad request (opcode %d): %s", opcode, e)
+        elif isinstance(e, GuestInputError):
+            code = e.errno
+            self.warn(e.kind, "opcode %d: %s", opcode, e.strerror)
         elif isinstance(e, InodeTableFull):
             code = errno.ENFILE
             log.error("inode table full: %s", e)
@@ -316,6 +375,9 @@ class QueueWorker:
             code = e.errno
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("queue %d: opcode %d: %s", self.setup.index, opcode, e)
+        elif isinstance(e, OverflowError):
+            code = errno.EINVAL
+            self.warn("request", "opcode %d: value out of range: %s", opcode, e)
         elif isinstance(e, struct.error):
             code = errno.EINVAL
             log.warning("queue %d: truncated arguments for opcode %d", self.setup.index, opcode)
@@ -325,6 +387,9 @@ class QueueWorker:
         return self.reply(chain, unique, -code, b"")
 
     def do_read(self, chain: DescriptorChain, unique: int, length: int) -> int:
+        if chain.writable_len < fuse.OUT_HEADER_SIZE:
+            self.warn("reply", "no room for a reply to READ %d", unique)
+            return 0
         arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.READ_IN.size)
         fh, offset, size, *_ = fuse.READ_IN.unpack(arg)
         if offset >= 1 << 63:

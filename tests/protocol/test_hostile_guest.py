@@ -786,7 +786,7 @@ SILENT = {
     "name_with_slash": (fuse.Opcode.LOOKUP, fuse.ROOT_ID, b"../outside\0", -errno.EINVAL,
                         r"(invalid name|\.\./outside)"),
     "forged_nodeid": (fuse.Opcode.GETATTR, 0x5DEECE66D1234567, bytes(16), -errno.EBADF,
-                      r"(nodeid|inode) (0x5deece66d1234567|6768343658993738087)"),
+                      r"(nodeid|inode) (0x5deece66d1234567|6768574230975169895)"),
     "forged_fh": (fuse.Opcode.READDIR, fuse.ROOT_ID,
                   fuse.READ_IN.pack(0x0123456789ABCDEF, 0, 4096, 0, 0, 0, 0), -errno.EBADF,
                   r"(file handle|fh) (0x123456789abcdef|81985529216486895)"),
