@@ -24,6 +24,7 @@ from daemon.process import clone_shared_fds
 from daemon.vhost_user import Message, ProtocolError
 from workers import control
 from workers.control import QueueSetup
+from workers.queue_worker import worker_main  # imported here so workers start warm
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -451,10 +452,11 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = clone_shared_fds()
         if pid == 0:
-            from workers.queue_worker import worker_main
-
-            ours.detach()  # shared fd table: closing it here would close it for everyone
-            worker_main(setup, self.fs, theirs)
+            try:  # the child must never unwind into the supervisor's code
+                ours.detach()  # shared fd table: closing it here would close it for everyone
+                worker_main(setup, self.fs, theirs)
+            finally:
+                os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
         worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid))
