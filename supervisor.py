@@ -413,6 +413,10 @@ class Supervisor:
         vring.worker = None
         _pid, status = os.waitpid(worker.pid, 0)
         self._release_worker_fds(worker)
+        # fds a worker owned mid-operation when it died are parked in the tables' headers
+        for table in (self.fs.inodes, self.fs.handles):
+            for fd in table.take_orphaned_fds():
+                _close_quietly(fd)
         how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit code {os.WEXITSTATUS(status)}")
         if vring.restarts >= MAX_RESTARTS:
