@@ -91,9 +91,8 @@ def test_guest_and_host_exclude_each_other(tmp_path: Path) -> None:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)  # disjoint range: free
             seen["lockf_disjoint"] = "acquired"
             fcntl.lockf(fd, fcntl.LOCK_UN, 10, 50)
-            while (share / "state3").exists():
-                time.sleep(0.05)
-            fcntl.lockf(fd, fcntl.LOCK_EX, 10, 100)
+            # take 100-109 while the guest still sleeps on 0-9; it asks for it next
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 100)
             wait_for(share / "state4")
             time.sleep(2)
             seen["guest_got_range_while_host_held"] = (share / "got4").exists()
