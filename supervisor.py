@@ -411,7 +411,10 @@ class Supervisor:
         if vring is None or vring.worker is not worker:
             return  # stopped on purpose; _reap collects it
         vring.worker = None
-        _pid, status = os.waitpid(worker.pid, 0)
+        try:
+            _pid, status = os.waitpid(worker.pid, 0)
+        except ChildProcessError:
+            return  # already reaped by a shutdown path
         self._release_worker_fds(worker)
         # fds a worker owned mid-operation when it died are parked in the tables' headers
         for table in (self.fs.inodes, self.fs.handles):
@@ -512,12 +515,16 @@ class Supervisor:
 
     def kill_workers_now(self) -> None:
         for vring in self.state.vrings.values():
-            if vring.worker is not None:
-                try:
-                    os.kill(vring.worker.pid, signal.SIGKILL)
-                    os.waitpid(vring.worker.pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+            worker, vring.worker = vring.worker, None
+            if worker is None:
+                continue
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(worker.pidfd)
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:

@@ -30,6 +30,21 @@ ffibuilder.cdef(
     int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                         const char *newpath, unsigned int flags);
     int pyvfs_set_pdeathsig(int sig);
+    typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;
+    typedef struct { uint64_t base; uint64_t len; } pyvfs_iov_t;
+    int pyvfs_walk_chain(uint64_t desc_host, uint32_t qsize, uint32_t head, int indirect_ok,
+                         const pyvfs_region_t *regions, int nregions,
+                         pyvfs_iov_t *rd, int *rd_n, uint64_t *rd_len,
+                         pyvfs_iov_t *wr, int *wr_n, uint64_t *wr_len, int max_iov,
+                         uint64_t *detail);
+    uint64_t pyvfs_iov_read(const pyvfs_iov_t *iov, int n, uint64_t offset, void *dst,
+                            uint64_t len);
+    uint64_t pyvfs_iov_write(const pyvfs_iov_t *iov, int n, uint64_t offset, const void *src,
+                             uint64_t len);
+    long long pyvfs_iov_preadv(int fd, const pyvfs_iov_t *iov, int n, uint64_t skip,
+                               uint64_t len, long long file_offset);
+    long long pyvfs_iov_pwritev(int fd, const pyvfs_iov_t *iov, int n, uint64_t skip,
+                                uint64_t len, long long file_offset);
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
     int pyvfs_syncfs(int fd);
     #define PYVFS_UTIME_NOW ...
@@ -53,6 +68,8 @@ ffibuilder.set_source(
     #include <sys/stat.h>
     #include <time.h>
     #include <sys/syscall.h>
+    #include <sys/uio.h>
+    #include <limits.h>
     #include <unistd.h>
 
     /* fork-like clone whose child shares the parent's fd table (CLONE_FILES): every
@@ -116,6 +133,164 @@ ffibuilder.set_source(
         return utimensat(dirfd, path, ts, flags);
     }
     int pyvfs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+    /* ---- descriptor chains: walked and bounds-checked in C, data moved by the kernel */
+    typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;
+    typedef struct { uint64_t base; uint64_t len; } pyvfs_iov_t;
+    _Static_assert(sizeof(pyvfs_iov_t) == sizeof(struct iovec), "iovec layout");
+    struct pyvfs_vdesc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+    #define VDESC_F_NEXT 1
+    #define VDESC_F_WRITE 2
+    #define VDESC_F_INDIRECT 4
+    enum { WALK_BAD_INDEX = -1, WALK_LOOP = -2, WALK_BAD_ADDRESS = -3, WALK_BAD_INDIRECT = -4,
+           WALK_READ_AFTER_WRITE = -5, WALK_TOO_MANY = -6, WALK_BAD_TABLE = -7,
+           WALK_OVERFLOW = -8 };
+
+    static const pyvfs_region_t *region_of(const pyvfs_region_t *r, int n, uint64_t gpa) {
+        for (int i = 0; i < n; i++)
+            if (gpa >= r[i].gpa && gpa - r[i].gpa < r[i].size) return &r[i];
+        return NULL;
+    }
+
+    /* Append [gpa, gpa+len) to out as host ranges, split at region borders and merged
+       with the previous range when contiguous. */
+    static int add_range(const pyvfs_region_t *r, int n, uint64_t gpa, uint64_t len,
+                         pyvfs_iov_t *out, int *count, int max) {
+        if (len > UINT64_MAX - gpa) return WALK_OVERFLOW;
+        while (len) {
+            const pyvfs_region_t *reg = region_of(r, n, gpa);
+            if (!reg) return WALK_BAD_ADDRESS;
+            uint64_t off = gpa - reg->gpa;
+            uint64_t take = reg->size - off;
+            if (take > len) take = len;
+            uint64_t host = reg->host + off;
+            if (*count > 0 && out[*count - 1].base + out[*count - 1].len == host) {
+                out[*count - 1].len += take;
+            } else {
+                if (*count >= max) return WALK_TOO_MANY;
+                out[*count].base = host;
+                out[*count].len = take;
+                (*count)++;
+            }
+            gpa += take;
+            len -= take;
+        }
+        return 0;
+    }
+
+    int pyvfs_walk_chain(uint64_t desc_host, uint32_t qsize, uint32_t head, int indirect_ok,
+                         const pyvfs_region_t *regions, int nregions,
+                         pyvfs_iov_t *rd, int *rd_n, uint64_t *rd_len,
+                         pyvfs_iov_t *wr, int *wr_n, uint64_t *wr_len, int max_iov,
+                         uint64_t *detail) {
+        /* on error, detail[0..1] say what was wrong (index and table size, a length) */
+        *rd_n = *wr_n = 0;
+        *rd_len = *wr_len = 0;
+        const struct pyvfs_vdesc *table = (const struct pyvfs_vdesc *)desc_host;
+        uint32_t table_len = qsize, idx = head, seen = 0;
+        int in_indirect = 0, writing = 0, rc;
+        for (;;) {
+            if (idx >= table_len) {
+                detail[0] = idx;
+                detail[1] = table_len | ((uint64_t)(seen == 0 && !in_indirect) << 63);
+                return WALK_BAD_INDEX;
+            }
+            if (++seen > table_len) return WALK_LOOP;
+            struct pyvfs_vdesc d;
+            memcpy(&d, &table[idx], sizeof d);  /* read once: the guest may change it */
+            if (d.flags & VDESC_F_INDIRECT) {
+                detail[0] = d.len;
+                detail[1] = (d.flags & VDESC_F_NEXT) ? 1 : 0;
+                if (!indirect_ok || in_indirect || (d.flags & VDESC_F_NEXT))
+                    return WALK_BAD_INDIRECT;
+                if (d.len == 0 || d.len % sizeof d || d.len / sizeof d > 32768)
+                    return WALK_BAD_TABLE;
+                const pyvfs_region_t *reg = region_of(regions, nregions, d.addr);
+                if (!reg || d.len > reg->size - (d.addr - reg->gpa)) return WALK_BAD_TABLE;
+                table = (const struct pyvfs_vdesc *)(reg->host + (d.addr - reg->gpa));
+                table_len = d.len / sizeof d;
+                idx = 0;
+                seen = 0;
+                in_indirect = 1;
+                continue;
+            }
+            if (d.flags & VDESC_F_WRITE) {
+                writing = 1;
+                rc = add_range(regions, nregions, d.addr, d.len, wr, wr_n, max_iov);
+                *wr_len += d.len;
+            } else {
+                if (writing) return WALK_READ_AFTER_WRITE;
+                rc = add_range(regions, nregions, d.addr, d.len, rd, rd_n, max_iov);
+                *rd_len += d.len;
+            }
+            if (rc) return rc;
+            if (!(d.flags & VDESC_F_NEXT)) return 0;
+            idx = d.next;
+        }
+    }
+
+    uint64_t pyvfs_iov_read(const pyvfs_iov_t *iov, int n, uint64_t offset, void *dst,
+                            uint64_t len) {
+        uint64_t done = 0;
+        for (int i = 0; i < n && done < len; i++) {
+            if (offset >= iov[i].len) { offset -= iov[i].len; continue; }
+            uint64_t take = iov[i].len - offset;
+            if (take > len - done) take = len - done;
+            memcpy((char *)dst + done, (const char *)(uintptr_t)iov[i].base + offset, take);
+            done += take;
+            offset = 0;
+        }
+        return done;
+    }
+
+    uint64_t pyvfs_iov_write(const pyvfs_iov_t *iov, int n, uint64_t offset, const void *src,
+                             uint64_t len) {
+        uint64_t done = 0;
+        for (int i = 0; i < n && done < len; i++) {
+            if (offset >= iov[i].len) { offset -= iov[i].len; continue; }
+            uint64_t take = iov[i].len - offset;
+            if (take > len - done) take = len - done;
+            memcpy((char *)(uintptr_t)iov[i].base + offset, (const char *)src + done, take);
+            done += take;
+            offset = 0;
+        }
+        return done;
+    }
+
+    /* The sub-list [skip, skip+len) of iov, as struct iovec, at most IOV_MAX entries. */
+    static int sub_iov(const pyvfs_iov_t *iov, int n, uint64_t skip, uint64_t len,
+                       struct iovec *out) {
+        int k = 0;
+        for (int i = 0; i < n && len && k < IOV_MAX; i++) {
+            if (skip >= iov[i].len) { skip -= iov[i].len; continue; }
+            uint64_t take = iov[i].len - skip;
+            if (take > len) take = len;
+            out[k].iov_base = (char *)(uintptr_t)iov[i].base + skip;
+            out[k].iov_len = take;
+            k++;
+            len -= take;
+            skip = 0;
+        }
+        return k;
+    }
+
+    long long pyvfs_iov_preadv(int fd, const pyvfs_iov_t *iov, int n, uint64_t skip,
+                               uint64_t len, long long file_offset) {
+        struct iovec v[IOV_MAX];
+        int k = sub_iov(iov, n, skip, len, v);
+        if (k == 0) return 0;
+        ssize_t r = preadv(fd, v, k, (off_t)file_offset);
+        return r < 0 ? -(long long)errno : (long long)r;
+    }
+
+    long long pyvfs_iov_pwritev(int fd, const pyvfs_iov_t *iov, int n, uint64_t skip,
+                                uint64_t len, long long file_offset) {
+        struct iovec v[IOV_MAX];
+        int k = sub_iov(iov, n, skip, len, v);
+        if (k == 0) return 0;
+        ssize_t r = pwritev(fd, v, k, (off_t)file_offset);
+        return r < 0 ? -(long long)errno : (long long)r;
+    }
+
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len) {
         return fallocate(fd, mode, (off_t)offset, (off_t)len);
     }

@@ -44,6 +44,13 @@ class GuestMemory:
             raise
         self.regions.sort(key=lambda r: r.gpa)
         self._last = self.regions[0] if self.regions else None
+        # the same table for the C chain walker
+        self.c_regions = ffi.new("pyvfs_region_t[]", max(len(self.regions), 1))
+        for i, r in enumerate(self.regions):
+            self.c_regions[i].gpa = r.gpa
+            self.c_regions[i].size = r.size
+            self.c_regions[i].host = r.host
+        self.c_count = len(self.regions)
 
     def close(self) -> None:
         """Unmap; callers must hold no views into this memory any more."""

@@ -7,16 +7,12 @@ for a kick and when to signal the call eventfd (:meth:`SplitQueue.should_notify`
 
 from __future__ import annotations
 
-import struct
+import os
 
-from daemon._sys import lib
-from daemon.guest_memory import BadGuestAddress, GuestMemory
+from daemon._sys import ffi, lib
+from daemon.guest_memory import GuestMemory
 
-DESC = struct.Struct("<QIHH")
 DESC_SIZE = 16
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 
@@ -25,24 +21,74 @@ class BadChain(Exception):
     """A descriptor chain the guest built wrongly; the request is dropped."""
 
 
+MAX_SEGMENTS = 1024  # host ranges per direction (IOV_MAX); more and the chain is refused
+
+
+def walk_error(rc: int, detail: object) -> str:
+    """What the C walker's error code and details mean, for the log."""
+    a, b = detail[0], detail[1]  # type: ignore[index]
+    if rc == -1:
+        if b >> 63:
+            return f"head index {a} >= queue size {b & ~(1 << 63)}"
+        return f"next index {a} outside table of {b}"
+    return {
+        -2: "descriptor chain loops",
+        -3: "descriptor address outside guest memory",
+        -4: ("indirect descriptor with NEXT flag" if b
+             else "indirect descriptor not allowed here (nested or not negotiated)"),
+        -5: "device-readable descriptor after a writable one",
+        -6: f"chain needs more than {MAX_SEGMENTS} memory segments",
+        -7: f"indirect table of {a} bytes (not a multiple of 16, empty, too large or "
+            "outside guest memory)",
+        -8: "descriptor address + length overflows",
+    }.get(rc, f"walk error {rc}")
+
+
 class DescriptorChain:
-    """One request: device-readable views (the FUSE request) and device-writable views
-    (room for the reply), both straight into guest memory."""
+    """One request, as host memory ranges: device-readable (the FUSE request) and
+    device-writable (room for the reply), straight into guest memory. The arrays are
+    allocated once per worker and refilled for every request."""
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+    __slots__ = ("head", "rd", "wr", "counts", "lens", "detail")
 
-    def __init__(self, head: int) -> None:
-        self.head = head
-        self.readable: list[memoryview] = []
-        self.writable: list[memoryview] = []
-        self.readable_len = 0
-        self.writable_len = 0
+    def __init__(self) -> None:
+        self.head = 0
+        self.rd = ffi.new("pyvfs_iov_t[]", MAX_SEGMENTS)
+        self.wr = ffi.new("pyvfs_iov_t[]", MAX_SEGMENTS)
+        self.counts = ffi.new("int[2]")
+        self.lens = ffi.new("uint64_t[2]")
+        self.detail = ffi.new("uint64_t[2]")
 
-    def release(self) -> None:
-        for v in self.readable:
-            v.release()
-        for v in self.writable:
-            v.release()
+    @property
+    def readable_len(self) -> int:
+        return self.lens[0]
+
+    @property
+    def writable_len(self) -> int:
+        return self.lens[1]
+
+    def read(self, offset: int, buf: object, length: int) -> int:
+        """Copy readable bytes [offset, offset+length) into buf (cffi char[])."""
+        return lib.pyvfs_iov_read(self.rd, self.counts[0], offset, buf, length)
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Copy data into the writable bytes at offset."""
+        return lib.pyvfs_iov_write(self.wr, self.counts[1], offset, ffi.from_buffer(data),
+                                   len(data))
+
+    def preadv(self, fd: int, skip: int, length: int, file_offset: int) -> int:
+        """Read from the file straight into the writable ranges after skip bytes."""
+        n = lib.pyvfs_iov_preadv(fd, self.wr, self.counts[1], skip, length, file_offset)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        return n
+
+    def pwritev(self, fd: int, skip: int, length: int, file_offset: int) -> int:
+        """Write the readable ranges after skip bytes straight into the file."""
+        n = lib.pyvfs_iov_pwritev(fd, self.rd, self.counts[0], skip, length, file_offset)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        return n
 
 
 class SplitQueue:
@@ -64,18 +110,13 @@ class SplitQueue:
         self.mem = mem
         self.event_idx = event_idx
         self.indirect = indirect
-        self.desc = mem.view(desc_gpa, size * DESC_SIZE)
+        self.desc_addr = mem.host_address(desc_gpa, size * DESC_SIZE)
         self.avail_addr = mem.host_address(avail_gpa, 6 + 2 * size)
         self.used_addr = mem.host_address(used_gpa, 6 + 8 * size)
-        self.avail_ring = mem.view(avail_gpa + 4, 2 * size + 2)
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = lib.pyvfs_load_u16(self.used_addr + 2)
         self._signalled_used = self.used_idx
         self._signalled_valid = False
-
-    def release(self) -> None:
-        self.desc.release()
-        self.avail_ring.release()
 
     def avail_idx(self) -> int:
         return lib.pyvfs_load_u16(self.avail_addr + 2)
@@ -83,69 +124,32 @@ class SplitQueue:
     def has_work(self) -> bool:
         return self.avail_idx() != self.last_avail_idx
 
-    def pop(self) -> DescriptorChain | int | None:
-        """Next available chain, or None. A malformed chain is consumed and returned as
-        its head index (int) so the caller can complete it with length 0 and log it."""
+    def pop(self, chain: DescriptorChain) -> bool | None:
+        """Fill chain with the next available request: True, None when the ring is
+        empty, False for a malformed chain (consumed: complete it with length 0; the
+        reason is in last_error)."""
         avail = self.avail_idx()
         if avail == self.last_avail_idx:
             return None
         if (avail - self.last_avail_idx) & 0xFFFF > self.size:
             raise BadChain(f"avail index jumped from {self.last_avail_idx} to {avail}")
         slot = self.last_avail_idx % self.size
-        head = struct.unpack_from("<H", self.avail_ring, 2 * slot)[0]
+        chain.head = lib.pyvfs_load_u16(self.avail_addr + 4 + 2 * slot)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        chain = DescriptorChain(head)
-        try:
-            self.walk(chain)
-        except (BadChain, BadGuestAddress) as e:
-            chain.release()
-            self.last_error = f"descriptor chain at head {head}: {e}"
-            return head
-        return chain
+        return self.walk(chain)
 
-    def walk(self, chain: DescriptorChain) -> None:
-        """Translate the chain at chain.head into views (raises BadChain, BadGuestAddress)."""
-        if chain.head >= self.size:
-            raise BadChain(f"head index {chain.head} >= queue size {self.size}")
-        table = self.desc
-        table_len = self.size
-        index = chain.head
-        seen = 0
-        indirect_done = False
-        mem = self.mem
-        while True:
-            if index >= table_len:
-                raise BadChain(f"next index {index} outside table of {table_len}")
-            seen += 1
-            if seen > table_len:
-                raise BadChain("descriptor chain loops")
-            addr, length, flags, nxt = DESC.unpack_from(table, index * DESC_SIZE)
-            if flags & DESC_F_INDIRECT:
-                if not self.indirect or indirect_done or table is not self.desc:
-                    raise BadChain("indirect descriptor not allowed here")
-                if flags & DESC_F_NEXT:
-                    raise BadChain("indirect descriptor with NEXT flag")
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
-                    raise BadChain(f"indirect table of {length} bytes")
-                table = mem.view(addr, length)
-                table_len = length // DESC_SIZE
-                index = 0
-                seen = 0
-                indirect_done = True
-                continue
-            if flags & DESC_F_WRITE:
-                mem.views(addr, length, chain.writable)
-                chain.writable_len += length
-            else:
-                if chain.writable:
-                    raise BadChain("device-readable descriptor after a writable one")
-                mem.views(addr, length, chain.readable)
-                chain.readable_len += length
-            if not flags & DESC_F_NEXT:
-                break
-            index = nxt
-        if table is not self.desc:
-            table.release()
+    def walk(self, chain: DescriptorChain) -> bool:
+        """Translate the chain at chain.head; False (and last_error) if it is malformed."""
+        rc = lib.pyvfs_walk_chain(
+            self.desc_addr, self.size, chain.head, self.indirect, self.mem.c_regions,
+            self.mem.c_count, chain.rd, chain.counts, chain.lens, chain.wr,
+            chain.counts + 1, chain.lens + 1, MAX_SEGMENTS, chain.detail,
+        )
+        if rc:
+            self.last_error = (f"descriptor chain at head {chain.head}: "
+                               f"{walk_error(rc, chain.detail)}")
+            return False
+        return True
 
     def push(self, head: int, length: int) -> None:
         """Publish one used element; the index store is a release store after it."""

@@ -19,7 +19,7 @@ import time
 from typing import NoReturn
 
 from daemon import fuse
-from daemon._sys import lib
+from daemon._sys import ffi, lib
 from daemon.fuse import FuseError
 from daemon.guest_memory import BadGuestAddress, GuestMemory
 from daemon.passthrough import (
@@ -56,54 +56,6 @@ WARN_BURST = 100
 WARN_PERIOD = 10.0
 
 
-def gather(views: list[memoryview], start: int, length: int) -> bytes:
-    """Copy [start, start+length) of the chain's readable bytes (headers and names only)."""
-    out = bytearray()
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length - len(out))
-        out += v[start : start + take]
-        start = 0
-        if len(out) == length:
-            break
-    return bytes(out)
-
-
-def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
-    """Views onto [start, start+length) of guest buffers, without copying."""
-    out: list[memoryview] = []
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length)
-        out.append(v[start : start + take] if start or take != n else v)
-        length -= take
-        start = 0
-        if not length:
-            break
-    return out
-
-
-def scatter(views: list[memoryview], start: int, data: bytes | bytearray) -> None:
-    pos = 0
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, len(data) - pos)
-        v[start : start + take] = data[pos : pos + take]
-        pos += take
-        start = 0
-        if pos == len(data):
-            return
-
-
 class QueueWorker:
     def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket) -> None:
         self.setup = setup
@@ -119,6 +71,10 @@ class QueueWorker:
             # was answered and at most the one request after it was lost with the old worker
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
+        self.chain = DescriptorChain()  # refilled for every request
+        self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
+        self.header_view = ffi.buffer(self.header)
+        self.argbuf = ffi.new("char[]", MAX_REQUEST)
         self.waiting_locks: list[tuple[int, int, PendingLock]] = []  # head, unique, lock
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
@@ -212,27 +168,25 @@ class QueueWorker:
         if not self.enabled:
             return
         q = self.queue
+        chain = self.chain
         pushed = False
         while True:
             q.disable_notifications()
             while True:
                 try:
-                    chain = q.pop()
+                    got = q.pop(chain)
                 except BadChain as e:
                     log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
                     self.enabled = False
                     return
-                if chain is None:
+                if got is None:
                     break
                 pushed = True
-                if isinstance(chain, int):
-                    log.warning("queue %d: dropped %s", self.setup.index, q.last_error)
-                    q.push(chain, 0)
+                if not got:
+                    self.warn("chain", "dropped %s", q.last_error)
+                    q.push(chain.head, 0)
                     continue
-                try:
-                    written = self.handle_chain(chain)
-                finally:
-                    chain.release()
+                written = self.handle_chain(chain)
                 if written != PENDING:
                     q.push(chain.head, written)
             if not q.enable_notifications():
@@ -245,11 +199,11 @@ class QueueWorker:
     def handle_chain(self, chain: DescriptorChain) -> int:
         """Answer one request; returns the number of bytes written to the guest."""
         if chain.readable_len < fuse.IN_HEADER_SIZE:
-            log.warning("queue %d: request of %d bytes has no FUSE header",
-                        self.setup.index, chain.readable_len)
+            self.warn("request", "request of %d bytes has no FUSE header", chain.readable_len)
             return 0
-        hdr = gather(chain.readable, 0, fuse.IN_HEADER_SIZE)
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = fuse.IN_HEADER.unpack(hdr)
+        chain.read(0, self.header, fuse.IN_HEADER_SIZE)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = fuse.IN_HEADER.unpack_from(
+            self.header_view)
         if self.debug:
             log.debug("queue %d: request %d opcode %d nodeid %d len %d", self.setup.index,
                       unique, opcode, nodeid, length)
@@ -270,7 +224,7 @@ class QueueWorker:
             if opcode == fuse.Opcode.WRITE:
                 payload = self.do_write(chain, length)
             elif opcode == fuse.Opcode.SETLKW:
-                arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.LK_IN.size)
+                arg = self.args(chain, fuse.LK_IN.size)
                 waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
                                                        arg, room))
                 if waiting is not None:
@@ -284,14 +238,18 @@ class QueueWorker:
                         self.unknown_opcodes.add(opcode)
                         log.info("opcode %d not implemented: ENOSYS", opcode)
                     raise OSError(errno.ENOSYS, "not implemented")
-                arg = gather(chain.readable, fuse.IN_HEADER_SIZE,
-                             length - fuse.IN_HEADER_SIZE - 8 * extlen)
+                arg = self.args(chain, length - fuse.IN_HEADER_SIZE - 8 * extlen)
                 payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg, room))
                 if payload is None:
                     return 0  # FORGET, BATCH_FORGET, INTERRUPT: no reply
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
             return self.reply_error(chain, unique, opcode, e)
         return self.reply(chain, unique, 0, payload)
+
+    def args(self, chain: DescriptorChain, length: int) -> bytes:
+        """The request's bytes after the FUSE header (arguments and names, not data)."""
+        n = chain.read(fuse.IN_HEADER_SIZE, self.argbuf, length)
+        return ffi.buffer(self.argbuf, n)[:]
 
     def warn(self, kind: str, message: str, *args: object) -> None:
         """Log a guest mistake, at most WARN_BURST per kind and WARN_PERIOD seconds, so a
@@ -329,16 +287,14 @@ class QueueWorker:
     def complete_later(self, head: int, unique: int, error: int) -> None:
         """Answer a request after others: walk its chain again (the memory table may
         have changed since) and push it."""
-        chain = DescriptorChain(head)
-        try:
-            self.queue.walk(chain)
+        chain = self.chain
+        chain.head = head
+        if self.queue.walk(chain):
             written = self.reply(chain, unique, error, b"")
-        except (BadChain, BadGuestAddress) as e:
+        else:
             log.warning("queue %d: chain %d went bad while waiting: %s", self.setup.index,
-                        head, e)
+                        head, self.queue.last_error)
             written = 0
-        finally:
-            chain.release()
         self.queue.push(head, written)
 
     def reply(self, chain: DescriptorChain, unique: int, error: int, payload: bytes) -> int:
@@ -350,9 +306,9 @@ class QueueWorker:
             self.warn("reply", "reply of %d bytes to request %d does not fit in %d: ERANGE",
                       total, unique, chain.writable_len)
             error, payload, total = -errno.ERANGE, b"", fuse.OUT_HEADER_SIZE
-        scatter(chain.writable, 0, fuse.OUT_HEADER.pack(total, error, unique))
+        chain.write(0, fuse.OUT_HEADER.pack(total, error, unique))
         if payload:
-            scatter(chain.writable, fuse.OUT_HEADER_SIZE, payload)
+            chain.write(fuse.OUT_HEADER_SIZE, payload)
         return total
 
     def reply_error(self, chain: DescriptorChain, unique: int, opcode: int, e: Exception) -> int:
@@ -390,21 +346,19 @@ class QueueWorker:
         if chain.writable_len < fuse.OUT_HEADER_SIZE:
             self.warn("reply", "no room for a reply to READ %d", unique)
             return 0
-        arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.READ_IN.size)
-        fh, offset, size, *_ = fuse.READ_IN.unpack(arg)
+        fh, offset, size, *_ = fuse.READ_IN.unpack(self.args(chain, fuse.READ_IN.size))
         if offset >= 1 << 63:
             raise OSError(errno.EINVAL, "offset out of range")
         size = min(size, chain.writable_len - fuse.OUT_HEADER_SIZE, fuse.MAX_WRITE)
         with HandleRef(self.fs, fh) as handle:
-            views = slice_views(chain.writable, fuse.OUT_HEADER_SIZE, size)
-            n = os.preadv(handle.fd, views, offset) if size > 0 else 0
+            n = chain.preadv(handle.fd, fuse.OUT_HEADER_SIZE, size, offset) if size > 0 else 0
         total = fuse.OUT_HEADER_SIZE + n
-        scatter(chain.writable, 0, fuse.OUT_HEADER.pack(total, 0, unique))
+        chain.write(0, fuse.OUT_HEADER.pack(total, 0, unique))
         return total
 
     def do_write(self, chain: DescriptorChain, length: int) -> bytes:
-        arg = gather(chain.readable, fuse.IN_HEADER_SIZE, fuse.WRITE_IN.size)
-        fh, offset, size, _wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(arg)
+        fh, offset, size, _wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
+            self.args(chain, fuse.WRITE_IN.size))
         start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
         if start + size > length:
             raise FuseError(errno.EINVAL, f"WRITE of {size} bytes with {length - start} sent")
@@ -413,7 +367,7 @@ class QueueWorker:
         if self.fs.config.readonly:
             raise OSError(errno.EROFS, "read-only share")
         with HandleRef(self.fs, fh) as handle:
-            n = os.pwritev(handle.fd, slice_views(chain.readable, start, size), offset)
+            n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
         return fuse.WRITE_OUT.pack(n, 0)
 
 
