@@ -72,10 +72,12 @@ class Supervisor:
         *,
         tag: str | None,
         num_request_queues: int,
+        poll_us: int = 0,
     ) -> None:
         self.fs = fs
         self.tag = tag
         self.num_queues = 1 + num_request_queues
+        self.poll_us = poll_us
         self.state = DeviceState()
         self.conn: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -455,6 +457,7 @@ class Supervisor:
             enabled=vring.enabled, event_idx=bool(features & vu.VIRTIO_RING_F_EVENT_IDX),
             indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
             regions=self._region_list(), resume_from_used=resume,
+            poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = clone_shared_fds()
@@ -590,11 +593,11 @@ def lock_pid_file(socket_path: str) -> int:
 
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
-        num_request_queues: int) -> int:
+        num_request_queues: int, poll_us: int = 0) -> int:
     """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return."""
     import uvloop
 
-    sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues)
+    sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

@@ -49,4 +49,5 @@ class QueueSetup:
     event_idx: bool
     indirect: bool
     resume_from_used: bool = False  # a restarted worker replays the request in flight
+    poll_us: int = 0  # busy-poll the ring this long after draining it, before sleeping
     regions: list[list[int]] = field(default_factory=list)

@@ -72,6 +72,7 @@ class QueueWorker:
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
+        self.poll_seconds = setup.poll_us / 1e6
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
@@ -180,6 +181,14 @@ class QueueWorker:
                     self.enabled = False
                     return
                 if got is None:
+                    if pushed and self.poll_seconds > 0:
+                        # drained: hand the guest its answers now, then poll a moment
+                        # for more before paying for a kick and an epoll wake-up
+                        if self.call_fd >= 0 and q.should_notify():
+                            os.write(self.call_fd, ONE)
+                        pushed = False
+                        if self.poll_for_work():
+                            continue
                     break
                 pushed = True
                 if not got:
@@ -193,6 +202,15 @@ class QueueWorker:
                 break
         if pushed and self.call_fd >= 0 and q.should_notify():
             os.write(self.call_fd, ONE)
+
+    def poll_for_work(self) -> bool:
+        """Busy-poll the avail index for up to POLL_SECONDS (notifications stay off)."""
+        has_work = self.queue.has_work
+        deadline = time.monotonic() + self.poll_seconds
+        while time.monotonic() < deadline:
+            if has_work():
+                return True
+        return False
 
     # ----- one request -----------------------------------------------------------
 
