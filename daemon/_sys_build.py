@@ -45,6 +45,10 @@ ffibuilder.cdef(
                                uint64_t len, long long file_offset);
     long long pyvfs_iov_pwritev(int fd, const pyvfs_iov_t *iov, int n, uint64_t skip,
                                 uint64_t len, long long file_offset);
+    int pyvfs_fast_io(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
+                      const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
+                      uint64_t handles, uint64_t acquire_fn, uint64_t release_fn,
+                      int allow_write, uint32_t *written);
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
     int pyvfs_syncfs(int fd);
     #define PYVFS_UTIME_NOW ...
@@ -69,6 +73,7 @@ ffibuilder.set_source(
     #include <time.h>
     #include <sys/syscall.h>
     #include <sys/uio.h>
+    #include <linux/fuse.h>
     #include <limits.h>
     #include <unistd.h>
 
@@ -289,6 +294,73 @@ ffibuilder.set_source(
         if (k == 0) return 0;
         ssize_t r = pwritev(fd, v, k, (off_t)file_offset);
         return r < 0 ? -(long long)errno : (long long)r;
+    }
+
+    /* READ and WRITE answered wholly in C: header, open-file lookup in the shared
+       handle table (through the shm_table extension's functions), preadv/pwritev
+       between the file and guest memory, reply. Returns 1 when answered (*written =
+       bytes written to the guest), 0 when Python must handle the request (any other
+       opcode, anything unusual: an unknown fh, odd lengths, a read-only share). */
+    #define PYVFS_MAX_DATA (1u << 20)
+    int pyvfs_fast_io(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
+                      const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
+                      uint64_t handles, uint64_t acquire_fn, uint64_t release_fn,
+                      int allow_write, uint32_t *written) {
+        struct fuse_in_header h;
+        struct fuse_read_in a;  /* same layout as fuse_write_in */
+        _Static_assert(sizeof(struct fuse_read_in) == sizeof(struct fuse_write_in), "io in");
+        if (rd_len < sizeof h + sizeof a || wr_len < sizeof(struct fuse_out_header))
+            return 0;
+        pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+        if (h.opcode != FUSE_READ && h.opcode != FUSE_WRITE) return 0;
+        if (h.len > rd_len || h.len < sizeof h + sizeof a || h.total_extlen) return 0;
+        pyvfs_iov_read(rd, rd_n, sizeof h, &a, sizeof a);
+        if (a.offset >> 63) return 0;
+        uint64_t data_at = sizeof h + sizeof a;
+        if (h.opcode == FUSE_WRITE && (!allow_write || a.size > h.len - data_at ||
+                                       wr_len < sizeof(struct fuse_out_header) +
+                                                sizeof(struct fuse_write_out)))
+            return 0;
+        int64_t (*acquire)(void *, uint64_t) = (int64_t (*)(void *, uint64_t))acquire_fn;
+        int64_t (*release)(void *, uint32_t) = (int64_t (*)(void *, uint32_t))release_fn;
+        int64_t r = acquire((void *)handles, a.fh);
+        if (r < 0) {
+            if (r < -1) close((int)(-2 - r));
+            return 0;  /* Python answers EBADF and logs it */
+        }
+        uint32_t slot = (uint32_t)r;
+        int fd = (int)((r >> 32) - 1);
+        struct { struct fuse_out_header o; struct fuse_write_out w; } out;
+        memset(&out, 0, sizeof out);
+        out.o.unique = h.unique;
+        uint32_t total;
+        if (h.opcode == FUSE_READ) {
+            uint64_t size = a.size;
+            if (size > wr_len - sizeof out.o) size = wr_len - sizeof out.o;
+            if (size > PYVFS_MAX_DATA) size = PYVFS_MAX_DATA;
+            long long n = size ? pyvfs_iov_preadv(fd, wr, wr_n, sizeof out.o, size,
+                                                  (long long)a.offset) : 0;
+            if (n < 0) { out.o.error = (int32_t)n; n = 0; }
+            total = (uint32_t)(sizeof out.o + n);
+            out.o.len = total;
+            pyvfs_iov_write(wr, wr_n, 0, &out.o, sizeof out.o);
+        } else {
+            long long n = a.size ? pyvfs_iov_pwritev(fd, rd, rd_n, data_at, a.size,
+                                                     (long long)a.offset) : 0;
+            if (n < 0) {
+                out.o.error = (int32_t)n;
+                total = sizeof out.o;
+            } else {
+                out.w.size = (uint32_t)n;
+                total = sizeof out;
+            }
+            out.o.len = total;
+            pyvfs_iov_write(wr, wr_n, 0, &out, total);
+        }
+        int64_t last = release((void *)handles, slot);
+        if (last >= 0) close((int)last);
+        *written = total;
+        return 1;
     }
 
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len) {

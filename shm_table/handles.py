@@ -96,6 +96,13 @@ class HandleTable(_Segment):
             return -1
         return r
 
+    def c_api(self) -> tuple[int, int, int]:
+        """(segment address, ht_acquire_fd address, ht_release_ref address): for C code in
+        another extension that takes and drops references without a Python round trip."""
+        return (int(ffi.cast("uintptr_t", self._b)),
+                int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_acquire_fd"))),
+                int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_release_ref"))))
+
     def fd_of(self, slot: int) -> int:
         """fd of a slot the caller holds a reference on."""
         return lib.ht_fd(self._b, slot)

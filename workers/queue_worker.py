@@ -39,6 +39,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
+fast_io = lib.pyvfs_fast_io
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 # replies of a fixed size, checked against the guest's buffer before the request acts
 MIN_REPLY = {
@@ -73,6 +74,11 @@ class QueueWorker:
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
         self.poll_seconds = setup.poll_us / 1e6
+        # READ/WRITE are answered in C unless we are debugging every request
+        self.fast_io = not log.isEnabledFor(logging.DEBUG)
+        self.handle_api = fs.handles.c_api()
+        self.allow_write = 0 if fs.config.readonly else 1
+        self.fast_written = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
@@ -194,6 +200,11 @@ class QueueWorker:
                 if not got:
                     self.warn("chain", "dropped %s", q.last_error)
                     q.push(chain.head, 0)
+                    continue
+                if self.fast_io and fast_io(
+                        chain.rd, chain.counts[0], chain.lens[0], chain.wr, chain.counts[1],
+                        chain.lens[1], *self.handle_api, self.allow_write, self.fast_written):
+                    q.push(chain.head, self.fast_written[0])
                     continue
                 written = self.handle_chain(chain)
                 if written != PENDING:
