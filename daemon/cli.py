@@ -43,10 +43,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thread-pool-size", type=int, default=0,
                    help="accepted for compatibility: each queue has its own worker process")
     p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="namespace")
-    p.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default="kill")
+    p.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default="kill",
+                   help="accepted for compatibility: seccomp filtering is not implemented yet")
     p.add_argument("--inode-file-handles", choices=["never", "prefer", "mandatory", "fallback"],
                    default="prefer")
     p.add_argument("--xattr", action="store_true")
+    p.add_argument("--posix-acl", action="store_true",
+                   help="POSIX ACLs (implies --xattr; the guest must offer POSIX_ACL, "
+                        "DONT_MASK and SETXATTR_EXT)")
+    p.add_argument("--security-label", action="store_true",
+                   help="store the security label the guest sends at file creation "
+                        "(implies --xattr)")
+    p.add_argument("--xattrmap", metavar="RULES",
+                   help="xattr name translation rules, e.g. :map::user.virtiofs.: "
+                        "(implies --xattr)")
+    p.add_argument("--killpriv-v2", dest="killpriv_v2", action="store_true", default=False,
+                   help="negotiate FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid "
+                        "on write, truncate and open(O_TRUNC)")
+    p.add_argument("--no-killpriv-v2", dest="killpriv_v2", action="store_false",
+                   help="do not negotiate FUSE_HANDLE_KILLPRIV_V2 (default)")
+    p.add_argument("--allow-mmap", action="store_true",
+                   help="with --cache metadata or never, let the guest mmap files shared "
+                        "(FUSE_DIRECT_IO_ALLOW_MMAP)")
+    p.add_argument("--modcaps", metavar="[+-]CAP:...",
+                   help="accepted and checked for compatibility: capabilities are not "
+                        "changed (pyvirtiofsd runs as with --sandbox none)")
+    p.add_argument("--uid-map", action="append", default=[], metavar=":NS:HOST:COUNT:",
+                   help="user-namespace uid map for --sandbox namespace (not implemented)")
+    p.add_argument("--gid-map", action="append", default=[], metavar=":NS:HOST:COUNT:",
+                   help="user-namespace gid map for --sandbox namespace (not implemented)")
+    p.add_argument("--translate-uid", action="append", default=[], metavar="TYPE:A:B:COUNT",
+                   help="translate uids between guest and host in the daemon; types guest, "
+                        "host, squash-guest, squash-host, forbid-guest, map (repeatable)")
+    p.add_argument("--translate-gid", action="append", default=[], metavar="TYPE:A:B:COUNT",
+                   help="same as --translate-uid, for gids")
+    p.add_argument("--migration-mode", choices=["find-paths", "file-handles"],
+                   default="find-paths", help="accepted: migration is not implemented yet")
+    p.add_argument("--migration-on-error", choices=["abort", "guest-error"], default="abort",
+                   help="accepted: migration is not implemented yet")
+    p.add_argument("--migration-verify-handles", action="store_true",
+                   help="accepted (find-paths only): migration is not implemented yet")
+    p.add_argument("--migration-confirm-paths", action="store_true",
+                   help="accepted (find-paths only): migration is not implemented yet")
     p.add_argument("--writeback", action="store_true")
     p.add_argument("--no-readdirplus", action="store_true")
     p.add_argument("--allow-direct-io", action="store_true")
@@ -113,8 +151,22 @@ def apply_compat(args: argparse.Namespace) -> None:
                 args.writeback = False
             elif key == "announce_submounts":
                 args.announce_submounts = True
-            elif key == "log_level":
-                args.log_level = value
+            elif key in ("log_level", "loglevel"):
+                args.log_level = {"err": "error"}.get(value, value)
+                if args.log_level not in LOG_LEVELS:
+                    raise UsageError(f"-o {item}: expected debug, info, warn or err")
+            elif key in ("allow_direct_io", "no_allow_direct_io"):
+                args.allow_direct_io = key == "allow_direct_io"
+            elif key in ("killpriv_v2", "no_killpriv_v2"):
+                args.killpriv_v2 = key == "killpriv_v2"
+            elif key in ("posix_acl", "no_posix_acl"):
+                args.posix_acl = key == "posix_acl"
+            elif key in ("security_label", "no_security_label"):
+                args.security_label = key == "security_label"
+            elif key == "modcaps":
+                args.modcaps = value
+            elif key == "xattrmap":
+                args.xattrmap = value
             elif key in ("posix_lock", "no_posix_lock"):
                 args.posix_lock = key == "posix_lock"
             elif key in ("flock", "no_flock"):
@@ -142,6 +194,91 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--inode-table-size and --handle-table-size must be at least 16")
     if args.inode_file_handles == "fallback":
         args.inode_file_handles = "prefer"
+    validate_virtiofsd_options(args)
+
+
+# Linux capability names (capability.h), as libcap-ng knows them
+LINUX_CAPABILITIES = (
+    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap "
+    "linux_immutable net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner "
+    "sys_module sys_rawio sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice "
+    "sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap "
+    "mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf "
+    "checkpoint_restore"
+).split()
+
+
+def parse_modcaps(value: str) -> list[tuple[str, str]]:
+    """``+cap:-cap``: (action, name) pairs, checked like virtiofsd."""
+    out = []
+    for item in value.split(":"):
+        if not item:
+            raise UsageError(f"--modcaps={value}: empty entry (expected (+|-)capability:...)")
+        action, name = item[0], item[1:].lower()
+        if action not in "+-":
+            raise UsageError(f"--modcaps={value}: invalid action {action!r} in {item!r} "
+                             "(expected '+' or '-')")
+        if name not in LINUX_CAPABILITIES:
+            raise UsageError(f"--modcaps={value}: unknown capability {item[1:]!r}")
+        out.append((action, name))
+    return out
+
+
+def parse_ns_map(option: str, value: str) -> tuple[int, int, int]:
+    """``:inside:outside:count:`` with any non-alphanumeric separator (virtiofsd's
+    --uid-map/--gid-map syntax)."""
+    if not value or value[-1].isalnum() or value[0] != value[-1] or len(value) < 2:
+        raise UsageError(f"{option}={value}: expected :namespace_id:host_id:count:")
+    sep = value[-1]
+    fields = value[1:-1].split(sep)
+    if len(fields) != 3 or not all(f.isdigit() and int(f) < 1 << 32 for f in fields):
+        raise UsageError(f"{option}={value}: expected :namespace_id:host_id:count:")
+    return int(fields[0]), int(fields[1]), int(fields[2])
+
+
+def validate_virtiofsd_options(args: argparse.Namespace) -> None:
+    """The options of virtiofsd 1.13 whose values or combinations can be wrong."""
+    from daemon.idmap import IdMap, IdMapError
+    from daemon.xattrmap import XattrMap, XattrMapError
+
+    for option, attr in (("--translate-uid", "translate_uid"),
+                         ("--translate-gid", "translate_gid")):
+        texts = getattr(args, attr)
+        if texts and args.posix_acl:
+            raise UsageError(f"{option} cannot be used with --posix-acl (translating ids "
+                             "in the daemon would break POSIX ACLs)")
+        try:
+            setattr(args, attr + "_map",
+                    IdMap.parse(attr[-3:], texts) if texts else None)
+        except IdMapError as e:
+            raise UsageError(f"{option}: {e}") from None
+    args.xattrmap_rules = None
+    if args.xattrmap is not None:
+        try:
+            args.xattrmap_rules = XattrMap(args.xattrmap)
+        except XattrMapError as e:
+            raise UsageError(f"--xattrmap {args.xattrmap!r}: {e}") from None
+    if args.posix_acl or args.security_label or args.xattrmap is not None:
+        args.xattr = True
+    if args.modcaps is not None:
+        mods = parse_modcaps(args.modcaps)
+        if (("-", "dac_read_search") in mods and args.inode_file_handles != "never"
+                and os.geteuid() == 0):
+            raise UsageError(f"--modcaps={args.modcaps} cannot remove dac_read_search with "
+                             f"--inode-file-handles={args.inode_file_handles} (file handles "
+                             "need it)")
+    for option, values in (("--uid-map", args.uid_map), ("--gid-map", args.gid_map)):
+        for value in values:
+            parse_ns_map(option, value)
+        if values:
+            raise UsageError(f"{option} maps ids in the user namespace of --sandbox "
+                             "namespace, which pyvirtiofsd does not implement yet (it runs as "
+                             "with --sandbox none); use --translate-uid/--translate-gid")
+    if args.migration_mode == "file-handles":
+        for flag in ("--migration-verify-handles", "--migration-confirm-paths"):
+            if getattr(args, flag[2:].replace("-", "_")):
+                raise UsageError(f"{flag} cannot be used with --migration-mode=file-handles "
+                                 "(only with find-paths, where it is needed)")
 
 
 def setup_logging(level: str, use_syslog: bool) -> None:
@@ -216,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.sandbox != "none":
             log.warning("--sandbox=%s is not implemented yet; running without a sandbox",
                         args.sandbox)
+        if args.seccomp != "none":
+            log.warning("--seccomp=%s: seccomp filtering is not implemented yet; running "
+                        "without a syscall filter", args.seccomp)
+        if args.modcaps is not None:
+            log.info("--modcaps=%s: capabilities are left as they are (pyvirtiofsd runs with "
+                     "--sandbox none semantics and does not change its capability set)",
+                     args.modcaps)
+        if args.allow_mmap and args.cache not in ("metadata", "never"):
+            log.info("--allow-mmap only matters with --cache metadata or never (files are "
+                     "not opened direct-io with --cache %s)", args.cache)
         return serve(args)
     except UsageError as e:
         parser.print_usage(sys.stderr)
@@ -250,6 +397,10 @@ def serve(args: argparse.Namespace) -> int:
             file_handles=args.inode_file_handles, xattr=args.xattr,
             fd_cache_size=fd_cache_budget(args.num_request_queues),
             posix_lock=args.posix_lock, flock=args.flock,
+            uid_map=args.translate_uid_map, gid_map=args.translate_gid_map,
+            xattrmap=args.xattrmap_rules, posix_acl=args.posix_acl,
+            security_label=args.security_label, killpriv_v2=args.killpriv_v2,
+            allow_mmap=args.allow_mmap,
         )
         fs = PassthroughFs(os.path.abspath(args.shared_dir), inodes, handles, config)
         try:

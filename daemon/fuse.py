@@ -268,3 +268,55 @@ def split_name(data: bytes | memoryview, what: str = "name") -> tuple[bytes, int
     if end < 0:
         raise FuseError(22, f"{what} is not NUL-terminated")
     return raw[:end], end + 1
+
+
+# ----- options of virtiofsd 1.13 that need more of the protocol ------------------------
+# FUSE 7.39: the guest may mmap(MAP_SHARED) files opened with FOPEN_DIRECT_IO
+# (not in the 7.38 headers of this host)
+DIRECT_IO_ALLOW_MMAP = 1 << 36
+WRITE_KILL_SUIDGID = 1 << 2  # write_in.write_flags
+OPEN_KILL_SUIDGID = 1 << 0  # open_in / create_in open_flags
+SETXATTR_ACL_KILL_SGID = 1 << 0  # setxattr_in.setxattr_flags
+EXT_HEADER = struct.Struct("<II")  # fuse_ext_header: size (incl. header), type
+EXT_SUPP_GROUPS = 32  # extension types 0..31 are a security context with that many entries
+SECCTX = struct.Struct("<II")  # fuse_secctx: size, padding
+ATTR_UID_OFFSET = 68  # uid, then gid, inside struct fuse_attr
+ATTR_IDS = struct.Struct("<II")
+
+
+def set_attr_ids(buf: bytearray | memoryview, attr_offset: int, uid: int, gid: int) -> None:
+    """Overwrite the owner of an already packed fuse_attr (translated ids)."""
+    ATTR_IDS.pack_into(buf, attr_offset + ATTR_UID_OFFSET, uid, gid)
+
+
+def parse_extensions(data: bytes) -> list[tuple[int, bytes]]:
+    """The request extensions after the arguments: (type, body) each, as the header's
+    total_extlen announces them (each padded to 8 bytes)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < EXT_HEADER.size:
+            raise FuseError(22, "truncated extension header")
+        size, kind = EXT_HEADER.unpack_from(data, pos)
+        if size < EXT_HEADER.size or pos + size > len(data):
+            raise FuseError(22, f"extension of {size} bytes does not fit")
+        out.append((kind, data[pos + EXT_HEADER.size : pos + size]))
+        pos += (size + 7) & ~7
+    return out
+
+
+def parse_security_context(nr_secctx: int, body: bytes) -> tuple[bytes, bytes] | None:
+    """(xattr name, value) of the one security context the guest kernel sends with a
+    create; None when it sends none (no LSM labels this file)."""
+    if nr_secctx == 0:
+        return None
+    if nr_secctx > 1:
+        raise FuseError(22, f"{nr_secctx} security contexts (only one is supported)")
+    if len(body) < SECCTX.size:
+        raise FuseError(22, "truncated security context")
+    size, _ = SECCTX.unpack_from(body)
+    rest = body[SECCTX.size :]
+    end = rest.find(b"\0")
+    if size == 0 or end <= 0 or len(rest) - end - 1 < size:
+        raise FuseError(22, "malformed security context")
+    return rest[:end], rest[end + 1 : end + 1 + size]

@@ -9,19 +9,23 @@ component, never a path the guest builds, so nothing can reach outside the share
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import logging
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from daemon import fuse, locks
 from daemon._sys import ffi, lib
 from daemon.fd_cache import FdCache, open_by_handle
 from daemon.fuse import FuseError
+from daemon.idmap import IdMap
+from daemon.xattrmap import XattrMap
 
 log = logging.getLogger("pyvirtiofsd.fs")
 
@@ -49,6 +53,13 @@ class Config:
     fd_cache_size: int = 1024  # per worker, for inodes the table keeps by handle only
     posix_lock: bool = True  # forward fcntl locks to the host (virtiofsd keeps them local)
     flock: bool = True  # forward flock() to the host
+    uid_map: IdMap | None = None  # --translate-uid
+    gid_map: IdMap | None = None  # --translate-gid
+    xattrmap: XattrMap | None = None  # --xattrmap
+    posix_acl: bool = False  # --posix-acl
+    security_label: bool = False  # --security-label
+    killpriv_v2: bool = False  # --killpriv-v2
+    allow_mmap: bool = False  # --allow-mmap
 
     @property
     def timeout(self) -> tuple[int, int]:
@@ -65,6 +76,9 @@ class Request:
     pid: int
     arg: bytes
     room: int = fuse.MAX_WRITE  # bytes the guest left for the reply payload
+    # the request extensions (header total_extlen * 8 bytes after the arguments); None
+    # when the caller did not pass them
+    ext: bytes | None = None
 
 
 class GuestInputError(OSError):
@@ -163,6 +177,66 @@ class Credentials:
         lib.pyvfs_setfsgid(0)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CAP_FSETID = 4
+_CAP_VERSION_3 = 0x20080522
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+SECURITY_CAPABILITY = b"security.capability"
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _capset(data: ctypes.Array) -> None:
+    if _libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def without_fsetid() -> Iterator[None]:
+    """Drop CAP_FSETID from this thread's effective set for the block, so the host kernel
+    clears setuid/setgid on a write or truncate as it would for an unprivileged caller
+    (virtiofsd's handling of FUSE_HANDLE_KILLPRIV_V2)."""
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    saved = data[0].effective
+    if not saved & (1 << CAP_FSETID):
+        yield  # an unprivileged daemon: the kernel clears the bits anyway
+        return
+    data[0].effective = saved & ~(1 << CAP_FSETID)
+    _capset(data)
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        _capset(data)
+
+
+@contextlib.contextmanager
+def guest_umask(umask: int | None) -> Iterator[None]:
+    """With POSIX ACLs (FUSE_DONT_MASK) the guest leaves its umask to us: the host kernel
+    applies it only where the parent directory has no default ACL, as a local file
+    system does. The daemon otherwise runs with umask 0."""
+    if umask is None:
+        yield
+        return
+    old = os.umask(umask & 0o777)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 class PassthroughFs:
     def __init__(self, shared_dir: str, inodes, handles, config: Config) -> None:  # noqa: ANN001
         self.shared_dir = shared_dir
@@ -219,13 +293,25 @@ class PassthroughFs:
             fuse.Opcode.GETLK: self.op_getlk,
             fuse.Opcode.SETLK: self.op_setlk,
         }
-        if config.xattr:
+        if config.xattr or config.posix_acl or config.security_label or config.xattrmap:
             self.ops.update({
                 fuse.Opcode.GETXATTR: self.op_getxattr,
                 fuse.Opcode.LISTXATTR: self.op_listxattr,
                 fuse.Opcode.SETXATTR: self.op_setxattr,
                 fuse.Opcode.REMOVEXATTR: self.op_removexattr,
             })
+        self.translate_ids = config.uid_map is not None or config.gid_map is not None
+        self._ext_missing_warned = False
+        # virtiofsd: when --xattrmap renames security.capability, the daemon removes the
+        # renamed xattr wherever the kernel would have removed security.capability
+        self.security_capability: bytes | None = None
+        if config.xattrmap is not None:
+            try:
+                mapped: bytes | None = config.xattrmap.map_client(SECURITY_CAPABILITY)
+            except OSError:
+                mapped = None
+            if mapped is not None and mapped != SECURITY_CAPABILITY:
+                self.security_capability = mapped
 
     # ----- setup -----------------------------------------------------------------
 
@@ -306,7 +392,105 @@ class PassthroughFs:
         t = self.config.timeout
         buf = bytearray(fuse.ENTRY_OUT_SIZE)
         fuse.pack_entry_into(buf, 0, nodeid, st, t, t, self._attr_flags(parent, st))
+        self._guest_ids(buf, fuse.ENTRY_HEAD.size, st)
         return buf
+
+    # ----- --translate-uid / --translate-gid ------------------------------------------
+
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """A guest caller's ids as host ids; EPERM for ids forbid-guest excludes."""
+        if self.config.uid_map is not None:
+            uid = self.config.uid_map.guest_to_host(uid)
+        if self.config.gid_map is not None:
+            gid = self.config.gid_map.guest_to_host(gid)
+        return uid, gid
+
+    def guest_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        if self.config.uid_map is not None:
+            uid = self.config.uid_map.host_to_guest(uid)
+        if self.config.gid_map is not None:
+            gid = self.config.gid_map.host_to_guest(gid)
+        return uid, gid
+
+    def _guest_ids(self, buf: bytearray, attr_offset: int, st: os.stat_result) -> None:
+        """Rewrite the owner in a packed fuse_attr as the guest should see it."""
+        if self.translate_ids:
+            fuse.set_attr_ids(buf, attr_offset, *self.guest_ids(st.st_uid, st.st_gid))
+
+    def _creating(self, req: Request, umask: int | None = None) -> contextlib.ExitStack:
+        """Credentials of the (translated) caller, and its umask under --posix-acl."""
+        stack = contextlib.ExitStack()
+        uid, gid = self.host_ids(req.uid, req.gid)
+        stack.enter_context(Credentials(uid, gid))
+        if umask is not None and self.negotiated(fuse.POSIX_ACL):
+            stack.enter_context(guest_umask(umask))
+        return stack
+
+    # ----- --xattrmap, --posix-acl, --security-label, --killpriv-v2 -----------------------
+
+    def client_xattr(self, name: bytes) -> bytes:
+        """The host name of an xattr the guest names (virtiofsd's map_client_xattrname):
+        ACL xattrs are ENOTSUP unless POSIX ACLs were negotiated, then --xattrmap."""
+        if not self.negotiated(fuse.POSIX_ACL) and (
+            ACL_ACCESS.startswith(name) or ACL_DEFAULT.startswith(name)
+        ):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not enabled (--posix-acl)")
+        if self.config.xattrmap is not None:
+            return self.config.xattrmap.map_client(name)
+        return name
+
+    def clear_capability(self, fd: int, o_path: bool) -> None:
+        """Remove the renamed security.capability (only with an --xattrmap that renames
+        it: otherwise the host kernel does this itself)."""
+        if self.security_capability is None:
+            return
+        try:
+            os.removexattr(proc_path(fd) if o_path else fd, self.security_capability)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+
+    def kill_priv(self, requested: bool) -> contextlib.AbstractContextManager[None]:
+        """Around a write/truncate/open(O_TRUNC) for which the guest asked that setuid and
+        setgid be cleared (FUSE_HANDLE_KILLPRIV_V2)."""
+        if requested and self.config.killpriv_v2 and self.negotiated(fuse.HANDLE_KILLPRIV_V2):
+            return without_fsetid()
+        return contextlib.nullcontext()
+
+    def write_guard(self, write_flags: int, fd: int) -> contextlib.AbstractContextManager[None]:
+        """For the WRITE path: clears a renamed security.capability and, with
+        FUSE_WRITE_KILL_SUIDGID under --killpriv-v2, drops CAP_FSETID around the write."""
+        self.clear_capability(fd, False)
+        return self.kill_priv(bool(write_flags & fuse.WRITE_KILL_SUIDGID))
+
+    def security_context(self, req: Request) -> tuple[bytes, bytes] | None:
+        """The label the guest sends with a create (FUSE_SECURITY_CTX), checked before
+        anything is created."""
+        if not self.negotiated(fuse.SECURITY_CTX):
+            return None
+        if req.ext is None:
+            if not self._ext_missing_warned:
+                self._ext_missing_warned = True
+                log.warning("--security-label: request extensions are not passed to the "
+                            "file system; new files get no label")
+            return None
+        secctx = None
+        received = False
+        for kind, body in fuse.parse_extensions(req.ext):
+            if kind < fuse.EXT_SUPP_GROUPS:
+                if received:
+                    raise FuseError(errno.EINVAL, "two security context extensions")
+                received = True
+                secctx = fuse.parse_security_context(kind, body)
+            elif kind != fuse.EXT_SUPP_GROUPS:
+                raise FuseError(errno.EINVAL, f"unknown request extension {kind}")
+        if not received:
+            raise FuseError(errno.EINVAL, "create without its security context extension")
+        return secctx
+
+    def set_security_context(self, secctx: tuple[bytes, bytes], target: int | str) -> None:
+        name, value = secctx
+        os.setxattr(target, self.client_xattr(name), value)
 
     def negotiated(self, flag: int) -> bool:
         return bool(SESSION_FLAGS.unpack_from(self.session)[0] & flag)
@@ -350,6 +534,26 @@ class PassthroughFs:
         if self.config.flock:
             offered |= fuse.FLOCK_LOCKS
         guest = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
+        if self.config.killpriv_v2:
+            if guest & fuse.HANDLE_KILLPRIV_V2:
+                offered |= fuse.HANDLE_KILLPRIV_V2
+            else:
+                log.warning("--killpriv-v2: the guest does not support FUSE_HANDLE_KILLPRIV_V2")
+        if self.config.posix_acl:
+            acl = fuse.POSIX_ACL | fuse.DONT_MASK | fuse.SETXATTR_EXT
+            if guest & acl != acl:
+                log.error("--posix-acl: the guest does not offer POSIX_ACL, DONT_MASK and "
+                          "SETXATTR_EXT; refusing INIT")
+                raise OSError(errno.EPROTO, "guest cannot do POSIX ACLs")
+            offered |= acl
+        if self.config.security_label:
+            if not guest & fuse.SECURITY_CTX:
+                log.error("--security-label: the guest does not offer FUSE_SECURITY_CTX; "
+                          "refusing INIT")
+                raise OSError(errno.EPROTO, "guest cannot send security contexts")
+            offered |= fuse.SECURITY_CTX
+        if self.config.allow_mmap:
+            offered |= fuse.DIRECT_IO_ALLOW_MMAP
         agreed = guest & offered
         SESSION_FLAGS.pack_into(self.session, 0, agreed)
         return fuse.INIT_OUT.pack(
@@ -405,7 +609,9 @@ class PassthroughFs:
             self.fd_cache.drop(nodeid)
 
     def _stat_reply(self, st: os.stat_result) -> bytearray:
-        return fuse.attr_out(st, self.config.timeout)
+        buf = fuse.attr_out(st, self.config.timeout)
+        self._guest_ids(buf, fuse.ATTR_OUT_HEAD.size, st)
+        return buf
 
     def op_getattr(self, req: Request) -> bytearray:
         flags, _, fh = fuse.GETATTR_IN.unpack_from(req.arg.ljust(16, b"\0"))
@@ -427,16 +633,21 @@ class PassthroughFs:
                     else:
                         os.chmod(proc_path(inode.fd), mode & 0o7777)
                 if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
-                    new_uid = uid if valid & fuse.FATTR_UID else 0xFFFFFFFF
-                    new_gid = gid if valid & fuse.FATTR_GID else 0xFFFFFFFF
+                    host_uid, host_gid = self.host_ids(uid, gid)
+                    new_uid = host_uid if valid & fuse.FATTR_UID else 0xFFFFFFFF
+                    new_gid = host_gid if valid & fuse.FATTR_GID else 0xFFFFFFFF
+                    self.clear_capability(inode.fd, True)
                     if lib.pyvfs_fchownat_empty(inode.fd, new_uid, new_gid) < 0:
                         err = lib.pyvfs_errno()
                         raise OSError(err, os.strerror(err))
                 if valid & fuse.FATTR_SIZE:
-                    if handle is not None:
-                        os.ftruncate(handle.fd, size)
-                    else:
-                        os.truncate(proc_path(inode.fd), size)
+                    with self.kill_priv(bool(valid & fuse.FATTR_KILL_SUIDGID)):
+                        if handle is not None:
+                            self.clear_capability(handle.fd, False)
+                            os.ftruncate(handle.fd, size)
+                        else:
+                            self.clear_capability(inode.fd, True)
+                            os.truncate(proc_path(inode.fd), size)
                 if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME):
                     self._set_times(inode.fd, valid, atime, atimensec, mtime, mtimensec)
                 return self._stat_reply(os.fstat(inode.fd))
@@ -464,23 +675,39 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as inode:
             return os.fsencode(os.readlink("", dir_fd=inode.fd))
 
-    def _create_node(self, req: Request, make: Callable[[int, bytes], None], name: bytes) -> bytes:
+    def _create_node(self, req: Request, make: Callable[[int, bytes], None], name: bytes,
+                     umask: int | None = None, is_dir: bool = False) -> bytes:
         self._check_writable()
         check_name(name)
+        secctx = self.security_context(req)
         with InodeRef(self, req.nodeid) as parent:
-            with Credentials(req.uid, req.gid):
+            with self._creating(req, umask):
                 make(parent.fd, name)
+            if secctx is not None:
+                try:
+                    fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+                    try:
+                        self.set_security_context(secctx, proc_path(fd))
+                    finally:
+                        os.close(fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=parent.fd) if not is_dir else os.rmdir(
+                            name, dir_fd=parent.fd)
+                    raise
             return self.entry(parent, name)
 
     def op_mkdir(self, req: Request) -> bytes:
-        mode, _umask = fuse.MKDIR_IN.unpack_from(req.arg)
+        mode, umask = fuse.MKDIR_IN.unpack_from(req.arg)
         name, _ = fuse.split_name(req.arg[fuse.MKDIR_IN.size :])
-        return self._create_node(req, lambda d, n: os.mkdir(n, mode & 0o7777, dir_fd=d), name)
+        return self._create_node(req, lambda d, n: os.mkdir(n, mode & 0o7777, dir_fd=d), name,
+                                 umask, is_dir=True)
 
     def op_mknod(self, req: Request) -> bytes:
-        mode, rdev, _umask, _ = fuse.MKNOD_IN.unpack_from(req.arg)
+        mode, rdev, umask, _ = fuse.MKNOD_IN.unpack_from(req.arg)
         name, _ = fuse.split_name(req.arg[fuse.MKNOD_IN.size :])
-        return self._create_node(req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), name)
+        return self._create_node(req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), name,
+                                 umask)
 
     def op_symlink(self, req: Request) -> bytes:
         name, used = fuse.split_name(req.arg)
@@ -561,7 +788,7 @@ class PassthroughFs:
         return 0
 
     def op_open(self, req: Request) -> bytes:
-        flags, _ = fuse.OPEN_IN.unpack_from(req.arg)
+        flags, open_flags = fuse.OPEN_IN.unpack_from(req.arg)
         if self.config.readonly and (
             flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         ):
@@ -574,7 +801,14 @@ class PassthroughFs:
                 # the guest opens fifos and device nodes itself; opening them here could
                 # block the worker or reach a host device
                 raise OSError(errno.EACCES, "only regular files and directories are opened")
-            fd = os.open(proc_path(inode.fd), self._open_flags(flags))
+            with self.kill_priv(bool(open_flags & fuse.OPEN_KILL_SUIDGID)):
+                fd = os.open(proc_path(inode.fd), self._open_flags(flags))
+            if flags & os.O_TRUNC:
+                try:
+                    self.clear_capability(fd, False)
+                except BaseException:
+                    os.close(fd)
+                    raise
             return self._new_handle(req.nodeid, fd, flags, stat.S_ISDIR(mode))
 
     def _new_handle(self, nodeid: int, fd: int, flags: int, is_dir: bool) -> bytes:
@@ -586,18 +820,38 @@ class PassthroughFs:
         return fuse.OPEN_OUT.pack(fh, self._open_reply_flags(is_dir), 0)
 
     def op_create(self, req: Request) -> bytes:
-        flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(req.arg)
+        flags, mode, umask, fuse_open_flags = fuse.CREATE_IN.unpack_from(req.arg)
         name, _ = fuse.split_name(req.arg[fuse.CREATE_IN.size :])
         check_name(name)
         self._check_writable()
+        secctx = self.security_context(req)
         with InodeRef(self, req.nodeid) as parent:
             open_flags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-            with Credentials(req.uid, req.gid):
-                fd = os.open(name, open_flags | (flags & os.O_EXCL), mode & 0o7777,
-                             dir_fd=parent.fd)
+            with self._creating(req, umask), self.kill_priv(
+                    bool(fuse_open_flags & fuse.OPEN_KILL_SUIDGID)):
+                if secctx is not None and not flags & os.O_EXCL:
+                    # only a file made here gets the label (as virtiofsd)
+                    try:
+                        fd = os.open(name, open_flags | os.O_EXCL, mode & 0o7777,
+                                     dir_fd=parent.fd)
+                    except FileExistsError:
+                        secctx = None
+                        fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
+                else:
+                    fd = os.open(name, open_flags | (flags & os.O_EXCL), mode & 0o7777,
+                                 dir_fd=parent.fd)
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise OSError(errno.EEXIST, "an entry that is not a regular file exists")
+                if flags & os.O_TRUNC:
+                    self.clear_capability(fd, False)
+                if secctx is not None:
+                    try:
+                        self.set_security_context(secctx, fd)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(name, dir_fd=parent.fd)
+                        raise
                 if not flags & os.O_NONBLOCK:
                     os.set_blocking(fd, True)
                 entry = self.entry(parent, name)
@@ -615,10 +869,10 @@ class PassthroughFs:
     def op_tmpfile(self, req: Request) -> bytes:
         """O_TMPFILE: an unnamed file in the directory, answered like CREATE (the name the
         guest sends is a placeholder)."""
-        flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(req.arg)
+        flags, mode, umask, _ = fuse.CREATE_IN.unpack_from(req.arg)
         self._check_writable()
         with InodeRef(self, req.nodeid) as parent:
-            with Credentials(req.uid, req.gid):
+            with self._creating(req, umask):
                 fd = os.open(proc_path(parent.fd),
                              (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
                              mode & 0o7777)
@@ -646,6 +900,7 @@ class PassthroughFs:
                 os.close(path_fd)
             t = self.config.timeout
             entry = fuse.entry_out(nodeid, st, t, t)
+            self._guest_ids(entry, fuse.ENTRY_HEAD.size, st)
             try:
                 opened = self._new_handle(nodeid, fd, flags, False)
             except BaseException:
@@ -741,6 +996,7 @@ class PassthroughFs:
                         continue
                     fuse.pack_entry_into(out, start, nodeid, st, t, t,
                                          self._attr_flags(parent, st))
+                    self._guest_ids(out, start + fuse.ENTRY_HEAD.size, st)
                     ino = st.st_ino
                 fuse.DIRENT_HEAD.pack_into(out, start + fuse.ENTRY_OUT_SIZE, ino, off,
                                            len(name), dtype)
@@ -768,9 +1024,10 @@ class PassthroughFs:
             if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
                 raise OSError(errno.EACCES, "no execute bit")
             return b""
-        if req.uid == st.st_uid:
+        owner_uid, owner_gid = self.guest_ids(st.st_uid, st.st_gid)
+        if req.uid == owner_uid:
             bits = (st.st_mode >> 6) & 7
-        elif req.gid == st.st_gid:
+        elif req.gid == owner_gid:
             bits = (st.st_mode >> 3) & 7
         else:
             bits = st.st_mode & 7
@@ -823,15 +1080,26 @@ class PassthroughFs:
     def op_getxattr(self, req: Request) -> bytes:
         size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
         name, _ = fuse.split_name(req.arg[fuse.GETXATTR_IN.size :])
+        try:
+            host_name = self.client_xattr(name)
+        except OSError as e:
+            if e.errno == errno.EPERM:  # a "bad" rule: as if the xattr did not exist
+                raise OSError(errno.ENODATA, "no such xattr") from None
+            raise
         with InodeRef(self, req.nodeid) as inode:
-            value = os.getxattr(proc_path(inode.fd), name)
+            value = os.getxattr(proc_path(inode.fd), host_name)
         return self._sized(value, size)
 
     def op_listxattr(self, req: Request) -> bytes:
         size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
         with InodeRef(self, req.nodeid) as inode:
-            names = os.listxattr(proc_path(inode.fd))
-        raw = b"".join(os.fsencode(n) + b"\0" for n in names)
+            names = [os.fsencode(n) for n in os.listxattr(proc_path(inode.fd))]
+        if self.config.xattrmap is not None:
+            names = self.config.xattrmap.map_server_list(names)
+        if not self.negotiated(fuse.POSIX_ACL):
+            names = [n for n in names
+                     if not (ACL_ACCESS.startswith(n) or ACL_DEFAULT.startswith(n))]
+        raw = b"".join(n + b"\0" for n in names)
         return self._sized(raw, size)
 
     @staticmethod
@@ -846,21 +1114,31 @@ class PassthroughFs:
     def op_setxattr(self, req: Request) -> bytes:
         head = fuse.SETXATTR_IN if self.negotiated(fuse.SETXATTR_EXT) else (
             fuse.SETXATTR_IN_COMPAT)
-        size, flags = head.unpack_from(req.arg)[:2]
+        size, flags, *rest = head.unpack_from(req.arg)
+        setxattr_flags = rest[0] if rest else 0
         name, used = fuse.split_name(req.arg[head.size :])
         value = req.arg[head.size + used : head.size + used + size]
         if len(value) != size:
             raise FuseError(errno.EINVAL, "SETXATTR value shorter than its size")
         self._check_writable()
+        host_name = self.client_xattr(name)
         with InodeRef(self, req.nodeid) as inode:
-            os.setxattr(proc_path(inode.fd), name, value, flags)
+            self.clear_capability(inode.fd, True)
+            if (host_name == ACL_ACCESS and setxattr_flags & fuse.SETXATTR_ACL_KILL_SGID
+                    and self.negotiated(fuse.POSIX_ACL)):
+                # the guest's setfacl would have cleared setgid (caller not in the group)
+                mode = os.stat(proc_path(inode.fd)).st_mode
+                if mode & stat.S_ISGID:
+                    os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+            os.setxattr(proc_path(inode.fd), host_name, value, flags)
         return b""
 
     def op_removexattr(self, req: Request) -> bytes:
         name, _ = fuse.split_name(req.arg)
         self._check_writable()
+        host_name = self.client_xattr(name)
         with InodeRef(self, req.nodeid) as inode:
-            os.removexattr(proc_path(inode.fd), name)
+            os.removexattr(proc_path(inode.fd), host_name)
         return b""
 
     # ----- locks ----------------------------------------------------------------------
