@@ -692,8 +692,7 @@ class PassthroughFs:
                         os.close(fd)
                 except BaseException:
                     with contextlib.suppress(OSError):
-                        os.unlink(name, dir_fd=parent.fd) if not is_dir else os.rmdir(
-                            name, dir_fd=parent.fd)
+                        (os.rmdir if is_dir else os.unlink)(name, dir_fd=parent.fd)
                     raise
             return self.entry(parent, name)
 
