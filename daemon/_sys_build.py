@@ -318,6 +318,7 @@ ffibuilder.set_source(
         if (a.offset >> 63) return 0;
         uint64_t data_at = sizeof h + sizeof a;
         if (h.opcode == FUSE_WRITE && (!allow_write || a.size > h.len - data_at ||
+                                       (a.read_flags & FUSE_WRITE_KILL_SUIDGID) ||
                                        wr_len < sizeof(struct fuse_out_header) +
                                                 sizeof(struct fuse_write_out)))
             return 0;

@@ -77,7 +77,9 @@ class QueueWorker:
         # READ/WRITE are answered in C unless we are debugging every request
         self.fast_io = not log.isEnabledFor(logging.DEBUG)
         self.handle_api = fs.handles.c_api()
-        self.allow_write = 0 if fs.config.readonly else 1
+        # writes that must clear privileges (a renamed security.capability) go through
+        # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
+        self.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
         self.fast_written = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
@@ -267,8 +269,12 @@ class QueueWorker:
                         self.unknown_opcodes.add(opcode)
                         log.info("opcode %d not implemented: ENOSYS", opcode)
                     raise OSError(errno.ENOSYS, "not implemented")
-                arg = self.args(chain, length - fuse.IN_HEADER_SIZE - 8 * extlen)
-                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg, room))
+                arg = self.args(chain, length - fuse.IN_HEADER_SIZE)
+                ext = None
+                if extlen:  # request extensions (security context, groups) come last
+                    arg, ext = arg[: -8 * extlen], arg[-8 * extlen :]
+                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg, room,
+                                          ext))
                 if payload is None:
                     return 0  # FORGET, BATCH_FORGET, INTERRUPT: no reply
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
@@ -386,7 +392,7 @@ class QueueWorker:
         return total
 
     def do_write(self, chain: DescriptorChain, length: int) -> bytes:
-        fh, offset, size, _wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
+        fh, offset, size, wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
             self.args(chain, fuse.WRITE_IN.size))
         start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
         if start + size > length:
@@ -395,7 +401,7 @@ class QueueWorker:
             raise OSError(errno.EINVAL, "offset out of range")
         if self.fs.config.readonly:
             raise OSError(errno.EROFS, "read-only share")
-        with HandleRef(self.fs, fh) as handle:
+        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd):
             n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
         return fuse.WRITE_OUT.pack(n, 0)
 

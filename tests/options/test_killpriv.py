@@ -75,3 +75,29 @@ def test_off_by_default(tmp_path: Path, options: list[str]) -> None:
         modes = kill_everything(front, share)
     if os.geteuid() == 0:
         assert modes == {"t": 0o6755, "o": 0o6755, "c": 0o6755}
+
+
+def test_write_with_kill_suidgid_clears_the_bits(tmp_path: Path) -> None:
+    """WRITE with FUSE_WRITE_KILL_SUIDGID goes the slow way (the C fast path declines
+    it) and drops CAP_FSETID around pwritev; a plain WRITE keeps the bits."""
+    share = tmp_path / "share"
+    share.mkdir()
+    for name in ("kill", "keep"):
+        (share / name).write_text("content")
+        os.chmod(share / name, 0o6755)
+    with served(tmp_path, "--killpriv-v2") as (front, share, _):
+        err, agreed = init(front, BASE_FLAGS | fuse.HANDLE_KILLPRIV_V2)
+        assert err == 0 and agreed & fuse.HANDLE_KILLPRIV_V2
+        for name, wflags in (("kill", fuse.WRITE_KILL_SUIDGID), ("keep", 0)):
+            node, _ = lookup(front, 1, name)
+            err, opened = front.fuse(fuse.Opcode.OPEN, node, fuse.OPEN_IN.pack(os.O_WRONLY, 0))
+            assert err == 0
+            fh = struct.unpack_from("<Q", opened)[0]
+            err, out = front.fuse(fuse.Opcode.WRITE, node,
+                                  fuse.WRITE_IN.pack(fh, 0, 3, wflags, 0, 0, 0),
+                                  extra_readable=[b"new"])
+            assert (err, fuse.WRITE_OUT.unpack(out)[0]) == (0, 3)
+    assert (share / "kill").read_text() == "newtent"
+    assert stat.S_IMODE((share / "kill").stat().st_mode) == 0o755
+    if os.geteuid() == 0:
+        assert stat.S_IMODE((share / "keep").stat().st_mode) == 0o6755

@@ -44,8 +44,8 @@ def test_init_needs_security_ctx(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def filesystem(share: Path, config: Config) -> Iterator[PassthroughFs]:
-    """The file system object in this process (the worker's view), without rings: the
-    queue worker does not hand request extensions over yet."""
+    """The file system object in this process (the worker's view), without rings, so each
+    malformed extension can be tried on its own."""
     name = f"/pyvfs-test-{uuid.uuid4().hex[:12]}"
     inodes = InodeTable.create(name + "-i", 64)
     handles = HandleTable.create(name + "-h", 64)
@@ -99,3 +99,25 @@ def test_label_set_at_creation(tmp_path: Path) -> None:
             fs.op_mkdir(req(fuse.Opcode.MKDIR, fuse.MKDIR_IN.pack(0o755, 0) + b"y\0"))
         assert e2.value.errno == errno.EPERM
         assert not (share / "y").exists()
+
+
+def test_label_through_the_ring(tmp_path: Path) -> None:
+    """The worker hands the request's extensions (total_extlen) to the file system."""
+    ext = secctx_ext(b"security.selinux", LABEL)
+    with served(tmp_path, "--security-label", "--xattrmap", ":map::user.virtiofs.:") as (
+            front, share, _):
+        err, agreed = init(front, BASE_FLAGS | fuse.SECURITY_CTX)
+        assert err == 0 and agreed & fuse.SECURITY_CTX
+        arg = fuse.MKDIR_IN.pack(0o755, 0) + b"labelled\0"
+        arg = arg.ljust((len(arg) + 7) & ~7, b"\0")
+        front.unique += 1
+        length = fuse.IN_HEADER_SIZE + len(arg) + len(ext)
+        header = fuse.IN_HEADER.pack(length, fuse.Opcode.MKDIR, front.unique, 1, 0, 0, 1,
+                                     len(ext) // 8, 0)
+        bufs = front.make_buffers([header, arg, ext], [4096])
+        head = front.submit_descs(1, bufs)
+        got, written = front.wait_used(1)
+        assert got == head
+        _, error, _ = fuse.OUT_HEADER.unpack(front.read_gpa(bufs[-1][0], 16))
+        assert error == 0 and written == 16 + fuse.ENTRY_OUT_SIZE
+    assert os.getxattr(share / "labelled", "user.virtiofs.security.selinux") == LABEL
