@@ -331,6 +331,15 @@ ffibuilder.set_source(
         }
         uint32_t slot = (uint32_t)r;
         int fd = (int)((r >> 32) - 1);
+        if (h.opcode == FUSE_WRITE && h.uid != 0) {
+            /* a non-root writer must clear setuid/setgid: Python drops CAP_FSETID */
+            struct stat st;
+            if (fstat(fd, &st) != 0 || (st.st_mode & (S_ISUID | S_ISGID))) {
+                int64_t last = release((void *)handles, slot);
+                if (last >= 0) close((int)last);
+                return 0;
+            }
+        }
         struct { struct fuse_out_header o; struct fuse_write_out w; } out;
         memset(&out, 0, sizeof out);
         out.o.unique = h.unique;

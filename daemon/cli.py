@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="compat_debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-f", dest="compat_foreground", action="store_true", help=argparse.SUPPRESS)
     # pyvirtiofsd's own
-    p.add_argument("--posix-lock", dest="posix_lock", action="store_true", default=True,
-                   help="forward fcntl() locks to the host (default; virtiofsd keeps them "
-                        "inside the guest)")
+    p.add_argument("--posix-lock", dest="posix_lock", action="store_true", default=False,
+                   help="forward fcntl() locks to the host as per-open-file locks, so host "
+                        "processes are excluded (off by default: like virtiofsd, fcntl locks "
+                        "then stay inside the guest with exact POSIX semantics)")
     p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false")
     p.add_argument("--flock", dest="flock", action="store_true", default=True,
                    help="forward flock() locks to the host (default)")

@@ -51,7 +51,7 @@ class Config:
     file_handles: str = "prefer"  # never | prefer | mandatory
     xattr: bool = False
     fd_cache_size: int = 1024  # per worker, for inodes the table keeps by handle only
-    posix_lock: bool = True  # forward fcntl locks to the host (virtiofsd keeps them local)
+    posix_lock: bool = False  # forward fcntl locks to the host (per open file, not per owner)
     flock: bool = True  # forward flock() to the host
     uid_map: IdMap | None = None  # --translate-uid
     gid_map: IdMap | None = None  # --translate-gid
@@ -457,10 +457,15 @@ class PassthroughFs:
             return without_fsetid()
         return contextlib.nullcontext()
 
-    def write_guard(self, write_flags: int, fd: int) -> contextlib.AbstractContextManager[None]:
-        """For the WRITE path: clears a renamed security.capability and, with
-        FUSE_WRITE_KILL_SUIDGID under --killpriv-v2, drops CAP_FSETID around the write."""
+    def write_guard(self, write_flags: int, fd: int, uid: int = 0
+                    ) -> contextlib.AbstractContextManager[None]:
+        """For the WRITE path: clears a renamed security.capability and drops CAP_FSETID
+        around the write when setuid/setgid must go: the guest asked (FUSE_WRITE_KILL_SUIDGID
+        under --killpriv-v2), or a caller other than root writes to a setuid/setgid file
+        (a direct-I/O guest leaves that to the file system, as POSIX has write(2) do it)."""
         self.clear_capability(fd, False)
+        if uid != 0 and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
+            return without_fsetid()
         return self.kill_priv(bool(write_flags & fuse.WRITE_KILL_SUIDGID))
 
     def security_context(self, req: Request) -> tuple[bytes, bytes] | None:

@@ -253,7 +253,7 @@ class QueueWorker:
             if opcode == fuse.Opcode.READ:
                 return self.do_read(chain, unique, length)
             if opcode == fuse.Opcode.WRITE:
-                payload = self.do_write(chain, length)
+                payload = self.do_write(chain, length, uid)
             elif opcode == fuse.Opcode.SETLKW:
                 arg = self.args(chain, fuse.LK_IN.size)
                 waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
@@ -391,7 +391,7 @@ class QueueWorker:
         chain.write(0, fuse.OUT_HEADER.pack(total, 0, unique))
         return total
 
-    def do_write(self, chain: DescriptorChain, length: int) -> bytes:
+    def do_write(self, chain: DescriptorChain, length: int, uid: int) -> bytes:
         fh, offset, size, wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
             self.args(chain, fuse.WRITE_IN.size))
         start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
@@ -401,7 +401,7 @@ class QueueWorker:
             raise OSError(errno.EINVAL, "offset out of range")
         if self.fs.config.readonly:
             raise OSError(errno.EROFS, "read-only share")
-        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd):
+        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd, uid):
             n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
         return fuse.WRITE_OUT.pack(n, 0)
 

@@ -1,5 +1,6 @@
 """Locks taken in the guest exclude host processes and the other way round (virtiofsd
-1.13 keeps them inside the guest, where they protect nothing on a shared directory)."""
+1.13 keeps them inside the guest, where they protect nothing on a shared directory):
+flock() always, fcntl() locks with --posix-lock."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_guest_and_host_exclude_each_other(tmp_path: Path) -> None:
         finally:
             os.close(fd)
 
-    with pyvirtiofsd(share, sock):
+    with pyvirtiofsd(share, sock, "--posix-lock"):
         helper = threading.Thread(target=host_side)
         helper.start()
         run = run_guest(sock, SCRIPT, host_root_9p=True, timeout=300)

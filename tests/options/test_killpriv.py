@@ -101,3 +101,30 @@ def test_write_with_kill_suidgid_clears_the_bits(tmp_path: Path) -> None:
     assert stat.S_IMODE((share / "kill").stat().st_mode) == 0o755
     if os.geteuid() == 0:
         assert stat.S_IMODE((share / "keep").stat().st_mode) == 0o6755
+
+
+def test_non_root_write_clears_setuid_without_killpriv(tmp_path: Path) -> None:
+    """POSIX: write(2) by someone without CAP_FSETID clears setuid/setgid. A guest in
+    direct-I/O mode (--cache never) leaves that to the file system, so the daemon (root,
+    with CAP_FSETID) drops the capability for such writes; root's own writes keep them."""
+    share = tmp_path / "share"
+    share.mkdir()
+    for name in ("by-user", "by-root"):
+        (share / name).write_text("content")
+        os.chmod(share / name, 0o6777)
+    with served(tmp_path, "--cache", "never") as (front, share, _):
+        err, _ = init(front, BASE_FLAGS)
+        assert err == 0
+        for name, uid in (("by-user", 1234), ("by-root", 0)):
+            node, _ = lookup(front, 1, name)
+            err, opened = front.fuse(fuse.Opcode.OPEN, node, fuse.OPEN_IN.pack(os.O_WRONLY, 0),
+                                     uid=uid, gid=uid)
+            assert err == 0
+            fh = struct.unpack_from("<Q", opened)[0]
+            err, out = front.fuse(fuse.Opcode.WRITE, node,
+                                  fuse.WRITE_IN.pack(fh, 0, 3, 0, 0, 0, 0),
+                                  extra_readable=[b"new"], uid=uid, gid=uid)
+            assert (err, fuse.WRITE_OUT.unpack(out)[0]) == (0, 3)
+    assert stat.S_IMODE((share / "by-user").stat().st_mode) == 0o777
+    if os.geteuid() == 0:
+        assert stat.S_IMODE((share / "by-root").stat().st_mode) == 0o6777
