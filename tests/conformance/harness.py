@@ -19,10 +19,23 @@ from pathlib import Path
 from benchmarks.reference_daemons import RustVirtiofsd
 from tests.conformance import posix_suite
 from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest import reference
+from tests.guest import assets, reference
 from tests.guest.vm import GuestRun, run_guest
 
-SUITE = Path(posix_suite.__file__).resolve()
+SOURCES = Path(posix_suite.__file__).resolve().parent
+
+
+def staged_suite() -> Path:
+    """The suite and fsx copied where the guest's `hostrun` sees them: it binds a fresh
+    tmpfs over the host's /tmp, so a checkout under /tmp (as CI's may be) is invisible."""
+    dest = assets.cache_dir() / "conformance"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("posix_suite.py", "fsx.py"):
+        shutil.copyfile(SOURCES / name, dest / name)
+    return dest / "posix_suite.py"
+
+
+SUITE = staged_suite()
 FSX_OPS = 2000
 FSX_SEED = 20261125
 GUEST_TIMEOUT = 420.0
