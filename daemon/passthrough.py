@@ -355,6 +355,15 @@ class PassthroughFs:
         fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.claim(fd, st, parent.nodeid, name), st
+
+    def claim(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
+        """Find or insert the inode of an O_PATH fd we own; the fd ends up in the table, in
+        this worker's fd cache, or closed. Returns its nodeid, with one reference taken."""
+        try:
             handle, htype, mnt = self._file_handle(fd)
             if handle is None and self.config.file_handles == "mandatory":
                 raise OSError(errno.EIO, "--inode-file-handles=mandatory: no file handle")
@@ -363,7 +372,7 @@ class PassthroughFs:
             by_handle = handle is not None and mnt == self.root_mnt_id
             nodeid, _slot, inserted = self.inodes.claim_or_insert(
                 (st.st_ino, st.st_dev, mnt), handle, htype, -1 if by_handle else fd,
-                st.st_mode, parent.nodeid, name,
+                st.st_mode, parent, name,
             )
         except BaseException:
             os.close(fd)
@@ -372,7 +381,7 @@ class PassthroughFs:
             self.fd_cache.put(nodeid, fd)  # the next request on it needs no re-open
         elif not inserted:
             os.close(fd)
-        return nodeid, st
+        return nodeid
 
     def fd_for_handle(self, nodeid: int) -> int:
         """An O_PATH fd for an inode the table keeps by file handle only."""
@@ -888,20 +897,11 @@ class PassthroughFs:
                 os.close(fd)
                 raise
             try:
-                handle, htype, mnt = self._file_handle(path_fd)
-                by_handle = handle is not None and mnt == self.root_mnt_id
-                nodeid, _slot, inserted = self.inodes.claim_or_insert(
-                    (st.st_ino, st.st_dev, mnt), handle, htype, -1 if by_handle else path_fd,
-                    st.st_mode, parent.nodeid, b"",
-                )
+                # an unlinked file may not re-open by handle: claim keeps path_fd cached
+                nodeid = self.claim(path_fd, st, parent.nodeid, b"")
             except BaseException:
-                os.close(path_fd)
                 os.close(fd)
                 raise
-            if by_handle:
-                self.fd_cache.put(nodeid, path_fd)  # an unlinked file may not re-open
-            elif not inserted:
-                os.close(path_fd)
             t = self.config.timeout
             entry = fuse.entry_out(nodeid, st, t, t)
             self._guest_ids(entry, fuse.ENTRY_HEAD.size, st)
