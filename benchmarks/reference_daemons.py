@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.guest.reference import stop_daemon as stop
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "pyvirtiofsd" / "rust-virtiofsd"
 RUST_VERSION = "1.13.2"
@@ -98,16 +100,6 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
             raise RuntimeError(f"{proc.args!r} did not create {path}:\n"
                                f"{log.read_text(errors='replace')}")
         time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 @dataclass
