@@ -1195,6 +1195,7 @@ class PendingLock:
     def attempt(self) -> bool:
         """True once the lock is ours (the reference is then released); raises OSError
         when the guest closed the file meanwhile or the host refuses."""
+        assert self.handle is not None
         entry = self.handle.fs.handles.get(self.handle.fh)
         if entry is None or not entry.guest_open:
             self.drop()
@@ -1210,4 +1211,8 @@ class PendingLock:
         return True
 
     def drop(self) -> None:
-        self.handle.__exit__()
+        """Give the open file's reference back, once: attempt() and its callers may both
+        get here on an error, and a second release would close the guest's file early."""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.__exit__()
