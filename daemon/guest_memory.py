@@ -1,9 +1,10 @@
 """Guest memory as seen by a worker: the front-end's memfd regions mapped MAP_SHARED,
 and translation of guest-physical and front-end-virtual addresses to host memory.
 
-Every address that comes from the guest passes through :meth:`GuestMemory.views`, which
-refuses ranges outside the mapped regions or that overflow, so a descriptor can never
-make the daemon touch memory that is not guest RAM.
+Every descriptor address is checked against these regions by the C chain walker
+(``pyvfs_walk_chain``, fed :attr:`GuestMemory.c_regions`), and ring addresses by
+:meth:`GuestMemory.host_address`, so the guest can never make the daemon touch memory
+that is not guest RAM.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class MappedRegion:
     host: int  # host address of guest-physical ``gpa``
     map_base: int
     map_len: int
-    view: memoryview  # the whole region, writable
 
 
 class GuestMemory:
@@ -55,7 +55,6 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap; callers must hold no views into this memory any more."""
         for r in self.regions:
-            r.view.release()
             lib.pyvfs_munmap(r.map_base, r.map_len)
         self.regions = []
         self._last = None
@@ -69,26 +68,6 @@ class GuestMemory:
                 self._last = r
                 return r
         raise BadGuestAddress(f"guest address {gpa:#x} is outside guest memory")
-
-    def views(self, gpa: int, length: int, out: list[memoryview]) -> None:
-        """Append views covering [gpa, gpa+length) to out, split at region borders."""
-        if gpa < 0 or length < 0 or gpa + length > 1 << 64:
-            raise BadGuestAddress(f"guest range {gpa:#x}+{length:#x} overflows")
-        while length:
-            r = self._region_for(gpa)
-            off = gpa - r.gpa
-            n = min(length, r.size - off)
-            out.append(r.view[off : off + n])
-            gpa += n
-            length -= n
-
-    def view(self, gpa: int, length: int) -> memoryview:
-        """One contiguous view; for rings and tables, which must not straddle regions."""
-        r = self._region_for(gpa)
-        off = gpa - r.gpa
-        if length < 0 or off + length > r.size:
-            raise BadGuestAddress(f"guest range {gpa:#x}+{length:#x} crosses a region border")
-        return r.view[off : off + length]
 
     def host_address(self, gpa: int, length: int) -> int:
         r = self._region_for(gpa)
@@ -115,8 +94,7 @@ def _map_region(region: MemoryRegion, fd: int) -> MappedRegion:
     if base == 0:
         err = lib.pyvfs_errno()
         raise OSError(err, f"cannot map guest memory region at {region.guest_phys_addr:#x}")
-    host = base + delta
-    view = memoryview(ffi.buffer(ffi.cast("char *", host), region.memory_size))
     return MappedRegion(
-        region.guest_phys_addr, region.memory_size, region.userspace_addr, host, base, map_len, view
+        region.guest_phys_addr, region.memory_size, region.userspace_addr, base + delta, base,
+        map_len,
     )
