@@ -871,13 +871,8 @@ class PassthroughFs:
             except BaseException:
                 os.close(fd)
                 raise
-            nodeid = int.from_bytes(entry[:8], "little")
-            try:
-                opened = self._new_handle(nodeid, fd, flags, False)
-            except BaseException:
-                self._forget(nodeid, 1)
-                raise
-            return bytes(entry) + opened
+            return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
+                                          flags)
 
     def op_tmpfile(self, req: Request) -> bytes:
         """O_TMPFILE: an unnamed file in the directory, answered like CREATE (the name the
@@ -905,12 +900,17 @@ class PassthroughFs:
             t = self.config.timeout
             entry = fuse.entry_out(nodeid, st, t, t)
             self._guest_ids(entry, fuse.ENTRY_HEAD.size, st)
-            try:
-                opened = self._new_handle(nodeid, fd, flags, False)
-            except BaseException:
-                self._forget(nodeid, 1)
-                raise
-            return bytes(entry) + opened
+            return self._entry_and_handle(entry, nodeid, fd, flags)
+
+    def _entry_and_handle(self, entry: bytearray, nodeid: int, fd: int, flags: int) -> bytes:
+        """CREATE/TMPFILE's answer: the entry plus an open handle for fd; if no handle can
+        be made, the reference the entry took is given back."""
+        try:
+            opened = self._new_handle(nodeid, fd, flags, False)
+        except BaseException:
+            self._forget(nodeid, 1)
+            raise
+        return bytes(entry) + opened
 
     def op_flush(self, req: Request) -> bytes:
         (fh, _, _, _) = fuse.FLUSH_IN.unpack_from(req.arg)
