@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from daemon import vhost_user as vu
+from daemon.interrupts import InterruptBoard
 from daemon.passthrough import PassthroughFs
 from daemon.process import clone_shared_fds
 from daemon.vhost_user import Message, ProtocolError
@@ -77,6 +78,7 @@ class Supervisor:
         self.fs = fs
         self.tag = tag
         self.num_queues = 1 + num_request_queues
+        self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
         self.poll_us = poll_us
         self.state = DeviceState()
         self.conn: socket.socket | None = None
@@ -464,7 +466,7 @@ class Supervisor:
         if pid == 0:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
-                worker_main(setup, self.fs, theirs)
+                worker_main(setup, self.fs, theirs, self.interrupts)
             finally:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table

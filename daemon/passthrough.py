@@ -284,7 +284,6 @@ class PassthroughFs:
             fuse.Opcode.FSYNCDIR: self.op_fsync,
             fuse.Opcode.STATFS: self.op_statfs,
             fuse.Opcode.ACCESS: self.op_access,
-            fuse.Opcode.INTERRUPT: self.op_interrupt,
             fuse.Opcode.FALLOCATE: self.op_fallocate,
             fuse.Opcode.LSEEK: self.op_lseek,
             fuse.Opcode.COPY_FILE_RANGE: self.op_copy_file_range,
@@ -1038,9 +1037,6 @@ class PassthroughFs:
         if mask & ~bits & 7:
             raise OSError(errno.EACCES, "permission denied")
         return b""
-
-    def op_interrupt(self, req: Request) -> None:
-        return None
 
     def op_fallocate(self, req: Request) -> bytes:
         fh, offset, length, mode, _ = fuse.FALLOCATE_IN.unpack_from(req.arg)

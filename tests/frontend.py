@@ -38,6 +38,16 @@ class Ring:
     free: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Sent:
+    """A request on its way: where its answer will be."""
+
+    q: int
+    head: int
+    unique: int
+    out_gpa: int
+
+
 class Frontend:
     def __init__(self, socket_path: str, memory_size: int = 64 << 20, queue_size: int = 256,
                  event_idx: bool = True) -> None:
@@ -232,21 +242,47 @@ class Frontend:
              out_size: int = 4096, uid: int = 0, gid: int = 0, indirect: bool = False,
              extra_readable: list[bytes] | None = None) -> tuple[int, bytes]:
         """One request; returns (error, payload) as the guest would see them."""
+        sent = self.start(opcode, nodeid, arg, q=q, out_size=out_size, uid=uid, gid=gid,
+                          indirect=indirect, extra_readable=extra_readable)
+        return self.finish(sent)
+
+    def start(self, opcode: int, nodeid: int, arg: bytes = b"", *, q: int = 1,
+              out_size: int = 4096, uid: int = 0, gid: int = 0, indirect: bool = False,
+              extra_readable: list[bytes] | None = None) -> Sent:
+        """Submit a request without waiting for its answer (see finish)."""
         self.unique += 1
         readable = [arg] + (extra_readable or [])
         length = fuse.IN_HEADER_SIZE + sum(len(r) for r in readable)
         hdr = fuse.IN_HEADER.pack(length, opcode, self.unique, nodeid, uid, gid, 1, 0, 0)
         bufs = self.make_buffers([hdr] + readable, [out_size] if out_size else [])
         head = self.submit_descs(q, bufs, indirect=indirect)
-        got, written = self.wait_used(q)
-        assert got == head, f"used head {got}, expected {head}"
-        if not out_size:
+        return Sent(q, head, self.unique, bufs[-1][0] if out_size else 0)
+
+    def finish(self, sent: Sent, timeout: float = 10) -> tuple[int, bytes]:
+        """Wait for the answer to a request start() submitted (the next one used on its
+        queue must be it)."""
+        return self.finish_all([sent], timeout)[0]
+
+    def finish_all(self, sents: list[Sent], timeout: float = 10) -> list[tuple[int, bytes]]:
+        """Answers to several started requests, in whatever order the device used them."""
+        by_head = {(s.q, s.head): s for s in sents}
+        answers: dict[tuple[int, int], tuple[int, bytes]] = {}
+        for q in sorted({s.q for s in sents}):
+            while any(key[0] == q and key not in answers for key in by_head):
+                got, written = self.wait_used(q, timeout)
+                sent = by_head.get((q, got))
+                assert sent is not None and (q, got) not in answers, \
+                    f"queue {q}: used head {got} was not expected"
+                answers[(q, got)] = self._answer(sent, written)
+        return [answers[(s.q, s.head)] for s in sents]
+
+    def _answer(self, sent: Sent, written: int) -> tuple[int, bytes]:
+        if not sent.out_gpa:
             return 0, b""
-        out_gpa = bufs[-1][0]
-        raw = self.read_gpa(out_gpa, written)
+        raw = self.read_gpa(sent.out_gpa, written)
         assert written >= fuse.OUT_HEADER_SIZE, f"reply of {written} bytes"
         total, error, unique = fuse.OUT_HEADER.unpack_from(raw)
-        assert unique == self.unique and total == written
+        assert unique == sent.unique and total == written
         return error, raw[fuse.OUT_HEADER_SIZE :]
 
     def init(self, q: int = 1) -> bytes:

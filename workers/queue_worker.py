@@ -22,6 +22,7 @@ from daemon import fuse
 from daemon._sys import ffi, lib
 from daemon.fuse import FuseError
 from daemon.guest_memory import BadGuestAddress, GuestMemory
+from daemon.interrupts import InterruptBoard
 from daemon.passthrough import (
     GuestInputError,
     HandleRef,
@@ -58,8 +59,10 @@ WARN_PERIOD = 10.0
 
 
 class QueueWorker:
-    def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket) -> None:
+    def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
+                 interrupts: InterruptBoard) -> None:
         self.setup = setup
+        self.interrupts = interrupts
         self.fs = fs
         self.control = control_sock
         self.kick_fd = setup.kick_fd
@@ -85,6 +88,7 @@ class QueueWorker:
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
         self.waiting_locks: list[tuple[int, int, PendingLock]] = []  # head, unique, lock
+        self.interrupted_here: set[int] = set()  # uniques of waiting SETLKWs to cancel
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
 
@@ -254,6 +258,10 @@ class QueueWorker:
                 return self.do_read(chain, unique, length)
             if opcode == fuse.Opcode.WRITE:
                 payload = self.do_write(chain, length, uid)
+            elif opcode == fuse.Opcode.INTERRUPT:
+                (target,) = fuse.INTERRUPT_IN.unpack(self.args(chain, fuse.INTERRUPT_IN.size))
+                self.interrupt(target)
+                return 0  # an INTERRUPT has no reply
             elif opcode == fuse.Opcode.SETLKW:
                 arg = self.args(chain, fuse.LK_IN.size)
                 waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
@@ -301,12 +309,30 @@ class QueueWorker:
         if count <= WARN_BURST:
             log.warning("queue %d: " + message, self.setup.index, *args)
 
+    def interrupt(self, target: int) -> None:
+        """FUSE_INTERRUPT: a SETLKW waiting here ends with EINTR at the next retry (not
+        now: the chain being answered is the INTERRUPT's); one waiting in another
+        queue's worker learns of it from the shared board."""
+        if any(unique == target for _, unique, _ in self.waiting_locks):
+            self.interrupted_here.add(target)
+        else:
+            self.interrupts.post(self.setup.index, target)
+
     def retry_locks(self) -> None:
-        """Try the waiting SETLKWs again; answer those that got their lock or failed."""
+        """Try the waiting SETLKWs again; answer those that got their lock, failed or
+        were interrupted by the guest."""
+        interrupted = self.interrupts.recent()
+        if self.interrupted_here:
+            interrupted = interrupted | self.interrupted_here
+            self.interrupted_here = set()
         still: list[tuple[int, int, PendingLock]] = []
         done = False
         for head, unique, waiting in self.waiting_locks:
             try:
+                if unique in interrupted:
+                    waiting.drop()
+                    log.debug("queue %d: SETLKW %d interrupted", self.setup.index, unique)
+                    raise OSError(errno.EINTR, "interrupted")
                 if not waiting.attempt():
                     still.append((head, unique, waiting))
                     continue
@@ -406,7 +432,8 @@ class QueueWorker:
         return fuse.WRITE_OUT.pack(n, 0)
 
 
-def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket) -> NoReturn:
+def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
+                interrupts: InterruptBoard) -> NoReturn:
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
@@ -416,7 +443,7 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if os.getppid() == 1:
             os._exit(1)
-        QueueWorker(setup, fs, control_sock).run()
+        QueueWorker(setup, fs, control_sock, interrupts).run()
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
         log.exception("worker for queue %d failed", setup.index)
         os._exit(1)
