@@ -462,11 +462,12 @@ class Supervisor:
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        supervisor_pid = os.getpid()
         pid = clone_shared_fds()
         if pid == 0:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
-                worker_main(setup, self.fs, theirs, self.interrupts)
+                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid)
             finally:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table

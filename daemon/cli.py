@@ -13,6 +13,10 @@ import resource
 import socket
 import stat
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shm_table import HandleTable, InodeTable
 
 VERSION = "0.1.0"
 CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
@@ -69,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted and checked for compatibility: capabilities are not "
                         "changed (pyvirtiofsd runs as with --sandbox none)")
     p.add_argument("--uid-map", action="append", default=[], metavar=":NS:HOST:COUNT:",
-                   help="user-namespace uid map for --sandbox namespace (not implemented)")
+                   help="uid map of the user namespace --sandbox namespace creates when "
+                   "not started as root (repeatable; beyond the daemon's own uid it needs "
+                   "newuidmap and /etc/subuid)")
     p.add_argument("--gid-map", action="append", default=[], metavar=":NS:HOST:COUNT:",
-                   help="user-namespace gid map for --sandbox namespace (not implemented)")
+                   help="gid map of the user namespace, as --uid-map (newgidmap, /etc/subgid)")
     p.add_argument("--translate-uid", action="append", default=[], metavar="TYPE:A:B:COUNT",
                    help="translate uids between guest and host in the daemon; types guest, "
                         "host, squash-guest, squash-host, forbid-guest, map (repeatable)")
@@ -268,13 +274,20 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--modcaps={args.modcaps} cannot remove dac_read_search with "
                              f"--inode-file-handles={args.inode_file_handles} (file handles "
                              "need it)")
-    for option, values in (("--uid-map", args.uid_map), ("--gid-map", args.gid_map)):
-        for value in values:
-            parse_ns_map(option, value)
-        if values:
-            raise UsageError(f"{option} maps ids in the user namespace of --sandbox "
-                             "namespace, which pyvirtiofsd does not implement yet (it runs as "
-                             "with --sandbox none); use --translate-uid/--translate-gid")
+    from daemon.sandbox import IdMap
+
+    for option, attr in (("--uid-map", "uid_map"), ("--gid-map", "gid_map")):
+        values = getattr(args, attr)
+        setattr(args, attr + "s", [IdMap(*parse_ns_map(option, v)) for v in values])
+        if values and args.sandbox != "namespace":
+            raise UsageError(f"{option} maps ids in the user namespace that --sandbox "
+                             f"namespace creates; it cannot be used with --sandbox "
+                             f"{args.sandbox}")
+        if values and os.geteuid() == 0:
+            raise UsageError(f"{option} is for an unprivileged daemon (as root no user "
+                             "namespace is created); use --translate-uid/--translate-gid")
+    if args.sandbox == "chroot" and os.geteuid() != 0:
+        raise UsageError("--sandbox chroot needs root; use --sandbox namespace or none")
     if args.migration_mode == "file-handles":
         for flag in ("--migration-verify-handles", "--migration-confirm-paths"):
             if getattr(args, flag[2:].replace("-", "_")):
@@ -351,15 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
         setup_logging(args.log_level, args.syslog)
         log = logging.getLogger("pyvirtiofsd")
-        if args.sandbox != "none":
-            log.warning("--sandbox=%s is not implemented yet; running without a sandbox",
-                        args.sandbox)
         if args.seccomp != "none":
             log.warning("--seccomp=%s: seccomp filtering is not implemented yet; running "
                         "without a syscall filter", args.seccomp)
         if args.modcaps is not None:
-            log.info("--modcaps=%s: capabilities are left as they are (pyvirtiofsd runs with "
-                     "--sandbox none semantics and does not change its capability set)",
+            log.info("--modcaps=%s: capabilities are left as they are (pyvirtiofsd does not "
+                     "drop capabilities yet)",
                      args.modcaps)
         if args.allow_mmap and args.cache not in ("metadata", "never"):
             log.info("--allow-mmap only matters with --cache metadata or never (files are "
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import supervisor
-    from daemon.passthrough import Config, PassthroughFs
+    from daemon import sandbox
     from shm_table import HandleTable, InodeTable
 
     log = logging.getLogger("pyvirtiofsd")
@@ -390,30 +400,28 @@ def serve(args: argparse.Namespace) -> int:
     name = f"/pyvirtiofsd-{os.getpid()}"
     inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
     handles = HandleTable.create(name + "-handles", args.handle_table_size)
+    shared_dir = os.path.abspath(args.shared_dir)
     try:
-        config = Config(
-            cache=args.cache, readdirplus=not args.no_readdirplus, writeback=args.writeback,
-            allow_direct_io=args.allow_direct_io, preserve_noatime=args.preserve_noatime,
-            announce_submounts=args.announce_submounts, readonly=args.readonly,
-            file_handles=args.inode_file_handles, xattr=args.xattr,
-            fd_cache_size=fd_cache_budget(args.num_request_queues),
-            posix_lock=args.posix_lock, flock=args.flock,
-            uid_map=args.translate_uid_map, gid_map=args.translate_gid_map,
-            xattrmap=args.xattrmap_rules, posix_acl=args.posix_acl,
-            security_label=args.security_label, killpriv_v2=args.killpriv_v2,
-            allow_mmap=args.allow_mmap,
-        )
-        fs = PassthroughFs(os.path.abspath(args.shared_dir), inodes, handles, config)
-        try:
-            fs.add_root()
-        except OSError as e:
-            log.error("cannot share %s: %s", args.shared_dir, e.strerror or e)
-            return 1
-        log.info("sharing %s on %s", args.shared_dir,
-                 args.socket_path or f"fd {listener.fileno()}")
-        return supervisor.run(fs, listener, tag=args.tag,
-                              num_request_queues=args.num_request_queues,
-                              poll_us=max(0, args.poll_us))
+        if args.sandbox != "none":
+            import uvloop  # noqa: F401 - nothing can be imported once inside
+
+            try:
+                outside = sandbox.enter(args.sandbox, shared_dir, args.uid_maps,
+                                        args.gid_maps)
+            except sandbox.SandboxError as e:
+                log.error("--sandbox %s: %s", args.sandbox, e)
+                return 1
+            if outside is not None:
+                listener.close()  # the sandboxed server has its own copy
+                return outside.wait()
+            # the sandboxed server: it must not clean up host paths (the same names in
+            # here are files of the shared directory); the process outside does that
+            try:
+                code = run_server(args, "/", listener, inodes, handles)
+            finally:
+                logging.shutdown()
+            os._exit(code)
+        return run_server(args, shared_dir, listener, inodes, handles)
     finally:
         inodes.unlink()
         handles.unlink()
@@ -425,6 +433,38 @@ def serve(args: argparse.Namespace) -> int:
                     pass
         if pid_fd >= 0:
             os.close(pid_fd)
+
+
+def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
+               inodes: InodeTable, handles: HandleTable) -> int:
+    import supervisor
+    from daemon.passthrough import Config, PassthroughFs
+
+    log = logging.getLogger("pyvirtiofsd")
+    config = Config(
+        cache=args.cache, readdirplus=not args.no_readdirplus, writeback=args.writeback,
+        allow_direct_io=args.allow_direct_io, preserve_noatime=args.preserve_noatime,
+        announce_submounts=args.announce_submounts, readonly=args.readonly,
+        file_handles=args.inode_file_handles, xattr=args.xattr,
+        fd_cache_size=fd_cache_budget(args.num_request_queues),
+        posix_lock=args.posix_lock, flock=args.flock,
+        uid_map=args.translate_uid_map, gid_map=args.translate_gid_map,
+        xattrmap=args.xattrmap_rules, posix_acl=args.posix_acl,
+        security_label=args.security_label, killpriv_v2=args.killpriv_v2,
+        allow_mmap=args.allow_mmap,
+    )
+    fs = PassthroughFs(shared_dir, inodes, handles, config)
+    try:
+        fs.add_root()
+    except OSError as e:
+        log.error("cannot share %s: %s", args.shared_dir, e.strerror or e)
+        return 1
+    log.info("sharing %s on %s%s", args.shared_dir,
+             args.socket_path or f"fd {listener.fileno()}",
+             "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
+    return supervisor.run(fs, listener, tag=args.tag,
+                          num_request_queues=args.num_request_queues,
+                          poll_us=max(0, args.poll_us))
 
 
 if __name__ == "__main__":

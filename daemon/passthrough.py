@@ -155,14 +155,23 @@ def check_name(name: bytes) -> bytes:
     return name
 
 
+# where an fd can be reopened by path; the sandbox makes it relative to the working
+# directory, the only view of /proc a sandboxed server keeps (see daemon.sandbox)
+PROC_FD_PREFIX = "/proc/self/fd/"
+
+
 def proc_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
+    return f"{PROC_FD_PREFIX}{fd}"
 
 
 class Credentials:
-    """Switch this thread's fsuid/fsgid to the guest caller's so new files get its ids."""
+    """Switch this thread's fsuid/fsgid to the guest caller's so new files get its ids.
+    (In an unprivileged user namespace an id outside its maps cannot be switched to; the
+    file then gets the daemon's own ids.)"""
 
     __slots__ = ("uid", "gid")
+    own_uid = 0  # what to switch back to: the server's ids, set once it is in its sandbox
+    own_gid = 0
 
     def __init__(self, uid: int, gid: int) -> None:
         self.uid = uid
@@ -173,8 +182,8 @@ class Credentials:
         lib.pyvfs_setfsuid(self.uid)
 
     def __exit__(self, *exc: object) -> None:
-        lib.pyvfs_setfsuid(0)
-        lib.pyvfs_setfsgid(0)
+        lib.pyvfs_setfsuid(Credentials.own_uid)
+        lib.pyvfs_setfsgid(Credentials.own_gid)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -240,6 +249,7 @@ def guest_umask(umask: int | None) -> Iterator[None]:
 class PassthroughFs:
     def __init__(self, shared_dir: str, inodes, handles, config: Config) -> None:  # noqa: ANN001
         self.shared_dir = shared_dir
+        Credentials.own_uid, Credentials.own_gid = os.geteuid(), os.getegid()
         self.inodes = inodes
         self.handles = handles
         self.config = config

@@ -31,13 +31,21 @@ def daemon_pid(socket_path: str) -> int:
                          ) from None
 
 
-def processes(pid: int) -> list[int]:
-    """The supervisor and its workers."""
+def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [pid, *(int(c) for c in f.read().split())]
+            return [int(c) for c in f.read().split()]
     except OSError:
-        return [pid]
+        return []
+
+
+def processes(pid: int) -> list[int]:
+    """The supervisor and its workers. With --sandbox the pid file names the process
+    that stayed outside; the supervisor is found down its line of single children."""
+    children = _children(pid)
+    while len(children) == 1 and _children(children[0]):
+        pid, children = children[0], _children(children[0])
+    return [pid, *children]
 
 
 def snapshot(pid: int, interval: float) -> dict:
@@ -56,14 +64,15 @@ def snapshot(pid: int, interval: float) -> dict:
     finally:
         inodes.detach()
         handles.detach()
+    supervisor, *workers = processes(pid)
     try:
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = len(os.listdir(f"/proc/{supervisor}/fd"))
     except OSError:
         fds = -1
     rate = {k: (second[k] - first[k]) / interval for k in ("lookups", "inserts", "removals")}
     return {
         "pid": pid,
-        "workers": len(processes(pid)) - 1,
+        "workers": len(workers),
         "fds_held": fds,
         "inodes": {
             "entries": second["entries"], "capacity": second["capacity"],

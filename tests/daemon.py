@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.guest.reference import stop_daemon, wait_for_socket
@@ -15,15 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def start_pyvirtiofsd(
-    shared_dir: str | Path, socket_path: str | Path, *extra: str
+    shared_dir: str | Path, socket_path: str | Path, *extra: str, wrapper: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
-    """Start the daemon with ``--sandbox none`` and wait for its socket. Its log goes to
+    """Start the daemon with ``--sandbox none`` (unless ``extra`` says otherwise) and wait
+    for its socket; ``wrapper`` is a command it runs under. Its log goes to
     ``<socket>.log`` (``proc.log_path``)."""
     socket_path = Path(socket_path)
     socket_path.unlink(missing_ok=True)
     log_path = Path(f"{socket_path}.log")
     cmd = [
-        sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
+        *wrapper, sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
         "--socket-path", str(socket_path), "--sandbox", "none", *extra,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
@@ -39,11 +40,11 @@ def daemon_log(proc: subprocess.Popen[bytes]) -> str:
 
 @contextlib.contextmanager
 def pyvirtiofsd(
-    shared_dir: str | Path, socket_path: str | Path, *extra: str
+    shared_dir: str | Path, socket_path: str | Path, *extra: str, wrapper: Sequence[str] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon for the duration of a ``with`` block; always stopped afterwards, and
     its log is printed on failure so pytest shows it."""
-    proc = start_pyvirtiofsd(shared_dir, socket_path, *extra)
+    proc = start_pyvirtiofsd(shared_dir, socket_path, *extra, wrapper=wrapper)
     try:
         yield proc
     except BaseException:

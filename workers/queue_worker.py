@@ -433,7 +433,7 @@ class QueueWorker:
 
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
-                interrupts: InterruptBoard) -> NoReturn:
+                interrupts: InterruptBoard, supervisor_pid: int) -> NoReturn:
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
@@ -441,8 +441,8 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if os.getppid() == 1:
-            os._exit(1)
+        if os.getppid() != supervisor_pid:
+            os._exit(1)  # the supervisor died before PDEATHSIG was set
         QueueWorker(setup, fs, control_sock, interrupts).run()
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
         log.exception("worker for queue %d failed", setup.index)

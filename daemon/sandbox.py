@@ -1,0 +1,264 @@
+"""--sandbox namespace|chroot: the process that serves the guest sees nothing but the
+shared directory.
+
+The daemon process started by the operator stays outside, in the host's namespaces: it
+created the listening socket, the pid file and the shared-memory tables, and after the
+sandboxed server exits it removes them (inside the sandbox those paths would name files in
+the shared directory). It forwards SIGTERM/SIGINT/SIGHUP to the server and exits with its
+status, like virtiofsd's waiting parent.
+
+namespace: the server is PID 1 of a new pid namespace, in a new mount and network
+namespace (and a new user namespace when not started as root, with the ids of
+--uid-map/--gid-map or the caller's own uid and gid), whose root is the shared directory
+(pivot_root) and whose only view of /proc is its own fd directory, which becomes every
+server process's working directory: ``proc_path`` then names an fd relative to it.
+chroot: root only; the server chroots into the shared directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("pyvirtiofsd")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_BIND, MS_REC, MS_SLAVE, MS_RELATIME = 0x1000, 0x4000, 0x80000, 0x200000
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
+                  "riscv64": 41}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxError(Exception):
+    """The sandbox could not be set up; the message says which step and why."""
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
+    _check(_libc.mount(source and source.encode(), target.encode(),
+                       fstype and fstype.encode(), ctypes.c_ulong(flags), None), what)
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One --uid-map/--gid-map line: ``count`` ids from ``inside`` map to ``outside``."""
+
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass
+class Outside:
+    """What the process that stayed outside waits for."""
+
+    pid: int  # the server, or the helper that waits for it (unprivileged namespace)
+
+    def wait(self) -> int:
+        """Forward stop signals to the sandbox, reap it and return its exit status."""
+        def forward(signum: int, _frame: object) -> None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        while True:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return 1
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+
+
+def enter(mode: str, shared_dir: str, uid_maps: Sequence[IdMap] = (),
+          gid_maps: Sequence[IdMap] = ()) -> Outside | None:
+    """Split into the sandboxed server and the process that stays outside. Returns None
+    in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
+    the original process. Raises SandboxError before any split when a step fails."""
+    shared_dir = os.path.realpath(shared_dir)
+    if mode == "chroot":
+        if os.geteuid() != 0:
+            raise SandboxError("--sandbox chroot needs root; use --sandbox namespace or none")
+        return _split(lambda: _enter_chroot(shared_dir))
+    if mode != "namespace":
+        raise ValueError(mode)
+    if os.geteuid() == 0:
+        if uid_maps or gid_maps:
+            raise SandboxError("--uid-map/--gid-map set up a user namespace for an "
+                               "unprivileged daemon; as root use --translate-uid/"
+                               "--translate-gid instead")
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        return _split(lambda: _enter_namespaces(CLONE_NEWNS | CLONE_NEWNET, shared_dir))
+    return _enter_as_user(shared_dir, uid_maps, gid_maps)
+
+
+def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
+    """Fork the server; it runs ``inside`` once the parent is known to be alive (a pipe
+    the parent holds, so a parent that died first is seen as end of file)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_w)
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        if os.read(ready_r, 1) != b"1":
+            os._exit(1)  # the parent is gone
+        os.close(ready_r)
+        try:
+            inside()
+        except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
+            log.error("sandbox: %s", e)
+            os._exit(1)
+        return None
+    os.close(ready_r)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+    return Outside(pid)
+
+
+def _enter_chroot(shared_dir: str) -> None:
+    proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    os.chroot(shared_dir)
+    os.chdir("/")
+    _work_in_proc_fds(proc_fd)
+
+
+def _enter_namespaces(flags: int, shared_dir: str) -> None:
+    """In the server: new mount and network namespaces, the share as root."""
+    if flags:
+        _check(_libc.unshare(flags), "unshare(mount, network namespaces)")
+    _mount(None, "/", None, MS_SLAVE | MS_REC, "make / a slave mount")
+    _mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
+           "mount /proc")
+    # only our own fd directory stays reachable through /proc
+    _mount("/proc/self/fd", "/proc", None, MS_BIND, "bind /proc/self/fd over /proc")
+    proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _mount(shared_dir, shared_dir, None, MS_BIND | MS_REC, f"bind-mount {shared_dir}")
+    old_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    new_root = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fchdir(new_root)
+        nr = SYS_PIVOT_ROOT.get(platform.machine())
+        if nr is None:
+            raise SandboxError(f"pivot_root: unknown on {platform.machine()}")
+        _check(_libc.syscall(nr, b".", b"."), f"pivot_root into {shared_dir}")
+        os.fchdir(old_root)
+        _mount(None, ".", None, MS_SLAVE | MS_REC, "make the old root a slave mount")
+        _check(_libc.umount2(b".", MNT_DETACH), "unmount the old root")
+        os.fchdir(new_root)
+    finally:
+        os.close(old_root)
+        os.close(new_root)
+    _work_in_proc_fds(proc_fd)
+
+
+def _work_in_proc_fds(proc_fd: int) -> None:
+    """Make the fd directory every server process's working directory (workers inherit
+    it), and name fds relative to it from now on."""
+    from daemon import passthrough
+
+    os.fchdir(proc_fd)
+    os.close(proc_fd)
+    passthrough.PROC_FD_PREFIX = ""
+
+
+def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],
+                   gid_maps: Sequence[IdMap]) -> Outside | None:
+    """Unprivileged: a helper unshares a user namespace (with pid, mount and network
+    namespaces owned by it), this process writes its id maps from outside (newuidmap and
+    newgidmap for anything beyond our own ids), then the helper forks the server, PID 1
+    of the new pid namespace, and waits for it."""
+    uid, gid = os.geteuid(), os.getegid()
+    uid_maps = list(uid_maps) or [IdMap(uid, uid, 1)]
+    gid_maps = list(gid_maps) or [IdMap(gid, gid, 1)]
+    helpers = {}
+    for tool, maps, own in (("newuidmap", uid_maps, uid), ("newgidmap", gid_maps, gid)):
+        if maps != [IdMap(maps[0].inside, own, 1)]:
+            path = shutil.which(tool)
+            if path is None:
+                raise SandboxError(f"--{tool[3:6]}-map needs {tool} (Debian package uidmap) "
+                                   "to map more than the daemon's own id")
+            helpers[tool] = path
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        try:
+            _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET),
+                   "unshare(user, pid, mount, network namespaces)")
+        except SandboxError as e:
+            log.error("sandbox: %s", e)
+            os._exit(1)
+        os.write(to_parent_w, b"1")
+        if os.read(to_child_r, 1) != b"1":
+            os._exit(1)  # the maps could not be written (the parent said why)
+        server = _split(lambda: _enter_namespaces(0, shared_dir))
+        if server is None:
+            return None
+        os._exit(server.wait())
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    outside = Outside(pid)
+    if os.read(to_parent_r, 1) != b"1":
+        os.close(to_child_w)
+        outside.wait()
+        raise SandboxError("could not create the namespaces (see the line above; "
+                           "unprivileged user namespaces may be disabled: "
+                           "sysctl kernel.unprivileged_userns_clone)")
+    try:
+        _write_maps(pid, "uid", uid_maps, helpers.get("newuidmap"))
+        _write_maps(pid, "gid", gid_maps, helpers.get("newgidmap"))
+    except SandboxError:
+        os.close(to_child_w)
+        outside.wait()
+        raise
+    os.write(to_child_w, b"1")
+    os.close(to_child_w)
+    return outside
+
+
+def _write_maps(pid: int, kind: str, maps: list[IdMap], helper: str | None) -> None:
+    if helper is not None:
+        args = [helper, str(pid)]
+        for m in maps:
+            args += [str(m.inside), str(m.outside), str(m.count)]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SandboxError(f"{' '.join(args)}: {done.stderr.strip() or done.returncode} "
+                               f"(are the ids in /etc/sub{kind}?)")
+        return
+    try:
+        if kind == "gid":  # an unprivileged process may map its gid only after this
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+        with open(f"/proc/{pid}/{kind}_map", "w") as f:
+            f.write("".join(f"{m.inside} {m.outside} {m.count}\n" for m in maps))
+    except OSError as e:
+        raise SandboxError(f"writing /proc/{pid}/{kind}_map: "
+                           f"{os.strerror(e.errno or errno.EIO)}") from None

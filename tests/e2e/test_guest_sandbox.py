@@ -1,0 +1,59 @@
+"""A real guest against the daemon in its default sandbox (--sandbox namespace, as
+virtiofsd runs by default as root): the mount works as usual while the server's root is
+the shared directory, and stopping it leaves nothing behind on the host."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import pyvirtiofsd
+from tests.guest.vm import run_guest
+
+SCRIPT = """
+mount -t virtiofs myfs /mnt || exit 1
+mkdir -p /mnt/a/b
+echo guest-data > /mnt/a/b/file
+ln -s /etc/hostname /mnt/abs-link
+mv /mnt/a/b/file /mnt/a/moved
+cat /mnt/a/moved
+cat /mnt/from-host
+ls -1 /mnt | sort | tr '\\n' ' '; echo
+stat -c '%s %h' /mnt/a/moved
+umount /mnt
+"""
+
+
+@pytest.mark.guest
+def test_guest_mount_in_namespace_sandbox(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "from-host").write_text("host-data\n")
+    sock = tmp_path / "vfs.sock"
+    with pyvirtiofsd(share, sock, "--sandbox", "namespace") as proc:
+        deadline = time.monotonic() + 10
+        while True:  # the server is forked right after the socket appears
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                kids = f.read().split()
+            if kids or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        server = int(kids[0])
+        for _ in range(100):  # its root becomes the share once the sandbox is set up
+            if os.stat(f"/proc/{server}/root/").st_ino == share.stat().st_ino:
+                break
+            time.sleep(0.05)
+        assert os.stat(f"/proc/{server}/root/").st_ino == share.stat().st_ino
+        assert os.readlink(f"/proc/{server}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        run = run_guest(sock, SCRIPT, timeout=300)
+        assert proc.wait(30) == 0  # the guest powered off: the daemon ends cleanly
+    assert run.rc == 0, run.describe()
+    assert run.script_output.split("\n")[:4] == [
+        "guest-data", "host-data", "a abs-link from-host ", "11 1"]
+    assert (share / "a" / "moved").read_text() == "guest-data\n"
+    assert os.readlink(share / "abs-link") == "/etc/hostname"
+    assert not (share / "a" / "b" / "file").exists()
+    assert not sock.exists()

@@ -1,0 +1,204 @@
+"""--sandbox namespace|chroot and --uid-map/--gid-map: the server's root is the shared
+directory, it lives in its own pid and network namespaces (and user namespace when not
+started as root), the guest's requests work as before (including those that reopen an fd
+through /proc, like xattrs), and the process left outside removes the socket, the pid file
+and the shared-memory segments when it stops."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import fuse
+from tests.daemon import REPO, daemon_log, pyvirtiofsd
+from tests.frontend import Frontend
+
+# runs the daemon as uid 1000 in a user namespace (mapped to the host's root, so the
+# interpreter under /root stays reachable): the unprivileged code path, on any machine
+AS_UID_1000 = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--"]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    out = children(pid)
+    for kid in list(out):
+        out += descendants(kid)
+    return out
+
+
+def server_pid(outside: int) -> int:
+    """The supervisor: the first process down from the one we started that has the two
+    queue workers as children."""
+    for pid in [outside, *descendants(outside)]:
+        if len(children(pid)) >= 2:
+            return pid
+    raise AssertionError(f"no supervisor with workers under {outside}")
+
+
+def ns(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def exercise(front: Frontend, uid: int = 0) -> dict[str, object]:
+    """What a guest sees for a lookup, a read, a mkdir and an xattr round trip."""
+    front.setup(2)
+    front.init()
+    err, entry = front.lookup(1, b"f")
+    assert err == 0
+    nodeid = struct.unpack_from("<Q", entry)[0]
+    err, opened = front.fuse(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(os.O_RDWR, 0))
+    assert err == 0
+    fh = struct.unpack_from("<Q", opened)[0]
+    err, data = front.fuse(fuse.Opcode.READ, nodeid, fuse.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0))
+    err_mkdir, made = front.fuse(fuse.Opcode.MKDIR, 1, struct.pack("<II", 0o755, 0) + b"d\0",
+                                 uid=uid, gid=uid)
+    err_set, _ = front.fuse(fuse.Opcode.SETXATTR, nodeid,
+                            struct.pack("<II", 5, 0) + b"user.k\0hello")
+    err_get, value = front.fuse(fuse.Opcode.GETXATTR, nodeid,
+                                struct.pack("<II", 64, 0) + b"user.k\0")
+    err_dots, _ = front.lookup(1, b"..")
+    return {"read": (err, data), "mkdir": err_mkdir,
+            "mkdir_uid": fuse.ATTR.unpack_from(made, fuse.ENTRY_HEAD.size)[11]
+            if err_mkdir == 0 else None,
+            "xattr": (err_set, err_get, value), "dotdot": err_dots}
+
+
+def make_share(tmp_path: Path) -> tuple[Path, Path]:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"inside the sandbox")
+    return share, tmp_path / "vfs.sock"
+
+
+def segments(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"pyvirtiofsd-{pid}-")]
+
+
+def test_namespace_sandbox_as_root(tmp_path: Path) -> None:
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", "namespace", "--xattr") as proc:
+        front = Frontend(str(sock))
+        seen = exercise(front)
+        server = server_pid(proc.pid)
+        root = os.stat(f"/proc/{server}/root/")
+        workers = descendants(server)
+        assert len(workers) == 2
+        # the server and its workers: share as root, own pid and network namespaces
+        for pid in [server, *workers]:
+            st = os.stat(f"/proc/{pid}/root/")
+            assert (st.st_dev, st.st_ino) == (share.stat().st_dev, share.stat().st_ino)
+            assert ns(pid, "pid") != ns("self", "pid")
+            assert ns(pid, "net") != ns("self", "net")
+            assert ns(pid, "mnt") != ns("self", "mnt")
+        # the process outside stays in the host's namespaces (it cleans up host paths)
+        assert ns(proc.pid, "mnt") == ns("self", "mnt")
+        assert segments(proc.pid)
+        front.close()
+        assert proc.wait(10) == 0
+    assert (root.st_dev, root.st_ino) == (share.stat().st_dev, share.stat().st_ino)
+    assert seen == {"read": (0, b"inside the sandbox"), "mkdir": 0, "mkdir_uid": 0,
+                    "xattr": (0, 0, b"hello"), "dotdot": -errno.EINVAL}
+    assert (share / "d").is_dir() and os.getxattr(share / "f", "user.k") == b"hello"
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
+    assert segments(proc.pid) == []
+    for pid in [server, *workers]:
+        assert not Path(f"/proc/{pid}").exists()
+    assert "(--sandbox namespace)" in daemon_log(proc)
+
+
+def test_sigterm_stops_the_sandboxed_server(tmp_path: Path) -> None:
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", "namespace") as proc:
+        front = Frontend(str(sock))
+        front.setup(2)
+        front.init()
+        server = server_pid(proc.pid)
+        workers = descendants(server)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        front.close()
+    for pid in [server, *workers]:
+        assert not Path(f"/proc/{pid}").exists()
+    assert not sock.exists() and segments(proc.pid) == []
+
+
+def test_chroot_sandbox(tmp_path: Path) -> None:
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", "chroot", "--xattr") as proc:
+        front = Frontend(str(sock))
+        seen = exercise(front)
+        server = server_pid(proc.pid)
+        st = os.stat(f"/proc/{server}/root/")
+        assert (st.st_dev, st.st_ino) == (share.stat().st_dev, share.stat().st_ino)
+        front.close()
+        assert proc.wait(10) == 0
+    assert seen["read"] == (0, b"inside the sandbox")
+    assert seen["xattr"] == (0, 0, b"hello")
+    assert not sock.exists() and segments(proc.pid) == []
+
+
+@pytest.mark.parametrize("maps", [[], ["--uid-map=:0:1000:1:", "--gid-map=:0:1000:1:"]],
+                         ids=["own-ids", "mapped-to-root"])
+def test_namespace_sandbox_unprivileged(tmp_path: Path, maps: list[str]) -> None:
+    """Not root: a user namespace of its own, with the caller's ids (1:1, as virtiofsd)
+    or the --uid-map/--gid-map lines that map a single id to the caller's."""
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", "namespace", "--xattr", *maps,
+                     wrapper=AS_UID_1000) as proc:
+        front = Frontend(str(sock))
+        seen = exercise(front)
+        server = server_pid(proc.pid)
+        assert ns(server, "user") not in (ns("self", "user"), ns(proc.pid, "user"))
+        with open(f"/proc/{server}/uid_map") as f:
+            inner = f.read().split()
+        front.close()
+        assert proc.wait(10) == 0
+    # the host's root is uid 1000 to the daemon: inside its namespace that id is 1000
+    # (own ids) or 0 (--uid-map :0:1000:1:), and files it creates are the host's root's
+    assert inner[:1] == (["0"] if maps else ["1000"])
+    assert seen["read"] == (0, b"inside the sandbox")
+    assert seen["mkdir"] == 0 and seen["mkdir_uid"] == (0 if maps else 1000)
+    assert (share / "d").stat().st_uid == 0
+    assert seen["xattr"] == (0, 0, b"hello")
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
+
+
+def run_cli(*args: str, wrapper: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(wrapper or []), sys.executable, "-m", "daemon.cli", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+
+
+def test_refused_combinations(tmp_path: Path) -> None:
+    share, sock = make_share(tmp_path)
+    base = ["--shared-dir", str(share), "--socket-path", str(sock)]
+    done = run_cli(*base, "--uid-map=:0:0:1:")
+    assert done.returncode == 2 and "--uid-map is for an unprivileged daemon" in done.stderr
+    done = run_cli(*base, "--sandbox", "none", "--gid-map=:0:1000:1:", wrapper=AS_UID_1000)
+    assert done.returncode == 2 and "cannot be used with --sandbox none" in done.stderr
+    done = run_cli(*base, "--sandbox", "chroot", wrapper=AS_UID_1000)
+    assert done.returncode == 2 and "--sandbox chroot needs root" in done.stderr
+    done = run_cli(*base, "--sandbox", "namespace", "--uid-map=:0:1000:1", wrapper=AS_UID_1000)
+    assert done.returncode == 2 and "expected :namespace_id:host_id:count:" in done.stderr
+    # a map beyond the daemon's own id needs newuidmap; without it (or without
+    # /etc/subuid rights) the daemon says so and stops, leaving nothing behind
+    start = time.monotonic()
+    done = run_cli(*base, "--sandbox", "namespace", "--uid-map=:0:1000:1:",
+                   "--uid-map=:1:100000:65536:", wrapper=AS_UID_1000)
+    assert done.returncode == 1 and "newuidmap" in done.stderr, done.stderr
+    assert time.monotonic() - start < 20
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
