@@ -15,6 +15,8 @@ import stat
 import sys
 from typing import TYPE_CHECKING
 
+from daemon import capabilities
+
 if TYPE_CHECKING:
     from shm_table import HandleTable, InodeTable
 
@@ -205,14 +207,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 # Linux capability names (capability.h), as libcap-ng knows them
-LINUX_CAPABILITIES = (
-    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap "
-    "linux_immutable net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner "
-    "sys_module sys_rawio sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice "
-    "sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap "
-    "mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf "
-    "checkpoint_restore"
-).split()
+LINUX_CAPABILITIES = capabilities.NAMES
 
 
 def parse_modcaps(value: str) -> list[tuple[str, str]]:
@@ -367,10 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.seccomp != "none":
             log.warning("--seccomp=%s: seccomp filtering is not implemented yet; running "
                         "without a syscall filter", args.seccomp)
-        if args.modcaps is not None:
-            log.info("--modcaps=%s: capabilities are left as they are (pyvirtiofsd does not "
-                     "drop capabilities yet)",
-                     args.modcaps)
         if args.allow_mmap and args.cache not in ("metadata", "never"):
             log.info("--allow-mmap only matters with --cache metadata or never (files are "
                      "not opened direct-io with --cache %s)", args.cache)
@@ -401,6 +392,8 @@ def serve(args: argparse.Namespace) -> int:
     inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
     handles = HandleTable.create(name + "-handles", args.handle_table_size)
     shared_dir = os.path.abspath(args.shared_dir)
+    # read while /proc is still there: the sandboxed server sees only its fds in it
+    args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
     try:
         if args.sandbox != "none":
             import uvloop  # noqa: F401 - nothing can be imported once inside
@@ -459,6 +452,15 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
     except OSError as e:
         log.error("cannot share %s: %s", args.shared_dir, e.strerror or e)
         return 1
+    if args.cap_last >= 0:  # started as root: keep only what serving files needs
+        keep = capabilities.retained(fs.use_handles,
+                                     parse_modcaps(args.modcaps) if args.modcaps else ())
+        try:
+            capabilities.drop_all_but(keep, args.cap_last)
+        except OSError as e:
+            log.error("cannot drop capabilities: %s", e.strerror or e)
+            return 1
+        log.info("capabilities kept: %s", " ".join(sorted(keep)))
     log.info("sharing %s on %s%s", args.shared_dir,
              args.socket_path or f"fd {listener.fileno()}",
              "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
