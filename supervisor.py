@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -33,6 +34,17 @@ MAX_MEM_SLOTS = 509
 WORKER_REPLY_TIMEOUT = 30.0
 MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
+
+
+def freeze_heap() -> None:
+    """Before cloning a worker: collect garbage, then move every object the parent has into
+    the garbage collector's permanent generation.  A clone shares the parent's pages until
+    either writes to them; a collection that walked these objects would write to every one
+    (its GC header) and so copy nearly the whole heap, in the worker and in the supervisor.
+    After the first call only objects made since the previous one are collected and frozen,
+    so a later worker start does not copy the pages an earlier worker still shares."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -460,6 +472,7 @@ class Supervisor:
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        freeze_heap()
         pid = clone_shared_fds()
         if pid == 0:
             try:  # the child must never unwind into the supervisor's code
