@@ -9,6 +9,7 @@ workers have acknowledged. It never touches a FUSE request itself.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import gc
@@ -36,15 +37,24 @@ MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop i
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
 
 
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
+
 def freeze_heap() -> None:
     """Before cloning a worker: collect garbage, then move every object the parent has into
     the garbage collector's permanent generation.  A clone shares the parent's pages until
     either writes to them; a collection that walked these objects would write to every one
     (its GC header) and so copy nearly the whole heap, in the worker and in the supervisor.
     After the first call only objects made since the previous one are collected and frozen,
-    so a later worker start does not copy the pages an earlier worker still shares."""
+    so a later worker start does not copy the pages an earlier worker still shares.
+
+    Then give free malloc memory back to the kernel (glibc's malloc_trim): what start-up
+    allocated and freed (imports, OpenSSL's initialisation under uvloop, argument parsing)
+    would otherwise stay resident in the supervisor and in every clone (~2 MB)."""
     gc.collect()
     gc.freeze()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 @dataclass
