@@ -42,7 +42,7 @@
 #define CPU_RELAX() __builtin_ia32_pause()
 
 #define SEG_MAGIC 0x3142415448534650ULL /* "PFSHTAB1" little endian */
-#define SEG_VERSION 1u
+#define SEG_VERSION 2u
 #define KIND_INODE 1u
 #define KIND_HANDLE 2u
 #define HDR_SIZE 4096u
@@ -52,6 +52,8 @@
 #define MAX_NAME 255u
 #define N_ORPHANS 64
 #define ROOT_ID 1ULL
+#define KEY_MIN_BITS 9u /* 512 buckets: one 4 KiB page per key index */
+#define GEN_MAX 0xFFFFFFFFu /* a slot whose generation reached this is retired */
 
 enum { OP_NONE = 0, OP_INSERT = 1, OP_REMOVE = 2, OP_REBUILD = 3, OP_SETINFO = 4,
        OP_CLAIM = 5, OP_OPEN = 6, OP_FREE = 7 };
@@ -59,18 +61,19 @@ enum { OP_NONE = 0, OP_INSERT = 1, OP_REMOVE = 2, OP_REBUILD = 3, OP_SETINFO = 4
 /* Segment header: 4096 bytes, shared by both table kinds.  Offsets are fixed by the
  * _Static_asserts below and listed in docs/shm_table.md. */
 typedef struct {
-    /* cache line 0: written once at init (index_gen: only on nodeid-index rebuild) */
+    /* cache line 0: written once at init (key_bits: when the key indexes grow) */
     uint64_t magic;          /* 0  written last at init */
     uint32_t version;        /* 8 */
     uint32_t kind;           /* 12 */
     uint32_t capacity;       /* 16 */
     uint32_t slot_size;      /* 20 */
-    uint32_t index_bits;     /* 24 index_size = 1 << index_bits buckets */
+    uint32_t index_bits;     /* 24 room per key index: 1 << index_bits buckets */
     uint32_t owner_pid;      /* 28 creator (supervisor) */
     uint64_t segment_size;   /* 32 */
     uint64_t slots_off;      /* 40 */
     uint64_t index_off;      /* 48 */
-    uint64_t index_gen;      /* 56 active nodeid index = gen & 1 */
+    uint32_t key_bits;       /* 56 key indexes in use: 1 << key_bits buckets (<= index_bits) */
+    uint32_t retired;        /* 60 slots retired: their generation is used up */
     /* cache line 1: the writer lock and everything only the holder writes */
     uint32_t lock;           /* 64 TID of holder, 0 = free */
     uint32_t waiters;        /* 68 */
@@ -79,7 +82,7 @@ typedef struct {
     uint64_t intent_nodeid;  /* 80 */
     int32_t intent_fd;       /* 88 */
     uint32_t root_slot;      /* 92 NONE32 until the root is inserted */
-    uint64_t next_nodeid;    /* 96 */
+    uint64_t next_nodeid;    /* 96 2 + nodeids handed out (statistics) */
     uint32_t free_head;      /* 104 NONE32 = empty */
     uint32_t hwm;            /* 108 slots >= hwm were never used */
     uint64_t entries;        /* 112 live entries */
@@ -91,7 +94,7 @@ typedef struct {
     uint64_t acquire_misses; /* 152 */
     uint64_t rebuilds;       /* 160 */
     uint64_t takeovers;      /* 168 */
-    uint64_t tombs[3];       /* 176 nodeid, ids, handle index tombstones */
+    uint64_t tombs[3];       /* 176 [0] unused (was the nodeid index), ids, handle */
     uint64_t full_errors;    /* 200 */
     uint64_t owner_start;    /* 208 owner's start time (/proc/pid/stat field 22): PID reuse */
     uint64_t _pad2[5];       /* 216 */
@@ -126,7 +129,7 @@ typedef struct {
     uint64_t ids_hash;       /* 88 */
     uint64_t handle_hash;    /* 96 */
     uint32_t name_len;       /* 104 */
-    uint32_t _pad;           /* 108 */
+    uint32_t gen;            /* 108 generation: nodeid = gen << 32 | slot (not the root) */
     uint8_t handle[MAX_HANDLE]; /* 112 */
     uint8_t name[256];       /* 240 */
     uint8_t _tail[16];       /* 496 */
@@ -166,10 +169,12 @@ static inline islot_t *ISLOT(hdr_t *h, uint32_t i) {
 static inline hslot_t *HSLOT(hdr_t *h, uint32_t i) {
     return (hslot_t *)((char *)h + h->slots_off) + i;
 }
-static inline uint64_t isize(hdr_t *h) { return 1ULL << h->index_bits; }
-/* index k: 0,1 = nodeid (double buffered), 2 = ids, 3 = handle */
+/* Buckets in use per key index; each index has room for 1 << index_bits. */
+static inline uint64_t isize(hdr_t *h) { return 1ULL << h->key_bits; }
+/* index k: 2 = ids, 3 = handle (0 and 1 were the nodeid index of layout version 1; a nodeid
+ * now names its slot). */
 static inline uint64_t *IDX(hdr_t *h, int k) {
-    return (uint64_t *)((char *)h + h->index_off) + (uint64_t)k * isize(h);
+    return (uint64_t *)((char *)h + h->index_off) + (uint64_t)(k - 2) * (1ULL << h->index_bits);
 }
 
 static inline uint64_t mix64(uint64_t x) {
@@ -180,8 +185,6 @@ static inline uint64_t mix64(uint64_t x) {
     x ^= x >> 33;
     return x;
 }
-static inline uint64_t hash_nodeid(uint64_t n) { return mix64(n); }
-static inline uint32_t tag_nodeid(uint64_t n) { return (uint32_t)n; }
 static inline uint64_t hash_ids(uint64_t ino, uint64_t dev, uint64_t mnt) {
     return mix64(ino ^ mix64(dev ^ mix64(mnt + 0x9e3779b97f4a7c15ULL)));
 }
@@ -394,7 +397,8 @@ int seg_stats(void *base, uint64_t *out, int n) {
         LD_RLX(&h->lookups), LD_RLX(&h->inserts), LD_RLX(&h->removals),
         LD_RLX(&h->acquire_misses), LD_RLX(&h->rebuilds), LD_RLX(&h->takeovers),
         LD_RLX(&h->full_errors), LD_RLX(&h->n_orphans), LD_RLX(&h->next_nodeid),
-        LD_RLX(&h->with_handle), LD_RLX(&h->index_gen),
+        LD_RLX(&h->with_handle), 0 /* was the nodeid index generation */,
+        LD_RLX(&h->retired),
     };
     int m = (int)(sizeof v / sizeof v[0]);
     if (n > m) n = m;
@@ -415,7 +419,8 @@ static void init_header(hdr_t *h, uint32_t kind, uint32_t capacity, uint32_t slo
     h->segment_size = size;
     h->slots_off = HDR_SIZE;
     h->index_off = index_off;
-    h->index_gen = 0;
+    h->key_bits = index_bits < KEY_MIN_BITS ? index_bits : KEY_MIN_BITS;
+    h->retired = 0;
     h->lock = 0;
     h->intent_op = OP_NONE;
     h->root_slot = NONE32;
@@ -437,7 +442,7 @@ static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1)
 
 uint64_t it_segment_size(uint32_t capacity) {
     uint64_t idx_off = align_up(HDR_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
-    return idx_off + 4ULL * 8ULL * (1ULL << index_bits_for(capacity));
+    return idx_off + 2ULL * 8ULL * (1ULL << index_bits_for(capacity));
 }
 
 int it_init(void *base, uint32_t capacity, uint32_t owner_pid) {
@@ -486,29 +491,17 @@ static int idx_del(hdr_t *h, uint64_t *idx, int tk, uint64_t hash, uint32_t slot
 }
 
 static void clear_index(uint64_t *idx, uint64_t n) {
-    /* Word stores: a lock-free reader of a retired nodeid buffer must never see a torn
-     * bucket (it re-checks index_gen anyway, but each bucket must be a value we wrote). */
     for (uint64_t i = 0; i < n; i++) ST_RLX(&idx[i], 0ULL);
 }
 
-/* Rebuild the nodeid index into the inactive buffer, then publish it (index_gen++). */
-static void rebuild_nodeid_index(hdr_t *h) {
-    uint64_t gen = h->index_gen;
-    uint64_t *next = IDX(h, (int)((gen + 1) & 1));
-    clear_index(next, isize(h));
-    uint64_t mask = isize(h) - 1;
-    for (uint32_t i = 0; i < h->hwm; i++) {
-        islot_t *s = ISLOT(h, i);
-        if (!slot_live(s)) continue;
-        uint64_t j = hash_nodeid(s->nodeid) & mask;
-        while ((uint32_t)next[j] != 0) j = (j + 1) & mask;
-        ST_RLX(&next[j], mkb(tag_nodeid(s->nodeid), i));
-        CRASH_POINT();
-    }
-    FENCE();
-    ST_SC(&h->index_gen, gen + 1);
-    FENCE();
-    h->tombs[0] = 0;
+/* Key-index size for `hwm` slots in use: at least twice as many buckets (so the load stays
+ * <= 1/2 even if every slot is live), at least one page, at most the room reserved.  The
+ * resident size of the indexes thus follows the high-water mark of live entries, not the
+ * capacity or the number of nodeids ever handed out. */
+static uint32_t key_bits_for(hdr_t *h, uint64_t hwm) {
+    uint32_t b = KEY_MIN_BITS;
+    while (b < h->index_bits && (1ULL << b) < 2 * hwm) b++;
+    return b < h->index_bits ? b : h->index_bits;
 }
 
 /* Rebuild the ids (k=2) or handle (k=3) index in place; only writers read them. */
@@ -528,14 +521,20 @@ static void rebuild_key_index(hdr_t *h, int k) {
 }
 
 static void maybe_rebuild(hdr_t *h) {
-    uint64_t limit = isize(h) / 4 * 3;
-    uint64_t live = h->entries + 1;
-    if (live + h->tombs[0] > limit) {
+    uint32_t want = key_bits_for(h, (uint64_t)h->hwm + 1);
+    if (want > h->key_bits) {
+        /* Grow both key indexes in place: the larger one starts where the smaller one did. */
         set_intent(h, OP_REBUILD, NONE32, 0, -1);
-        rebuild_nodeid_index(h);
+        h->key_bits = want;
+        CRASH_POINT();
+        rebuild_key_index(h, 2);
+        rebuild_key_index(h, 3);
         h->rebuilds++;
         clear_intent(h);
+        return;
     }
+    uint64_t limit = isize(h) / 4 * 3;
+    uint64_t live = h->entries + 1;
     if (live + h->tombs[1] > limit) {
         set_intent(h, OP_REBUILD, NONE32, 0, -1);
         rebuild_key_index(h, 2);
@@ -570,8 +569,6 @@ static void islot_clear(islot_t *s) {
 static int32_t it_remove_locked(hdr_t *h, uint32_t slot) {
     islot_t *s = ISLOT(h, slot);
     int32_t fd = s->fd;
-    idx_del(h, IDX(h, (int)(h->index_gen & 1)), 0, hash_nodeid(s->nodeid), slot);
-    CRASH_POINT();
     idx_del(h, IDX(h, 2), 1, s->ids_hash, slot);
     CRASH_POINT();
     if (s->has_handle) {
@@ -581,8 +578,12 @@ static int32_t it_remove_locked(hdr_t *h, uint32_t slot) {
     CRASH_POINT();
     islot_clear(s);
     CRASH_POINT();
-    s->next_free = h->free_head;
-    h->free_head = slot;
+    if (s->gen == GEN_MAX) {
+        h->retired++; /* every nodeid this slot can name was handed out: never reuse it */
+    } else {
+        s->next_free = h->free_head;
+        h->free_head = slot;
+    }
     h->entries--;
     h->removals++;
     return fd;
@@ -593,7 +594,7 @@ static void rebuild_all(hdr_t *h) {
     uint32_t cap = h->capacity;
     if (h->hwm > cap) h->hwm = cap;
     uint64_t live = 0, wh = 0;
-    uint32_t head = NONE32;
+    uint32_t head = NONE32, retired = 0;
     h->root_slot = NONE32;
     for (uint32_t i = h->hwm; i-- > 0;) {
         islot_t *s = ISLOT(h, i);
@@ -602,6 +603,8 @@ static void rebuild_all(hdr_t *h) {
             live++;
             if (s->has_handle) wh++;
             if (s->nodeid == ROOT_ID) h->root_slot = i;
+        } else if (s->gen == GEN_MAX) {
+            retired++;
         } else {
             s->next_free = head;
             head = i;
@@ -610,7 +613,10 @@ static void rebuild_all(hdr_t *h) {
     h->free_head = head;
     h->entries = live;
     h->with_handle = wh;
-    rebuild_nodeid_index(h);
+    h->retired = retired;
+    uint32_t bits = key_bits_for(h, h->hwm);
+    if (h->key_bits > bits && h->key_bits <= h->index_bits) bits = h->key_bits;
+    h->key_bits = bits;
     rebuild_key_index(h, 2);
     rebuild_key_index(h, 3);
     h->rebuilds++;
@@ -687,47 +693,48 @@ static void repair(hdr_t *h) {
         ht_repair(h);
 }
 
+/* The slot a nodeid names: the root's is in the header, any other nodeid is
+ * gen << 32 | slot with gen >= 1.  NONE32 for a nodeid no insert can have made. */
+static inline uint32_t nodeid_slot(hdr_t *h, uint64_t nodeid) {
+    if (nodeid == ROOT_ID) return LD_ACQ(&h->root_slot);
+    if ((nodeid >> 32) == 0) return NONE32;
+    uint32_t slot = (uint32_t)nodeid;
+    return slot < LD_ACQ(&h->hwm) ? slot : NONE32;
+}
+
 /* Find `nodeid`'s slot, lock-free.  On success with `take_ref`, a reference is held. */
 static int64_t it_find(hdr_t *h, uint64_t nodeid, int take_ref) {
-    if (nodeid == 0) return -1;
-    uint32_t cap = h->capacity;
-    uint64_t mask = isize(h) - 1;
-    uint32_t tag = tag_nodeid(nodeid);
+    uint32_t slot = nodeid_slot(h, nodeid);
+    if (slot == NONE32) goto miss;
+    islot_t *s = ISLOT(h, slot);
     for (;;) {
-        uint64_t gen = LD_ACQ(&h->index_gen);
-        uint64_t *idx = IDX(h, (int)(gen & 1));
-        uint64_t i = hash_nodeid(nodeid) & mask;
-        for (uint64_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
-            uint64_t b = LD_ACQ(&idx[i]);
-            uint32_t lo = (uint32_t)b;
-            if (lo == 0) break;
-            if (lo == TOMB || (uint32_t)(b >> 32) != tag) continue;
-            uint32_t slot = lo - 1;
-            if (slot >= cap) continue;
-            islot_t *s = ISLOT(h, slot);
-            uint32_t seq = LD_ACQ(&s->seq);
-            if (seq & 1) continue;
-            if (LD_ACQ(&s->nodeid) != nodeid) continue;
-            if (!take_ref) {
-                FENCE();
-                if (LD_ACQ(&s->seq) == seq) return slot;
-                continue;
-            }
-            uint64_t rc = LD_ACQ(&s->refcount);
-            int got = 0;
-            while (rc != 0) {
-                if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
-            }
-            if (!got) break; /* being removed: treat as not found */
-            if (LD_ACQ(&s->seq) == seq && LD_ACQ(&s->nodeid) == nodeid) return slot;
-            /* The slot changed identity between our check and our increment: the count we
-             * raised belongs to the new occupant; give it back the normal way. */
-            int64_t fd = it_release(h, slot, 1);
-            if (fd >= 0) return -2 - fd;
+        uint32_t seq = LD_ACQ(&s->seq);
+        if (seq & 1) {
+            /* Identity changing: an insert of a fresh nodeid or the removal of this one.
+             * Either way `nodeid` is not (or no longer) live. */
+            goto miss;
         }
-        FENCE();
-        if (LD_ACQ(&h->index_gen) == gen) break;
+        if (LD_ACQ(&s->nodeid) != nodeid) goto miss;
+        if (!take_ref) {
+            FENCE();
+            if (LD_ACQ(&s->seq) == seq) return slot;
+            continue;
+        }
+        uint64_t rc = LD_ACQ(&s->refcount);
+        int got = 0;
+        while (rc != 0) {
+            if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
+        }
+        if (!got) goto miss; /* being removed: treat as not found */
+        if (LD_ACQ(&s->seq) == seq && LD_ACQ(&s->nodeid) == nodeid) return slot;
+        /* The slot changed identity between our check and our increment: the count we
+         * raised belongs to the new occupant; give it back the normal way.  A nodeid is
+         * never reused, so ours is gone for good. */
+        int64_t fd = it_release(h, slot, 1);
+        if (fd >= 0) return -2 - fd;
+        goto miss;
     }
+miss:
     FADD(&h->acquire_misses, 1);
     return -1;
 }
@@ -844,10 +851,18 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
     }
     maybe_rebuild(h);
     if (slot == NONE32) slot = h->hwm;
-    if (nodeid == 0) nodeid = FADD(&h->next_nodeid, 1);
+    islot_t *s = ISLOT(h, slot);
+    /* A nodeid names its slot and the slot's next generation, so it is never handed out
+     * twice and acquire() needs no index; a slot whose generations are used up is retired
+     * when freed.  (Slots at hwm were never used: their generation is 0.) */
+    uint32_t gen = s->gen;
+    if (nodeid == 0) {
+        gen++;
+        nodeid = ((uint64_t)gen << 32) | slot;
+        h->next_nodeid++;
+    }
     set_intent(h, OP_INSERT, slot, nodeid, fd);
     CRASH_POINT();
-    islot_t *s = ISLOT(h, slot);
     if (slot == h->hwm) {
         s->seq = 0;
         s->info_seq = 0;
@@ -857,6 +872,7 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
     }
     CRASH_POINT();
     ST_REL(&s->seq, s->seq + 1);
+    s->gen = gen;
     s->next_free = NONE32;
     s->fd = fd;
     s->mode = mode;
@@ -879,9 +895,6 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
     ST_REL(&s->refcount, 1ULL); /* last field: repair treats refcount != 0 as complete */
     CRASH_POINT();
     ST_REL(&s->seq, s->seq + 1);
-    CRASH_POINT();
-    idx_put(h, IDX(h, (int)(h->index_gen & 1)), 0, hash_nodeid(nodeid), tag_nodeid(nodeid),
-            slot);
     CRASH_POINT();
     idx_put(h, IDX(h, 2), 1, ih, tag_hash(ih), slot);
     CRASH_POINT();
@@ -1048,24 +1061,27 @@ int it_check(void *base, char *msg, size_t msglen) {
     uint64_t mask = isize(h) - 1;
     if (h->intent_op != OP_NONE) FAIL("intent %u left set", h->intent_op);
     if (h->hwm > h->capacity) FAIL("hwm %u > capacity", h->hwm);
-    uint64_t live = 0, wh = 0, nfree = 0;
+    if (h->key_bits > h->index_bits || h->key_bits < key_bits_for(h, h->hwm))
+        FAIL("key index bits %u for hwm %u (room %u)", h->key_bits, h->hwm, h->index_bits);
+    uint64_t live = 0, wh = 0, nfree = 0, retired = 0;
     for (uint32_t i = 0; i < h->hwm; i++) {
         islot_t *s = ISLOT(h, i);
         if ((s->seq | s->info_seq) & 1) FAIL("slot %u seq odd", i);
         if (slot_live(s)) {
             live++;
             if (s->refcount == 0) FAIL("slot %u live with refcount 0", i);
-            if (s->nodeid >= h->next_nodeid && s->nodeid != ROOT_ID)
-                FAIL("slot %u nodeid %llu not yet allocated", i, (unsigned long long)s->nodeid);
+            if (s->nodeid != ROOT_ID &&
+                (s->gen == 0 || s->nodeid != (((uint64_t)s->gen << 32) | i)))
+                FAIL("slot %u nodeid %llu does not name it (generation %u)", i,
+                     (unsigned long long)s->nodeid, s->gen);
             if (s->nodeid == ROOT_ID && h->root_slot != i) FAIL("root slot mismatch");
             if (s->has_handle) wh++;
             if (s->ids_hash != hash_ids(s->ino, s->dev, s->mnt_id)) FAIL("slot %u ids hash", i);
-            /* each live slot is in every index exactly once, and keys are unique */
-            for (int k = 0; k < 3; k++) {
+            /* each live slot is in every key index exactly once, and keys are unique */
+            for (int k = 1; k < 3; k++) {
                 if (k == 2 && !s->has_handle) continue;
-                uint64_t *idx = k == 0 ? IDX(h, (int)(h->index_gen & 1)) : IDX(h, k + 1);
-                uint64_t hash = k == 0 ? hash_nodeid(s->nodeid) : k == 1 ? s->ids_hash
-                                                                          : s->handle_hash;
+                uint64_t *idx = IDX(h, k + 1);
+                uint64_t hash = k == 1 ? s->ids_hash : s->handle_hash;
                 uint64_t j = hash & mask;
                 int found = 0;
                 for (uint64_t n = 0; n <= mask; n++, j = (j + 1) & mask) {
@@ -1078,7 +1094,6 @@ int it_check(void *base, char *msg, size_t msglen) {
                         continue;
                     }
                     if (!slot_live(o)) continue;
-                    if (k == 0 && o->nodeid == s->nodeid) FAIL("nodeid dup %u", i);
                     if (k == 1 && s->fd >= 0 && o->fd >= 0 && o->ino == s->ino &&
                         o->dev == s->dev && o->mnt_id == s->mnt_id)
                         FAIL("ids dup (with fd) slots %u %u", i, lo - 1);
@@ -1091,22 +1106,27 @@ int it_check(void *base, char *msg, size_t msglen) {
         } else {
             if (s->refcount != 0) FAIL("free slot %u refcount %llu", i,
                                        (unsigned long long)s->refcount);
+            if (s->gen == GEN_MAX) retired++;
         }
     }
+    if (retired != h->retired) FAIL("retired %llu != %u", (unsigned long long)retired,
+                                    h->retired);
     if (live != h->entries) FAIL("entries %llu != live %llu", (unsigned long long)h->entries,
                                  (unsigned long long)live);
     if (wh != h->with_handle) FAIL("with_handle mismatch");
     for (uint32_t f = h->free_head; f != NONE32; f = ISLOT(h, f)->next_free) {
         if (f >= h->hwm) FAIL("free list slot %u >= hwm", f);
         if (slot_live(ISLOT(h, f))) FAIL("live slot %u on free list", f);
+        if (ISLOT(h, f)->gen == GEN_MAX) FAIL("retired slot %u on free list", f);
         if (++nfree > h->hwm) FAIL("free list cycle");
     }
-    if (nfree + live != h->hwm) FAIL("free %llu + live %llu != hwm %u",
-                                     (unsigned long long)nfree, (unsigned long long)live,
-                                     h->hwm);
+    if (nfree + live + retired != h->hwm)
+        FAIL("free %llu + live %llu + retired %llu != hwm %u", (unsigned long long)nfree,
+             (unsigned long long)live, (unsigned long long)retired, h->hwm);
+    if (h->tombs[0] != 0) FAIL("nodeid tombstones %llu", (unsigned long long)h->tombs[0]);
     /* bucket counts and tombstone counters */
-    for (int k = 0; k < 3; k++) {
-        uint64_t *idx = k == 0 ? IDX(h, (int)(h->index_gen & 1)) : IDX(h, k + 1);
+    for (int k = 1; k < 3; k++) {
+        uint64_t *idx = IDX(h, k + 1);
         uint64_t used = 0, tombs = 0;
         for (uint64_t j = 0; j <= mask; j++) {
             uint32_t lo = (uint32_t)idx[j];

@@ -1,7 +1,8 @@
 """The inode store shared by the supervisor and every queue worker.
 
-One POSIX shared memory segment holds a header, fixed 512-byte slots and three
-open-addressing indexes (by nodeid, by (ino, dev, mnt_id), by file handle).  All
+One POSIX shared memory segment holds a header, fixed 512-byte slots and two
+open-addressing indexes (by (ino, dev, mnt_id), by file handle); a nodeid names its slot
+(generation << 32 | slot), so finding one needs no index.  All
 read-modify-write on the segment is C (``shm_table._native``); this module only wraps it.
 See docs/shm_table.md for the layout, the lock and the lock-free reader protocol.
 """
@@ -43,7 +44,7 @@ _STAT_KEYS = (
     "capacity", "entries", "high_water_mark", "index_size", "tombstones_nodeid",
     "tombstones_ids", "tombstones_handle", "lookups", "inserts", "removals",
     "acquire_misses", "rebuilds", "lock_takeovers", "full_errors", "orphaned_fds",
-    "next_nodeid", "with_handle", "index_generation",
+    "next_nodeid", "with_handle", "index_generation", "retired",
 )
 
 

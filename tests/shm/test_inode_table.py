@@ -61,7 +61,7 @@ def test_root_is_nodeid_1_and_never_removed(table: InodeTable) -> None:
 
 def test_insert_then_claim_by_handle(table: InodeTable) -> None:
     nodeid, slot, inserted = table.claim_or_insert(ids(1), b"h1", 1, 10, REG, 1, "a")
-    assert inserted and nodeid == 2
+    assert inserted and nodeid == (1 << 32) | slot  # generation 1 of its slot
     # same handle, different ids: found by handle
     assert table.claim_or_insert(ids(2), b"h1", 1, 11, REG, 1, "b") == (nodeid, slot, False)
     assert table.claim_or_insert(ids(3), bytearray(b"h1"), 1, 12, REG)[2] is False
@@ -107,8 +107,59 @@ def test_nodeids_are_never_reused(table: InodeTable) -> None:
         assert ins and n not in seen
         seen.add(n)
         assert table.release(slot) == 40  # removed: its fd comes back
-    assert sorted(seen) == list(range(2, 302))
+    # the freed slot is reused at once; its next generation makes the new nodeid
+    assert len({n & 0xFFFFFFFF for n in seen}) == 1
+    assert sorted(n >> 32 for n in seen) == list(range(1, 301))
+    assert table.stats()["next_nodeid"] == 302
     assert table.stats()["rebuilds"] > 0  # tombstones forced index rebuilds
+    table.check()
+
+
+def test_nodeid_names_slot_and_generation(table: InodeTable) -> None:
+    n, slot, _ = table.claim_or_insert(ids(1), None, 0, 41, REG)
+    assert n == (1 << 32) | slot
+    for forged in (0, 2, 3, (2 << 32) | slot, (1 << 32) | (slot + 1), 1 << 32,
+                   (1 << 32) | 0xFFFFFFFF, (1 << 64) - 1):
+        assert table.acquire(forged) is None and table.get(forged) is None
+        assert table.forget(forged, 1) == -1
+    assert table.refcount(n) == 1
+    table.check()
+
+
+def test_slot_with_used_up_generations_is_retired(make_table) -> None:
+    """A slot whose 32-bit generation reached its maximum is never reused, so no nodeid is
+    handed out twice."""
+    table = make_table()
+    n, slot, _ = table.claim_or_insert(ids(1), None, 0, 42, REG)
+    gen_off = 4096 + 512 * slot + 108  # islot_t.gen
+    table._mm[gen_off:gen_off + 4] = (0xFFFFFFFE).to_bytes(4, "little")
+    n = (0xFFFFFFFE << 32) | slot  # what the slot now names (the test forged the field)
+    table._mm[4096 + 512 * slot + 16:4096 + 512 * slot + 24] = n.to_bytes(8, "little")
+    assert table.release(slot) == 42
+    n1, s1, _ = table.claim_or_insert(ids(2), None, 0, 43, REG)
+    assert (n1, s1) == ((0xFFFFFFFF << 32) | slot, slot)
+    assert table.release(s1) == 43
+    assert table.stats()["retired"] == 1
+    table.check()
+    n2, s2, _ = table.claim_or_insert(ids(3), None, 0, 44, REG)
+    assert s2 != slot and n2 not in (n, n1)
+    table.check()
+
+
+def test_key_indexes_grow_with_high_water_mark(make_table) -> None:
+    """The ids/handle indexes use 2 x high-water-mark buckets (at least 512), not the room
+    reserved for the capacity, so their resident pages follow the live entries."""
+    table = make_table(capacity=1 << 16)
+    assert table.stats()["index_size"] == 512
+    held = [table.claim_or_insert(ids(i), b"g%d" % i, 1, 50, REG)[1] for i in range(600)]
+    assert table.stats()["index_size"] == 2048
+    table.check()
+    for s in held:
+        table.release(s)
+    for i in range(5000):  # churn: the index stays at its size
+        _, s, _ = table.claim_or_insert(ids(10_000 + i), b"c%d" % i, 1, 51, REG)
+        table.release(s)
+    assert table.stats()["index_size"] == 2048
     table.check()
 
 
@@ -149,13 +200,13 @@ def test_forget_partial(table: InodeTable) -> None:
     table.check()
 
 
-def test_removal_clears_all_three_indexes(table: InodeTable) -> None:
+def test_removal_clears_both_key_indexes(table: InodeTable) -> None:
     n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 60, REG)
     assert table.release(s) == 60
     st = table.stats()
-    assert st["entries"] == 1 and st["tombstones_nodeid"] == 1
+    assert st["entries"] == 1 and st["tombstones_nodeid"] == 0  # no nodeid index
     assert st["tombstones_ids"] == 1 and st["tombstones_handle"] == 1
-    assert table.acquire(n) is None  # nodeid index
+    assert table.acquire(n) is None  # the slot no longer holds that nodeid
     n2, _, ins = table.claim_or_insert(ids(1), None, 0, 61, REG)  # ids index
     assert ins and n2 != n
     n3, _, ins = table.claim_or_insert(ids(2), b"h", 1, 62, REG)  # handle index
@@ -248,8 +299,8 @@ def test_table_full(make_table) -> None:
     table.check()
     assert table.stats()["full_errors"] == 1
     assert table.release(held[0][1]) == 100
-    n, _, ins = table.claim_or_insert(ids(99), b"99", 1, 199, REG)
-    assert ins and n == 9
+    n, slot, ins = table.claim_or_insert(ids(99), b"99", 1, 199, REG)
+    assert ins and slot == held[0][1] and n == (2 << 32) | slot  # the slot's 2nd generation
     table.check()
 
 
@@ -295,7 +346,7 @@ def test_stats(table: InodeTable) -> None:
     table.forget(n, 2)
     st = table.stats()
     assert st["capacity"] == 64 and st["entries"] == 1 and st["inserts"] == 2
-    assert st["lookups"] == 1 and st["removals"] == 1 and st["tombstones"] == 3
+    assert st["lookups"] == 1 and st["removals"] == 1 and st["tombstones"] == 2  # ids, handle
     assert st["load_factor"] == pytest.approx(1 / 64)
 
 

@@ -34,7 +34,7 @@ class InodeModel(RuleBasedStateMachine):
         self.t.close_fd = lambda fd: None
         self.t.insert_root((1, 1, 1), 3, 0o40755)
         self.m: dict[int, Ent] = {FUSE_ROOT_ID: Ent((1, 1, 1), None, 3, 1, 0)}
-        self.next_nodeid = 2
+        self.issued: list[int] = []  # every nodeid handed out, in order: never again
         self.fd_counter = 100
 
     def teardown(self) -> None:
@@ -71,13 +71,22 @@ class InodeModel(RuleBasedStateMachine):
             assert slot == self.m[expect].slot
             self.m[expect].refcount += 1
         else:
-            assert (nodeid, inserted) == (self.next_nodeid, True)
-            self.next_nodeid += 1
+            assert inserted and nodeid not in self.issued and nodeid != FUSE_ROOT_ID
+            assert nodeid & 0xFFFFFFFF == slot and nodeid >> 32 >= 1
+            self.issued.append(nodeid)
             self.m[nodeid] = Ent(ids, key, fd, 1, slot, 1, name)
+
+    def _pick(self, pick: int, forged: int) -> int:
+        """A live or forgotten nodeid, the root, 0, a nodeid naming an unused generation or
+        slot, or any 64-bit value."""
+        known = [FUSE_ROOT_ID, *self.issued]
+        if pick < len(known):
+            return known[-1 - pick]
+        return [0, 2, (1 << 32) | CAPACITY, (7 << 32) | 1, forged][pick % 5]
 
     @rule(pick=st.integers(0, 50), forged=st.integers(0, 2**64 - 1))
     def acquire(self, pick: int, forged: int) -> None:
-        nodeid = pick if pick < self.next_nodeid + 3 else forged
+        nodeid = self._pick(pick, forged)
         r = self.t.acquire(nodeid)
         e = self.m.get(nodeid)
         if e is None:
@@ -102,8 +111,10 @@ class InodeModel(RuleBasedStateMachine):
         nodeid = data.draw(st.sampled_from(sorted(self.m)))
         self._drop(nodeid, n, self.t.release(self.m[nodeid].slot, n))
 
-    @rule(pick=st.integers(0, 40), n=st.sampled_from([1, 2, 5, 2**64 - 1]))
-    def forget(self, pick: int, n: int) -> None:
+    @rule(pick=st.integers(0, 40), n=st.sampled_from([1, 2, 5, 2**64 - 1]),
+          forged=st.integers(0, 2**64 - 1))
+    def forget(self, pick: int, n: int, forged: int) -> None:
+        pick = self._pick(pick, forged)
         got = self.t.forget(pick, n)
         if pick in self.m:
             self._drop(pick, n, got)
