@@ -78,6 +78,7 @@ class Worker:
     peer_fd: int  # the worker's end of the control pair, in the shared fd table
     queue: int
     pidfd: int = -1  # readable when the worker exits (uvloop keeps SIGCHLD to itself)
+    lock_mutex_fd: int = -1  # its own description of the lock-owner table's memfd
 
 
 @dataclass
@@ -460,6 +461,9 @@ class Supervisor:
         worker.control.close()
         _close_quietly(worker.peer_fd)
         _close_quietly(worker.pidfd)
+        # a worker killed inside the lock-owner table's critical section held its lock
+        # on this description: closing it lets the other workers go on
+        _close_quietly(worker.lock_mutex_fd)
 
     async def _restart(self, index: int, vring: VringState) -> None:
         try:
@@ -485,17 +489,20 @@ class Supervisor:
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor_pid = os.getpid()
+        owners = self.fs.lock_owners
+        lock_mutex_fd = owners.open_mutex() if owners is not None else -1
         freeze_heap()
         pid = clone_shared_fds()
         if pid == 0:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
-                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid)
+                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
+                            lock_mutex_fd)
             finally:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
-        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid))
+        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid), lock_mutex_fd)
         vring.worker = worker
         assert self.loop is not None
         self.loop.add_reader(worker.pidfd, self._on_worker_exit, index, worker)

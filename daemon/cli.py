@@ -112,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="compat_debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-f", dest="compat_foreground", action="store_true", help=argparse.SUPPRESS)
     # pyvirtiofsd's own
-    p.add_argument("--posix-lock", dest="posix_lock", action="store_true", default=False,
-                   help="forward fcntl() locks to the host as per-open-file locks, so host "
-                        "processes are excluded (off by default: like virtiofsd, fcntl locks "
-                        "then stay inside the guest with exact POSIX semantics)")
-    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false")
+    p.add_argument("--posix-lock", dest="posix_lock", action="store_true", default=True,
+                   help="forward fcntl() locks to the host, owned by the guest's lock owner "
+                        "(POSIX semantics), so host processes and other guests are excluded "
+                        "(default)")
+    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false",
+                   help="keep fcntl() locks inside the guest, as virtiofsd does")
     p.add_argument("--flock", dest="flock", action="store_true", default=True,
                    help="forward flock() locks to the host (default)")
     p.add_argument("--no-flock", dest="flock", action="store_false")

@@ -1,11 +1,12 @@
 """POSIX record locks and flock() forwarded to the host, so a guest and a host process
 (or two guests sharing a directory) really exclude each other.
 
-Locks are taken on the open file the guest's ``fh`` names: POSIX locks as open-file-
-description locks (F_OFD_*: owned by the open file, not by the daemon process that
-happens to run the request, and never dropped by another worker closing an fd of the
-file), flock() as flock. Nothing here blocks: a lock that is not free raises
-:class:`LockBusy`, and the worker retries a SETLKW later without stalling its queue.
+flock() locks are taken on the open file the guest's ``fh`` names (exactly flock's
+owner); POSIX locks as open-file-description locks (F_OFD_*: never owned by the daemon
+process that happens to run the request, never dropped by another worker closing an fd
+of the file) on a description per guest lock owner (``daemon/lock_owners.py``). Nothing
+here blocks: a lock that is not free raises :class:`LockBusy`, and the worker retries a
+SETLKW later without stalling its queue.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _check(start: int, kind: int) -> None:
         raise OSError(errno.EINVAL, "lock start out of range")
     if kind not in (F_RDLCK, F_WRLCK, F_UNLCK):
         raise OSError(errno.EINVAL, f"lock type {kind}")
+
+
+def check_request(start: int, end: int, kind: int) -> None:
+    """The EINVAL checks of a lock request, without taking it."""
+    _check(start, kind)
+    _length(start, end)
 
 
 def get_lock(fd: int, start: int, end: int, kind: int) -> bytes:

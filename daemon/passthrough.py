@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -25,6 +26,7 @@ from daemon._sys import ffi, lib
 from daemon.fd_cache import FdCache, open_by_handle
 from daemon.fuse import FuseError
 from daemon.idmap import IdMap
+from daemon.lock_owners import LockOwners
 from daemon.xattrmap import XattrMap
 
 log = logging.getLogger("pyvirtiofsd.fs")
@@ -252,6 +254,8 @@ class PassthroughFs:
         Credentials.own_uid, Credentials.own_gid = os.geteuid(), os.getegid()
         self.inodes = inodes
         self.handles = handles
+        # fcntl locks by guest lock owner, shared by every worker (cloned after this)
+        self.lock_owners = LockOwners(proc_path) if config.posix_lock else None
         self.config = config
         self.use_handles = config.file_handles != "never"
         self.mount_fd = -1
@@ -922,9 +926,11 @@ class PassthroughFs:
         return bytes(entry) + opened
 
     def op_flush(self, req: Request) -> bytes:
-        (fh, _, _, _) = fuse.FLUSH_IN.unpack_from(req.arg)
+        (fh, _, _, lock_owner) = fuse.FLUSH_IN.unpack_from(req.arg)
         with HandleRef(self, fh):
-            pass
+            if self.lock_owners is not None:
+                # close() by this owner: POSIX drops all its record locks on the file
+                self.lock_owners.flush(req.nodeid, lock_owner)
         return b""
 
     def op_release(self, req: Request) -> bytes:
@@ -1153,23 +1159,83 @@ class PassthroughFs:
 
     # ----- locks ----------------------------------------------------------------------
 
-    def _lock_args(self, req: Request) -> tuple[int, int, int, int, bool]:
-        fh, _owner, start, end, kind, _pid, lk_flags, _ = fuse.LK_IN.unpack_from(req.arg)
+    def _lock_args(self, req: Request) -> tuple[int, int, int, int, int, bool, int]:
+        """fh, owner, start, end, type, flock?, and the locking process (its tgid)."""
+        fh, owner, start, end, kind, pid, lk_flags, _ = fuse.LK_IN.unpack_from(req.arg)
         flock = bool(lk_flags & fuse.LK_FLOCK)
-        if (flock and not self.config.flock) or (not flock and not self.config.posix_lock):
+        if (flock and not self.config.flock) or (not flock and self.lock_owners is None):
             raise OSError(errno.ENOSYS, "lock forwarding is off")
-        return fh, start, end, kind, flock
+        return fh, owner, start, end, kind, flock, pid
+
+    def owner_opener(self, fd: int) -> Callable[[], int]:
+        """Opens the lock owner's own description of the file ``fd`` (an open file of
+        the guest): read-write when the host allows, else as the guest opened it."""
+        def reopen() -> int:
+            try:
+                return os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+                return os.open(proc_path(fd), mode | os.O_CLOEXEC)
+        return reopen
+
+    def lock_as_owner(self, nodeid: int, owner: int, handle_fd: int, start: int, end: int,
+                      kind: int, pid: int = 0) -> None:
+        """SETLK of a POSIX lock on the owner's description (raises LockBusy)."""
+        assert self.lock_owners is not None
+        opener = None if kind == locks.F_UNLCK else self.owner_opener(handle_fd)
+        fd = self.lock_owners.use(nodeid, owner, opener, pid)
+        if fd < 0:
+            locks.check_request(start, end, kind)
+            return  # unlocking what was never locked
+        try:
+            locks.set_lock(fd, start, end, kind, False)
+        finally:
+            self.lock_owners.done(nodeid, owner, fd)
 
     def op_getlk(self, req: Request) -> bytes:
-        fh, start, end, kind, _flock = self._lock_args(req)
+        fh, owner, start, end, kind, flock, _pid = self._lock_args(req)
         with HandleRef(self, fh) as handle:
-            return locks.get_lock(handle.fd, start, end, kind)
+            if flock or self.lock_owners is None:
+                return locks.get_lock(handle.fd, start, end, kind)
+            # the owner's own locks never conflict: ask through its description if any
+            owners = self.lock_owners
+            fd = owners.use(req.nodeid, owner, None)
+            try:
+                answer = locks.get_lock(handle.fd if fd < 0 else fd, start, end, kind)
+            finally:
+                if fd >= 0:
+                    owners.done(req.nodeid, owner, fd)
+            return self._name_the_holder(req.nodeid, owner, answer)
+
+    def _name_the_holder(self, nodeid: int, owner: int, answer: bytes) -> bytes:
+        """Host OFD locks have no pid: if the conflicting lock is another guest owner's
+        (the range is free as that owner sees it), answer that owner's guest pid, as
+        POSIX F_GETLK does; a host process's lock is answered with pid 0."""
+        got_start, got_end, got_kind, _ = fuse.LK_OUT.unpack(answer)
+        if got_kind == locks.F_UNLCK:
+            return answer
+        assert self.lock_owners is not None
+        others = self.lock_owners.others(nodeid, owner)
+        pid = 0
+        try:
+            for _other, fd, other_pid in others:
+                seen = locks.get_lock(fd, got_start, got_end, locks.F_WRLCK)
+                if other_pid and fuse.LK_OUT.unpack(seen)[2] == locks.F_UNLCK:
+                    pid = other_pid
+                    break
+        finally:
+            for other, fd, _ in others:
+                self.lock_owners.done(nodeid, other, fd)
+        return fuse.LK_OUT.pack(got_start, got_end, got_kind, pid)
 
     def op_setlk(self, req: Request) -> bytes:
-        fh, start, end, kind, flock = self._lock_args(req)
+        fh, owner, start, end, kind, flock, pid = self._lock_args(req)
         with HandleRef(self, fh) as handle:
             try:
-                locks.set_lock(handle.fd, start, end, kind, flock)
+                if flock:
+                    locks.set_lock(handle.fd, start, end, kind, True)
+                else:
+                    self.lock_as_owner(req.nodeid, owner, handle.fd, start, end, kind, pid)
             except locks.LockBusy:
                 raise OSError(errno.EAGAIN, "lock held elsewhere") from None
         return b""
@@ -1177,9 +1243,9 @@ class PassthroughFs:
     def start_setlkw(self, req: Request) -> PendingLock | None:
         """SETLKW: take the lock now, or return what the worker must retry later (the
         open file stays referenced until then)."""
-        fh, start, end, kind, flock = self._lock_args(req)
+        fh, owner, start, end, kind, flock, pid = self._lock_args(req)
         handle = HandleRef(self, fh)
-        pending = PendingLock(handle, start, end, kind, flock)
+        pending = PendingLock(handle, req.nodeid, owner, start, end, kind, flock, pid)
         try:
             if pending.attempt():
                 return None
@@ -1192,22 +1258,29 @@ class PassthroughFs:
 class PendingLock:
     """A SETLKW the host could not grant yet."""
 
-    __slots__ = ("handle", "start", "end", "kind", "flock")
+    __slots__ = ("handle", "nodeid", "owner", "start", "end", "kind", "flock", "pid")
 
-    def __init__(self, handle: HandleRef, start: int, end: int, kind: int, flock: bool) -> None:
-        self.handle = handle
+    def __init__(self, handle: HandleRef, nodeid: int, owner: int, start: int, end: int,
+                 kind: int, flock: bool, pid: int) -> None:
+        self.handle: HandleRef | None = handle
+        self.nodeid, self.owner, self.pid = nodeid, owner, pid
         self.start, self.end, self.kind, self.flock = start, end, kind, flock
 
     def attempt(self) -> bool:
         """True once the lock is ours (the reference is then released); raises OSError
         when the guest closed the file meanwhile or the host refuses."""
         assert self.handle is not None
-        entry = self.handle.fs.handles.get(self.handle.fh)
+        fs = self.handle.fs
+        entry = fs.handles.get(self.handle.fh)
         if entry is None or not entry.guest_open:
             self.drop()
             raise OSError(errno.EBADF, "file released while waiting for its lock")
         try:
-            locks.set_lock(self.handle.fd, self.start, self.end, self.kind, self.flock)
+            if self.flock:
+                locks.set_lock(self.handle.fd, self.start, self.end, self.kind, True)
+            else:
+                fs.lock_as_owner(self.nodeid, self.owner, self.handle.fd, self.start,
+                                 self.end, self.kind, self.pid)
         except locks.LockBusy:
             return False
         except BaseException:

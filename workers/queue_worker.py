@@ -433,7 +433,8 @@ class QueueWorker:
 
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
-                interrupts: InterruptBoard, supervisor_pid: int) -> NoReturn:
+                interrupts: InterruptBoard, supervisor_pid: int,
+                lock_mutex_fd: int = -1) -> NoReturn:
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
@@ -443,6 +444,8 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if os.getppid() != supervisor_pid:
             os._exit(1)  # the supervisor died before PDEATHSIG was set
+        if fs.lock_owners is not None:
+            fs.lock_owners.mutex_fd = lock_mutex_fd
         QueueWorker(setup, fs, control_sock, interrupts).run()
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
         log.exception("worker for queue %d failed", setup.index)

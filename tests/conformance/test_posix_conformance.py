@@ -30,28 +30,7 @@ TABLE_END = "<!-- /conformance-table -->"
 
 # Why pyvirtiofsd's result differs from Rust virtiofsd's, per check (shown in the docs).
 # "TODO(daemon owner)" marks differences whose cause is not established yet.
-_LOCKS = (
-    "pyvirtiofsd forwards fcntl() locks to the host (`--posix-lock`, default) as open-file-"
-    "description locks keyed by the guest's file handle (`daemon/locks.py`), ignoring the "
-    "FUSE lock owner; virtiofsd leaves locks to the guest kernel, which implements POSIX "
-    "process-owned locks itself. With `--no-posix-lock` every lock check passes "
-    "(checked by hand). "
-)
 DIFFERENCE_NOTES: dict[str, str] = {
-    "lock.fcntl_getlk": _LOCKS + "F_OFD_GETLK reports l_pid -1 on the host and the daemon "
-    "answers pid 0, so the guest's F_GETLK names no holder. TODO(daemon owner): answer the "
-    "guest pid of the conflicting lock owner (LK_IN carries the requester's pid).",
-    "lock.fcntl_close_any_fd_releases": _LOCKS + "POSIX drops all of a process's locks on a "
-    "file when it closes any descriptor of that file; the guest tells the daemon with "
-    "FUSE_FLUSH(lock_owner), which pyvirtiofsd's `op_flush` ignores, so the lock survives "
-    "until the locking descriptor is released. TODO(daemon owner): release the owner's "
-    "locks on FLUSH.",
-    "lock.fcntl_same_process_two_fds": _LOCKS + "Two descriptors of one process are one "
-    "owner in POSIX; as two OFD locks on the host they conflict with each other. "
-    "TODO(daemon owner): key host locks by FUSE lock owner, not by file handle.",
-    "lock.fcntl_inherited_fd_not_shared": _LOCKS + "A forked child is another owner in "
-    "POSIX even on an inherited descriptor; with the lock keyed by the shared file handle "
-    "the child is granted the parent's range. TODO(daemon owner): key by lock owner.",
     "tmpfile.open": "pyvirtiofsd implements FUSE_TMPFILE (O_TMPFILE); Rust virtiofsd 1.13.2 "
     "and C virtiofsd 7.2 answer ENOSYS, which the guest reports as EOPNOTSUPP.",
     "tmpfile.nlink0": "Follows from `tmpfile.open`.",

@@ -1,6 +1,6 @@
 """Locks taken in the guest exclude host processes and the other way round (virtiofsd
 1.13 keeps them inside the guest, where they protect nothing on a shared directory):
-flock() always, fcntl() locks with --posix-lock."""
+flock() and fcntl() locks (both forwarded by default)."""
 
 from __future__ import annotations
 
