@@ -15,7 +15,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING
 
-from daemon import capabilities
+from daemon import capabilities, seccomp
 
 if TYPE_CHECKING:
     from shm_table import HandleTable, InodeTable
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility: each queue has its own worker process")
     p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="namespace")
     p.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default="kill",
-                   help="accepted for compatibility: seccomp filtering is not implemented yet")
+                   help="what a system call outside the server's allow-list does (default "
+                        "kill)")
     p.add_argument("--inode-file-handles", choices=["never", "prefer", "mandatory", "fallback"],
                    default="prefer")
     p.add_argument("--xattr", action="store_true")
@@ -360,9 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
         setup_logging(args.log_level, args.syslog)
         log = logging.getLogger("pyvirtiofsd")
-        if args.seccomp != "none":
-            log.warning("--seccomp=%s: seccomp filtering is not implemented yet; running "
-                        "without a syscall filter", args.seccomp)
         if args.allow_mmap and args.cache not in ("metadata", "never"):
             log.info("--allow-mmap only matters with --cache metadata or never (files are "
                      "not opened direct-io with --cache %s)", args.cache)
@@ -395,6 +393,12 @@ def serve(args: argparse.Namespace) -> int:
     shared_dir = os.path.abspath(args.shared_dir)
     # read while /proc is still there: the sandboxed server sees only its fds in it
     args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
+    if args.seccomp != "none":
+        try:
+            seccomp.load()
+        except seccomp.SeccompError as e:
+            log.error("--seccomp %s: %s", args.seccomp, e)
+            return 1
     try:
         if args.sandbox != "none":
             import uvloop  # noqa: F401 - nothing can be imported once inside
@@ -462,6 +466,15 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
             log.error("cannot drop capabilities: %s", e.strerror or e)
             return 1
         log.info("capabilities kept: %s", " ".join(sorted(keep)))
+    if args.seccomp != "none":
+        try:
+            allowed = seccomp.install(args.seccomp)
+        except seccomp.SeccompError as e:
+            log.error("--seccomp %s: %s", args.seccomp, e)
+            return 1
+        log.info("seccomp: %d system calls allowed, others %s", allowed,
+                 {"kill": "kill the process", "log": "are logged by the kernel",
+                  "trap": "raise SIGSYS"}[args.seccomp])
     log.info("sharing %s on %s%s", args.shared_dir,
              args.socket_path or f"fd {listener.fileno()}",
              "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")

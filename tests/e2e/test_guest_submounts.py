@@ -33,7 +33,8 @@ except OSError as e:
 '
 ls /mnt/sub | sort | tr '\n' ' '; echo
 stat -c '%d %i %n' /mnt /mnt/top-file /mnt/sub /mnt/sub/sub-file /mnt/sub/dir \
-    2>/dev/null | sort -u | awk '{print $1" "$2}' | sort | uniq -d | wc -l | sed 's/^/duplicate-ids /'
+    2>/dev/null | sort -u | awk '{print $1" "$2}' | sort | uniq -d | wc -l \
+    | sed 's/^/duplicate-ids /'
 sync -f /mnt/sub/sub-file && sync -f /mnt/top-file 2>/dev/null; echo "syncfs $?"
 cat /mnt/sub/sub-file
 umount /mnt/sub 2>/dev/null
