@@ -39,12 +39,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _confinement(pid: int) -> tuple:
+    """What a sandbox changes: root directory and namespaces."""
+    try:
+        root = os.stat(f"/proc/{pid}/root/")
+        return ((root.st_dev, root.st_ino),
+                *(os.readlink(f"/proc/{pid}/ns/{kind}") for kind in ("mnt", "pid", "user")))
+    except OSError:
+        return ()
+
+
 def processes(pid: int) -> list[int]:
     """The supervisor and its workers. With --sandbox the pid file names the process
-    that stayed outside; the supervisor is found down its line of single children."""
+    that stayed outside: the supervisor is down its line of single children that live
+    in another root or other namespaces."""
     children = _children(pid)
-    while len(children) == 1 and _children(children[0]):
-        pid, children = children[0], _children(children[0])
+    while len(children) == 1 and _confinement(children[0]) != _confinement(pid):
+        pid = children[0]
+        children = _children(pid)
     return [pid, *children]
 
 

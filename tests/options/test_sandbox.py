@@ -7,6 +7,7 @@ and the shared-memory segments when it stops."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import struct
@@ -108,6 +109,10 @@ def test_namespace_sandbox_as_root(tmp_path: Path) -> None:
         # the process outside stays in the host's namespaces (it cleans up host paths)
         assert ns(proc.pid, "mnt") == ns("self", "mnt")
         assert segments(proc.pid)
+        # the operator's stats command finds the server and its workers behind it
+        stats = run_cli("stats", "--socket-path", str(sock), "--json", "--interval", "0.1")
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["workers"] == 2
         front.close()
         assert proc.wait(10) == 0
     assert (root.st_dev, root.st_ino) == (share.stat().st_dev, share.stat().st_ino)
