@@ -93,6 +93,8 @@ ffibuilder.cdef(
         int32_t mandatory;
         uint32_t timeout_nsec;
         uint64_t timeout_sec;
+        uint64_t ht_close;
+        int32_t allow_unlink;
     } pyvfs_fast_ctx_t;
     int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                    const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,

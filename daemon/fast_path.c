@@ -1,4 +1,4 @@
-/* GETATTR, LOOKUP, FORGET and BATCH_FORGET answered wholly in C (appended to daemon._sys's
+/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR) and UNLINK answered wholly in C (appended to daemon._sys's
  * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
  *
  * The rule: answer exactly what daemon/passthrough.py would answer, byte for byte, or
@@ -201,6 +201,9 @@ typedef struct {
     int32_t mandatory;       /* --inode-file-handles=mandatory */
     uint32_t timeout_nsec;   /* entry and attr timeout of the cache mode */
     uint64_t timeout_sec;
+    /* RELEASE/RELEASEDIR: the open-file table's ht_close (0 = Python) */
+    uint64_t ht_close;
+    int32_t allow_unlink;    /* UNLINK in C: not on a read-only share */
 } pyvfs_fast_ctx_t;
 
 typedef int64_t (*it_acquire_fd_fn)(void *, uint64_t);
@@ -307,6 +310,62 @@ static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
     return 1;
 }
 
+/* fuse.split_name + passthrough.check_name: the first NUL-terminated string of the
+   arguments, 1..255 bytes, no '/', not "." or "..", copied into name[256]. Its length, or
+   0 for anything else (Python's EINVAL or ENAMETOOLONG). */
+static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
+                        char *name) {
+    uint64_t args = h->len - sizeof *h;
+    uint64_t take = args < 256 ? args : 256;
+    if (pyvfs_iov_read(rd, rd_n, sizeof *h, name, take) != take) return 0;
+    const char *nul = memchr(name, 0, take);
+    if (!nul || nul == name) return 0;
+    size_t name_len = (size_t)(nul - name);
+    if (memchr(name, '/', name_len) || (name[0] == '.' && (name_len == 1 ||
+                                        (name_len == 2 && name[1] == '.'))))
+        return 0;
+    return name_len;
+}
+
+/* A reply that is just the out header (error 0). */
+static int reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr, int wr_n,
+                       uint32_t *written) {
+    struct fuse_out_header o = {.len = sizeof o, .error = 0, .unique = h->unique};
+    pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
+    *written = sizeof o;
+    return 1;
+}
+
+/* passthrough.op_release (RELEASE and RELEASEDIR): the guest's reference on the fh goes,
+   and the fd with it when no request still uses it. */
+static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                        const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
+                        const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
+    uint64_t fh;
+    if (!c->ht_close || wr_len < sizeof(struct fuse_out_header) ||
+        h->len - sizeof *h < sizeof fh)
+        return 0;
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &fh, sizeof fh);
+    int64_t fd = ((int64_t (*)(void *, uint64_t))c->ht_close)((void *)c->handles, fh);
+    if (fd >= 0) close((int)fd);
+    return reply_empty(h, wr, wr_n, written);
+}
+
+/* passthrough.op_unlink; a failing unlinkat is left to Python, which gets the same errno. */
+static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
+                       const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
+    if (!c->allow_unlink || wr_len < sizeof(struct fuse_out_header)) return 0;
+    char name[256];
+    if (!read_name(h, rd, rd_n, name)) return 0;
+    uint32_t pslot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) return 0;
+    int r = unlinkat(pfd, name, 0);
+    drop_inode_ref(c, pslot);
+    return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
+}
+
 /* passthrough.op_lookup for a name that exists: open it O_PATH|O_NOFOLLOW under the
  * parent, fstat, identify it (file handle and mount id as PassthroughFs._file_handle
  * does), then claim_or_insert exactly as PassthroughFs.claim: the reference it takes is
@@ -320,15 +379,8 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
        1..255 bytes, no '/', not "." or "..". Anything else: Python's EINVAL or
        ENAMETOOLONG. */
     char name[256];
-    uint64_t args = h->len - sizeof *h;
-    uint64_t take = args < sizeof name ? args : sizeof name;
-    if (pyvfs_iov_read(rd, rd_n, sizeof *h, name, take) != take) return 0;
-    const char *nul = memchr(name, 0, take);
-    if (!nul || nul == name) return 0;
-    size_t name_len = (size_t)(nul - name);
-    if (memchr(name, '/', name_len) || (name[0] == '.' && (name_len == 1 ||
-                                        (name_len == 2 && name[1] == '.'))))
-        return 0;
+    size_t name_len = read_name(h, rd, rd_n, name);
+    if (!name_len) return 0;
     uint32_t pslot;
     int pfd = inode_fd(c, h->nodeid, &pslot);
     if (pfd < 0) return 0;
@@ -449,6 +501,9 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     case FUSE_LOOKUP:
     case FUSE_FORGET:
     case FUSE_BATCH_FORGET:
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+    case FUSE_UNLINK:
         break;
     default:
         return 0;
@@ -462,6 +517,11 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_getattr(c, &h, wr, wr_n, wr_len, written);
     case FUSE_LOOKUP:
         return fast_lookup(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+        return fast_release(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
+    case FUSE_UNLINK:
+        return fast_unlink(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
     default:
         return fast_forget(c, &h, rd, rd_n, written);
     }

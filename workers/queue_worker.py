@@ -74,8 +74,8 @@ class QueueWorker:
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
         self.poll_seconds = setup.poll_us / 1e6
-        # READ/WRITE, GETATTR, LOOKUP, FORGET are answered in C unless we are debugging
-        # every request
+        # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
+        # (daemon/fast_path.c) unless we are debugging every request
         self.fast = not log.isEnabledFor(logging.DEBUG)
         self.fast_ctx = self._fast_ctx(fs)
         self.fast_written = ffi.new("uint32_t *")
@@ -112,6 +112,8 @@ class QueueWorker:
         ctx.mandatory = int(fs.config.file_handles == "mandatory")
         ctx.timeout_sec, ctx.timeout_nsec = fs.config.timeout
         ctx.meta = 1
+        ctx.ht_close = fs.handles.c_close()
+        ctx.allow_unlink = 0 if fs.config.readonly else 1
         return ctx
 
     @staticmethod

@@ -30,6 +30,7 @@ def make_share(root: Path) -> tuple[Path, bool]:
     os.symlink("dangling", share / "link")
     (share / ("n" * 255)).write_text("long name")
     (share / "mnt").mkdir()
+    (share / "scratch").mkdir()  # changed by the conversation
     mounted = subprocess.run(["mount", "-t", "tmpfs", "none", str(share / "mnt")],
                              capture_output=True).returncode == 0
     return share, mounted
@@ -39,9 +40,11 @@ def script(front: Frontend) -> list[tuple[str, int, bytes]]:
     """The same conversation with either daemon: (what, errno, payload) per request."""
     out: list[tuple[str, int, bytes]] = []
 
-    def req(what: str, opcode: int, nodeid: int, arg: bytes = b"", **kw: object) -> bytes:
+    def req(what: str, opcode: int, nodeid: int, arg: bytes = b"", exact: bool = True,
+            **kw: object) -> bytes:
+        """exact=False: the payload carries times the first daemon's run changed"""
         err, payload = front.fuse(opcode, nodeid, arg, **kw)  # type: ignore[arg-type]
-        out.append((what, err, payload))
+        out.append((what, err, payload if exact else b"(not compared)"))
         return payload
 
     ids = {}
@@ -75,6 +78,27 @@ def script(front: Frontend) -> list[tuple[str, int, bytes]]:
     req("getattr, reply does not fit", G, 1, out_size=64)
     req("getattr forged", G, 1 << 50)
     req("getattr nodeid 0", G, 0)
+    # RELEASE and UNLINK (C), OPEN and CREATE (Python)
+    opened = req("open file", fuse.Opcode.OPEN, ids[b"file"], fuse.OPEN_IN.pack(0, 0))
+    fh = struct.unpack_from("<Q", opened)[0]
+    req("release", fuse.Opcode.RELEASE, ids[b"file"], fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+    req("release again", fuse.Opcode.RELEASE, ids[b"file"], fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+    req("release forged", fuse.Opcode.RELEASE, ids[b"file"], fuse.RELEASE_IN.pack(1, 0, 0, 0))
+    scratch = struct.unpack_from("<Q", req("lookup scratch", L, 1, b"scratch\0",
+                                           exact=False))[0]
+    created = req("create", fuse.Opcode.CREATE, scratch,
+                  fuse.CREATE_IN.pack(os.O_RDWR, 0o644, 0, 0) + b"new\0", exact=False)
+    req("release created", fuse.Opcode.RELEASE, 0, fuse.RELEASE_IN.pack(
+        struct.unpack_from("<Q", created, fuse.ENTRY_OUT_SIZE)[0], 0, 0, 0))
+    for what, nodeid, arg in [
+        ("unlink", scratch, b"new\0"),
+        ("unlink again", scratch, b"new\0"),
+        ("unlink a directory", 1, b"dir\0"),
+        ("unlink dotdot", ids[b"dir"], b"..\0"),
+        ("unlink unterminated", ids[b"dir"], b"inner"),
+        ("unlink forged parent", 55555, b"inner\0"),
+    ]:
+        req(what, fuse.Opcode.UNLINK, nodeid, arg)
     return out
 
 
@@ -101,6 +125,8 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
         assert by_what["lookup 256 bytes"] == -errno.ENAMETOOLONG
         assert by_what["lookup forged parent"] == -errno.EBADF
         assert by_what["getattr, reply does not fit"] == -errno.ERANGE
+        assert by_what["unlink"] == 0 and by_what["unlink again"] == -errno.ENOENT
+        assert by_what["unlink a directory"] == -errno.EISDIR
         if mounted:
             attr_flags = [p for w, _, p in answers["info"] if w == "lookup b'mnt'"][0]
             assert struct.unpack_from("<I", attr_flags, len(attr_flags) - 4)[0] == \

@@ -305,3 +305,40 @@ def test_mode_bits_survive(fs: Fs) -> None:
     assert handled == 1
     mode = struct.unpack_from("<I", reply, fuse.OUT_HEADER_SIZE + 16 + 60)[0]
     assert stat.S_ISREG(mode) and mode & stat.S_ISUID
+
+
+def test_release_and_unlink(fs: Fs) -> None:
+    """RELEASE drops the guest's reference on the fh (once, however often it is sent);
+    UNLINK removes the name; what C declines (bad names, a missing name) Python answers."""
+    share = Path(fs.fs.shared_dir)
+    (share / "victim").write_text("v")
+    nodeid = fs.lookup_py(1, b"victim")
+    fh = struct.unpack_from("<Q", fs.py(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(0, 0)),
+                            fuse.OUT_HEADER_SIZE)[0]
+    assert fs.handles.get(fh) is not None
+    arg = fuse.RELEASE_IN.pack(fh, 0, 0, 0)
+    for _ in range(2):  # the second finds nothing, and answers the same
+        handled, reply = fs.c(fuse.Opcode.RELEASE, nodeid, arg, split=5)
+        assert handled == 1 and reply == OUT.pack(16, 0, fs.unique)
+        assert fs.handles.get(fh) is None
+    assert len(fs.handles) == 0
+    assert fs.c(fuse.Opcode.RELEASE, nodeid, b"\1\2\3")[0] == 0  # short: Python's
+    assert fs.c(fuse.Opcode.RELEASE, nodeid, arg, out_size=15)[0] == 0
+    assert fs.c(fuse.Opcode.UNLINK, 1, b"victim\0", out_size=15)[0] == 0
+    for bad in (b"victim", b"..\0", b"dir/inner\0", b"x" * 256 + b"\0", b"\0", b"missing\0",
+                b"dir\0"):  # unterminated, climbing, too long, empty, ENOENT, EISDIR
+        assert fs.c(fuse.Opcode.UNLINK, 1, bad)[0] == 0, bad
+    assert (share / "victim").exists()
+    handled, reply = fs.c(fuse.Opcode.UNLINK, 1, b"victim\0")
+    assert handled == 1 and reply == OUT.pack(16, 0, fs.unique)
+    assert not (share / "victim").exists()
+    assert fs.inodes.refcount(nodeid) == 1  # the guest still holds its lookup
+
+
+def test_read_only_share_unlinks_in_python(tmp_path: Path) -> None:
+    f = Fs(make_share(tmp_path), readonly=True)
+    try:
+        assert f.c(fuse.Opcode.UNLINK, 1, b"file\0")[0] == 0
+        assert (tmp_path / "share" / "file").exists()
+    finally:
+        f.close()
