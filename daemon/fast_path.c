@@ -1,4 +1,5 @@
-/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR) and UNLINK answered wholly in C (appended to daemon._sys's
+/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK and READDIRPLUS answered
+ * wholly in C (appended to daemon._sys's
  * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
  *
  * The rule: answer exactly what daemon/passthrough.py would answer, byte for byte, or
@@ -366,37 +367,28 @@ static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
 }
 
-/* passthrough.op_lookup for a name that exists: open it O_PATH|O_NOFOLLOW under the
- * parent, fstat, identify it (file handle and mount id as PassthroughFs._file_handle
- * does), then claim_or_insert exactly as PassthroughFs.claim: the reference it takes is
- * the guest's, given back by FORGET. */
-static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
-                       const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
-                       uint64_t wr_len, uint32_t *written) {
-    struct pyvfs_entry_out out;
-    if (wr_len < sizeof out) return 0;  /* ERANGE */
-    /* fuse.split_name + check_name: the first NUL-terminated string of the arguments,
-       1..255 bytes, no '/', not "." or "..". Anything else: Python's EINVAL or
-       ENAMETOOLONG. */
-    char name[256];
-    size_t name_len = read_name(h, rd, rd_n, name);
-    if (!name_len) return 0;
-    uint32_t pslot;
-    int pfd = inode_fd(c, h->nodeid, &pslot);
-    if (pfd < 0) return 0;
+/* PassthroughFs.do_lookup + claim + the attr of pack_entry_into: open name
+ * O_PATH|O_NOFOLLOW under the parent, fstat, identify it (file handle and mount id as
+ * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
+ * reference it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts,
+ * attr with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it) and *slot.
+ * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
+ * taken; Python must answer). */
+static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
+                       size_t name_len, struct fuse_entry_out *e, uint32_t *slot) {
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) goto decline;  /* ENOENT (negative entry) and errors: Python */
+    if (fd < 0) return errno == ENOENT ? 0 : -1;
     struct stat st;
-    if (fstat(fd, &st) != 0) goto decline_fd;
-    memset(&out, 0, sizeof out);
+    if (fstat(fd, &st) != 0) goto fail;
+    memset(e, 0, sizeof *e);
     uint32_t attr_flags = 0;
     if (S_ISDIR(st.st_mode) && (*(const uint64_t *)(uintptr_t)c->session & c->submounts_flag)) {
-        /* FUSE_ATTR_SUBMOUNT on another file system's root (PassthroughFs._attr_flags) */
+        /* FUSE_ATTR_SUBMOUNT on another file system's root */
         struct stat pst;
-        if (fstat(pfd, &pst) != 0) goto decline_fd;
+        if (fstat(pfd, &pst) != 0) goto fail;
         if (pst.st_dev != st.st_dev) attr_flags = FUSE_ATTR_SUBMOUNT;
     }
-    if (!fill_attr(&out.e.attr, &st, attr_flags)) goto decline_fd;
+    if (!fill_attr(&e->attr, &st, attr_flags)) goto fail;
     struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
     const char *hb = NULL;
     uint32_t hn = 0;
@@ -413,37 +405,157 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
             mnt = 0;
         }
     }
-    if (!hb && c->mandatory) goto decline_fd;  /* Python: EIO */
-    if (mnt < 0) goto decline_fd;
+    if ((!hb && c->mandatory) || mnt < 0) goto fail;  /* Python: EIO */
     int by_handle = hb != NULL && (int64_t)mnt == c->root_mnt_id;
     int64_t r = ((it_claim_fn)c->it_claim_or_insert)(
         (void *)c->inodes, st.st_ino, st.st_dev, (uint64_t)mnt, hb, hn, htype, (uint64_t)mnt,
-        by_handle ? -1 : fd, st.st_mode, h->nodeid, name, (uint32_t)name_len);
-    if (r < 0) goto decline_fd;  /* table full: Python answers ENFILE */
-    uint64_t nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
-    if (by_handle) {
-        /* the next request on it needs no re-open; the parent stays pinned meanwhile, as
-           Python's InodeRef keeps it */
-        int pin = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-        pyvfs_fdc_put(c->fd_cache, nodeid, fd);
-        if (pin) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    }
+        by_handle ? -1 : fd, st.st_mode, parent, name, (uint32_t)name_len);
+    if (r < 0) goto fail;  /* table full: Python answers ENFILE */
+    *slot = (uint32_t)r;
+    e->nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+    if (by_handle)
+        pyvfs_fdc_put(c->fd_cache, e->nodeid, fd);  /* the next request needs no re-open */
     else if (!(r >> 32))
         close(fd);  /* found: the entry keeps its own fd */
+    e->entry_valid = e->attr_valid = c->timeout_sec;
+    e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
+    return 1;
+fail:
+    close(fd);
+    return -1;
+}
+
+/* passthrough.op_lookup for a name that exists (a missing one is Python's: a negative
+   entry or ENOENT by cache mode). */
+static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                       uint64_t wr_len, uint32_t *written) {
+    struct pyvfs_entry_out out;
+    if (wr_len < sizeof out) return 0;  /* ERANGE */
+    char name[256];
+    size_t name_len = read_name(h, rd, rd_n, name);
+    if (!name_len) return 0;
+    uint32_t pslot, slot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) return 0;
+    /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
+       InodeRef keeps it */
+    int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    int r = lookup_core(c, h->nodeid, pfd, name, name_len, &out.e, &slot);
+    if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     drop_inode_ref(c, pslot);
-    out.e.nodeid = nodeid;
-    out.e.entry_valid = out.e.attr_valid = c->timeout_sec;
-    out.e.entry_valid_nsec = out.e.attr_valid_nsec = c->timeout_nsec;
+    if (r <= 0) return 0;
+    memset(&out.o, 0, sizeof out.o);
     out.o.len = sizeof out;
     out.o.unique = h->unique;
     pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
     *written = sizeof out;
     return 1;
-decline_fd:
-    close(fd);
-decline:
+}
+
+/* passthrough.op_readdirplus: getdents64 from the open directory at the guest's offset,
+ * each entry looked up (and claimed: the guest FORGETs it) as LOOKUP does, "." and ".."
+ * with nodeid 0, as many as fit. On any failure the references taken so far are given back
+ * and Python answers the whole request. */
+#define PYVFS_DENTS_BUF 32768
+struct pyvfs_dirent64 { uint64_t ino; int64_t off; uint16_t reclen; uint8_t type; char name[]; };
+static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                            const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                            uint64_t wr_len, uint32_t *written) {
+    struct fuse_read_in a;
+    if (!c->ht_acquire_fd || wr_len < sizeof(struct fuse_out_header) ||
+        h->len - sizeof *h < sizeof a)
+        return 0;  /* short arguments: Python's EINVAL */
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
+    uint64_t size = a.size;
+    if (size > PYVFS_MAX_DATA) size = PYVFS_MAX_DATA;
+    if (size > wr_len - sizeof(struct fuse_out_header))
+        size = wr_len - sizeof(struct fuse_out_header);
+    int64_t hr = ((int64_t (*)(void *, uint64_t))c->ht_acquire_fd)((void *)c->handles, a.fh);
+    if (hr < 0) {
+        if (hr < -1) close((int)(-2 - hr));
+        return 0;  /* EBADF */
+    }
+    uint32_t hslot = (uint32_t)hr;
+    int dfd = (int)((hr >> 32) - 1);
+    uint32_t pslot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) {
+        int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
+                                                                         hslot);
+        if (last >= 0) close((int)last);
+        return 0;
+    }
+    int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    /* every entry is at least 152 bytes: the most references this request can take */
+    uint64_t max_refs = size / 152 + 1, nrefs = 0;
+    uint32_t *refs = malloc(max_refs * sizeof *refs);
+    char *buf = malloc(PYVFS_DENTS_BUF);
+    int ok = refs && buf && a.offset <= INT64_MAX &&
+             lseek(dfd, (off_t)a.offset, SEEK_SET) >= 0;
+    uint64_t used = 0;
+    int full = 0;
+    while (ok && !full) {
+        long n = syscall(SYS_getdents64, dfd, buf, PYVFS_DENTS_BUF);
+        if (n < 0) ok = 0;
+        if (n <= 0) break;
+        for (long pos = 0; pos < n && ok;) {
+            struct pyvfs_dirent64 *d = (struct pyvfs_dirent64 *)(buf + pos);
+            long reclen = d->reclen;
+            if (reclen < 20 || pos + reclen > n) { ok = 0; break; }
+            const char *nul = memchr(d->name, 0, (size_t)reclen - 19);
+            if (!nul) { ok = 0; break; }
+            size_t name_len = (size_t)(nul - d->name);
+            if (d->off < 0) { ok = 0; break; }  /* Python's packing refuses it */
+            pos += reclen;
+            uint64_t rec = (sizeof(struct fuse_entry_out) + sizeof(struct fuse_dirent) +
+                            name_len + 7) & ~7ULL;
+            if (used + rec > size) { full = 1; break; }
+            struct { struct fuse_entry_out e; struct fuse_dirent d; } ent;
+            _Static_assert(sizeof ent == 128 + 24, "direntplus head");
+            memset(&ent, 0, sizeof ent);
+            uint64_t ino = d->ino;
+            if (d->name[0] == '.' && (name_len == 1 || (name_len == 2 && d->name[1] == '.'))) {
+                /* nodeid 0: the guest makes no dentry and sends no FORGET for it */
+                ent.e.attr.ino = d->ino;
+                ent.e.attr.mode = (uint32_t)d->type << 12;
+            } else {
+                if (nrefs == max_refs) { ok = 0; break; }
+                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, &ent.e,
+                                    &refs[nrefs]);
+                if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
+                if (r < 0) { ok = 0; break; }
+                nrefs++;
+                ino = ent.e.attr.ino;
+            }
+            ent.d.ino = ino;
+            ent.d.off = (uint64_t)d->off;
+            ent.d.namelen = (uint32_t)name_len;
+            ent.d.type = d->type;
+            uint64_t at = sizeof(struct fuse_out_header) + used;
+            pyvfs_iov_write(wr, wr_n, at, &ent, sizeof ent);
+            pyvfs_iov_write(wr, wr_n, at + sizeof ent, d->name, name_len);
+            static const char zeros[8];
+            pyvfs_iov_write(wr, wr_n, at + sizeof ent + name_len, zeros,
+                            rec - sizeof ent - name_len);
+            used += rec;
+        }
+    }
+    if (!ok)  /* give the references back: Python redoes the request from its offset */
+        for (uint64_t i = 0; i < nrefs; i++) drop_inode_ref(c, refs[i]);
+    free(refs);
+    free(buf);
+    if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     drop_inode_ref(c, pslot);
-    return 0;
+    int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
+                                                                     hslot);
+    if (last >= 0) close((int)last);
+    if (!ok) return 0;
+    struct fuse_out_header o = {.len = (uint32_t)(sizeof o + used), .error = 0,
+                                .unique = h->unique};
+    pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
+    *written = o.len;
+    return 1;
 }
 
 /* passthrough._forget */
@@ -504,6 +616,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     case FUSE_RELEASE:
     case FUSE_RELEASEDIR:
     case FUSE_UNLINK:
+    case FUSE_READDIRPLUS:
         break;
     default:
         return 0;
@@ -522,6 +635,8 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_release(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
     case FUSE_UNLINK:
         return fast_unlink(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
+    case FUSE_READDIRPLUS:
+        return fast_readdirplus(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
     default:
         return fast_forget(c, &h, rd, rd_n, written);
     }

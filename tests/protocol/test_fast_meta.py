@@ -31,6 +31,10 @@ def make_share(root: Path) -> tuple[Path, bool]:
     (share / ("n" * 255)).write_text("long name")
     (share / "mnt").mkdir()
     (share / "scratch").mkdir()  # changed by the conversation
+    (share / "listing").mkdir()  # its atime changes when it is read
+    for i in range(40):
+        (share / "listing" / f"{i:02d}{'_' * i}").write_text(str(i))
+    os.symlink("nowhere", share / "listing" / "link")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "none", str(share / "mnt")],
                              capture_output=True).returncode == 0
     return share, mounted
@@ -99,6 +103,23 @@ def script(front: Frontend) -> list[tuple[str, int, bytes]]:
         ("unlink forged parent", 55555, b"inner\0"),
     ]:
         req(what, fuse.Opcode.UNLINK, nodeid, arg)
+    # READDIRPLUS (C) over a directory, in pieces; OPENDIR (Python), RELEASEDIR (C)
+    listing = struct.unpack_from("<Q", req("lookup listing", L, 1, b"listing\0",
+                                           exact=False))[0]
+    fh = struct.unpack_from("<Q", req("opendir", fuse.Opcode.OPENDIR, listing,
+                                      fuse.OPEN_IN.pack(0, 0)))[0]
+    offset = 0
+    for size in (1024, 4096, 300, 4096, 65536, 4096):
+        body = req(f"readdirplus {size} at {offset}", fuse.Opcode.READDIRPLUS, listing,
+                   fuse.READ_IN.pack(fh, offset, size, 0, 0, 0, 0), q=2)
+        pos = 0
+        while pos < len(body):
+            _, offset, namelen, _ = fuse.DIRENT_HEAD.unpack_from(body, pos + 128)
+            pos += fuse.direntplus_size(namelen)
+    req("readdirplus, bad fh", fuse.Opcode.READDIRPLUS, listing,
+        fuse.READ_IN.pack(fh ^ (1 << 40), 0, 4096, 0, 0, 0, 0))
+    req("readdirplus, short", fuse.Opcode.READDIRPLUS, listing, bytes(16))
+    req("releasedir", fuse.Opcode.RELEASEDIR, listing, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
     return out
 
 
@@ -127,6 +148,10 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
         assert by_what["getattr, reply does not fit"] == -errno.ERANGE
         assert by_what["unlink"] == 0 and by_what["unlink again"] == -errno.ENOENT
         assert by_what["unlink a directory"] == -errno.EISDIR
+        assert by_what["readdirplus, bad fh"] == -errno.EBADF
+        assert by_what["readdirplus, short"] == -errno.EINVAL
+        listed = [p for w, _, p in answers["info"] if w.startswith("readdirplus ")]
+        assert len([p for p in listed if p]) >= 3 and listed[-1] == b""  # all, then the end
         if mounted:
             attr_flags = [p for w, _, p in answers["info"] if w == "lookup b'mnt'"][0]
             assert struct.unpack_from("<I", attr_flags, len(attr_flags) - 4)[0] == \

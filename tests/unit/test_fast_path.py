@@ -53,9 +53,9 @@ class Fs:
 
     def c(self, opcode: int, nodeid: int, arg: bytes = b"", *, out_size: int = 4096,
           split: int = 0, length: int | None = None, extlen: int = 0,
-          readable: bytes | None = None) -> tuple[int, bytes]:
+          readable: bytes | None = None, wr_split: int = 0) -> tuple[int, bytes]:
         """(handled, reply bytes) from pyvfs_fast. split > 0 cuts the request into
-        pieces of that many bytes, one iovec each."""
+        pieces of that many bytes, one iovec each; wr_split the reply buffer."""
         self.unique += 1
         if readable is None:
             total = fuse.IN_HEADER_SIZE + len(arg) if length is None else length
@@ -69,17 +69,22 @@ class Fs:
             rd[i].base = int(ffi.cast("uintptr_t", b))
             rd[i].len = len(p)
         out = ffi.new("char[]", max(out_size, 1))
-        wr = ffi.new("pyvfs_iov_t[1]")
-        wr[0].base = int(ffi.cast("uintptr_t", out))
-        wr[0].len = out_size
+        wstep = wr_split or max(out_size, 1)
+        starts = list(range(0, out_size, wstep))
+        wr = ffi.new("pyvfs_iov_t[]", max(len(starts), 1))
+        for i, at in enumerate(starts):  # one buffer, cut into iovecs
+            wr[i].base = int(ffi.cast("uintptr_t", out)) + at
+            wr[i].len = min(wstep, out_size - at)
         written = ffi.new("uint32_t *")
-        handled = lib.pyvfs_fast(rd, len(pieces), len(readable), wr, 1 if out_size else 0,
+        handled = lib.pyvfs_fast(rd, len(pieces), len(readable), wr, len(starts),
                                  out_size, self.ctx, written)
         return handled, ffi.buffer(out, written[0])[:] if handled else b""
 
-    def py(self, opcode: int, nodeid: int, arg: bytes = b"") -> bytes:
+    def py(self, opcode: int, nodeid: int, arg: bytes = b"",
+           room: int = fuse.MAX_WRITE) -> bytes:
         """The Python operation's reply, as the worker would write it."""
-        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, 0, 0, 1, arg))
+        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, 0, 0, 1, arg,
+                                              room))
         if payload is None:
             return b""
         return OUT.pack(fuse.OUT_HEADER_SIZE + len(payload), 0, self.unique) + bytes(payload)
@@ -342,3 +347,60 @@ def test_read_only_share_unlinks_in_python(tmp_path: Path) -> None:
         assert (tmp_path / "share" / "file").exists()
     finally:
         f.close()
+
+
+def test_readdirplus_identical_and_counted(fs: Fs) -> None:
+    share = Path(fs.fs.shared_dir)
+    big = share / "big"
+    big.mkdir()
+    for i in range(120):
+        (big / f"entry_{i:03d}_{'x' * (i % 13)}").write_text(str(i))
+    (big / "sub").mkdir()
+    os.symlink("nowhere", big / "dangling")
+    dir_id = fs.lookup_py(1, b"big")
+    fh = struct.unpack_from("<Q", fs.py(fuse.Opcode.OPENDIR, dir_id, fuse.OPEN_IN.pack(0, 0)),
+                            fuse.OUT_HEADER_SIZE)[0]
+    names_seen: set[bytes] = set()
+    for size, out_size in [(4096, 4096), (4096, 4096 + 16), (65536, 65536), (1000, 4096),
+                           (100, 4096), (4096, 200), (0, 4096), (1 << 30, 8192)]:
+        offset, rounds = 0, 0
+        while rounds < 400:
+            rounds += 1
+            arg = fuse.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+            handled, reply = fs.c(fuse.Opcode.READDIRPLUS, dir_id, arg, out_size=out_size,
+                                  wr_split=777, split=9)
+            assert handled == 1
+            py = fs.py(fuse.Opcode.READDIRPLUS, dir_id, arg, room=out_size - 16)
+            assert reply == py, (size, offset)
+            body, pos, last = reply[16:], 0, None
+            while pos < len(body):
+                nodeid = struct.unpack_from("<Q", body, pos)[0]
+                ino, off, namelen, _ = fuse.DIRENT_HEAD.unpack_from(body, pos + 128)
+                name = body[pos + 152 : pos + 152 + namelen]
+                names_seen.add(name)
+                if name not in (b".", b".."):
+                    assert nodeid and fs.inodes.refcount(nodeid) >= 2
+                pos += fuse.direntplus_size(namelen)
+                last = off
+            if last is None:
+                break
+            offset = last
+    assert len(names_seen) == 124  # ., .., 120 files, sub, dangling
+    # every entry sent (by C and by Python) is one reference; FORGET them all in C
+    for e in list(fs.inodes.iter_entries()):
+        if e.parent == dir_id:
+            assert fs.c(fuse.Opcode.FORGET, e.nodeid, fuse.FORGET_IN.pack(e.refcount),
+                        out_size=0)[0] == 1
+    assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
+    fs.inodes.check()
+    # declined: unknown fh, forged nodeid, short arguments, offset beyond 2^63
+    for nodeid, arg in [(dir_id, fuse.READ_IN.pack(fh + 2, 0, 4096, 0, 0, 0, 0)),
+                        (424242, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)),
+                        (dir_id, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)[:39]),
+                        (dir_id, fuse.READ_IN.pack(fh, 1 << 63, 4096, 0, 0, 0, 0))]:
+        assert fs.c(fuse.Opcode.READDIRPLUS, nodeid, arg)[0] == 0
+    assert fs.c(fuse.Opcode.READDIRPLUS, dir_id, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0),
+                out_size=15)[0] == 0
+    assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
+    assert fs.c(fuse.Opcode.RELEASEDIR, dir_id, fuse.RELEASE_IN.pack(fh, 0, 0, 0))[0] == 1
+    assert len(fs.handles) == 0
