@@ -99,6 +99,19 @@ ffibuilder.cdef(
     int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                    const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
                    const pyvfs_fast_ctx_t *c, uint32_t *written);
+    typedef struct {
+        uint64_t desc, avail, used;
+        const pyvfs_region_t *regions;
+        int32_t nregions;
+        uint32_t size;
+        int32_t indirect;
+        uint16_t last_avail;
+        uint16_t used_idx;
+    } pyvfs_queue_t;
+    void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len);
+    int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                    uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                    const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered);
     #define PYVFS_UTIME_NOW ...
     #define PYVFS_UTIME_OMIT ...
     """

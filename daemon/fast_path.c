@@ -641,3 +641,61 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_forget(c, &h, rd, rd_n, written);
     }
 }
+
+/* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
+ * The split ring's state lives here so Python's SplitQueue (daemon/virtqueue.py) and this
+ * loop share it. */
+typedef struct {
+    uint64_t desc, avail, used;  /* host addresses of the three ring parts */
+    const pyvfs_region_t *regions;
+    int32_t nregions;
+    uint32_t size;
+    int32_t indirect;
+    uint16_t last_avail;         /* next avail entry to pop */
+    uint16_t used_idx;           /* next used entry to write */
+} pyvfs_queue_t;
+
+void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
+    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
+    e[0] = head;
+    e[1] = len;
+    q->used_idx++;
+    __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+/* Pop chains until the ring is empty (0) or one needs Python: 1 = a walked chain in
+ * rd/wr (*head), for handle_chain; 2 + k = a malformed chain at *head (walk error -1 - k,
+ * detail filled), to be completed with length 0; -1 = the avail index jumped by more than
+ * the ring size. Requests answered here are pushed; *answered counts them. fast == 0: only
+ * pop (debug logging: every request goes to Python). */
+int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered) {
+    uint32_t done = 0;
+    int rc = 0;
+    for (;;) {
+        uint16_t avail = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
+                                         __ATOMIC_ACQUIRE);
+        if (avail == q->last_avail) break;
+        if ((uint16_t)(avail - q->last_avail) > q->size) { rc = -1; break; }
+        uint32_t h = __atomic_load_n(
+            (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)(q->last_avail % q->size)),
+            __ATOMIC_ACQUIRE);
+        q->last_avail++;
+        *head = h;
+        int w = pyvfs_walk_chain(q->desc, q->size, h, q->indirect, q->regions, q->nregions,
+                                 rd, &counts[0], &lens[0], wr, &counts[1], &lens[1], max_iov,
+                                 detail);
+        if (w) { rc = 1 - w; break; }
+        uint32_t written = 0;
+        if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
+            pyvfs_queue_push(q, h, written);
+            done++;
+            continue;
+        }
+        rc = 1;
+        break;
+    }
+    *answered = done;
+    return rc;
+}

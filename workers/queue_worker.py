@@ -30,7 +30,7 @@ from daemon.passthrough import (
     Request,
 )
 from daemon.vhost_user import MemoryRegion
-from daemon.virtqueue import BadChain, DescriptorChain, SplitQueue
+from daemon.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
 from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
@@ -39,7 +39,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
-fast_path = lib.pyvfs_fast
+drain = lib.pyvfs_drain
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 # replies of a fixed size, checked against the guest's buffer before the request acts
 MIN_REPLY = {
@@ -76,9 +76,10 @@ class QueueWorker:
         self.poll_seconds = setup.poll_us / 1e6
         # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
         # (daemon/fast_path.c) unless we are debugging every request
-        self.fast = not log.isEnabledFor(logging.DEBUG)
+        self.fast = int(not log.isEnabledFor(logging.DEBUG))
         self.fast_ctx = self._fast_ctx(fs)
-        self.fast_written = ffi.new("uint32_t *")
+        self.drain_head = ffi.new("uint32_t *")
+        self.drained = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
@@ -210,12 +211,27 @@ class QueueWorker:
         while True:
             q.disable_notifications()
             while True:
-                try:
-                    got = q.pop(chain)
-                except BadChain as e:
-                    log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
-                    self.enabled = False
-                    return
+                # pop, answer and push in C as long as the requests are fast-path ones
+                r = drain(q.c, chain.rd, chain.wr, chain.counts, chain.lens, chain.detail,
+                          self.drain_head, MAX_SEGMENTS, self.fast_ctx, self.fast,
+                          self.drained)
+                if self.drained[0]:
+                    pushed = True
+                if r > 0:
+                    chain.head = self.drain_head[0]
+                    got = r == 1
+                    if not got:
+                        q.last_error = (f"descriptor chain at head {chain.head}: "
+                                        f"{walk_error(1 - r, chain.detail)}")
+                elif r == 0:
+                    got = None
+                else:  # the avail index jumped: pop says so in detail
+                    try:
+                        got = q.pop(chain)
+                    except BadChain as e:
+                        log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
+                        self.enabled = False
+                        return
                 if got is None:
                     if pushed and self.poll_seconds > 0:
                         # drained: hand the guest its answers now, then poll a moment
@@ -230,11 +246,6 @@ class QueueWorker:
                 if not got:
                     self.warn("chain", "dropped %s", q.last_error)
                     q.push(chain.head, 0)
-                    continue
-                if self.fast and fast_path(
-                        chain.rd, chain.counts[0], chain.lens[0], chain.wr, chain.counts[1],
-                        chain.lens[1], self.fast_ctx, self.fast_written):
-                    q.push(chain.head, self.fast_written[0])
                     continue
                 written = self.handle_chain(chain)
                 if written != PENDING:
