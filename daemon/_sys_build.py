@@ -2,7 +2,18 @@
 Python's standard library lacks (clone with a shared fd table, per-thread fs credentials,
 getdents64, fences, guest-memory mapping)."""
 
+import os
+
 from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fast_path_source() -> str:
+    """GETATTR/LOOKUP/FORGET in C and the workers' fd cache (daemon/fast_path.c)."""
+    with open(os.path.join(HERE, "fast_path.c")) as f:
+        return f.read()
+
 
 ffibuilder = FFI()
 
@@ -51,6 +62,56 @@ ffibuilder.cdef(
                       int allow_write, uint32_t *written);
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
     int pyvfs_syncfs(int fd);
+    /* daemon/fast_path.c */
+    typedef struct {
+        uint64_t capacity;
+        uint64_t count;
+        uint64_t opened;
+        uint64_t hits;
+        ...;
+    } pyvfs_fdcache_t;
+    pyvfs_fdcache_t *pyvfs_fdc_new(uint64_t capacity);
+    void pyvfs_fdc_free(pyvfs_fdcache_t *c);
+    int pyvfs_fdc_get(pyvfs_fdcache_t *c, uint64_t nodeid);
+    int pyvfs_fdc_put(pyvfs_fdcache_t *c, uint64_t nodeid, int fd);
+    void pyvfs_fdc_drop(pyvfs_fdcache_t *c, uint64_t nodeid);
+    void pyvfs_fdc_clear(pyvfs_fdcache_t *c);
+    int pyvfs_fdc_pin(pyvfs_fdcache_t *c, uint64_t nodeid);
+    void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid);
+    typedef struct {
+        uint64_t handles, ht_acquire_fd, ht_release_ref;
+        int32_t allow_write;
+        int32_t meta;
+        uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
+                 it_nodeid, it_handle_of;
+        pyvfs_fdcache_t *fd_cache;
+        uint64_t session;
+        uint64_t submounts_flag;
+        int64_t root_mnt_id;
+        int32_t mount_fd;
+        int32_t use_handles;
+        int32_t mandatory;
+        uint32_t timeout_nsec;
+        uint64_t timeout_sec;
+        uint64_t ht_close;
+        int32_t allow_unlink;
+    } pyvfs_fast_ctx_t;
+    int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
+                   const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
+                   const pyvfs_fast_ctx_t *c, uint32_t *written);
+    typedef struct {
+        uint64_t desc, avail, used;
+        const pyvfs_region_t *regions;
+        int32_t nregions;
+        uint32_t size;
+        int32_t indirect;
+        uint16_t last_avail;
+        uint16_t used_idx;
+    } pyvfs_queue_t;
+    void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len);
+    int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                    uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                    const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered);
     #define PYVFS_UTIME_NOW ...
     #define PYVFS_UTIME_OMIT ...
     """
@@ -381,7 +442,9 @@ ffibuilder.set_source(
                         const char *newpath, unsigned int flags) {
         return syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
     }
-    """,
+    """ + _fast_path_source(),
+    # relative to the project root, so setuptools rebuilds when it changes
+    depends=["daemon/fast_path.c"],
 )
 
 if __name__ == "__main__":

@@ -11,63 +11,63 @@ answer for another inode.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 from daemon._sys import ffi, lib
 
 
 class FdCache:
+    """The cache itself is C (``daemon/fast_path.c``), so the worker's C fast path
+    (GETATTR, LOOKUP, FORGET) and the Python operations share it."""
+
+    __slots__ = ("c",)
+
     def __init__(self, capacity: int) -> None:
-        self.capacity = max(capacity, 1)
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pinned: dict[int, int] = {}  # nodeid -> requests using its fd right now
-        self.opened = 0
-        self.hits = 0
+        c = lib.pyvfs_fdc_new(max(capacity, 1))
+        if c == ffi.NULL:
+            raise MemoryError("fd cache")
+        self.c = ffi.gc(c, lib.pyvfs_fdc_free)
+
+    @property
+    def capacity(self) -> int:
+        return self.c.capacity
+
+    @property
+    def opened(self) -> int:
+        """open_by_handle_at calls (statistics)."""
+        return self.c.opened
+
+    @opened.setter
+    def opened(self, value: int) -> None:
+        self.c.opened = value
+
+    @property
+    def hits(self) -> int:
+        return self.c.hits
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return self.c.count
 
     def get(self, nodeid: int) -> int:
-        fd = self._fds.get(nodeid, -1)
-        if fd >= 0:
-            self._fds.move_to_end(nodeid)
-            self.hits += 1
-        return fd
+        return lib.pyvfs_fdc_get(self.c, nodeid)
 
     def put(self, nodeid: int, fd: int) -> None:
         """Keep fd for nodeid (the cache now owns it), evicting the oldest if full."""
-        old = self._fds.pop(nodeid, -1)
-        if old >= 0 and old != fd:
-            os.close(old)
-        self._fds[nodeid] = fd
-        if len(self._fds) > self.capacity:
-            self._evict()
-
-    def _evict(self) -> None:
-        """Close the least recently used fds that no request is using."""
-        for victim in list(self._fds):
-            if len(self._fds) <= self.capacity:
-                return
-            if victim not in self._pinned:
-                os.close(self._fds.pop(victim))
+        if lib.pyvfs_fdc_put(self.c, nodeid, fd) < 0:
+            raise MemoryError("fd cache")  # fd was closed
 
     def pin(self, nodeid: int) -> None:
         """Keep nodeid's fd open while a request uses it, whatever else gets cached."""
-        self._pinned[nodeid] = self._pinned.get(nodeid, 0) + 1
+        if lib.pyvfs_fdc_pin(self.c, nodeid) < 0:
+            raise MemoryError("fd cache pins")
 
     def unpin(self, nodeid: int) -> None:
-        left = self._pinned.pop(nodeid) - 1
-        if left:
-            self._pinned[nodeid] = left
+        lib.pyvfs_fdc_unpin(self.c, nodeid)
 
     def drop(self, nodeid: int) -> None:
-        fd = self._fds.pop(nodeid, -1)
-        if fd >= 0:
-            os.close(fd)
+        lib.pyvfs_fdc_drop(self.c, nodeid)
 
     def clear(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
+        lib.pyvfs_fdc_clear(self.c)
 
 
 def open_by_handle(mount_fd: int, handle: bytes, handle_type: int) -> int:

@@ -113,10 +113,33 @@ class SplitQueue:
         self.desc_addr = mem.host_address(desc_gpa, size * DESC_SIZE)
         self.avail_addr = mem.host_address(avail_gpa, 6 + 2 * size)
         self.used_addr = mem.host_address(used_gpa, 6 + 8 * size)
+        # the ring state, shared with the C loop (pyvfs_drain in daemon/fast_path.c)
+        self.c = ffi.new("pyvfs_queue_t *")
+        self.c.desc, self.c.avail, self.c.used = self.desc_addr, self.avail_addr, self.used_addr
+        self.c.regions = mem.c_regions
+        self.c.nregions = mem.c_count
+        self.c.size = size
+        self.c.indirect = int(indirect)
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = lib.pyvfs_load_u16(self.used_addr + 2)
         self._signalled_used = self.used_idx
         self._signalled_valid = False
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self.c.last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        self.c.last_avail = value & 0xFFFF
+
+    @property
+    def used_idx(self) -> int:
+        return self.c.used_idx
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        self.c.used_idx = value & 0xFFFF
 
     def avail_idx(self) -> int:
         return lib.pyvfs_load_u16(self.avail_addr + 2)
@@ -153,10 +176,7 @@ class SplitQueue:
 
     def push(self, head: int, length: int) -> None:
         """Publish one used element; the index store is a release store after it."""
-        idx = self.used_idx
-        lib.pyvfs_store_used(self.used_addr + 4 + 8 * (idx % self.size), head, length)
-        self.used_idx = (idx + 1) & 0xFFFF
-        lib.pyvfs_store_u16(self.used_addr + 2, self.used_idx)
+        lib.pyvfs_queue_push(self.c, head, length)
 
     def enable_notifications(self) -> bool:
         """Ask for a kick on new work; True if work arrived meanwhile (process it first)."""

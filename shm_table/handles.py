@@ -103,6 +103,10 @@ class HandleTable(_Segment):
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_acquire_fd"))),
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_release_ref"))))
 
+    def c_close(self) -> int:
+        """The address of ht_close (the guest's RELEASE), for C callers like c_api()'s."""
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_close")))
+
     def fd_of(self, slot: int) -> int:
         """fd of a slot the caller holds a reference on."""
         return lib.ht_fd(self._b, slot)

@@ -976,6 +976,20 @@ uint64_t it_refcount(void *base, uint32_t slot) {
 }
 uint32_t it_hwm(void *base) { return LD_ACQ(&H(base)->hwm); }
 
+/* The file handle of a slot the caller holds a reference on (so its identity cannot change
+ * meanwhile): copies handle_bytes bytes into out (room for MAX_HANDLE) and returns their
+ * number, or -1 when the entry has no handle. */
+int32_t it_handle_of(void *base, uint32_t slot, uint8_t *out, int32_t *handle_type) {
+    hdr_t *h = H(base);
+    if (slot >= h->capacity) return -1;
+    islot_t *s = ISLOT(h, slot);
+    uint32_t n = s->handle_bytes;
+    if (!s->has_handle || n > MAX_HANDLE) return -1;
+    memcpy(out, s->handle, n);
+    *handle_type = s->handle_type;
+    return (int32_t)n;
+}
+
 /* A reader that keeps seeing an odd seq may be looking at a slot whose writer died: after a
  * while, pass through the lock, which repairs the table if its holder is dead. */
 static void reader_backoff(hdr_t *h, unsigned *spins) {

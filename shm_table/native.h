@@ -62,6 +62,7 @@ int32_t it_fd(void *base, uint32_t slot);
 uint64_t it_nodeid(void *base, uint32_t slot);
 uint64_t it_refcount(void *base, uint32_t slot);
 uint32_t it_hwm(void *base);
+int32_t it_handle_of(void *base, uint32_t slot, uint8_t *out, int32_t *handle_type);
 int it_snapshot(void *base, uint32_t slot, it_entry_t *out);
 int it_set_info(void *base, uint32_t slot, uint64_t parent, const char *name,
                 uint32_t name_len);

@@ -405,6 +405,16 @@ class InodeTable(_Segment):
             return -1
         return r
 
+    def c_api(self) -> dict[str, int]:
+        """The segment address and the addresses of the C functions another extension's C
+        code calls to resolve, claim and forget inodes without a Python round trip (the
+        worker's GETATTR/LOOKUP/FORGET fast path)."""
+        names = ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
+                 "it_lookup", "it_nodeid", "it_handle_of")
+        api = {n: int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names}
+        api["base"] = int(ffi.cast("uintptr_t", self._b))
+        return api
+
     def fd_of(self, slot: int) -> int:
         """The O_PATH fd of a slot the caller holds a reference on (-1 if it has none)."""
         return lib.it_fd(self._b, slot)

@@ -31,7 +31,7 @@ from daemon.passthrough import (
     Request,
 )
 from daemon.vhost_user import MemoryRegion
-from daemon.virtqueue import BadChain, DescriptorChain, SplitQueue
+from daemon.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
 from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
@@ -40,7 +40,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
-fast_io = lib.pyvfs_fast_io
+drain = lib.pyvfs_drain
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 # replies of a fixed size, checked against the guest's buffer before the request acts
 MIN_REPLY = {
@@ -77,13 +77,12 @@ class QueueWorker:
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
         self.poll_seconds = setup.poll_us / 1e6
-        # READ/WRITE are answered in C unless we are debugging every request
-        self.fast_io = not log.isEnabledFor(logging.DEBUG)
-        self.handle_api = fs.handles.c_api()
-        # writes that must clear privileges (a renamed security.capability) go through
-        # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
-        self.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
-        self.fast_written = ffi.new("uint32_t *")
+        # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
+        # (daemon/fast_path.c) unless we are debugging every request
+        self.fast = int(not log.isEnabledFor(logging.DEBUG))
+        self.fast_ctx = self._fast_ctx(fs)
+        self.drain_head = ffi.new("uint32_t *")
+        self.drained = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
@@ -91,6 +90,36 @@ class QueueWorker:
         self.interrupted_here: set[int] = set()  # uniques of waiting SETLKWs to cancel
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
+
+    def _fast_ctx(self, fs: PassthroughFs) -> object:
+        """What daemon/fast_path.c needs to answer requests as PassthroughFs would."""
+        ctx = ffi.new("pyvfs_fast_ctx_t *")
+        ctx.handles, ctx.ht_acquire_fd, ctx.ht_release_ref = fs.handles.c_api()
+        # writes that must clear privileges (a renamed security.capability) go through
+        # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
+        ctx.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
+        inode_api = getattr(fs.inodes, "c_api", None)
+        # owners rewritten by --translate-uid/gid are Python's job
+        if inode_api is None or fs.translate_ids:
+            return ctx
+        api = inode_api()
+        ctx.inodes = api["base"]
+        for name in ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
+                     "it_lookup", "it_nodeid", "it_handle_of"):
+            setattr(ctx, name, api[name])
+        ctx.fd_cache = fs.fd_cache.c
+        self._session = ffi.from_buffer(fs.session)  # kept alive with the context
+        ctx.session = int(ffi.cast("uintptr_t", self._session))
+        ctx.submounts_flag = fuse.SUBMOUNTS
+        ctx.root_mnt_id = fs.root_mnt_id
+        ctx.mount_fd = fs.mount_fd
+        ctx.use_handles = int(fs.use_handles)
+        ctx.mandatory = int(fs.config.file_handles == "mandatory")
+        ctx.timeout_sec, ctx.timeout_nsec = fs.config.timeout
+        ctx.meta = 1
+        ctx.ht_close = fs.handles.c_close()
+        ctx.allow_unlink = 0 if fs.config.readonly else 1
+        return ctx
 
     @staticmethod
     def _map(regions: list[list[int]]) -> GuestMemory:
@@ -186,12 +215,27 @@ class QueueWorker:
         while True:
             q.disable_notifications()
             while True:
-                try:
-                    got = q.pop(chain)
-                except BadChain as e:
-                    log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
-                    self.enabled = False
-                    return
+                # pop, answer and push in C as long as the requests are fast-path ones
+                r = drain(q.c, chain.rd, chain.wr, chain.counts, chain.lens, chain.detail,
+                          self.drain_head, MAX_SEGMENTS, self.fast_ctx, self.fast,
+                          self.drained)
+                if self.drained[0]:
+                    pushed = True
+                if r > 0:
+                    chain.head = self.drain_head[0]
+                    got = r == 1
+                    if not got:
+                        q.last_error = (f"descriptor chain at head {chain.head}: "
+                                        f"{walk_error(1 - r, chain.detail)}")
+                elif r == 0:
+                    got = None
+                else:  # the avail index jumped: pop says so in detail
+                    try:
+                        got = q.pop(chain)
+                    except BadChain as e:
+                        log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
+                        self.enabled = False
+                        return
                 if got is None:
                     if pushed and self.poll_seconds > 0:
                         # drained: hand the guest its answers now, then poll a moment
@@ -206,11 +250,6 @@ class QueueWorker:
                 if not got:
                     self.warn("chain", "dropped %s", q.last_error)
                     q.push(chain.head, 0)
-                    continue
-                if self.fast_io and fast_io(
-                        chain.rd, chain.counts[0], chain.lens[0], chain.wr, chain.counts[1],
-                        chain.lens[1], *self.handle_api, self.allow_write, self.fast_written):
-                    q.push(chain.head, self.fast_written[0])
                     continue
                 written = self.handle_chain(chain)
                 if written != PENDING:

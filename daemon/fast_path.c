@@ -1,0 +1,701 @@
+/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK and READDIRPLUS answered
+ * wholly in C (appended to daemon._sys's
+ * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
+ *
+ * The rule: answer exactly what daemon/passthrough.py would answer, byte for byte, or
+ * return 0 ("not handled") and let Python answer. Everything unusual is declined: odd
+ * lengths, request extensions, bad names, unknown nodeids, any failing system call, a full
+ * inode table, time stamps Python cannot encode. Python then redoes the request from the
+ * start and produces the proper errno and log line; a declined request has changed
+ * nothing (every reference taken here is given back first).
+ *
+ * The inode table is reached through the shm_table extension's own functions (addresses
+ * from InodeTable.c_api()), so the reference counting is the table's, not a copy. */
+
+/* ---- the worker's cache of O_PATH fds for inodes the table keeps by file handle only.
+ * Python's daemon/fd_cache.py is a thin wrapper around it, so the C and Python paths
+ * share one cache. Least recently used first out; pinned nodeids (in use by a Python
+ * request) are never evicted. */
+struct pyvfs_fdc_node {
+    uint64_t nodeid;
+    int fd;
+    struct pyvfs_fdc_node *hnext;      /* hash chain */
+    struct pyvfs_fdc_node *prev, *next; /* LRU list, sentinel in the cache */
+};
+typedef struct { uint64_t nodeid; uint64_t n; } pyvfs_fdc_pin_t;
+typedef struct {
+    uint64_t capacity;
+    uint64_t count;
+    uint64_t opened;   /* open_by_handle_at calls (statistics) */
+    uint64_t hits;
+    struct pyvfs_fdc_node **buckets;
+    uint64_t mask;
+    struct pyvfs_fdc_node lru;  /* lru.next: oldest, lru.prev: newest */
+    pyvfs_fdc_pin_t *pins;
+    uint32_t npins, pins_cap;
+} pyvfs_fdcache_t;
+
+static inline uint64_t fdc_hash(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+pyvfs_fdcache_t *pyvfs_fdc_new(uint64_t capacity) {
+    if (capacity < 1) capacity = 1;
+    uint64_t nb = 16;
+    while (nb < 2 * capacity && nb < (1ULL << 24)) nb <<= 1;
+    pyvfs_fdcache_t *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->buckets = calloc(nb, sizeof *c->buckets);
+    if (!c->buckets) { free(c); return NULL; }
+    c->capacity = capacity;
+    c->mask = nb - 1;
+    c->lru.next = c->lru.prev = &c->lru;
+    return c;
+}
+
+void pyvfs_fdc_free(pyvfs_fdcache_t *c) {
+    /* frees the memory only: the fds belong to the shared fd table */
+    struct pyvfs_fdc_node *n = c->lru.next;
+    while (n != &c->lru) {
+        struct pyvfs_fdc_node *next = n->next;
+        free(n);
+        n = next;
+    }
+    free(c->buckets);
+    free(c->pins);
+    free(c);
+}
+
+static struct pyvfs_fdc_node *fdc_find(pyvfs_fdcache_t *c, uint64_t nodeid,
+                                       struct pyvfs_fdc_node ***link) {
+    struct pyvfs_fdc_node **p = &c->buckets[fdc_hash(nodeid) & c->mask];
+    while (*p && (*p)->nodeid != nodeid) p = &(*p)->hnext;
+    if (link) *link = p;
+    return *p;
+}
+
+static void fdc_unlink_lru(struct pyvfs_fdc_node *n) {
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+}
+
+static void fdc_push_newest(pyvfs_fdcache_t *c, struct pyvfs_fdc_node *n) {
+    n->prev = c->lru.prev;
+    n->next = &c->lru;
+    c->lru.prev->next = n;
+    c->lru.prev = n;
+}
+
+/* Unlink a node from the hash chain and the LRU list; returns its fd. */
+static int fdc_remove(pyvfs_fdcache_t *c, struct pyvfs_fdc_node *n) {
+    struct pyvfs_fdc_node **p;
+    fdc_find(c, n->nodeid, &p);
+    *p = n->hnext;
+    fdc_unlink_lru(n);
+    int fd = n->fd;
+    free(n);
+    c->count--;
+    return fd;
+}
+
+static int fdc_pinned(const pyvfs_fdcache_t *c, uint64_t nodeid) {
+    for (uint32_t i = 0; i < c->npins; i++)
+        if (c->pins[i].nodeid == nodeid) return 1;
+    return 0;
+}
+
+int pyvfs_fdc_get(pyvfs_fdcache_t *c, uint64_t nodeid) {
+    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, NULL);
+    if (!n) return -1;
+    fdc_unlink_lru(n);
+    fdc_push_newest(c, n);
+    c->hits++;
+    return n->fd;
+}
+
+/* Keep fd for nodeid (the cache owns it from now on), newest; then close the oldest
+ * unpinned fds while over capacity. -1 (fd closed) if out of memory. */
+int pyvfs_fdc_put(pyvfs_fdcache_t *c, uint64_t nodeid, int fd) {
+    struct pyvfs_fdc_node **p;
+    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, &p);
+    if (n) {
+        if (n->fd >= 0 && n->fd != fd) close(n->fd);
+        n->fd = fd;
+        fdc_unlink_lru(n);
+    } else {
+        n = malloc(sizeof *n);
+        if (!n) { close(fd); return -1; }
+        n->nodeid = nodeid;
+        n->fd = fd;
+        n->hnext = NULL;
+        *p = n;
+        c->count++;
+    }
+    fdc_push_newest(c, n);
+    struct pyvfs_fdc_node *v = c->lru.next;
+    while (c->count > c->capacity && v != &c->lru) {
+        struct pyvfs_fdc_node *next = v->next;
+        if (!fdc_pinned(c, v->nodeid)) close(fdc_remove(c, v));
+        v = next;
+    }
+    return 0;
+}
+
+void pyvfs_fdc_drop(pyvfs_fdcache_t *c, uint64_t nodeid) {
+    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, NULL);
+    if (n) {
+        int fd = fdc_remove(c, n);
+        if (fd >= 0) close(fd);
+    }
+}
+
+void pyvfs_fdc_clear(pyvfs_fdcache_t *c) {
+    while (c->lru.next != &c->lru) {
+        int fd = fdc_remove(c, c->lru.next);
+        if (fd >= 0) close(fd);
+    }
+}
+
+int pyvfs_fdc_pin(pyvfs_fdcache_t *c, uint64_t nodeid) {
+    for (uint32_t i = 0; i < c->npins; i++)
+        if (c->pins[i].nodeid == nodeid) { c->pins[i].n++; return 0; }
+    if (c->npins == c->pins_cap) {
+        uint32_t cap = c->pins_cap ? 2 * c->pins_cap : 8;
+        pyvfs_fdc_pin_t *p = realloc(c->pins, cap * sizeof *p);
+        if (!p) return -1;
+        c->pins = p;
+        c->pins_cap = cap;
+    }
+    c->pins[c->npins].nodeid = nodeid;
+    c->pins[c->npins].n = 1;
+    c->npins++;
+    return 0;
+}
+
+void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid) {
+    for (uint32_t i = 0; i < c->npins; i++) {
+        if (c->pins[i].nodeid != nodeid) continue;
+        if (--c->pins[i].n == 0) c->pins[i] = c->pins[--c->npins];
+        return;
+    }
+}
+
+/* ---- the fast path */
+typedef struct {
+    /* READ/WRITE: the open-file table (HandleTable.c_api()) */
+    uint64_t handles, ht_acquire_fd, ht_release_ref;
+    int32_t allow_write;
+    /* GETATTR/LOOKUP/FORGET/BATCH_FORGET: 0 = always answered in Python */
+    int32_t meta;
+    /* InodeTable.c_api() */
+    uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
+             it_nodeid, it_handle_of;
+    pyvfs_fdcache_t *fd_cache;
+    uint64_t session;        /* address of the INIT flags both sides agreed on (u64) */
+    uint64_t submounts_flag; /* FUSE_SUBMOUNTS in that word */
+    int64_t root_mnt_id;
+    int32_t mount_fd;        /* for open_by_handle_at */
+    int32_t use_handles;     /* inodes are identified by file handle (name_to_handle_at) */
+    int32_t mandatory;       /* --inode-file-handles=mandatory */
+    uint32_t timeout_nsec;   /* entry and attr timeout of the cache mode */
+    uint64_t timeout_sec;
+    /* RELEASE/RELEASEDIR: the open-file table's ht_close (0 = Python) */
+    uint64_t ht_close;
+    int32_t allow_unlink;    /* UNLINK in C: not on a read-only share */
+} pyvfs_fast_ctx_t;
+
+typedef int64_t (*it_acquire_fd_fn)(void *, uint64_t);
+typedef int64_t (*it_release_fn)(void *, uint32_t, uint64_t);
+typedef int64_t (*it_claim_fn)(void *, uint64_t, uint64_t, uint64_t, const char *, uint32_t,
+                               int32_t, uint64_t, int32_t, uint32_t, uint64_t, const char *,
+                               uint32_t);
+typedef int64_t (*it_forget_fn)(void *, uint64_t, uint64_t);
+typedef int64_t (*it_lookup_fn)(void *, uint64_t);
+typedef uint64_t (*it_nodeid_fn)(void *, uint32_t);
+typedef int32_t (*it_handle_of_fn)(void *, uint32_t, uint8_t *, int32_t *);
+
+#define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* queue_worker.MAX_REQUEST */
+#define PYVFS_ROOT_ID 1
+#define PYVFS_MAX_HANDLE 128
+
+struct pyvfs_attr_out { struct fuse_out_header o; struct fuse_attr_out a; };
+struct pyvfs_entry_out { struct fuse_out_header o; struct fuse_entry_out e; };
+_Static_assert(sizeof(struct fuse_attr) == 88, "fuse_attr");
+_Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
+_Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
+_Static_assert(sizeof(struct pyvfs_attr_out) == 120, "attr reply");
+_Static_assert(sizeof(struct pyvfs_entry_out) == 144, "entry reply");
+
+static void drop_inode_ref(const pyvfs_fast_ctx_t *c, uint32_t slot) {
+    int64_t fd = ((it_release_fn)c->it_release)((void *)c->inodes, slot, 1);
+    if (fd >= 0) close((int)fd);
+}
+
+/* A strong reference on nodeid and its O_PATH fd (the table's, or this worker's cached or
+ * freshly re-opened one for an inode kept by file handle): the fd, or -1 with nothing
+ * held. Python's InodeRef. */
+static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid, uint32_t *slot) {
+    int64_t r = ((it_acquire_fd_fn)c->it_acquire_fd)((void *)c->inodes, nodeid);
+    if (r < 0) {
+        if (r < -1) close((int)(-2 - r));
+        return -1;
+    }
+    *slot = (uint32_t)r;
+    int fd = (int)((r >> 32) - 1);
+    if (fd >= 0) return fd;
+    fd = pyvfs_fdc_get(c->fd_cache, nodeid);
+    if (fd >= 0) return fd;
+    uint8_t handle[PYVFS_MAX_HANDLE];
+    int32_t type = 0;
+    int32_t n = ((it_handle_of_fn)c->it_handle_of)((void *)c->inodes, *slot, handle, &type);
+    if (n >= 0)
+        fd = pyvfs_open_by_handle(c->mount_fd, handle, n, type,
+                                  O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0) {
+        c->fd_cache->opened++;
+        if (pyvfs_fdc_put(c->fd_cache, nodeid, fd) == 0) return fd;
+    }
+    drop_inode_ref(c, *slot);
+    return -1;
+}
+
+/* struct stat -> fuse_attr as fuse.pack_attr_into packs it; 0 when Python's struct
+ * packing would refuse the values (negative times, nlink beyond 32 bits). */
+static int fill_attr(struct fuse_attr *a, const struct stat *st, uint32_t flags) {
+    if (st->st_atim.tv_sec < 0 || st->st_mtim.tv_sec < 0 || st->st_ctim.tv_sec < 0 ||
+        st->st_nlink > UINT32_MAX || st->st_size < 0 || st->st_blocks < 0 ||
+        st->st_blksize < 0 || (uint64_t)st->st_blksize > UINT32_MAX)
+        return 0;
+    a->ino = st->st_ino;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->atime = (uint64_t)st->st_atim.tv_sec;
+    a->mtime = (uint64_t)st->st_mtim.tv_sec;
+    a->ctime = (uint64_t)st->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->rdev = (uint32_t)st->st_rdev;
+    a->blksize = (uint32_t)st->st_blksize;
+    a->flags = flags;
+    return 1;
+}
+
+/* passthrough.op_getattr: fstat of the inode's fd (the fh of FUSE_GETATTR_FH is not used,
+ * as in Python). */
+static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                        const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len, uint32_t *written) {
+    struct pyvfs_attr_out out;
+    if (wr_len < sizeof out) return 0;  /* Python answers ERANGE */
+    uint32_t slot;
+    int fd = inode_fd(c, h->nodeid, &slot);
+    if (fd < 0) return 0;
+    struct stat st;
+    int ok = fstat(fd, &st) == 0;
+    drop_inode_ref(c, slot);
+    memset(&out, 0, sizeof out);
+    if (!ok || !fill_attr(&out.a.attr, &st, 0)) return 0;
+    out.a.attr_valid = c->timeout_sec;
+    out.a.attr_valid_nsec = c->timeout_nsec;
+    out.o.len = sizeof out;
+    out.o.unique = h->unique;
+    pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
+    *written = sizeof out;
+    return 1;
+}
+
+/* fuse.split_name + passthrough.check_name: the first NUL-terminated string of the
+   arguments, 1..255 bytes, no '/', not "." or "..", copied into name[256]. Its length, or
+   0 for anything else (Python's EINVAL or ENAMETOOLONG). */
+static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
+                        char *name) {
+    uint64_t args = h->len - sizeof *h;
+    uint64_t take = args < 256 ? args : 256;
+    if (pyvfs_iov_read(rd, rd_n, sizeof *h, name, take) != take) return 0;
+    const char *nul = memchr(name, 0, take);
+    if (!nul || nul == name) return 0;
+    size_t name_len = (size_t)(nul - name);
+    if (memchr(name, '/', name_len) || (name[0] == '.' && (name_len == 1 ||
+                                        (name_len == 2 && name[1] == '.'))))
+        return 0;
+    return name_len;
+}
+
+/* A reply that is just the out header (error 0). */
+static int reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr, int wr_n,
+                       uint32_t *written) {
+    struct fuse_out_header o = {.len = sizeof o, .error = 0, .unique = h->unique};
+    pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
+    *written = sizeof o;
+    return 1;
+}
+
+/* passthrough.op_release (RELEASE and RELEASEDIR): the guest's reference on the fh goes,
+   and the fd with it when no request still uses it. */
+static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                        const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
+                        const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
+    uint64_t fh;
+    if (!c->ht_close || wr_len < sizeof(struct fuse_out_header) ||
+        h->len - sizeof *h < sizeof fh)
+        return 0;
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &fh, sizeof fh);
+    int64_t fd = ((int64_t (*)(void *, uint64_t))c->ht_close)((void *)c->handles, fh);
+    if (fd >= 0) close((int)fd);
+    return reply_empty(h, wr, wr_n, written);
+}
+
+/* passthrough.op_unlink; a failing unlinkat is left to Python, which gets the same errno. */
+static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
+                       const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
+    if (!c->allow_unlink || wr_len < sizeof(struct fuse_out_header)) return 0;
+    char name[256];
+    if (!read_name(h, rd, rd_n, name)) return 0;
+    uint32_t pslot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) return 0;
+    int r = unlinkat(pfd, name, 0);
+    drop_inode_ref(c, pslot);
+    return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
+}
+
+/* PassthroughFs.do_lookup + claim + the attr of pack_entry_into: open name
+ * O_PATH|O_NOFOLLOW under the parent, fstat, identify it (file handle and mount id as
+ * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
+ * reference it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts,
+ * attr with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it) and *slot.
+ * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
+ * taken; Python must answer). */
+static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
+                       size_t name_len, struct fuse_entry_out *e, uint32_t *slot) {
+    int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? 0 : -1;
+    struct stat st;
+    if (fstat(fd, &st) != 0) goto fail;
+    memset(e, 0, sizeof *e);
+    uint32_t attr_flags = 0;
+    if (S_ISDIR(st.st_mode) && (*(const uint64_t *)(uintptr_t)c->session & c->submounts_flag)) {
+        /* FUSE_ATTR_SUBMOUNT on another file system's root */
+        struct stat pst;
+        if (fstat(pfd, &pst) != 0) goto fail;
+        if (pst.st_dev != st.st_dev) attr_flags = FUSE_ATTR_SUBMOUNT;
+    }
+    if (!fill_attr(&e->attr, &st, attr_flags)) goto fail;
+    struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
+    const char *hb = NULL;
+    uint32_t hn = 0;
+    int32_t htype = 0;
+    int mnt = 0;
+    if (c->use_handles) {
+        fh.fh.handle_bytes = PYVFS_MAX_HANDLE;
+        if (name_to_handle_at(fd, "", &fh.fh, &mnt, AT_EMPTY_PATH) == 0 &&
+            fh.fh.handle_bytes <= PYVFS_MAX_HANDLE) {
+            hb = (const char *)fh.fh.f_handle;
+            hn = fh.fh.handle_bytes;
+            htype = fh.fh.handle_type;
+        } else {
+            mnt = 0;
+        }
+    }
+    if ((!hb && c->mandatory) || mnt < 0) goto fail;  /* Python: EIO */
+    int by_handle = hb != NULL && (int64_t)mnt == c->root_mnt_id;
+    int64_t r = ((it_claim_fn)c->it_claim_or_insert)(
+        (void *)c->inodes, st.st_ino, st.st_dev, (uint64_t)mnt, hb, hn, htype, (uint64_t)mnt,
+        by_handle ? -1 : fd, st.st_mode, parent, name, (uint32_t)name_len);
+    if (r < 0) goto fail;  /* table full: Python answers ENFILE */
+    *slot = (uint32_t)r;
+    e->nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+    if (by_handle)
+        pyvfs_fdc_put(c->fd_cache, e->nodeid, fd);  /* the next request needs no re-open */
+    else if (!(r >> 32))
+        close(fd);  /* found: the entry keeps its own fd */
+    e->entry_valid = e->attr_valid = c->timeout_sec;
+    e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
+    return 1;
+fail:
+    close(fd);
+    return -1;
+}
+
+/* passthrough.op_lookup for a name that exists (a missing one is Python's: a negative
+   entry or ENOENT by cache mode). */
+static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                       uint64_t wr_len, uint32_t *written) {
+    struct pyvfs_entry_out out;
+    if (wr_len < sizeof out) return 0;  /* ERANGE */
+    char name[256];
+    size_t name_len = read_name(h, rd, rd_n, name);
+    if (!name_len) return 0;
+    uint32_t pslot, slot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) return 0;
+    /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
+       InodeRef keeps it */
+    int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    int r = lookup_core(c, h->nodeid, pfd, name, name_len, &out.e, &slot);
+    if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
+    drop_inode_ref(c, pslot);
+    if (r <= 0) return 0;
+    memset(&out.o, 0, sizeof out.o);
+    out.o.len = sizeof out;
+    out.o.unique = h->unique;
+    pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
+    *written = sizeof out;
+    return 1;
+}
+
+/* passthrough.op_readdirplus: getdents64 from the open directory at the guest's offset,
+ * each entry looked up (and claimed: the guest FORGETs it) as LOOKUP does, "." and ".."
+ * with nodeid 0, as many as fit. On any failure the references taken so far are given back
+ * and Python answers the whole request. */
+#define PYVFS_DENTS_BUF 32768
+struct pyvfs_dirent64 { uint64_t ino; int64_t off; uint16_t reclen; uint8_t type; char name[]; };
+static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                            const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                            uint64_t wr_len, uint32_t *written) {
+    struct fuse_read_in a;
+    if (!c->ht_acquire_fd || wr_len < sizeof(struct fuse_out_header) ||
+        h->len - sizeof *h < sizeof a)
+        return 0;  /* short arguments: Python's EINVAL */
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
+    uint64_t size = a.size;
+    if (size > PYVFS_MAX_DATA) size = PYVFS_MAX_DATA;
+    if (size > wr_len - sizeof(struct fuse_out_header))
+        size = wr_len - sizeof(struct fuse_out_header);
+    int64_t hr = ((int64_t (*)(void *, uint64_t))c->ht_acquire_fd)((void *)c->handles, a.fh);
+    if (hr < 0) {
+        if (hr < -1) close((int)(-2 - hr));
+        return 0;  /* EBADF */
+    }
+    uint32_t hslot = (uint32_t)hr;
+    int dfd = (int)((hr >> 32) - 1);
+    uint32_t pslot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) {
+        int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
+                                                                         hslot);
+        if (last >= 0) close((int)last);
+        return 0;
+    }
+    int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    /* every entry is at least 152 bytes: the most references this request can take */
+    uint64_t max_refs = size / 152 + 1, nrefs = 0;
+    uint32_t *refs = malloc(max_refs * sizeof *refs);
+    char *buf = malloc(PYVFS_DENTS_BUF);
+    int ok = refs && buf && a.offset <= INT64_MAX &&
+             lseek(dfd, (off_t)a.offset, SEEK_SET) >= 0;
+    uint64_t used = 0;
+    int full = 0;
+    while (ok && !full) {
+        long n = syscall(SYS_getdents64, dfd, buf, PYVFS_DENTS_BUF);
+        if (n < 0) ok = 0;
+        if (n <= 0) break;
+        for (long pos = 0; pos < n && ok;) {
+            struct pyvfs_dirent64 *d = (struct pyvfs_dirent64 *)(buf + pos);
+            long reclen = d->reclen;
+            if (reclen < 20 || pos + reclen > n) { ok = 0; break; }
+            const char *nul = memchr(d->name, 0, (size_t)reclen - 19);
+            if (!nul) { ok = 0; break; }
+            size_t name_len = (size_t)(nul - d->name);
+            if (d->off < 0) { ok = 0; break; }  /* Python's packing refuses it */
+            pos += reclen;
+            uint64_t rec = (sizeof(struct fuse_entry_out) + sizeof(struct fuse_dirent) +
+                            name_len + 7) & ~7ULL;
+            if (used + rec > size) { full = 1; break; }
+            struct { struct fuse_entry_out e; struct fuse_dirent d; } ent;
+            _Static_assert(sizeof ent == 128 + 24, "direntplus head");
+            memset(&ent, 0, sizeof ent);
+            uint64_t ino = d->ino;
+            if (d->name[0] == '.' && (name_len == 1 || (name_len == 2 && d->name[1] == '.'))) {
+                /* nodeid 0: the guest makes no dentry and sends no FORGET for it */
+                ent.e.attr.ino = d->ino;
+                ent.e.attr.mode = (uint32_t)d->type << 12;
+            } else {
+                if (nrefs == max_refs) { ok = 0; break; }
+                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, &ent.e,
+                                    &refs[nrefs]);
+                if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
+                if (r < 0) { ok = 0; break; }
+                nrefs++;
+                ino = ent.e.attr.ino;
+            }
+            ent.d.ino = ino;
+            ent.d.off = (uint64_t)d->off;
+            ent.d.namelen = (uint32_t)name_len;
+            ent.d.type = d->type;
+            uint64_t at = sizeof(struct fuse_out_header) + used;
+            pyvfs_iov_write(wr, wr_n, at, &ent, sizeof ent);
+            pyvfs_iov_write(wr, wr_n, at + sizeof ent, d->name, name_len);
+            static const char zeros[8];
+            pyvfs_iov_write(wr, wr_n, at + sizeof ent + name_len, zeros,
+                            rec - sizeof ent - name_len);
+            used += rec;
+        }
+    }
+    if (!ok)  /* give the references back: Python redoes the request from its offset */
+        for (uint64_t i = 0; i < nrefs; i++) drop_inode_ref(c, refs[i]);
+    free(refs);
+    free(buf);
+    if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
+    drop_inode_ref(c, pslot);
+    int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
+                                                                     hslot);
+    if (last >= 0) close((int)last);
+    if (!ok) return 0;
+    struct fuse_out_header o = {.len = (uint32_t)(sizeof o + used), .error = 0,
+                                .unique = h->unique};
+    pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
+    *written = o.len;
+    return 1;
+}
+
+/* passthrough._forget */
+static void forget_one(const pyvfs_fast_ctx_t *c, uint64_t nodeid, uint64_t n) {
+    if (nodeid == PYVFS_ROOT_ID) return;
+    int64_t fd = ((it_forget_fn)c->it_forget)((void *)c->inodes, nodeid, n);
+    if (fd >= 0) close((int)fd);
+    if (((it_lookup_fn)c->it_lookup)((void *)c->inodes, nodeid) < 0)
+        pyvfs_fdc_drop(c->fd_cache, nodeid);
+}
+
+/* FORGET and BATCH_FORGET have no reply: the chain completes with length 0. */
+static int fast_forget(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, uint32_t *written) {
+    uint64_t args = h->len - sizeof *h;
+    if (h->opcode == FUSE_FORGET) {
+        struct fuse_forget_in a;
+        if (args >= sizeof a) {
+            pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
+            forget_one(c, h->nodeid, a.nlookup);
+        }
+    } else if (args >= sizeof(struct fuse_batch_forget_in)) {
+        struct fuse_batch_forget_in b;
+        pyvfs_iov_read(rd, rd_n, sizeof *h, &b, sizeof b);
+        uint64_t count = b.count, room = (args - sizeof b) / sizeof(struct fuse_forget_one);
+        if (count > room) count = room;
+        struct fuse_forget_one batch[64];
+        uint64_t at = sizeof *h + sizeof b;
+        while (count) {
+            uint64_t k = count < 64 ? count : 64;
+            pyvfs_iov_read(rd, rd_n, at, batch, k * sizeof batch[0]);
+            for (uint64_t i = 0; i < k; i++) forget_one(c, batch[i].nodeid, batch[i].nlookup);
+            at += k * sizeof batch[0];
+            count -= k;
+        }
+    }
+    *written = 0;
+    return 1;
+}
+
+/* One request: 1 when answered here (*written = bytes written to the guest), 0 when the
+ * Python path must answer it. */
+int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
+               const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
+               const pyvfs_fast_ctx_t *c, uint32_t *written) {
+    struct fuse_in_header h;
+    if (rd_len < sizeof h) return 0;
+    pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+    switch (h.opcode) {
+    case FUSE_READ:
+    case FUSE_WRITE:
+        return pyvfs_fast_io(rd, rd_n, rd_len, wr, wr_n, wr_len, c->handles, c->ht_acquire_fd,
+                             c->ht_release_ref, c->allow_write, written);
+    case FUSE_GETATTR:
+    case FUSE_LOOKUP:
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+    case FUSE_UNLINK:
+    case FUSE_READDIRPLUS:
+        break;
+    default:
+        return 0;
+    }
+    /* queue_worker.handle_chain's checks: Python answers ENOMEM / EINVAL */
+    if (!c->meta || h.len < sizeof h || h.len > rd_len || h.len > PYVFS_MAX_REQUEST ||
+        h.total_extlen)
+        return 0;
+    switch (h.opcode) {
+    case FUSE_GETATTR:
+        return fast_getattr(c, &h, wr, wr_n, wr_len, written);
+    case FUSE_LOOKUP:
+        return fast_lookup(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+        return fast_release(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
+    case FUSE_UNLINK:
+        return fast_unlink(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
+    case FUSE_READDIRPLUS:
+        return fast_readdirplus(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
+    default:
+        return fast_forget(c, &h, rd, rd_n, written);
+    }
+}
+
+/* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
+ * The split ring's state lives here so Python's SplitQueue (daemon/virtqueue.py) and this
+ * loop share it. */
+typedef struct {
+    uint64_t desc, avail, used;  /* host addresses of the three ring parts */
+    const pyvfs_region_t *regions;
+    int32_t nregions;
+    uint32_t size;
+    int32_t indirect;
+    uint16_t last_avail;         /* next avail entry to pop */
+    uint16_t used_idx;           /* next used entry to write */
+} pyvfs_queue_t;
+
+void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
+    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
+    e[0] = head;
+    e[1] = len;
+    q->used_idx++;
+    __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+/* Pop chains until the ring is empty (0) or one needs Python: 1 = a walked chain in
+ * rd/wr (*head), for handle_chain; 2 + k = a malformed chain at *head (walk error -1 - k,
+ * detail filled), to be completed with length 0; -1 = the avail index jumped by more than
+ * the ring size. Requests answered here are pushed; *answered counts them. fast == 0: only
+ * pop (debug logging: every request goes to Python). */
+int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered) {
+    uint32_t done = 0;
+    int rc = 0;
+    for (;;) {
+        uint16_t avail = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
+                                         __ATOMIC_ACQUIRE);
+        if (avail == q->last_avail) break;
+        if ((uint16_t)(avail - q->last_avail) > q->size) { rc = -1; break; }
+        uint32_t h = __atomic_load_n(
+            (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)(q->last_avail % q->size)),
+            __ATOMIC_ACQUIRE);
+        q->last_avail++;
+        *head = h;
+        int w = pyvfs_walk_chain(q->desc, q->size, h, q->indirect, q->regions, q->nregions,
+                                 rd, &counts[0], &lens[0], wr, &counts[1], &lens[1], max_iov,
+                                 detail);
+        if (w) { rc = 1 - w; break; }
+        uint32_t written = 0;
+        if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
+            pyvfs_queue_push(q, h, written);
+            done++;
+            continue;
+        }
+        rc = 1;
+        break;
+    }
+    *answered = done;
+    return rc;
+}

@@ -1,0 +1,406 @@
+"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/fast_path.c),
+driven in-process with the context a queue worker builds: every answer it gives must be
+byte-identical to the Python operation's, references it takes must be counted as Python
+counts them, and everything malformed must be declined (0) without changing anything, so
+Python answers it with its errno."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from daemon import fuse
+from daemon._sys import ffi, lib
+from daemon.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
+from shm_table import HandleTable, InodeTable
+from workers.queue_worker import QueueWorker
+
+OUT = fuse.OUT_HEADER
+
+
+class Fs:
+    """A PassthroughFs on a fresh pair of tables, with the worker's fast-path context."""
+
+    def __init__(self, share: Path, **config: object) -> None:
+        name = f"/pyvfs-test-fast-{uuid.uuid4().hex[:12]}"
+        self.inodes = InodeTable.create(name + "-i", 4096)
+        self.handles = HandleTable.create(name + "-h", 256)
+        self.fs = PassthroughFs(str(share), self.inodes, self.handles, Config(**config))
+        self.fs.add_root()
+        self.holder = SimpleNamespace()
+        self.ctx = QueueWorker._fast_ctx(self.holder, self.fs)  # type: ignore[arg-type]
+        self.unique = 100
+
+    def close(self) -> None:
+        self.fs.fd_cache.clear()
+        for e in self.inodes.iter_entries():
+            if e.fd >= 0:
+                os.close(e.fd)
+        os.close(self.fs.mount_fd)
+        for t in (self.inodes, self.handles):
+            t.detach()
+            t.unlink()
+
+    # ----- one request, either way -----------------------------------------------------
+
+    def c(self, opcode: int, nodeid: int, arg: bytes = b"", *, out_size: int = 4096,
+          split: int = 0, length: int | None = None, extlen: int = 0,
+          readable: bytes | None = None, wr_split: int = 0) -> tuple[int, bytes]:
+        """(handled, reply bytes) from pyvfs_fast. split > 0 cuts the request into
+        pieces of that many bytes, one iovec each; wr_split the reply buffer."""
+        self.unique += 1
+        if readable is None:
+            total = fuse.IN_HEADER_SIZE + len(arg) if length is None else length
+            readable = fuse.IN_HEADER.pack(total, opcode, self.unique, nodeid, 0, 0, 1,
+                                           extlen, 0) + arg
+        step = split or max(len(readable), 1)
+        pieces = [readable[i : i + step] for i in range(0, len(readable), step)] or [b""]
+        bufs = [ffi.new("char[]", p or b"\0") for p in pieces]
+        rd = ffi.new("pyvfs_iov_t[]", len(pieces))
+        for i, (b, p) in enumerate(zip(bufs, pieces, strict=True)):
+            rd[i].base = int(ffi.cast("uintptr_t", b))
+            rd[i].len = len(p)
+        out = ffi.new("char[]", max(out_size, 1))
+        wstep = wr_split or max(out_size, 1)
+        starts = list(range(0, out_size, wstep))
+        wr = ffi.new("pyvfs_iov_t[]", max(len(starts), 1))
+        for i, at in enumerate(starts):  # one buffer, cut into iovecs
+            wr[i].base = int(ffi.cast("uintptr_t", out)) + at
+            wr[i].len = min(wstep, out_size - at)
+        written = ffi.new("uint32_t *")
+        handled = lib.pyvfs_fast(rd, len(pieces), len(readable), wr, len(starts),
+                                 out_size, self.ctx, written)
+        return handled, ffi.buffer(out, written[0])[:] if handled else b""
+
+    def py(self, opcode: int, nodeid: int, arg: bytes = b"",
+           room: int = fuse.MAX_WRITE) -> bytes:
+        """The Python operation's reply, as the worker would write it."""
+        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, 0, 0, 1, arg,
+                                              room))
+        if payload is None:
+            return b""
+        return OUT.pack(fuse.OUT_HEADER_SIZE + len(payload), 0, self.unique) + bytes(payload)
+
+    def lookup_py(self, parent: int, name: bytes) -> int:
+        return struct.unpack_from("<Q", self.py(fuse.Opcode.LOOKUP, parent, name + b"\0"),
+                                  fuse.OUT_HEADER_SIZE)[0]
+
+
+def make_share(root: Path) -> Path:
+    share = root / "share"
+    share.mkdir(parents=True)
+    (share / "file").write_bytes(b"x" * 5000)
+    (share / "dir").mkdir()
+    (share / "dir" / "inner").write_text("inner")
+    os.symlink("file", share / "link")
+    os.mkfifo(share / "fifo")
+    os.chmod(share / "file", 0o4755)
+    return share
+
+
+NAMES = [b"file", b"dir", b"link", b"fifo"]
+
+
+@pytest.fixture(params=["prefer", "never"])
+def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fs]:
+    f = Fs(make_share(tmp_path), file_handles=request.param)
+    yield f
+    f.close()
+
+
+@pytest.mark.parametrize("cache", ["auto", "always", "never"])
+def test_getattr_identical(tmp_path: Path, cache: str) -> None:
+    for mode in ("prefer", "never"):
+        f = Fs(make_share(tmp_path / mode), file_handles=mode, cache=cache)
+        try:
+            nodeids = [1] + [f.lookup_py(1, n) for n in NAMES] + [
+                f.lookup_py(f.lookup_py(1, b"dir"), b"inner")]
+            if mode == "prefer":
+                f.fs.fd_cache.clear()  # the C path re-opens them by handle
+            for nodeid in nodeids:
+                refs = f.inodes.refcount(nodeid)
+                for arg in (b"", fuse.GETATTR_IN.pack(0, 0, 0),
+                            fuse.GETATTR_IN.pack(1, 0, 0xDEAD)):  # FUSE_GETATTR_FH: unused
+                    handled, reply = f.c(fuse.Opcode.GETATTR, nodeid, arg, split=7)
+                    assert handled == 1
+                    assert reply == f.py(fuse.Opcode.GETATTR, nodeid, arg), (mode, nodeid)
+                assert f.inodes.refcount(nodeid) == refs
+            if mode == "prefer":
+                assert f.fs.fd_cache.opened == len(nodeids) - 1  # all but the root
+            f.inodes.check()
+        finally:
+            f.close()
+
+
+def test_lookup_identical_and_counted(fs: Fs) -> None:
+    dir_id = fs.lookup_py(1, b"dir")
+    for parent, name in [(1, n) for n in NAMES] + [(dir_id, b"inner")]:
+        nodeid = fs.lookup_py(parent, name)  # Python inserts it
+        held = fs.inodes.refcount(nodeid)  # 2 for "dir": dir_id is held too
+        for split in (0, 3, 41):  # name in one piece, cut across iovecs
+            handled, reply = fs.c(fuse.Opcode.LOOKUP, parent, name + b"\0", split=split)
+            assert handled == 1
+            assert reply == fs.py(fuse.Opcode.LOOKUP, parent, name + b"\0")
+        # + 3 C and 3 Python lookups: the guest holds 6 more references
+        assert fs.inodes.refcount(nodeid) == held + 6
+        for _ in range(3):  # FORGET in C, with the counts the guest sends
+            handled, reply = fs.c(fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(2),
+                                  out_size=0)
+            assert (handled, reply) == (1, b"")
+        assert fs.inodes.refcount(nodeid) == held
+        if nodeid == dir_id:
+            continue
+        assert fs.c(fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(1), out_size=0)[0] == 1
+        assert fs.inodes.get(nodeid) is None
+        assert fs.fs.fd_cache.get(nodeid) == -1  # its cached fd went with it
+    assert fs.inodes.refcount(dir_id) == 2
+    fs.inodes.check()
+
+
+def test_lookup_of_a_new_inode_inserts_it(fs: Fs) -> None:
+    handled, reply = fs.c(fuse.Opcode.LOOKUP, 1, b"file\0")
+    assert handled == 1
+    nodeid = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0]
+    assert fs.inodes.refcount(nodeid) == 1
+    # what Python answers for the same inode now
+    assert reply == fs.py(fuse.Opcode.LOOKUP, 1, b"file\0")
+    entry = fs.inodes.get(nodeid)
+    assert entry is not None and entry.parent == 1 and entry.name == b"file"
+    assert (entry.fd < 0) == (fs.fs.config.file_handles == "prefer")
+    # BATCH_FORGET in C: a count beyond the entries sent is clamped to them
+    batch = fuse.BATCH_FORGET_IN.pack(5, 0) + fuse.FORGET_ONE.pack(nodeid, 2) + \
+        fuse.FORGET_ONE.pack(1, 100) + fuse.FORGET_ONE.pack(999999, 1)
+    assert fs.c(fuse.Opcode.BATCH_FORGET, 0, batch, out_size=0) == (1, b"")
+    assert fs.inodes.get(nodeid) is None
+    assert fs.inodes.refcount(1) >= 1  # the root is never forgotten
+    fs.inodes.check()
+
+
+def test_many_lookups_then_one_batch_forget(fs: Fs) -> None:
+    ids = {}
+    for i in range(100):
+        name = NAMES[i % len(NAMES)]
+        handled, reply = fs.c(fuse.Opcode.LOOKUP, 1, name + b"\0")
+        assert handled == 1
+        ids.setdefault(name, struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0])
+    assert {fs.inodes.refcount(n) for n in ids.values()} == {25}
+    batch = fuse.BATCH_FORGET_IN.pack(len(ids), 0) + b"".join(
+        fuse.FORGET_ONE.pack(n, 25) for n in ids.values())
+    assert fs.c(fuse.Opcode.BATCH_FORGET, 0, batch, out_size=0, split=24) == (1, b"")
+    assert all(fs.inodes.get(n) is None for n in ids.values())
+    assert len(fs.inodes) == 1
+    fs.inodes.check()
+
+
+def test_submount_flag(tmp_path: Path) -> None:
+    share = make_share(tmp_path)
+    (share / "mnt").mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(share / "mnt")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        f = Fs(share)
+        try:
+            for negotiated in (0, fuse.SUBMOUNTS):
+                SESSION_FLAGS.pack_into(f.fs.session, 0, negotiated)
+                for name in (b"mnt\0", b"dir\0"):
+                    handled, reply = f.c(fuse.Opcode.LOOKUP, 1, name)
+                    assert handled == 1
+                    assert reply == f.py(fuse.Opcode.LOOKUP, 1, name)
+                    flags = struct.unpack_from("<I", reply, len(reply) - 4)[0]
+                    assert flags == (fuse.ATTR_SUBMOUNT if negotiated and name == b"mnt\0"
+                                     else 0)
+        finally:
+            f.close()
+    finally:
+        subprocess.run(["umount", str(share / "mnt")], check=True)
+
+
+def hostile(fs: Fs) -> list[tuple[str, dict]]:
+    L, G = fuse.Opcode.LOOKUP, fuse.Opcode.GETATTR
+    return [
+        ("lookup without a name", dict(opcode=L, nodeid=1)),
+        ("unterminated name", dict(opcode=L, nodeid=1, arg=b"file")),
+        ("empty name", dict(opcode=L, nodeid=1, arg=b"\0")),
+        ("dot", dict(opcode=L, nodeid=1, arg=b".\0")),
+        ("dotdot", dict(opcode=L, nodeid=1, arg=b"..\0")),
+        ("slash", dict(opcode=L, nodeid=1, arg=b"dir/inner\0")),
+        ("256-byte name", dict(opcode=L, nodeid=1, arg=b"a" * 256 + b"\0")),
+        ("1000-byte name", dict(opcode=L, nodeid=1, arg=b"a" * 1000 + b"\0")),
+        ("255-byte name that does not exist", dict(opcode=L, nodeid=1, arg=b"a" * 255 + b"\0")),
+        ("name that does not exist", dict(opcode=L, nodeid=1, arg=b"nothing\0")),
+        ("NUL past the header's length", dict(opcode=L, nodeid=1, arg=b"file\0", length=44)),
+        ("forged parent", dict(opcode=L, nodeid=123456, arg=b"file\0")),
+        ("nodeid 0", dict(opcode=L, nodeid=0, arg=b"file\0")),
+        ("parent that is a file", dict(opcode=L, nodeid=fs.lookup_py(1, b"file"),
+                                       arg=b"x\0")),
+        ("length beyond the chain", dict(opcode=L, nodeid=1, arg=b"file\0", length=4096)),
+        ("length shorter than the header", dict(opcode=G, nodeid=1, length=39)),
+        ("request extensions", dict(opcode=L, nodeid=1, arg=b"file\0" + bytes(11),
+                                    extlen=2)),
+        ("lookup reply does not fit", dict(opcode=L, nodeid=1, arg=b"file\0",
+                                           out_size=143)),
+        ("getattr reply does not fit", dict(opcode=G, nodeid=1, out_size=119)),
+        ("no writable buffer", dict(opcode=G, nodeid=1, out_size=0)),
+        ("forged getattr nodeid", dict(opcode=G, nodeid=1 << 40)),
+        ("all-ones nodeid", dict(opcode=G, nodeid=(1 << 64) - 1)),
+        ("chain shorter than a header", dict(opcode=G, nodeid=1,
+                                             readable=bytes(fuse.IN_HEADER_SIZE - 1))),
+        ("forget with a length beyond the chain", dict(opcode=fuse.Opcode.FORGET, nodeid=1,
+                                                       arg=bytes(8), length=100)),
+        ("oversized request", dict(opcode=L, nodeid=1, arg=b"file\0" + bytes(2 << 20))),
+    ]
+
+
+def test_hostile_requests_are_declined(fs: Fs) -> None:
+    for what, kw in hostile(fs):
+        before = [(e.nodeid, e.refcount) for e in fs.inodes.iter_entries()]
+        kw = dict(kw)
+        opcode, nodeid = kw.pop("opcode"), kw.pop("nodeid")
+        arg = kw.pop("arg", b"")
+        for split in (0, 1, 5) if len(arg) < 4096 else (0,):
+            handled, _ = fs.c(opcode, nodeid, arg, split=split, **kw)
+            assert handled == 0, what
+        assert [(e.nodeid, e.refcount) for e in fs.inodes.iter_entries()] == before, what
+    fs.inodes.check()
+
+
+def test_harmless_forgets_are_answered(fs: Fs) -> None:
+    """What Python does without a reply, C does too: a short FORGET, forged nodeids."""
+    nodeid = fs.lookup_py(1, b"file")
+    for opcode, target, arg in [
+        (fuse.Opcode.FORGET, nodeid, b"\1\0\0"),  # < 8 bytes: ignored
+        (fuse.Opcode.FORGET, 424242, fuse.FORGET_IN.pack(1)),
+        (fuse.Opcode.FORGET, 1, fuse.FORGET_IN.pack(1 << 63)),  # the root stays
+        (fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(0)),
+        (fuse.Opcode.BATCH_FORGET, 0, b"\5\0"),  # < 8 bytes: ignored
+        (fuse.Opcode.BATCH_FORGET, 0, fuse.BATCH_FORGET_IN.pack(1 << 31, 0) + bytes(15)),
+    ]:
+        assert fs.c(opcode, target, arg, out_size=0) == (1, b"")
+    assert fs.inodes.refcount(nodeid) == 1
+    assert fs.inodes.refcount(1) >= 1
+    fs.inodes.check()
+
+
+def test_declined_when_python_must_answer(tmp_path: Path) -> None:
+    """Owners rewritten by --translate-uid/gid: the C path stays out of metadata."""
+    f = Fs(make_share(tmp_path))
+    try:
+        f.fs.translate_ids = True
+        ctx = QueueWorker._fast_ctx(SimpleNamespace(), f.fs)  # type: ignore[arg-type]
+        f.ctx = ctx
+        assert f.c(fuse.Opcode.GETATTR, 1)[0] == 0
+        assert f.c(fuse.Opcode.LOOKUP, 1, b"file\0")[0] == 0
+        assert f.c(fuse.Opcode.FORGET, 1, fuse.FORGET_IN.pack(1), out_size=0)[0] == 0
+    finally:
+        f.close()
+
+
+def test_mode_bits_survive(fs: Fs) -> None:
+    nodeid = fs.lookup_py(1, b"file")
+    handled, reply = fs.c(fuse.Opcode.GETATTR, nodeid)
+    assert handled == 1
+    mode = struct.unpack_from("<I", reply, fuse.OUT_HEADER_SIZE + 16 + 60)[0]
+    assert stat.S_ISREG(mode) and mode & stat.S_ISUID
+
+
+def test_release_and_unlink(fs: Fs) -> None:
+    """RELEASE drops the guest's reference on the fh (once, however often it is sent);
+    UNLINK removes the name; what C declines (bad names, a missing name) Python answers."""
+    share = Path(fs.fs.shared_dir)
+    (share / "victim").write_text("v")
+    nodeid = fs.lookup_py(1, b"victim")
+    fh = struct.unpack_from("<Q", fs.py(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(0, 0)),
+                            fuse.OUT_HEADER_SIZE)[0]
+    assert fs.handles.get(fh) is not None
+    arg = fuse.RELEASE_IN.pack(fh, 0, 0, 0)
+    for _ in range(2):  # the second finds nothing, and answers the same
+        handled, reply = fs.c(fuse.Opcode.RELEASE, nodeid, arg, split=5)
+        assert handled == 1 and reply == OUT.pack(16, 0, fs.unique)
+        assert fs.handles.get(fh) is None
+    assert len(fs.handles) == 0
+    assert fs.c(fuse.Opcode.RELEASE, nodeid, b"\1\2\3")[0] == 0  # short: Python's
+    assert fs.c(fuse.Opcode.RELEASE, nodeid, arg, out_size=15)[0] == 0
+    assert fs.c(fuse.Opcode.UNLINK, 1, b"victim\0", out_size=15)[0] == 0
+    for bad in (b"victim", b"..\0", b"dir/inner\0", b"x" * 256 + b"\0", b"\0", b"missing\0",
+                b"dir\0"):  # unterminated, climbing, too long, empty, ENOENT, EISDIR
+        assert fs.c(fuse.Opcode.UNLINK, 1, bad)[0] == 0, bad
+    assert (share / "victim").exists()
+    handled, reply = fs.c(fuse.Opcode.UNLINK, 1, b"victim\0")
+    assert handled == 1 and reply == OUT.pack(16, 0, fs.unique)
+    assert not (share / "victim").exists()
+    assert fs.inodes.refcount(nodeid) == 1  # the guest still holds its lookup
+
+
+def test_read_only_share_unlinks_in_python(tmp_path: Path) -> None:
+    f = Fs(make_share(tmp_path), readonly=True)
+    try:
+        assert f.c(fuse.Opcode.UNLINK, 1, b"file\0")[0] == 0
+        assert (tmp_path / "share" / "file").exists()
+    finally:
+        f.close()
+
+
+def test_readdirplus_identical_and_counted(fs: Fs) -> None:
+    share = Path(fs.fs.shared_dir)
+    big = share / "big"
+    big.mkdir()
+    for i in range(120):
+        (big / f"entry_{i:03d}_{'x' * (i % 13)}").write_text(str(i))
+    (big / "sub").mkdir()
+    os.symlink("nowhere", big / "dangling")
+    dir_id = fs.lookup_py(1, b"big")
+    fh = struct.unpack_from("<Q", fs.py(fuse.Opcode.OPENDIR, dir_id, fuse.OPEN_IN.pack(0, 0)),
+                            fuse.OUT_HEADER_SIZE)[0]
+    names_seen: set[bytes] = set()
+    for size, out_size in [(4096, 4096), (4096, 4096 + 16), (65536, 65536), (1000, 4096),
+                           (100, 4096), (4096, 200), (0, 4096), (1 << 30, 8192)]:
+        offset, rounds = 0, 0
+        while rounds < 400:
+            rounds += 1
+            arg = fuse.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+            handled, reply = fs.c(fuse.Opcode.READDIRPLUS, dir_id, arg, out_size=out_size,
+                                  wr_split=777, split=9)
+            assert handled == 1
+            py = fs.py(fuse.Opcode.READDIRPLUS, dir_id, arg, room=out_size - 16)
+            assert reply == py, (size, offset)
+            body, pos, last = reply[16:], 0, None
+            while pos < len(body):
+                nodeid = struct.unpack_from("<Q", body, pos)[0]
+                ino, off, namelen, _ = fuse.DIRENT_HEAD.unpack_from(body, pos + 128)
+                name = body[pos + 152 : pos + 152 + namelen]
+                names_seen.add(name)
+                if name not in (b".", b".."):
+                    assert nodeid and fs.inodes.refcount(nodeid) >= 2
+                pos += fuse.direntplus_size(namelen)
+                last = off
+            if last is None:
+                break
+            offset = last
+    assert len(names_seen) == 124  # ., .., 120 files, sub, dangling
+    # every entry sent (by C and by Python) is one reference; FORGET them all in C
+    for e in list(fs.inodes.iter_entries()):
+        if e.parent == dir_id:
+            assert fs.c(fuse.Opcode.FORGET, e.nodeid, fuse.FORGET_IN.pack(e.refcount),
+                        out_size=0)[0] == 1
+    assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
+    fs.inodes.check()
+    # declined: unknown fh, forged nodeid, short arguments, offset beyond 2^63
+    for nodeid, arg in [(dir_id, fuse.READ_IN.pack(fh + 2, 0, 4096, 0, 0, 0, 0)),
+                        (424242, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)),
+                        (dir_id, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)[:39]),
+                        (dir_id, fuse.READ_IN.pack(fh, 1 << 63, 4096, 0, 0, 0, 0))]:
+        assert fs.c(fuse.Opcode.READDIRPLUS, nodeid, arg)[0] == 0
+    assert fs.c(fuse.Opcode.READDIRPLUS, dir_id, fuse.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0),
+                out_size=15)[0] == 0
+    assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
+    assert fs.c(fuse.Opcode.RELEASEDIR, dir_id, fuse.RELEASE_IN.pack(fh, 0, 0, 0))[0] == 1
+    assert len(fs.handles) == 0
