@@ -292,7 +292,8 @@ def probe_two_queues(kind: str) -> dict[str, Any]:
     SHARE.mkdir(parents=True, exist_ok=True)
     daemon.start(SHARE, SOCK)
     try:
-        run = vm.run_guest(SOCK, 'mount -t virtiofs myfs /mnt && echo "@@MOUNTED@@" && ls /mnt',
+        run = vm.run_guest(SOCK, 'mount -t virtiofs myfs /mnt && echo "@@MOUNTED@@" && '
+                           'ls /mnt > /dev/null && echo "@@LISTED@@"',
                            kernel=KERNEL, smp=SMP, num_request_queues=2, memory_mb=MEMORY_MB,
                            timeout=45)
     finally:
@@ -301,6 +302,7 @@ def probe_two_queues(kind: str) -> dict[str, Any]:
     qemu = [ln for ln in run.qemu_stderr.splitlines() if ln.strip()]
     log = [ln for ln in daemon.log().splitlines() if ln.strip()]
     return {"daemon": kind, "mounted": "@@MOUNTED@@" in run.script_output,
+            "listed": "@@LISTED@@" in run.script_output,
             "guest_rc": run.rc, "timed_out": run.timed_out, "daemon_exit": code,
             "daemon_log_tail": log[-1] if log else "",
             "qemu_stderr": list(dict.fromkeys(qemu))[:4]}
@@ -444,12 +446,20 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
         L += ["", "Rust and C virtiofsd with `num-request-queues=2` (checked at the start of "
               "this run, 6.12 guest, `-smp 2`): "]
         for pr in probes:
-            L.append(f"- {LABELS[pr['daemon']]}: "
-                     + ("mounted" if pr["mounted"] else "no mount; the guest hung"
-                        + (" until the 45 s timeout" if pr["timed_out"] else ""))
+            # (older JSON has no "listed": the script's last step was the ls)
+            if pr.get("listed", pr["guest_rc"] == 0):
+                what = "mounted and listed the share"
+            elif pr["mounted"]:
+                what = ("`mount` returned (the driver sends FUSE_INIT without waiting for "
+                        "the answer) but the first file operation, `ls /mnt`, hung")
+            else:
+                what = "`mount` failed or hung"
+            if pr["timed_out"]:
+                what += " until the 45 s timeout"
+            L.append(f"- {LABELS[pr['daemon']]}: {what}"
                      + f"; daemon exit code {pr['daemon_exit']}, its last log line "
                      f"`{pr['daemon_log_tail']}`; QEMU: "
-                     + "; ".join(f"`{q}`" for q in pr["qemu_stderr"][:3]))
+                     + "; ".join(f"`{q}`" for q in pr["qemu_stderr"][:4]))
         L += ["", "So the reference daemons run with one request queue; pyvirtiofsd with two "
               "(and, as `pyvirtiofsd-1q`, with one where that row is present)."]
     else:
@@ -514,6 +524,15 @@ def plot(path: Path, summary: dict[str, dict[str, Any]], daemons: list[str]) -> 
     return path.name
 
 
+def rerender(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    daemons = list(doc["meta"]["configs"])
+    png = plot(path.with_suffix(".png"), doc["summary"], daemons)
+    write_markdown(path.with_suffix(".md"), doc["meta"], doc["summary"], doc["runs"], daemons,
+                   png)
+    print(f"rewrote {path.with_suffix('.md')}" + (f", {png}" if png else ""))
+
+
 # ----- main -----------------------------------------------------------------------------------
 
 def main() -> None:
@@ -528,7 +547,12 @@ def main() -> None:
     ap.add_argument("--no-probe", action="store_true",
                     help="skip the check of the reference daemons with two request queues")
     ap.add_argument("--out", help="output stem (default benchmarks/results/<date>-guest[-quick])")
+    ap.add_argument("--from-json", metavar="JSON",
+                    help="only rewrite the markdown and PNG next to an earlier run's JSON")
     args = ap.parse_args()
+    if args.from_json:
+        rerender(Path(args.from_json))
+        return
     if os.geteuid() != 0:
         sys.exit("run as root (QEMU's shared guest memory, the daemons' file handles)")
     p = Params(rounds=args.rounds or (1 if args.quick else 3),
