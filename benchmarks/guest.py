@@ -465,7 +465,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
     else:
         L += ["", "Rust and C virtiofsd serve one request queue (with `num-request-queues=2` "
               "both exit and the guest's mount hangs: see a full run's report), so they run "
-              "with one; pyvirtiofsd with two."]
+              "with one; pyvirtiofsd with two (`pyvirtiofsd-1q`: one)."]
     fails = [(r["daemon"], r["round"], f) for r in runs for f in r.get("failures", [])]
     boot_s = [r["boot_s"] for r in runs if r.get("boot_s")]
     script_s = [r["script_s"] for r in runs if r.get("script_s")]
