@@ -555,7 +555,8 @@ def _busybox_applets(busybox: Path) -> list[str]:
 def build_initramfs(kernel: KernelAssets, extra_files: dict[str, bytes] | None = None) -> Path:
     """Build (or reuse from cache) the base initramfs for ``kernel``: busybox, modules, /init.
 
-    ``extra_files`` maps guest paths to contents (mode 0755 if it starts with ``#!``).  The
+    ``extra_files`` maps guest paths to contents (mode 0755 if it starts with ``#!`` or is an
+    ELF file, so a bundled loader or program can be run).  The
     result is an uncompressed cpio (decompressing under TCG costs more than reading it).
     """
     extra_files = dict(extra_files or {})
@@ -590,7 +591,8 @@ def build_initramfs(kernel: KernelAssets, extra_files: dict[str, bytes] | None =
             cpio.file(f"lib/modules/pyvfs/{name}.ko", _decompress_module(path))
         cpio.file("etc/pyvfs/modules", "".join(f"{n}\n" for n, _ in order).encode())
         for gpath, data in sorted(extra_files.items()):
-            cpio.file(gpath, data, 0o755 if data.startswith(b"#!") else 0o644)
+            executable = data.startswith((b"#!", b"\x7fELF"))
+            cpio.file(gpath, data, 0o755 if executable else 0o644)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(cpio.finish())
         tmp.rename(target)

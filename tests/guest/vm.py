@@ -32,11 +32,13 @@ What the guest script sees:
 
 from __future__ import annotations
 
+import codecs
 import os
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,15 +135,21 @@ def run_guest(
     queue_size: int = 1024,
     timeout: float = 300,
     host_root_9p: bool = False,
+    initramfs_files: dict[str, bytes] | None = None,
+    on_script_output: Callable[[str], None] | None = None,
 ) -> GuestRun:
     """Boot a guest against the vhost-user socket, run ``script`` with sh, and power off.
 
     Never leaves QEMU behind: it is killed on timeout and on any exception (including
     KeyboardInterrupt).  ``rc`` is None when the script's end marker never appeared.
+    ``initramfs_files`` adds files (guest path -> contents) to the cached base initramfs:
+    cheaper than reading them over 9p at every boot for large programs.
+    ``on_script_output`` is called from the polling loop (every 50 ms) with each new piece
+    of the script's output, so a caller can follow the script while it runs.
     """
     assets.ensure_host_packages()
     kassets = assets.ensure_kernel(kernel)
-    base = assets.build_initramfs(kassets)
+    base = assets.build_initramfs(kassets, initramfs_files)
     with tempfile.TemporaryDirectory(prefix="pyvfs-guest-") as tmp:
         work = Path(tmp)
         initrd = work / "initrd.cpio"
@@ -162,6 +170,20 @@ def run_guest(
         timed_out = False
         start_marker = assets.START_MARKER.encode()
         exit_marker = b"@@GUEST-EXIT rc="
+        seen_out = 0
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+        def follow() -> None:
+            nonlocal seen_out
+            if on_script_output is None:
+                return
+            with open(script_out, "rb") as fh:
+                fh.seek(seen_out)
+                new = fh.read()
+            if new:
+                seen_out += len(new)
+                on_script_output(decoder.decode(new))
+
         with open(console, "wb") as out, open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
@@ -179,9 +201,11 @@ def run_guest(
                             boot_seconds = now - start
                         if boot_seconds is not None and exit_marker in seen:
                             script_seconds = now - start - boot_seconds
+                    follow()
                     time.sleep(0.05)
             finally:
                 _kill_group(proc)
+            follow()
         total = time.monotonic() - start
         text = console.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
         match = assets.EXIT_MARKER_RE.search(text)
