@@ -1,9 +1,10 @@
 """One guest boot per daemon configuration, running the POSIX suite and fsx in a single
 python3 program (see ``posix_suite.py``); results are parsed and cached per session.
 
-Configurations (:data:`MODES`): pyvirtiofsd with default options, ``--cache always``,
-``--cache never`` and ``--writeback``; QEMU 7.2's C virtiofsd (``-o cache=auto``); Rust
-virtiofsd 1.13.2 (``--sandbox none``, Debian 13 package, see ``benchmarks/reference_daemons``).
+Configurations (:data:`MODES`): pyvirtiofsd with default options (``--cache auto``),
+``--cache always``, ``--cache never``, ``--cache metadata`` and ``--writeback``; QEMU
+7.2's C virtiofsd (``-o cache=auto``); Rust virtiofsd 1.13.2 (``--sandbox none``, Debian
+13 package, see ``benchmarks/reference_daemons``).
 Each gets a fresh, empty share (mode 0755, root-owned) on the host's ext4 ``/tmp``.
 """
 
@@ -57,6 +58,8 @@ MODES: dict[str, Mode] = {
         Mode("rust", "Rust virtiofsd 1.13.2", "rust"),
         Mode("cache-always", "pyvirtiofsd --cache always", "pyvirtiofsd", ("--cache", "always")),
         Mode("cache-never", "pyvirtiofsd --cache never", "pyvirtiofsd", ("--cache", "never")),
+        Mode("cache-metadata", "pyvirtiofsd --cache metadata", "pyvirtiofsd",
+             ("--cache", "metadata")),
         Mode("writeback", "pyvirtiofsd --writeback", "pyvirtiofsd", ("--writeback",)),
     )
 }

@@ -18,7 +18,7 @@ def test_fsx_no_mismatches(conformance_runs: Runs, mode: str) -> None:
     assert run.fsx_ended, run.describe()
     assert run.fsx.get("fsx.ops") == str(FSX_OPS), run.describe()
     # shared mmaps are refused only where the cache mode implies it (FOPEN_DIRECT_IO)
-    want_mmap = "ENODEV" if mode == "cache-never" else "ok"
+    want_mmap = "ENODEV" if mode in ("cache-never", "cache-metadata") else "ok"
     assert run.fsx.get("fsx.mmap") == want_mmap, run.describe()
     assert run.fsx.get("fsx.punch_hole") == "ok", run.describe()
     assert run.fsx.get("fsx.mismatches") == "0", (

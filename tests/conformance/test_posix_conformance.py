@@ -24,7 +24,8 @@ from tests.conformance.harness import MODES, PYVIRTIOFSD_MODES, Runs, SuiteRun, 
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 WRITE_ENV = "PYVIRTIOFSD_WRITE_CONFORMANCE"
-COLUMNS = ["pyvirtiofsd", "c", "rust", "cache-always", "cache-never", "writeback"]
+COLUMNS = ["pyvirtiofsd", "c", "rust", "cache-always", "cache-never", "cache-metadata",
+           "writeback"]
 TABLE_START = "<!-- conformance-table: generated, do not edit by hand -->"
 TABLE_END = "<!-- /conformance-table -->"
 
@@ -155,9 +156,9 @@ def render_generated(runs: dict[str, SuiteRun]) -> str:
         TABLE_START,
         "## Results per check",
         "`✗` marks a pyvirtiofsd result that is not the expected one for that configuration "
-        "(the expected column is for default options; `--cache never` expects `ENODEV` for "
-        "`mmap.shared_write_drop_caches` and `mmap.sees_write`: no shared mmap of a direct-I/O "
-        "file on Linux 6.1).",
+        "(the expected column is for default options; `--cache never` and `--cache metadata` "
+        "expect `ENODEV` for `mmap.shared_write_drop_caches` and `mmap.sees_write`: no shared "
+        "mmap of a direct-I/O file on Linux 6.1).",
         render_table(runs),
         "## fsx (random operations against an in-memory model)",
         render_fsx(runs),
