@@ -1,4 +1,4 @@
-/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK and READDIRPLUS answered
+/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS and CREATE answered
  * wholly in C (appended to daemon._sys's
  * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
  *
