@@ -95,6 +95,10 @@ ffibuilder.cdef(
         uint64_t timeout_sec;
         uint64_t ht_close;
         int32_t allow_unlink;
+        uint64_t ht_open;
+        uint32_t create_clear;
+        uint32_t create_fopen;
+        uint32_t own_uid, own_gid;
     } pyvfs_fast_ctx_t;
     int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                    const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,

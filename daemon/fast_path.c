@@ -1,4 +1,4 @@
-/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK and READDIRPLUS answered
+/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS and CREATE answered
  * wholly in C (appended to daemon._sys's
  * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
  *
@@ -205,6 +205,12 @@ typedef struct {
     /* RELEASE/RELEASEDIR: the open-file table's ht_close (0 = Python) */
     uint64_t ht_close;
     int32_t allow_unlink;    /* UNLINK in C: not on a read-only share */
+    /* CREATE: the open-file table's ht_open; 0 = Python (readonly, --posix-acl,
+       --security-label, --writeback, --xattrmap, ...) */
+    uint64_t ht_open;
+    uint32_t create_clear;   /* open flags _open_flags strips (OPEN_STRIP, O_DIRECT, ...) */
+    uint32_t create_fopen;   /* _open_reply_flags(False) */
+    uint32_t own_uid, own_gid; /* Credentials.own_uid/own_gid */
 } pyvfs_fast_ctx_t;
 
 typedef int64_t (*it_acquire_fd_fn)(void *, uint64_t);
@@ -314,11 +320,12 @@ static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
 /* fuse.split_name + passthrough.check_name: the first NUL-terminated string of the
    arguments, 1..255 bytes, no '/', not "." or "..", copied into name[256]. Its length, or
    0 for anything else (Python's EINVAL or ENAMETOOLONG). */
-static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
-                        char *name) {
-    uint64_t args = h->len - sizeof *h;
+static size_t read_name_at(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
+                           uint64_t skip, char *name) {
+    if (h->len - sizeof *h < skip) return 0;
+    uint64_t args = h->len - sizeof *h - skip;
     uint64_t take = args < 256 ? args : 256;
-    if (pyvfs_iov_read(rd, rd_n, sizeof *h, name, take) != take) return 0;
+    if (take == 0 || pyvfs_iov_read(rd, rd_n, sizeof *h + skip, name, take) != take) return 0;
     const char *nul = memchr(name, 0, take);
     if (!nul || nul == name) return 0;
     size_t name_len = (size_t)(nul - name);
@@ -326,6 +333,11 @@ static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, i
                                         (name_len == 2 && name[1] == '.'))))
         return 0;
     return name_len;
+}
+
+static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
+                        char *name) {
+    return read_name_at(h, rd, rd_n, 0, name);
 }
 
 /* A reply that is just the out header (error 0). */
@@ -448,6 +460,78 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     memset(&out.o, 0, sizeof out.o);
     out.o.len = sizeof out;
     out.o.unique = h->unique;
+    pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
+    *written = sizeof out;
+    return 1;
+}
+
+/* passthrough.op_create for a name that does not exist yet, in the plain case: the file is
+ * made O_EXCL with the caller's fsuid/fsgid (Python's Credentials), looked up and claimed as
+ * entry() does, and registered in the open-file table as _new_handle does. Anything else is
+ * Python's: an existing name (the guest's O_EXCL gets EEXIST there, an open otherwise),
+ * O_DIRECTORY/O_TMPFILE, FUSE_OPEN_KILL_SUIDGID, any failure. Once the file is made here a
+ * later failure unlinks it again before declining, so Python redoes the whole request. */
+struct pyvfs_create_out {
+    struct fuse_out_header o;
+    struct fuse_entry_out e;
+    struct fuse_open_out op;
+};
+_Static_assert(sizeof(struct fuse_create_in) == 16, "fuse_create_in");
+_Static_assert(sizeof(struct fuse_open_out) == 16, "fuse_open_out");
+_Static_assert(sizeof(struct pyvfs_create_out) == 160, "create reply");
+
+static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                       const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                       uint64_t wr_len, uint32_t *written) {
+    struct pyvfs_create_out out;
+    struct fuse_create_in in;
+    if (!c->ht_open || wr_len < sizeof out || h->len - sizeof *h < sizeof in) return 0;
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &in, sizeof in);
+    if (in.flags & (O_DIRECTORY | O_TMPFILE) || in.open_flags & FUSE_OPEN_KILL_SUIDGID)
+        return 0;
+    char name[256];
+    size_t name_len = read_name_at(h, rd, rd_n, sizeof in, name);
+    if (!name_len) return 0;
+    uint32_t pslot, slot;
+    int pfd = inode_fd(c, h->nodeid, &pslot);
+    if (pfd < 0) return 0;
+    int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    int flags = (int)((in.flags & ~c->create_clear) | O_CLOEXEC | O_CREAT | O_NOFOLLOW |
+                      O_NONBLOCK | O_EXCL);
+    setfsgid(h->gid);
+    setfsuid(h->uid);
+    int fd = openat(pfd, name, flags, in.mode & 07777);
+    setfsuid(c->own_uid);
+    setfsgid(c->own_gid);
+    int ok = 0, made = fd >= 0;
+    if (fd >= 0) {
+        struct stat st;
+        int fl;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+            (in.flags & O_NONBLOCK ||
+             ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
+            int r = lookup_core(c, h->nodeid, pfd, name, name_len, &out.e, &slot);
+            if (r == 0) made = 0;  /* gone meanwhile: not ours to unlink */
+            if (r > 0) {
+                uint64_t fh = ((uint64_t (*)(void *, uint64_t, int32_t, uint32_t))c->ht_open)(
+                    (void *)c->handles, out.e.nodeid, fd, in.flags);
+                if (fh) ok = 1;
+                else drop_inode_ref(c, slot);
+                out.op.fh = fh;
+            }
+        }
+        if (!ok) close(fd);
+        else fd = -1;  /* the table owns it */
+    }
+    if (!ok && made) unlinkat(pfd, name, 0);
+    if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
+    drop_inode_ref(c, pslot);
+    if (!ok) return 0;
+    memset(&out.o, 0, sizeof out.o);
+    out.o.len = sizeof out;
+    out.o.unique = h->unique;
+    out.op.open_flags = c->create_fopen;
+    out.op.padding = 0;
     pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
     *written = sizeof out;
     return 1;
@@ -617,6 +701,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     case FUSE_RELEASEDIR:
     case FUSE_UNLINK:
     case FUSE_READDIRPLUS:
+    case FUSE_CREATE:
         break;
     default:
         return 0;
@@ -637,6 +722,8 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_unlink(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
     case FUSE_READDIRPLUS:
         return fast_readdirplus(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
+    case FUSE_CREATE:
+        return fast_create(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
     default:
         return fast_forget(c, &h, rd, rd_n, written);
     }

@@ -107,6 +107,10 @@ class HandleTable(_Segment):
         """The address of ht_close (the guest's RELEASE), for C callers like c_api()'s."""
         return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_close")))
 
+    def c_open(self) -> int:
+        """The address of ht_open (open()), for C callers like c_api()'s."""
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_open")))
+
     def fd_of(self, slot: int) -> int:
         """fd of a slot the caller holds a reference on."""
         return lib.ht_fd(self._b, slot)

@@ -24,6 +24,8 @@ from daemon.fuse import FuseError
 from daemon.guest_memory import BadGuestAddress, GuestMemory
 from daemon.interrupts import InterruptBoard
 from daemon.passthrough import (
+    OPEN_STRIP,
+    Credentials,
     GuestInputError,
     HandleRef,
     PassthroughFs,
@@ -119,6 +121,20 @@ class QueueWorker:
         ctx.meta = 1
         ctx.ht_close = fs.handles.c_close()
         ctx.allow_unlink = 0 if fs.config.readonly else 1
+        # CREATE in C only in the plain case: no umask, label, writeback flag rewriting,
+        # renamed security.capability or read-only share to honour
+        cfg = fs.config
+        if not (cfg.readonly or cfg.posix_acl or cfg.security_label or cfg.writeback
+                or cfg.xattrmap is not None or fs.security_capability):
+            ctx.ht_open = fs.handles.c_open()
+            clear = OPEN_STRIP
+            if not cfg.allow_direct_io:
+                clear |= os.O_DIRECT
+            if not cfg.preserve_noatime:
+                clear |= os.O_NOATIME
+            ctx.create_clear = clear
+            ctx.create_fopen = fs._open_reply_flags(False)
+            ctx.own_uid, ctx.own_gid = Credentials.own_uid, Credentials.own_gid
         return ctx
 
     @staticmethod

@@ -31,6 +31,7 @@ def make_share(root: Path) -> tuple[Path, bool]:
     (share / ("n" * 255)).write_text("long name")
     (share / "mnt").mkdir()
     (share / "scratch").mkdir()  # changed by the conversation
+    os.chmod(share / "scratch", 0o777)  # a caller other than root creates in it
     (share / "listing").mkdir()  # its atime changes when it is read
     for i in range(40):
         (share / "listing" / f"{i:02d}{'_' * i}").write_text(str(i))
@@ -38,6 +39,21 @@ def make_share(root: Path) -> tuple[Path, bool]:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "none", str(share / "mnt")],
                              capture_output=True).returncode == 0
     return share, mounted
+
+
+def without_times(entry_and_open: bytes) -> bytes:
+    """A CREATE reply without the new file's ino and times."""
+    b = bytearray(entry_and_open)
+    b[40:48] = bytes(8)
+    b[64:100] = bytes(36)
+    return bytes(b)
+
+
+SHARES: dict[int, Path] = {}
+
+
+def share_of(front: Frontend) -> Path:
+    return SHARES[id(front)]
 
 
 def script(front: Frontend) -> list[tuple[str, int, bytes]]:
@@ -90,10 +106,40 @@ def script(front: Frontend) -> list[tuple[str, int, bytes]]:
     req("release forged", fuse.Opcode.RELEASE, ids[b"file"], fuse.RELEASE_IN.pack(1, 0, 0, 0))
     scratch = struct.unpack_from("<Q", req("lookup scratch", L, 1, b"scratch\0",
                                            exact=False))[0]
+    # CREATE (C for a new name; Python for the rest): the reply compared without the
+    # new file's ino and times
     created = req("create", fuse.Opcode.CREATE, scratch,
-                  fuse.CREATE_IN.pack(os.O_RDWR, 0o644, 0, 0) + b"new\0", exact=False)
-    req("release created", fuse.Opcode.RELEASE, 0, fuse.RELEASE_IN.pack(
-        struct.unpack_from("<Q", created, fuse.ENTRY_OUT_SIZE)[0], 0, 0, 0))
+                  fuse.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o644, 0, 0) + b"new\0",
+                  exact=False)
+    out[-1] = (out[-1][0], out[-1][1], without_times(created))
+    created_id = struct.unpack_from("<Q", created)[0]
+    owned = req("create as 1234", fuse.Opcode.CREATE, scratch,
+                fuse.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, 0o22, 0)
+                + b"owned\0", exact=False, uid=1234, gid=1234)
+    out[-1] = (out[-1][0], out[-1][1], without_times(owned))
+    excl = fuse.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 0, 0)
+    plain = fuse.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o644, 0, 0)
+    for what, nodeid, arg, kw in [
+        ("create exists, O_EXCL", scratch, excl + b"new\0", {}),
+        ("create dotdot", scratch, plain + b"..\0", {}),
+        ("create slash", scratch, plain + b"a/b\0", {}),
+        ("create 256 bytes", scratch, plain + b"n" * 256 + b"\0", {}),
+        ("create unterminated", scratch, plain + b"x", {}),
+        ("create short", scratch, plain[:8], {}),
+        ("create forged parent", 987654, plain + b"x\0", {}),
+        ("create under a file", ids[b"file"], plain + b"x\0", {}),
+        ("create, reply does not fit", scratch, plain + b"x\0", {"out_size": 100}),
+    ]:
+        req(what, fuse.Opcode.CREATE, nodeid, arg, **kw)
+    for reply in (created, owned):
+        req("release created", fuse.Opcode.RELEASE, 0, fuse.RELEASE_IN.pack(
+            struct.unpack_from("<Q", reply, fuse.ENTRY_OUT_SIZE)[0], 0, 0, 0))
+    st = os.stat(share_of(front) / "scratch" / "owned")
+    out.append(("owner of owned", 0, struct.pack("<III", st.st_uid, st.st_gid, st.st_mode)))
+    req("unlink owned", fuse.Opcode.UNLINK, scratch, b"owned\0")
+    req("forget created", F, created_id, fuse.FORGET_IN.pack(1), out_size=0)
+    req("forget owned", F, struct.unpack_from("<Q", owned)[0], fuse.FORGET_IN.pack(1),
+        out_size=0)
     for what, nodeid, arg in [
         ("unlink", scratch, b"new\0"),
         ("unlink again", scratch, b"new\0"),
@@ -124,7 +170,7 @@ def script(front: Frontend) -> list[tuple[str, int, bytes]]:
 
 
 @pytest.mark.parametrize("handles", ["prefer", "never"])
-@pytest.mark.parametrize("cache", ["auto", "always"])
+@pytest.mark.parametrize("cache", ["auto", "always", "never"])
 def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: str) -> None:
     share, mounted = make_share(tmp_path)
     try:
@@ -136,6 +182,7 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
                 front = Frontend(str(sock))
                 front.setup(3)
                 front.init()
+                SHARES[id(front)] = share
                 answers[level] = script(front)
                 front.close()
         assert len(answers["info"]) == len(answers["debug"])
@@ -147,6 +194,10 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
         assert by_what["lookup forged parent"] == -errno.EBADF
         assert by_what["getattr, reply does not fit"] == -errno.ERANGE
         assert by_what["unlink"] == 0 and by_what["unlink again"] == -errno.ENOENT
+        assert by_what["create"] == 0 and by_what["create as 1234"] == 0
+        assert by_what["create exists, O_EXCL"] == -errno.EEXIST
+        owner = [p for w, _, p in answers["info"] if w == "owner of owned"][0]
+        assert struct.unpack("<III", owner) == (1234, 1234, 0o100640)
         assert by_what["unlink a directory"] == -errno.EISDIR
         assert by_what["readdirplus, bad fh"] == -errno.EBADF
         assert by_what["readdirplus, short"] == -errno.EINVAL

@@ -6,6 +6,7 @@ Python answers it with its errno."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import struct
@@ -53,13 +54,14 @@ class Fs:
 
     def c(self, opcode: int, nodeid: int, arg: bytes = b"", *, out_size: int = 4096,
           split: int = 0, length: int | None = None, extlen: int = 0,
-          readable: bytes | None = None, wr_split: int = 0) -> tuple[int, bytes]:
+          readable: bytes | None = None, wr_split: int = 0, uid: int = 0,
+          gid: int = 0) -> tuple[int, bytes]:
         """(handled, reply bytes) from pyvfs_fast. split > 0 cuts the request into
         pieces of that many bytes, one iovec each; wr_split the reply buffer."""
         self.unique += 1
         if readable is None:
             total = fuse.IN_HEADER_SIZE + len(arg) if length is None else length
-            readable = fuse.IN_HEADER.pack(total, opcode, self.unique, nodeid, 0, 0, 1,
+            readable = fuse.IN_HEADER.pack(total, opcode, self.unique, nodeid, uid, gid, 1,
                                            extlen, 0) + arg
         step = split or max(len(readable), 1)
         pieces = [readable[i : i + step] for i in range(0, len(readable), step)] or [b""]
@@ -81,9 +83,9 @@ class Fs:
         return handled, ffi.buffer(out, written[0])[:] if handled else b""
 
     def py(self, opcode: int, nodeid: int, arg: bytes = b"",
-           room: int = fuse.MAX_WRITE) -> bytes:
+           room: int = fuse.MAX_WRITE, uid: int = 0, gid: int = 0) -> bytes:
         """The Python operation's reply, as the worker would write it."""
-        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, 0, 0, 1, arg,
+        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, uid, gid, 1, arg,
                                               room))
         if payload is None:
             return b""
@@ -404,3 +406,135 @@ def test_readdirplus_identical_and_counted(fs: Fs) -> None:
     assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
     assert fs.c(fuse.Opcode.RELEASEDIR, dir_id, fuse.RELEASE_IN.pack(fh, 0, 0, 0))[0] == 1
     assert len(fs.handles) == 0
+
+
+# ----- CREATE ----------------------------------------------------------------------------
+
+ENTRY_END = fuse.OUT_HEADER_SIZE + fuse.ENTRY_OUT_SIZE
+
+
+def create_arg(name: bytes, flags: int = os.O_WRONLY | os.O_CREAT, mode: int = 0o100644,
+               umask: int = 0o022, open_flags: int = 0) -> bytes:
+    return fuse.CREATE_IN.pack(flags, mode, umask, open_flags) + name + b"\0"
+
+
+def normalized(reply: bytes) -> bytes:
+    """A CREATE reply without what differs between two new files: nodeid, ino, the three
+    times and the fh."""
+    b = bytearray(reply)
+    h = fuse.OUT_HEADER_SIZE
+    b[8:16] = bytes(8)  # unique
+    b[h : h + 8] = bytes(8)  # nodeid
+    a = h + 40  # fuse_attr
+    b[a : a + 8] = bytes(8)  # ino
+    b[a + 24 : a + 48] = bytes(24)  # atime mtime ctime
+    b[a + 48 : a + 60] = bytes(12)  # their nsecs
+    b[ENTRY_END : ENTRY_END + 8] = bytes(8)  # fh
+    return bytes(b)
+
+
+@pytest.mark.parametrize("cache", ["auto", "always", "never"])
+@pytest.mark.parametrize("handles", ["prefer", "never"])
+def test_create_identical_and_counted(tmp_path: Path, cache: str, handles: str) -> None:
+    f = Fs(make_share(tmp_path), cache=cache, file_handles=handles)
+    try:
+        share = Path(f.fs.shared_dir)
+        for i, flags in enumerate((os.O_WRONLY, os.O_RDWR | os.O_EXCL | os.O_TRUNC,
+                                   os.O_RDONLY | os.O_NONBLOCK | os.O_APPEND)):
+            flags |= os.O_CREAT
+            handled, reply = f.c(fuse.Opcode.CREATE, 1, create_arg(b"c%d" % i, flags),
+                                 split=7 if i == 1 else 0)
+            assert handled == 1
+            assert len(reply) == ENTRY_END + fuse.OPEN_OUT.size
+            py = f.py(fuse.Opcode.CREATE, 1, create_arg(b"p%d" % i, flags))
+            assert normalized(reply) == normalized(py)
+            # the entry is what Python's LOOKUP answers for the same file
+            look = f.py(fuse.Opcode.LOOKUP, 1, b"c%d\0" % i)
+            assert reply[16:ENTRY_END] == look[16:]
+            nodeid = struct.unpack_from("<Q", reply, 16)[0]
+            fh, fopen, _ = fuse.OPEN_OUT.unpack_from(reply, ENTRY_END)
+            pfh = fuse.OPEN_OUT.unpack_from(py, ENTRY_END)[0]
+            assert fopen == f.fs._open_reply_flags(False)
+            c_open, p_open = f.handles.get(fh), f.handles.get(pfh)
+            assert c_open is not None and p_open is not None
+            assert (c_open.nodeid, c_open.flags, c_open.refcount) == (nodeid, flags, 1)
+            assert (p_open.flags, p_open.refcount) == (flags, 1)
+            # the fd's status flags as Python's
+            assert fcntl.fcntl(c_open.fd, fcntl.F_GETFL) == fcntl.fcntl(p_open.fd,
+                                                                        fcntl.F_GETFL)
+            assert fcntl.fcntl(c_open.fd, fcntl.F_GETFD) == fcntl.fcntl(p_open.fd,
+                                                                        fcntl.F_GETFD)
+            assert stat.S_IMODE((share / f"c{i}").stat().st_mode) == 0o644
+            entry = f.inodes.get(nodeid)
+            assert entry is not None and entry.name == b"c%d" % i
+            assert (entry.fd < 0) == (handles == "prefer")
+            # RELEASE + FORGET (the create's and the lookup's) leave nothing behind
+            assert f.c(fuse.Opcode.RELEASE, nodeid, fuse.RELEASE_IN.pack(fh, 0, 0, 0))[0]
+            assert f.c(fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(2), out_size=0)[0]
+            assert f.handles.get(fh) is None and f.inodes.get(nodeid) is None
+            f.py(fuse.Opcode.RELEASE, 1, fuse.RELEASE_IN.pack(pfh, 0, 0, 0))
+        f.fs._forget(struct.unpack_from("<Q", py, 16)[0], 1)
+        assert len(f.handles) == 0
+        assert len(f.inodes) == 3  # root, p0 and p1 (the last one forgotten above)
+        f.inodes.check()
+    finally:
+        f.close()
+
+
+def test_create_as_the_caller(fs: Fs) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch fsuid")
+    share = Path(fs.fs.shared_dir)
+    os.chmod(share, 0o777)
+    handled, reply = fs.c(fuse.Opcode.CREATE, 1, create_arg(b"owned", mode=0o100600),
+                          uid=1234, gid=4321)
+    assert handled == 1
+    st = (share / "owned").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 4321, 0o600)
+    assert struct.unpack_from("<II", reply, 16 + 40 + 68) == (1234, 4321)
+    # the daemon's own ids are back: a file made afterwards is root's
+    (share / "after").write_text("")
+    assert (share / "after").stat().st_uid == os.geteuid()
+
+
+def test_create_declines(tmp_path: Path) -> None:
+    f = Fs(make_share(tmp_path))
+    try:
+        share = Path(f.fs.shared_dir)
+        before = sorted(os.listdir(share))
+        excl = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        for arg, kw in [
+            (create_arg(b"file", excl), {}),  # EEXIST: Python's answer
+            (create_arg(b"file"), {}),  # existing file: Python opens it
+            (create_arg(b"fifo"), {}),
+            (create_arg(b"link"), {}),
+            (create_arg(b"dir"), {}),
+            (create_arg(b".."), {}),
+            (create_arg(b"."), {}),
+            (create_arg(b"a/b"), {}),
+            (create_arg(b"x" * 256), {}),
+            (create_arg(b""), {}),
+            (create_arg(b"new")[:-1], {}),  # unterminated
+            (create_arg(b"new")[:10], {}),  # short
+            (create_arg(b"new", os.O_WRONLY | os.O_CREAT | os.O_DIRECTORY), {}),
+            (create_arg(b"new", os.O_RDWR | os.O_TMPFILE), {}),
+            (create_arg(b"new", open_flags=fuse.OPEN_KILL_SUIDGID), {}),
+            (create_arg(b"new"), {"out_size": ENTRY_END + 15}),
+            (create_arg(b"new"), {"extlen": 1}),
+        ]:
+            assert f.c(fuse.Opcode.CREATE, 1, arg, **kw)[0] == 0, (arg, kw)
+        assert f.c(fuse.Opcode.CREATE, 999999, create_arg(b"new"))[0] == 0
+        assert sorted(os.listdir(share)) == before
+        assert len(f.handles) == 0 and len(f.inodes) == 1
+        with pytest.raises(FileExistsError):
+            f.py(fuse.Opcode.CREATE, 1, create_arg(b"file", excl))
+    finally:
+        f.close()
+    for i, config in enumerate(({"readonly": True}, {"writeback": True},
+                                {"posix_acl": True}, {"security_label": True})):
+        f = Fs(make_share(tmp_path / str(i)), **config)
+        try:
+            assert f.c(fuse.Opcode.CREATE, 1, create_arg(b"new"))[0] == 0, config
+            assert not (Path(f.fs.shared_dir) / "new").exists()
+        finally:
+            f.close()
