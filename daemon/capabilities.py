@@ -6,9 +6,10 @@ compromised server cannot load modules, trace processes, change the clock, ...
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # capability numbers are the positions in this list (linux/capability.h)
 NAMES = (
@@ -33,6 +34,40 @@ class _Header(ctypes.Structure):
 class _Data(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                 ("inheritable", ctypes.c_uint32)]
+
+
+def _get_sets() -> ctypes.Array:
+    data = (_Data * 2)()
+    if _libc.capget(ctypes.byref(_Header(_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data
+
+
+def _set_sets(data: ctypes.Array) -> None:
+    if _libc.capset(ctypes.byref(_Header(_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def without_fsetid() -> Iterator[None]:
+    """Drop CAP_FSETID from this thread's effective set for the block, so the host kernel
+    clears setuid/setgid on a write or truncate as it would for an unprivileged caller
+    (virtiofsd's handling of FUSE_HANDLE_KILLPRIV_V2)."""
+    data = _get_sets()
+    saved = data[0].effective
+    fsetid = 1 << NAMES.index("fsetid")
+    if not saved & fsetid:
+        yield  # an unprivileged daemon: the kernel clears the bits anyway
+        return
+    data[0].effective = saved & ~fsetid
+    _set_sets(data)
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        _set_sets(data)
 
 
 def retained(file_handles: bool, modcaps: Iterable[tuple[str, str]] = ()) -> set[str]:
@@ -67,9 +102,7 @@ def drop_all_but(keep: set[str], last: int) -> None:
         bits = (mask >> (32 * word)) & 0xFFFFFFFF
         data[word].effective = data[word].permitted = bits
         data[word].inheritable = 0
-    if _libc.capset(ctypes.byref(_Header(_VERSION_3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    _set_sets(data)
 
 
 def effective_mask(pid: int | str = "self") -> int:

@@ -111,28 +111,29 @@ class LockOwners:
     def done(self, nodeid: int, owner: int, fd: int) -> None:
         """End a use; the last user of an entry FLUSH marked closes its fd."""
         with self._locked():
-            for slot in self._slots_with_fd(nodeid, owner, fd):
-                off = slot * _ENTRY.size
-                n, o, fd, users, state, pid = _ENTRY.unpack_from(self.mem, off)
-                if state == CLOSING and users <= 1:
-                    _ENTRY.pack_into(self.mem, off, 0, 0, -1, 0, GONE, 0)
-                    os.close(fd)
-                else:
-                    _ENTRY.pack_into(self.mem, off, n, o, fd, max(users - 1, 0), state, pid)
+            slot = self._slot_of_fd(nodeid, owner, fd)
+            if slot < 0:
                 return
+            off = slot * _ENTRY.size
+            n, o, fd, users, state, pid = _ENTRY.unpack_from(self.mem, off)
+            if state == CLOSING and users <= 1:
+                _ENTRY.pack_into(self.mem, off, 0, 0, -1, 0, GONE, 0)
+                os.close(fd)
+            else:
+                _ENTRY.pack_into(self.mem, off, n, o, fd, max(users - 1, 0), state, pid)
 
-    def _slots_with_fd(self, nodeid: int, owner: int, fd: int) -> Iterator[int]:
-        # an entry FLUSH marked CLOSING is no longer found by _find: scan its chain
+    def _slot_of_fd(self, nodeid: int, owner: int, fd: int) -> int:
+        """The entry in use with this fd, USED or CLOSING (which _find no longer finds)."""
         start = hash((nodeid, owner)) % self.slots
         for i in range(self.slots):
             slot = (start + i) % self.slots
             n, o, got_fd, _users, state, _pid = _ENTRY.unpack_from(self.mem,
                                                                   slot * _ENTRY.size)
             if state == FREE:
-                return
+                break
             if state in (USED, CLOSING) and (n, o, got_fd) == (nodeid, owner, fd):
-                yield slot
-                return
+                return slot
+        return -1
 
     def flush(self, nodeid: int, owner: int) -> bool:
         """The owner closed a descriptor of the inode: its locks there go. True if it

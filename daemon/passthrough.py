@@ -10,7 +10,6 @@ component, never a path the guest builds, so nothing can reach outside the share
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 from daemon import fuse, locks
 from daemon._sys import ffi, lib
+from daemon.capabilities import without_fsetid
 from daemon.fd_cache import FdCache, open_by_handle
 from daemon.fuse import FuseError
 from daemon.idmap import IdMap
@@ -188,49 +188,9 @@ class Credentials:
         lib.pyvfs_setfsgid(Credentials.own_gid)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CAP_FSETID = 4
-_CAP_VERSION_3 = 0x20080522
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 SECURITY_CAPABILITY = b"security.capability"
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def _capset(data: ctypes.Array) -> None:
-    if _libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def without_fsetid() -> Iterator[None]:
-    """Drop CAP_FSETID from this thread's effective set for the block, so the host kernel
-    clears setuid/setgid on a write or truncate as it would for an unprivileged caller
-    (virtiofsd's handling of FUSE_HANDLE_KILLPRIV_V2)."""
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    saved = data[0].effective
-    if not saved & (1 << CAP_FSETID):
-        yield  # an unprivileged daemon: the kernel clears the bits anyway
-        return
-    data[0].effective = saved & ~(1 << CAP_FSETID)
-    _capset(data)
-    try:
-        yield
-    finally:
-        data[0].effective = saved
-        _capset(data)
 
 
 @contextlib.contextmanager

@@ -44,24 +44,19 @@ def test_refused_setlkw_leaves_the_file_open(tmp_path: Path) -> None:
         front.close()
 
 
-def _hold_write_lock(path: Path) -> int:
+def _hold_write_lock(path: Path, start: int = 0, length: int = 0) -> int:
     """A host process's lock (an open-file-description lock of this test process)."""
-    fd = os.open(path, os.O_RDWR)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
-    return fd
-
-
-def _hold_write_lock_range(path: Path, start: int, length: int) -> int:
     fd = os.open(path, os.O_RDWR)
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
                 struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, start, length, 0))
     return fd
 
 
-def _lock_is_free(path: Path) -> bool:
+def _host_can_lock(path: Path, start: int = 0, length: int = 0) -> bool:
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                    struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, start, length, 0))
         return True
     except BlockingIOError:
         return False
@@ -101,7 +96,7 @@ def test_interrupt_ends_a_waiting_setlkw(tmp_path: Path, interrupt_queue: int) -
         assert time.monotonic() - started < 2
         os.close(held)  # the host lets go: the interrupted request must not grab the lock
         time.sleep(0.2)
-        assert _lock_is_free(path)
+        assert _host_can_lock(path)
         # the guest's file is still open and usable, and a new SETLKW gets the lock
         err, data = front.fuse(fuse.Opcode.READ, nodeid,
                                fuse.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0))
@@ -109,7 +104,7 @@ def test_interrupt_ends_a_waiting_setlkw(tmp_path: Path, interrupt_queue: int) -
         err, _ = front.fuse(fuse.Opcode.SETLKW, nodeid,
                             fuse.LK_IN.pack(fh, 7, 0, fuse.OFFSET_MAX, fcntl.F_WRLCK, 0, 0, 0))
         assert err == 0
-        assert not _lock_is_free(path)
+        assert not _host_can_lock(path)
         front.close()
 
 
@@ -141,18 +136,6 @@ def _open_twice(front: Frontend) -> tuple[int, int, int]:
         assert err == 0
         fhs.append(struct.unpack_from("<Q", opened)[0])
     return nodeid, fhs[0], fhs[1]
-
-
-def _host_can_lock(path: Path, start: int, length: int) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
-                    struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, start, length, 0))
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_posix_locks_belong_to_the_guest_lock_owner(tmp_path: Path) -> None:
@@ -188,7 +171,7 @@ def test_posix_locks_belong_to_the_guest_lock_owner(tmp_path: Path) -> None:
         assert err == 0 and fuse.LK_OUT.unpack(out)[2] == fcntl.F_UNLCK
         err, out = lk(fuse.Opcode.GETLK, fh2, B, 0, 99, fcntl.F_WRLCK)
         assert err == 0 and fuse.LK_OUT.unpack(out) == (0, 9, fcntl.F_WRLCK, A)  # names A
-        held = _hold_write_lock_range(path, 60, 10)  # a host process's lock: no guest pid
+        held = _hold_write_lock(path, 60, 10)  # a host process's lock: no guest pid
         err, out = lk(fuse.Opcode.GETLK, fh2, A, 55, 99, fcntl.F_RDLCK)
         assert err == 0 and fuse.LK_OUT.unpack(out) == (60, 69, fcntl.F_WRLCK, 0)
         os.close(held)
