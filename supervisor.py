@@ -50,7 +50,7 @@ def freeze_heap() -> None:
     so a later worker start does not copy the pages an earlier worker still shares.
 
     Then give free malloc memory back to the kernel (glibc's malloc_trim): what start-up
-    allocated and freed (imports, OpenSSL's initialisation under uvloop, argument parsing)
+    allocated and freed (imports, compiling modules without .pyc files, argument parsing)
     would otherwise stay resident in the supervisor and in every clone (~2 MB)."""
     gc.collect()
     gc.freeze()

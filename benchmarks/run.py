@@ -35,6 +35,13 @@ QDS = (1, 16)
 QUEUE_COUNTS = (1, 2, 4)
 TMPFS_DIR = Path("/tmp/pyvirtiofsd-bench-tmpfs")
 DISK_DIR = Path("/var/tmp/pyvirtiofsd-bench-disk")
+# The disk share is a journaled ext4 in an image file on this machine's disk. The root
+# file system here is ext4 *without* a journal, where every inode allocation skips the
+# inodes freed in the last 30 s (ext4 recently_deleted()): under CREATE/UNLINK churn that
+# scan grows to ~1 ms per create and whichever daemon runs after another's churn pays for
+# it (docs/performance.md, "CREATE on the disk share").
+DISK_IMAGE = Path("/var/tmp/pyvirtiofsd-bench-ext4.img")
+DISK_IMAGE_SIZE = 2 << 30
 
 
 # ----- per-process accounting -----------------------------------------------------------
@@ -108,6 +115,29 @@ def fs_type(path: Path) -> str:
     return out.stdout.strip() or "?"
 
 
+def journaled_ext4(path: Path) -> bool:
+    """Whether path is the root of an ext4 mount that has a jbd2 journal."""
+    out = subprocess.run(["findmnt", "-n", "-o", "TARGET,FSTYPE,SOURCE", "-T", str(path)],
+                         capture_output=True, text=True).stdout.split()
+    if len(out) != 3 or out[0] != str(path) or out[1] != "ext4":
+        return False
+    dev = os.path.basename(os.path.realpath(out[2]))
+    return any(j.startswith(dev + "-") for j in os.listdir("/proc/fs/jbd2")) \
+        if os.path.isdir("/proc/fs/jbd2") else False
+
+
+def mount_disk_image() -> None:
+    if not DISK_IMAGE.exists():
+        with open(DISK_IMAGE, "wb") as f:
+            f.truncate(DISK_IMAGE_SIZE)
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", str(DISK_IMAGE)], capture_output=True)
+        if r.returncode:
+            DISK_IMAGE.unlink()
+            return
+    subprocess.run(["mount", "-o", "loop", str(DISK_IMAGE), str(DISK_DIR)],
+                   capture_output=True)
+
+
 def make_shares(which: list[str]) -> dict[str, Path]:
     shares: dict[str, Path] = {}
     if "tmpfs" in which:
@@ -122,6 +152,12 @@ def make_shares(which: list[str]) -> dict[str, Path]:
         shares.setdefault("tmpfs", TMPFS_DIR)
     if "disk" in which:
         DISK_DIR.mkdir(parents=True, exist_ok=True)
+        if not journaled_ext4(DISK_DIR):
+            mount_disk_image()
+        if not journaled_ext4(DISK_DIR):
+            print(f"warning: {DISK_DIR} is not a journaled ext4 (mounting {DISK_IMAGE} "
+                  "failed); CREATE figures on it depend on the host file system",
+                  file=sys.stderr)
         shares["disk"] = DISK_DIR
     for path in shares.values():
         prepare_share(str(path))
@@ -144,6 +180,7 @@ def run_connection(daemon: Daemon, share: Path, queues: int, workloads: list[str
         out["idle_rss"], out["idle_pss"] = tree_memory(proc.pid)
         for wl in workloads:
             for qd in QDS:
+                os.sync()  # no dirty data of an earlier cell is written back in this one
                 cpu0 = tree_cpu(proc.pid)
                 busy0 = machine_busy()
                 try:
@@ -173,6 +210,14 @@ def run_connection(daemon: Daemon, share: Path, queues: int, workloads: list[str
         out["exit_code"] = code
         sock.unlink(missing_ok=True)
     return out
+
+
+def _fs_label(share: dict[str, Any]) -> str:
+    if share["fstype"] != "ext4" or "journaled_ext4" not in share:
+        return share["fstype"]
+    if share["journaled_ext4"]:
+        return "ext4 with journal, in an image file on the disk"
+    return "ext4 without journal"
 
 
 # ----- summary ------------------------------------------------------------------------------
@@ -250,7 +295,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
           "generator plays QEMU and the guest driver on the same 2 cores.", "",
           "Daemons:", ""]
     L += [f"- `{d}`: {meta['versions'][d]}" for d in daemons]
-    L += ["", "Shares: " + ", ".join(f"{k} = `{v['path']}` ({v['fstype']})"
+    L += ["", "Shares: " + ", ".join(f"{k} = `{v['path']}` ({_fs_label(v)})"
                                       for k, v in meta["shares"].items()), ""]
     L += ["Workloads (one *op*; QD1 gives latency, QD16 throughput):", ""]
     L += [f"- `{w}`: {WORKLOADS[w]['what']}" for w in meta["workloads"]]
@@ -494,7 +539,8 @@ def main() -> None:
         "rounds": args.rounds, "seconds": seconds, "wall_s": wall,
         "machine": machine_info(), "versions": versions, "workloads": workloads,
         "queue_counts": queue_counts,
-        "shares": {k: {"path": str(v), "fstype": fs_type(v)} for k, v in shares.items()},
+        "shares": {k: {"path": str(v), "fstype": fs_type(v),
+                          "journaled_ext4": journaled_ext4(v)} for k, v in shares.items()},
     }  # fmt: skip
     stem.parent.mkdir(parents=True, exist_ok=True)
     pngs = plot(stem, meta, summary, daemons)

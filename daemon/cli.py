@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from daemon import no_tls
+
+    no_tls.install()  # before supervisor imports asyncio
     import supervisor
     from daemon import sandbox
     from shm_table import HandleTable, InodeTable
