@@ -83,7 +83,7 @@ ffibuilder.cdef(
         int32_t allow_write;
         int32_t meta;
         uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
-                 it_nodeid, it_handle_of;
+                 it_nodeid, it_handle_of, it_claim;
         pyvfs_fdcache_t *fd_cache;
         uint64_t session;
         uint64_t submounts_flag;

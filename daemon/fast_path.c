@@ -192,7 +192,7 @@ typedef struct {
     int32_t meta;
     /* InodeTable.c_api() */
     uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
-             it_nodeid, it_handle_of;
+             it_nodeid, it_handle_of, it_claim;
     pyvfs_fdcache_t *fd_cache;
     uint64_t session;        /* address of the INIT flags both sides agreed on (u64) */
     uint64_t submounts_flag; /* FUSE_SUBMOUNTS in that word */
@@ -222,6 +222,8 @@ typedef int64_t (*it_forget_fn)(void *, uint64_t, uint64_t);
 typedef int64_t (*it_lookup_fn)(void *, uint64_t);
 typedef uint64_t (*it_nodeid_fn)(void *, uint32_t);
 typedef int32_t (*it_handle_of_fn)(void *, uint32_t, uint8_t *, int32_t *);
+typedef int64_t (*it_claim_only_fn)(void *, uint64_t, uint64_t, uint64_t, const char *,
+                                    uint32_t, int32_t, uint64_t);
 
 #define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* queue_worker.MAX_REQUEST */
 #define PYVFS_ROOT_ID 1
@@ -379,6 +381,64 @@ static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
 }
 
+/* FUSE_ATTR_SUBMOUNT for a directory on another file system than its parent, as
+   PassthroughFs._attr_flags sets it; -1 if the parent cannot be stat'ed. */
+static int64_t submount_flag(const pyvfs_fast_ctx_t *c, int pfd, const struct stat *st) {
+    if (!S_ISDIR(st->st_mode) ||
+        !(*(const uint64_t *)(uintptr_t)c->session & c->submounts_flag))
+        return 0;
+    struct stat pst;
+    if (fstat(pfd, &pst) != 0) return -1;
+    return pst.st_dev != st->st_dev ? FUSE_ATTR_SUBMOUNT : 0;
+}
+
+/* A name whose inode already has an entry, found without opening it (an open, a close and,
+ * with file handles, a name_to_handle_at on the opened fd are most of a LOOKUP's cost):
+ * - by file handle: name_to_handle_at on the name itself, the attributes from this
+ *   worker's cached fd of that entry (a nodeid is never reused, so it is that inode);
+ * - without file handles: by the ids fstatat gives, among entries that hold an O_PATH fd,
+ *   which pins the inode, so those ids cannot belong to another file meanwhile.
+ * 1: one reference claimed and *e filled; 0: not found this way (nothing held). */
+static int lookup_known(const pyvfs_fast_ctx_t *c, int pfd, const char *name,
+                        struct fuse_entry_out *e, uint32_t *slot) {
+    struct stat st;
+    int64_t r;
+    uint64_t nodeid;
+    if (c->use_handles) {
+        struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
+        int mnt = 0;
+        fh.fh.handle_bytes = PYVFS_MAX_HANDLE;
+        if (name_to_handle_at(pfd, name, &fh.fh, &mnt, 0) != 0 ||
+            fh.fh.handle_bytes > PYVFS_MAX_HANDLE || (int64_t)mnt != c->root_mnt_id)
+            return 0;
+        r = ((it_claim_only_fn)c->it_claim)((void *)c->inodes, 0, 0, 0,
+                                            (const char *)fh.fh.f_handle,
+                                            fh.fh.handle_bytes, fh.fh.handle_type,
+                                            (uint64_t)mnt);
+        if (r < 0) return 0;
+        nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+        int fd = pyvfs_fdc_get(c->fd_cache, nodeid);
+        if (fd < 0 || fstat(fd, &st) != 0) goto drop;
+    } else {
+        if (fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return 0;
+        r = ((it_claim_only_fn)c->it_claim)((void *)c->inodes, st.st_ino, st.st_dev, 0,
+                                            NULL, 0, 0, 0);
+        if (r < 0) return 0;
+        nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+    }
+    int64_t flags = submount_flag(c, pfd, &st);
+    memset(e, 0, sizeof *e);
+    if (flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)flags)) goto drop;
+    *slot = (uint32_t)r;
+    e->nodeid = nodeid;
+    e->entry_valid = e->attr_valid = c->timeout_sec;
+    e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
+    return 1;
+drop:
+    drop_inode_ref(c, (uint32_t)r);
+    return 0;
+}
+
 /* PassthroughFs.do_lookup + claim + the attr of pack_entry_into: open name
  * O_PATH|O_NOFOLLOW under the parent, fstat, identify it (file handle and mount id as
  * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
@@ -388,19 +448,14 @@ static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
  * taken; Python must answer). */
 static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
                        size_t name_len, struct fuse_entry_out *e, uint32_t *slot) {
+    if (lookup_known(c, pfd, name, e, slot)) return 1;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : -1;
     struct stat st;
     if (fstat(fd, &st) != 0) goto fail;
     memset(e, 0, sizeof *e);
-    uint32_t attr_flags = 0;
-    if (S_ISDIR(st.st_mode) && (*(const uint64_t *)(uintptr_t)c->session & c->submounts_flag)) {
-        /* FUSE_ATTR_SUBMOUNT on another file system's root */
-        struct stat pst;
-        if (fstat(pfd, &pst) != 0) goto fail;
-        if (pst.st_dev != st.st_dev) attr_flags = FUSE_ATTR_SUBMOUNT;
-    }
-    if (!fill_attr(&e->attr, &st, attr_flags)) goto fail;
+    int64_t attr_flags = submount_flag(c, pfd, &st);
+    if (attr_flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)attr_flags)) goto fail;
     struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
     const char *hb = NULL;
     uint32_t hn = 0;

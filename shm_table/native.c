@@ -962,6 +962,24 @@ int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_
     return r;
 }
 
+/* claim_or_insert without the insert: one reference on the entry that has this file handle
+ * (when one is given) or these ids (among entries that hold an fd), or -1 when there is
+ * none or its refcount already fell to zero. ino 0 matches no ids (a handle-only lookup). */
+int64_t it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id, const char *handle,
+                 uint32_t handle_bytes, int32_t handle_type, uint64_t handle_mnt_id) {
+    hdr_t *h = H(base);
+    if (!args_ok(handle_bytes, 0)) return -3;
+    const uint8_t *hb = (const uint8_t *)handle;
+    uint64_t ih = hash_ids(ino, dev, mnt_id);
+    uint64_t hh = hb ? hash_handle(hb, handle_bytes, handle_type, handle_mnt_id) : 0;
+    lock_acquire(h);
+    int64_t r = it_claim_locked(h, ino, dev, mnt_id, hb, handle_bytes, handle_type,
+                                handle_mnt_id, ih, hh);
+    if (r >= 0) h->lookups++;
+    lock_release(h);
+    return r;
+}
+
 int32_t it_fd(void *base, uint32_t slot) {
     hdr_t *h = H(base);
     return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->fd) : -1;

@@ -53,6 +53,9 @@ int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_
                            const char *handle, uint32_t handle_bytes, int32_t handle_type,
                            uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
                            uint64_t parent, const char *name, uint32_t name_len);
+int64_t it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                 const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                 uint64_t handle_mnt_id);
 int64_t it_acquire(void *base, uint64_t nodeid);
 int64_t it_acquire_fd(void *base, uint64_t nodeid);
 int64_t it_release(void *base, uint32_t slot, uint64_t n);

@@ -410,7 +410,7 @@ class InodeTable(_Segment):
         code calls to resolve, claim and forget inodes without a Python round trip (the
         worker's GETATTR/LOOKUP/FORGET fast path)."""
         names = ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
-                 "it_lookup", "it_nodeid", "it_handle_of")
+                 "it_lookup", "it_nodeid", "it_handle_of", "it_claim")
         api = {n: int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names}
         api["base"] = int(ffi.cast("uintptr_t", self._b))
         return api

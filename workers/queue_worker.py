@@ -107,7 +107,7 @@ class QueueWorker:
         api = inode_api()
         ctx.inodes = api["base"]
         for name in ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
-                     "it_lookup", "it_nodeid", "it_handle_of"):
+                     "it_lookup", "it_nodeid", "it_handle_of", "it_claim"):
             setattr(ctx, name, api[name])
         ctx.fd_cache = fs.fd_cache.c
         self._session = ffi.from_buffer(fs.session)  # kept alive with the context

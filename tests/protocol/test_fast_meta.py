@@ -250,3 +250,55 @@ def test_lookups_in_c_are_forgotten(tmp_path: Path, handles: str) -> None:
     finally:
         if mounted:
             subprocess.run(["umount", str(share / "mnt")], check=True)
+
+
+@pytest.mark.parametrize("handles", ["prefer", "never"])
+def test_lookup_of_a_known_name_follows_the_host(tmp_path: Path, handles: str) -> None:
+    """A LOOKUP of a name that already has an entry is answered without opening it (by
+    file handle or by ids); it must still see what the host did to the name meanwhile."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "file").write_bytes(b"a" * 100)
+    (share / "other").write_bytes(b"b" * 7)
+    (share / "keep").write_bytes(b"k")
+    sock = tmp_path / "vfs.sock"
+
+    def entry(q: int, name: bytes = b"file") -> tuple[int, int, int, int]:
+        err, out = front.lookup(1, name, q=q)
+        assert err == 0
+        nodeid = struct.unpack_from("<Q", out)[0]
+        ino, size = struct.unpack_from("<QQ", out, 40)
+        (mode,) = struct.unpack_from("<I", out, 100)
+        return nodeid, ino, size, mode
+
+    with pyvirtiofsd(share, sock, "--inode-file-handles", handles) as proc:
+        front = Frontend(str(sock))
+        front.setup(3)
+        front.init()
+        table = InodeTable.attach(f"/pyvirtiofsd-{proc.pid}-inodes")
+        kept = entry(1, b"keep")
+        first = entry(1)
+        assert first[1:] == (os.lstat(share / "file").st_ino, 100, 0o100644)
+        # changed in place on the host: the same inode, its new attributes, on both queues
+        os.chmod(share / "file", 0o600)
+        with open(share / "file", "ab") as f:
+            f.write(b"c" * 23)
+        for q in (1, 2, 1):
+            assert entry(q) == (first[0], first[1], 123, 0o100600)
+        assert table.refcount(first[0]) == 4
+        # another file renamed over the name: another inode, not the known one
+        os.replace(share / "other", share / "file")
+        second = entry(2)
+        assert second[0] != first[0]
+        assert second[1:] == (os.lstat(share / "file").st_ino, 7, 0o100644)
+        assert entry(1) == second
+        # a symlink to a known file in its place: not followed, a third inode
+        os.unlink(share / "file")
+        os.symlink("keep", share / "file")
+        third = entry(1)
+        assert third[0] not in (first[0], second[0], kept[0])
+        assert third[3] & 0o170000 == 0o120000
+        assert table.refcount(first[0]) == 4 and table.refcount(second[0]) == 2
+        table.check()
+        table.detach()
+        front.close()
