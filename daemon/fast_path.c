@@ -597,6 +597,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
  * with nodeid 0, as many as fit. On any failure the references taken so far are given back
  * and Python answers the whole request. */
 #define PYVFS_DENTS_BUF 32768
+#define PYVFS_DENTS_MIN 1024 /* room for the longest dirent64 (19 + 256 bytes) */
 struct pyvfs_dirent64 { uint64_t ino; int64_t off; uint16_t reclen; uint8_t type; char name[]; };
 static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
                             const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
@@ -629,13 +630,19 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
     /* every entry is at least 152 bytes: the most references this request can take */
     uint64_t max_refs = size / 152 + 1, nrefs = 0;
     uint32_t *refs = malloc(max_refs * sizeof *refs);
-    char *buf = malloc(PYVFS_DENTS_BUF);
+    /* read about as many entries as the reply can take (a dirent64 is at most a quarter of
+       its direntplus, often less): the rest would be read again after the next request's
+       lseek, and on ext4 every getdents after a seek re-hashes whole directory blocks */
+    long dents = (long)(size / 4);
+    if (dents < PYVFS_DENTS_MIN) dents = PYVFS_DENTS_MIN;
+    if (dents > PYVFS_DENTS_BUF) dents = PYVFS_DENTS_BUF;
+    char *buf = malloc((size_t)dents);
     int ok = refs && buf && a.offset <= INT64_MAX &&
              lseek(dfd, (off_t)a.offset, SEEK_SET) >= 0;
     uint64_t used = 0;
     int full = 0;
     while (ok && !full) {
-        long n = syscall(SYS_getdents64, dfd, buf, PYVFS_DENTS_BUF);
+        long n = syscall(SYS_getdents64, dfd, buf, dents);
         if (n < 0) ok = 0;
         if (n <= 0) break;
         for (long pos = 0; pos < n && ok;) {

@@ -37,6 +37,7 @@ NAME_MAX = 255
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_PATH", 0)
 DIRENT64_HEAD = 19  # d_ino u64, d_off s64, d_reclen u16, d_type u8
 GETDENTS_BUF = 32768
+GETDENTS_MIN = 1024  # room for the longest dirent64 (19 + 256 bytes)
 
 
 @dataclass(slots=True)
@@ -914,12 +915,16 @@ class PassthroughFs:
             fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             return self._new_handle(req.nodeid, fd, 0, True)
 
-    def _dirents(self, fd: int, offset: int):  # noqa: ANN202 - generator of tuples
-        """(d_ino, next_offset, d_type, name) from getdents64, starting at offset."""
+    def _dirents(self, fd: int, offset: int, want: int):  # noqa: ANN202 - tuple generator
+        """(d_ino, next_offset, d_type, name) from getdents64, starting at offset, read
+        about ``want`` bytes of dirent64 at a time: what the reply can take, since what it
+        cannot is read again after the next request's lseek (on ext4 that re-hashes whole
+        directory blocks)."""
         os.lseek(fd, offset, os.SEEK_SET)
         buf = self._dents_view
+        chunk = max(GETDENTS_MIN, min(GETDENTS_BUF, want))
         while True:
-            n = lib.pyvfs_getdents64(fd, self._dents, GETDENTS_BUF)
+            n = lib.pyvfs_getdents64(fd, self._dents, chunk)
             if n < 0:
                 err = lib.pyvfs_errno()
                 raise OSError(err, os.strerror(err))
@@ -941,7 +946,7 @@ class PassthroughFs:
         size = min(size, fuse.MAX_WRITE, req.room)
         out = bytearray()
         with HandleRef(self, fh) as handle:
-            for ino, off, dtype, name in self._dirents(handle.fd, offset):
+            for ino, off, dtype, name in self._dirents(handle.fd, offset, size):
                 rec = fuse.dirent_size(len(name))
                 if len(out) + rec > size:
                     break
@@ -956,7 +961,8 @@ class PassthroughFs:
         out = bytearray()
         t = self.config.timeout
         with HandleRef(self, fh) as handle, InodeRef(self, req.nodeid) as parent:
-            for ino, off, dtype, name in self._dirents(handle.fd, offset):
+            # a dirent64 is at most a quarter of its direntplus
+            for ino, off, dtype, name in self._dirents(handle.fd, offset, size // 4):
                 rec = fuse.direntplus_size(len(name))
                 if len(out) + rec > size:
                     break

@@ -1,0 +1,89 @@
+"""The memory floor of the design: what CPython processes cost before pyvirtiofsd does anything.
+
+    python3 -m benchmarks.memory_floor
+
+Starts interpreters that only import something (nothing, uvloop, uvloop without OpenSSL,
+the daemon's modules), fork N children that sleep, and reports the PSS summed over the
+parent and its children (/proc/<pid>/smaps_rollup), as ``benchmarks.run`` measures a
+daemon. pyvirtiofsd with one request queue is three such processes (supervisor,
+high-priority worker, request worker); Rust virtiofsd's idle RSS is about 4.9 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = [
+    ("bare interpreter (python3 -S: no site packages)", "pass", ["-S"]),
+    ("bare interpreter with site packages", "pass", []),
+    ("import uvloop (loads OpenSSL through ssl)", "import uvloop", []),
+    ("import uvloop without OpenSSL (daemon/no_tls.py)",
+     "from daemon import no_tls; no_tls.install()", []),
+    ("the daemon's modules, without OpenSSL",
+     "from daemon import no_tls; no_tls.install(); import supervisor, daemon.cli, "
+     "workers.queue_worker", []),
+]
+
+CHILD = """
+import os, sys, time
+{code}
+kids = []
+for _ in range({children}):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+print(" ".join(map(str, [os.getpid(), *kids])), flush=True)
+sys.stdin.read()
+for k in kids:
+    os.kill(k, 9)
+"""
+
+
+def pss_kb(pids: list[str]) -> int:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total
+
+
+def measure(code: str, flags: list[str], children: int) -> float:
+    proc = subprocess.Popen([sys.executable, *flags, "-c",
+                             CHILD.format(code=code, children=children)],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    pids = proc.stdout.readline().split()
+    time.sleep(0.5)
+    try:
+        return pss_kb(pids) / 1024
+    finally:
+        proc.stdin.close()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--children", type=int, default=2,
+                    help="forked children besides the parent (default 2: one request queue)")
+    args = ap.parse_args()
+    print(f"PSS in MB, summed over 1 process and over 1 + {args.children} forked processes")
+    print(f"{'':58} {'1 process':>10} {1 + args.children:>3} processes")
+    for label, code, flags in CASES:
+        one = measure(code, flags, 0)
+        many = measure(code, flags, args.children)
+        print(f"{label:58} {one:10.1f} {many:13.1f}")
+    print(f"(machine: {os.uname().release}, Python {sys.version.split()[0]})")
+
+
+if __name__ == "__main__":
+    main()
