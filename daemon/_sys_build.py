@@ -111,7 +111,31 @@ ffibuilder.cdef(
         int32_t indirect;
         uint16_t last_avail;
         uint16_t used_idx;
+        int32_t event_idx;
+        uint16_t signalled_used;
+        uint16_t signalled_valid;
     } pyvfs_queue_t;
+    typedef struct {
+        int32_t epoll_fd, kick_fd, call_fd;
+        int32_t timeout_ms;
+        int32_t enabled;
+        int32_t fast;
+        uint64_t gather_ns;
+        uint64_t poll_ns;
+        uint32_t flags;
+    } pyvfs_serve_t;
+    #define PYVFS_DRAINING ...
+    #define PYVFS_PUSHED ...
+    #define PYVFS_SERVE_CHAIN ...
+    #define PYVFS_SERVE_CONTROL ...
+    #define PYVFS_SERVE_TIMEOUT ...
+    #define PYVFS_SERVE_ERROR ...
+    void pyvfs_queue_disable(pyvfs_queue_t *q);
+    int pyvfs_queue_enable(pyvfs_queue_t *q);
+    int pyvfs_queue_should_notify(pyvfs_queue_t *q);
+    int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                    uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                    const pyvfs_fast_ctx_t *c, pyvfs_serve_t *s);
     void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len);
     int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
                     uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
@@ -131,6 +155,7 @@ ffibuilder.set_source(
     #include <stdint.h>
     #include <stdlib.h>
     #include <string.h>
+    #include <sys/epoll.h>
     #include <sys/fsuid.h>
     #include <sys/mman.h>
     #include <sys/prctl.h>

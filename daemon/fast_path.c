@@ -802,7 +802,27 @@ typedef struct {
     int32_t indirect;
     uint16_t last_avail;         /* next avail entry to pop */
     uint16_t used_idx;           /* next used entry to write */
+    int32_t event_idx;           /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    uint16_t signalled_used;     /* used_idx at the last interrupt decision */
+    uint16_t signalled_valid;    /* 0 until the first decision: always notify then */
 } pyvfs_queue_t;
+
+/* pyvfs_serve's loop state and settings (QueueWorker keeps one) */
+typedef struct {
+    int32_t epoll_fd, kick_fd, call_fd;
+    int32_t timeout_ms;   /* -1: none; LOCK_RETRY while SETLKWs wait */
+    int32_t enabled;      /* SET_VRING_ENABLE: kicks are read but the ring is left alone */
+    int32_t fast;         /* 0: every request goes to Python (debug logging) */
+    uint64_t gather_ns;   /* sleep after a kick before draining (high-priority queue) */
+    uint64_t poll_ns;     /* --poll-us */
+    uint32_t flags;       /* PYVFS_DRAINING, PYVFS_PUSHED */
+} pyvfs_serve_t;
+#define PYVFS_DRAINING 1u  /* notifications are off and the ring is being drained */
+#define PYVFS_PUSHED 2u    /* used entries pushed since the last notification decision */
+#define PYVFS_SERVE_CHAIN 1
+#define PYVFS_SERVE_CONTROL (-100)
+#define PYVFS_SERVE_TIMEOUT (-101)
+#define PYVFS_SERVE_ERROR (-102)
 
 void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
     uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
@@ -847,4 +867,125 @@ int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
     }
     *answered = done;
     return rc;
+}
+
+/* ---- notifications (virtio 1.x 2.7.7 / 2.7.10): the used ring's flags or avail_event,
+ * and whether the driver wants an interrupt for what was pushed since the last decision */
+void pyvfs_queue_disable(pyvfs_queue_t *q) {
+    if (!q->event_idx) __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
+}
+
+int pyvfs_queue_enable(pyvfs_queue_t *q) {
+    if (q->event_idx)
+        __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)q->size),
+                         q->last_avail, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n((uint16_t *)(uintptr_t)q->used, 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2), __ATOMIC_ACQUIRE) !=
+           q->last_avail;
+}
+
+int pyvfs_queue_should_notify(pyvfs_queue_t *q) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t new = q->used_idx;
+    if (!q->event_idx)
+        return !(__atomic_load_n((uint16_t *)(uintptr_t)q->avail, __ATOMIC_ACQUIRE) & 1);
+    uint16_t old = q->signalled_used;
+    int valid = q->signalled_valid;
+    q->signalled_used = new;
+    q->signalled_valid = 1;
+    if (!valid) return 1;
+    uint16_t used_event = __atomic_load_n(
+        (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)q->size), __ATOMIC_ACQUIRE);
+    return (uint16_t)(new - used_event - 1) < (uint16_t)(new - old);
+}
+
+static void notify(pyvfs_queue_t *q, int call_fd) {
+    static const uint64_t one = 1;
+    if (call_fd >= 0 && pyvfs_queue_should_notify(q) &&
+        write(call_fd, &one, sizeof one) < 0) {
+        /* the front-end's eventfd is gone or full: nothing to do but go on */
+    }
+}
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* The worker's whole wait-and-serve loop while requests are fast-path ones, so a wake-up
+ * costs no Python: epoll_wait on the kick eventfd and the control socket, read the kick,
+ * drain the ring with notifications off, re-arm them (draining again if work slipped in),
+ * signal the call eventfd if the driver asks. s->flags carries the loop's state between
+ * calls. Returns PYVFS_SERVE_CHAIN (a walked chain at *head for Python: answer and push
+ * it, set PYVFS_PUSHED, call again), a malformed chain or a jumped avail index exactly as
+ * pyvfs_drain, PYVFS_SERVE_CONTROL (the control socket is readable) or
+ * PYVFS_SERVE_TIMEOUT (timeout_ms passed: waiting locks to retry) or PYVFS_SERVE_ERROR
+ * (epoll_wait failed; errno). */
+int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
+                uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
+                const pyvfs_fast_ctx_t *c, pyvfs_serve_t *s) {
+    /* with SETLKWs waiting, come back to retry them after timeout_ms even while requests
+       keep the loop busy */
+    uint64_t deadline = s->timeout_ms >= 0 ? now_ns() + (uint64_t)s->timeout_ms * 1000000u : 0;
+    for (;;) {
+        if (!(s->flags & PYVFS_DRAINING)) {
+            int wait_ms = -1;
+            if (deadline) {
+                uint64_t t = now_ns();
+                if (t >= deadline) return PYVFS_SERVE_TIMEOUT;
+                wait_ms = (int)((deadline - t + 999999u) / 1000000u);
+            }
+            struct epoll_event ev[4];
+            int n = epoll_wait(s->epoll_fd, ev, 4, wait_ms);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) return PYVFS_SERVE_ERROR;  /* errno says why */
+            if (n == 0) return PYVFS_SERVE_TIMEOUT;
+            int kicked = 0;
+            for (int i = 0; i < n; i++) {
+                if (ev[i].data.fd != s->kick_fd) return PYVFS_SERVE_CONTROL;
+                kicked = 1;
+            }
+            if (!kicked || !s->enabled) {
+                uint64_t v;
+                if (kicked && read(s->kick_fd, &v, sizeof v) < 0) { /* EAGAIN: fine */ }
+                continue;
+            }
+            if (s->gather_ns) {
+                /* requests nobody waits for (FORGET): let more of them arrive first */
+                struct timespec t = {0, (long)s->gather_ns};
+                nanosleep(&t, NULL);
+            }
+            uint64_t v;
+            if (read(s->kick_fd, &v, sizeof v) < 0) { /* EAGAIN: fine */ }
+            s->flags |= PYVFS_DRAINING;
+            pyvfs_queue_disable(q);
+        }
+        uint32_t answered = 0;
+        int r = pyvfs_drain(q, rd, wr, counts, lens, detail, head, max_iov, c, s->fast,
+                            &answered);
+        if (answered) s->flags |= PYVFS_PUSHED;
+        if (r != 0) return r;  /* flags keep DRAINING: the next call goes on draining */
+        if (s->poll_ns && (s->flags & PYVFS_PUSHED)) {
+            /* hand the guest its answers now, then poll a moment for more before paying
+               for a kick and a wake-up (--poll-us) */
+            notify(q, s->call_fd);
+            s->flags &= ~PYVFS_PUSHED;
+            uint64_t end = now_ns() + s->poll_ns;
+            int more = 0;
+            while (!more && now_ns() < end)
+                more = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
+                                       __ATOMIC_ACQUIRE) != q->last_avail;
+            if (more) continue;
+        }
+        if (pyvfs_queue_enable(q)) {
+            pyvfs_queue_disable(q);
+            continue;
+        }
+        s->flags &= ~PYVFS_DRAINING;
+        if (s->flags & PYVFS_PUSHED) notify(q, s->call_fd);
+        s->flags &= ~PYVFS_PUSHED;
+    }
 }

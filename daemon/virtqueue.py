@@ -120,10 +120,11 @@ class SplitQueue:
         self.c.nregions = mem.c_count
         self.c.size = size
         self.c.indirect = int(indirect)
+        self.c.event_idx = int(event_idx)
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = lib.pyvfs_load_u16(self.used_addr + 2)
-        self._signalled_used = self.used_idx
-        self._signalled_valid = False
+        self.c.signalled_used = self.used_idx
+        self.c.signalled_valid = 0
 
     @property
     def last_avail_idx(self) -> int:
@@ -180,29 +181,11 @@ class SplitQueue:
 
     def enable_notifications(self) -> bool:
         """Ask for a kick on new work; True if work arrived meanwhile (process it first)."""
-        if self.event_idx:
-            lib.pyvfs_store_u16(self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
-        else:
-            lib.pyvfs_store_u16(self.used_addr, 0)
-        lib.pyvfs_fence()
-        return self.has_work()
+        return bool(lib.pyvfs_queue_enable(self.c))
 
     def disable_notifications(self) -> None:
-        if not self.event_idx:
-            lib.pyvfs_store_u16(self.used_addr, 1)
+        lib.pyvfs_queue_disable(self.c)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for the used elements pushed so far."""
-        lib.pyvfs_fence()
-        new = self.used_idx
-        if not self.event_idx:
-            flags = lib.pyvfs_load_u16(self.avail_addr)
-            return not flags & AVAIL_F_NO_INTERRUPT
-        old = self._signalled_used
-        valid = self._signalled_valid
-        self._signalled_used = new
-        self._signalled_valid = True
-        if not valid:
-            return True
-        used_event = lib.pyvfs_load_u16(self.avail_addr + 4 + 2 * self.size)
-        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return bool(lib.pyvfs_queue_should_notify(self.c))

@@ -42,7 +42,11 @@ log = logging.getLogger("pyvirtiofsd.worker")
 
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
-drain = lib.pyvfs_drain
+serve = lib.pyvfs_serve
+SERVE_CHAIN = lib.PYVFS_SERVE_CHAIN
+SERVE_CONTROL = lib.PYVFS_SERVE_CONTROL
+SERVE_TIMEOUT = lib.PYVFS_SERVE_TIMEOUT
+SERVE_ERROR = lib.PYVFS_SERVE_ERROR
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 # replies of a fixed size, checked against the guest's buffer before the request acts
 MIN_REPLY = {
@@ -55,14 +59,14 @@ MIN_REPLY = {
     fuse.Opcode.GETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
     fuse.Opcode.SETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
 }
-LOCK_RETRY_SECONDS = 0.01
+LOCK_RETRY_MS = 10
 WARN_BURST = 100
 WARN_PERIOD = 10.0
 # The high-priority queue carries FORGETs (and the rare INTERRUPT), which nobody waits for:
 # after a kick its worker lets them gather for this long, so one wake-up, one drain and one
 # used-ring notification serve dozens of them instead of a few (the guest does not kick
 # again meanwhile: with EVENT_IDX it waits for the worker to move avail_event).
-HIPRIO_GATHER_SECONDS = 0.0002
+HIPRIO_GATHER_NS = 200_000
 
 
 class QueueWorker:
@@ -83,14 +87,17 @@ class QueueWorker:
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
-        self.poll_seconds = setup.poll_us / 1e6
-        self.gather_seconds = HIPRIO_GATHER_SECONDS if setup.index == 0 else 0.0
+        self.serve = ffi.new("pyvfs_serve_t *")  # pyvfs_serve's settings and loop state
+        self.serve.kick_fd, self.serve.call_fd = self.kick_fd, self.call_fd
+        self.serve.enabled = int(self.enabled)
+        self.serve.poll_ns = setup.poll_us * 1000
+        self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
         # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
         # (daemon/fast_path.c) unless we are debugging every request
         self.fast = int(not log.isEnabledFor(logging.DEBUG))
+        self.serve.fast = self.fast
         self.fast_ctx = self._fast_ctx(fs)
         self.drain_head = ffi.new("uint32_t *")
-        self.drained = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
@@ -175,32 +182,55 @@ class QueueWorker:
     # ----- event loop ------------------------------------------------------------
 
     def run(self) -> NoReturn:
+        """Serve the queue until the supervisor stops us. The waiting, draining and
+        notifying is C (pyvfs_serve); it comes back here only for a request that needs
+        Python, a control message, or the retry time of waiting SETLKWs."""
         ep = select.epoll()
         ep.register(self.control.fileno(), select.EPOLLIN)
         ep.register(self.kick_fd, select.EPOLLIN)
-        self.process()
+        self.epoll = ep
+        s = self.serve
+        s.epoll_fd = ep.fileno()
+        self.start_draining()  # whatever is in the ring already
+        q_chain = self.chain
         while True:
-            try:
-                events = ep.poll(LOCK_RETRY_SECONDS if self.waiting_locks else -1)
-            except InterruptedError:
-                continue
-            if self.waiting_locks:
+            s.timeout_ms = LOCK_RETRY_MS if self.waiting_locks else -1
+            q = self.queue
+            r = serve(q.c, q_chain.rd, q_chain.wr, q_chain.counts, q_chain.lens,
+                      q_chain.detail, self.drain_head, MAX_SEGMENTS, self.fast_ctx, s)
+            if r == SERVE_CHAIN:
+                q_chain.head = self.drain_head[0]
+                written = self.handle_chain(q_chain)
+                if written != PENDING:
+                    q.push(q_chain.head, written)
+                s.flags |= lib.PYVFS_PUSHED
+            elif r > 1:  # a malformed chain: consumed, completed with length 0
+                q_chain.head = self.drain_head[0]
+                self.warn("chain", "dropped descriptor chain at head %d: %s", q_chain.head,
+                          walk_error(1 - r, q_chain.detail))
+                q.push(q_chain.head, 0)
+                s.flags |= lib.PYVFS_PUSHED
+            elif r == -1:  # the avail index jumped: pop says by how much
+                try:
+                    q.pop(q_chain)
+                except BadChain as e:
+                    log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
+                self.enabled = False
+                s.enabled = 0
+                s.flags &= ~lib.PYVFS_DRAINING
+            elif r == SERVE_CONTROL:
+                self.handle_control()
+            elif r == SERVE_ERROR:
+                err = lib.pyvfs_errno()
+                raise OSError(err, f"epoll_wait: {os.strerror(err)}")
+            if self.waiting_locks and r in (SERVE_TIMEOUT, SERVE_CONTROL):
                 self.retry_locks()
-            for fd, _ in events:
-                if fd == self.control.fileno():
-                    old_kick = self.kick_fd
-                    self.handle_control()
-                    if self.kick_fd != old_kick:
-                        ep.unregister(old_kick)
-                        ep.register(self.kick_fd, select.EPOLLIN)
-                elif fd == self.kick_fd:
-                    if self.gather_seconds:
-                        time.sleep(self.gather_seconds)
-                    try:
-                        os.read(self.kick_fd, 8)
-                    except BlockingIOError:
-                        pass
-                    self.process()
+
+    def start_draining(self) -> None:
+        """Make the next pyvfs_serve call drain the ring before it waits."""
+        if self.enabled:
+            self.queue.disable_notifications()
+            self.serve.flags |= lib.PYVFS_DRAINING
 
     def handle_control(self) -> None:
         data = self.control.recv(control.MAX_MESSAGE)
@@ -216,10 +246,15 @@ class QueueWorker:
                 reply = {"ok": False, "error": f"new memory table refused: {e}"}
         elif op == control.OP_CALL:
             self.call_fd = msg["fd"]
+            self.serve.call_fd = self.call_fd
         elif op == control.OP_KICK:
+            self.epoll.unregister(self.kick_fd)
             self.kick_fd = msg["fd"]
+            self.epoll.register(self.kick_fd, select.EPOLLIN)
+            self.serve.kick_fd = self.kick_fd
         elif op == control.OP_ENABLE:
             self.enabled = bool(msg["on"])
+            self.serve.enabled = int(self.enabled)
         elif op == control.OP_STOP:
             reply["last_avail"] = self.queue.last_avail_idx
             self.control.send(control.encode(reply))
@@ -228,69 +263,7 @@ class QueueWorker:
             reply = {"ok": False, "error": f"unknown op {op!r}"}
         self.control.send(control.encode(reply))
         if op in (control.OP_ENABLE, control.OP_MEM, control.OP_KICK):
-            self.process()
-
-    def process(self) -> None:
-        if not self.enabled:
-            return
-        q = self.queue
-        chain = self.chain
-        pushed = False
-        while True:
-            q.disable_notifications()
-            while True:
-                # pop, answer and push in C as long as the requests are fast-path ones
-                r = drain(q.c, chain.rd, chain.wr, chain.counts, chain.lens, chain.detail,
-                          self.drain_head, MAX_SEGMENTS, self.fast_ctx, self.fast,
-                          self.drained)
-                if self.drained[0]:
-                    pushed = True
-                if r > 0:
-                    chain.head = self.drain_head[0]
-                    got = r == 1
-                    if not got:
-                        q.last_error = (f"descriptor chain at head {chain.head}: "
-                                        f"{walk_error(1 - r, chain.detail)}")
-                elif r == 0:
-                    got = None
-                else:  # the avail index jumped: pop says so in detail
-                    try:
-                        got = q.pop(chain)
-                    except BadChain as e:
-                        log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
-                        self.enabled = False
-                        return
-                if got is None:
-                    if pushed and self.poll_seconds > 0:
-                        # drained: hand the guest its answers now, then poll a moment
-                        # for more before paying for a kick and an epoll wake-up
-                        if self.call_fd >= 0 and q.should_notify():
-                            os.write(self.call_fd, ONE)
-                        pushed = False
-                        if self.poll_for_work():
-                            continue
-                    break
-                pushed = True
-                if not got:
-                    self.warn("chain", "dropped %s", q.last_error)
-                    q.push(chain.head, 0)
-                    continue
-                written = self.handle_chain(chain)
-                if written != PENDING:
-                    q.push(chain.head, written)
-            if not q.enable_notifications():
-                break
-        if pushed and self.call_fd >= 0 and q.should_notify():
-            os.write(self.call_fd, ONE)
-
-    def poll_for_work(self) -> bool:
-        """Busy-poll the avail index for up to POLL_SECONDS (notifications stay off)."""
-        has_work = self.queue.has_work
-        deadline = time.monotonic() + self.poll_seconds
-        while time.monotonic() < deadline:
-            if has_work():
-                return True
-        return False
+            self.start_draining()
 
     # ----- one request -----------------------------------------------------------
 
