@@ -444,11 +444,12 @@ drop:
  * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
  * reference it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts,
  * attr with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it) and *slot.
+ * is_new: the caller just made the file, so lookup_known would only miss.
  * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
  * taken; Python must answer). */
 static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
-                       size_t name_len, struct fuse_entry_out *e, uint32_t *slot) {
-    if (lookup_known(c, pfd, name, e, slot)) return 1;
+                       size_t name_len, int is_new, struct fuse_entry_out *e, uint32_t *slot) {
+    if (!is_new && lookup_known(c, pfd, name, e, slot)) return 1;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : -1;
     struct stat st;
@@ -508,7 +509,7 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
        InodeRef keeps it */
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    int r = lookup_core(c, h->nodeid, pfd, name, name_len, &out.e, &slot);
+    int r = lookup_core(c, h->nodeid, pfd, name, name_len, 0, &out.e, &slot);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     drop_inode_ref(c, pslot);
     if (r <= 0) return 0;
@@ -565,7 +566,8 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
         if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
             (in.flags & O_NONBLOCK ||
              ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
-            int r = lookup_core(c, h->nodeid, pfd, name, name_len, &out.e, &slot);
+            /* a file made just now: no entry can know it yet */
+            int r = lookup_core(c, h->nodeid, pfd, name, name_len, 1, &out.e, &slot);
             if (r == 0) made = 0;  /* gone meanwhile: not ours to unlink */
             if (r > 0) {
                 uint64_t fh = ((uint64_t (*)(void *, uint64_t, int32_t, uint32_t))c->ht_open)(
@@ -667,7 +669,7 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
                 ent.e.attr.mode = (uint32_t)d->type << 12;
             } else {
                 if (nrefs == max_refs) { ok = 0; break; }
-                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, &ent.e,
+                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, 0, &ent.e,
                                     &refs[nrefs]);
                 if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
                 if (r < 0) { ok = 0; break; }
