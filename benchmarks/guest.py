@@ -2,7 +2,8 @@
 
     python3 -m benchmarks.guest [--quick] [--rounds N] [--daemons pyvirtiofsd,rust,c]
 
-Each boot starts a fresh daemon on the same share (``/var/tmp/pyvirtiofsd-guest-bench``) and
+Each boot starts a fresh daemon on the same share (``guest-bench`` in the journaled ext4 image
+that ``benchmarks.run`` uses as its disk share, ``/var/tmp/pyvirtiofsd-bench-disk``) and
 a fresh QEMU (TCG, ``-smp 2``, Debian bookworm-backports kernel 6.12, 1 GiB) that mounts it.
 Daemons run interleaved (A, B, C, A, B, C, ...) for ``--rounds`` rounds. In the guest:
 
@@ -42,11 +43,21 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reference_daemons import Daemon, make
-from benchmarks.run import RESULTS, MemorySampler, fmt_mb, fs_type, machine_info, tree_cpu
+from benchmarks.run import (
+    DISK_DIR,
+    RESULTS,
+    MemorySampler,
+    fmt_mb,
+    fs_type,
+    journaled_ext4,
+    machine_info,
+    mount_disk_image,
+    tree_cpu,
+)
 from benchmarks.run import tree_memory as tree_mem
 from tests.guest import vm
 
-SHARE = Path("/var/tmp/pyvirtiofsd-guest-bench")
+SHARE = DISK_DIR / "guest-bench"
 SOCK = Path("/tmp/pyvirtiofsd-guest-bench.sock")
 KERNEL, SMP, MEMORY_MB = "6.12", 2, 1024
 FIO_DIR = "opt/fio"  # where the fio bundle lives in the guest
@@ -174,10 +185,20 @@ def guest_script(p: Params) -> str:
 
 # ----- the host side --------------------------------------------------------------------------
 
+def share_on_journaled_ext4() -> None:
+    """The share lives in benchmarks.run's journaled ext4 image: this machine's root ext4
+    has no journal, and there file creation slows down after deletions (see
+    docs/performance.md, "The disk share")."""
+    DISK_DIR.mkdir(parents=True, exist_ok=True)
+    if not journaled_ext4(DISK_DIR):
+        mount_disk_image()
+    SHARE.mkdir(parents=True, exist_ok=True)
+
+
 def prepare_share(p: Params) -> None:
     """A fresh share holding only fio's data file (written once here, so the guest does
     not lay it out at every boot)."""
-    SHARE.mkdir(parents=True, exist_ok=True)
+    share_on_journaled_ext4()
     for entry in SHARE.iterdir():
         if entry.name != "fio":
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -289,7 +310,7 @@ def run_boot(label: str, daemon: Daemon, queues: int, p: Params, bundle: dict[st
 def probe_two_queues(kind: str) -> dict[str, Any]:
     """What a reference daemon does when QEMU gives the device two request queues."""
     daemon = make(kind)
-    SHARE.mkdir(parents=True, exist_ok=True)
+    share_on_journaled_ext4()
     daemon.start(SHARE, SOCK)
     try:
         run = vm.run_guest(SOCK, 'mount -t virtiofs myfs /mnt && echo "@@MOUNTED@@" && '
