@@ -211,6 +211,12 @@ typedef struct {
     uint32_t create_clear;   /* open flags _open_flags strips (OPEN_STRIP, O_DIRECT, ...) */
     uint32_t create_fopen;   /* _open_reply_flags(False) */
     uint32_t own_uid, own_gid; /* Credentials.own_uid/own_gid */
+    /* LOOKUP of a missing name: 1 = negative entry (entry timeout), 0 = ENOENT
+       (--cache never) */
+    int32_t negative_lookup;
+    /* FLUSH: address of LockOwners' live-entry count (0: no fcntl lock forwarding); while
+       it is 0 no owner has locks to drop */
+    uint64_t lock_live;
 } pyvfs_fast_ctx_t;
 
 typedef int64_t (*it_acquire_fd_fn)(void *, uint64_t);
@@ -349,6 +355,36 @@ static int reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr, in
     pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
     *written = sizeof o;
     return 1;
+}
+
+static int reply_error(const struct fuse_in_header *h, int error, const pyvfs_iov_t *wr,
+                       int wr_n, uint32_t *written) {
+    struct fuse_out_header o = {.len = sizeof o, .error = error, .unique = h->unique};
+    pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
+    *written = sizeof o;
+    return 1;
+}
+
+/* passthrough.op_flush while no lock owner holds anything (LockOwners' live count is 0,
+   or locks are not forwarded): the fh must be open, and that is all. */
+static int fast_flush(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                      const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
+                      const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
+    struct fuse_flush_in a;
+    if (wr_len < sizeof(struct fuse_out_header) || h->len - sizeof *h < sizeof a) return 0;
+    if (c->lock_live &&
+        __atomic_load_n((const uint64_t *)(uintptr_t)c->lock_live, __ATOMIC_ACQUIRE) != 0)
+        return 0;  /* Python drops this owner's locks under the table's mutex */
+    pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
+    int64_t hr = ((int64_t (*)(void *, uint64_t))c->ht_acquire_fd)((void *)c->handles, a.fh);
+    if (hr < 0) {
+        if (hr < -1) close((int)(-2 - hr));
+        return 0;  /* EBADF */
+    }
+    int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
+                                                                     (uint32_t)hr);
+    if (last >= 0) close((int)last);
+    return reply_empty(h, wr, wr_n, written);
 }
 
 /* passthrough.op_release (RELEASE and RELEASEDIR): the guest's reference on the fh goes,
@@ -512,7 +548,14 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     int r = lookup_core(c, h->nodeid, pfd, name, name_len, 0, &out.e, &slot);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     drop_inode_ref(c, pslot);
-    if (r <= 0) return 0;
+    if (r == 0) {  /* no such name: fuse.negative_entry_out, or ENOENT with --cache never */
+        if (!c->negative_lookup) return reply_error(h, -ENOENT, wr, wr_n, written);
+        memset(&out, 0, sizeof out);
+        out.e.entry_valid = c->timeout_sec;
+        out.e.entry_valid_nsec = c->timeout_nsec;
+        r = 1;
+    }
+    if (r < 0) return 0;
     memset(&out.o, 0, sizeof out.o);
     out.o.len = sizeof out;
     out.o.unique = h->unique;
@@ -766,6 +809,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     case FUSE_UNLINK:
     case FUSE_READDIRPLUS:
     case FUSE_CREATE:
+    case FUSE_FLUSH:
         break;
     default:
         return 0;
@@ -788,6 +832,8 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_readdirplus(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
     case FUSE_CREATE:
         return fast_create(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
+    case FUSE_FLUSH:
+        return fast_flush(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
     default:
         return fast_forget(c, &h, rd, rd_n, written);
     }

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 SLOTS = 4096
 _ENTRY = struct.Struct("<QQiIIi")  # nodeid, owner, fd, users, state, guest pid
 FREE, USED, CLOSING, GONE = 0, 1, 2, 3  # GONE: a tombstone, keeps probe chains whole
+_LIVE = struct.Struct("<Q")
 _MUTEX = struct.Struct("hhqqi4x")  # struct flock: type whence start len pid
 
 
@@ -40,8 +41,11 @@ class LockOwners:
     def __init__(self, proc_path: Callable[[int], str], slots: int = SLOTS) -> None:
         self.slots = slots
         self.memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, _ENTRY.size * slots)
-        self.mem = mmap.mmap(self.memfd, _ENTRY.size * slots)
+        # the entries, then a count of live ones (USED or CLOSING): the C FLUSH path
+        # (daemon/fast_path.c) answers without the table while it is 0
+        self.live_offset = _ENTRY.size * slots
+        os.ftruncate(self.memfd, self.live_offset + 8)
+        self.mem = mmap.mmap(self.memfd, self.live_offset + 8)
         self._proc_path = proc_path
         self.mutex_fd = -1  # this process's own description of the memfd
 
@@ -93,6 +97,7 @@ class LockOwners:
                 raise OSError(errno.ENOLCK, "too many lock owners")
             fd = opener()
             _ENTRY.pack_into(self.mem, free * _ENTRY.size, nodeid, owner, fd, 1, USED, pid)
+            self._count_live(+1)
             return fd
 
     def others(self, nodeid: int, owner: int) -> list[tuple[int, int, int]]:
@@ -118,6 +123,7 @@ class LockOwners:
             n, o, fd, users, state, pid = _ENTRY.unpack_from(self.mem, off)
             if state == CLOSING and users <= 1:
                 _ENTRY.pack_into(self.mem, off, 0, 0, -1, 0, GONE, 0)
+                self._count_live(-1)
                 os.close(fd)
             else:
                 _ENTRY.pack_into(self.mem, off, n, o, fd, max(users - 1, 0), state, pid)
@@ -146,10 +152,20 @@ class LockOwners:
             n, o, fd, users, _state, pid = _ENTRY.unpack_from(self.mem, off)
             if users == 0:
                 _ENTRY.pack_into(self.mem, off, 0, 0, -1, 0, GONE, 0)
+                self._count_live(-1)
                 os.close(fd)  # the only reference to the description: its locks go
             else:
                 _ENTRY.pack_into(self.mem, off, n, o, fd, users, CLOSING, pid)
             return True
+
+    def _count_live(self, delta: int) -> None:
+        """Under the mutex; readers outside it (C) only ask whether it is 0."""
+        (n,) = _LIVE.unpack_from(self.mem, self.live_offset)
+        _LIVE.pack_into(self.mem, self.live_offset, n + delta)
+
+    @property
+    def live(self) -> int:
+        return _LIVE.unpack_from(self.mem, self.live_offset)[0]
 
     def count(self) -> int:
         """Live entries (for tests and stats)."""

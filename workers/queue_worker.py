@@ -134,6 +134,11 @@ class QueueWorker:
         ctx.meta = 1
         ctx.ht_close = fs.handles.c_close()
         ctx.allow_unlink = 0 if fs.config.readonly else 1
+        ctx.negative_lookup = 0 if fs.config.cache == "never" else 1
+        if fs.lock_owners is not None:
+            self._lock_live = ffi.from_buffer(fs.lock_owners.mem)  # kept alive with ctx
+            ctx.lock_live = int(ffi.cast("uintptr_t", self._lock_live)) + \
+                fs.lock_owners.live_offset
         # CREATE in C only in the plain case: no umask, label, writeback flag rewriting,
         # renamed security.capability or read-only share to honour
         cfg = fs.config

@@ -6,6 +6,7 @@ Python answers it with its errno."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -237,8 +238,6 @@ def hostile(fs: Fs) -> list[tuple[str, dict]]:
         ("slash", dict(opcode=L, nodeid=1, arg=b"dir/inner\0")),
         ("256-byte name", dict(opcode=L, nodeid=1, arg=b"a" * 256 + b"\0")),
         ("1000-byte name", dict(opcode=L, nodeid=1, arg=b"a" * 1000 + b"\0")),
-        ("255-byte name that does not exist", dict(opcode=L, nodeid=1, arg=b"a" * 255 + b"\0")),
-        ("name that does not exist", dict(opcode=L, nodeid=1, arg=b"nothing\0")),
         ("NUL past the header's length", dict(opcode=L, nodeid=1, arg=b"file\0", length=44)),
         ("forged parent", dict(opcode=L, nodeid=123456, arg=b"file\0")),
         ("nodeid 0", dict(opcode=L, nodeid=0, arg=b"file\0")),
@@ -273,6 +272,61 @@ def test_hostile_requests_are_declined(fs: Fs) -> None:
             assert handled == 0, what
         assert [(e.nodeid, e.refcount) for e in fs.inodes.iter_entries()] == before, what
     fs.inodes.check()
+
+
+@pytest.mark.parametrize("cache", ["auto", "always", "never"])
+def test_missing_names_answered_as_python_does(tmp_path: Path, cache: str) -> None:
+    """A LOOKUP of a name that does not exist: a negative entry with the entry timeout, or
+    ENOENT with --cache never; no reference is taken."""
+    f = Fs(make_share(tmp_path), cache=cache)
+    try:
+        for name in (b"a" * 255, b"nothing"):
+            arg = name + b"\0"
+            handled, reply = f.c(fuse.Opcode.LOOKUP, 1, arg, split=5)
+            assert handled == 1
+            if cache == "never":
+                assert reply == OUT.pack(16, -errno.ENOENT, f.unique)
+                with pytest.raises(FileNotFoundError):
+                    f.py(fuse.Opcode.LOOKUP, 1, arg)
+            else:
+                assert reply == f.py(fuse.Opcode.LOOKUP, 1, arg)
+                assert struct.unpack_from("<QQQ", reply, 16) == (0, 0, f.fs.config.timeout[0])
+        assert [e.nodeid for e in f.inodes.iter_entries()] == [1]
+        f.inodes.check()
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("posix_lock", [False, True])
+def test_flush(tmp_path: Path, posix_lock: bool) -> None:
+    """FLUSH is answered in C while no lock owner holds anything; an unknown fh, or a
+    lock owner with a description (whose locks FLUSH must drop), is Python's."""
+    f = Fs(make_share(tmp_path), posix_lock=posix_lock)
+    try:
+        nodeid = f.lookup_py(1, b"file")
+        fh = struct.unpack_from("<Q", f.py(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(0, 0)),
+                                fuse.OUT_HEADER_SIZE)[0]
+        arg = fuse.FLUSH_IN.pack(fh, 0, 0, 77)
+        handled, reply = f.c(fuse.Opcode.FLUSH, nodeid, arg, split=3)
+        assert handled == 1 and reply == OUT.pack(16, 0, f.unique) == f.py(
+            fuse.Opcode.FLUSH, nodeid, arg)
+        assert f.handles.get(fh) is not None  # FLUSH does not close
+        assert f.c(fuse.Opcode.FLUSH, nodeid, fuse.FLUSH_IN.pack(fh + 1, 0, 0, 77))[0] == 0
+        assert f.c(fuse.Opcode.FLUSH, nodeid, arg[:20])[0] == 0  # short: Python's EINVAL
+        if posix_lock:
+            owners = f.fs.lock_owners
+            fd = owners.use(nodeid, 77, lambda: os.open(Path(f.fs.shared_dir) / "file",
+                                                         os.O_RDONLY))
+            owners.done(nodeid, 77, fd)
+            assert owners.live == 1
+            assert f.c(fuse.Opcode.FLUSH, nodeid, arg)[0] == 0  # Python drops its locks
+            assert f.py(fuse.Opcode.FLUSH, nodeid, arg) == OUT.pack(16, 0, f.unique)
+            assert owners.live == 0
+            assert f.c(fuse.Opcode.FLUSH, nodeid, arg)[0] == 1
+        assert f.handles.get(fh) is not None
+        f.py(fuse.Opcode.RELEASE, nodeid, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+    finally:
+        f.close()
 
 
 def test_harmless_forgets_are_answered(fs: Fs) -> None:
