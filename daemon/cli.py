@@ -15,7 +15,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING
 
-from daemon import capabilities, seccomp
+from daemon import capabilities, no_site, seccomp
 
 if TYPE_CHECKING:
     from shm_table import HandleTable, InodeTable
@@ -346,7 +346,9 @@ def listener_from_fd(fd: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        argv = sys.argv[1:]
+        no_site.reexec_without_site(argv)  # returns only where it does not apply
     if argv[:1] == ["stats"]:
         from daemon import stats
 

@@ -1,0 +1,61 @@
+"""Start the daemon without the ``site`` module.
+
+``site`` runs every ``.pth`` file in site-packages at start-up, and those may import
+anything: on the machines this project is built on one imports ``certifi`` and with it
+``importlib.resources``, ``zipfile``, ``tempfile`` and ``typing``, about 1.5 MB of PSS
+that one daemon per VM then carries for its lifetime (measured with ``benchmarks.run``).
+A daemon that serves guests should also not run code from whatever ``.pth`` files happen
+to be installed. So before it does anything else, the daemon re-executes its interpreter
+with ``-S`` (no ``site``) and ``-P`` (the working directory, which may be the shared
+directory, is not searched for modules), and with ``PYTHONPATH`` naming exactly the
+directories its own packages and its dependencies were found in.
+
+``exec`` keeps the pid and every inheritable fd (``--fd``, systemd's ``LISTEN_FDS``),
+so libvirt and systemd see no difference. ``PYVIRTIOFSD_SITE=1`` turns this off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+# the top-level modules the daemon imports from outside the standard library, and its own
+MODULES = ("daemon", "workers", "shm_table", "supervisor", "uvloop", "msgpack", "posix_ipc",
+           "_cffi_backend")
+NO_REEXEC = {"stats", "--print-capabilities", "--version", "-V", "--help", "-h"}
+
+
+def module_roots() -> list[str] | None:
+    """The sys.path entries MODULES were found in, in sys.path order; None if one is
+    missing (then the re-executed interpreter could not start, so we do not try)."""
+    roots: set[str] = set()
+    for name in MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            return None
+        where = os.path.dirname(os.path.abspath(spec.origin))
+        if spec.submodule_search_locations is not None:  # a package: its parent directory
+            where = os.path.dirname(where)
+        roots.add(where)
+    ordered = [p for p in map(os.path.abspath, filter(None, sys.path)) if p in roots]
+    return list(dict.fromkeys(ordered + sorted(roots - set(ordered))))
+
+
+def reexec_without_site(argv: list[str]) -> None:
+    """Replace this process by ``python -S -P -m daemon.cli ARGV``; returns only where
+    that is not wanted or not possible."""
+    if sys.flags.no_site or os.environ.get("PYVIRTIOFSD_SITE") == "1":
+        return
+    if NO_REEXEC.intersection(argv[:1]) or NO_REEXEC.intersection(argv):
+        return
+    if not sys.executable:
+        return
+    roots = module_roots()
+    if roots is None:
+        return
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(roots)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-S", "-P", "-m", "daemon.cli", *argv], env)

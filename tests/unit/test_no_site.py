@@ -1,0 +1,115 @@
+"""The daemon serves from an interpreter that ran no ``site`` hooks (daemon/no_site.py).
+
+A ``.pth`` file in the user site directory imports ``_decimal``, an extension module the
+daemon itself never loads; whether its library is mapped in the serving processes tells
+whether the hook ran in them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import daemon_log, pyvirtiofsd
+from tests.frontend import Frontend
+
+HOOK = "import _decimal\n"
+
+
+@pytest.fixture
+def user_site_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    base = tmp_path / "userbase"
+    v = sys.version_info
+    site_dir = base / "lib" / f"python{v.major}.{v.minor}" / "site-packages"
+    site_dir.mkdir(parents=True)
+    (site_dir / "zz_hook.pth").write_text(HOOK)
+    monkeypatch.setenv("PYTHONUSERBASE", str(base))
+    # the hook runs in a plain interpreter: the test would prove nothing otherwise
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; print('_decimal' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+    return site_dir
+
+
+def serve_and_look(tmp_path: Path) -> tuple[list[str], list[bool], str]:
+    """The server's argv, and for each of its processes whether _decimal is mapped,
+    read while a front-end is connected (the daemon exits when it disconnects)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    sock = tmp_path / "vfs.sock"
+    with pyvirtiofsd(share, sock, "--sandbox", "none") as proc:
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+        fe = Frontend(str(sock))
+        try:
+            fe.setup(2)
+            fe.init()
+            deadline = time.monotonic() + 10
+            pids: list[int] = []
+            while time.monotonic() < deadline and len(pids) < 3:
+                pids = [proc.pid] + [int(p) for p in Path(
+                    f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+                time.sleep(0.05)
+            assert len(pids) == 3  # supervisor, hiprio worker, request worker
+            hooked = ["_decimal" in Path(f"/proc/{pid}/maps").read_text() for pid in pids]
+        finally:
+            fe.close()
+        log = daemon_log(proc)
+    return argv, hooked, log
+
+
+def test_site_hooks_do_not_run_in_the_daemon(user_site_hook: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYVIRTIOFSD_SITE", raising=False)
+    argv, hooked, log = serve_and_look(tmp_path)
+    assert argv[1:5] == ["-S", "-P", "-m", "daemon.cli"], argv
+    assert "--shared-dir" in argv and "--sandbox" in argv  # its arguments carried over
+    assert hooked == [False, False, False], log
+    assert "sharing" in log
+
+
+def test_pyvirtiofsd_site_keeps_the_interpreter(user_site_hook: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRTIOFSD_SITE", "1")
+    argv, hooked, _ = serve_and_look(tmp_path)
+    assert "-S" not in argv
+    assert hooked == [True, True, True]
+
+
+def test_listening_fd_survives_the_reexec(tmp_path: Path) -> None:
+    """libvirt passes a listening socket with --fd: it must still be ours after exec."""
+    import socket
+
+    share = tmp_path / "share"
+    share.mkdir()
+    sock_path = tmp_path / "vfs.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    fd = listener.fileno()
+    os.set_inheritable(fd, True)
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "--shared-dir", str(share), "--fd", str(fd),
+             "--sandbox", "none"],
+            cwd=Path(__file__).resolve().parents[2], pass_fds=(fd,), stdout=log, stderr=log)
+    listener.close()
+    try:
+        fe = Frontend(str(sock_path))
+        try:
+            fe.setup(2)
+            fe.init()
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+            assert argv[1:3] == ["-S", "-P"]
+        finally:
+            fe.close()
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
