@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import resource
 import socket
@@ -295,7 +294,10 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
 def setup_logging(level: str, use_syslog: bool) -> None:
     handler: logging.Handler
     if use_syslog:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        # only here: logging.handlers brings pickle and more (~1 MB per daemon)
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -21,7 +21,6 @@ import ctypes
 import errno
 import logging
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -161,9 +160,9 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
     new_root = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fchdir(new_root)
-        nr = SYS_PIVOT_ROOT.get(platform.machine())
+        nr = SYS_PIVOT_ROOT.get(os.uname().machine)
         if nr is None:
-            raise SandboxError(f"pivot_root: unknown on {platform.machine()}")
+            raise SandboxError(f"pivot_root: unknown on {os.uname().machine}")
         _check(_libc.syscall(nr, b".", b"."), f"pivot_root into {shared_dir}")
         os.fchdir(old_root)
         _mount(None, ".", None, MS_SLAVE | MS_REC, "make the old root a slave mount")
