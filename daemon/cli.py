@@ -291,13 +291,29 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
                                  "(only with find-paths, where it is needed)")
 
 
+SYSLOG_SOCKET = "/dev/log"
+
+
+def syslog_reachable(path: str = SYSLOG_SOCKET) -> str | None:
+    """None if a syslog daemon listens on path, else why not."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(path)
+                return None
+            except OSError as e:
+                why = e.strerror or str(e)
+    return why
+
+
 def setup_logging(level: str, use_syslog: bool) -> None:
     handler: logging.Handler
-    if use_syslog:
+    unreachable = syslog_reachable() if use_syslog else None
+    if use_syslog and unreachable is None:
         # only here: logging.handlers brings pickle and more (~1 MB per daemon)
         from logging.handlers import SysLogHandler
 
-        handler = SysLogHandler(address="/dev/log")
+        handler = SysLogHandler(address=SYSLOG_SOCKET)
         handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -307,6 +323,10 @@ def setup_logging(level: str, use_syslog: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LOG_LEVELS[level])
+    if unreachable is not None:
+        logging.getLogger("pyvirtiofsd").warning(
+            "--syslog: no syslog daemon on %s (%s); logging to standard error instead",
+            SYSLOG_SOCKET, unreachable)
 
 
 def raise_nofile(limit: int | None) -> None:
