@@ -37,7 +37,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "getattr": {"id": 0, "io": 0, "what": "GETATTR of one file"},
     "lookup_forget": {"id": 1, "io": 0, "what": "LOOKUP of one name + FORGET (hiprio)"},
     "create_release_unlink": {"id": 2, "io": 0,
-                              "what": "CREATE + RELEASE + UNLINK (+ FORGET) of a new file"},
+                              "what": "CREATE + RELEASE + UNLINK (+ FORGET) of a new file, "
+                                      "in a directory of each queue's own"},
     "readdirplus": {"id": 3, "io": 0,
                     "what": "READDIRPLUS (4 KiB buffer) over a 1,000-entry directory"},
     "read_4k": {"id": 4, "io": 4096, "what": "4 KiB READ at a random offset of 64 MiB"},
@@ -55,6 +56,9 @@ STAT_FILE = b"stat_target"
 DATA_FILE = b"data64m"
 DIR_1000 = b"dir1000"
 CREATE_DIR = b"createdir"
+# A Linux guest holds a directory's lock while it creates or unlinks in it, so two vCPUs
+# only ever create concurrently in two directories: each queue gets one (q1, q2, ...).
+MAX_QUEUES = 16
 
 
 def prepare_share(root: str) -> None:
@@ -77,9 +81,11 @@ def prepare_share(root: str) -> None:
             with open(os.path.join(d, name), "wb"):
                 pass
     cd = os.path.join(root, CREATE_DIR.decode())
-    os.makedirs(cd, exist_ok=True)
-    for name in os.listdir(cd):
-        os.unlink(os.path.join(cd, name))
+    for q in range(1, MAX_QUEUES + 1):
+        qd = os.path.join(cd, f"q{q}")
+        os.makedirs(qd, exist_ok=True)
+        for name in os.listdir(qd):
+            os.unlink(os.path.join(qd, name))
 
 
 @dataclass
@@ -222,6 +228,7 @@ class LoadGen:
             raise ValueError(f"queue depth {qd} not in 1..{MAX_QD}")
         nodeid = 1
         handles: dict[int, list[int]] = {}
+        dirs: dict[int, int] = {}  # queue -> its CREATE directory
         name = b""
         release_op = fuse.Opcode.RELEASE
         if workload == "getattr":
@@ -229,7 +236,8 @@ class LoadGen:
         elif workload == "lookup_forget":
             name = STAT_FILE
         elif workload == "create_release_unlink":
-            nodeid = self.lookup(1, CREATE_DIR)
+            top = self.lookup(1, CREATE_DIR)
+            dirs = {q: self.lookup(top, f"q{q}".encode()) for q in range(1, self.queues + 1)}
         elif workload == "readdirplus":
             nodeid = self.lookup(1, DIR_1000)
             release_op = fuse.Opcode.RELEASEDIR
@@ -247,7 +255,7 @@ class LoadGen:
             job.seconds = seconds
             job.slot_gpa = self.slot_gpa[q]
             job.slot_stride = SLOT_STRIDE
-            job.nodeid = nodeid
+            job.nodeid = dirs.get(q, nodeid)
             for i, fh in enumerate(handles.get(q, [])):
                 job.fh[i] = fh
             job.io_size = spec["io"]

@@ -242,6 +242,12 @@ DAEMONS: dict[str, type[Daemon]] = {"pyvirtiofsd": PyVirtiofsd, "rust": RustVirt
 
 
 def make(name: str) -> Daemon:
+    """A daemon by name; ``pyvirtiofsd@REV`` is pyvirtiofsd at another commit, so a change
+    can be measured against what came before in the same interleaved run."""
+    if name.startswith("pyvirtiofsd@"):
+        daemon = PyVirtiofsd(rev=name.split("@", 1)[1])
+        daemon.name = daemon.label = name
+        return daemon
     return DAEMONS[name]()
 
 

@@ -284,7 +284,7 @@ def fmt_mb(x: int) -> str:
 
 def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str, Any]],
                    runs: list[dict[str, Any]], daemons: list[str], pngs: list[str]) -> None:
-    labels = {"pyvirtiofsd": "pyvirtiofsd", "rust": "Rust", "c": "C"}
+    labels = {d: d for d in daemons} | {"rust": "Rust", "c": "C"}
     L: list[str] = []
     m = meta["machine"]
     L += [f"# virtio-fs daemons side by side — {meta['date']}", "",
