@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from daemon.no_site import module_roots  # noqa: E402
 
 CASES = [
     ("bare interpreter (python3 -S: no site packages)", "pass", ["-S"]),
@@ -29,6 +31,12 @@ CASES = [
     ("the daemon's modules, without OpenSSL",
      "from daemon import no_tls; no_tls.install(); import supervisor, daemon.cli, "
      "workers.queue_worker", []),
+    # as the daemon runs since it re-executes itself without site (daemon/no_site.py)
+    ("import uvloop without OpenSSL, no site (-S -P)",
+     "from daemon import no_tls; no_tls.install()", ["-S", "-P"]),
+    ("the daemon's modules, without OpenSSL, no site (-S -P)",
+     "from daemon import no_tls; no_tls.install(); import supervisor, daemon.cli, "
+     "workers.queue_worker", ["-S", "-P"]),
 ]
 
 CHILD = """
@@ -57,9 +65,13 @@ def pss_kb(pids: list[str]) -> int:
 
 
 def measure(code: str, flags: list[str], children: int) -> float:
+    env = dict(os.environ)
+    if "-S" in flags:  # the daemon's own module path, as daemon/no_site.py sets it
+        env["PYTHONPATH"] = os.pathsep.join(module_roots() or [])
     proc = subprocess.Popen([sys.executable, *flags, "-c",
                              CHILD.format(code=code, children=children)],
-                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
     assert proc.stdout is not None and proc.stdin is not None
     pids = proc.stdout.readline().split()
     time.sleep(0.5)

@@ -2,7 +2,8 @@
 
     python3 -m benchmarks.run [--quick] [--rounds N] [--seconds S] [--daemons a,b,c]
 
-Daemons run interleaved (A, B, C, A, B, C, ...), each started fresh for every connection.
+Daemons and queue counts run interleaved (round 1: A q1, B q1, C q1, A q2, A q4; round 2:
+...), each daemon started fresh for every connection.
 For every share (tmpfs, disk), request-queue count (1, 2, 4; reference daemons serve one)
 and round, one connection runs every workload at QD1 and QD16. Reported: min/median/max
 ops/s over rounds, the median's ratio to Rust virtiofsd, QD1 latency p50/p99, the
@@ -493,9 +494,11 @@ def main() -> None:
     versions = {d: k.version() for d, k in kinds.items()}
     sock = Path("/tmp/pyvirtiofsd-bench.sock")
     plan = []
+    # queue counts interleave within a round too, so the scaling ratios (2 queues over 1)
+    # compare connections minutes apart at most, not a block of rounds against a later one
     for share in shares:
-        for q in queue_counts:
-            for rnd in range(args.rounds):
+        for rnd in range(args.rounds):
+            for q in queue_counts:
                 for d in daemons:
                     if q <= kinds[d].max_request_queues:
                         plan.append((share, q, rnd, d))
