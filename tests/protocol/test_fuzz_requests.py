@@ -1,0 +1,299 @@
+"""Random FUSE requests from a hostile guest, on two request queues at once.
+
+Each seed sends a few thousand requests built from every opcode the daemon knows and some
+it does not, with argument structs that are sometimes well formed, sometimes random,
+truncated or padded, names that are missing their NUL, contain '/', are '.', '..' or
+too long, nodeids and file handles that are real, forged or already released, and other
+callers' uids. They go to the C fast path and to Python alike.
+
+What the guest must see, request by request: a reply to every request that has one (a
+used element as long as the reply's own header says, for the request it was sent as,
+with an errno in range), and no reply to FORGET and BATCH_FORGET. Afterwards: the daemon
+and the same workers are alive and serve LOOKUP + READ of a known file on both queues,
+nothing beside the share changed, and the log has no traceback (an exception the daemon
+did not expect is a bug even when it is answered EIO).
+
+SETLKW is left out (a blocking lock may wait for ever, as it may for a real guest), and
+lengths that would make the host allocate or copy gigabytes are kept small.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon import fuse
+from tests.frontend import F_WRITE
+from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, Served, serve
+
+O = fuse.Opcode  # noqa: E741 - short, used in every builder
+NO_REPLY = {O.FORGET, O.BATCH_FORGET}
+MAYBE_NO_REPLY = {O.INTERRUPT, O.NOTIFY_REPLY}  # answered or dropped, never a hang
+UNKNOWN_OPCODES = [0, 7, 19, 52, 99, 4096, 0xFFFFFFFF]
+OUT_ROOM = 65536 + 4096
+READ_ROOM = 16384 + 4096
+REQUESTS_PER_SEED = 2500
+
+NAMES = [KNOWN, b"d", b"escape", b"new", b"new2", b".", b"..", b"a/b", b"/etc", b"",
+         b"x" * 255, b"y" * 256, b"z" * 4000, b"\xff\xfe", b"..\0hidden", b"sub"]
+
+
+def outside_snapshot(base: Path, share: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every path under base that is not the share or the daemon's socket and log, with
+    its mode, size and (for files) contents."""
+    out: dict[str, tuple[int, int, bytes]] = {}
+    for root, dirs, files in os.walk(base):
+        if Path(root) == share or share in Path(root).parents:
+            dirs[:] = []
+            continue
+        for name in dirs + files:
+            p = Path(root) / name
+            if p == share or p.name.startswith("vu.sock"):
+                continue
+            st = p.lstat()
+            data = p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+            out[str(p)] = (st.st_mode, st.st_size, data)
+    return out
+
+
+class Fuzzer:
+    def __init__(self, srv: Served, seed: int) -> None:
+        self.srv = srv
+        self.rng = random.Random(seed)
+        self.nodeids = [fuse.ROOT_ID]
+        self.fhs: list[int] = []
+        self.unique_of_last = 0
+        # buffers reused by every request (the test front-end's allocator never frees)
+        fe = srv.fe
+        self.bufs = {q: (fe.alloc(READ_ROOM), fe.alloc(READ_ROOM), fe.alloc(OUT_ROOM))
+                     for q in (1, 2)}
+
+    # ----- value pools -----------------------------------------------------------
+
+    def u64(self) -> int:
+        r = self.rng
+        return r.choice([0, 1, 2, 3, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, 1 << 63,
+                         (1 << 64) - 1, r.getrandbits(64), r.getrandbits(16)])
+
+    def u32(self) -> int:
+        r = self.rng
+        return r.choice([0, 1, 0o777, 0o100644, 0o40755, 0o20644, 0xFFFF, 0x7FFFFFFF,
+                         0xFFFFFFFF, r.getrandbits(32), r.getrandbits(8)])
+
+    def nodeid(self) -> int:
+        r = self.rng
+        return r.choice(self.nodeids) if r.random() < 0.8 else self.u64()
+
+    def fh(self) -> int:
+        r = self.rng
+        if self.fhs and r.random() < 0.7:
+            return r.choice(self.fhs)
+        return self.u64()
+
+    def small(self, limit: int = 1 << 20) -> int:
+        return self.rng.choice([0, 1, 4095, 4096, 65536, self.rng.randrange(limit)])
+
+    def offset(self) -> int:
+        return self.rng.choice([0, 4096, 1 << 30, (1 << 63) - 1, 1 << 63, (1 << 64) - 1,
+                                self.rng.getrandbits(20)])
+
+    def name(self) -> bytes:
+        r = self.rng
+        n = r.choice(NAMES)
+        return n if r.random() < 0.1 else n + b"\0"
+
+    # ----- argument builders -----------------------------------------------------
+
+    def fixed(self, st: struct.Struct, *fields: int) -> bytes:
+        return st.pack(*fields) if self.rng.random() < 0.8 else self.rng.randbytes(st.size)
+
+    def build(self, op: int) -> bytes:
+        r = self.rng
+        u32, u64, fh, small, off = self.u32, self.u64, self.fh, self.small, self.offset
+        builders: dict[int, Callable[[], bytes]] = {
+            O.LOOKUP: self.name,
+            O.FORGET: lambda: self.fixed(fuse.FORGET_IN, r.choice([1, 2, u64()])),
+            O.GETATTR: lambda: self.fixed(fuse.GETATTR_IN, r.choice([0, 1]), 0, fh()),
+            O.SETATTR: lambda: self.fixed(
+                fuse.SETATTR_IN, u32(), 0, fh(), off(), u64(), u64(), u64(), u64(),
+                u32(), u32(), u32(), u32(), u32(), u32(), u32(), u32()),
+            O.READLINK: lambda: b"",
+            O.SYMLINK: lambda: self.name() + r.choice([b"/etc/passwd\0", b"../outside\0",
+                                                       b"known.txt\0", b"x"]),
+            O.MKNOD: lambda: self.fixed(fuse.MKNOD_IN, u32(), u32(), 0o022, 0) + self.name(),
+            O.MKDIR: lambda: self.fixed(fuse.MKDIR_IN, u32(), 0o022) + self.name(),
+            O.UNLINK: self.name,
+            O.RMDIR: self.name,
+            O.RENAME: lambda: self.fixed(fuse.RENAME_IN, self.nodeid()) + self.name()
+            + self.name(),
+            O.RENAME2: lambda: struct.pack("<QII", self.nodeid(), r.choice([0, 1, 2, 4,
+                                                                           u32()]), 0)
+            + self.name() + self.name(),
+            O.LINK: lambda: self.fixed(fuse.LINK_IN, self.nodeid()) + self.name(),
+            O.OPEN: lambda: self.fixed(fuse.OPEN_IN, r.choice([0, 1, 2, 0o1000, u32()]), 0),
+            O.READ: lambda: self.fixed(fuse.READ_IN, fh(), off(), small(1 << 17), 0, u64(),
+                                       0, 0),
+            O.WRITE: lambda: self.write_arg(),
+            O.STATFS: lambda: b"",
+            O.RELEASE: lambda: self.fixed(fuse.RELEASE_IN, fh(), u32(), u32(), u64()),
+            O.FSYNC: lambda: self.fixed(fuse.FSYNC_IN, fh(), u32(), 0),
+            O.SETXATTR: lambda: self.fixed(fuse.SETXATTR_IN_COMPAT, small(300), u32())
+            + r.choice([b"user.x\0", b"trusted.y\0", b"security.capability\0", b"\0",
+                        b"user."]) + r.randbytes(r.randrange(64)),
+            O.GETXATTR: lambda: self.fixed(fuse.GETXATTR_IN, small(1 << 17), 0)
+            + r.choice([b"user.x\0", b"system.posix_acl_access\0", b"", b"a" * 300 + b"\0"]),
+            O.LISTXATTR: lambda: self.fixed(fuse.GETXATTR_IN, small(1 << 17), 0),
+            O.REMOVEXATTR: lambda: r.choice([b"user.x\0", b"\0", b"user.x"]),
+            O.FLUSH: lambda: self.fixed(fuse.FLUSH_IN, fh(), 0, 0, u64()),
+            O.OPENDIR: lambda: self.fixed(fuse.OPEN_IN, r.choice([0, u32()]), 0),
+            O.READDIR: lambda: self.fixed(fuse.READ_IN, fh(), off(), small(1 << 17), 0, 0,
+                                          0, 0),
+            O.READDIRPLUS: lambda: self.fixed(fuse.READ_IN, fh(), off(), small(1 << 17), 0,
+                                              0, 0, 0),
+            O.RELEASEDIR: lambda: self.fixed(fuse.RELEASE_IN, fh(), 0, 0, 0),
+            O.FSYNCDIR: lambda: self.fixed(fuse.FSYNC_IN, fh(), u32(), 0),
+            O.GETLK: lambda: self.lock_arg(),
+            O.SETLK: lambda: self.lock_arg(),
+            O.ACCESS: lambda: self.fixed(fuse.ACCESS_IN, r.choice([0, 1, 2, 4, 7, u32()]), 0),
+            O.CREATE: lambda: self.fixed(fuse.CREATE_IN, r.choice([0o101, 0o301, 2, u32()]),
+                                         u32(), 0o022, 0) + self.name(),
+            O.INTERRUPT: lambda: self.fixed(fuse.INTERRUPT_IN, r.choice(
+                [self.unique_of_last, u64()])),
+            O.BATCH_FORGET: lambda: self.batch_forget_arg(),
+            O.FALLOCATE: lambda: self.fixed(fuse.FALLOCATE_IN, fh(), small(), small(),
+                                            r.choice([0, 1, 2, 3, 0x10, u32()]), 0),
+            O.LSEEK: lambda: self.fixed(fuse.LSEEK_IN, fh(), off(),
+                                        r.choice([0, 1, 2, 3, 4, u32()]), 0),
+            O.COPY_FILE_RANGE: lambda: self.fixed(
+                fuse.COPY_FILE_RANGE_IN, fh(), small(), self.nodeid(), fh(), small(),
+                small(), r.choice([0, u64()])),
+            O.SYNCFS: lambda: self.fixed(fuse.SYNCFS_IN, 0),
+            O.TMPFILE: lambda: self.fixed(fuse.CREATE_IN, r.choice([2, u32()]), u32(),
+                                          0o022, 0),
+        }
+        arg = builders[op]() if op in builders else r.randbytes(r.randrange(64))
+        roll = r.random()
+        if roll < 0.08 and arg:
+            arg = arg[: r.randrange(len(arg))]  # truncated
+        elif roll < 0.16:
+            arg += r.randbytes(r.randrange(1, 64))  # trailing junk
+        return arg
+
+    def write_arg(self) -> bytes:
+        r = self.rng
+        data = r.randbytes(r.choice([0, 1, 100, 4096, 9000]))
+        size = len(data) if r.random() < 0.7 else self.small(1 << 21)
+        return self.fixed(fuse.WRITE_IN, self.fh(), self.offset() % (1 << 40), size,
+                          r.choice([0, 1, 2, 4]), self.u64(), self.u32(), 0) + data
+
+    def lock_arg(self) -> bytes:
+        r = self.rng
+        return self.fixed(fuse.LK_IN, self.fh(), self.u64(), self.offset(), self.offset(),
+                          r.choice([0, 1, 2, 3, self.u32()]), self.u32(),
+                          r.choice([0, 1, self.u32()]), 0)
+
+    def batch_forget_arg(self) -> bytes:
+        r = self.rng
+        count = r.choice([0, 1, 3, 1000, 0xFFFFFFFF])
+        items = b"".join(fuse.FORGET_ONE.pack(self.nodeid(), r.choice([1, self.u64()]))
+                         for _ in range(min(count, r.randrange(4))))
+        return fuse.BATCH_FORGET_IN.pack(count, 0) + items
+
+    # ----- sending ---------------------------------------------------------------
+
+    def send_one(self) -> None:
+        r = self.rng
+        ops = [o for o in O if o not in (O.INIT, O.DESTROY, O.SETLKW)]
+        op = r.choice(UNKNOWN_OPCODES) if r.random() < 0.04 else int(r.choice(ops))
+        arg = self.build(op)
+        nodeid = self.nodeid()
+        uid = 0 if r.random() < 0.8 else r.choice([1000, 65534, 0xFFFFFFFF])
+        q = r.choice([1, 2])
+        srv = self.srv
+        unique = srv.next_unique()
+        self.unique_of_last = unique
+        hdr = fuse.IN_HEADER.pack(fuse.IN_HEADER_SIZE + len(arg), op, unique, nodeid, uid,
+                                  uid, 4242, 0, 0)
+        readable = [hdr + arg] if r.random() < 0.7 or not arg else [hdr, arg]
+        written, out = self.chain(q, readable)
+        what = f"opcode {op} nodeid {nodeid:#x} arg {arg[:80]!r} on queue {q}"
+        if op in NO_REPLY:
+            assert written == 0, f"{what}: a reply of {written} bytes to a FORGET"
+            return
+        if written == 0:
+            assert op in MAYBE_NO_REPLY, f"{what}: no reply"
+            return
+        assert written >= fuse.OUT_HEADER_SIZE, f"{what}: reply of {written} bytes"
+        total, error, got = fuse.OUT_HEADER.unpack_from(out)
+        assert got == unique, f"{what}: reply for request {got}"
+        assert total == written, f"{what}: header says {total}, used element {written}"
+        assert -4095 <= error <= 0, f"{what}: error {error}"
+        if op in UNKNOWN_OPCODES:
+            assert error == -38, f"{what}: unknown opcode answered {error}"  # ENOSYS
+        payload = out[fuse.OUT_HEADER_SIZE:]
+        if error == 0:
+            self.learn(op, payload)
+
+    def chain(self, q: int, readable: list[bytes]) -> tuple[int, bytes]:
+        fe = self.srv.fe
+        descs = []
+        for gpa, data in zip(self.bufs[q], readable, strict=False):
+            assert len(data) <= READ_ROOM
+            fe.mem[fe.off(gpa) : fe.off(gpa) + len(data)] = data
+            descs.append((gpa, len(data), 0))
+        descs.append((self.bufs[q][2], OUT_ROOM, F_WRITE))
+        head = fe.submit_descs(q, descs)
+        return self.srv.wait(q, head, descs)
+
+    def learn(self, op: int, payload: bytes) -> None:
+        """Keep nodeids and handles the daemon handed out, so later requests use them."""
+        if op in (O.LOOKUP, O.MKDIR, O.MKNOD, O.SYMLINK, O.LINK, O.CREATE, O.TMPFILE) \
+                and len(payload) >= 8:
+            self.nodeids.append(struct.unpack_from("<Q", payload)[0])
+        if op in (O.OPEN, O.OPENDIR) and len(payload) >= 8:
+            self.fhs.append(struct.unpack_from("<Q", payload)[0])
+        if op in (O.CREATE, O.TMPFILE) and len(payload) >= fuse.ENTRY_OUT_SIZE + 8:
+            self.fhs.append(struct.unpack_from("<Q", payload, fuse.ENTRY_OUT_SIZE)[0])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_requests_never_break_the_daemon(tmp_path: Path, seed: int) -> None:
+    base = tmp_path
+    with serve(base) as srv:
+        (srv.share / "d").mkdir()
+        (srv.share / "d" / "sub").write_bytes(b"sub\n")
+        (srv.share / "escape").symlink_to(srv.outside / "victim")
+        before = outside_snapshot(base, srv.share)
+        fz = Fuzzer(srv, seed)
+        for name in (KNOWN, b"d", b"escape"):
+            error, nodeid, _ = srv.lookup(fuse.ROOT_ID, name)
+            assert error == 0
+            fz.nodeids.append(nodeid)
+        error, fh = srv.open(fz.nodeids[1], os.O_RDWR)
+        assert error == 0
+        fz.fhs.append(fh)
+        error, dfh = srv.opendir(fuse.ROOT_ID)
+        assert error == 0
+        fz.fhs.append(dfh)
+        for _ in range(REQUESTS_PER_SEED):
+            fz.send_one()
+        # the share may look very different now; the known file is made again from the
+        # host side, and must be served exactly on both queues by the same workers
+        known = srv.share / KNOWN.decode()
+        if known.is_dir() and not known.is_symlink():
+            import shutil
+
+            shutil.rmtree(known)
+        elif known.exists() or known.is_symlink():
+            known.unlink()
+        known.write_bytes(KNOWN_DATA)
+        os.chmod(srv.share, 0o755)
+        srv.assert_alive(queues=(1, 2))
+        assert outside_snapshot(base, srv.share) == before
+        log = srv.log()
+        assert "Traceback" not in log, log[-4000:]
