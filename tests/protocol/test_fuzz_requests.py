@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from daemon import fuse
-from tests.frontend import F_WRITE
+from tests.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, Served, serve
 
 O = fuse.Opcode  # noqa: E741 - short, used in every builder
@@ -297,3 +297,125 @@ def test_random_requests_never_break_the_daemon(tmp_path: Path, seed: int) -> No
         assert outside_snapshot(base, srv.share) == before
         log = srv.log()
         assert "Traceback" not in log, log[-4000:]
+
+
+# ===================================================================================
+# random descriptor chains
+# ===================================================================================
+
+CHAINS_PER_SEED = 1500
+CANARY_SIZE = 256 * 1024
+
+
+def valid_request(rng: random.Random, unique: int) -> bytes:
+    """A request the daemon would answer if the chain around it were sound."""
+    op, arg = rng.choice([
+        (O.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0)),
+        (O.LOOKUP, KNOWN + b"\0"),
+        (O.STATFS, b""),
+        (O.READDIR, fuse.READ_IN.pack(0, 0, 4096, 0, 0, 0, 0)),
+    ])
+    return fuse.IN_HEADER.pack(fuse.IN_HEADER_SIZE + len(arg), op, unique, fuse.ROOT_ID,
+                               0, 0, 1, 0, 0) + arg
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_descriptor_chains_never_break_the_daemon(tmp_path: Path, seed: int) -> None:
+    """Chains of 1-6 descriptors, direct or in an indirect table, with addresses inside
+    and outside guest memory, random lengths, flags and next indexes (loops included).
+    Every chain is completed (answered or dropped with length 0) and the daemon writes
+    only into the chain's own device-writable buffers: a canary region that descriptors
+    may only read stays byte for byte as it was."""
+    rng = random.Random(seed)
+    with serve(tmp_path) as srv:
+        fe = srv.fe
+        canary = fe.alloc(CANARY_SIZE, 4096)
+        pattern = rng.randbytes(CANARY_SIZE)
+        fe.mem[fe.off(canary) : fe.off(canary) + CANARY_SIZE] = pattern
+        write_area = fe.alloc(8 * 8192, 4096)
+        tables = {q: fe.alloc(16 * 8, 16) for q in (1, 2)}
+        end = GUEST_BASE + fe.size
+
+        def outside() -> int:
+            return rng.choice([0, 0x1000, end - 16, end, end + 4096, (1 << 64) - 4096,
+                               GUEST_BASE - 8, rng.getrandbits(64) | (1 << 63)])
+
+        def address(length: int) -> int:
+            roll = rng.random()
+            if roll < 0.5:
+                return canary + rng.randrange(CANARY_SIZE - min(length, CANARY_SIZE - 1))
+            if roll < 0.6:
+                return outside()
+            return canary + rng.randrange(CANARY_SIZE)
+
+        for _ in range(CHAINS_PER_SEED):
+            q = rng.choice([1, 2])
+            ring = fe.rings[q]
+            # the request itself sits at the start of the canary's first page, which
+            # descriptors read; it is restored after each chain
+            raw = valid_request(rng, srv.next_unique())
+            fe.mem[fe.off(canary) : fe.off(canary) + len(raw)] = raw
+            n = rng.randrange(1, 7)
+            # stale descriptors of earlier chains are zeroed, so a random next index
+            # reaches only an empty readable descriptor and the writable room is known
+            for table_gpa, entries in ((ring.desc, ring.size), (tables[q], 8)):
+                fe.mem[fe.off(table_gpa) : fe.off(table_gpa) + 16 * entries] = \
+                    bytes(16 * entries)
+            descs = []
+            if rng.random() < 0.5:  # well formed, the reply split over small buffers
+                cut = rng.randrange(1, len(raw)) if rng.random() < 0.3 else len(raw)
+                descs = [(canary, cut, F_NEXT, 1)]
+                if cut < len(raw):
+                    descs.append((canary + cut, len(raw) - cut, F_NEXT, 2))
+                for i in range(rng.randrange(1, 5)):
+                    length = rng.choice([1, 8, 16, 17, 40, 100, 4096, 8192])
+                    descs.append((write_area + 8192 * i, length, F_WRITE | F_NEXT,
+                                  len(descs) + 1))
+                a, ln, f, _ = descs[-1]
+                descs[-1] = (a, ln, f & ~F_NEXT, 0)
+                n = len(descs)
+            for i in range(0 if descs else n):
+                writable = rng.random() < 0.4
+                length = rng.choice([0, 1, 16, 40, 64, 4096, 8192, 70000, 0xFFFFFFFF])
+                if writable:  # its own buffer, or nowhere the guest has memory
+                    addr = write_area + 8192 * i if rng.random() < 0.9 else outside()
+                    if addr >= write_area:
+                        length = min(length, 8192)
+                else:
+                    addr = canary if i == 0 and rng.random() < 0.7 else address(length)
+                    if i == 0 and addr == canary:
+                        length = len(raw)
+                flags = F_WRITE if writable else 0
+                if rng.random() < 0.05:
+                    flags |= F_INDIRECT
+                nxt = i + 1 if rng.random() < 0.85 else rng.randrange(ring.size + 3)
+                if i + 1 < n:
+                    flags |= F_NEXT
+                elif rng.random() < 0.05:
+                    flags |= F_NEXT  # a last descriptor that says it is not
+                descs.append((addr, length, flags, nxt))
+            if rng.random() < 0.3:  # all of it in an indirect table
+                table = tables[q]
+                for i, (addr, length, flags, nxt) in enumerate(descs):
+                    fe.put_desc(table, i, addr, length, flags, min(nxt, 7))
+                head = ring.free.pop(0)
+                tlen = rng.choice([16 * n, 16 * n, 0, 24, 16 * 9])
+                fe.put_desc(ring.desc, head, table, tlen, F_INDIRECT, 0)
+            else:
+                ids = [ring.free.pop(0) for _ in descs]
+                for k, (addr, length, flags, nxt) in enumerate(descs):
+                    link = ids[k + 1] if k + 1 < n and nxt == k + 1 else nxt % ring.size
+                    fe.put_desc(ring.desc, ids[k], addr, length, flags, link)
+                head = ids[0]
+            fe.publish(q, head)
+            got, written = fe.wait_used(q)
+            assert got == head, f"used head {got}, expected {head}"
+            ring.free = list(range(ring.size))
+            room = sum(length for _, length, flags, _ in descs if flags & F_WRITE)
+            assert written <= max(room, 0) or written == 0, \
+                f"used length {written} with {room} writable bytes in {descs}"
+            fe.mem[fe.off(canary) : fe.off(canary) + len(raw)] = pattern[: len(raw)]
+            assert bytes(fe.mem[fe.off(canary) : fe.off(canary) + CANARY_SIZE]) == pattern, \
+                f"the daemon wrote into memory the chain only let it read: {descs}"
+        srv.assert_alive(queues=(1, 2))
+        assert "Traceback" not in srv.log()
