@@ -24,6 +24,7 @@ from daemon import vhost_user as vu
 from daemon.interrupts import InterruptBoard
 from daemon.passthrough import PassthroughFs
 from daemon.process import clone_shared_fds
+from daemon.sd_notify import Notifier
 from daemon.vhost_user import Message, ProtocolError
 from workers import control
 from workers.control import QueueSetup
@@ -97,8 +98,10 @@ class Supervisor:
         tag: str | None,
         num_request_queues: int,
         poll_us: int = 0,
+        notifier: Notifier | None = None,
     ) -> None:
         self.fs = fs
+        self.notifier = notifier or Notifier()
         self.tag = tag
         self.num_queues = 1 + num_request_queues
         self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
@@ -135,6 +138,7 @@ class Supervisor:
         listener.setblocking(False)
         conn, _ = await self.loop.sock_accept(listener)
         log.info("front-end connected")
+        self.notifier.status("front-end connected")
         conn.setblocking(False)
         self.conn = conn
         self.loop.add_reader(conn.fileno(), self._on_readable)
@@ -626,11 +630,16 @@ def lock_pid_file(socket_path: str) -> int:
 
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
-        num_request_queues: int, poll_us: int = 0) -> int:
-    """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return."""
+        num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
+        where: str = "") -> int:
+    """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
+    (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
+    this loop, and STOPPING=1."""
     import uvloop
 
-    sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us)
+    notifier = notifier or Notifier()
+    sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
+                     notifier=notifier)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -638,12 +647,23 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
+        if notifier.watchdog:
+            interval = notifier.watchdog
+
+            def ping() -> None:  # from this loop: a loop that hangs stops the pings
+                notifier.ping()
+                loop.call_later(interval, ping)
+
+            ping()
+        notifier.ready(f"waiting for the front-end{' on ' + where if where else ''}")
         try:
             return await sup.serve(listener)
         except asyncio.CancelledError:
             log.info("signal received, stopping")
             sup.kill_workers_now()
             return 0
+        finally:
+            notifier.stopping("stopping")
 
     try:
         return uvloop.run(main())

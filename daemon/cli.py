@@ -14,7 +14,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING
 
-from daemon import capabilities, no_site, seccomp
+from daemon import capabilities, no_site, sd_notify, seccomp
 
 if TYPE_CHECKING:
     from shm_table import HandleTable, InodeTable
@@ -404,6 +404,8 @@ def serve(args: argparse.Namespace) -> int:
     from shm_table import HandleTable, InodeTable
 
     log = logging.getLogger("pyvirtiofsd")
+    # connected now: inside the sandbox its path or abstract name is out of reach
+    notifier = sd_notify.Notifier.from_environment()
     raise_nofile(args.rlimit_nofile)
     os.umask(0)  # modes come from the guest, already masked by its umask
     pid_fd = -1
@@ -442,11 +444,11 @@ def serve(args: argparse.Namespace) -> int:
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:
-                code = run_server(args, "/", listener, inodes, handles)
+                code = run_server(args, "/", listener, inodes, handles, notifier)
             finally:
                 logging.shutdown()
             os._exit(code)
-        return run_server(args, shared_dir, listener, inodes, handles)
+        return run_server(args, shared_dir, listener, inodes, handles, notifier)
     finally:
         inodes.unlink()
         handles.unlink()
@@ -461,7 +463,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
-               inodes: InodeTable, handles: HandleTable) -> int:
+               inodes: InodeTable, handles: HandleTable,
+               notifier: sd_notify.Notifier | None = None) -> int:
     import supervisor
     from daemon.passthrough import Config, PassthroughFs
 
@@ -507,7 +510,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
              "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
     return supervisor.run(fs, listener, tag=args.tag,
                           num_request_queues=args.num_request_queues,
-                          poll_us=max(0, args.poll_us))
+                          poll_us=max(0, args.poll_us), notifier=notifier,
+                          where=args.socket_path or f"fd {listener.fileno()}")
 
 
 if __name__ == "__main__":
