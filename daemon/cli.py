@@ -367,6 +367,29 @@ def listener_from_fd(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def listener_from_systemd() -> socket.socket:
+    """The listening socket systemd passed (socket activation: LISTEN_FDS, LISTEN_PID);
+    its variables are taken out of the environment, as sd_listen_fds() does."""
+    count = os.environ.pop("LISTEN_FDS", "")
+    owner = os.environ.pop("LISTEN_PID", "")
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if owner and owner != str(os.getpid()):
+        raise UsageError(f"socket activation: LISTEN_PID={owner} names another process "
+                         f"(this is {os.getpid()}); give --socket-path or --fd")
+    if count != "1":
+        raise UsageError(f"socket activation: LISTEN_FDS={count or '(unset)'}, expected "
+                         "exactly one socket (one vhost-user socket per daemon); give "
+                         "--socket-path or --fd")
+    listener = listener_from_fd(SD_LISTEN_FDS_START)
+    if listener.type != socket.SOCK_STREAM or listener.family != socket.AF_UNIX:
+        raise UsageError("socket activation: fd 3 is not a UNIX stream socket "
+                         "(ListenStream= with a path in the .socket unit)")
+    return listener
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -415,7 +438,7 @@ def serve(args: argparse.Namespace) -> int:
         pid_fd = supervisor.lock_pid_file(args.socket_path)
         listener = supervisor.create_listener(args.socket_path, args.socket_group)
     else:
-        listener = socket.socket(fileno=3)  # systemd socket activation (LISTEN_FDS)
+        listener = listener_from_systemd()
     name = f"/pyvirtiofsd-{os.getpid()}"
     inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
     handles = HandleTable.create(name + "-handles", args.handle_table_size)
