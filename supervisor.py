@@ -24,6 +24,7 @@ from daemon import vhost_user as vu
 from daemon.interrupts import InterruptBoard
 from daemon.passthrough import PassthroughFs
 from daemon.process import clone_shared_fds
+from daemon.queue_stats import QueueStats
 from daemon.sd_notify import Notifier
 from daemon.vhost_user import Message, ProtocolError
 from workers import control
@@ -99,9 +100,11 @@ class Supervisor:
         num_request_queues: int,
         poll_us: int = 0,
         notifier: Notifier | None = None,
+        stats: QueueStats | None = None,
     ) -> None:
         self.fs = fs
         self.notifier = notifier or Notifier()
+        self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
         self.num_queues = 1 + num_request_queues
         self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
@@ -501,7 +504,7 @@ class Supervisor:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
                 worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
-                            lock_mutex_fd)
+                            lock_mutex_fd, self.stats)
             finally:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
@@ -631,7 +634,7 @@ def lock_pid_file(socket_path: str) -> int:
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
-        where: str = "") -> int:
+        where: str = "", stats: QueueStats | None = None) -> int:
     """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
     (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
     this loop, and STOPPING=1."""
@@ -639,7 +642,7 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
 
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
-                     notifier=notifier)
+                     notifier=notifier, stats=stats)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

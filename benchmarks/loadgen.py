@@ -206,7 +206,12 @@ class LoadGen:
         return payload
 
     def lookup(self, parent: int, name: bytes) -> int:
-        return struct.unpack_from("<Q", self.request(fuse.Opcode.LOOKUP, parent, name + b"\0"))[0]
+        nodeid = struct.unpack_from("<Q", self.request(fuse.Opcode.LOOKUP, parent,
+                                                       name + b"\0"))[0]
+        if nodeid == 0:  # a negative entry: the name does not exist
+            raise FileNotFoundError(f"{name.decode(errors='replace')} in nodeid {parent} "
+                                    "(prepare_share makes the workloads' files)")
+        return nodeid
 
     def open(self, nodeid: int, flags: int = os.O_RDWR, q: int = 1) -> int:
         out = self.request(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(flags, 0), q=q)

@@ -135,6 +135,14 @@ ffibuilder.cdef(
     void pyvfs_queue_disable(pyvfs_queue_t *q);
     int pyvfs_queue_enable(pyvfs_queue_t *q);
     int pyvfs_queue_should_notify(pyvfs_queue_t *q);
+    typedef struct {
+        uint64_t requests, in_c, errors, dropped, read_bytes, write_bytes, wakeups, notifies;
+        uint64_t by_opcode[64];
+    } pyvfs_qstats_t;
+    void pyvfs_stats_attach(pyvfs_qstats_t *row);
+    void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                          uint32_t written, int in_c);
+    void pyvfs_stats_dropped(void);
     int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
                     uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
                     const pyvfs_fast_ctx_t *c, pyvfs_serve_t *s);

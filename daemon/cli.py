@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from daemon import capabilities, no_site, sd_notify, seccomp
 
 if TYPE_CHECKING:
+    from daemon.queue_stats import QueueStats
     from shm_table import HandleTable, InodeTable
 
 VERSION = "0.1.0"
@@ -424,6 +425,7 @@ def serve(args: argparse.Namespace) -> int:
     no_tls.install()  # before supervisor imports asyncio
     import supervisor
     from daemon import sandbox
+    from daemon.queue_stats import QueueStats
     from shm_table import HandleTable, InodeTable
 
     log = logging.getLogger("pyvirtiofsd")
@@ -442,6 +444,7 @@ def serve(args: argparse.Namespace) -> int:
     name = f"/pyvirtiofsd-{os.getpid()}"
     inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
     handles = HandleTable.create(name + "-handles", args.handle_table_size)
+    stats = QueueStats.create(name + "-stats", 1 + args.num_request_queues)
     shared_dir = os.path.abspath(args.shared_dir)
     # read while /proc is still there: the sandboxed server sees only its fds in it
     args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
@@ -467,14 +470,15 @@ def serve(args: argparse.Namespace) -> int:
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:
-                code = run_server(args, "/", listener, inodes, handles, notifier)
+                code = run_server(args, "/", listener, inodes, handles, notifier, stats)
             finally:
                 logging.shutdown()
             os._exit(code)
-        return run_server(args, shared_dir, listener, inodes, handles, notifier)
+        return run_server(args, shared_dir, listener, inodes, handles, notifier, stats)
     finally:
         inodes.unlink()
         handles.unlink()
+        stats.unlink()
         if args.socket_path:
             for path in (args.socket_path, args.socket_path + ".pid"):
                 try:
@@ -487,7 +491,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
                inodes: InodeTable, handles: HandleTable,
-               notifier: sd_notify.Notifier | None = None) -> int:
+               notifier: sd_notify.Notifier | None = None,
+               stats: QueueStats | None = None) -> int:
     import supervisor
     from daemon.passthrough import Config, PassthroughFs
 
@@ -533,7 +538,7 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
              "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
     return supervisor.run(fs, listener, tag=args.tag,
                           num_request_queues=args.num_request_queues,
-                          poll_us=max(0, args.poll_us), notifier=notifier,
+                          poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
                           where=args.socket_path or f"fd {listener.fileno()}")
 
 

@@ -839,6 +839,55 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     }
 }
 
+/* ---- per-queue counters for `pyvirtiofsd stats` (daemon/queue_stats.py): a row per
+ * queue in a shared segment. Only that queue's worker writes its row (relaxed stores of
+ * aligned words: readers in other processes see whole values), so counting costs no
+ * atomics; the row outlives a worker that is restarted. One worker serves one queue, so
+ * the row is a process-wide pointer. */
+#define PYVFS_STATS_OPCODES 64
+typedef struct {
+    uint64_t requests, in_c, errors, dropped, read_bytes, write_bytes, wakeups, notifies;
+    uint64_t by_opcode[PYVFS_STATS_OPCODES]; /* [0]: opcodes >= 64 and unknown ones */
+} pyvfs_qstats_t;
+
+static pyvfs_qstats_t *g_stats;
+
+void pyvfs_stats_attach(pyvfs_qstats_t *row) { g_stats = row; }
+
+static inline void bump(uint64_t *p, uint64_t n) {
+    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/* A request answered (written > 0) or taken without a reply (written == 0): its opcode
+ * from the request, its errno and data bytes from the reply it got. */
+void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
+                      uint32_t written, int in_c) {
+    pyvfs_qstats_t *s = g_stats;
+    if (!s) return;
+    uint32_t hdr[2] = {0, 0}; /* len, opcode */
+    if (pyvfs_iov_read(rd, rd_n, 0, hdr, sizeof hdr) != sizeof hdr) hdr[1] = 0;
+    uint32_t op = hdr[1];
+    bump(&s->requests, 1);
+    if (in_c) bump(&s->in_c, 1);
+    bump(&s->by_opcode[op < PYVFS_STATS_OPCODES ? op : 0], 1);
+    if (written < sizeof(struct fuse_out_header)) return;
+    struct fuse_out_header out = {0};
+    pyvfs_iov_read(wr, wr_n, 0, &out, sizeof out);
+    if (out.error != 0) {
+        bump(&s->errors, 1);
+    } else if (op == FUSE_READ) {
+        bump(&s->read_bytes, written - sizeof out);
+    } else if (op == FUSE_WRITE && written >= sizeof out + sizeof(uint32_t)) {
+        uint32_t size = 0;
+        pyvfs_iov_read(wr, wr_n, sizeof out, &size, sizeof size);
+        bump(&s->write_bytes, size);
+    }
+}
+
+void pyvfs_stats_dropped(void) {
+    if (g_stats) bump(&g_stats->dropped, 1);
+}
+
 /* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
  * The split ring's state lives here so Python's SplitQueue (daemon/virtqueue.py) and this
  * loop share it. */
@@ -906,6 +955,7 @@ int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
         if (w) { rc = 1 - w; break; }
         uint32_t written = 0;
         if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
+            pyvfs_stats_note(rd, counts[0], wr, counts[1], written, 1);
             pyvfs_queue_push(q, h, written);
             done++;
             continue;
@@ -951,9 +1001,12 @@ int pyvfs_queue_should_notify(pyvfs_queue_t *q) {
 
 static void notify(pyvfs_queue_t *q, int call_fd) {
     static const uint64_t one = 1;
-    if (call_fd >= 0 && pyvfs_queue_should_notify(q) &&
-        write(call_fd, &one, sizeof one) < 0) {
-        /* the front-end's eventfd is gone or full: nothing to do but go on */
+    if (call_fd >= 0 && pyvfs_queue_should_notify(q)) {
+        if (write(call_fd, &one, sizeof one) < 0) {
+            /* the front-end's eventfd is gone or full: nothing to do but go on */
+        } else if (g_stats) {
+            bump(&g_stats->notifies, 1);
+        }
     }
 }
 
@@ -1008,6 +1061,7 @@ int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
             }
             uint64_t v;
             if (read(s->kick_fd, &v, sizeof v) < 0) { /* EAGAIN: fine */ }
+            if (g_stats) bump(&g_stats->wakeups, 1);
             s->flags |= PYVFS_DRAINING;
             pyvfs_queue_disable(q);
         }

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from daemon import queue_stats
 from shm_table import HandleTable, InodeTable
 
 
@@ -69,13 +70,21 @@ def snapshot(pid: int, interval: float) -> dict:
         raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
                          "is the daemon running?") from None
     try:
+        counters = queue_stats.QueueStats.attach(queue_stats.segment_name(pid))
+    except Exception:  # noqa: BLE001 - a daemon from before per-queue counters
+        counters = None
+    try:
         first = inodes.stats()
+        rows0 = counters.rows() if counters else []
         time.sleep(interval)
         second = inodes.stats()
+        rows1 = counters.rows() if counters else []
         handle_stats = handles.stats()
     finally:
         inodes.detach()
         handles.detach()
+        if counters:
+            counters.close()
     supervisor, *workers = processes(pid)
     try:
         fds = len(os.listdir(f"/proc/{supervisor}/fd"))
@@ -99,7 +108,23 @@ def snapshot(pid: int, interval: float) -> dict:
             "load_factor": round(handle_stats["load_factor"], 6),
             "full_errors": handle_stats["full_errors"],
         },
+        "queues": queue_rows(rows0, rows1, interval),
     }
+
+
+def queue_rows(before: list[dict], after: list[dict], interval: float) -> list[dict]:
+    """Every queue that has seen a kick or a request: totals, and rates over interval."""
+    out = []
+    for index, (a, b) in enumerate(zip(before, after, strict=True)):
+        if not (b["requests"] or b["wakeups"] or b["dropped"]):
+            continue
+        row = {"queue": index, **{k: v for k, v in b.items() if k != "by_opcode"}}
+        row["requests_per_s"] = (b["requests"] - a["requests"]) / interval
+        row["read_bytes_per_s"] = (b["read_bytes"] - a["read_bytes"]) / interval
+        row["write_bytes_per_s"] = (b["write_bytes"] - a["write_bytes"]) / interval
+        row["by_opcode"] = b["by_opcode"]
+        out.append(row)
+    return out
 
 
 def render(s: dict) -> str:
@@ -112,7 +137,24 @@ def render(s: dict) -> str:
         f"            {i['lookups_per_s']:>10,.0f} lookups/s, {i['inserts_per_s']:,.0f} "
         f"inserts/s, {i['removals_per_s']:,.0f} removals/s, {i['full_errors']} full errors",
         f"open files: {h['entries']:>10,} of {h['capacity']:,} (load {h['load_factor']:.2%})",
+        *render_queues(s.get("queues", [])),
     ])
+
+
+def render_queues(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"{'queue':>5} {'requests':>12} {'req/s':>9} {'in C':>6} {'errors':>8} "
+             f"{'dropped':>7} {'read MB/s':>9} {'write MB/s':>10}  most frequent"]
+    for r in rows:
+        top = sorted(r["by_opcode"].items(), key=lambda kv: -kv[1])[:3]
+        share = r["in_c"] / r["requests"] if r["requests"] else 0.0
+        lines.append(
+            f"{r['queue']:>5} {r['requests']:>12,} {r['requests_per_s']:>9,.0f} "
+            f"{share:>6.0%} {r['errors']:>8,} {r['dropped']:>7,} "
+            f"{r['read_bytes_per_s'] / 1e6:>9.1f} {r['write_bytes_per_s'] / 1e6:>10.1f}  "
+            + ", ".join(f"{name} {n:,}" for name, n in top))
+    return lines
 
 
 def main(argv: list[str]) -> int:

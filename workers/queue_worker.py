@@ -32,6 +32,7 @@ from daemon.passthrough import (
     PendingLock,
     Request,
 )
+from daemon.queue_stats import QueueStats
 from daemon.vhost_user import MemoryRegion
 from daemon.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
 from shm_table import HandleTableFull, InodeTableFull
@@ -43,6 +44,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 MAX_REQUEST = fuse.MAX_WRITE + 64 * 1024  # virtiofsd: 1 MiB of data plus headers
 ONE = struct.pack("<Q", 1)
 serve = lib.pyvfs_serve
+note = lib.pyvfs_stats_note
 SERVE_CHAIN = lib.PYVFS_SERVE_CHAIN
 SERVE_CONTROL = lib.PYVFS_SERVE_CONTROL
 SERVE_TIMEOUT = lib.PYVFS_SERVE_TIMEOUT
@@ -206,6 +208,8 @@ class QueueWorker:
             if r == SERVE_CHAIN:
                 q_chain.head = self.drain_head[0]
                 written = self.handle_chain(q_chain)
+                note(q_chain.rd, q_chain.counts[0], q_chain.wr, q_chain.counts[1],
+                     0 if written == PENDING else written, 0)
                 if written != PENDING:
                     q.push(q_chain.head, written)
                 s.flags |= lib.PYVFS_PUSHED
@@ -213,6 +217,7 @@ class QueueWorker:
                 q_chain.head = self.drain_head[0]
                 self.warn("chain", "dropped descriptor chain at head %d: %s", q_chain.head,
                           walk_error(1 - r, q_chain.detail))
+                lib.pyvfs_stats_dropped()
                 q.push(q_chain.head, 0)
                 s.flags |= lib.PYVFS_PUSHED
             elif r == -1:  # the avail index jumped: pop says by how much
@@ -475,7 +480,7 @@ class QueueWorker:
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                 interrupts: InterruptBoard, supervisor_pid: int,
-                lock_mutex_fd: int = -1) -> NoReturn:
+                lock_mutex_fd: int = -1, stats: QueueStats | None = None) -> NoReturn:
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
@@ -487,6 +492,8 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
             os._exit(1)  # the supervisor died before PDEATHSIG was set
         if fs.lock_owners is not None:
             fs.lock_owners.mutex_fd = lock_mutex_fd
+        if stats is not None:
+            stats.attach_worker(setup.index)
         QueueWorker(setup, fs, control_sock, interrupts).run()
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
         log.exception("worker for queue %d failed", setup.index)

@@ -1,0 +1,116 @@
+"""Per-queue request counters in shared memory, for ``pyvirtiofsd stats``.
+
+One row per virtqueue (``pyvfs_qstats_t`` in daemon/fast_path.c): requests, how many were
+answered in C, errors, dropped chains, data bytes read and written, wake-ups, interrupts
+sent to the guest, and requests per opcode. The supervisor creates the segment
+(``/pyvirtiofsd-<pid>-stats``) before any worker exists; each worker writes only its own
+row, from C and from Python, and a restarted worker carries on counting in the same row.
+Anyone who may open the segment reads it without disturbing the daemon.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Any
+
+import posix_ipc
+
+from daemon import fuse
+
+MAGIC = b"PYVFSQS1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIII")  # magic, version, queues, row size, owner pid
+HEADER_SIZE = 64
+FIELDS = ("requests", "in_c", "errors", "dropped", "read_bytes", "write_bytes", "wakeups",
+          "notifies")
+OPCODES = 64
+ROW = struct.Struct(f"<{len(FIELDS) + OPCODES}Q")  # must match pyvfs_qstats_t
+
+
+def segment_name(pid: int) -> str:
+    return f"/pyvirtiofsd-{pid}-stats"
+
+
+class QueueStats:
+    def __init__(self, name: str, mm: mmap.mmap) -> None:
+        self.name = name
+        self.mm = mm
+        _, _, self.queues, _, self.owner = HEADER.unpack_from(mm)
+        self._c_rows: Any = None
+
+    @classmethod
+    def create(cls, name: str, queues: int) -> QueueStats:
+        size = HEADER_SIZE + queues * ROW.size
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.ExistentialError:  # a crashed daemon's, with a pid now reused
+            posix_ipc.unlink_shared_memory(name)
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        try:
+            mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        HEADER.pack_into(mm, 0, MAGIC, VERSION, queues, ROW.size, os.getpid())
+        return cls(name, mm)
+
+    @classmethod
+    def attach(cls, name: str) -> QueueStats:
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            size = os.fstat(shm.fd).st_size
+            mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+        finally:
+            shm.close_fd()
+        magic, version, queues, row, _ = HEADER.unpack_from(mm)
+        if magic != MAGIC or version != VERSION or row != ROW.size or \
+                size < HEADER_SIZE + queues * ROW.size:
+            mm.close()
+            raise ValueError(f"{name}: not a pyvirtiofsd statistics segment of this version")
+        return cls(name, mm)
+
+    def attach_worker(self, index: int) -> None:
+        """Point the C counters of this (worker) process at queue ``index``'s row."""
+        from daemon._sys import ffi, lib
+
+        if not 0 <= index < self.queues:
+            return
+        if self._c_rows is None:
+            self._c_rows = ffi.from_buffer(self.mm)  # kept: the pointer below lives in it
+        row = ffi.cast("pyvfs_qstats_t *", ffi.cast("char *", self._c_rows) +
+                       HEADER_SIZE + index * ROW.size)
+        lib.pyvfs_stats_attach(row)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for q in range(self.queues):
+            values = ROW.unpack_from(self.mm, HEADER_SIZE + q * ROW.size)
+            row: dict[str, Any] = dict(zip(FIELDS, values[: len(FIELDS)], strict=True))
+            by_op = values[len(FIELDS):]
+            row["by_opcode"] = {opcode_name(op): n for op, n in enumerate(by_op) if n}
+            out.append(row)
+        return out
+
+    def close(self) -> None:
+        if self._c_rows is not None:
+            from daemon._sys import ffi
+
+            ffi.release(self._c_rows)
+            self._c_rows = None
+        self.mm.close()
+
+    def unlink(self) -> None:
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def opcode_name(op: int) -> str:
+    if op == 0:
+        return "OTHER"
+    try:
+        return fuse.Opcode(op).name
+    except ValueError:
+        return str(op)
