@@ -864,15 +864,22 @@ void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, in
                       uint32_t written, int in_c) {
     pyvfs_qstats_t *s = g_stats;
     if (!s) return;
-    uint32_t hdr[2] = {0, 0}; /* len, opcode */
-    if (pyvfs_iov_read(rd, rd_n, 0, hdr, sizeof hdr) != sizeof hdr) hdr[1] = 0;
-    uint32_t op = hdr[1];
+    uint32_t op = 0;
+    if (rd_n > 0 && rd[0].len >= 8) { /* the usual case: the header in one descriptor */
+        memcpy(&op, (const char *)(uintptr_t)rd[0].base + 4, sizeof op);
+    } else {
+        uint32_t hdr[2] = {0, 0}; /* len, opcode */
+        if (pyvfs_iov_read(rd, rd_n, 0, hdr, sizeof hdr) == sizeof hdr) op = hdr[1];
+    }
     bump(&s->requests, 1);
     if (in_c) bump(&s->in_c, 1);
     bump(&s->by_opcode[op < PYVFS_STATS_OPCODES ? op : 0], 1);
     if (written < sizeof(struct fuse_out_header)) return;
     struct fuse_out_header out = {0};
-    pyvfs_iov_read(wr, wr_n, 0, &out, sizeof out);
+    if (wr_n > 0 && wr[0].len >= sizeof out)
+        memcpy(&out, (const void *)(uintptr_t)wr[0].base, sizeof out);
+    else
+        pyvfs_iov_read(wr, wr_n, 0, &out, sizeof out);
     if (out.error != 0) {
         bump(&s->errors, 1);
     } else if (op == FUSE_READ) {
