@@ -220,14 +220,16 @@ class QueueWorker:
                 lib.pyvfs_stats_dropped()
                 q.push(q_chain.head, 0)
                 s.flags |= lib.PYVFS_PUSHED
-            elif r == -1:  # the avail index jumped: pop says by how much
-                try:
-                    q.pop(q_chain)
-                except BadChain as e:
-                    log.error("queue %d: %s; waiting for a reset", self.setup.index, e)
-                self.enabled = False
-                s.enabled = 0
-                s.flags &= ~lib.PYVFS_DRAINING
+            elif r == -1:  # the avail index is more than a ring ahead of what we popped
+                jumped = self.avail_jump(q)
+                if jumped is not None:
+                    log.error("queue %d: avail index jumped from %d to %d; waiting for a "
+                              "reset", self.setup.index, q.last_avail_idx, jumped)
+                    self.enabled = False
+                    s.enabled = 0
+                    s.flags &= ~lib.PYVFS_DRAINING
+                # else it was read while the driver was writing it: DRAINING is still
+                # set, so the next serve() call drains again and nothing is lost
             elif r == SERVE_CONTROL:
                 self.handle_control()
             elif r == SERVE_ERROR:
@@ -235,6 +237,19 @@ class QueueWorker:
                 raise OSError(err, f"epoll_wait: {os.strerror(err)}")
             if self.waiting_locks and r in (SERVE_TIMEOUT, SERVE_CONTROL):
                 self.retry_locks()
+
+    @staticmethod
+    def avail_jump(q: SplitQueue) -> int | None:
+        """The avail index if it stays more than a ring ahead of the last one popped (a
+        driver error: the queue waits for a reset), else None. A driver that writes the
+        16-bit index in two stores shows a value for an instant that looks like a jump
+        (Python's struct.pack_into zeroes the field first); that must cost nothing."""
+        for _ in range(3):
+            avail = q.avail_idx()
+            if (avail - q.last_avail_idx) & 0xFFFF <= q.size:
+                return None
+            time.sleep(0.001)
+        return avail
 
     def start_draining(self) -> None:
         """Make the next pyvfs_serve call drain the ring before it waits."""
