@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def start_pyvirtiofsd(
     proc.log_path = log_path  # type: ignore[attr-defined]
     wait_for_socket(proc, socket_path, timeout=20.0)
     return proc
+
+
+def daemon_processes(proc: subprocess.Popen[bytes], count: int, timeout: float = 10
+                     ) -> list[int]:
+    """The daemon's pid and its children's, once there are ``count`` in all (workers
+    start as their rings are set up)."""
+    deadline = time.monotonic() + timeout
+    pids: list[int] = []
+    while time.monotonic() < deadline and len(pids) < count:
+        pids = [proc.pid] + [int(p) for p in Path(
+            f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        time.sleep(0.05)
+    assert len(pids) == count, f"{len(pids)} daemon processes, expected {count}"
+    return pids
 
 
 def daemon_log(proc: subprocess.Popen[bytes]) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.frontend import Frontend
+from tests.guest.reference import stop_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +57,7 @@ def test_activated_socket_is_served(tmp_path: Path) -> None:
             fe.close()
         assert proc.wait(timeout=20) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)
     log = log_path.read_text()
     assert "sharing" in log and "on fd 3" in log
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import daemon_log, pyvirtiofsd
+from tests.daemon import daemon_log, daemon_processes, pyvirtiofsd
 from tests.frontend import Frontend
+from tests.guest.reference import stop_daemon
 
 HOOK = "import _decimal\n"
 
@@ -48,13 +48,7 @@ def serve_and_look(tmp_path: Path) -> tuple[list[str], list[bool], str]:
         try:
             fe.setup(2)
             fe.init()
-            deadline = time.monotonic() + 10
-            pids: list[int] = []
-            while time.monotonic() < deadline and len(pids) < 3:
-                pids = [proc.pid] + [int(p) for p in Path(
-                    f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-                time.sleep(0.05)
-            assert len(pids) == 3  # supervisor, hiprio worker, request worker
+            pids = daemon_processes(proc, 3)  # supervisor, hiprio worker, request worker
             hooked = ["_decimal" in Path(f"/proc/{pid}/maps").read_text() for pid in pids]
         finally:
             fe.close()
@@ -110,6 +104,4 @@ def test_listening_fd_survives_the_reexec(tmp_path: Path) -> None:
             fe.close()
         assert proc.wait(timeout=20) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)

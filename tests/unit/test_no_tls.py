@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.daemon import pyvirtiofsd
+from tests.daemon import daemon_processes, pyvirtiofsd
 from tests.frontend import Frontend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,13 +65,7 @@ def test_running_daemon_maps_no_openssl(tmp_path: Path) -> None:
         try:
             fe.setup(2)
             fe.init()
-            deadline = time.monotonic() + 10
-            pids: list[int] = []
-            while time.monotonic() < deadline and len(pids) < 3:
-                pids = [proc.pid] + [int(p) for p in Path(
-                    f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-                time.sleep(0.05)
-            assert len(pids) == 3  # supervisor, hiprio worker, request worker
+            pids = daemon_processes(proc, 3)  # supervisor, hiprio worker, request worker
             for pid in pids:
                 maps = Path(f"/proc/{pid}/maps").read_text()
                 assert "libcrypto" not in maps and "libssl" not in maps, pid
