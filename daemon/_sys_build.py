@@ -142,7 +142,6 @@ ffibuilder.cdef(
     void pyvfs_stats_attach(pyvfs_qstats_t *row);
     void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
                           uint32_t written, int in_c);
-    void pyvfs_stats_dropped(void);
     int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
                     uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
                     const pyvfs_fast_ctx_t *c, pyvfs_serve_t *s);

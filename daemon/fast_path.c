@@ -891,10 +891,6 @@ void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, in
     }
 }
 
-void pyvfs_stats_dropped(void) {
-    if (g_stats) bump(&g_stats->dropped, 1);
-}
-
 /* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
  * The split ring's state lives here so Python's SplitQueue (daemon/virtqueue.py) and this
  * loop share it. */
@@ -959,7 +955,11 @@ int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
         int w = pyvfs_walk_chain(q->desc, q->size, h, q->indirect, q->regions, q->nregions,
                                  rd, &counts[0], &lens[0], wr, &counts[1], &lens[1], max_iov,
                                  detail);
-        if (w) { rc = 1 - w; break; }
+        if (w) { /* malformed: Python logs it and completes it with length 0 */
+            if (g_stats) bump(&g_stats->dropped, 1);
+            rc = 1 - w;
+            break;
+        }
         uint32_t written = 0;
         if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
             pyvfs_stats_note(rd, counts[0], wr, counts[1], written, 1);

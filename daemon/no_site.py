@@ -47,7 +47,7 @@ def reexec_without_site(argv: list[str]) -> None:
     that is not wanted or not possible."""
     if sys.flags.no_site or os.environ.get("PYVIRTIOFSD_SITE") == "1":
         return
-    if NO_REEXEC.intersection(argv[:1]) or NO_REEXEC.intersection(argv):
+    if NO_REEXEC.intersection(argv):
         return
     if not sys.executable:
         return

@@ -217,7 +217,6 @@ class QueueWorker:
                 q_chain.head = self.drain_head[0]
                 self.warn("chain", "dropped descriptor chain at head %d: %s", q_chain.head,
                           walk_error(1 - r, q_chain.detail))
-                lib.pyvfs_stats_dropped()
                 q.push(q_chain.head, 0)
                 s.flags |= lib.PYVFS_PUSHED
             elif r == -1:  # the avail index is more than a ring ahead of what we popped
