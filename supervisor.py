@@ -445,6 +445,7 @@ class Supervisor:
         if vring is None or vring.worker is not worker:
             return  # stopped on purpose; _reap collects it
         vring.worker = None
+        self._give_back_pins()
         try:
             _pid, status = os.waitpid(worker.pid, 0)
         except ChildProcessError:
@@ -531,15 +532,24 @@ class Supervisor:
             raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
         return answer
 
+    def _give_back_pins(self) -> None:
+        """The pins a dead worker's requests in flight held go back to the tables, freeing
+        what only they kept.  Called while the worker is still a zombie, so none of its
+        TIDs can name another task yet."""
+        for table in (self.fs.inodes, self.fs.handles):
+            table.reap_dead_pins()
+
     async def _reap(self, worker: Worker) -> None:
+        flags = os.WEXITED | os.WNOWAIT
         for _ in range(200):
-            pid, _status = os.waitpid(worker.pid, os.WNOHANG)
-            if pid:
+            if os.waitid(os.P_PID, worker.pid, flags | os.WNOHANG) is not None:
                 break
             await asyncio.sleep(0.01)
         else:
             os.kill(worker.pid, signal.SIGKILL)
-            os.waitpid(worker.pid, 0)
+            os.waitid(os.P_PID, worker.pid, flags)
+        self._give_back_pins()
+        os.waitpid(worker.pid, 0)
         if self.loop is not None:
             self.loop.remove_reader(worker.pidfd)
         self._release_worker_fds(worker)

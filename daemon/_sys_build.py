@@ -58,7 +58,7 @@ ffibuilder.cdef(
                                 uint64_t len, long long file_offset);
     int pyvfs_fast_io(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                       const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
-                      uint64_t handles, uint64_t acquire_fn, uint64_t release_fn,
+                      uint64_t handles, uint64_t pin_fn, uint64_t unpin_fn,
                       int allow_write, uint32_t *written);
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
     int pyvfs_syncfs(int fd);
@@ -79,11 +79,11 @@ ffibuilder.cdef(
     int pyvfs_fdc_pin(pyvfs_fdcache_t *c, uint64_t nodeid);
     void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid);
     typedef struct {
-        uint64_t handles, ht_acquire_fd, ht_release_ref;
+        uint64_t handles, ht_pin, ht_unpin;
         int32_t allow_write;
         int32_t meta;
-        uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
-                 it_nodeid, it_handle_of, it_claim;
+        uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
+                 it_handle_of, it_claim;
         pyvfs_fdcache_t *fd_cache;
         uint64_t session;
         uint64_t submounts_flag;
@@ -175,6 +175,9 @@ ffibuilder.set_source(
     #include <linux/fuse.h>
     #include <limits.h>
     #include <unistd.h>
+    /* the shared tables' functions, called through addresses the tables hand over
+       (InodeTable.c_api, HandleTable.c_api): their declarations type-check every call */
+    #include "native.h"
 
     /* fork-like clone whose child shares the parent's fd table (CLONE_FILES): every
        worker sees the same O_PATH and open-file fds, so fd numbers can live in shared
@@ -403,7 +406,7 @@ ffibuilder.set_source(
     #define PYVFS_MAX_DATA (1u << 20)
     int pyvfs_fast_io(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                       const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
-                      uint64_t handles, uint64_t acquire_fn, uint64_t release_fn,
+                      uint64_t handles, uint64_t pin_fn, uint64_t unpin_fn,
                       int allow_write, uint32_t *written) {
         struct fuse_in_header h;
         struct fuse_read_in a;  /* same layout as fuse_write_in */
@@ -421,21 +424,16 @@ ffibuilder.set_source(
                                        wr_len < sizeof(struct fuse_out_header) +
                                                 sizeof(struct fuse_write_out)))
             return 0;
-        int64_t (*acquire)(void *, uint64_t) = (int64_t (*)(void *, uint64_t))acquire_fn;
-        int64_t (*release)(void *, uint32_t) = (int64_t (*)(void *, uint32_t))release_fn;
-        int64_t r = acquire((void *)handles, a.fh);
-        if (r < 0) {
-            if (r < -1) close((int)(-2 - r));
-            return 0;  /* Python answers EBADF and logs it */
-        }
-        uint32_t slot = (uint32_t)r;
+        __typeof__(&ht_pin) pin = (__typeof__(&ht_pin))(uintptr_t)pin_fn;
+        __typeof__(&ht_unpin) unpin = (__typeof__(&ht_unpin))(uintptr_t)unpin_fn;
+        int64_t r = pin((void *)handles, a.fh);
+        if (r < 0) return 0;  /* Python answers EBADF and logs it */
         int fd = (int)((r >> 32) - 1);
         if (h.opcode == FUSE_WRITE && h.uid != 0) {
             /* a non-root writer must clear setuid/setgid: Python drops CAP_FSETID */
             struct stat st;
             if (fstat(fd, &st) != 0 || (st.st_mode & (S_ISUID | S_ISGID))) {
-                int64_t last = release((void *)handles, slot);
-                if (last >= 0) close((int)last);
+                unpin((void *)handles, a.fh);
                 return 0;
             }
         }
@@ -466,8 +464,7 @@ ffibuilder.set_source(
             out.o.len = total;
             pyvfs_iov_write(wr, wr_n, 0, &out, total);
         }
-        int64_t last = release((void *)handles, slot);
-        if (last >= 0) close((int)last);
+        unpin((void *)handles, a.fh);
         *written = total;
         return 1;
     }
@@ -482,7 +479,8 @@ ffibuilder.set_source(
     }
     """ + _fast_path_source(),
     # relative to the project root, so setuptools rebuilds when it changes
-    depends=["daemon/fast_path.c"],
+    depends=["daemon/fast_path.c", "shm_table/native.h"],
+    include_dirs=[os.path.join(os.path.dirname(HERE), "shm_table")],
 )
 
 if __name__ == "__main__":

@@ -186,13 +186,13 @@ void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid) {
 /* ---- the fast path */
 typedef struct {
     /* READ/WRITE: the open-file table (HandleTable.c_api()) */
-    uint64_t handles, ht_acquire_fd, ht_release_ref;
+    uint64_t handles, ht_pin, ht_unpin;
     int32_t allow_write;
     /* GETATTR/LOOKUP/FORGET/BATCH_FORGET: 0 = always answered in Python */
     int32_t meta;
     /* InodeTable.c_api() */
-    uint64_t inodes, it_acquire_fd, it_release, it_claim_or_insert, it_forget, it_lookup,
-             it_nodeid, it_handle_of, it_claim;
+    uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
+             it_handle_of, it_claim;
     pyvfs_fdcache_t *fd_cache;
     uint64_t session;        /* address of the INIT flags both sides agreed on (u64) */
     uint64_t submounts_flag; /* FUSE_SUBMOUNTS in that word */
@@ -219,17 +219,9 @@ typedef struct {
     uint64_t lock_live;
 } pyvfs_fast_ctx_t;
 
-typedef int64_t (*it_acquire_fd_fn)(void *, uint64_t);
-typedef int64_t (*it_release_fn)(void *, uint32_t, uint64_t);
-typedef int64_t (*it_claim_fn)(void *, uint64_t, uint64_t, uint64_t, const char *, uint32_t,
-                               int32_t, uint64_t, int32_t, uint32_t, uint64_t, const char *,
-                               uint32_t);
-typedef int64_t (*it_forget_fn)(void *, uint64_t, uint64_t);
-typedef int64_t (*it_lookup_fn)(void *, uint64_t);
-typedef uint64_t (*it_nodeid_fn)(void *, uint32_t);
-typedef int32_t (*it_handle_of_fn)(void *, uint32_t, uint8_t *, int32_t *);
-typedef int64_t (*it_claim_only_fn)(void *, uint64_t, uint64_t, uint64_t, const char *,
-                                    uint32_t, int32_t, uint64_t);
+/* A call into the shared tables through the address the context holds, typed by the
+ * function's declaration in shm_table/native.h. */
+#define TABLE(c, fn) ((__typeof__(&fn))(uintptr_t)(c)->fn)
 
 #define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* queue_worker.MAX_REQUEST */
 #define PYVFS_ROOT_ID 1
@@ -243,28 +235,28 @@ _Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
 _Static_assert(sizeof(struct pyvfs_attr_out) == 120, "attr reply");
 _Static_assert(sizeof(struct pyvfs_entry_out) == 144, "entry reply");
 
-static void drop_inode_ref(const pyvfs_fast_ctx_t *c, uint32_t slot) {
-    int64_t fd = ((it_release_fn)c->it_release)((void *)c->inodes, slot, 1);
-    if (fd >= 0) close((int)fd);
+static void unpin_inode(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+    TABLE(c, it_unpin)((void *)c->inodes, nodeid);
 }
 
-/* A strong reference on nodeid and its O_PATH fd (the table's, or this worker's cached or
- * freshly re-opened one for an inode kept by file handle): the fd, or -1 with nothing
- * held. Python's InodeRef. */
-static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid, uint32_t *slot) {
-    int64_t r = ((it_acquire_fd_fn)c->it_acquire_fd)((void *)c->inodes, nodeid);
-    if (r < 0) {
-        if (r < -1) close((int)(-2 - r));
-        return -1;
-    }
-    *slot = (uint32_t)r;
+/* Give back a lookup this request claimed for the guest but could not hand over. */
+static void unclaim(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+    TABLE(c, it_forget)((void *)c->inodes, nodeid, 1);
+}
+
+/* A pin on nodeid and its O_PATH fd (the table's, or this worker's cached or freshly
+ * re-opened one for an inode kept by file handle): the fd, or -1 with nothing held.
+ * Python's InodeRef. */
+static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+    int64_t r = TABLE(c, it_pin)((void *)c->inodes, nodeid);
+    if (r < 0) return -1;
     int fd = (int)((r >> 32) - 1);
     if (fd >= 0) return fd;
     fd = pyvfs_fdc_get(c->fd_cache, nodeid);
     if (fd >= 0) return fd;
     uint8_t handle[PYVFS_MAX_HANDLE];
     int32_t type = 0;
-    int32_t n = ((it_handle_of_fn)c->it_handle_of)((void *)c->inodes, *slot, handle, &type);
+    int32_t n = TABLE(c, it_handle_of)((void *)c->inodes, (uint32_t)r, handle, &type);
     if (n >= 0)
         fd = pyvfs_open_by_handle(c->mount_fd, handle, n, type,
                                   O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -272,7 +264,7 @@ static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid, uint32_t *slot) 
         c->fd_cache->opened++;
         if (pyvfs_fdc_put(c->fd_cache, nodeid, fd) == 0) return fd;
     }
-    drop_inode_ref(c, *slot);
+    unpin_inode(c, nodeid);
     return -1;
 }
 
@@ -308,12 +300,11 @@ static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
                         const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len, uint32_t *written) {
     struct pyvfs_attr_out out;
     if (wr_len < sizeof out) return 0;  /* Python answers ERANGE */
-    uint32_t slot;
-    int fd = inode_fd(c, h->nodeid, &slot);
+    int fd = inode_fd(c, h->nodeid);
     if (fd < 0) return 0;
     struct stat st;
     int ok = fstat(fd, &st) == 0;
-    drop_inode_ref(c, slot);
+    unpin_inode(c, h->nodeid);
     memset(&out, 0, sizeof out);
     if (!ok || !fill_attr(&out.a.attr, &st, 0)) return 0;
     out.a.attr_valid = c->timeout_sec;
@@ -376,14 +367,8 @@ static int fast_flush(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
         __atomic_load_n((const uint64_t *)(uintptr_t)c->lock_live, __ATOMIC_ACQUIRE) != 0)
         return 0;  /* Python drops this owner's locks under the table's mutex */
     pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
-    int64_t hr = ((int64_t (*)(void *, uint64_t))c->ht_acquire_fd)((void *)c->handles, a.fh);
-    if (hr < 0) {
-        if (hr < -1) close((int)(-2 - hr));
-        return 0;  /* EBADF */
-    }
-    int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
-                                                                     (uint32_t)hr);
-    if (last >= 0) close((int)last);
+    if (TABLE(c, ht_pin)((void *)c->handles, a.fh) < 0) return 0;  /* EBADF */
+    TABLE(c, ht_unpin)((void *)c->handles, a.fh);
     return reply_empty(h, wr, wr_n, written);
 }
 
@@ -397,8 +382,7 @@ static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
         h->len - sizeof *h < sizeof fh)
         return 0;
     pyvfs_iov_read(rd, rd_n, sizeof *h, &fh, sizeof fh);
-    int64_t fd = ((int64_t (*)(void *, uint64_t))c->ht_close)((void *)c->handles, fh);
-    if (fd >= 0) close((int)fd);
+    if (TABLE(c, ht_close)((void *)c->handles, fh) < 0) return 0;  /* pins used up: Python */
     return reply_empty(h, wr, wr_n, written);
 }
 
@@ -409,11 +393,10 @@ static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     if (!c->allow_unlink || wr_len < sizeof(struct fuse_out_header)) return 0;
     char name[256];
     if (!read_name(h, rd, rd_n, name)) return 0;
-    uint32_t pslot;
-    int pfd = inode_fd(c, h->nodeid, &pslot);
+    int pfd = inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int r = unlinkat(pfd, name, 0);
-    drop_inode_ref(c, pslot);
+    unpin_inode(c, h->nodeid);
     return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
 }
 
@@ -434,11 +417,11 @@ static int64_t submount_flag(const pyvfs_fast_ctx_t *c, int pfd, const struct st
  *   worker's cached fd of that entry (a nodeid is never reused, so it is that inode);
  * - without file handles: by the ids fstatat gives, among entries that hold an O_PATH fd,
  *   which pins the inode, so those ids cannot belong to another file meanwhile.
- * 1: one reference claimed and *e filled; 0: not found this way (nothing held). */
+ * 1: one lookup claimed for the guest and *e filled; 0: not found this way (nothing
+ * held). */
 static int lookup_known(const pyvfs_fast_ctx_t *c, int pfd, const char *name,
-                        struct fuse_entry_out *e, uint32_t *slot) {
+                        struct fuse_entry_out *e) {
     struct stat st;
-    int64_t r;
     uint64_t nodeid;
     if (c->use_handles) {
         struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
@@ -447,45 +430,41 @@ static int lookup_known(const pyvfs_fast_ctx_t *c, int pfd, const char *name,
         if (name_to_handle_at(pfd, name, &fh.fh, &mnt, 0) != 0 ||
             fh.fh.handle_bytes > PYVFS_MAX_HANDLE || (int64_t)mnt != c->root_mnt_id)
             return 0;
-        r = ((it_claim_only_fn)c->it_claim)((void *)c->inodes, 0, 0, 0,
-                                            (const char *)fh.fh.f_handle,
-                                            fh.fh.handle_bytes, fh.fh.handle_type,
-                                            (uint64_t)mnt);
-        if (r < 0) return 0;
-        nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+        if (TABLE(c, it_claim)((void *)c->inodes, 0, 0, 0, (const char *)fh.fh.f_handle,
+                               fh.fh.handle_bytes, fh.fh.handle_type, (uint64_t)mnt,
+                               &nodeid) != 0)
+            return 0;
         int fd = pyvfs_fdc_get(c->fd_cache, nodeid);
         if (fd < 0 || fstat(fd, &st) != 0) goto drop;
     } else {
         if (fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return 0;
-        r = ((it_claim_only_fn)c->it_claim)((void *)c->inodes, st.st_ino, st.st_dev, 0,
-                                            NULL, 0, 0, 0);
-        if (r < 0) return 0;
-        nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+        if (TABLE(c, it_claim)((void *)c->inodes, st.st_ino, st.st_dev, 0, NULL, 0, 0, 0,
+                               &nodeid) != 0)
+            return 0;
     }
     int64_t flags = submount_flag(c, pfd, &st);
     memset(e, 0, sizeof *e);
     if (flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)flags)) goto drop;
-    *slot = (uint32_t)r;
     e->nodeid = nodeid;
     e->entry_valid = e->attr_valid = c->timeout_sec;
     e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
     return 1;
 drop:
-    drop_inode_ref(c, (uint32_t)r);
+    unclaim(c, nodeid);
     return 0;
 }
 
 /* PassthroughFs.do_lookup + claim + the attr of pack_entry_into: open name
  * O_PATH|O_NOFOLLOW under the parent, fstat, identify it (file handle and mount id as
  * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
- * reference it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts,
- * attr with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it) and *slot.
+ * lookup it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts, attr
+ * with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it).
  * is_new: the caller just made the file, so lookup_known would only miss.
  * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
  * taken; Python must answer). */
 static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
-                       size_t name_len, int is_new, struct fuse_entry_out *e, uint32_t *slot) {
-    if (!is_new && lookup_known(c, pfd, name, e, slot)) return 1;
+                       size_t name_len, int is_new, struct fuse_entry_out *e) {
+    if (!is_new && lookup_known(c, pfd, name, e)) return 1;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : -1;
     struct stat st;
@@ -511,15 +490,15 @@ static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, cons
     }
     if ((!hb && c->mandatory) || mnt < 0) goto fail;  /* Python: EIO */
     int by_handle = hb != NULL && (int64_t)mnt == c->root_mnt_id;
-    int64_t r = ((it_claim_fn)c->it_claim_or_insert)(
+    uint64_t nodeid;
+    int r = TABLE(c, it_claim_or_insert)(
         (void *)c->inodes, st.st_ino, st.st_dev, (uint64_t)mnt, hb, hn, htype, (uint64_t)mnt,
-        by_handle ? -1 : fd, st.st_mode, parent, name, (uint32_t)name_len);
+        by_handle ? -1 : fd, st.st_mode, parent, name, (uint32_t)name_len, &nodeid);
     if (r < 0) goto fail;  /* table full: Python answers ENFILE */
-    *slot = (uint32_t)r;
-    e->nodeid = ((it_nodeid_fn)c->it_nodeid)((void *)c->inodes, (uint32_t)r);
+    e->nodeid = nodeid;
     if (by_handle)
-        pyvfs_fdc_put(c->fd_cache, e->nodeid, fd);  /* the next request needs no re-open */
-    else if (!(r >> 32))
+        pyvfs_fdc_put(c->fd_cache, nodeid, fd);  /* the next request needs no re-open */
+    else if (r == 0)
         close(fd);  /* found: the entry keeps its own fd */
     e->entry_valid = e->attr_valid = c->timeout_sec;
     e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
@@ -539,15 +518,14 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     char name[256];
     size_t name_len = read_name(h, rd, rd_n, name);
     if (!name_len) return 0;
-    uint32_t pslot, slot;
-    int pfd = inode_fd(c, h->nodeid, &pslot);
+    int pfd = inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
        InodeRef keeps it */
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    int r = lookup_core(c, h->nodeid, pfd, name, name_len, 0, &out.e, &slot);
+    int r = lookup_core(c, h->nodeid, pfd, name, name_len, 0, &out.e);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    drop_inode_ref(c, pslot);
+    unpin_inode(c, h->nodeid);
     if (r == 0) {  /* no such name: fuse.negative_entry_out, or ENOENT with --cache never */
         if (!c->negative_lookup) return reply_error(h, -ENOENT, wr, wr_n, written);
         memset(&out, 0, sizeof out);
@@ -591,8 +569,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     char name[256];
     size_t name_len = read_name_at(h, rd, rd_n, sizeof in, name);
     if (!name_len) return 0;
-    uint32_t pslot, slot;
-    int pfd = inode_fd(c, h->nodeid, &pslot);
+    int pfd = inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
     int flags = (int)((in.flags & ~c->create_clear) | O_CLOEXEC | O_CREAT | O_NOFOLLOW |
@@ -610,13 +587,13 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
             (in.flags & O_NONBLOCK ||
              ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
             /* a file made just now: no entry can know it yet */
-            int r = lookup_core(c, h->nodeid, pfd, name, name_len, 1, &out.e, &slot);
+            int r = lookup_core(c, h->nodeid, pfd, name, name_len, 1, &out.e);
             if (r == 0) made = 0;  /* gone meanwhile: not ours to unlink */
             if (r > 0) {
-                uint64_t fh = ((uint64_t (*)(void *, uint64_t, int32_t, uint32_t))c->ht_open)(
-                    (void *)c->handles, out.e.nodeid, fd, in.flags);
+                uint64_t fh = TABLE(c, ht_open)((void *)c->handles, out.e.nodeid, fd,
+                                                in.flags);
                 if (fh) ok = 1;
-                else drop_inode_ref(c, slot);
+                else unclaim(c, out.e.nodeid);
                 out.op.fh = fh;
             }
         }
@@ -625,7 +602,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     }
     if (!ok && made) unlinkat(pfd, name, 0);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    drop_inode_ref(c, pslot);
+    unpin_inode(c, h->nodeid);
     if (!ok) return 0;
     memset(&out.o, 0, sizeof out.o);
     out.o.len = sizeof out;
@@ -648,7 +625,7 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
                             const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
                             uint64_t wr_len, uint32_t *written) {
     struct fuse_read_in a;
-    if (!c->ht_acquire_fd || wr_len < sizeof(struct fuse_out_header) ||
+    if (!c->ht_pin || wr_len < sizeof(struct fuse_out_header) ||
         h->len - sizeof *h < sizeof a)
         return 0;  /* short arguments: Python's EINVAL */
     pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
@@ -656,25 +633,18 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
     if (size > PYVFS_MAX_DATA) size = PYVFS_MAX_DATA;
     if (size > wr_len - sizeof(struct fuse_out_header))
         size = wr_len - sizeof(struct fuse_out_header);
-    int64_t hr = ((int64_t (*)(void *, uint64_t))c->ht_acquire_fd)((void *)c->handles, a.fh);
-    if (hr < 0) {
-        if (hr < -1) close((int)(-2 - hr));
-        return 0;  /* EBADF */
-    }
-    uint32_t hslot = (uint32_t)hr;
+    int64_t hr = TABLE(c, ht_pin)((void *)c->handles, a.fh);
+    if (hr < 0) return 0;  /* EBADF */
     int dfd = (int)((hr >> 32) - 1);
-    uint32_t pslot;
-    int pfd = inode_fd(c, h->nodeid, &pslot);
+    int pfd = inode_fd(c, h->nodeid);
     if (pfd < 0) {
-        int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
-                                                                         hslot);
-        if (last >= 0) close((int)last);
+        TABLE(c, ht_unpin)((void *)c->handles, a.fh);
         return 0;
     }
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    /* every entry is at least 152 bytes: the most references this request can take */
+    /* every entry is at least 152 bytes: the most lookups this request can claim */
     uint64_t max_refs = size / 152 + 1, nrefs = 0;
-    uint32_t *refs = malloc(max_refs * sizeof *refs);
+    uint64_t *refs = malloc(max_refs * sizeof *refs);
     /* read about as many entries as the reply can take (a dirent64 is at most a quarter of
        its direntplus, often less): the rest would be read again after the next request's
        lseek, and on ext4 every getdents after a seek re-hashes whole directory blocks */
@@ -712,11 +682,10 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
                 ent.e.attr.mode = (uint32_t)d->type << 12;
             } else {
                 if (nrefs == max_refs) { ok = 0; break; }
-                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, 0, &ent.e,
-                                    &refs[nrefs]);
+                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, 0, &ent.e);
                 if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
                 if (r < 0) { ok = 0; break; }
-                nrefs++;
+                refs[nrefs++] = ent.e.nodeid;
                 ino = ent.e.attr.ino;
             }
             ent.d.ino = ino;
@@ -732,15 +701,13 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
             used += rec;
         }
     }
-    if (!ok)  /* give the references back: Python redoes the request from its offset */
-        for (uint64_t i = 0; i < nrefs; i++) drop_inode_ref(c, refs[i]);
+    if (!ok)  /* give the lookups back: Python redoes the request from its offset */
+        for (uint64_t i = 0; i < nrefs; i++) unclaim(c, refs[i]);
     free(refs);
     free(buf);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    drop_inode_ref(c, pslot);
-    int64_t last = ((int64_t (*)(void *, uint32_t))c->ht_release_ref)((void *)c->handles,
-                                                                     hslot);
-    if (last >= 0) close((int)last);
+    unpin_inode(c, h->nodeid);
+    TABLE(c, ht_unpin)((void *)c->handles, a.fh);
     if (!ok) return 0;
     struct fuse_out_header o = {.len = (uint32_t)(sizeof o + used), .error = 0,
                                 .unique = h->unique};
@@ -752,9 +719,8 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
 /* passthrough._forget */
 static void forget_one(const pyvfs_fast_ctx_t *c, uint64_t nodeid, uint64_t n) {
     if (nodeid == PYVFS_ROOT_ID) return;
-    int64_t fd = ((it_forget_fn)c->it_forget)((void *)c->inodes, nodeid, n);
-    if (fd >= 0) close((int)fd);
-    if (((it_lookup_fn)c->it_lookup)((void *)c->inodes, nodeid) < 0)
+    TABLE(c, it_forget)((void *)c->inodes, nodeid, n);
+    if (TABLE(c, it_lookup)((void *)c->inodes, nodeid) < 0)
         pyvfs_fdc_drop(c->fd_cache, nodeid);
 }
 
@@ -798,8 +764,8 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     switch (h.opcode) {
     case FUSE_READ:
     case FUSE_WRITE:
-        return pyvfs_fast_io(rd, rd_n, rd_len, wr, wr_n, wr_len, c->handles, c->ht_acquire_fd,
-                             c->ht_release_ref, c->allow_write, written);
+        return pyvfs_fast_io(rd, rd_n, rd_len, wr, wr_n, wr_len, c->handles, c->ht_pin,
+                             c->ht_unpin, c->allow_write, written);
     case FUSE_GETATTR:
     case FUSE_LOOKUP:
     case FUSE_FORGET:

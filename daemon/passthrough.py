@@ -94,43 +94,45 @@ class GuestInputError(OSError):
 
 
 class InodeRef:
-    """A strong reference taken for the length of one request (never raises 0->1)."""
+    """A pin on an inode for the length of one request: its fd stays open whatever the
+    guest forgets meanwhile on other queues, and a forgotten nodeid is refused."""
 
-    __slots__ = ("fs", "slot", "fd", "nodeid", "pinned")
+    __slots__ = ("fs", "slot", "fd", "nodeid", "cache_held")
 
     def __init__(self, fs: PassthroughFs, nodeid: int) -> None:
-        got = fs.inodes.acquire(nodeid)
+        got = fs.inodes.pin(nodeid)
         if got is None:
             raise GuestInputError(errno.EBADF, f"unknown nodeid {nodeid}", "nodeid")
         self.fs = fs
         self.slot, self.fd = got
         self.nodeid = nodeid
-        self.pinned = False
+        self.cache_held = False
         if self.fd < 0:
             try:
-                self.fd = fs.fd_for_handle(nodeid)
+                self.fd = fs.fd_for_handle(nodeid, self.slot)
             except BaseException:
                 self.__exit__()
                 raise
             fs.fd_cache.pin(nodeid)
-            self.pinned = True
+            self.cache_held = True
 
     def __enter__(self) -> InodeRef:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pinned:
+        if self.cache_held:
             self.fs.fd_cache.unpin(self.nodeid)
-        fd = self.fs.inodes.release(self.slot)
-        if fd >= 0:
-            os.close(fd)
+        self.fs.inodes.unpin(self.nodeid)
 
 
 class HandleRef:
+    """A pin on an open file for the length of one request (a RELEASE meanwhile closes the
+    fd only once the request lets go of it)."""
+
     __slots__ = ("fs", "slot", "fd", "fh")
 
     def __init__(self, fs: PassthroughFs, fh: int) -> None:
-        got = fs.handles.acquire(fh)
+        got = fs.handles.pin(fh)
         if got is None:
             raise GuestInputError(errno.EBADF, f"unknown file handle {fh:#x}", "fh")
         self.fs = fs
@@ -141,9 +143,7 @@ class HandleRef:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        fd = self.fs.handles.release_ref(self.slot)
-        if fd >= 0:
-            os.close(fd)
+        self.fs.handles.unpin(self.fh)
 
 
 SESSION_FLAGS = struct.Struct("<Q")
@@ -344,7 +344,7 @@ class PassthroughFs:
             # Entries found by handle on the root's mount keep no fd: any worker can
             # re-open them; others (no handle, or another mount) keep their O_PATH fd.
             by_handle = handle is not None and mnt == self.root_mnt_id
-            nodeid, _slot, inserted = self.inodes.claim_or_insert(
+            nodeid, inserted = self.inodes.claim_or_insert(
                 (st.st_ino, st.st_dev, mnt), handle, htype, -1 if by_handle else fd,
                 st.st_mode, parent, name,
             )
@@ -357,15 +357,16 @@ class PassthroughFs:
             os.close(fd)
         return nodeid
 
-    def fd_for_handle(self, nodeid: int) -> int:
-        """An O_PATH fd for an inode the table keeps by file handle only."""
+    def fd_for_handle(self, nodeid: int, slot: int) -> int:
+        """An O_PATH fd for an inode the table keeps by file handle only (pinned by the
+        caller in `slot`)."""
         fd = self.fd_cache.get(nodeid)
         if fd >= 0:
             return fd
-        entry = self.inodes.get(nodeid)
-        if entry is None or entry.handle is None:
+        handle = self.inodes.handle_of(slot)
+        if handle is None:
             raise OSError(errno.EBADF, f"nodeid {nodeid} has neither fd nor file handle")
-        fd = open_by_handle(self.mount_fd, entry.handle, entry.handle_type)
+        fd = open_by_handle(self.mount_fd, handle[0], handle[1])
         self.fd_cache.opened += 1
         self.fd_cache.put(nodeid, fd)
         return fd
@@ -551,14 +552,13 @@ class PassthroughFs:
         )
 
     def op_destroy(self, req: Request) -> bytes:
-        """The guest unmounted: drop everything it held, keep the root."""
+        """The guest unmounted: drop everything it held (its lookups and opens, never the
+        pins of requests still in flight on other queues), keep the root."""
         for handle in list(self.handles.iter_handles()):
-            fd = self.handles.close(handle.fh)
-            if fd >= 0:
-                os.close(fd)
+            self.handles.close(handle.fh)
         for entry in list(self.inodes.iter_entries()):
-            if entry.nodeid != fuse.ROOT_ID and entry.refcount:
-                self._forget(entry.nodeid, entry.refcount)
+            if entry.nodeid != fuse.ROOT_ID and entry.lookups:
+                self._forget(entry.nodeid, entry.lookups)
         return b""
 
     def op_lookup(self, req: Request) -> bytearray:
@@ -590,9 +590,7 @@ class PassthroughFs:
     def _forget(self, nodeid: int, n: int) -> None:
         if nodeid == fuse.ROOT_ID:
             return
-        fd = self.inodes.forget(nodeid, n)
-        if fd >= 0:
-            os.close(fd)
+        self.inodes.forget(nodeid, n)
         if self.inodes.get(nodeid) is None:
             self.fd_cache.drop(nodeid)
 
@@ -896,9 +894,7 @@ class PassthroughFs:
 
     def op_release(self, req: Request) -> bytes:
         (fh, _, _, _) = fuse.RELEASE_IN.unpack_from(req.arg.ljust(fuse.RELEASE_IN.size, b"\0"))
-        fd = self.handles.close(fh)
-        if fd >= 0:
-            os.close(fd)
+        self.handles.close(fh)
         return b""
 
     def op_fsync(self, req: Request) -> bytes:
@@ -1207,57 +1203,42 @@ class PassthroughFs:
         return b""
 
     def start_setlkw(self, req: Request) -> PendingLock | None:
-        """SETLKW: take the lock now, or return what the worker must retry later (the
-        open file stays referenced until then)."""
+        """SETLKW: take the lock now, or return what the worker must retry later."""
         fh, owner, start, end, kind, flock, pid = self._lock_args(req)
-        handle = HandleRef(self, fh)
-        pending = PendingLock(handle, req.nodeid, owner, start, end, kind, flock, pid)
-        try:
-            if pending.attempt():
-                return None
-        except BaseException:
-            pending.drop()
-            raise
+        pending = PendingLock(self, fh, req.nodeid, owner, start, end, kind, flock, pid)
+        if pending.attempt():
+            return None
         return pending
 
 
 class PendingLock:
-    """A SETLKW the host could not grant yet."""
+    """A SETLKW the host could not grant yet.  It pins its open file only while it tries:
+    a parked request holds nothing, so a RELEASE meanwhile closes the file and the next try
+    answers EBADF, and any number of parked requests costs no pins."""
 
-    __slots__ = ("handle", "nodeid", "owner", "start", "end", "kind", "flock", "pid")
+    __slots__ = ("fs", "fh", "nodeid", "owner", "start", "end", "kind", "flock", "pid")
 
-    def __init__(self, handle: HandleRef, nodeid: int, owner: int, start: int, end: int,
-                 kind: int, flock: bool, pid: int) -> None:
-        self.handle: HandleRef | None = handle
+    def __init__(self, fs: PassthroughFs, fh: int, nodeid: int, owner: int, start: int,
+                 end: int, kind: int, flock: bool, pid: int) -> None:
+        self.fs, self.fh = fs, fh
         self.nodeid, self.owner, self.pid = nodeid, owner, pid
         self.start, self.end, self.kind, self.flock = start, end, kind, flock
 
     def attempt(self) -> bool:
-        """True once the lock is ours (the reference is then released); raises OSError
-        when the guest closed the file meanwhile or the host refuses."""
-        assert self.handle is not None
-        fs = self.handle.fs
-        entry = fs.handles.get(self.handle.fh)
-        if entry is None or not entry.guest_open:
-            self.drop()
-            raise OSError(errno.EBADF, "file released while waiting for its lock")
+        """True once the lock is ours; raises OSError when the guest closed the file
+        meanwhile or the host refuses."""
+        fs = self.fs
+        got = fs.handles.pin(self.fh)
+        if got is None:
+            raise OSError(errno.EBADF, "the file is not open (released while waiting?)")
         try:
             if self.flock:
-                locks.set_lock(self.handle.fd, self.start, self.end, self.kind, True)
+                locks.set_lock(got[1], self.start, self.end, self.kind, True)
             else:
-                fs.lock_as_owner(self.nodeid, self.owner, self.handle.fd, self.start,
-                                 self.end, self.kind, self.pid)
+                fs.lock_as_owner(self.nodeid, self.owner, got[1], self.start, self.end,
+                                 self.kind, self.pid)
         except locks.LockBusy:
             return False
-        except BaseException:
-            self.drop()
-            raise
-        self.drop()
+        finally:
+            fs.handles.unpin(self.fh)
         return True
-
-    def drop(self) -> None:
-        """Give the open file's reference back, once: attempt() and its callers may both
-        get here on an error, and a second release would close the guest's file early."""
-        if self.handle is not None:
-            handle, self.handle = self.handle, None
-            handle.__exit__()

@@ -35,7 +35,8 @@ ffibuilder.set_source(
     include_dirs=[HERE],
     # relative to the project root, so setuptools also ships them in the sdist
     depends=["shm_table/native.c", "shm_table/native.h"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
+                        "-Wno-unused-parameter"],
 )
 
 if __name__ == "__main__":

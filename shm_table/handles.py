@@ -2,9 +2,10 @@
 
 A file opened on one queue's worker can be read on another's: the fd lives in the shared fd
 table (CLONE_FILES) and its number lives here.  ``fh`` = generation << 32 | slot, so a stale
-or forged fh never reaches a reused slot.  Each entry is refcounted: the guest's open holds
-one reference, every in-flight request another, so a RELEASE racing a READ never closes the
-fd under the reader.  See docs/shm_table.md.
+or forged fh never reaches a reused slot.  The guest's open is one flag (RELEASE clears it
+once); a request in flight pins the fh in its thread's row of the pin board, so a RELEASE
+racing a READ never closes the fd under the reader, and a worker that dies gives back
+exactly its pins.  See docs/shm_table.md.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from shm_table.table import (
     _KIND_HANDLE,
     HandleNotFound,
     HandleTableFull,
+    NotPinned,
+    PinsExhausted,
     TableCorrupt,
     _Segment,
 )
 
 DEFAULT_HANDLE_CAPACITY = 1 << 16
 
-_ht_acquire = lib.ht_acquire
-_ht_acquire_fd = lib.ht_acquire_fd
-_ht_release_ref = lib.ht_release_ref
+_ht_pin = lib.ht_pin
+_ht_unpin = lib.ht_unpin
 
 __all__ = [
     "DEFAULT_HANDLE_CAPACITY", "HandleEntry", "HandleNotFound", "HandleTable", "HandleTableFull",
@@ -39,7 +41,6 @@ class HandleEntry:
 
     fh: int
     slot: int
-    refcount: int
     nodeid: int
     fd: int
     flags: int
@@ -73,84 +74,74 @@ class HandleTable(_Segment):
             raise HandleTableFull(f"{self.name}: open-file table full")
         return fh
 
-    def acquire(self, fh: int) -> tuple[int, int] | None:
-        """Take a reference for one request: (slot, fd), or None for an unknown/stale fh."""
+    def pin(self, fh: int) -> tuple[int, int] | None:
+        """Pin an open file for this thread while it serves a request: (slot, fd), or None
+        for an fh the guest does not hold.  Raises PinsExhausted (a leak)."""
         try:
-            r = _ht_acquire_fd(self._b, fh)
+            r = _ht_pin(self._b, fh)
         except OverflowError:
             return None
         if r >= 0:
             return r & 0xFFFFFFFF, (r >> 32) - 1
-        if r < -1:
-            self.close_fd(-2 - r)
+        if r == -4:
+            raise PinsExhausted(f"{self.name}: this thread pins too many open files")
         return None
 
-    def acquire_slot(self, fh: int) -> int:
-        """acquire() without the tuple: slot or -1.  Read the fd with fd_of(slot)."""
-        try:
-            r = _ht_acquire(self._b, fh)
-        except OverflowError:
-            return -1
-        if r < -1:
-            self.close_fd(-2 - r)
-            return -1
-        return r
+    def unpin(self, fh: int) -> None:
+        """Drop this thread's pin; the fd is closed here if the guest released the file
+        meanwhile.  Raises NotPinned (changing nothing) for an fh not pinned."""
+        if _ht_unpin(self._b, fh) != 0:
+            raise NotPinned(f"{self.name}: fh {fh:#x} is not pinned by this thread")
 
-    def c_api(self) -> tuple[int, int, int]:
-        """(segment address, ht_acquire_fd address, ht_release_ref address): for C code in
-        another extension that takes and drops references without a Python round trip."""
-        return (int(ffi.cast("uintptr_t", self._b)),
-                int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_acquire_fd"))),
-                int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_release_ref"))))
-
-    def c_close(self) -> int:
-        """The address of ht_close (the guest's RELEASE), for C callers like c_api()'s."""
-        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_close")))
-
-    def c_open(self) -> int:
-        """The address of ht_open (open()), for C callers like c_api()'s."""
-        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ht_open")))
-
-    def fd_of(self, slot: int) -> int:
-        """fd of a slot the caller holds a reference on."""
-        return lib.ht_fd(self._b, slot)
-
-    def release_ref(self, slot: int) -> int:
-        """Drop a request's reference.  Returns the fd to close if it was the last, else -1."""
-        return _ht_release_ref(self._b, slot)
-
-    def close(self, fh: int) -> int:  # type: ignore[override]
-        """The guest's RELEASE: drop its reference (once per fh).  Returns the fd to close if
-        that was the last reference, else -1 (also for an unknown fh)."""
-        try:
-            return lib.ht_close(self._b, fh)
-        except OverflowError:
-            return -1
-
-    def acquire_or_raise(self, fh: int) -> tuple[int, int]:
-        """acquire() for callers that map a bad fh to EBADF via an exception."""
-        r = self.acquire(fh)
+    def pin_or_raise(self, fh: int) -> tuple[int, int]:
+        """pin() for callers that map a bad fh to EBADF via an exception."""
+        r = self.pin(fh)
         if r is None:
             raise HandleNotFound(f"file handle {fh:#x} is not open")
         return r
 
+    def c_api(self) -> dict[str, int]:
+        """The segment address and the C functions another extension's C code calls to pin,
+        unpin, open and close files without a Python round trip."""
+        names = ("ht_pin", "ht_unpin", "ht_open", "ht_close")
+        api = {n: int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names}
+        api["base"] = int(ffi.cast("uintptr_t", self._b))
+        return api
+
+    def fd_of(self, slot: int) -> int:
+        """fd of a slot the caller pins."""
+        return lib.ht_fd(self._b, slot)
+
+    def close(self, fh: int) -> bool:  # type: ignore[override]
+        """The guest's RELEASE: drop its reference (once per fh); the fd is closed now, or by
+        the last request still using it.  True when this call dropped it."""
+        try:
+            r = lib.ht_close(self._b, fh)
+        except OverflowError:
+            return False
+        if r == -4:
+            raise PinsExhausted(f"{self.name}: this thread pins too many open files")
+        return r == 1
+
     def get(self, fh: int) -> HandleEntry | None:
-        """Snapshot of the entry `fh` names, or None."""
+        """Snapshot of the open file `fh` names, or None."""
         slot = fh & 0xFFFFFFFF
         e = self._snapshot(slot, ffi.new("ht_entry_t *"))
         return e if e is not None and e.fh == fh else None
 
-    def _snapshot(self, slot: int, out: Any) -> HandleEntry | None:
-        if not lib.ht_snapshot(self._b, slot, out):
+    def _snapshot(self, slot: int, out: Any, released: bool = False) -> HandleEntry | None:
+        state = lib.ht_snapshot(self._b, slot, out)
+        if state == 0 or (state == 2 and not released):
             return None
-        return HandleEntry(fh=out.fh, slot=slot, refcount=out.refcount, nodeid=out.nodeid,
-                           fd=out.fd, flags=out.flags, guest_open=bool(out.guest_open))
+        return HandleEntry(fh=out.fh, slot=slot, nodeid=out.nodeid, fd=out.fd,
+                           flags=out.flags, guest_open=bool(out.guest_open))
 
-    def iter_handles(self) -> Iterator[HandleEntry]:
-        """Snapshots of the open entries (same guarantees as InodeTable.iter_entries)."""
+    def iter_handles(self, released: bool = False) -> Iterator[HandleEntry]:
+        """Snapshots of the open files (with `released`, also those the guest released that
+        a request in flight still pins); same guarantees as InodeTable.iter_entries."""
         out = ffi.new("ht_entry_t *")
         for slot in range(lib.ht_hwm(self._b)):
-            e = self._snapshot(slot, out)
+            e = self._snapshot(slot, out, released)
             if e is not None:
                 yield e
 
@@ -161,7 +152,8 @@ class HandleTable(_Segment):
         """Header counters: entries, capacity, load_factor, opens (inserts), frees (removals)."""
         raw = self._raw_stats()
         keep = ("capacity", "entries", "high_water_mark", "inserts", "removals",
-                "lock_takeovers", "full_errors", "orphaned_fds")
+                "lock_takeovers", "full_errors", "orphaned_fds", "dying", "deferred",
+                "reaped_pins", "pins_refused")
         s: dict[str, int | float] = {k: raw[k] for k in keep}
         s["load_factor"] = s["entries"] / s["capacity"]
         return s

@@ -3,11 +3,26 @@
  * Everything that reads-modifies-writes shared memory lives here: Python only calls in.
  * See docs/shm_table.md for the layout, the lock and the reader protocol.
  *
+ * Two kinds of reference keep an entry, as in virtiofsd's inode store:
+ *  - the guest's: an inode's lookup count (LOOKUP, CREATE, READDIRPLUS add one; FORGET,
+ *    BATCH_FORGET and DESTROY take away at most what is there), an open file's guest_open
+ *    flag (RELEASE clears it once).  Only these make an entry findable.
+ *  - a pin: held by one thread of a worker while it serves a request with the entry's fd.
+ *    Pins are hazard pointers in the pinning thread's own row of the segment's pin board,
+ *    not counts in the slot: a guest that forgets more than it looked up cannot drop them,
+ *    a release names the nodeid or fh it pinned (never a bare slot, so it cannot touch a
+ *    later occupant), and a process that dies leaves its row behind for seg_reap_pins to
+ *    give back exactly what it held.
+ * An entry whose guest reference is gone leaves the key indexes at once (nobody can find or
+ * pin it any more) and is freed, its fd closed, when no pin names it: by whoever drops the
+ * last of the two.
+ *
  * Rules that every function below keeps:
- *  - One writer at a time per segment (the PID lock in the header).  Readers never lock.
+ *  - One writer at a time per segment (the PID lock in the header).  Pins and the guest's
+ *    count are changed lock-free, except that the guest's count reaches 0 and a slot is
+ *    freed only under the lock.
  *  - A slot's identity (nodeid / fh generation) changes only under the lock, bracketed by
- *    seq++ (odd) ... seq++ (even).  refcount == 0 means "free or being removed": nobody
- *    raises it again; only a writer re-initialising the slot sets it to 1.
+ *    seq++ (odd) ... seq++ (even).
  *  - Before a multi-step change the writer records an intent (op, slot, nodeid, fd) in the
  *    header.  Whoever takes the lock over from a dead holder rolls that operation forward or
  *    back, then rebuilds every derived structure (indexes, free list, counters) from the
@@ -42,7 +57,7 @@
 #define CPU_RELAX() __builtin_ia32_pause()
 
 #define SEG_MAGIC 0x3142415448534650ULL /* "PFSHTAB1" little endian */
-#define SEG_VERSION 2u
+#define SEG_VERSION 3u
 #define KIND_INODE 1u
 #define KIND_HANDLE 2u
 #define HDR_SIZE 4096u
@@ -54,9 +69,12 @@
 #define ROOT_ID 1ULL
 #define KEY_MIN_BITS 9u /* 512 buckets: one 4 KiB page per key index */
 #define GEN_MAX 0xFFFFFFFFu /* a slot whose generation reached this is retired */
+#define PIN_ROWS 64u         /* threads that can hold pins at once, per segment */
+#define PINS_PER_ROW 7u      /* pins one thread can hold at once (a request needs <= 3) */
+#define PINS_SIZE 4096u      /* the pin board: PIN_ROWS rows of one cache line */
 
 enum { OP_NONE = 0, OP_INSERT = 1, OP_REMOVE = 2, OP_REBUILD = 3, OP_SETINFO = 4,
-       OP_CLAIM = 5, OP_OPEN = 6, OP_FREE = 7 };
+       OP_CLAIM = 5, OP_OPEN = 6, OP_FREE = 7, OP_CLOSE = 8 };
 
 /* Segment header: 4096 bytes, shared by both table kinds.  Offsets are fixed by the
  * _Static_asserts below and listed in docs/shm_table.md. */
@@ -97,7 +115,12 @@ typedef struct {
     uint64_t tombs[3];       /* 176 [0] unused (was the nodeid index), ids, handle */
     uint64_t full_errors;    /* 200 */
     uint64_t owner_start;    /* 208 owner's start time (/proc/pid/stat field 22): PID reuse */
-    uint64_t _pad2[5];       /* 216 */
+    uint32_t pin_rows;       /* 216 pin-board rows ever claimed (scans stop here) */
+    uint32_t pin_full;       /* 220 pins refused: the thread's row was full */
+    uint64_t deferred;       /* 224 entries whose guest reference went while pinned */
+    uint64_t dying;          /* 232 entries without a guest reference, still pinned */
+    uint64_t reaped;         /* 240 pins given back for threads that died */
+    uint64_t _pad2;          /* 248 */
     /* cache line 4: fds whose owner died inside the table (supervisor closes them) */
     uint32_t n_orphans;      /* 256 */
     uint32_t orphans_lost;   /* 260 */
@@ -108,10 +131,21 @@ _Static_assert(sizeof(hdr_t) <= HDR_SIZE, "header too big");
 _Static_assert(offsetof(hdr_t, lock) == 64, "lock offset");
 _Static_assert(offsetof(hdr_t, lookups) == 128, "stats offset");
 _Static_assert(offsetof(hdr_t, n_orphans) == 256, "orphans offset");
+_Static_assert(offsetof(hdr_t, pin_rows) == 216, "pin rows offset");
 
-/* Inode slot: 512 bytes; the first cache line holds what acquire/release touch. */
+/* One thread's pins: the nodeids (inode table) or fhs (handle table) it is using.  Only
+ * the owner writes its pins, except a reaper clearing the row of a dead owner. */
 typedef struct {
-    uint64_t refcount;       /* 0 */
+    uint32_t owner;          /* TID, 0 = free row */
+    uint32_t _pad;
+    uint64_t pin[PINS_PER_ROW]; /* 0 = unused */
+} pinrow_t;
+_Static_assert(sizeof(pinrow_t) == 64, "pin row size");
+_Static_assert(PIN_ROWS * sizeof(pinrow_t) <= PINS_SIZE, "pin board size");
+
+/* Inode slot: 512 bytes; the first cache line holds what pin and forget touch. */
+typedef struct {
+    uint64_t lookups;        /* 0 the guest's lookup count; 0 = free or dying */
     uint32_t seq;            /* 8 odd while identity changes */
     uint32_t info_seq;       /* 12 odd while migration info changes */
     uint64_t nodeid;         /* 16 0 = free */
@@ -138,7 +172,7 @@ _Static_assert(sizeof(islot_t) == 512, "inode slot size");
 
 /* Handle slot: 64 bytes. */
 typedef struct {
-    uint64_t refcount;       /* 0 */
+    uint64_t busy;           /* 0 1 while the slot holds an open file (live or dying) */
     uint32_t seq;            /* 8 fh generation; odd while changing */
     uint32_t guest_open;     /* 12 1 while the guest's reference is held */
     uint64_t nodeid;         /* 16 */
@@ -398,7 +432,8 @@ int seg_stats(void *base, uint64_t *out, int n) {
         LD_RLX(&h->acquire_misses), LD_RLX(&h->rebuilds), LD_RLX(&h->takeovers),
         LD_RLX(&h->full_errors), LD_RLX(&h->n_orphans), LD_RLX(&h->next_nodeid),
         LD_RLX(&h->with_handle), 0 /* was the nodeid index generation */,
-        LD_RLX(&h->retired),
+        LD_RLX(&h->retired), LD_RLX(&h->dying), LD_RLX(&h->deferred), LD_RLX(&h->reaped),
+        LD_RLX(&h->pin_full), LD_RLX(&h->pin_rows),
     };
     int m = (int)(sizeof v / sizeof v[0]);
     if (n > m) n = m;
@@ -417,8 +452,9 @@ static void init_header(hdr_t *h, uint32_t kind, uint32_t capacity, uint32_t slo
     h->owner_pid = owner;
     h->owner_start = task_starttime(owner);
     h->segment_size = size;
-    h->slots_off = HDR_SIZE;
+    h->slots_off = HDR_SIZE + PINS_SIZE;
     h->index_off = index_off;
+    h->pin_rows = 0;
     h->key_bits = index_bits < KEY_MIN_BITS ? index_bits : KEY_MIN_BITS;
     h->retired = 0;
     h->lock = 0;
@@ -428,6 +464,146 @@ static void init_header(hdr_t *h, uint32_t kind, uint32_t capacity, uint32_t slo
     h->free_head = NONE32;
     h->hwm = 0;
     ST_REL(&h->magic, SEG_MAGIC);
+}
+
+/* ================================================================ the pin board */
+
+static inline pinrow_t *PINROW(hdr_t *h, uint32_t r) {
+    return (pinrow_t *)((char *)h + HDR_SIZE) + r;
+}
+
+static void it_after_unpin(hdr_t *h, uint64_t nodeid);
+static void ht_after_unpin(hdr_t *h, uint64_t fh);
+
+/* What to do after a pin was dropped: free the entry if it was the last thing holding it. */
+static void after_unpin(hdr_t *h, uint64_t v) {
+    if (h->kind == KIND_INODE)
+        it_after_unpin(h, v);
+    else
+        ht_after_unpin(h, v);
+}
+
+/* Give back the pins of threads that are gone (exited, killed, zombie), then free their rows.
+ * Anyone may call it; the supervisor does after a worker dies, before reaping it, so the
+ * worker's TIDs cannot have been reused yet. */
+static uint32_t reap_rows(hdr_t *h) {
+    uint32_t n = LD_ACQ(&h->pin_rows), freed = 0;
+    for (uint32_t r = 0; r < n && r < PIN_ROWS; r++) {
+        pinrow_t *row = PINROW(h, r);
+        uint32_t owner = LD_ACQ(&row->owner);
+        if (owner == 0 || !task_dead(owner)) continue;
+        for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
+            uint64_t v = __atomic_exchange_n(&row->pin[i], 0ULL, __ATOMIC_SEQ_CST);
+            if (v) {
+                FADD(&h->reaped, 1);
+                after_unpin(h, v);
+            }
+        }
+        if (CAS(&row->owner, &owner, 0u)) freed++;
+    }
+    return freed;
+}
+
+int seg_reap_pins(void *base) { return (int)reap_rows(H(base)); }
+
+/* The calling thread's row, claimed on first use.  Cached per thread; the cache is only
+ * trusted while the row still names this thread, which also covers a child made by clone()
+ * (new TID) and a segment mapped where an old one was. */
+#define PIN_CACHE 8
+static __thread struct { hdr_t *h; uint32_t row; } pin_cache[PIN_CACHE];
+static __thread uint32_t pin_cache_next;
+
+static pinrow_t *my_row(hdr_t *h) {
+    uint32_t tid = my_tid();
+    for (int i = 0; i < PIN_CACHE; i++) {
+        if (pin_cache[i].h != h) continue;
+        pinrow_t *row = PINROW(h, pin_cache[i].row);
+        if (LD_RLX(&row->owner) == tid) return row;
+        pin_cache[i].h = NULL;
+    }
+    for (int attempt = 0; attempt < 2; attempt++) {
+        uint32_t n = LD_ACQ(&h->pin_rows);
+        int32_t found = -1;
+        for (uint32_t r = 0; r < n && r < PIN_ROWS; r++)
+            if (LD_ACQ(&PINROW(h, r)->owner) == tid) { found = (int32_t)r; break; }
+        for (uint32_t r = 0; found < 0 && r < PIN_ROWS; r++) {
+            uint32_t z = 0;
+            if (LD_RLX(&PINROW(h, r)->owner) == 0 && CAS(&PINROW(h, r)->owner, &z, tid))
+                found = (int32_t)r;
+        }
+        if (found >= 0) {
+            /* Scanners must see this row before it holds a pin: raise pin_rows first. */
+            uint32_t cur = LD_ACQ(&h->pin_rows);
+            while (cur < (uint32_t)found + 1 && !CAS(&h->pin_rows, &cur, (uint32_t)found + 1)) {}
+            uint32_t k = pin_cache_next++ % PIN_CACHE;
+            pin_cache[k].h = h;
+            pin_cache[k].row = (uint32_t)found;
+            return PINROW(h, (uint32_t)found);
+        }
+        reap_rows(h);
+    }
+    return NULL;
+}
+
+/* Publish a pin (full barrier: the caller's loads that follow are ordered after it).
+ * Returns the pin's address, or NULL when the row is full. */
+static inline uint64_t *pin_put(pinrow_t *row, uint64_t v) {
+    for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
+        if (row->pin[i] == 0) {
+            __atomic_store_n(&row->pin[i], v, __ATOMIC_SEQ_CST);
+            return &row->pin[i];
+        }
+    }
+    return NULL;
+}
+
+static inline void pin_clear(uint64_t *pin) { __atomic_store_n(pin, 0ULL, __ATOMIC_SEQ_CST); }
+
+/* Is v pinned by anyone (other than the pin at `except`)?  Callers have made the entry
+ * unfindable first (seq-cst), so a pin published after this scan finds nothing to use. */
+static int pinned(hdr_t *h, uint64_t v, const uint64_t *except) {
+    uint32_t n = LD_SC(&h->pin_rows);
+    for (uint32_t r = 0; r < n && r < PIN_ROWS; r++) {
+        pinrow_t *row = PINROW(h, r);
+        for (uint32_t i = 0; i < PINS_PER_ROW; i++)
+            if (&row->pin[i] != except && LD_SC(&row->pin[i]) == v) return 1;
+    }
+    return 0;
+}
+
+/* Drop this thread's pin on v: 0, or -1 when it holds none (a caller's bug: nothing is
+ * touched, so a stale release can never free someone else's entry). */
+static int unpin(hdr_t *h, uint64_t v) {
+    pinrow_t *row = my_row(h);
+    if (!row || v == 0) return -1;
+    for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
+        if (row->pin[i] == v) {
+            pin_clear(&row->pin[i]);
+            after_unpin(h, v);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Pins this thread holds in this segment (tests, leak checks). */
+int seg_my_pins(void *base) {
+    hdr_t *h = H(base);
+    pinrow_t *row = my_row(h);
+    int n = 0;
+    if (row)
+        for (uint32_t i = 0; i < PINS_PER_ROW; i++) n += row->pin[i] != 0;
+    return n;
+}
+
+/* Pins held in this segment by all threads (stats). */
+int seg_pins_held(void *base) {
+    hdr_t *h = H(base);
+    uint32_t n = LD_ACQ(&h->pin_rows);
+    int total = 0;
+    for (uint32_t r = 0; r < n && r < PIN_ROWS; r++)
+        for (uint32_t i = 0; i < PINS_PER_ROW; i++) total += LD_RLX(&PINROW(h, r)->pin[i]) != 0;
+    return total;
 }
 
 /* ================================================================ inode table */
@@ -441,19 +617,26 @@ static uint32_t index_bits_for(uint32_t capacity) {
 static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
 
 uint64_t it_segment_size(uint32_t capacity) {
-    uint64_t idx_off = align_up(HDR_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
+    uint64_t idx_off =
+        align_up(HDR_SIZE + PINS_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
     return idx_off + 2ULL * 8ULL * (1ULL << index_bits_for(capacity));
 }
 
 int it_init(void *base, uint32_t capacity, uint32_t owner_pid) {
     if (capacity == 0 || capacity > 0x7FFFFFFFu) return -1;
-    uint64_t idx_off = align_up(HDR_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
+    uint64_t idx_off =
+        align_up(HDR_SIZE + PINS_SIZE + (uint64_t)capacity * sizeof(islot_t), 4096);
     init_header(H(base), KIND_INODE, capacity, sizeof(islot_t), index_bits_for(capacity),
                 idx_off, it_segment_size(capacity), owner_pid);
     return 0;
 }
 
-static inline int slot_live(islot_t *s) { return LD_RLX(&s->nodeid) != 0; }
+/* A slot holds an entry (live or waiting for its last pin) while it has a nodeid. */
+static inline int slot_used(islot_t *s) { return LD_RLX(&s->nodeid) != 0; }
+/* A live entry: the guest holds it, it is in the key indexes and can be pinned. */
+static inline int slot_indexed(islot_t *s) {
+    return LD_RLX(&s->nodeid) != 0 && LD_RLX(&s->lookups) != 0;
+}
 
 static inline int handle_eq(islot_t *s, const uint8_t *hb, uint32_t n, int32_t type,
                             uint64_t mnt) {
@@ -511,7 +694,7 @@ static void rebuild_key_index(hdr_t *h, int k) {
     h->tombs[k - 1] = 0;
     for (uint32_t i = 0; i < h->hwm; i++) {
         islot_t *s = ISLOT(h, i);
-        if (!slot_live(s)) continue;
+        if (!slot_indexed(s)) continue;
         if (k == 2)
             idx_put(h, idx, 1, s->ids_hash, tag_hash(s->ids_hash), i);
         else if (s->has_handle)
@@ -552,6 +735,7 @@ static void maybe_rebuild(hdr_t *h) {
 static void islot_clear(islot_t *s) {
     ST_REL(&s->seq, s->seq + 1);
     ST_RLX(&s->nodeid, 0ULL);
+    ST_RLX(&s->lookups, 0ULL);
     s->fd = -1;
     s->mode = 0;
     s->ino = s->dev = s->mnt_id = 0;
@@ -565,17 +749,23 @@ static void islot_clear(islot_t *s) {
     ST_REL(&s->seq, s->seq + 1);
 }
 
-/* Remove a slot whose refcount the caller just took to 0 (lock held).  Returns its fd. */
-static int32_t it_remove_locked(hdr_t *h, uint32_t slot) {
+/* The guest's last lookup just went (lock held, lookups now 0): the entry leaves the key
+ * indexes, so no LOOKUP finds it again; it stays in its slot while pinned. */
+static void it_unindex_locked(hdr_t *h, uint32_t slot) {
     islot_t *s = ISLOT(h, slot);
-    int32_t fd = s->fd;
     idx_del(h, IDX(h, 2), 1, s->ids_hash, slot);
     CRASH_POINT();
     if (s->has_handle) {
         idx_del(h, IDX(h, 3), 2, s->handle_hash, slot);
         h->with_handle--;
     }
-    CRASH_POINT();
+    h->dying++;
+}
+
+/* Free an unindexed, unpinned slot (lock held).  Returns its fd, for the caller to close. */
+static int32_t it_free_locked(hdr_t *h, uint32_t slot) {
+    islot_t *s = ISLOT(h, slot);
+    int32_t fd = s->fd;
     islot_clear(s);
     CRASH_POINT();
     if (s->gen == GEN_MAX) {
@@ -585,23 +775,49 @@ static int32_t it_remove_locked(hdr_t *h, uint32_t slot) {
         h->free_head = slot;
     }
     h->entries--;
+    h->dying--;
     h->removals++;
     return fd;
 }
 
-/* Full rebuild of everything derived from the slots: after a takeover. */
+/* Free `slot` if it still holds `nodeid` without a guest reference and nobody but the pin
+ * at `except` pins it (lock held).  Returns the fd to close, or -1. */
+static int32_t it_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t nodeid,
+                                          const uint64_t *except) {
+    islot_t *s = ISLOT(h, slot);
+    if (slot >= h->hwm || s->nodeid != nodeid || s->lookups != 0 || (s->seq & 1) ||
+        nodeid == ROOT_ID || pinned(h, nodeid, except))
+        return -1;
+    set_intent(h, OP_FREE, slot, nodeid, s->fd);
+    CRASH_POINT();
+    int32_t fd = it_free_locked(h, slot);
+    CRASH_POINT();
+    clear_intent(h);
+    return fd;
+}
+
+static inline void close_fd(int32_t fd) {
+    if (fd >= 0) close(fd);
+}
+
+/* Full rebuild of everything derived from the slots: after a takeover.  Entries without a
+ * guest reference (their remover died) are freed here unless pinned; a pinner frees them
+ * when it lets go, and the pins of dead threads are given back by seg_reap_pins. */
 static void rebuild_all(hdr_t *h) {
     uint32_t cap = h->capacity;
     if (h->hwm > cap) h->hwm = cap;
-    uint64_t live = 0, wh = 0;
+    uint64_t used = 0, wh = 0, dying = 0;
     uint32_t head = NONE32, retired = 0;
     h->root_slot = NONE32;
     for (uint32_t i = h->hwm; i-- > 0;) {
         islot_t *s = ISLOT(h, i);
         if (s->seq & 1) s->seq++; /* a writer died mid-change; the intent step fixed it */
-        if (slot_live(s)) {
-            live++;
-            if (s->has_handle) wh++;
+        if (slot_used(s)) {
+            used++;
+            if (s->lookups == 0)
+                dying++;
+            else if (s->has_handle)
+                wh++;
             if (s->nodeid == ROOT_ID) h->root_slot = i;
         } else if (s->gen == GEN_MAX) {
             retired++;
@@ -611,7 +827,8 @@ static void rebuild_all(hdr_t *h) {
         }
     }
     h->free_head = head;
-    h->entries = live;
+    h->entries = used;
+    h->dying = dying;
     h->with_handle = wh;
     h->retired = retired;
     uint32_t bits = key_bits_for(h, h->hwm);
@@ -620,68 +837,58 @@ static void rebuild_all(hdr_t *h) {
     rebuild_key_index(h, 2);
     rebuild_key_index(h, 3);
     h->rebuilds++;
+    for (uint32_t i = 0; dying && i < h->hwm; i++) {
+        islot_t *s = ISLOT(h, i);
+        if (slot_used(s) && s->lookups == 0) {
+            dying--;
+            add_orphan(h, it_free_if_unpinned_locked(h, i, s->nodeid, NULL));
+        }
+    }
 }
 
-/* Decrement with saturation at the slot's floor (1 for the root, else 0).  Returns the new
- * value, or UINT64_MAX when the count was already 0 (nothing to do). */
+/* Decrement with saturation at the slot's floor (1 for the root, else 0). */
 static inline uint64_t sat_sub(uint64_t rc, uint64_t n, uint64_t floor) {
     uint64_t nv = rc > n ? rc - n : 0;
     return nv < floor ? floor : nv;
 }
-
-static int64_t it_release_slow(hdr_t *h, uint32_t slot, uint64_t n);
 
 static void it_repair(hdr_t *h) {
     uint32_t op = h->intent_op, slot = h->intent_slot;
     if (slot >= h->hwm) slot = NONE32;
     islot_t *s = slot != NONE32 ? ISLOT(h, slot) : NULL;
     if (op == OP_INSERT && s) {
-        if (LD_ACQ(&s->refcount) == 0) {
-            /* Died before the slot was complete: nobody can hold a reference to it. */
+        if (LD_ACQ(&s->lookups) == 0) {
+            /* Died before the slot was complete: nobody can hold a pin on it. */
             islot_clear(s);
             if (s->seq & 1) s->seq++;
             add_orphan(h, h->intent_fd);
-            s = NULL;
-        } else if (s->seq & 1) {
-            s->seq++; /* refcount = 1 is written last: the fields are complete */
+        } else {
+            if (s->seq & 1) s->seq++; /* lookups = 1 is written last: the fields are complete */
+            /* The creator died before handing the nodeid to the guest: drop the guest's
+             * lookup it stood for (the root keeps its own).  Nobody else could have claimed
+             * it meanwhile: the creator held the lock throughout. */
+            if (s->nodeid != ROOT_ID) ST_REL(&s->lookups, 0ULL);
         }
-    } else if (op == OP_REMOVE && s) {
-        if (LD_ACQ(&s->refcount) == 0) {
-            /* Past the commit point (refcount -> 0): finish the removal. */
+    } else if (op == OP_CLAIM) {
+        add_orphan(h, h->intent_fd); /* the dead caller's own fd, which it would have closed */
+    } else if (op == OP_FREE && s) {
+        if ((s->seq & 1) || s->nodeid != h->intent_nodeid) {
+            /* Past the start of the clear: finish it; the fd was not closed yet. */
             islot_clear(s);
             if (s->seq & 1) s->seq++;
             add_orphan(h, h->intent_fd);
         }
-        s = NULL;
     } else if (op == OP_SETINFO && s) {
         if (s->info_seq & 1) {
             s->parent = 0;
             s->name_len = 0;
             ST_REL(&s->info_seq, s->info_seq + 1);
         }
-        s = NULL;
-    } else {
-        s = NULL;
     }
-    rebuild_all(h);
+    /* OP_REMOVE: lookups == 0 is its commit point, and rebuild_all unindexes and frees such
+     * entries; before it nothing had changed.  OP_REBUILD: rebuild_all redoes it. */
     clear_intent(h);
-    if (op == OP_INSERT && s) {
-        /* The entry is complete and indexed; drop the reference its dead creator held. */
-        uint64_t rc = LD_ACQ(&s->refcount);
-        uint64_t floor = (slot == h->root_slot) ? 1 : 0;
-        for (;;) {
-            uint64_t nv = sat_sub(rc, 1, floor);
-            if (nv == rc) break;
-            if (nv == 0) {
-                set_intent(h, OP_REMOVE, slot, s->nodeid, s->fd);
-                if (!CAS(&s->refcount, &rc, nv)) { clear_intent(h); continue; }
-                add_orphan(h, it_remove_locked(h, slot));
-                clear_intent(h);
-                break;
-            }
-            if (CAS(&s->refcount, &rc, nv)) break;
-        }
-    }
+    rebuild_all(h);
 }
 
 static void ht_repair(hdr_t *h);
@@ -702,102 +909,148 @@ static inline uint32_t nodeid_slot(hdr_t *h, uint64_t nodeid) {
     return slot < LD_ACQ(&h->hwm) ? slot : NONE32;
 }
 
-/* Find `nodeid`'s slot, lock-free.  On success with `take_ref`, a reference is held. */
-static int64_t it_find(hdr_t *h, uint64_t nodeid, int take_ref) {
+/* Free a slot whose guest reference is gone, unless pinned. */
+static void it_reclaim(hdr_t *h, uint32_t slot, uint64_t nodeid) {
+    lock_acquire(h);
+    int32_t fd = it_free_if_unpinned_locked(h, slot, nodeid, NULL);
+    lock_release(h);
+    close_fd(fd);
+}
+
+static void it_after_unpin(hdr_t *h, uint64_t nodeid) {
     uint32_t slot = nodeid_slot(h, nodeid);
-    if (slot == NONE32) goto miss;
+    if (slot == NONE32) return;
     islot_t *s = ISLOT(h, slot);
-    for (;;) {
-        uint32_t seq = LD_ACQ(&s->seq);
-        if (seq & 1) {
-            /* Identity changing: an insert of a fresh nodeid or the removal of this one.
-             * Either way `nodeid` is not (or no longer) live. */
-            goto miss;
-        }
-        if (LD_ACQ(&s->nodeid) != nodeid) goto miss;
-        if (!take_ref) {
-            FENCE();
-            if (LD_ACQ(&s->seq) == seq) return slot;
-            continue;
-        }
-        uint64_t rc = LD_ACQ(&s->refcount);
-        int got = 0;
-        while (rc != 0) {
-            if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
-        }
-        if (!got) goto miss; /* being removed: treat as not found */
-        if (LD_ACQ(&s->seq) == seq && LD_ACQ(&s->nodeid) == nodeid) return slot;
-        /* The slot changed identity between our check and our increment: the count we
-         * raised belongs to the new occupant; give it back the normal way.  A nodeid is
-         * never reused, so ours is gone for good. */
-        int64_t fd = it_release(h, slot, 1);
-        if (fd >= 0) return -2 - fd;
-        goto miss;
+    if (LD_ACQ(&s->nodeid) != nodeid || LD_ACQ(&s->lookups) != 0) return;
+    it_reclaim(h, slot, nodeid);
+}
+
+/* Pin `nodeid` for this thread: lock-free; never on an entry the guest no longer holds.
+ * 0 with *slot_out, *fd_out and *pin_out set; -1 not found; -4 this thread's pins are used
+ * up. */
+static int it_pin_internal(hdr_t *h, uint64_t nodeid, uint32_t *slot_out, int32_t *fd_out,
+                           uint64_t **pin_out) {
+    uint32_t slot = nodeid_slot(h, nodeid);
+    if (slot == NONE32 || nodeid == 0) goto miss;
+    pinrow_t *row = my_row(h);
+    uint64_t *pin = row ? pin_put(row, nodeid) : NULL;
+    if (!pin) {
+        FADD(&h->pin_full, 1);
+        return -4;
     }
+    /* The pin is visible before these loads (seq-cst store).  Whoever takes lookups to 0
+     * does so before it scans the pins: either we read 0 here, or it sees our pin. */
+    islot_t *s = ISLOT(h, slot);
+    uint32_t seq = LD_ACQ(&s->seq);
+    if (!(seq & 1) && LD_ACQ(&s->nodeid) == nodeid && LD_ACQ(&s->lookups) != 0) {
+        int32_t fd = LD_ACQ(&s->fd);
+        if (LD_ACQ(&s->seq) == seq) {
+            *slot_out = slot;
+            *fd_out = fd;
+            *pin_out = pin;
+            return 0;
+        }
+    }
+    pin_clear(pin);
+    it_after_unpin(h, nodeid); /* our pin may have kept a remover from freeing it */
 miss:
     FADD(&h->acquire_misses, 1);
     return -1;
 }
 
-int64_t it_acquire(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 1); }
-int64_t it_lookup(void *base, uint64_t nodeid) { return it_find(H(base), nodeid, 0); }
-
-/* acquire and read the fd in one call: ((fd + 1) << 32) | slot (fds are < 2^30 on Linux),
- * else it_acquire's -1 / -2-fd. */
-int64_t it_acquire_fd(void *base, uint64_t nodeid) {
-    hdr_t *h = H(base);
-    int64_t r = it_find(h, nodeid, 1);
+/* ((fd + 1) << 32) | slot (fds are < 2^30 on Linux), -1 not found, -4 no room for a pin. */
+int64_t it_pin(void *base, uint64_t nodeid) {
+    uint32_t slot;
+    int32_t fd;
+    uint64_t *pin;
+    int r = it_pin_internal(H(base), nodeid, &slot, &fd, &pin);
     if (r < 0) return r;
-    return ((int64_t)(uint32_t)(ISLOT(h, (uint32_t)r)->fd + 1) << 32) | r;
+    return ((int64_t)(uint32_t)(fd + 1) << 32) | slot;
 }
 
-int64_t it_release(void *base, uint32_t slot, uint64_t n) {
+int it_unpin(void *base, uint64_t nodeid) { return unpin(H(base), nodeid); }
+
+/* Is nodeid live (the guest holds it)?  Its slot, or -1; takes nothing. */
+int64_t it_lookup(void *base, uint64_t nodeid) {
     hdr_t *h = H(base);
-    if (slot >= h->capacity || n == 0) return -1;
+    uint32_t slot = nodeid_slot(h, nodeid);
+    if (slot == NONE32 || nodeid == 0) return -1;
     islot_t *s = ISLOT(h, slot);
-    uint64_t floor = (slot == LD_RLX(&h->root_slot)) ? 1 : 0;
-    uint64_t rc = LD_ACQ(&s->refcount);
-    for (;;) {
-        if (rc == 0) return -1;
-        uint64_t nv = sat_sub(rc, n, floor);
-        if (nv == rc) return -1;
-        if (nv == 0) return it_release_slow(h, slot, n);
-        if (CAS(&s->refcount, &rc, nv)) return -1;
+    for (unsigned spins = 0;; spins++) {
+        uint32_t seq = LD_ACQ(&s->seq);
+        if (seq & 1) return -1;
+        int live = LD_ACQ(&s->nodeid) == nodeid && LD_ACQ(&s->lookups) != 0;
+        FENCE();
+        if (LD_ACQ(&s->seq) == seq) return live ? (int64_t)slot : -1;
     }
 }
 
-static int64_t it_release_slow(hdr_t *h, uint32_t slot, uint64_t n) {
+/* The guest's count went to 0 (lock taken here).  Returns 1 if it did, with *fd_out the fd
+ * to close when the entry could be freed at once (nobody but `mine` pins it). */
+static int it_remove(hdr_t *h, uint32_t slot, uint64_t nodeid, uint64_t n,
+                     const uint64_t *mine, int32_t *fd_out) {
     islot_t *s = ISLOT(h, slot);
+    int gone = 0;
     lock_acquire(h);
-    uint64_t floor = (slot == h->root_slot) ? 1 : 0;
-    set_intent(h, OP_REMOVE, slot, s->nodeid, s->fd);
+    set_intent(h, OP_REMOVE, slot, nodeid, s->fd);
     CRASH_POINT();
-    uint64_t rc = LD_ACQ(&s->refcount), nv;
+    uint64_t rc = LD_ACQ(&s->lookups);
     for (;;) {
-        if (rc == 0) { nv = rc; break; }
-        nv = sat_sub(rc, n, floor);
-        if (nv == rc || CAS(&s->refcount, &rc, nv)) break;
+        uint64_t nv = sat_sub(rc, n, 0);
+        if (nv == rc) break;
+        if (CAS(&s->lookups, &rc, nv)) { /* nv == 0 is the commit point */
+            gone = nv == 0;
+            break;
+        }
     }
-    int64_t fd = -1;
-    if (nv == 0 && rc != 0) {
+    if (gone) {
         CRASH_POINT();
-        fd = it_remove_locked(h, slot);
+        it_unindex_locked(h, slot);
         CRASH_POINT();
+        clear_intent(h);
+        *fd_out = it_free_if_unpinned_locked(h, slot, nodeid, mine);
+        if (*fd_out < 0) h->deferred++;
     }
     clear_intent(h);
     lock_release(h);
-    return fd;
+    return gone;
 }
 
-int64_t it_forget(void *base, uint64_t nodeid, uint64_t n) {
-    if (n == 0) return -1;
-    int64_t r = it_find(H(base), nodeid, 1);
-    if (r < 0) return r < -1 ? -2 - r : -1;
-    return it_release(base, (uint32_t)r, n == UINT64_MAX ? n : n + 1);
+/* FUSE FORGET / BATCH_FORGET / DESTROY: drop up to n of the guest's lookups (never the pins
+ * of requests in flight).  1 when the last lookup went, 0 otherwise (unknown nodeid too),
+ * -4 when this thread cannot pin. */
+int it_forget(void *base, uint64_t nodeid, uint64_t n) {
+    hdr_t *h = H(base);
+    if (n == 0) return 0;
+    uint32_t slot;
+    int32_t fd = -1;
+    uint64_t *pin;
+    int r = it_pin_internal(h, nodeid, &slot, &fd, &pin);
+    if (r < 0) return r == -4 ? -4 : 0;
+    islot_t *s = ISLOT(h, slot);
+    uint64_t floor = nodeid == ROOT_ID ? 1 : 0;
+    int gone = 0;
+    fd = -1;
+    uint64_t rc = LD_ACQ(&s->lookups);
+    for (;;) {
+        uint64_t nv = sat_sub(rc, n, floor);
+        if (nv == rc) break;
+        if (nv == 0) {
+            gone = it_remove(h, slot, nodeid, n, pin, &fd);
+            break;
+        }
+        if (CAS(&s->lookups, &rc, nv)) break;
+    }
+    pin_clear(pin);
+    close_fd(fd);
+    /* Our pin may have kept another forget's remover from freeing it (or our own, when
+     * another request pinned it too). */
+    it_after_unpin(h, nodeid);
+    return gone;
 }
 
-/* Under the lock: find a live entry by handle, else by ids (with an fd), and take a
- * reference.  Returns the slot or -1. */
+/* Under the lock: find a live entry by handle, else by ids (with an fd), and add one lookup.
+ * Returns the slot or -1. */
 static int64_t it_claim_locked(hdr_t *h, uint64_t ino, uint64_t dev, uint64_t mnt,
                                const uint8_t *hb, uint32_t hn, int32_t htype, uint64_t hmnt,
                                uint64_t ih, uint64_t hh) {
@@ -822,18 +1075,15 @@ static int64_t it_claim_locked(hdr_t *h, uint64_t ino, uint64_t dev, uint64_t mn
             if (lo == TOMB || (uint32_t)(b >> 32) != tag) continue;
             uint32_t slot = lo - 1;
             islot_t *s = ISLOT(h, slot);
-            if (!slot_live(s)) continue;
+            if (!slot_indexed(s)) continue;
             if (pass == 0) {
                 if (!handle_eq(s, hb, hn, htype, hmnt)) continue;
             } else {
                 if (s->ino != ino || s->dev != dev || s->mnt_id != mnt || s->fd < 0) continue;
             }
-            uint64_t rc = LD_ACQ(&s->refcount);
-            int got = 0;
-            while (rc != 0) {
-                if (CAS(&s->refcount, &rc, rc + 1)) { got = 1; break; }
-            }
-            if (got) return slot;
+            /* Indexed entries have lookups > 0, and only the lock holder takes them to 0. */
+            FADD(&s->lookups, 1);
+            return slot;
         }
     }
     return -1;
@@ -853,7 +1103,7 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
     if (slot == NONE32) slot = h->hwm;
     islot_t *s = ISLOT(h, slot);
     /* A nodeid names its slot and the slot's next generation, so it is never handed out
-     * twice and acquire() needs no index; a slot whose generations are used up is retired
+     * twice and a pin needs no index; a slot whose generations are used up is retired
      * when freed.  (Slots at hwm were never used: their generation is 0.) */
     uint32_t gen = s->gen;
     if (nodeid == 0) {
@@ -892,7 +1142,7 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
     s->name[name_len] = 0;
     ST_REL(&s->nodeid, nodeid);
     CRASH_POINT();
-    ST_REL(&s->refcount, 1ULL); /* last field: repair treats refcount != 0 as complete */
+    ST_REL(&s->lookups, 1ULL); /* last field: repair treats lookups != 0 as complete */
     CRASH_POINT();
     ST_REL(&s->seq, s->seq + 1);
     CRASH_POINT();
@@ -933,11 +1183,14 @@ int64_t it_insert_root(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
     return r;
 }
 
-/* Returns slot | inserted << 32, -1 when full, -3 on bad arguments. */
-int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
-                           const char *handle, uint32_t handle_bytes, int32_t handle_type,
-                           uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
-                           uint64_t parent, const char *name, uint32_t name_len) {
+/* One lookup on the entry with this file handle, else these ids (among entries holding an
+ * fd), or a new entry with lookups 1 that owns `fd`.  *nodeid_out is read under the lock:
+ * once it is released a guest's FORGET may free the slot.  Returns 0 found (the caller
+ * keeps its fd), 1 inserted, -1 table full, -3 bad arguments. */
+int it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                       const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                       uint64_t handle_mnt_id, int32_t fd, uint32_t mode, uint64_t parent,
+                       const char *name, uint32_t name_len, uint64_t *nodeid_out) {
     hdr_t *h = H(base);
     if (!args_ok(handle_bytes, name_len)) return -3;
     const uint8_t *hb = (const uint8_t *)handle;
@@ -948,25 +1201,29 @@ int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_
     int64_t r = it_claim_locked(h, ino, dev, mnt_id, hb, handle_bytes, handle_type,
                                 handle_mnt_id, ih, hh);
     CRASH_POINT();
+    int ret;
     if (r >= 0) {
         h->lookups++;
-        clear_intent(h);
+        *nodeid_out = ISLOT(h, (uint32_t)r)->nodeid;
+        ret = 0;
     } else {
         r = it_insert_locked(h, 0, ino, dev, mnt_id, hb, handle_bytes, handle_type,
                              handle_mnt_id, fd, mode, parent, (const uint8_t *)name,
                              name_len, ih, hh);
-        if (r >= 0) r |= 1LL << 32;
-        clear_intent(h);
+        ret = r >= 0 ? 1 : -1;
+        if (r >= 0) *nodeid_out = ISLOT(h, (uint32_t)r)->nodeid;
     }
+    clear_intent(h);
     lock_release(h);
-    return r;
+    return ret;
 }
 
-/* claim_or_insert without the insert: one reference on the entry that has this file handle
- * (when one is given) or these ids (among entries that hold an fd), or -1 when there is
- * none or its refcount already fell to zero. ino 0 matches no ids (a handle-only lookup). */
-int64_t it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id, const char *handle,
-                 uint32_t handle_bytes, int32_t handle_type, uint64_t handle_mnt_id) {
+/* claim_or_insert without the insert: one lookup on the entry that has this file handle
+ * (when one is given) or these ids (among entries that hold an fd).  0 with *nodeid_out, or
+ * -1 when there is none.  ino 0 matches no ids (a handle-only lookup). */
+int it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id, const char *handle,
+             uint32_t handle_bytes, int32_t handle_type, uint64_t handle_mnt_id,
+             uint64_t *nodeid_out) {
     hdr_t *h = H(base);
     if (!args_ok(handle_bytes, 0)) return -3;
     const uint8_t *hb = (const uint8_t *)handle;
@@ -975,9 +1232,12 @@ int64_t it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id, const 
     lock_acquire(h);
     int64_t r = it_claim_locked(h, ino, dev, mnt_id, hb, handle_bytes, handle_type,
                                 handle_mnt_id, ih, hh);
-    if (r >= 0) h->lookups++;
+    if (r >= 0) {
+        h->lookups++;
+        *nodeid_out = ISLOT(h, (uint32_t)r)->nodeid;
+    }
     lock_release(h);
-    return r;
+    return r >= 0 ? 0 : -1;
 }
 
 int32_t it_fd(void *base, uint32_t slot) {
@@ -988,15 +1248,11 @@ uint64_t it_nodeid(void *base, uint32_t slot) {
     hdr_t *h = H(base);
     return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->nodeid) : 0;
 }
-uint64_t it_refcount(void *base, uint32_t slot) {
-    hdr_t *h = H(base);
-    return slot < h->capacity ? LD_ACQ(&ISLOT(h, slot)->refcount) : 0;
-}
 uint32_t it_hwm(void *base) { return LD_ACQ(&H(base)->hwm); }
 
-/* The file handle of a slot the caller holds a reference on (so its identity cannot change
- * meanwhile): copies handle_bytes bytes into out (room for MAX_HANDLE) and returns their
- * number, or -1 when the entry has no handle. */
+/* The file handle of a slot the caller pins (so its identity cannot change meanwhile):
+ * copies handle_bytes bytes into out (room for MAX_HANDLE) and returns their number, or -1
+ * when the entry has no handle. */
 int32_t it_handle_of(void *base, uint32_t slot, uint8_t *out, int32_t *handle_type) {
     hdr_t *h = H(base);
     if (slot >= h->capacity) return -1;
@@ -1019,7 +1275,8 @@ static void reader_backoff(hdr_t *h, unsigned *spins) {
     }
 }
 
-/* Seqlock snapshot of one slot.  1 = live entry copied, 0 = free slot. */
+/* Seqlock snapshot of one slot.  1 = live entry copied, 2 = an entry the guest no longer
+ * holds, still pinned by a request in flight (copied too), 0 = free slot. */
 int it_snapshot(void *base, uint32_t slot, it_entry_t *out) {
     hdr_t *h = H(base);
     if (slot >= LD_ACQ(&h->hwm)) return 0;
@@ -1032,7 +1289,7 @@ int it_snapshot(void *base, uint32_t slot, it_entry_t *out) {
             continue;
         }
         out->nodeid = LD_RLX(&s->nodeid);
-        out->refcount = LD_RLX(&s->refcount);
+        out->lookups = LD_RLX(&s->lookups);
         out->ino = s->ino;
         out->dev = s->dev;
         out->mnt_id = s->mnt_id;
@@ -1050,20 +1307,23 @@ int it_snapshot(void *base, uint32_t slot, it_entry_t *out) {
         memcpy(out->name, s->name, out->name_len);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (LD_ACQ(&s->seq) == q1 && LD_ACQ(&s->info_seq) == i1)
-            return out->nodeid != 0;
+            return out->nodeid == 0 ? 0 : out->lookups != 0 ? 1 : 2;
     retry:
         reader_backoff(h, &spins);
     }
 }
 
-int it_set_info(void *base, uint32_t slot, uint64_t parent, const char *name,
+/* Migration info (parent nodeid, name) of a live nodeid; -1 when it is not live. */
+int it_set_info(void *base, uint64_t nodeid, uint64_t parent, const char *name,
                 uint32_t name_len) {
     hdr_t *h = H(base);
-    if (slot >= h->capacity || name_len > MAX_NAME) return -1;
+    if (name_len > MAX_NAME) return -1;
+    uint32_t slot = nodeid_slot(h, nodeid);
+    if (slot == NONE32) return -1;
     islot_t *s = ISLOT(h, slot);
     lock_acquire(h);
     int r = -1;
-    if (slot < h->hwm && slot_live(s)) {
+    if (slot < h->hwm && s->nodeid == nodeid && slot_indexed(s)) {
         set_intent(h, OP_SETINFO, slot, s->nodeid, -1);
         ST_REL(&s->info_seq, s->info_seq + 1);
         CRASH_POINT();
@@ -1095,21 +1355,28 @@ int it_check(void *base, char *msg, size_t msglen) {
     if (h->hwm > h->capacity) FAIL("hwm %u > capacity", h->hwm);
     if (h->key_bits > h->index_bits || h->key_bits < key_bits_for(h, h->hwm))
         FAIL("key index bits %u for hwm %u (room %u)", h->key_bits, h->hwm, h->index_bits);
-    uint64_t live = 0, wh = 0, nfree = 0, retired = 0;
+    uint64_t used = 0, wh = 0, nfree = 0, retired = 0, dying = 0;
     for (uint32_t i = 0; i < h->hwm; i++) {
         islot_t *s = ISLOT(h, i);
         if ((s->seq | s->info_seq) & 1) FAIL("slot %u seq odd", i);
-        if (slot_live(s)) {
-            live++;
-            if (s->refcount == 0) FAIL("slot %u live with refcount 0", i);
+        if (slot_used(s)) {
+            used++;
+            int live = s->lookups != 0;
+            if (!live) {
+                dying++;
+                if (s->nodeid == ROOT_ID) FAIL("root without a lookup");
+                if (!pinned(h, s->nodeid, NULL))
+                    FAIL("slot %u has no guest reference and no pin, but is not free", i);
+            }
             if (s->nodeid != ROOT_ID &&
                 (s->gen == 0 || s->nodeid != (((uint64_t)s->gen << 32) | i)))
                 FAIL("slot %u nodeid %llu does not name it (generation %u)", i,
                      (unsigned long long)s->nodeid, s->gen);
             if (s->nodeid == ROOT_ID && h->root_slot != i) FAIL("root slot mismatch");
-            if (s->has_handle) wh++;
+            if (live && s->has_handle) wh++;
             if (s->ids_hash != hash_ids(s->ino, s->dev, s->mnt_id)) FAIL("slot %u ids hash", i);
-            /* each live slot is in every key index exactly once, and keys are unique */
+            /* each live slot is in every key index exactly once, a dying one in none, and
+             * keys are unique among live slots */
             for (int k = 1; k < 3; k++) {
                 if (k == 2 && !s->has_handle) continue;
                 uint64_t *idx = IDX(h, k + 1);
@@ -1125,7 +1392,7 @@ int it_check(void *base, char *msg, size_t msglen) {
                         found++;
                         continue;
                     }
-                    if (!slot_live(o)) continue;
+                    if (!live || !slot_indexed(o)) continue;
                     if (k == 1 && s->fd >= 0 && o->fd >= 0 && o->ino == s->ino &&
                         o->dev == s->dev && o->mnt_id == s->mnt_id)
                         FAIL("ids dup (with fd) slots %u %u", i, lo - 1);
@@ -1133,46 +1400,48 @@ int it_check(void *base, char *msg, size_t msglen) {
                                             s->handle_mnt_id))
                         FAIL("handle dup slots %u %u", i, lo - 1);
                 }
-                if (found != 1) FAIL("slot %u found %d times in index %d", i, found, k);
+                if (found != (int)live) FAIL("slot %u found %d times in index %d", i, found, k);
             }
         } else {
-            if (s->refcount != 0) FAIL("free slot %u refcount %llu", i,
-                                       (unsigned long long)s->refcount);
+            if (s->lookups != 0) FAIL("free slot %u lookups %llu", i,
+                                      (unsigned long long)s->lookups);
             if (s->gen == GEN_MAX) retired++;
         }
     }
     if (retired != h->retired) FAIL("retired %llu != %u", (unsigned long long)retired,
                                     h->retired);
-    if (live != h->entries) FAIL("entries %llu != live %llu", (unsigned long long)h->entries,
-                                 (unsigned long long)live);
+    if (used != h->entries) FAIL("entries %llu != used %llu", (unsigned long long)h->entries,
+                                 (unsigned long long)used);
+    if (dying != h->dying) FAIL("dying %llu != %llu", (unsigned long long)h->dying,
+                                (unsigned long long)dying);
     if (wh != h->with_handle) FAIL("with_handle mismatch");
     for (uint32_t f = h->free_head; f != NONE32; f = ISLOT(h, f)->next_free) {
         if (f >= h->hwm) FAIL("free list slot %u >= hwm", f);
-        if (slot_live(ISLOT(h, f))) FAIL("live slot %u on free list", f);
+        if (slot_used(ISLOT(h, f))) FAIL("used slot %u on free list", f);
         if (ISLOT(h, f)->gen == GEN_MAX) FAIL("retired slot %u on free list", f);
         if (++nfree > h->hwm) FAIL("free list cycle");
     }
-    if (nfree + live + retired != h->hwm)
-        FAIL("free %llu + live %llu + retired %llu != hwm %u", (unsigned long long)nfree,
-             (unsigned long long)live, (unsigned long long)retired, h->hwm);
+    if (nfree + used + retired != h->hwm)
+        FAIL("free %llu + used %llu + retired %llu != hwm %u", (unsigned long long)nfree,
+             (unsigned long long)used, (unsigned long long)retired, h->hwm);
     if (h->tombs[0] != 0) FAIL("nodeid tombstones %llu", (unsigned long long)h->tombs[0]);
     /* bucket counts and tombstone counters */
     for (int k = 1; k < 3; k++) {
         uint64_t *idx = IDX(h, k + 1);
-        uint64_t used = 0, tombs = 0;
+        uint64_t nb = 0, tombs = 0;
         for (uint64_t j = 0; j <= mask; j++) {
             uint32_t lo = (uint32_t)idx[j];
             if (lo == TOMB)
                 tombs++;
             else if (lo != 0) {
-                if (lo - 1 >= h->hwm || !slot_live(ISLOT(h, lo - 1)))
-                    FAIL("index %d bucket %llu -> dead slot %u", k, (unsigned long long)j,
-                         lo - 1);
-                used++;
+                if (lo - 1 >= h->hwm || !slot_indexed(ISLOT(h, lo - 1)))
+                    FAIL("index %d bucket %llu -> slot %u that is not live", k,
+                         (unsigned long long)j, lo - 1);
+                nb++;
             }
         }
-        if (used != (k == 2 ? wh : live)) FAIL("index %d has %llu buckets", k,
-                                               (unsigned long long)used);
+        if (nb != (k == 2 ? wh : used - dying)) FAIL("index %d has %llu buckets", k,
+                                                     (unsigned long long)nb);
         if (tombs != h->tombs[k]) FAIL("index %d tombs %llu != %llu", k,
                                        (unsigned long long)tombs,
                                        (unsigned long long)h->tombs[k]);
@@ -1185,7 +1454,7 @@ int it_check(void *base, char *msg, size_t msglen) {
 /* ================================================================ handle table */
 
 uint64_t ht_segment_size(uint32_t capacity) {
-    return align_up(HDR_SIZE + (uint64_t)capacity * sizeof(hslot_t), 4096);
+    return align_up(HDR_SIZE + PINS_SIZE + (uint64_t)capacity * sizeof(hslot_t), 4096);
 }
 
 int ht_init(void *base, uint32_t capacity, uint32_t owner_pid) {
@@ -1195,7 +1464,7 @@ int ht_init(void *base, uint32_t capacity, uint32_t owner_pid) {
     return 0;
 }
 
-static inline int hslot_live(hslot_t *s) { return LD_RLX(&s->refcount) != 0; }
+static inline int hslot_used(hslot_t *s) { return LD_RLX(&s->busy) != 0; }
 
 static void hslot_clear(hslot_t *s) {
     ST_REL(&s->seq, s->seq + 1);
@@ -1203,6 +1472,7 @@ static void hslot_clear(hslot_t *s) {
     s->fd = -1;
     s->flags = 0;
     s->guest_open = 0;
+    ST_REL(&s->busy, 0ULL);
     ST_REL(&s->seq, s->seq + 1);
 }
 
@@ -1214,70 +1484,85 @@ static int32_t ht_free_locked(hdr_t *h, uint32_t slot) {
     s->next_free = h->free_head;
     h->free_head = slot;
     h->entries--;
+    __atomic_fetch_sub(&h->dying, 1, __ATOMIC_RELAXED);
     h->removals++;
     return fd;
 }
 
+/* The slot an fh names, or NONE32 for one no open can have made (generations are even and
+ * >= 2, so fh 0 is never valid). */
+static inline uint32_t fh_slot(hdr_t *h, uint64_t fh) {
+    uint32_t slot = (uint32_t)fh, gen = (uint32_t)(fh >> 32);
+    if ((gen & 1) || gen == 0 || slot >= LD_ACQ(&h->hwm)) return NONE32;
+    return slot;
+}
+
+/* Free the slot of `fh` if the guest released it and nobody but the pin at `except` pins it
+ * (lock held).  Returns the fd to close, or -1. */
+static int32_t ht_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t fh,
+                                          const uint64_t *except) {
+    hslot_t *s = HSLOT(h, slot);
+    if (slot >= h->hwm || s->seq != (uint32_t)(fh >> 32) || !s->busy || s->guest_open ||
+        pinned(h, fh, except))
+        return -1;
+    set_intent(h, OP_FREE, slot, fh, s->fd);
+    CRASH_POINT();
+    int32_t fd = ht_free_locked(h, slot);
+    CRASH_POINT();
+    clear_intent(h);
+    return fd;
+}
+
 static void ht_rebuild(hdr_t *h) {
-    uint64_t live = 0;
+    uint64_t used = 0, dying = 0;
     uint32_t head = NONE32;
     if (h->hwm > h->capacity) h->hwm = h->capacity;
     for (uint32_t i = h->hwm; i-- > 0;) {
         hslot_t *s = HSLOT(h, i);
         if (s->seq & 1) s->seq++;
-        if (hslot_live(s)) {
-            live++;
+        if (hslot_used(s)) {
+            used++;
+            dying += !s->guest_open;
         } else {
             s->next_free = head;
             head = i;
         }
     }
     h->free_head = head;
-    h->entries = live;
+    h->entries = used;
+    h->dying = dying;
     h->rebuilds++;
+    for (uint32_t i = 0; dying && i < h->hwm; i++) {
+        hslot_t *s = HSLOT(h, i);
+        if (hslot_used(s) && !s->guest_open) {
+            dying--;
+            add_orphan(h, ht_free_if_unpinned_locked(h, i, ((uint64_t)s->seq << 32) | i, NULL));
+        }
+    }
 }
-
-static int64_t ht_release_n(hdr_t *h, uint32_t slot, uint64_t n);
 
 static void ht_repair(hdr_t *h) {
     uint32_t op = h->intent_op, slot = h->intent_slot;
     hslot_t *s = (slot < h->hwm) ? HSLOT(h, slot) : NULL;
-    int drop_guest = 0;
     if (op == OP_OPEN && s) {
-        if (LD_ACQ(&s->refcount) == 0) {
+        if (LD_ACQ(&s->busy) == 0) {
             hslot_clear(s);
             if (s->seq & 1) s->seq++;
             add_orphan(h, h->intent_fd);
         } else {
             if (s->seq & 1) s->seq++;
-            drop_guest = 1; /* the guest never learnt this fh */
+            s->guest_open = 0; /* the guest never learnt this fh: ht_rebuild frees it */
         }
     } else if (op == OP_FREE && s) {
-        if (LD_ACQ(&s->refcount) == 0) {
+        if ((s->seq & 1) || s->seq != (uint32_t)(h->intent_nodeid >> 32)) {
+            /* Past the start of the clear: finish it; the fd was not closed yet. */
             hslot_clear(s);
             if (s->seq & 1) s->seq++;
             add_orphan(h, h->intent_fd);
         }
     }
-    ht_rebuild(h);
     clear_intent(h);
-    if (drop_guest) {
-        uint32_t one = 1;
-        if (CAS(&s->guest_open, &one, 0u)) {
-            uint64_t rc = LD_ACQ(&s->refcount);
-            for (;;) {
-                uint64_t nv = rc - 1;
-                if (nv == 0) {
-                    set_intent(h, OP_FREE, slot, 0, s->fd);
-                    if (!CAS(&s->refcount, &rc, nv)) { clear_intent(h); continue; }
-                    add_orphan(h, ht_free_locked(h, slot));
-                    clear_intent(h);
-                    break;
-                }
-                if (CAS(&s->refcount, &rc, nv)) break;
-            }
-        }
-    }
+    ht_rebuild(h);
 }
 
 /* Returns fh, or 0 when the table is full (0 is never a valid fh: live generations are
@@ -1309,7 +1594,7 @@ uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags) {
     s->flags = flags;
     s->guest_open = 1;
     CRASH_POINT();
-    ST_REL(&s->refcount, 1ULL);
+    ST_REL(&s->busy, 1ULL);
     CRASH_POINT();
     uint32_t gen = s->seq + 1;
     ST_REL(&s->seq, gen);
@@ -1321,72 +1606,85 @@ uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags) {
     return ((uint64_t)gen << 32) | slot;
 }
 
-int64_t ht_acquire(void *base, uint64_t fh) {
-    hdr_t *h = H(base);
-    uint32_t slot = (uint32_t)fh, gen = (uint32_t)(fh >> 32);
-    if (slot >= h->capacity || (gen & 1) || gen == 0) return -1;
+static void ht_after_unpin(hdr_t *h, uint64_t fh) {
+    uint32_t slot = fh_slot(h, fh);
+    if (slot == NONE32) return;
     hslot_t *s = HSLOT(h, slot);
-    if (LD_ACQ(&s->seq) != gen) return -1;
-    uint64_t rc = LD_ACQ(&s->refcount);
-    for (;;) {
-        if (rc == 0) return -1;
-        if (CAS(&s->refcount, &rc, rc + 1)) break;
-    }
-    if (LD_ACQ(&s->seq) == gen) return slot;
-    int64_t fd = ht_release_n(h, slot, 1); /* raised a newer occupant's count: give back */
-    return fd >= 0 ? -2 - fd : -1;
+    if (LD_ACQ(&s->seq) != (uint32_t)(fh >> 32) || LD_ACQ(&s->guest_open) ||
+        !LD_ACQ(&s->busy))
+        return;
+    lock_acquire(h);
+    int32_t fd = ht_free_if_unpinned_locked(h, slot, fh, NULL);
+    lock_release(h);
+    close_fd(fd);
 }
 
-static int64_t ht_release_n(hdr_t *h, uint32_t slot, uint64_t n) {
-    if (slot >= h->capacity) return -1;
-    hslot_t *s = HSLOT(h, slot);
-    uint64_t rc = LD_ACQ(&s->refcount);
-    for (;;) {
-        if (rc == 0) return -1;
-        uint64_t nv = rc > n ? rc - n : 0;
-        if (nv == 0) break;
-        if (CAS(&s->refcount, &rc, nv)) return -1;
+/* Pin an open file for this thread (lock-free; never one the guest released). */
+static int ht_pin_internal(hdr_t *h, uint64_t fh, uint32_t *slot_out, int32_t *fd_out,
+                           uint64_t **pin_out) {
+    uint32_t slot = fh_slot(h, fh);
+    if (slot == NONE32) goto miss;
+    pinrow_t *row = my_row(h);
+    uint64_t *pin = row ? pin_put(row, fh) : NULL;
+    if (!pin) {
+        FADD(&h->pin_full, 1);
+        return -4;
     }
-    lock_acquire(h);
-    set_intent(h, OP_FREE, slot, s->nodeid, s->fd);
-    CRASH_POINT();
-    int64_t fd = -1;
-    rc = LD_ACQ(&s->refcount);
-    for (;;) {
-        if (rc == 0) break;
-        uint64_t nv = rc > n ? rc - n : 0;
-        if (CAS(&s->refcount, &rc, nv)) {
-            if (nv == 0) {
-                CRASH_POINT();
-                fd = ht_free_locked(h, slot);
-            }
-            break;
+    hslot_t *s = HSLOT(h, slot);
+    uint32_t gen = (uint32_t)(fh >> 32);
+    if (LD_ACQ(&s->seq) == gen && LD_ACQ(&s->guest_open)) {
+        int32_t fd = LD_ACQ(&s->fd);
+        if (LD_ACQ(&s->seq) == gen) {
+            *slot_out = slot;
+            *fd_out = fd;
+            *pin_out = pin;
+            return 0;
         }
     }
-    clear_intent(h);
-    lock_release(h);
-    return fd;
+    pin_clear(pin);
+    ht_after_unpin(h, fh);
+miss:
+    FADD(&h->acquire_misses, 1);
+    return -1;
 }
 
-int64_t ht_release_ref(void *base, uint32_t slot) { return ht_release_n(H(base), slot, 1); }
-
-/* ht_acquire and the fd in one call, packed like it_acquire_fd. */
-int64_t ht_acquire_fd(void *base, uint64_t fh) {
-    hdr_t *h = H(base);
-    int64_t r = ht_acquire(base, fh);
+/* ((fd + 1) << 32) | slot, -1 not open, -4 no room for a pin. */
+int64_t ht_pin(void *base, uint64_t fh) {
+    uint32_t slot;
+    int32_t fd;
+    uint64_t *pin;
+    int r = ht_pin_internal(H(base), fh, &slot, &fd, &pin);
     if (r < 0) return r;
-    return ((int64_t)(uint32_t)(HSLOT(h, (uint32_t)r)->fd + 1) << 32) | r;
+    return ((int64_t)(uint32_t)(fd + 1) << 32) | slot;
 }
 
-int64_t ht_close(void *base, uint64_t fh) {
+int ht_unpin(void *base, uint64_t fh) { return unpin(H(base), fh); }
+
+/* The guest's RELEASE: drop its reference, once per fh however many RELEASEs arrive; the fd
+ * is closed now or by the last request still using it.  1 when this call dropped it, 0 when
+ * the fh was not open, -4 when this thread cannot pin. */
+int ht_close(void *base, uint64_t fh) {
     hdr_t *h = H(base);
-    int64_t r = ht_acquire(base, fh);
-    if (r < 0) return r < -1 ? -2 - r : -1;
-    uint32_t slot = (uint32_t)r, one = 1;
+    uint32_t slot;
+    int32_t fd;
+    uint64_t *pin;
+    int r = ht_pin_internal(h, fh, &slot, &fd, &pin);
+    if (r < 0) return r == -4 ? -4 : 0;
     hslot_t *s = HSLOT(h, slot);
-    /* Our reference pins the slot's identity, so this flag belongs to `fh`. */
-    if (CAS(&s->guest_open, &one, 0u)) return ht_release_n(h, slot, 2);
-    return ht_release_n(h, slot, 1);
+    uint32_t one = 1;
+    int dropped = CAS(&s->guest_open, &one, 0u); /* the commit point; our pin holds the slot */
+    fd = -1;
+    if (dropped) {
+        FADD(&h->dying, 1);
+        lock_acquire(h);
+        fd = ht_free_if_unpinned_locked(h, slot, fh, pin);
+        if (fd < 0 && s->seq == (uint32_t)(fh >> 32)) h->deferred++;
+        lock_release(h);
+    }
+    pin_clear(pin);
+    close_fd(fd);
+    ht_after_unpin(h, fh);
+    return dropped;
 }
 
 int32_t ht_fd(void *base, uint32_t slot) {
@@ -1395,6 +1693,7 @@ int32_t ht_fd(void *base, uint32_t slot) {
 }
 uint32_t ht_hwm(void *base) { return LD_ACQ(&H(base)->hwm); }
 
+/* 1 = open file copied, 2 = released by the guest but still pinned, 0 = free slot. */
 int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out) {
     hdr_t *h = H(base);
     if (slot >= LD_ACQ(&h->hwm)) return 0;
@@ -1407,13 +1706,13 @@ int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out) {
             continue;
         }
         out->fh = ((uint64_t)q << 32) | slot;
-        out->refcount = LD_RLX(&s->refcount);
+        uint64_t busy = LD_RLX(&s->busy);
         out->nodeid = s->nodeid;
         out->fd = s->fd;
         out->flags = s->flags;
         out->guest_open = LD_RLX(&s->guest_open);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (LD_ACQ(&s->seq) == q) return out->refcount != 0;
+        if (LD_ACQ(&s->seq) == q) return !busy ? 0 : out->guest_open ? 1 : 2;
         reader_backoff(h, &spins);
     }
 }
@@ -1423,25 +1722,32 @@ int ht_check(void *base, char *msg, size_t msglen) {
     lock_acquire(h);
     if (h->intent_op != OP_NONE) FAIL("intent %u left set", h->intent_op);
     if (h->hwm > h->capacity) FAIL("hwm > capacity");
-    uint64_t live = 0, nfree = 0;
+    uint64_t used = 0, nfree = 0, dying = 0;
     for (uint32_t i = 0; i < h->hwm; i++) {
         hslot_t *s = HSLOT(h, i);
         if (s->seq & 1) FAIL("slot %u seq odd", i);
-        if (hslot_live(s)) {
-            live++;
-            if (s->seq == 0) FAIL("live slot %u with generation 0", i);
+        if (hslot_used(s)) {
+            used++;
+            if (s->seq == 0) FAIL("used slot %u with generation 0", i);
+            if (!s->guest_open) {
+                dying++;
+                if (!pinned(h, ((uint64_t)s->seq << 32) | i, NULL))
+                    FAIL("slot %u released and unpinned, but not free", i);
+            }
         } else if (s->guest_open) {
             FAIL("free slot %u marked open", i);
         }
     }
-    if (live != h->entries) FAIL("entries %llu != live %llu", (unsigned long long)h->entries,
-                                 (unsigned long long)live);
+    if (used != h->entries) FAIL("entries %llu != used %llu", (unsigned long long)h->entries,
+                                 (unsigned long long)used);
+    if (dying != LD_RLX(&h->dying)) FAIL("dying %llu != %llu", (unsigned long long)h->dying,
+                                         (unsigned long long)dying);
     for (uint32_t f = h->free_head; f != NONE32; f = HSLOT(h, f)->next_free) {
         if (f >= h->hwm) FAIL("free list slot %u >= hwm", f);
-        if (hslot_live(HSLOT(h, f))) FAIL("live slot %u on free list", f);
+        if (hslot_used(HSLOT(h, f))) FAIL("used slot %u on free list", f);
         if (++nfree > h->hwm) FAIL("free list cycle");
     }
-    if (nfree + live != h->hwm) FAIL("free + live != hwm");
+    if (nfree + used != h->hwm) FAIL("free + used != hwm");
     lock_release(h);
     msg[0] = 0;
     return 0;

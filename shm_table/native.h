@@ -8,7 +8,7 @@
 /* BEGIN CDEF */
 typedef struct {
     uint64_t nodeid;
-    uint64_t refcount;
+    uint64_t lookups;    /* the guest's lookup count; 0 once it forgot the inode */
     uint64_t ino;
     uint64_t dev;
     uint64_t mnt_id;
@@ -26,7 +26,6 @@ typedef struct {
 
 typedef struct {
     uint64_t fh;
-    uint64_t refcount;
     uint64_t nodeid;
     int32_t fd;
     uint32_t flags;
@@ -42,6 +41,9 @@ void seg_debug_crash_after(uint64_t n);
 uint32_t seg_lock_word(void *base);
 uint32_t seg_my_tid(void);
 int seg_stats(void *base, uint64_t *out, int n);
+int seg_reap_pins(void *base);
+int seg_my_pins(void *base);
+int seg_pins_held(void *base);
 
 /* inode table */
 uint64_t it_segment_size(uint32_t capacity);
@@ -49,25 +51,23 @@ int it_init(void *base, uint32_t capacity, uint32_t owner_pid);
 int64_t it_insert_root(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
                        const char *handle, uint32_t handle_bytes, int32_t handle_type,
                        uint64_t handle_mnt_id, int32_t fd, uint32_t mode);
-int64_t it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
-                           const char *handle, uint32_t handle_bytes, int32_t handle_type,
-                           uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
-                           uint64_t parent, const char *name, uint32_t name_len);
-int64_t it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
-                 const char *handle, uint32_t handle_bytes, int32_t handle_type,
-                 uint64_t handle_mnt_id);
-int64_t it_acquire(void *base, uint64_t nodeid);
-int64_t it_acquire_fd(void *base, uint64_t nodeid);
-int64_t it_release(void *base, uint32_t slot, uint64_t n);
-int64_t it_forget(void *base, uint64_t nodeid, uint64_t n);
+int it_claim_or_insert(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
+                       const char *handle, uint32_t handle_bytes, int32_t handle_type,
+                       uint64_t handle_mnt_id, int32_t fd, uint32_t mode, uint64_t parent,
+                       const char *name, uint32_t name_len, uint64_t *nodeid_out);
+int it_claim(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id, const char *handle,
+             uint32_t handle_bytes, int32_t handle_type, uint64_t handle_mnt_id,
+             uint64_t *nodeid_out);
+int64_t it_pin(void *base, uint64_t nodeid);
+int it_unpin(void *base, uint64_t nodeid);
+int it_forget(void *base, uint64_t nodeid, uint64_t n);
 int64_t it_lookup(void *base, uint64_t nodeid);
 int32_t it_fd(void *base, uint32_t slot);
 uint64_t it_nodeid(void *base, uint32_t slot);
-uint64_t it_refcount(void *base, uint32_t slot);
 uint32_t it_hwm(void *base);
 int32_t it_handle_of(void *base, uint32_t slot, uint8_t *out, int32_t *handle_type);
 int it_snapshot(void *base, uint32_t slot, it_entry_t *out);
-int it_set_info(void *base, uint32_t slot, uint64_t parent, const char *name,
+int it_set_info(void *base, uint64_t nodeid, uint64_t parent, const char *name,
                 uint32_t name_len);
 int it_check(void *base, char *msg, size_t msglen);
 
@@ -75,10 +75,9 @@ int it_check(void *base, char *msg, size_t msglen);
 uint64_t ht_segment_size(uint32_t capacity);
 int ht_init(void *base, uint32_t capacity, uint32_t owner_pid);
 uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags);
-int64_t ht_acquire(void *base, uint64_t fh);
-int64_t ht_acquire_fd(void *base, uint64_t fh);
-int64_t ht_release_ref(void *base, uint32_t slot);
-int64_t ht_close(void *base, uint64_t fh);
+int64_t ht_pin(void *base, uint64_t fh);
+int ht_unpin(void *base, uint64_t fh);
+int ht_close(void *base, uint64_t fh);
 int32_t ht_fd(void *base, uint32_t slot);
 uint32_t ht_hwm(void *base);
 int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out);

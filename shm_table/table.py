@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -23,12 +23,10 @@ from shm_table._native import ffi, lib
 log = logging.getLogger("pyvirtiofsd.shm_table")
 
 # bound once: the hot-path wrappers below avoid attribute lookups on `lib`
-_it_acquire = lib.it_acquire
-_it_acquire_fd = lib.it_acquire_fd
-_it_release = lib.it_release
+_it_pin = lib.it_pin
+_it_unpin = lib.it_unpin
 _it_forget = lib.it_forget
 _it_claim_or_insert = lib.it_claim_or_insert
-_it_nodeid = lib.it_nodeid
 _NULL = ffi.NULL
 
 FUSE_ROOT_ID = 1
@@ -44,7 +42,8 @@ _STAT_KEYS = (
     "capacity", "entries", "high_water_mark", "index_size", "tombstones_nodeid",
     "tombstones_ids", "tombstones_handle", "lookups", "inserts", "removals",
     "acquire_misses", "rebuilds", "lock_takeovers", "full_errors", "orphaned_fds",
-    "next_nodeid", "with_handle", "index_generation", "retired",
+    "next_nodeid", "with_handle", "index_generation", "retired", "dying", "deferred",
+    "reaped_pins", "pins_refused", "pin_rows",
 )
 
 
@@ -66,6 +65,14 @@ class HandleTableFull(ShmTableError):
 
 class HandleNotFound(ShmTableError, LookupError):
     """Unknown, closed or forged file handle (fh)."""
+
+
+class PinsExhausted(ShmTableError):
+    """This thread already pins as many entries as its row holds (a leak: a bug)."""
+
+
+class NotPinned(ShmTableError):
+    """An unpin of something this thread does not pin (a bug: nothing was changed)."""
 
 
 class SegmentInUse(ShmTableError):
@@ -90,11 +97,13 @@ class InodeIds(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class InodeEntry:
-    """A consistent snapshot of one entry (for tests, stats and migration)."""
+    """A consistent snapshot of one entry (for tests, stats and migration).  ``lookups`` is
+    the guest's count; an entry with 0 is one the guest forgot that a request in flight
+    still pins."""
 
     slot: int
     nodeid: int
-    refcount: int
+    lookups: int
     ids: InodeIds
     fd: int
     mode: int
@@ -107,14 +116,6 @@ class InodeEntry:
 
 def _shm_name(name: str) -> str:
     return name if name.startswith("/") else "/" + name
-
-
-def _close_fd(fd: int) -> None:
-    """Default closer for fds the table hands back from internal paths."""
-    try:
-        os.close(fd)
-    except OSError as e:
-        log.warning("closing fd %d returned by the shared table failed: %s", fd, e)
 
 
 _S = TypeVar("_S", bound="_Segment")
@@ -131,9 +132,6 @@ class _Segment:
         self._mm: mmap.mmap | None = mm
         self._size = size
         self._b: Any = ffi.from_buffer(mm, require_writable=True)
-        #: called with fds the table hands back on paths that have no return value for them
-        #: (a racing acquire's give-back, StrongRef.__exit__); tests replace it.
-        self.close_fd: Callable[[int], None] = _close_fd
 
     # -- lifecycle -------------------------------------------------------------------------
     @staticmethod
@@ -244,6 +242,20 @@ class _Segment:
         n = lib.seg_take_orphans(self._b, out, 64)
         return [out[i] for i in range(n)]
 
+    def reap_dead_pins(self) -> int:
+        """Give back the pins of threads that died (a killed worker's requests in flight),
+        freeing what only they held.  The supervisor calls it when a worker dies, before
+        reaping it, so its TIDs cannot name another task yet.  Returns rows freed."""
+        return int(lib.seg_reap_pins(self._b))
+
+    def my_pins(self) -> int:
+        """Entries the calling thread pins (tests: a request must leave none behind)."""
+        return int(lib.seg_my_pins(self._b))
+
+    def pins_held(self) -> int:
+        """Entries pinned by all threads together (stats)."""
+        return int(lib.seg_pins_held(self._b))
+
     @property
     def lock_owner(self) -> int:
         """TID holding the writer lock, 0 if free (diagnostics)."""
@@ -256,9 +268,8 @@ class _Segment:
 
 
 class StrongRef:
-    """A counted reference to an inode: the entry (and its fd) stays while it is held.
-
-    Use as a context manager, or call release() (idempotent) and close the fd it returns."""
+    """A pin on an inode: the entry and its fd stay while it is held, whatever the guest
+    forgets meanwhile.  Use as a context manager, or call release() (idempotent)."""
 
     __slots__ = ("_table", "slot", "nodeid", "fd")
 
@@ -272,22 +283,18 @@ class StrongRef:
     def held(self) -> bool:
         return self._table is not None
 
-    def release(self) -> int:
-        """Drop the reference.  Returns the fd to close if this was the last one, else -1."""
+    def release(self) -> None:
+        """Drop the pin (the entry is freed here if the guest forgot it meanwhile)."""
         t = self._table
-        if t is None:
-            return -1
-        self._table = None
-        return t.release(self.slot)
+        if t is not None:
+            self._table = None
+            t.unpin(self.nodeid)
 
     def __enter__(self) -> StrongRef:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        t = self._table
-        fd = self.release()
-        if fd >= 0 and t is not None:
-            t.close_fd(fd)
+        self.release()
 
     def __repr__(self) -> str:
         state = "held" if self.held else "released"
@@ -334,14 +341,15 @@ class InodeTable(_Segment):
     def claim_or_insert(self, ids: tuple[int, int, int], handle: bytes | None,
                         handle_type: int, fd: int, mode: int, parent: int = 0,
                         name: bytes | str = b"",
-                        handle_mnt_id: int | None = None) -> tuple[int, int, bool]:
-        """Find the inode by handle, else by ids (only entries holding an fd count), and take a
-        reference; or insert a new entry with refcount 1 that owns `fd`.
+                        handle_mnt_id: int | None = None) -> tuple[int, bool]:
+        """One guest lookup on the inode found by handle, else by ids (only entries holding
+        an fd count); or a new entry with one lookup that owns `fd`.
 
-        Returns (nodeid, slot, inserted).  When not inserted the caller still owns (and should
-        close) its `fd`.  Raises InodeTableFull when a new entry is needed but there is no room.
+        Returns (nodeid, inserted).  When not inserted the caller still owns (and should
+        close) its `fd`.  Raises InodeTableFull when a new entry is needed but there is no
+        room.
         """
-        # inlined _handle_args/fsencode: this runs for every LOOKUP
+        # inlined _handle_args/fsencode: this runs for every LOOKUP Python answers
         if handle is None:
             hb, hn, hmnt = _NULL, 0, 0
         else:
@@ -354,13 +362,13 @@ class InodeTable(_Segment):
         if len(nb) > NAME_MAX:
             raise ValueError(f"name longer than {NAME_MAX} bytes")
         ino, dev, mnt = ids
+        out = ffi.new("uint64_t *")
         r = _it_claim_or_insert(self._b, ino, dev, mnt, hb, hn, handle_type, hmnt, fd, mode,
-                                parent, nb, len(nb))
+                                parent, nb, len(nb), out)
         if r < 0:
             raise InodeTableFull(
                 f"{self.name}: inode table full ({lib.it_hwm(self._b)} slots in use)")
-        slot = r & 0xFFFFFFFF
-        return _it_nodeid(self._b, slot), slot, r > 0xFFFFFFFF
+        return int(out[0]), r == 1
 
     @staticmethod
     def _handle_args(ids: tuple[int, int, int], handle: bytes | None,
@@ -373,80 +381,83 @@ class InodeTable(_Segment):
             handle = bytes(handle)
         return handle, len(handle), ids[2] if handle_mnt_id is None else handle_mnt_id
 
-    def set_migration_info(self, slot: int, parent: int, name: bytes | str) -> None:
-        """Record (parent nodeid, name) for migration; `slot` must be referenced by the caller."""
+    def set_migration_info(self, nodeid: int, parent: int, name: bytes | str) -> None:
+        """Record (parent nodeid, name) of a live nodeid, for migration."""
         nb = os.fsencode(name)
         if len(nb) > NAME_MAX:
             raise ValueError(f"name longer than {NAME_MAX} bytes")
-        if lib.it_set_info(self._b, slot, parent, nb, len(nb)) != 0:
-            raise InodeNotFound(f"slot {slot} holds no inode")
+        if lib.it_set_info(self._b, nodeid, parent, nb, len(nb)) != 0:
+            raise InodeNotFound(f"inode {nodeid} is not live")
 
-    # -- hot path (lock-free except a release that reaches 0) ------------------------------
-    def acquire(self, nodeid: int) -> tuple[int, int] | None:
-        """Take a strong reference by nodeid: (slot, fd), or None if unknown/forgotten."""
+    # -- hot path (lock-free, except freeing an entry) -------------------------------------
+    def pin(self, nodeid: int) -> tuple[int, int] | None:
+        """Pin `nodeid` for this thread while it serves a request: (slot, O_PATH fd, -1 for
+        an entry kept by file handle only), or None when the guest does not hold it.
+        Raises PinsExhausted when this thread pins too much already (a leak)."""
         try:
-            r = _it_acquire_fd(self._b, nodeid)
+            r = _it_pin(self._b, nodeid)
         except OverflowError:
             return None
         if r >= 0:
             return r & 0xFFFFFFFF, (r >> 32) - 1
-        if r < -1:
-            self.close_fd(-2 - r)
+        if r == -4:
+            raise PinsExhausted(f"{self.name}: this thread pins too many inodes")
         return None
 
-    def acquire_slot(self, nodeid: int) -> int:
-        """acquire() without the tuple: slot or -1.  Read the fd with fd_of(slot)."""
-        try:
-            r = _it_acquire(self._b, nodeid)
-        except OverflowError:
-            return -1
-        if r < -1:
-            self.close_fd(-2 - r)
-            return -1
-        return r
+    def unpin(self, nodeid: int) -> None:
+        """Drop this thread's pin on `nodeid`; the entry and its fd go here if the guest
+        forgot it meanwhile.  Raises NotPinned (changing nothing) for a nodeid not pinned."""
+        if _it_unpin(self._b, nodeid) != 0:
+            raise NotPinned(f"{self.name}: inode {nodeid} is not pinned by this thread")
 
     def c_api(self) -> dict[str, int]:
         """The segment address and the addresses of the C functions another extension's C
         code calls to resolve, claim and forget inodes without a Python round trip (the
         worker's GETATTR/LOOKUP/FORGET fast path)."""
-        names = ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
-                 "it_lookup", "it_nodeid", "it_handle_of", "it_claim")
+        names = ("it_pin", "it_unpin", "it_claim_or_insert", "it_forget", "it_lookup",
+                 "it_handle_of", "it_claim")
         api = {n: int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names}
         api["base"] = int(ffi.cast("uintptr_t", self._b))
         return api
 
     def fd_of(self, slot: int) -> int:
-        """The O_PATH fd of a slot the caller holds a reference on (-1 if it has none)."""
+        """The O_PATH fd of a slot the caller pins (-1 if it has none)."""
         return lib.it_fd(self._b, slot)
 
-    def release(self, slot: int, n: int = 1) -> int:
-        """Drop n references (saturating).  Returns the fd to close when the entry was removed,
-        else -1.  The root is never removed."""
-        return _it_release(self._b, slot, n)
+    def handle_of(self, slot: int) -> tuple[bytes, int] | None:
+        """(file handle, handle type) of a slot the caller pins, or None without one."""
+        out = ffi.new("uint8_t[]", MAX_HANDLE_SZ)
+        htype = ffi.new("int32_t *")
+        n = lib.it_handle_of(self._b, slot, out, htype)
+        return None if n < 0 else (bytes(ffi.buffer(out, n)), int(htype[0]))
 
-    def forget(self, nodeid: int, n: int) -> int:
-        """FUSE FORGET: drop n lookups of `nodeid` (unknown nodeid: no-op).  Returns the fd to
-        close when the entry was removed, else -1."""
+    def forget(self, nodeid: int, n: int) -> bool:
+        """FUSE FORGET: drop up to n of the guest's lookups of `nodeid` (an unknown nodeid is
+        a no-op; pins of requests in flight are untouched).  True when the last one went."""
         try:
-            return _it_forget(self._b, nodeid, min(n, _U64))
+            r = _it_forget(self._b, nodeid, min(n, _U64))
         except OverflowError:
-            return -1
+            return False
+        if r == -4:
+            raise PinsExhausted(f"{self.name}: this thread pins too many inodes")
+        return r == 1
 
     def strong_ref(self, nodeid: int) -> StrongRef:
-        """acquire() as a StrongRef; raises InodeNotFound."""
-        r = self.acquire(nodeid)
+        """pin() as a StrongRef; raises InodeNotFound."""
+        r = self.pin(nodeid)
         if r is None:
             raise InodeNotFound(f"inode {nodeid} not found (never existed or forgotten)")
         return StrongRef(self, r[0], nodeid, r[1])
 
     # -- inspection ------------------------------------------------------------------------
-    def _snapshot(self, slot: int, out: Any) -> InodeEntry | None:
-        if not lib.it_snapshot(self._b, slot, out):
+    def _snapshot(self, slot: int, out: Any, dying: bool = False) -> InodeEntry | None:
+        state = lib.it_snapshot(self._b, slot, out)
+        if state == 0 or (state == 2 and not dying):
             return None
         return InodeEntry(
             slot=slot,
             nodeid=out.nodeid,
-            refcount=out.refcount,
+            lookups=out.lookups,
             ids=InodeIds(out.ino, out.dev, out.mnt_id),
             fd=out.fd,
             mode=out.mode,
@@ -458,7 +469,7 @@ class InodeTable(_Segment):
         )
 
     def get(self, nodeid: int) -> InodeEntry | None:
-        """Snapshot of the entry for `nodeid` (takes no reference), or None."""
+        """Snapshot of the live entry `nodeid` (takes nothing), or None."""
         try:
             slot = lib.it_lookup(self._b, nodeid)
         except OverflowError:
@@ -468,17 +479,18 @@ class InodeTable(_Segment):
         e = self._snapshot(slot, ffi.new("it_entry_t *"))
         return e if e is not None and e.nodeid == nodeid else None
 
-    def refcount(self, nodeid: int) -> int:
-        """Current refcount of `nodeid` (0 if unknown)."""
+    def lookups(self, nodeid: int) -> int:
+        """The guest's lookup count of `nodeid` (0 if it does not hold it)."""
         e = self.get(nodeid)
-        return 0 if e is None else e.refcount
+        return 0 if e is None else e.lookups
 
-    def iter_entries(self) -> Iterator[InodeEntry]:
-        """Snapshots of the live entries, by slot.  Safe while others insert and remove: may miss
-        entries added meanwhile, never yields a torn one, always ends."""
+    def iter_entries(self, dying: bool = False) -> Iterator[InodeEntry]:
+        """Snapshots of the live entries (with `dying`, also those the guest forgot that a
+        request in flight still pins), by slot.  Safe while others insert and remove: may
+        miss entries added meanwhile, never yields a torn one, always ends."""
         out = ffi.new("it_entry_t *")
         for slot in range(lib.it_hwm(self._b)):
-            e = self._snapshot(slot, out)
+            e = self._snapshot(slot, out, dying)
             if e is not None:
                 yield e
 

@@ -111,7 +111,9 @@ class QueueWorker:
     def _fast_ctx(self, fs: PassthroughFs) -> object:
         """What daemon/fast_path.c needs to answer requests as PassthroughFs would."""
         ctx = ffi.new("pyvfs_fast_ctx_t *")
-        ctx.handles, ctx.ht_acquire_fd, ctx.ht_release_ref = fs.handles.c_api()
+        handles = fs.handles.c_api()
+        ctx.handles, ctx.ht_pin, ctx.ht_unpin = handles["base"], handles["ht_pin"], \
+            handles["ht_unpin"]
         # writes that must clear privileges (a renamed security.capability) go through
         # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
         ctx.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
@@ -121,8 +123,8 @@ class QueueWorker:
             return ctx
         api = inode_api()
         ctx.inodes = api["base"]
-        for name in ("it_acquire_fd", "it_release", "it_claim_or_insert", "it_forget",
-                     "it_lookup", "it_nodeid", "it_handle_of", "it_claim"):
+        for name in ("it_pin", "it_unpin", "it_claim_or_insert", "it_forget", "it_lookup",
+                     "it_handle_of", "it_claim"):
             setattr(ctx, name, api[name])
         ctx.fd_cache = fs.fd_cache.c
         self._session = ffi.from_buffer(fs.session)  # kept alive with the context
@@ -134,7 +136,7 @@ class QueueWorker:
         ctx.mandatory = int(fs.config.file_handles == "mandatory")
         ctx.timeout_sec, ctx.timeout_nsec = fs.config.timeout
         ctx.meta = 1
-        ctx.ht_close = fs.handles.c_close()
+        ctx.ht_close = handles["ht_close"]
         ctx.allow_unlink = 0 if fs.config.readonly else 1
         ctx.negative_lookup = 0 if fs.config.cache == "never" else 1
         if fs.lock_owners is not None:
@@ -146,7 +148,7 @@ class QueueWorker:
         cfg = fs.config
         if not (cfg.readonly or cfg.posix_acl or cfg.security_label or cfg.writeback
                 or cfg.xattrmap is not None or fs.security_capability):
-            ctx.ht_open = fs.handles.c_open()
+            ctx.ht_open = handles["ht_open"]
             clear = OPEN_STRIP
             if not cfg.allow_direct_io:
                 clear |= os.O_DIRECT
@@ -390,7 +392,6 @@ class QueueWorker:
         for head, unique, waiting in self.waiting_locks:
             try:
                 if unique in interrupted:
-                    waiting.drop()
                     log.debug("queue %d: SETLKW %d interrupted", self.setup.index, unique)
                     raise OSError(errno.EINTR, "interrupted")
                 if not waiting.attempt():

@@ -229,10 +229,10 @@ def test_lookups_in_c_are_forgotten(tmp_path: Path, handles: str) -> None:
                 assert err == 0
                 nodeids.add(struct.unpack_from("<Q", entry)[0])
             (nodeid,) = nodeids
-            assert table.refcount(nodeid) == 60
+            assert table.lookups(nodeid) == 60
             for n in (25, 25, 9):  # on the high-priority queue
                 front.fuse(F, nodeid, fuse.FORGET_IN.pack(n), q=0, out_size=0)
-            assert table.refcount(nodeid) == 1
+            assert table.lookups(nodeid) == 1
             # BATCH_FORGET: the last reference, and a forged nodeid
             batch = fuse.BATCH_FORGET_IN.pack(2, 0) + fuse.FORGET_ONE.pack(nodeid, 1) + \
                 fuse.FORGET_ONE.pack(nodeid + 1000, 5)
@@ -285,7 +285,7 @@ def test_lookup_of_a_known_name_follows_the_host(tmp_path: Path, handles: str) -
             f.write(b"c" * 23)
         for q in (1, 2, 1):
             assert entry(q) == (first[0], first[1], 123, 0o100600)
-        assert table.refcount(first[0]) == 4
+        assert table.lookups(first[0]) == 4
         # another file renamed over the name: another inode, not the known one
         os.replace(share / "other", share / "file")
         second = entry(2)
@@ -298,7 +298,7 @@ def test_lookup_of_a_known_name_follows_the_host(tmp_path: Path, handles: str) -
         third = entry(1)
         assert third[0] not in (first[0], second[0], kept[0])
         assert third[3] & 0o170000 == 0o120000
-        assert table.refcount(first[0]) == 4 and table.refcount(second[0]) == 2
+        assert table.lookups(first[0]) == 4 and table.lookups(second[0]) == 2
         table.check()
         table.detach()
         front.close()

@@ -129,13 +129,13 @@ def test_getattr_identical(tmp_path: Path, cache: str) -> None:
             if mode == "prefer":
                 f.fs.fd_cache.clear()  # the C path re-opens them by handle
             for nodeid in nodeids:
-                refs = f.inodes.refcount(nodeid)
+                refs = f.inodes.lookups(nodeid)
                 for arg in (b"", fuse.GETATTR_IN.pack(0, 0, 0),
                             fuse.GETATTR_IN.pack(1, 0, 0xDEAD)):  # FUSE_GETATTR_FH: unused
                     handled, reply = f.c(fuse.Opcode.GETATTR, nodeid, arg, split=7)
                     assert handled == 1
                     assert reply == f.py(fuse.Opcode.GETATTR, nodeid, arg), (mode, nodeid)
-                assert f.inodes.refcount(nodeid) == refs
+                assert f.inodes.lookups(nodeid) == refs
             if mode == "prefer":
                 assert f.fs.fd_cache.opened == len(nodeids) - 1  # all but the root
             f.inodes.check()
@@ -147,24 +147,24 @@ def test_lookup_identical_and_counted(fs: Fs) -> None:
     dir_id = fs.lookup_py(1, b"dir")
     for parent, name in [(1, n) for n in NAMES] + [(dir_id, b"inner")]:
         nodeid = fs.lookup_py(parent, name)  # Python inserts it
-        held = fs.inodes.refcount(nodeid)  # 2 for "dir": dir_id is held too
+        held = fs.inodes.lookups(nodeid)  # 2 for "dir": dir_id is held too
         for split in (0, 3, 41):  # name in one piece, cut across iovecs
             handled, reply = fs.c(fuse.Opcode.LOOKUP, parent, name + b"\0", split=split)
             assert handled == 1
             assert reply == fs.py(fuse.Opcode.LOOKUP, parent, name + b"\0")
         # + 3 C and 3 Python lookups: the guest holds 6 more references
-        assert fs.inodes.refcount(nodeid) == held + 6
+        assert fs.inodes.lookups(nodeid) == held + 6
         for _ in range(3):  # FORGET in C, with the counts the guest sends
             handled, reply = fs.c(fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(2),
                                   out_size=0)
             assert (handled, reply) == (1, b"")
-        assert fs.inodes.refcount(nodeid) == held
+        assert fs.inodes.lookups(nodeid) == held
         if nodeid == dir_id:
             continue
         assert fs.c(fuse.Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(1), out_size=0)[0] == 1
         assert fs.inodes.get(nodeid) is None
         assert fs.fs.fd_cache.get(nodeid) == -1  # its cached fd went with it
-    assert fs.inodes.refcount(dir_id) == 2
+    assert fs.inodes.lookups(dir_id) == 2
     fs.inodes.check()
 
 
@@ -172,7 +172,7 @@ def test_lookup_of_a_new_inode_inserts_it(fs: Fs) -> None:
     handled, reply = fs.c(fuse.Opcode.LOOKUP, 1, b"file\0")
     assert handled == 1
     nodeid = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0]
-    assert fs.inodes.refcount(nodeid) == 1
+    assert fs.inodes.lookups(nodeid) == 1
     # what Python answers for the same inode now
     assert reply == fs.py(fuse.Opcode.LOOKUP, 1, b"file\0")
     entry = fs.inodes.get(nodeid)
@@ -183,7 +183,7 @@ def test_lookup_of_a_new_inode_inserts_it(fs: Fs) -> None:
         fuse.FORGET_ONE.pack(1, 100) + fuse.FORGET_ONE.pack(999999, 1)
     assert fs.c(fuse.Opcode.BATCH_FORGET, 0, batch, out_size=0) == (1, b"")
     assert fs.inodes.get(nodeid) is None
-    assert fs.inodes.refcount(1) >= 1  # the root is never forgotten
+    assert fs.inodes.lookups(1) >= 1  # the root is never forgotten
     fs.inodes.check()
 
 
@@ -194,7 +194,7 @@ def test_many_lookups_then_one_batch_forget(fs: Fs) -> None:
         handled, reply = fs.c(fuse.Opcode.LOOKUP, 1, name + b"\0")
         assert handled == 1
         ids.setdefault(name, struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0])
-    assert {fs.inodes.refcount(n) for n in ids.values()} == {25}
+    assert {fs.inodes.lookups(n) for n in ids.values()} == {25}
     batch = fuse.BATCH_FORGET_IN.pack(len(ids), 0) + b"".join(
         fuse.FORGET_ONE.pack(n, 25) for n in ids.values())
     assert fs.c(fuse.Opcode.BATCH_FORGET, 0, batch, out_size=0, split=24) == (1, b"")
@@ -263,14 +263,14 @@ def hostile(fs: Fs) -> list[tuple[str, dict]]:
 
 def test_hostile_requests_are_declined(fs: Fs) -> None:
     for what, kw in hostile(fs):
-        before = [(e.nodeid, e.refcount) for e in fs.inodes.iter_entries()]
+        before = [(e.nodeid, e.lookups) for e in fs.inodes.iter_entries()]
         kw = dict(kw)
         opcode, nodeid = kw.pop("opcode"), kw.pop("nodeid")
         arg = kw.pop("arg", b"")
         for split in (0, 1, 5) if len(arg) < 4096 else (0,):
             handled, _ = fs.c(opcode, nodeid, arg, split=split, **kw)
             assert handled == 0, what
-        assert [(e.nodeid, e.refcount) for e in fs.inodes.iter_entries()] == before, what
+        assert [(e.nodeid, e.lookups) for e in fs.inodes.iter_entries()] == before, what
     fs.inodes.check()
 
 
@@ -341,8 +341,8 @@ def test_harmless_forgets_are_answered(fs: Fs) -> None:
         (fuse.Opcode.BATCH_FORGET, 0, fuse.BATCH_FORGET_IN.pack(1 << 31, 0) + bytes(15)),
     ]:
         assert fs.c(opcode, target, arg, out_size=0) == (1, b"")
-    assert fs.inodes.refcount(nodeid) == 1
-    assert fs.inodes.refcount(1) >= 1
+    assert fs.inodes.lookups(nodeid) == 1
+    assert fs.inodes.lookups(1) >= 1
     fs.inodes.check()
 
 
@@ -393,7 +393,7 @@ def test_release_and_unlink(fs: Fs) -> None:
     handled, reply = fs.c(fuse.Opcode.UNLINK, 1, b"victim\0")
     assert handled == 1 and reply == OUT.pack(16, 0, fs.unique)
     assert not (share / "victim").exists()
-    assert fs.inodes.refcount(nodeid) == 1  # the guest still holds its lookup
+    assert fs.inodes.lookups(nodeid) == 1  # the guest still holds its lookup
 
 
 def test_read_only_share_unlinks_in_python(tmp_path: Path) -> None:
@@ -435,7 +435,7 @@ def test_readdirplus_identical_and_counted(fs: Fs) -> None:
                 name = body[pos + 152 : pos + 152 + namelen]
                 names_seen.add(name)
                 if name not in (b".", b".."):
-                    assert nodeid and fs.inodes.refcount(nodeid) >= 2
+                    assert nodeid and fs.inodes.lookups(nodeid) >= 2
                 pos += fuse.direntplus_size(namelen)
                 last = off
             if last is None:
@@ -445,7 +445,7 @@ def test_readdirplus_identical_and_counted(fs: Fs) -> None:
     # every entry sent (by C and by Python) is one reference; FORGET them all in C
     for e in list(fs.inodes.iter_entries()):
         if e.parent == dir_id:
-            assert fs.c(fuse.Opcode.FORGET, e.nodeid, fuse.FORGET_IN.pack(e.refcount),
+            assert fs.c(fuse.Opcode.FORGET, e.nodeid, fuse.FORGET_IN.pack(e.lookups),
                         out_size=0)[0] == 1
     assert all(e.parent != dir_id for e in fs.inodes.iter_entries())
     fs.inodes.check()
@@ -511,8 +511,8 @@ def test_create_identical_and_counted(tmp_path: Path, cache: str, handles: str) 
             assert fopen == f.fs._open_reply_flags(False)
             c_open, p_open = f.handles.get(fh), f.handles.get(pfh)
             assert c_open is not None and p_open is not None
-            assert (c_open.nodeid, c_open.flags, c_open.refcount) == (nodeid, flags, 1)
-            assert (p_open.flags, p_open.refcount) == (flags, 1)
+            assert (c_open.nodeid, c_open.flags, c_open.guest_open) == (nodeid, flags, True)
+            assert (p_open.flags, p_open.guest_open) == (flags, True)
             # the fd's status flags as Python's
             assert fcntl.fcntl(c_open.fd, fcntl.F_GETFL) == fcntl.fcntl(p_open.fd,
                                                                         fcntl.F_GETFL)
