@@ -83,7 +83,7 @@ ffibuilder.cdef(
         int32_t allow_write;
         int32_t meta;
         uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
-                 it_handle_of, it_claim;
+                 it_handle_of, it_claim, seg_removals;
         pyvfs_fdcache_t *fd_cache;
         uint64_t session;
         uint64_t submounts_flag;

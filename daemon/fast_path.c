@@ -33,6 +33,7 @@ typedef struct {
     struct pyvfs_fdc_node lru;  /* lru.next: oldest, lru.prev: newest */
     pyvfs_fdc_pin_t *pins;
     uint32_t npins, pins_cap;
+    uint64_t swept_at;  /* the inode table's removal count at the last sweep */
 } pyvfs_fdcache_t;
 
 static inline uint64_t fdc_hash(uint64_t x) {
@@ -192,7 +193,7 @@ typedef struct {
     int32_t meta;
     /* InodeTable.c_api() */
     uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
-             it_handle_of, it_claim;
+             it_handle_of, it_claim, seg_removals;
     pyvfs_fdcache_t *fd_cache;
     uint64_t session;        /* address of the INIT flags both sides agreed on (u64) */
     uint64_t submounts_flag; /* FUSE_SUBMOUNTS in that word */
@@ -222,6 +223,24 @@ typedef struct {
 /* A call into the shared tables through the address the context holds, typed by the
  * function's declaration in shm_table/native.h. */
 #define TABLE(c, fn) ((__typeof__(&fn))(uintptr_t)(c)->fn)
+
+/* Close the cached fds of inodes the guest has forgotten since the last sweep: an O_PATH
+ * fd keeps an unlinked file's blocks allocated on the host.  Cheap when nothing was freed
+ * (one load); the serve loop calls it before it sleeps and once a second while idle. */
+static void fdc_sweep(const pyvfs_fast_ctx_t *c) {
+    pyvfs_fdcache_t *fc = c->fd_cache;
+    if (!fc || !c->inodes || !c->seg_removals || !fc->count) return;
+    uint64_t now = TABLE(c, seg_removals)((void *)c->inodes);
+    if (now == fc->swept_at) return;
+    fc->swept_at = now;
+    struct pyvfs_fdc_node *n = fc->lru.next;
+    while (n != &fc->lru) {
+        struct pyvfs_fdc_node *next = n->next;
+        if (!fdc_pinned(fc, n->nodeid) && TABLE(c, it_lookup)((void *)c->inodes, n->nodeid) < 0)
+            close(fdc_remove(fc, n));
+        n = next;
+    }
+}
 
 #define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* queue_worker.MAX_REQUEST */
 #define PYVFS_ROOT_ID 1
@@ -1012,10 +1031,14 @@ int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
                 if (t >= deadline) return PYVFS_SERVE_TIMEOUT;
                 wait_ms = (int)((deadline - t + 999999u) / 1000000u);
             }
+            fdc_sweep(c);
+            int sweep_tick = c->fd_cache && c->fd_cache->count && (wait_ms < 0 || wait_ms > 1000);
+            if (sweep_tick) wait_ms = 1000;  /* forgets on other queues do not wake us */
             struct epoll_event ev[4];
             int n = epoll_wait(s->epoll_fd, ev, 4, wait_ms);
             if (n < 0 && errno == EINTR) continue;
             if (n < 0) return PYVFS_SERVE_ERROR;  /* errno says why */
+            if (n == 0 && sweep_tick) continue;
             if (n == 0) return PYVFS_SERVE_TIMEOUT;
             int kicked = 0;
             for (int i = 0; i < n; i++) {

@@ -506,6 +506,10 @@ static uint32_t reap_rows(hdr_t *h) {
 
 int seg_reap_pins(void *base) { return (int)reap_rows(H(base)); }
 
+/* Entries freed so far: a worker whose fd cache holds fds of inodes sweeps it when this
+ * moves. */
+uint64_t seg_removals(void *base) { return LD_ACQ(&H(base)->removals); }
+
 /* The calling thread's row, claimed on first use.  Cached per thread; the cache is only
  * trusted while the row still names this thread, which also covers a child made by clone()
  * (new TID) and a segment mapped where an old one was. */
@@ -776,7 +780,7 @@ static int32_t it_free_locked(hdr_t *h, uint32_t slot) {
     }
     h->entries--;
     h->dying--;
-    h->removals++;
+    ST_REL(&h->removals, h->removals + 1);
     return fd;
 }
 
@@ -1485,7 +1489,7 @@ static int32_t ht_free_locked(hdr_t *h, uint32_t slot) {
     h->free_head = slot;
     h->entries--;
     __atomic_fetch_sub(&h->dying, 1, __ATOMIC_RELAXED);
-    h->removals++;
+    ST_REL(&h->removals, h->removals + 1);
     return fd;
 }
 

@@ -42,6 +42,7 @@ uint32_t seg_lock_word(void *base);
 uint32_t seg_my_tid(void);
 int seg_stats(void *base, uint64_t *out, int n);
 int seg_reap_pins(void *base);
+uint64_t seg_removals(void *base);
 int seg_my_pins(void *base);
 int seg_pins_held(void *base);
 

@@ -415,7 +415,7 @@ class InodeTable(_Segment):
         code calls to resolve, claim and forget inodes without a Python round trip (the
         worker's GETATTR/LOOKUP/FORGET fast path)."""
         names = ("it_pin", "it_unpin", "it_claim_or_insert", "it_forget", "it_lookup",
-                 "it_handle_of", "it_claim")
+                 "it_handle_of", "it_claim", "seg_removals")
         api = {n: int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names}
         api["base"] = int(ffi.cast("uintptr_t", self._b))
         return api

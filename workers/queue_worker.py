@@ -117,16 +117,15 @@ class QueueWorker:
         # writes that must clear privileges (a renamed security.capability) go through
         # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
         ctx.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
-        inode_api = getattr(fs.inodes, "c_api", None)
-        # owners rewritten by --translate-uid/gid are Python's job
-        if inode_api is None or fs.translate_ids:
-            return ctx
-        api = inode_api()
+        api = fs.inodes.c_api()
         ctx.inodes = api["base"]
         for name in ("it_pin", "it_unpin", "it_claim_or_insert", "it_forget", "it_lookup",
-                     "it_handle_of", "it_claim"):
+                     "it_handle_of", "it_claim", "seg_removals"):
             setattr(ctx, name, api[name])
-        ctx.fd_cache = fs.fd_cache.c
+        ctx.fd_cache = fs.fd_cache.c  # swept in C of inodes the guest forgot
+        # owners rewritten by --translate-uid/gid are Python's job
+        if fs.translate_ids:
+            return ctx
         self._session = ffi.from_buffer(fs.session)  # kept alive with the context
         ctx.session = int(ffi.cast("uintptr_t", self._session))
         ctx.submounts_flag = fuse.SUBMOUNTS

@@ -1,0 +1,285 @@
+"""A hostile guest's FORGET, BATCH_FORGET and DESTROY with counts above what it looked up,
+racing requests in flight on other queues.
+
+The guest owns its lookup counts, nothing else: the references a worker holds while it
+serves a request must survive whatever the guest forgets meanwhile. When the two shared one
+counter, an over-count FORGET freed an entry (and closed its fd) under a GETATTR on another
+queue; the slot went to the next LOOKUP, and the GETATTR's release then freed that new
+entry, which the guest still held: its GETATTR answered EBADF, and a directory's listing
+came from another directory whose O_PATH fd had taken the closed fd's number.
+
+Each test checks what the guest sees (every nodeid it still holds answers with its own
+inode number and its own directory entries) and what the host keeps (the inode and
+open-file tables go back to the root alone, and the daemon's fd table to its size before
+the test).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from pathlib import Path
+
+from daemon import fuse
+from shm_table import HandleTable, InodeTable
+from tests.protocol.test_hostile_guest import Served, reclaim, serve
+
+HUGE = 1 << 40
+ROUNDS = 40
+IN_FLIGHT = 6
+
+
+def entry_of(payload: bytes) -> tuple[int, int]:
+    """(nodeid, st_ino) of a fuse_entry_out."""
+    nodeid = struct.unpack_from("<Q", payload)[0]
+    ino = struct.unpack_from("<Q", payload, fuse.ENTRY_HEAD.size)[0]
+    return nodeid, ino
+
+
+def attr_ino(payload: bytes) -> int:
+    return struct.unpack_from("<Q", payload, fuse.ATTR_OUT_HEAD.size)[0]
+
+
+def dirplus_names(payload: bytes) -> tuple[list[bytes], list[int]]:
+    """Names and (non-zero) nodeids of a READDIRPLUS reply."""
+    names, nodeids, pos = [], [], 0
+    while pos < len(payload):
+        nodeid = struct.unpack_from("<Q", payload, pos)[0]
+        _ino, _off, namelen, _type = fuse.DIRENT_HEAD.unpack_from(
+            payload, pos + fuse.ENTRY_OUT_SIZE)
+        start = pos + fuse.ENTRY_OUT_SIZE + fuse.DIRENT_HEAD.size
+        names.append(payload[start : start + namelen])
+        if nodeid:
+            nodeids.append(nodeid)
+        pos += fuse.direntplus_size(namelen)
+    return names, nodeids
+
+
+def daemon_fds(srv: Served) -> int:
+    """Entries of the fd table the server and its workers share."""
+    worker = next(iter(srv.workers.values()))
+    return len(os.listdir(f"/proc/{worker}/fd"))
+
+
+def assert_fds_back(srv: Served, before: int) -> None:
+    """The fd table is back to its size before the test: every fd of a freed entry is
+    closed, including the workers' cached fds of forgotten inodes (an idle worker sweeps
+    its cache once a second)."""
+    deadline = time.monotonic() + 5
+    while daemon_fds(srv) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon_fds(srv) == before, f"{daemon_fds(srv) - before} fds left open"
+
+
+def settle(srv: Served, what: str) -> None:
+    """Wait until the tables hold the root alone and nothing is pinned."""
+    inodes = InodeTable.attach(f"/pyvirtiofsd-{srv.proc.pid}-inodes")
+    handles = HandleTable.attach(f"/pyvirtiofsd-{srv.proc.pid}-handles")
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (
+                inodes.stats()["entries"] != 1 or handles.stats()["entries"] != 0
+                or inodes.pins_held() or handles.pins_held()):
+            time.sleep(0.02)
+        assert inodes.stats()["entries"] == 1, (
+            f"{what}: {inodes.stats()['entries']} inode entries left: "
+            f"{list(inodes.iter_entries(dying=True))}")
+        assert handles.stats()["entries"] == 0, f"{what}: open files left"
+        assert inodes.pins_held() == 0 and handles.pins_held() == 0
+        inodes.check()
+        handles.check()
+    finally:
+        inodes.detach()
+        handles.detach()
+
+
+def make_dirs(share: Path, n: int) -> dict[str, set[bytes]]:
+    """Directories whose listings tell them apart."""
+    listing = {}
+    for i in range(n):
+        d = share / f"d{i}"
+        d.mkdir()
+        names = {f"d{i}-{j}".encode() for j in range(3)}
+        for name in names:
+            (d / name.decode()).write_bytes(b"x")
+        listing[f"d{i}"] = names
+    return listing
+
+
+def test_overcount_forget_never_frees_what_requests_or_the_guest_hold(tmp_path: Path) -> None:
+    with serve(tmp_path) as srv:
+        fe = srv.fe
+        listing = make_dirs(srv.share, 4)
+        big = srv.share / "big"
+        big.mkdir()
+        for i in range(1500):
+            (big / f"entry-{i:05d}").write_bytes(b"")
+        fds_before = daemon_fds(srv)
+        for rnd in range(ROUNDS):
+            # a long READDIRPLUS of "big" in flight on queue 1 (it uses big's fd for every
+            # entry it looks up) while the guest, on the hiprio queue, forgets far more
+            # lookups of "big" than it made; meanwhile queue 2 looks up new directories,
+            # which take whatever slots come free
+            error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID, b"big\0", q=1,
+                                     out_size=256)
+            assert error == 0
+            big_nodeid, big_ino = entry_of(payload)
+            reclaim(fe, 1)
+            error, big_fh = srv.opendir(big_nodeid, q=1)
+            assert error == 0
+            listing_req = fe.start(fuse.Opcode.READDIRPLUS, big_nodeid,
+                                   fuse.READ_IN.pack(big_fh, 0, 131072, 0, 0, 0, 0), q=1,
+                                   out_size=131072 + 16)
+            getattrs = [fe.start(fuse.Opcode.GETATTR, big_nodeid, bytes(16), q=1,
+                                 out_size=256) for _ in range(IN_FLIGHT)]
+            forget = fe.start(fuse.Opcode.FORGET, big_nodeid, fuse.FORGET_IN.pack(HUGE),
+                              q=0, out_size=0)
+            fresh: dict[int, tuple[int, str]] = {}
+            for k in range(12):
+                name = f"w{rnd}-{k}"
+                (srv.share / name).mkdir()
+                for entry in listing[f"d{k % 4}"]:
+                    (srv.share / name / entry.decode()).write_bytes(b"y")
+                error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID,
+                                         name.encode() + b"\0", q=2, out_size=256)
+                assert error == 0, f"round {rnd}: LOOKUP {name}: {error}"
+                nodeid, ino = entry_of(payload)
+                fresh[nodeid] = (ino, f"d{k % 4}")
+                reclaim(fe, 2)
+            answers = fe.finish_all([listing_req, *getattrs, forget])
+            error, payload = answers[0]
+            assert error in (0, -errno.EBADF), f"round {rnd}: READDIRPLUS big: {error}"
+            names, children = dirplus_names(payload)
+            assert all(n.startswith(b"entry-") or n in (b".", b"..") for n in names), (
+                f"round {rnd}: READDIRPLUS of big listed another directory: {names[:5]}")
+            for error, payload in answers[1:-1]:
+                # big was forgotten by the guest: its own inode, or EBADF; never another's
+                assert error in (0, -errno.EBADF), f"round {rnd}: GETATTR big: {error}"
+                if error == 0:
+                    assert attr_ino(payload) == big_ino, f"round {rnd}: GETATTR big: wrong inode"
+            reclaim(fe, 1)
+            reclaim(fe, 0)
+            srv.release(big_nodeid, big_fh, 1, fuse.Opcode.RELEASEDIR)
+            for child in children:
+                srv.forget(child, 1, q=0)
+            # what the guest still holds answers as itself, on both queues
+            for nodeid, (ino, _like) in fresh.items():
+                for q in (1, 2):
+                    error, payload = fe.fuse(fuse.Opcode.GETATTR, nodeid, bytes(16), q=q,
+                                             out_size=256)
+                    assert error == 0, (
+                        f"round {rnd}: GETATTR of held nodeid {nodeid:#x} on queue {q}: {error}")
+                    assert attr_ino(payload) == ino, f"round {rnd}: GETATTR: another inode"
+                    reclaim(fe, q)
+            nodeid, (ino, like) = next(iter(fresh.items()))
+            error, fh = srv.opendir(nodeid, q=2)
+            assert error == 0, f"round {rnd}: OPENDIR of a held directory: {error}"
+            error, payload = srv.call(fuse.Opcode.READDIRPLUS, nodeid,
+                                      fuse.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0), q=2,
+                                      out_size=65600)
+            assert error == 0
+            names, children = dirplus_names(payload)
+            assert set(names) - {b".", b".."} == listing[like], (
+                f"round {rnd}: READDIRPLUS of a held directory listed {names}")
+            srv.release(nodeid, fh, 2, fuse.Opcode.RELEASEDIR)
+            for child in children:
+                srv.forget(child, 1, q=0)
+            for nodeid in fresh:
+                srv.forget(nodeid, 1, q=0)
+        settle(srv, "after every lookup was forgotten")
+        assert_fds_back(srv, fds_before)
+        srv.assert_alive(queues=(1, 2))
+
+
+def test_batch_forget_and_destroy_over_count_spare_requests_in_flight(tmp_path: Path) -> None:
+    with serve(tmp_path) as srv:
+        fe = srv.fe
+        listing = make_dirs(srv.share, 4)
+        data = {f"f{i}": os.urandom(8192) for i in range(4)}
+        for name, content in data.items():
+            (srv.share / name).write_bytes(content)
+        big = srv.share / "big"
+        big.mkdir()
+        for i in range(1500):
+            (big / f"entry-{i:05d}").write_bytes(b"")
+        fds_before = daemon_fds(srv)
+        for rnd in range(16):
+            held = {}
+            for name in [*data, "big"]:
+                error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID,
+                                         name.encode() + b"\0", q=2, out_size=256)
+                assert error == 0
+                held[name] = entry_of(payload)
+                reclaim(fe, 2)
+            opened = {}
+            for name in data:
+                error, fh = srv.open(held[name][0], q=2)
+                assert error == 0
+                opened[name] = fh
+            error, big_fh = srv.opendir(held["big"][0], q=2)
+            assert error == 0
+            # a long READDIRPLUS and READs of every open file in flight on queue 2; a
+            # BATCH_FORGET far above the guest's lookups on the hiprio queue, or a DESTROY
+            # on queue 1, meanwhile; then queue 1 looks up new directories
+            inflight = [fe.start(fuse.Opcode.READDIRPLUS, held["big"][0],
+                                 fuse.READ_IN.pack(big_fh, 0, 131072, 0, 0, 0, 0), q=2,
+                                 out_size=131072 + 16)]
+            inflight += [fe.start(fuse.Opcode.READ, held[name][0],
+                                  fuse.READ_IN.pack(fh, 0, 8192, 0, 0, 0, 0), q=2,
+                                  out_size=8192 + 16) for name, fh in opened.items()]
+            destroy = rnd % 2 == 0
+            if destroy:
+                error, _ = fe.fuse(fuse.Opcode.DESTROY, 0, b"", q=1, out_size=256)
+                assert error == 0
+                reclaim(fe, 1)
+                fe.init(q=1)
+                reclaim(fe, 1)
+            else:
+                batch = fuse.BATCH_FORGET_IN.pack(len(held), 0) + b"".join(
+                    fuse.FORGET_ONE.pack(nodeid, HUGE) for nodeid, _ in held.values())
+                srv.request(fuse.Opcode.BATCH_FORGET, 0, batch, q=0, out_size=0)
+            fresh: dict[int, tuple[int, str]] = {}
+            for k in range(12):
+                name = f"w{rnd}-{k}"
+                (srv.share / name).mkdir()
+                for entry in listing[f"d{k % 4}"]:
+                    (srv.share / name / entry.decode()).write_bytes(b"y")
+                error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID,
+                                         name.encode() + b"\0", q=1, out_size=256)
+                assert error == 0, f"round {rnd}: LOOKUP {name}: {error}"
+                nodeid, ino = entry_of(payload)
+                fresh[nodeid] = (ino, f"d{k % 4}")
+                reclaim(fe, 1)
+            answers = fe.finish_all(inflight)
+            error, payload = answers[0]
+            assert error in (0, -errno.EBADF), f"round {rnd}: READDIRPLUS big: {error}"
+            names, children = dirplus_names(payload)
+            assert all(n.startswith(b"entry-") or n in (b".", b"..") for n in names), (
+                f"round {rnd}: READDIRPLUS of big listed another directory: {names[:5]}")
+            for name, (error, payload) in zip(opened, answers[1:], strict=True):
+                # the file's own bytes or, once DESTROY released its fh, EBADF; never
+                # another file's bytes
+                assert error in (0, -errno.EBADF), f"round {rnd}: READ {name}: {error}"
+                if error == 0:
+                    assert payload == data[name], f"round {rnd}: READ {name}: wrong bytes"
+            reclaim(fe, 2)
+            for child in children:
+                srv.forget(child, 1, q=0)
+            if not destroy:  # BATCH_FORGET leaves the open files to the guest
+                for name, fh in opened.items():
+                    srv.release(held[name][0], fh, 2)
+                srv.release(held["big"][0], big_fh, 2, fuse.Opcode.RELEASEDIR)
+            for nodeid, (ino, _like) in fresh.items():
+                for q in (1, 2):
+                    error, payload = fe.fuse(fuse.Opcode.GETATTR, nodeid, bytes(16), q=q,
+                                             out_size=256)
+                    assert error == 0, (
+                        f"round {rnd}: GETATTR of held nodeid {nodeid:#x} on queue {q}: {error}")
+                    assert attr_ino(payload) == ino, f"round {rnd}: GETATTR: another inode"
+                    reclaim(fe, q)
+                srv.forget(nodeid, 1, q=0)
+        settle(srv, "after BATCH_FORGET and DESTROY")
+        assert_fds_back(srv, fds_before)
+        srv.assert_alive(queues=(1, 2))
