@@ -17,10 +17,13 @@ the test).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 import time
 from pathlib import Path
+
+import pytest
 
 from daemon import fuse
 from shm_table import HandleTable, InodeTable
@@ -337,4 +340,76 @@ def test_a_killed_worker_gives_back_exactly_its_pins(tmp_path: Path) -> None:
             handles.detach()
         # the killed worker's claims for the entries it was listing are the guest's that
         # never reached it (a lookup leak a restart cannot avoid); its pins are gone
+        srv.assert_alive(queues=(1, 2))
+
+
+def _host_write_lock(path: Path) -> int:
+    """A host process's lock on the whole file (an OFD lock of this test process)."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    return fd
+
+
+@pytest.mark.parametrize("storm", ["batch_forget", "destroy"])
+def test_parked_setlkw_outlives_an_overcount_forget(tmp_path: Path, storm: str) -> None:
+    """SETLKWs parked on queue 2 behind a host lock, while the guest forgets far more than
+    it looked up (or DESTROYs) and queue 1 looks new files up: once the host lets go each
+    parked request is answered as the guest's open file stands — granted while the file
+    is still open, EBADF once DESTROY released it — and nothing the guest holds is hurt."""
+    with serve(tmp_path, "--posix-lock") as srv:
+        fe = srv.fe
+        files = [srv.share / f"locked{i}" for i in range(3)]
+        for f in files:
+            f.write_bytes(b"locked")
+        holds = [_host_write_lock(f) for f in files]
+        held = {}
+        for f in files:
+            error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID,
+                                     f.name.encode() + b"\0", q=2, out_size=256)
+            assert error == 0
+            nodeid, _ = entry_of(payload)
+            reclaim(fe, 2)
+            error, fh = srv.open(nodeid, os.O_RDWR, q=2)
+            assert error == 0
+            held[f.name] = (nodeid, fh)
+        parked = [fe.start(fuse.Opcode.SETLKW, nodeid,
+                           fuse.LK_IN.pack(fh, 7 + i, 0, fuse.OFFSET_MAX, fcntl.F_WRLCK,
+                                           100 + i, 0, 0), q=2, out_size=256)
+                  for i, (nodeid, fh) in enumerate(held.values())]
+        with pytest.raises(TimeoutError):  # they really wait for the host's locks
+            fe.wait_used(2, timeout=0.3)
+        if storm == "destroy":
+            error, _ = fe.fuse(fuse.Opcode.DESTROY, 0, b"", q=1, out_size=256)
+            assert error == 0
+            reclaim(fe, 1)
+            fe.init(q=1)
+            reclaim(fe, 1)
+        else:
+            batch = fuse.BATCH_FORGET_IN.pack(len(held), 0) + b"".join(
+                fuse.FORGET_ONE.pack(nodeid, HUGE) for nodeid, _ in held.values())
+            srv.request(fuse.Opcode.BATCH_FORGET, 0, batch, q=0, out_size=0)
+        fresh = {}
+        for k in range(8):
+            (srv.share / f"new{k}").write_bytes(b"n%d" % k)
+            error, payload = fe.fuse(fuse.Opcode.LOOKUP, fuse.ROOT_ID, f"new{k}\0".encode(),
+                                     q=1, out_size=256)
+            assert error == 0
+            nodeid, ino = entry_of(payload)
+            fresh[nodeid] = ino
+            reclaim(fe, 1)
+        for fd in holds:
+            os.close(fd)
+        answers = fe.finish_all(parked, timeout=5)
+        want = -errno.EBADF if storm == "destroy" else 0
+        assert [error for error, _ in answers] == [want] * len(parked)
+        reclaim(fe, 2)
+        for nodeid, ino in fresh.items():
+            error, payload = fe.fuse(fuse.Opcode.GETATTR, nodeid, bytes(16), q=2, out_size=256)
+            assert error == 0 and attr_ino(payload) == ino
+            reclaim(fe, 2)
+            srv.forget(nodeid, 1, q=0)
+        if storm == "batch_forget":
+            for nodeid, fh in held.values():  # the guest's files are still open: release
+                srv.release(nodeid, fh, 2)
+        settle(srv, f"after {storm} with parked SETLKWs")
         srv.assert_alive(queues=(1, 2))
