@@ -34,6 +34,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -285,20 +286,22 @@ static inline uint32_t my_tid(void) {
 
 uint32_t seg_my_tid(void) { return my_tid(); }
 
-/* Is the task with this TID gone?  kill(0) succeeds for zombies, so look at /proc too. */
+/* Is the task with this TID gone?  kill(0) also succeeds for a zombie (a killed worker
+ * stays one until the supervisor reaps it), so ask a pidfd, which polls readable once the
+ * process has exited.  Never /proc/<tid>: inside the sandbox /proc is the server's own fd
+ * directory, where "<tid>/stat" names whatever the fd of that number is (a directory of
+ * the share, say), so a guest could make a live lock holder look dead.  A TID that is not
+ * a thread-group leader has no pidfd (before Linux 6.9): threads are reaped as they exit,
+ * so kill(0) alone is the answer for them. */
 static int task_dead(uint32_t tid) {
     if (tid == 0) return 0;
     if (kill((pid_t)tid, 0) != 0) return errno == ESRCH;
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%u/stat", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return errno == ENOENT;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)tid, 0u);
+    if (fd < 0) return 0;
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    int r = poll(&p, 1, 0);
     close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+    return r == 1 && (p.revents & POLLIN);
 }
 
 /* Start time of a task in clock ticks since boot (field 22 of /proc/pid/stat), 0 if unknown.
@@ -486,12 +489,17 @@ static void after_unpin(hdr_t *h, uint64_t v) {
 /* Give back the pins of threads that are gone (exited, killed, zombie), then free their rows.
  * Anyone may call it; the supervisor does after a worker dies, before reaping it, so the
  * worker's TIDs cannot have been reused yet. */
+#define ROW_REAPING 0xFFFFFFFFu /* owner while a reaper empties the row (no TID is this) */
+
 static uint32_t reap_rows(hdr_t *h) {
     uint32_t n = LD_ACQ(&h->pin_rows), freed = 0;
     for (uint32_t r = 0; r < n && r < PIN_ROWS; r++) {
         pinrow_t *row = PINROW(h, r);
         uint32_t owner = LD_ACQ(&row->owner);
-        if (owner == 0 || !task_dead(owner)) continue;
+        if (owner == 0 || owner == ROW_REAPING || !task_dead(owner)) continue;
+        /* One reaper per row: another one, or a new owner of a row freed meanwhile, must
+         * never see its pins taken. */
+        if (!CAS(&row->owner, &owner, ROW_REAPING)) continue;
         for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
             uint64_t v = __atomic_exchange_n(&row->pin[i], 0ULL, __ATOMIC_SEQ_CST);
             if (v) {
@@ -499,7 +507,8 @@ static uint32_t reap_rows(hdr_t *h) {
                 after_unpin(h, v);
             }
         }
-        if (CAS(&row->owner, &owner, 0u)) freed++;
+        ST_SC(&row->owner, 0u);
+        freed++;
     }
     return freed;
 }
@@ -785,19 +794,21 @@ static int32_t it_free_locked(hdr_t *h, uint32_t slot) {
 }
 
 /* Free `slot` if it still holds `nodeid` without a guest reference and nobody but the pin
- * at `except` pins it (lock held).  Returns the fd to close, or -1. */
-static int32_t it_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t nodeid,
-                                          const uint64_t *except) {
+ * at `except` pins it (lock held).  1 when freed, with *fd the fd to close (-1 for an entry
+ * kept by file handle only); 0 when it stays. */
+static int it_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t nodeid,
+                                      const uint64_t *except, int32_t *fd) {
     islot_t *s = ISLOT(h, slot);
+    *fd = -1;
     if (slot >= h->hwm || s->nodeid != nodeid || s->lookups != 0 || (s->seq & 1) ||
         nodeid == ROOT_ID || pinned(h, nodeid, except))
-        return -1;
+        return 0;
     set_intent(h, OP_FREE, slot, nodeid, s->fd);
     CRASH_POINT();
-    int32_t fd = it_free_locked(h, slot);
+    *fd = it_free_locked(h, slot);
     CRASH_POINT();
     clear_intent(h);
-    return fd;
+    return 1;
 }
 
 static inline void close_fd(int32_t fd) {
@@ -845,7 +856,8 @@ static void rebuild_all(hdr_t *h) {
         islot_t *s = ISLOT(h, i);
         if (slot_used(s) && s->lookups == 0) {
             dying--;
-            add_orphan(h, it_free_if_unpinned_locked(h, i, s->nodeid, NULL));
+            int32_t fd;
+            if (it_free_if_unpinned_locked(h, i, s->nodeid, NULL, &fd)) add_orphan(h, fd);
         }
     }
 }
@@ -915,8 +927,9 @@ static inline uint32_t nodeid_slot(hdr_t *h, uint64_t nodeid) {
 
 /* Free a slot whose guest reference is gone, unless pinned. */
 static void it_reclaim(hdr_t *h, uint32_t slot, uint64_t nodeid) {
+    int32_t fd;
     lock_acquire(h);
-    int32_t fd = it_free_if_unpinned_locked(h, slot, nodeid, NULL);
+    it_free_if_unpinned_locked(h, slot, nodeid, NULL, &fd);
     lock_release(h);
     close_fd(fd);
 }
@@ -1012,8 +1025,7 @@ static int it_remove(hdr_t *h, uint32_t slot, uint64_t nodeid, uint64_t n,
         it_unindex_locked(h, slot);
         CRASH_POINT();
         clear_intent(h);
-        *fd_out = it_free_if_unpinned_locked(h, slot, nodeid, mine);
-        if (*fd_out < 0) h->deferred++;
+        if (!it_free_if_unpinned_locked(h, slot, nodeid, mine, fd_out)) h->deferred++;
     }
     clear_intent(h);
     lock_release(h);
@@ -1502,19 +1514,20 @@ static inline uint32_t fh_slot(hdr_t *h, uint64_t fh) {
 }
 
 /* Free the slot of `fh` if the guest released it and nobody but the pin at `except` pins it
- * (lock held).  Returns the fd to close, or -1. */
-static int32_t ht_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t fh,
-                                          const uint64_t *except) {
+ * (lock held).  1 when freed, with *fd the fd to close; 0 when it stays. */
+static int ht_free_if_unpinned_locked(hdr_t *h, uint32_t slot, uint64_t fh,
+                                      const uint64_t *except, int32_t *fd) {
     hslot_t *s = HSLOT(h, slot);
+    *fd = -1;
     if (slot >= h->hwm || s->seq != (uint32_t)(fh >> 32) || !s->busy || s->guest_open ||
         pinned(h, fh, except))
-        return -1;
+        return 0;
     set_intent(h, OP_FREE, slot, fh, s->fd);
     CRASH_POINT();
-    int32_t fd = ht_free_locked(h, slot);
+    *fd = ht_free_locked(h, slot);
     CRASH_POINT();
     clear_intent(h);
-    return fd;
+    return 1;
 }
 
 static void ht_rebuild(hdr_t *h) {
@@ -1540,7 +1553,9 @@ static void ht_rebuild(hdr_t *h) {
         hslot_t *s = HSLOT(h, i);
         if (hslot_used(s) && !s->guest_open) {
             dying--;
-            add_orphan(h, ht_free_if_unpinned_locked(h, i, ((uint64_t)s->seq << 32) | i, NULL));
+            int32_t fd;
+            if (ht_free_if_unpinned_locked(h, i, ((uint64_t)s->seq << 32) | i, NULL, &fd))
+                add_orphan(h, fd);
         }
     }
 }
@@ -1617,8 +1632,9 @@ static void ht_after_unpin(hdr_t *h, uint64_t fh) {
     if (LD_ACQ(&s->seq) != (uint32_t)(fh >> 32) || LD_ACQ(&s->guest_open) ||
         !LD_ACQ(&s->busy))
         return;
+    int32_t fd;
     lock_acquire(h);
-    int32_t fd = ht_free_if_unpinned_locked(h, slot, fh, NULL);
+    ht_free_if_unpinned_locked(h, slot, fh, NULL, &fd);
     lock_release(h);
     close_fd(fd);
 }
@@ -1681,8 +1697,8 @@ int ht_close(void *base, uint64_t fh) {
     if (dropped) {
         FADD(&h->dying, 1);
         lock_acquire(h);
-        fd = ht_free_if_unpinned_locked(h, slot, fh, pin);
-        if (fd < 0 && s->seq == (uint32_t)(fh >> 32)) h->deferred++;
+        if (!ht_free_if_unpinned_locked(h, slot, fh, pin, &fd) && s->seq == (uint32_t)(fh >> 32))
+            h->deferred++;
         lock_release(h);
     }
     pin_clear(pin);
