@@ -163,18 +163,23 @@ class QueueWorker:
         return GuestMemory([(MemoryRegion(g, s, u, o), fd) for g, s, u, o, fd in regions])
 
     def remap(self, regions: list[list[int]]) -> None:
-        """Switch to a new memory table; on any failure the old one stays in use."""
+        """Switch to a new memory table; on any failure the old one stays in use.
+
+        Guest addresses are translated only when used: the C ring state (SplitQueue's
+        struct, rebound here) and each chain's walk (a parked SETLKW walks its chain
+        again when it completes), so the next request sees the new table. The serve
+        loop's state holds no guest address."""
         mem = self._map(regions)
-        old_mem, old_queue = self.mem, self.queue
-        self.mem = mem
+        s = self.setup
         try:
-            self.queue = self._make_queue(old_queue.last_avail_idx)
+            self.queue.rebind(mem, mem.uva_to_gpa(s.desc_uva, 16 * s.size),
+                              mem.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
+                              mem.uva_to_gpa(s.used_uva, 6 + 8 * s.size))
         except BaseException:
-            self.mem = old_mem
             mem.close()
             raise
-        old_queue.release()
-        old_mem.close()
+        old, self.mem = self.mem, mem
+        old.close()
 
     def _make_queue(self, last_avail: int) -> SplitQueue:
         s = self.setup
@@ -273,14 +278,19 @@ class QueueWorker:
             self.call_fd = msg["fd"]
             self.serve.call_fd = self.call_fd
         elif op == control.OP_KICK:
-            self.epoll.unregister(self.kick_fd)
-            self.kick_fd = msg["fd"]
-            self.epoll.register(self.kick_fd, select.EPOLLIN)
-            self.serve.kick_fd = self.kick_fd
+            try:  # the new fd first: one epoll cannot take keeps the old one in use
+                self.epoll.register(msg["fd"], select.EPOLLIN)
+            except OSError as e:
+                reply = {"ok": False, "error": f"kick fd {msg['fd']} refused: {e}"}
+            else:
+                self.epoll.unregister(self.kick_fd)
+                self.kick_fd = msg["fd"]
+                self.serve.kick_fd = self.kick_fd
         elif op == control.OP_ENABLE:
             self.enabled = bool(msg["on"])
             self.serve.enabled = int(self.enabled)
         elif op == control.OP_STOP:
+            self.epoll.close()  # its own fd, else left open in the shared table for ever
             reply["last_avail"] = self.queue.last_avail_idx
             self.control.send(control.encode(reply))
             os._exit(0)
