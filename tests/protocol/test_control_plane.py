@@ -1,32 +1,46 @@
-"""The control plane while workers serve.
+"""The control plane while workers serve or hang.
 
 Memory-table changes (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) reach running workers and
-are used for the very next request, under load, without restarting anybody."""
+are used for the very next request, under load, without restarting anybody; a region its
+fd cannot back is refused at once and changes nothing; and a worker stuck in a host system
+call (or stopped) never holds QEMU up: GET_VRING_BASE, SET_VRING_KICK, SET_MEM_TABLE,
+RESET_DEVICE and RESET_OWNER answer within a second, a ring never has two workers, and
+every child the daemon loses is reaped."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+import platform
+import signal
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon import fuse
 from daemon import vhost_user as vu
+from tests.daemon import daemon_log, start_pyvirtiofsd
 from tests.frontend import F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
+from tests.guest.reference import stop_daemon
 from tests.protocol.test_hostile_guest import (
     KNOWN,
     KNOWN_DATA,
     Served,
+    make_share,
+    process_state,
     serve,
     worker_pids,
 )
 
 R = vu.Request
+ANSWER_WITHIN = 1.0  # seconds QEMU may wait for any control message, whatever workers do
 SLOT = 8192  # one request's buffers: header and arguments, then 7.75 KiB for the reply
 OUT_AT = 256
 BATCH = 8  # requests a loader keeps in flight
@@ -310,3 +324,282 @@ def test_waiting_setlkw_answers_into_the_new_memory_table(tmp_path: Path) -> Non
         srv.assert_alive(queues=(1, 2))
     old.close()
     moved.close()
+
+
+# ----- (b) a region its fd cannot back -------------------------------------------------
+
+
+SHORT = {  # (memory_size, mmap_offset, fd size)
+    "fd_smaller_than_region": (1 << 20, 0, 64 << 10),
+    "offset_plus_size_beyond_fd": (1 << 20, 512 << 10, 1 << 20),
+}
+
+
+@contextlib.contextmanager
+def served_before_rings(base: Path) -> Iterator[Served]:
+    """A daemon whose front-end has sent features and a memory table, but no ring yet."""
+    share, outside = make_share(base)
+    socket_path = base / "vu.sock"
+    proc = start_pyvirtiofsd(share, socket_path)
+    fe: Frontend | None = None
+    try:
+        fe = Frontend(str(socket_path), memory_size=64 << 20, queue_size=256)
+        fe.setup(0)
+        yield Served(proc, fe, share, outside, socket_path)
+    except BaseException:
+        print(daemon_log(proc))
+        raise
+    finally:
+        if fe is not None:
+            fe.close()
+        stop_daemon(proc)
+
+
+def start_rings(srv: Served, count: int = 3) -> None:
+    for q in range(count):
+        srv.fe.add_ring(q)
+    deadline = time.monotonic() + 10
+    while len(worker_pids(srv.log())) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    srv.workers = worker_pids(srv.log())
+    error, _ = srv.call(fuse.Opcode.INIT, 0, fuse.INIT_IN.pack(
+        7, 38, 131072, 0xFFFFFFFF & ~fuse.INIT_EXT, 0) + bytes(44))
+    assert error == 0
+
+
+@pytest.mark.parametrize("when", ["before_rings", "set_mem_table", "add_mem_reg"])
+@pytest.mark.parametrize("case", sorted(SHORT))
+def test_region_larger_than_its_fd_is_refused(tmp_path: Path, case: str, when: str) -> None:
+    """A region whose fd ends before mmap_offset + memory_size is refused with a log line
+    naming it and the sizes, the old table stays, and a descriptor in that guest range is
+    a bad address (the chain is dropped), never a SIGBUS in a worker."""
+    size, offset, fd_size = SHORT[case]
+    short = GuestRegion(0, size, fd_size=fd_size, mmap_offset=offset)
+    ctx = served_before_rings(tmp_path) if when == "before_rings" else serve(tmp_path)
+    with ctx as srv:
+        fe = srv.fe
+        mark = srv.mark()
+        if when == "add_mem_reg":
+            status = fe.ack(R.ADD_MEM_REG, short.single(), [short.fd])
+        else:
+            status = fe.ack(R.SET_MEM_TABLE, table(base_entry(fe), short.entry()),
+                            [fe.memfd, short.fd])
+        assert status != 0, "a region larger than its fd was accepted"
+        line = srv.expect_log(mark, rf"region at guest address {short.gpa:#x}\b.*refused")
+        assert str(offset + size) in line and str(fd_size) in line, line
+        if when == "before_rings":
+            start_rings(srv)
+        # the descriptor beyond the fd's end is outside guest memory now
+        end = short.gpa + fd_size - offset + 4096
+        unique = srv.next_unique()
+        (hdr, n, _), = fe.make_buffers([fuse.IN_HEADER.pack(
+            fuse.IN_HEADER_SIZE, fuse.Opcode.GETATTR, unique, fuse.ROOT_ID, 0, 0, 1, 0, 0)],
+            [])
+        head = fe.submit_descs(1, [(hdr, n, 0), (end, 4096, F_WRITE)])
+        assert srv.wait(1, head)[0] == 0
+        srv.expect_log(mark, rf"dropped descriptor chain at head {head}: .*outside")
+        assert_no_restarts(srv)
+        srv.assert_alive(queues=(1, 2))
+    short.close()
+
+
+# ----- (c) a worker that does not answer -----------------------------------------------
+
+
+SYS_OPENAT = {"x86_64": 257, "aarch64": 56}[platform.machine()]
+
+
+def in_openat(pid: int) -> bool:
+    """Whether pid sleeps in openat (its /proc syscall line: number, arguments...)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_OPENAT)
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def children(pid: int) -> dict[int, str]:
+    """pid's children and their states (from every /proc/<p>/stat's ppid)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            out[int(entry)] = fields[0]
+    return out
+
+
+def live_children_become(srv: Served, expected: set[int]) -> None:
+    """The daemon's children are exactly ``expected``, none a zombie (a child it lost is
+    reaped, not left behind), within a few seconds."""
+    def settled() -> bool:
+        now = children(srv.proc.pid)
+        return set(now) == expected and "Z" not in now.values()
+    deadline = time.monotonic() + 5
+    while not settled():
+        assert time.monotonic() < deadline, (
+            f"daemon children {children(srv.proc.pid)}, expected {sorted(expected)} "
+            f"and no zombie")
+        time.sleep(0.02)
+
+
+class Hang:
+    """Makes the worker of one queue stop answering: ``lease`` puts it to sleep in a host
+    openat(2) (an OPEN for writing of a file this test holds a read lease on: the kernel
+    waits for the lease holder, 45 s by default), ``stop`` sends it SIGSTOP."""
+
+    def __init__(self, srv: Served, how: str, q: int) -> None:
+        self.srv, self.how, self.q = srv, how, q
+        self.path = srv.share / "leased"
+        self.path.write_bytes(b"leased")
+        self.lease_fd = -1
+        self.pending: dict[int, object] = {}  # ring (by its descriptor table) -> its OPEN
+        if how == "lease":
+            self.old_sigio = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the break notice
+            self.lease_fd = os.open(self.path, os.O_RDONLY)
+            fcntl.fcntl(self.lease_fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+
+    def __call__(self, pid: int) -> None:
+        """Hang queue q's worker ``pid`` (a new worker that replays the OPEN hangs alone)."""
+        if self.how == "stop":
+            os.kill(pid, signal.SIGSTOP)
+            wait_for(f"worker {pid} is stopped", lambda: process_state(pid) == "T")
+            return
+        ring = self.srv.fe.rings[self.q]
+        if ring.desc not in self.pending:
+            error, nodeid, _ = self.srv.lookup(fuse.ROOT_ID, b"leased", q=self.q)
+            assert error == 0
+            self.pending[ring.desc] = self.srv.fe.start(
+                fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(os.O_WRONLY, 0), q=self.q)
+        wait_for(f"worker {pid} sleeps in openat", lambda: in_openat(pid))
+
+    def release(self) -> None:
+        if self.lease_fd >= 0:
+            os.close(self.lease_fd)
+            self.lease_fd = -1
+            signal.signal(signal.SIGIO, self.old_sigio)
+
+
+def timed(fe: Frontend, request: int, payload: bytes = b"", fds: list[int] | None = None
+          ) -> tuple[float, bytes]:
+    """Send a request that expects an answer (NEED_REPLY); (seconds to the answer, body)."""
+    started = time.monotonic()
+    fe.send(request, payload, fds, need_reply=request not in vu.REQUESTS_WITH_REPLY)
+    try:
+        got, body = fe.recv_reply(timeout=5)
+    except TimeoutError:
+        raise AssertionError(f"{R(request).name}: no answer within 5 s") from None
+    assert got == request
+    return time.monotonic() - started, body
+
+
+def ack_status(body: bytes) -> int:
+    return struct.unpack("<Q", body)[0]
+
+
+def latest_worker(srv: Served, q: int, not_pid: int) -> int:
+    wait_for(f"a new worker for queue {q}", lambda: worker_pids(srv.log()).get(q, not_pid)
+             != not_pid)
+    return worker_pids(srv.log())[q]
+
+
+def resetup(srv: Served) -> None:
+    """After a reset: negotiate again and lay out fresh rings, as a rebooted guest does."""
+    fe = srv.fe
+    for ring in fe.rings.values():
+        os.close(ring.kick)
+        os.close(ring.call)
+    fe.rings.clear()
+    fe.setup(3)
+    wait_for("three workers", lambda: len(children(srv.proc.pid)) == 3)
+    srv.workers = worker_pids(srv.log())
+
+
+@pytest.mark.parametrize("how", ["lease", "stop"])
+def test_a_hung_worker_never_stalls_the_control_plane(tmp_path: Path, how: str) -> None:
+    """Queue 2's worker stops answering (asleep in a host system call, or stopped).
+    GET_VRING_BASE still answers within a second with the used index (where the
+    unanswered request is served again), the worker is killed and reaped; a new
+    SET_VRING_KICK, with or without GET_VRING_BASE first, leaves exactly one worker on
+    the ring; SET_MEM_TABLE, RESET_DEVICE and RESET_OWNER answer within a second too, and
+    the daemon never keeps a zombie."""
+    q = 2
+    with serve(tmp_path) as srv:
+        fe = srv.fe
+        hang = Hang(srv, how, q)
+        try:
+            others = {srv.workers[0], srv.workers[1]}
+            # GET_VRING_BASE on a hung worker
+            stuck = srv.workers[q]
+            hang(stuck)
+            mark = srv.mark()
+            took, body = timed(fe, R.GET_VRING_BASE, vu.VRING_STATE.pack(q, 0))
+            assert took < ANSWER_WITHIN, f"GET_VRING_BASE took {took:.2f} s"
+            index, base = vu.decode_vring_state(body)
+            ring = fe.rings[q]
+            assert index == q and base == ring.last_used
+            if how == "lease":  # the OPEN it hangs in is served again from there
+                assert base == (ring.next_avail - 1) & 0xFFFF
+            srv.expect_log(mark, rf"queue {q}: worker {stuck} did not answer .*killed")
+            live_children_become(srv, others)
+            # the ring starts again, as QEMU restarts it
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            assert fe.ack(R.SET_VRING_BASE, vu.VRING_STATE.pack(q, base)) == 0
+            took, body = timed(fe, R.SET_VRING_KICK, vu.U64.pack(q), [kick])
+            assert took < ANSWER_WITHIN and ack_status(body) == 0
+            os.close(ring.kick)
+            ring.kick = kick
+            assert fe.ack(R.SET_VRING_ENABLE, vu.VRING_STATE.pack(q, 1)) == 0
+            worker = latest_worker(srv, q, stuck)
+            live_children_become(srv, others | {worker})
+            if how == "stop":
+                srv.assert_serves(q)
+            # SET_VRING_KICK on a ring whose worker hangs: still one worker on the ring
+            hang(worker)  # (lease: the new worker replays the OPEN and hangs in it again)
+            mark = srv.mark()
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            took, body = timed(fe, R.SET_VRING_KICK, vu.U64.pack(q), [kick])
+            assert took < ANSWER_WITHIN and ack_status(body) == 0
+            os.close(ring.kick)
+            ring.kick = kick
+            srv.expect_log(mark, rf"queue {q}: worker {worker} did not answer .*killed")
+            worker = latest_worker(srv, q, worker)
+            live_children_become(srv, others | {worker})
+            # SET_MEM_TABLE (the same memory) while it hangs
+            hang(worker)
+            mark = srv.mark()
+            took, body = timed(fe, R.SET_MEM_TABLE, table(base_entry(fe)), [fe.memfd])
+            assert took < ANSWER_WITHIN and ack_status(body) == 0
+            srv.expect_log(mark, rf"queue {q}: worker {worker} did not answer .*killed")
+            worker = latest_worker(srv, q, worker)
+            live_children_become(srv, others | {worker})
+            assert worker_pids(srv.log())[0] in others and worker_pids(srv.log())[1] in others
+            if how == "stop":
+                srv.assert_serves(q)
+            # RESET_DEVICE and RESET_OWNER with a hung worker
+            for reset in (R.RESET_DEVICE, R.RESET_OWNER):
+                hang(worker)
+                took, body = timed(fe, reset)
+                assert took < ANSWER_WITHIN and ack_status(body) == 0, f"{reset.name}: {took}"
+                live_children_become(srv, set())
+                resetup(srv)
+                worker = srv.workers[q]
+                others = {srv.workers[0], srv.workers[1]}
+        finally:
+            hang.release()
+        srv.call(fuse.Opcode.INIT, 0, fuse.INIT_IN.pack(
+            7, 38, 131072, 0xFFFFFFFF & ~fuse.INIT_EXT, 0) + bytes(44))
+        srv.assert_alive(queues=(1, 2))
+        assert "Traceback" not in srv.log()
+
