@@ -262,6 +262,19 @@ class QueueWorker:
             self.queue.disable_notifications()
             self.serve.flags |= lib.PYVFS_DRAINING
 
+    def stop_draining(self) -> None:
+        """Leave a disabled ring alone at once, even mid-drain (pyvfs_serve looks at the
+        control socket between chains); the answers pushed so far are signalled first."""
+        s = self.serve
+        if s.flags & lib.PYVFS_DRAINING:
+            s.flags &= ~lib.PYVFS_DRAINING
+            if s.flags & lib.PYVFS_PUSHED and self.call_fd >= 0 and self.queue.should_notify():
+                try:
+                    os.write(self.call_fd, ONE)
+                except OSError:
+                    pass  # the front-end's eventfd is gone: nothing to do
+            s.flags &= ~lib.PYVFS_PUSHED
+
     def handle_control(self) -> None:
         data = self.control.recv(control.MAX_MESSAGE)
         if not data:
@@ -289,6 +302,8 @@ class QueueWorker:
         elif op == control.OP_ENABLE:
             self.enabled = bool(msg["on"])
             self.serve.enabled = int(self.enabled)
+            if not self.enabled:
+                self.stop_draining()
         elif op == control.OP_STOP:
             self.epoll.close()  # its own fd, else left open in the shared table for ever
             reply["last_avail"] = self.queue.last_avail_idx

@@ -336,14 +336,14 @@ SHORT = {  # (memory_size, mmap_offset, fd size)
 
 
 @contextlib.contextmanager
-def served_before_rings(base: Path) -> Iterator[Served]:
+def served_before_rings(base: Path, queue_size: int = 256) -> Iterator[Served]:
     """A daemon whose front-end has sent features and a memory table, but no ring yet."""
     share, outside = make_share(base)
     socket_path = base / "vu.sock"
     proc = start_pyvirtiofsd(share, socket_path)
     fe: Frontend | None = None
     try:
-        fe = Frontend(str(socket_path), memory_size=64 << 20, queue_size=256)
+        fe = Frontend(str(socket_path), memory_size=64 << 20, queue_size=queue_size)
         fe.setup(0)
         yield Served(proc, fe, share, outside, socket_path)
     except BaseException:
@@ -356,6 +356,7 @@ def served_before_rings(base: Path) -> Iterator[Served]:
 
 
 def start_rings(srv: Served, count: int = 3) -> None:
+    """Rings 0..count-1 and their workers, then FUSE INIT."""
     for q in range(count):
         srv.fe.add_ring(q)
     deadline = time.monotonic() + 10
@@ -603,3 +604,70 @@ def test_a_hung_worker_never_stalls_the_control_plane(tmp_path: Path, how: str) 
         srv.assert_alive(queues=(1, 2))
         assert "Traceback" not in srv.log()
 
+
+# ----- a worker busy for seconds still hears the supervisor -------------------------------
+
+
+DEEP = 16384  # READs of 1 MiB queued at once: seconds of copying for the worker, all in C
+
+
+def used_index(fe: Frontend, q: int) -> int:
+    return struct.unpack_from("<H", fe.mem, fe.off(fe.rings[q].used) + 2)[0]
+
+
+def test_a_worker_draining_a_full_ring_still_answers(tmp_path: Path) -> None:
+    """A guest that keeps a deep ring full (16384 READs of 1 MiB at once) keeps the worker
+    answering in its C loop for seconds without a pause. Control messages still reach it
+    within a fraction of a second, so it is not taken for hung and killed: SET_MEM_TABLE
+    mid-drain is acknowledged by the worker itself and the drain goes on through the new
+    table; SET_VRING_ENABLE 0 mid-drain stops it at once, and GET_VRING_BASE then gets
+    the worker's own last avail index."""
+    with served_before_rings(tmp_path, queue_size=32768) as srv:
+        fe = srv.fe
+        (srv.share / "big").write_bytes(bytes(range(256)) * 4096)
+        start_rings(srv, 2)
+        error, nodeid, _ = srv.lookup(fuse.ROOT_ID, b"big")
+        assert error == 0
+        error, fh = srv.open(nodeid)
+        assert error == 0
+        ring = fe.rings[1]
+        out = fe.alloc(fuse.OUT_HEADER_SIZE + (1 << 20), 4096)
+        first = used_index(fe, 1)
+        for k in range(DEEP):
+            arg = fuse.READ_IN.pack(fh, 0, 1 << 20, 0, 0, 0, 0)
+            raw = fuse.IN_HEADER.pack(fuse.IN_HEADER_SIZE + len(arg), fuse.Opcode.READ,
+                                      srv.next_unique(), nodeid, 0, 0, 1, 0, 0) + arg
+            (hdr, n, _), = fe.make_buffers([raw], [])
+            fe.put_desc(ring.desc, 2 * k, hdr, n, F_NEXT, 2 * k + 1)
+            fe.put_desc(ring.desc, 2 * k + 1, out, fuse.OUT_HEADER_SIZE + (1 << 20), F_WRITE, 0)
+            fe.publish(1, 2 * k, kick=False)
+        os.eventfd_write(ring.kick, 1)
+        wait_for("the worker drains", lambda: used_index(fe, 1) != first)
+        took, body = timed(fe, R.SET_MEM_TABLE, table(base_entry(fe)), [fe.memfd])
+        busy = (used_index(fe, 1) - first) & 0xFFFF
+        assert took < ANSWER_WITHIN and ack_status(body) == 0, f"SET_MEM_TABLE: {took:.2f} s"
+        assert busy < DEEP, "the ring drained before the message arrived: nothing tested"
+        wait_for("every READ answered", lambda: (used_index(fe, 1) - first) & 0xFFFF == DEEP,
+                 timeout=120)
+        for k in range(DEEP):  # every one answered in full, in order
+            elem = fe.off(ring.used) + 4 + 8 * ((first + k) % ring.size)
+            head, written = struct.unpack_from("<II", fe.mem, elem)
+            assert (head, written) == (2 * k, fuse.OUT_HEADER_SIZE + (1 << 20)), k
+        assert fe.read_gpa(out + fuse.OUT_HEADER_SIZE, 1 << 20) == bytes(range(256)) * 4096
+        # once more: disable the ring mid-drain, then stop it
+        again = used_index(fe, 1)
+        for k in range(DEEP):
+            fe.publish(1, 2 * k, kick=False)
+        os.eventfd_write(ring.kick, 1)
+        wait_for("the worker drains", lambda: used_index(fe, 1) != again)
+        took, body = timed(fe, R.SET_VRING_ENABLE, vu.VRING_STATE.pack(1, 0))
+        assert took < ANSWER_WITHIN and ack_status(body) == 0, f"disable: {took:.2f} s"
+        stopped_at = used_index(fe, 1)  # a disabled ring is left alone from the answer on
+        took, body = timed(fe, R.GET_VRING_BASE, vu.VRING_STATE.pack(1, 0))
+        assert took < ANSWER_WITHIN, f"GET_VRING_BASE: {took:.2f} s"
+        _, base = vu.decode_vring_state(body)
+        assert base == stopped_at == used_index(fe, 1)
+        assert (base - again) & 0xFFFF < DEEP
+        log = srv.log()
+        assert "did not answer" not in log and "died" not in log and "Traceback" not in log
+        assert worker_pids(log) == srv.workers
