@@ -205,6 +205,13 @@ class QueueWorker:
         s = self.serve
         s.epoll_fd = ep.fileno()
         self.start_draining()  # whatever is in the ring already
+        if self.setup.resume_from_used and self.call_fd >= 0:
+            # the worker before (killed, or dead) may have pushed answers it never signalled;
+            # an interrupt too many costs the guest nothing
+            try:
+                os.write(self.call_fd, ONE)
+            except OSError:
+                pass  # not an eventfd we can write: the C loop's notifications say the same
         q_chain = self.chain
         while True:
             s.timeout_ms = LOCK_RETRY_MS if self.waiting_locks else -1
