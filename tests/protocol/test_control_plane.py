@@ -608,7 +608,7 @@ def test_a_hung_worker_never_stalls_the_control_plane(tmp_path: Path, how: str) 
 # ----- a worker busy for seconds still hears the supervisor -------------------------------
 
 
-DEEP = 16384  # READs of 1 MiB queued at once: seconds of copying for the worker, all in C
+DEEP = 8192  # READs of 1 MiB queued at once: seconds of copying for the worker, all in C
 
 
 def used_index(fe: Frontend, q: int) -> int:
@@ -616,7 +616,7 @@ def used_index(fe: Frontend, q: int) -> int:
 
 
 def test_a_worker_draining_a_full_ring_still_answers(tmp_path: Path) -> None:
-    """A guest that keeps a deep ring full (16384 READs of 1 MiB at once) keeps the worker
+    """A guest that keeps a deep ring full (8192 READs of 1 MiB at once) keeps the worker
     answering in its C loop for seconds without a pause. Control messages still reach it
     within a fraction of a second, so it is not taken for hung and killed: SET_MEM_TABLE
     mid-drain is acknowledged by the worker itself and the drain goes on through the new
