@@ -26,6 +26,7 @@ import pytest
 
 from daemon import fuse
 from daemon import vhost_user as vu
+from daemon.queue_stats import QueueStats, segment_name
 from tests.daemon import daemon_log, start_pyvirtiofsd
 from tests.frontend import F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
 from tests.guest.reference import stop_daemon
@@ -188,6 +189,17 @@ class Loader(threading.Thread):
             raise AssertionError(f"loader of queue {self.q} failed") from self.error
 
 
+def used_index(fe: Frontend, q: int) -> int:
+    return struct.unpack_from("<H", fe.mem, fe.off(fe.rings[q].used) + 2)[0]
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
 def open_known(srv: Served) -> tuple[int, int]:
     error, nodeid, _ = srv.lookup(fuse.ROOT_ID, KNOWN)
     assert error == 0
@@ -279,6 +291,15 @@ def test_memory_table_changes_under_load(tmp_path: Path) -> None:
         region.close()
 
 
+def queue_row(srv: Served, q: int) -> dict:
+    """Queue q's counters (daemon/queue_stats.py), which its worker updates per request."""
+    stats = QueueStats.attach(segment_name(srv.proc.pid))
+    try:
+        return stats.rows()[q]
+    finally:
+        stats.close()
+
+
 def hold_lock(path: Path) -> int:
     """A host process's write lock on the whole file (an open-file-description lock)."""
     fd = os.open(path, os.O_RDWR)
@@ -304,8 +325,10 @@ def test_waiting_setlkw_answers_into_the_new_memory_table(tmp_path: Path) -> Non
                                       unique, nodeid, 0, 0, 1, 0, 0) + arg
             mem[off : off + len(raw)] = raw
             head = fe.submit_descs(1, [(gpa, len(raw), 0), (gpa + OUT_AT, 64, F_WRITE)])
-            with pytest.raises(TimeoutError):  # it waits for the host's lock
-                fe.wait_used(1, timeout=0.5)
+            # the worker took it (its queue's counters say so) and parks it: the lock is held
+            wait_for("the SETLKW is parked", lambda: queue_row(srv, 1)["by_opcode"].get(
+                "SETLKW") == 1)
+            assert used_index(fe, 1) == fe.rings[1].last_used
             # the guest's memory at those addresses now comes from another fd
             assert moved.mem is not None
             moved.mem[:] = old.mem[:]  # type: ignore[index]
@@ -416,13 +439,6 @@ def in_openat(pid: int) -> bool:
         return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_OPENAT)
     except (OSError, IndexError):
         return False
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def children(pid: int) -> dict[int, str]:
@@ -609,10 +625,6 @@ def test_a_hung_worker_never_stalls_the_control_plane(tmp_path: Path, how: str) 
 
 
 DEEP = 8192  # READs of 1 MiB queued at once: seconds of copying for the worker, all in C
-
-
-def used_index(fe: Frontend, q: int) -> int:
-    return struct.unpack_from("<H", fe.mem, fe.off(fe.rings[q].used) + 2)[0]
 
 
 def test_a_worker_draining_a_full_ring_still_answers(tmp_path: Path) -> None:
