@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from daemon import vhost_user as vu
+from daemon.guest_memory import BadGuestAddress, check_regions, load_u16_at
 from daemon.interrupts import InterruptBoard
 from daemon.passthrough import PassthroughFs
 from daemon.process import clone_shared_fds
@@ -35,7 +36,11 @@ log = logging.getLogger("pyvirtiofsd")
 
 MAX_FDS_PER_MESSAGE = 16
 MAX_MEM_SLOTS = 509
-WORKER_REPLY_TIMEOUT = 30.0
+# QEMU must hear back within a second whatever a worker does (one asleep in a host system
+# call never answers): a worker that takes longer than this to acknowledge a control
+# message is killed and, if its ring goes on, replaced
+WORKER_REPLY_TIMEOUT = 0.5
+KILL_WAIT = 0.2  # how long a handler waits to see a killed worker exit before going on
 MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
 
@@ -65,15 +70,16 @@ class VringState:
     size: int = 0
     addr: vu.VringAddr | None = None
     base: int = 0
-    kick_fd: int = -1
+    kick_fd: int = -1  # >= 0 while the ring runs (SET_VRING_KICK until GET_VRING_BASE)
     call_fd: int = -1
     err_fd: int = -1
     enabled: bool = False
-    worker: Worker | None = None
+    worker: Worker | None = None  # the one worker serving the ring
     restarts: int = 0
+    resume: bool = False  # a worker was lost: the next one starts at the used index
 
 
-@dataclass
+@dataclass(eq=False)
 class Worker:
     pid: int
     control: socket.socket
@@ -81,6 +87,8 @@ class Worker:
     queue: int
     pidfd: int = -1  # readable when the worker exits (uvloop keeps SIGCHLD to itself)
     lock_mutex_fd: int = -1  # its own description of the lock-owner table's memfd
+    exited: asyncio.Future[int] | None = None  # its wait status, once reaped
+    killed: bool = False  # SIGKILL sent: it never runs user code again
 
 
 @dataclass
@@ -114,6 +122,7 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.messages: asyncio.Queue[Message | None] | None = None
         self.exit_code = 0
+        self.workers: set[Worker] = set()  # every worker not reaped yet, current or not
 
     # ----- features ---------------------------------------------------------------
 
@@ -153,7 +162,7 @@ class Supervisor:
                 await self.dispatch(msg)
         finally:
             self.loop.remove_reader(conn.fileno())
-            await self.stop_all_workers()
+            await self.stop_all_workers("the front-end is gone")
             conn.close()
         log.info("front-end disconnected, shutting down")
         return self.exit_code
@@ -223,7 +232,7 @@ class Supervisor:
                 ok = False
             else:
                 reply = await handler(msg)
-        except (ProtocolError, ValueError, OSError) as e:
+        except (ProtocolError, ValueError, OSError, BadGuestAddress) as e:
             log.error("vhost-user %s failed: %s", msg.name, e)
             ok = False
         finally:
@@ -274,7 +283,7 @@ class Supervisor:
         await self.reset()
 
     async def reset(self) -> None:
-        await self.stop_all_workers()
+        await self.stop_all_workers("device reset")
         for vring in self.state.vrings.values():
             for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
                 _close_quietly(fd)
@@ -303,8 +312,8 @@ class Supervisor:
         if len(regions) != len(msg.fds):
             raise ProtocolError(f"{len(regions)} memory regions but {len(msg.fds)} fds")
         new = list(zip(regions, msg.fds, strict=True))
-        await self._broadcast_memory(new)
-        old, self.state.regions = self.state.regions, new
+        old = self.state.regions
+        await self._change_memory(new)
         msg.fds = []  # taken
         for _, fd in old:
             _close_quietly(fd)
@@ -315,9 +324,7 @@ class Supervisor:
             raise ProtocolError(f"ADD_MEM_REG carried {len(msg.fds)} fds, expected 1")
         if len(self.state.regions) >= MAX_MEM_SLOTS:
             raise ProtocolError("no free memory slot")
-        new = [*self.state.regions, (region, msg.fds[0])]
-        await self._broadcast_memory(new)
-        self.state.regions = new
+        await self._change_memory([*self.state.regions, (region, msg.fds[0])])
         msg.fds = []  # taken
 
     async def on_rem_mem_reg(self, msg: Message) -> None:
@@ -329,8 +336,7 @@ class Supervisor:
             (removed if same else kept).append((r, fd))
         if not removed:
             raise ProtocolError(f"no memory region at {region.guest_phys_addr:#x} to remove")
-        await self._broadcast_memory(kept)
-        self.state.regions = kept
+        await self._change_memory(kept)
         for _, fd in removed:
             _close_quietly(fd)
 
@@ -341,15 +347,41 @@ class Supervisor:
             for r, fd in (self.state.regions if regions is None else regions)
         ]
 
-    async def _broadcast_memory(self, regions: list[tuple[vu.MemoryRegion, int]]) -> None:
-        """Every running worker maps the new table (and keeps its old one if it can't)."""
+    async def _change_memory(self, regions: list[tuple[vu.MemoryRegion, int]]) -> None:
+        """Make ``regions`` the memory table, for every running worker too, before QEMU
+        hears back. A region that cannot be mapped is refused here, before any worker
+        sees it; a worker that does not answer in time is replaced by a fresh one on the
+        new table; if a worker refuses it, every worker goes back to the old table and
+        the change fails (the caller then keeps its fds out of the table)."""
+        current = {fd for _, fd in self.state.regions}
+        check_regions([(r, fd) for r, fd in regions if fd not in current])
         for index, vring in self.state.vrings.items():
-            if vring.worker is not None:
+            if vring.worker is not None or vring.kick_fd >= 0:
                 self._check_ring_addresses(index, vring, regions)
-        listed = self._region_list(regions)
-        for vring in self.state.vrings.values():
-            if vring.worker is not None:
-                await self._ask(vring.worker, {"op": control.OP_MEM, "regions": listed})
+        old, self.state.regions = self.state.regions, regions  # what workers start on now
+        refused = await self._tell_workers({"op": control.OP_MEM,
+                                            "regions": self._region_list(regions)})
+        if refused:
+            self.state.regions = old
+            await self._tell_workers({"op": control.OP_MEM, "regions": self._region_list()})
+            raise refused[0]
+
+    async def _tell_workers(self, message: dict) -> list[OSError]:
+        """Send one control message to every running worker at once; those that do not
+        answer in time are replaced (on the current device state). Returns the refusals."""
+        running = [(index, vring.worker) for index, vring in self.state.vrings.items()
+                   if vring.worker is not None]
+        answers = await asyncio.gather(*(self._ask(w, message) for _, w in running),
+                                       return_exceptions=True)
+        refused = []
+        for (index, _), answer in zip(running, answers, strict=True):
+            if isinstance(answer, OSError):
+                refused.append(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif answer is None:
+                self._ensure_worker(index)
+        return refused
 
     @staticmethod
     def _check_ring_addresses(index: int, vring: VringState,
@@ -381,17 +413,32 @@ class Supervisor:
         self._vring(index).base = base & 0xFFFF
 
     async def on_get_vring_base(self, msg: Message) -> bytes:
+        """Stop the ring and report where to go on from: the worker's last avail index,
+        or, when it did not answer (killed) or was lost, the used index in guest memory,
+        so the requests it never answered are served again."""
         index, _ = vu.decode_vring_state(msg.payload)
         vring = self._vring(index)
-        worker = vring.worker
-        if worker is not None:
-            vring.worker = None  # from here on its exit is expected, not a crash
-            answer = await self._ask(worker, {"op": control.OP_STOP})
-            await self._reap(worker)
-            vring.base = int(answer.get("last_avail", vring.base))
-        _close_quietly(vring.kick_fd)
-        vring.kick_fd = -1
+        worker, vring.worker = vring.worker, None  # its exit is expected, not a crash
+        kick, vring.kick_fd = vring.kick_fd, -1  # the ring stops: nothing restarts it
         vring.enabled = False
+        try:
+            base = None
+            if worker is not None:
+                try:
+                    answer = await self._ask(worker, {"op": control.OP_STOP})
+                except OSError:  # it must not go on serving a stopped ring
+                    await self._kill(worker)
+                    answer = None
+                if answer is not None:
+                    base = int(answer.get("last_avail", vring.base))
+            if base is None and (worker is not None or vring.resume):
+                assert vring.addr is not None
+                base = load_u16_at(self.state.regions, vring.addr.used_user_addr + 2)
+            if base is not None:
+                vring.base = base & 0xFFFF
+            vring.resume = False
+        finally:
+            _close_quietly(kick)
         return vu.encode_vring_state(index, vring.base)
 
     async def on_set_vring_kick(self, msg: Message) -> None:
@@ -400,27 +447,41 @@ class Supervisor:
         if not has_fd:
             raise ProtocolError(f"queue {index}: polling mode without a kick fd is unsupported")
         fd = self._take_fd(msg)
-        old = vring.kick_fd
-        vring.kick_fd = fd
-        if vring.worker is not None:
-            await self._ask(vring.worker, {"op": control.OP_KICK, "fd": fd})
-        else:
-            if not self.state.protocol_features and not self.state.acked_features & (
-                vu.VHOST_USER_F_PROTOCOL_FEATURES
-            ):
-                vring.enabled = True  # without protocol features rings start enabled
-            await self.start_worker(index, vring)
-        _close_quietly(old)
+        old, vring.kick_fd = vring.kick_fd, fd
+        worker = vring.worker
+        try:
+            if worker is not None:
+                if await self._ask(worker, {"op": control.OP_KICK, "fd": fd}) is None:
+                    self._ensure_worker(index)  # a fresh worker on the new fd
+            else:
+                if not self.state.protocol_features and not self.state.acked_features & (
+                    vu.VHOST_USER_F_PROTOCOL_FEATURES
+                ):
+                    vring.enabled = True  # without protocol features rings start enabled
+                self._ensure_worker(index)
+        except BaseException:
+            if vring.kick_fd == fd:
+                vring.kick_fd = old
+                old = fd
+            raise
+        finally:
+            _close_quietly(old)
 
     async def on_set_vring_call(self, msg: Message) -> None:
         index, has_fd = vu.decode_vring_fd(msg.payload)
         vring = self._vring(index)
         fd = self._take_fd(msg) if has_fd else -1
-        old = vring.call_fd
-        vring.call_fd = fd
-        if vring.worker is not None:
-            await self._ask(vring.worker, {"op": control.OP_CALL, "fd": fd})
-        _close_quietly(old)
+        old, vring.call_fd = vring.call_fd, fd
+        worker = vring.worker
+        try:
+            if worker is not None and await self._ask(
+                    worker, {"op": control.OP_CALL, "fd": fd}) is None:
+                self._ensure_worker(index)
+        except BaseException:
+            vring.call_fd, old = old, fd
+            raise
+        finally:
+            _close_quietly(old)
 
     async def on_set_vring_err(self, msg: Message) -> None:
         index, has_fd = vu.decode_vring_fd(msg.payload)
@@ -432,54 +493,96 @@ class Supervisor:
         index, enable = vu.decode_vring_state(msg.payload)
         vring = self._vring(index)
         vring.enabled = bool(enable)
-        if vring.worker is not None:
-            await self._ask(vring.worker, {"op": control.OP_ENABLE, "on": vring.enabled})
+        worker = vring.worker
+        if worker is not None and await self._ask(
+                worker, {"op": control.OP_ENABLE, "on": vring.enabled}) is None:
+            self._ensure_worker(index)
 
     # ----- workers ----------------------------------------------------------------
+    #
+    # Every worker is reaped through its pidfd (_on_worker_exit), whatever ended it, so
+    # none is left a zombie. A ring has at most one worker: a new one starts only when
+    # the ring has none (_ensure_worker), and while a killed predecessor has not exited
+    # yet (asleep in the kernel, where a system call may still complete) the start waits
+    # for that exit.
 
-    def _on_worker_exit(self, index: int, worker: Worker) -> None:
-        """A worker that dies on its own is replaced; its ring state is in guest memory."""
+    def _on_worker_exit(self, worker: Worker) -> None:
+        """Reap the worker; one that died on its own is replaced (its ring state is in
+        guest memory), and a ring that waited for this exit gets its worker now."""
         assert self.loop is not None
-        self.loop.remove_reader(worker.pidfd)
-        vring = self.state.vrings.get(index)
-        if vring is None or vring.worker is not worker:
-            return  # stopped on purpose; _reap collects it
-        vring.worker = None
-        self._give_back_pins()
         try:
+            if os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                return  # not yet (the pidfd says it exited: this is not expected)
+            # a zombie still: none of its TIDs can name another task yet
+            self._give_back_pins()
             _pid, status = os.waitpid(worker.pid, 0)
         except ChildProcessError:
-            return  # already reaped by a shutdown path
+            status = 0  # reaped elsewhere (shutdown)
+        self.loop.remove_reader(worker.pidfd)
         self._release_worker_fds(worker)
+        self.workers.discard(worker)
+        assert worker.exited is not None
+        if not worker.exited.done():
+            worker.exited.set_result(status)
         # fds a worker owned mid-operation when it died are parked in the tables' headers
         for table in (self.fs.inodes, self.fs.handles):
             for fd in table.take_orphaned_fds():
                 _close_quietly(fd)
-        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"exit code {os.WEXITSTATUS(status)}")
-        if vring.restarts >= MAX_RESTARTS:
-            log.error("queue %d: worker %d died (%s); %d restarts already, giving up",
-                      index, worker.pid, how, vring.restarts)
+        index = worker.queue
+        vring = self.state.vrings.get(index)
+        if vring is None:
             return
-        vring.restarts += 1
-        log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
-        asyncio.ensure_future(self._restart(index, vring))
+        if vring.worker is worker:  # it died on its own
+            vring.worker = None
+            vring.resume = True
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit code {os.WEXITSTATUS(status)}")
+            if vring.restarts >= MAX_RESTARTS:
+                log.error("queue %d: worker %d died (%s); %d restarts already, giving up",
+                          index, worker.pid, how, vring.restarts)
+                return
+            vring.restarts += 1
+            log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
+        self._start_logged(index)
+
+    def _give_back_pins(self) -> None:
+        """The pins a dead worker's requests in flight held go back to the tables, freeing
+        what only they kept.  Called while the worker is still a zombie, so none of its
+        TIDs can name another task yet."""
+        for table in (self.fs.inodes, self.fs.handles):
+            table.reap_dead_pins()
 
     def _release_worker_fds(self, worker: Worker) -> None:
+        if worker.control.fileno() >= 0 and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(worker.control.fileno())  # before the number is reused
         worker.control.close()
         _close_quietly(worker.peer_fd)
         _close_quietly(worker.pidfd)
+        worker.pidfd = -1
         # a worker killed inside the lock-owner table's critical section held its lock
         # on this description: closing it lets the other workers go on
         _close_quietly(worker.lock_mutex_fd)
 
-    async def _restart(self, index: int, vring: VringState) -> None:
+    def _start_logged(self, index: int) -> None:
         try:
-            await self.start_worker(index, vring, resume=True)
+            self._ensure_worker(index)
         except (ProtocolError, OSError) as e:
             log.error("queue %d: cannot restart its worker: %s", index, e)
 
-    async def start_worker(self, index: int, vring: VringState, resume: bool = False) -> None:
+    def _ensure_worker(self, index: int) -> None:
+        """Start the ring's worker if the ring runs and nobody serves it. A killed
+        predecessor that has not exited yet defers the start to its exit."""
+        vring = self.state.vrings.get(index)
+        if vring is None or vring.worker is not None or vring.kick_fd < 0:
+            return
+        if any(w.queue == index and w.killed for w in self.workers):
+            log.warning("queue %d: its killed worker has not exited yet; the new one starts "
+                        "when it has", index)
+            return
+        self.start_worker(index, vring, resume=vring.resume)
+        vring.resume = False
+
+    def start_worker(self, index: int, vring: VringState, resume: bool = False) -> None:
         if vring.addr is None or vring.size == 0:
             raise ProtocolError(f"queue {index} kicked before its size and addresses were set")
         if not self.state.regions:
@@ -510,74 +613,106 @@ class Supervisor:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
-        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid), lock_mutex_fd)
-        vring.worker = worker
         assert self.loop is not None
-        self.loop.add_reader(worker.pidfd, self._on_worker_exit, index, worker)
+        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid), lock_mutex_fd,
+                        self.loop.create_future())
+        vring.worker = worker
+        self.workers.add(worker)
+        self.loop.add_reader(worker.pidfd, self._on_worker_exit, worker)
         log.info("queue %d: worker %d started", index, pid)
 
-    async def _ask(self, worker: Worker, message: dict) -> dict:
-        assert self.loop is not None
-        await self.loop.sock_sendall(worker.control, control.encode(message))
-        try:
-            data = await asyncio.wait_for(
-                self.loop.sock_recv(worker.control, control.MAX_MESSAGE), WORKER_REPLY_TIMEOUT
-            )
-        except TimeoutError as e:
-            raise OSError(errno.ETIMEDOUT, f"worker {worker.pid} did not answer") from e
-        if not data:
-            raise OSError(errno.ECONNRESET, f"worker {worker.pid} for queue {worker.queue} died")
-        answer = control.decode(data)
-        if not answer.get("ok"):
-            raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
-        return answer
+    async def _ask(self, worker: Worker, message: dict) -> dict | None:
+        """Send a control message and wait for the worker's acknowledgement. None when
+        there is none: the worker died, or did not answer within WORKER_REPLY_TIMEOUT
+        and was killed; either way it no longer touches its ring, and the caller goes
+        on without it. A worker's refusal raises OSError."""
+        assert self.loop is not None and worker.exited is not None
+        if worker.killed or worker.exited.done():
+            return None
+        loop, sock = self.loop, worker.control
+        answered: asyncio.Future[bytes] = loop.create_future()
 
-    def _give_back_pins(self) -> None:
-        """The pins a dead worker's requests in flight held go back to the tables, freeing
-        what only they kept.  Called while the worker is still a zombie, so none of its
-        TIDs can name another task yet."""
-        for table in (self.fs.inodes, self.fs.handles):
-            table.reap_dead_pins()
-
-    async def _reap(self, worker: Worker) -> None:
-        flags = os.WEXITED | os.WNOWAIT
-        for _ in range(200):
-            if os.waitid(os.P_PID, worker.pid, flags | os.WNOHANG) is not None:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            os.kill(worker.pid, signal.SIGKILL)
-            os.waitid(os.P_PID, worker.pid, flags)
-        self._give_back_pins()
-        os.waitpid(worker.pid, 0)
-        if self.loop is not None:
-            self.loop.remove_reader(worker.pidfd)
-        self._release_worker_fds(worker)
-
-    async def stop_all_workers(self) -> None:
-        for vring in self.state.vrings.values():
-            worker = vring.worker
-            if worker is None:
-                continue
-            vring.worker = None
+        def readable() -> None:
             try:
-                os.kill(worker.pid, signal.SIGTERM)
+                data = sock.recv(control.MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not answered.done():
+                answered.set_result(data)
+
+        try:
+            sock.send(control.encode(message))
+        except OSError as e:  # its queue is full: it has not read for a long time
+            log.warning("queue %d: cannot reach worker %d: %s", worker.queue, worker.pid, e)
+        else:
+            loop.add_reader(sock.fileno(), readable)
+            try:
+                await asyncio.wait((answered, worker.exited), timeout=WORKER_REPLY_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if sock.fileno() >= 0:
+                    loop.remove_reader(sock.fileno())
+            if answered.done() and answered.result():
+                answer = control.decode(answered.result())
+                if not answer.get("ok"):
+                    raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
+                return answer
+            if worker.exited.done() or answered.done():
+                return None  # it died (its exit is handled in _on_worker_exit)
+        log.error("queue %d: worker %d did not answer %r within %.1f s; killed it",
+                  worker.queue, worker.pid, message.get("op"), WORKER_REPLY_TIMEOUT)
+        await self._kill(worker)
+        return None
+
+    async def _kill(self, worker: Worker) -> None:
+        """SIGKILL: from the moment it is sent the worker never runs user code again, so
+        its ring is free for another worker. It is taken off its ring (the next worker
+        resumes at the used index) and reaped when it exits; this waits KILL_WAIT at most
+        for that, for a worker asleep in the kernel may take longer."""
+        assert worker.exited is not None
+        vring = self.state.vrings.get(worker.queue)
+        if vring is not None and vring.worker is worker:
+            vring.worker = None
+            vring.resume = True
+        if not worker.killed and not worker.exited.done():
+            worker.killed = True
+            try:
+                signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
             except ProcessLookupError:
-                pass
-            await self._reap(worker)
+                pass  # exited already: the pidfd reader reaps it
+        if not worker.exited.done():
+            await asyncio.wait((worker.exited,), timeout=KILL_WAIT)
+
+    async def stop_all_workers(self, why: str) -> None:
+        """Kill every worker (a reset or the end of the connection: their rings are
+        gone, nothing to ask them), without waiting more than KILL_WAIT in all."""
+        workers, kicks = [], []
+        for index, vring in self.state.vrings.items():
+            worker, vring.worker = vring.worker, None
+            kicks.append(vring.kick_fd)
+            vring.kick_fd = -1  # the ring is stopped: its worker's exit starts no other
+            if worker is not None:
+                log.info("queue %d: stopping worker %d (%s)", index, worker.pid, why)
+                workers.append(worker)
+        await asyncio.gather(*(self._kill(w) for w in workers))
+        for fd in kicks:
+            _close_quietly(fd)
 
     def kill_workers_now(self) -> None:
+        """On the way out: kill and reap every worker there is, current or not."""
         for vring in self.state.vrings.values():
-            worker, vring.worker = vring.worker, None
-            if worker is None:
-                continue
-            if self.loop is not None and not self.loop.is_closed():
+            vring.worker = None
+        for worker in list(self.workers):
+            if self.loop is not None and not self.loop.is_closed() and worker.pidfd >= 0:
                 self.loop.remove_reader(worker.pidfd)
             try:
                 os.kill(worker.pid, signal.SIGKILL)
                 os.waitpid(worker.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+            self.workers.discard(worker)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:

@@ -917,6 +917,13 @@ void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
     __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
 }
 
+static uint64_t now_ns(void);
+/* While draining, the control socket is looked at every CONTROL_CHECK_NS: a ring the guest
+ * keeps full must not keep the supervisor waiting (it kills a worker silent for 0.5 s).
+ * pyvfs_drain returns 0 early when a look is due, with the ring not empty. */
+#define CONTROL_CHECK_NS 10000000u
+static uint64_t control_check_at;  /* one serve loop per worker process */
+
 /* Pop chains until the ring is empty (0) or one needs Python: 1 = a walked chain in
  * rd/wr (*head), for handle_chain; 2 + k = a malformed chain at *head (walk error -1 - k,
  * detail filled), to be completed with length 0; -1 = the avail index jumped by more than
@@ -928,6 +935,7 @@ int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
     uint32_t done = 0;
     int rc = 0;
     for (;;) {
+        if (done % 8 == 7 && now_ns() >= control_check_at) break;
         uint16_t avail = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
                                          __ATOMIC_ACQUIRE);
         if (avail == q->last_avail) break;
@@ -1060,6 +1068,13 @@ int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
             if (g_stats) bump(&g_stats->wakeups, 1);
             s->flags |= PYVFS_DRAINING;
             pyvfs_queue_disable(q);
+            control_check_at = now_ns() + CONTROL_CHECK_NS;
+        } else if (now_ns() >= control_check_at) {
+            struct epoll_event ev[4];
+            int n = epoll_wait(s->epoll_fd, ev, 4, 0);
+            control_check_at = now_ns() + CONTROL_CHECK_NS;
+            for (int i = 0; i < n; i++)
+                if (ev[i].data.fd != s->kick_fd) return PYVFS_SERVE_CONTROL;
         }
         uint32_t answered = 0;
         int r = pyvfs_drain(q, rd, wr, counts, lens, detail, head, max_iov, c, s->fast,

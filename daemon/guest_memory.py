@@ -9,6 +9,8 @@ that is not guest RAM.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 
 from daemon._sys import ffi, lib
@@ -84,7 +86,7 @@ class GuestMemory:
         raise BadGuestAddress(f"front-end address {uva:#x}+{length:#x} is not in any region")
 
 
-def _map_region(region: MemoryRegion, fd: int) -> MappedRegion:
+def _map_region(region: MemoryRegion, fd: int, where: str = "") -> MappedRegion:
     if region.memory_size <= 0:
         raise BadGuestAddress("memory region of size 0")
     start = region.mmap_offset & ~(PAGE - 1)
@@ -93,8 +95,54 @@ def _map_region(region: MemoryRegion, fd: int) -> MappedRegion:
     base = lib.pyvfs_mmap_shared(fd, map_len, start)
     if base == 0:
         err = lib.pyvfs_errno()
-        raise OSError(err, f"cannot map guest memory region at {region.guest_phys_addr:#x}")
+        where = where or f"memory region at guest address {region.guest_phys_addr:#x}"
+        raise OSError(err, f"cannot map guest memory: {where}: {os.strerror(err)}: refused")
     return MappedRegion(
         region.guest_phys_addr, region.memory_size, region.userspace_addr, base + delta, base,
         map_len,
     )
+
+
+def check_regions(regions: list[tuple[MemoryRegion, int]]) -> None:
+    """Refuse, before any worker maps it, a region its fd cannot back: mapped past the
+    end of a file, its pages would raise SIGBUS in the worker that touches them (a
+    descriptor the guest points there), and a worker crash would follow every restart.
+    Each region is checked with fstat and mapped once (then unmapped); BadGuestAddress
+    or OSError names the region and the sizes."""
+    for region, fd in regions:
+        where = (f"memory region at guest address {region.guest_phys_addr:#x} (memory_size "
+                 f"{region.memory_size}, mmap_offset {region.mmap_offset})")
+        need = region.mmap_offset + region.memory_size
+        if region.memory_size <= 0 or need >= 1 << 63 or \
+                region.guest_phys_addr + region.memory_size > 1 << 64 or \
+                region.userspace_addr + region.memory_size > 1 << 64:
+            raise BadGuestAddress(f"{where}: impossible size or address: refused")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"{where}: fd {fd}: {e.strerror}: refused") from None
+        if stat.S_ISREG(st.st_mode) and st.st_size < need:
+            raise BadGuestAddress(f"{where}: its fd holds {st.st_size} bytes, it needs {need} "
+                                  "(mmap_offset + memory_size): refused")
+        mapped = _map_region(region, fd, where)
+        lib.pyvfs_munmap(mapped.map_base, mapped.map_len)
+
+
+def load_u16_at(regions: list[tuple[MemoryRegion, int]], uva: int) -> int:
+    """A 16-bit value of guest memory, by front-end address, read through a one-page
+    mapping of its region's fd (the supervisor maps no guest memory otherwise): the used
+    index of a ring whose worker was killed."""
+    for region, fd in regions:
+        if region.userspace_addr <= uva and uva + 2 <= region.userspace_addr + \
+                region.memory_size:
+            offset = region.mmap_offset + uva - region.userspace_addr
+            start = offset & ~(PAGE - 1)
+            base = lib.pyvfs_mmap_shared(fd, PAGE, start)
+            if base == 0:
+                err = lib.pyvfs_errno()
+                raise OSError(err, f"cannot map guest memory at {uva:#x}: {os.strerror(err)}")
+            try:
+                return lib.pyvfs_load_u16(base + offset - start)
+            finally:
+                lib.pyvfs_munmap(base, PAGE)
+    raise BadGuestAddress(f"front-end address {uva:#x} is not in any region")

@@ -126,6 +126,22 @@ class SplitQueue:
         self.c.signalled_used = self.used_idx
         self.c.signalled_valid = 0
 
+    def rebind(self, mem: GuestMemory, desc_gpa: int, avail_gpa: int, used_gpa: int) -> None:
+        """Serve the same ring through a new memory table (SET_MEM_TABLE, ADD_MEM_REG,
+        REM_MEM_REG): its three parts and the regions the chain walker checks against
+        now come from ``mem``, while the ring's position (last avail, used index, the
+        last interrupt decision) stays. Raises BadGuestAddress, changing nothing, if a
+        ring part is not in ``mem``; the caller unmaps the old table afterwards."""
+        n = self.size
+        desc = mem.host_address(desc_gpa, n * DESC_SIZE)
+        avail = mem.host_address(avail_gpa, 6 + 2 * n)
+        used = mem.host_address(used_gpa, 6 + 8 * n)
+        self.mem = mem
+        self.desc_addr, self.avail_addr, self.used_addr = desc, avail, used
+        self.c.desc, self.c.avail, self.c.used = desc, avail, used
+        self.c.regions = mem.c_regions
+        self.c.nregions = mem.c_count
+
     @property
     def last_avail_idx(self) -> int:
         return self.c.last_avail

@@ -163,18 +163,23 @@ class QueueWorker:
         return GuestMemory([(MemoryRegion(g, s, u, o), fd) for g, s, u, o, fd in regions])
 
     def remap(self, regions: list[list[int]]) -> None:
-        """Switch to a new memory table; on any failure the old one stays in use."""
+        """Switch to a new memory table; on any failure the old one stays in use.
+
+        Guest addresses are translated only when used: the C ring state (SplitQueue's
+        struct, rebound here) and each chain's walk (a parked SETLKW walks its chain
+        again when it completes), so the next request sees the new table. The serve
+        loop's state holds no guest address."""
         mem = self._map(regions)
-        old_mem, old_queue = self.mem, self.queue
-        self.mem = mem
+        s = self.setup
         try:
-            self.queue = self._make_queue(old_queue.last_avail_idx)
+            self.queue.rebind(mem, mem.uva_to_gpa(s.desc_uva, 16 * s.size),
+                              mem.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
+                              mem.uva_to_gpa(s.used_uva, 6 + 8 * s.size))
         except BaseException:
-            self.mem = old_mem
             mem.close()
             raise
-        old_queue.release()
-        old_mem.close()
+        old, self.mem = self.mem, mem
+        old.close()
 
     def _make_queue(self, last_avail: int) -> SplitQueue:
         s = self.setup
@@ -200,6 +205,13 @@ class QueueWorker:
         s = self.serve
         s.epoll_fd = ep.fileno()
         self.start_draining()  # whatever is in the ring already
+        if self.setup.resume_from_used and self.call_fd >= 0:
+            # the worker before (killed, or dead) may have pushed answers it never signalled;
+            # an interrupt too many costs the guest nothing
+            try:
+                os.write(self.call_fd, ONE)
+            except OSError:
+                pass  # not an eventfd we can write: the C loop's notifications say the same
         q_chain = self.chain
         while True:
             s.timeout_ms = LOCK_RETRY_MS if self.waiting_locks else -1
@@ -257,6 +269,19 @@ class QueueWorker:
             self.queue.disable_notifications()
             self.serve.flags |= lib.PYVFS_DRAINING
 
+    def stop_draining(self) -> None:
+        """Leave a disabled ring alone at once, even mid-drain (pyvfs_serve looks at the
+        control socket between chains); the answers pushed so far are signalled first."""
+        s = self.serve
+        if s.flags & lib.PYVFS_DRAINING:
+            s.flags &= ~lib.PYVFS_DRAINING
+            if s.flags & lib.PYVFS_PUSHED and self.call_fd >= 0 and self.queue.should_notify():
+                try:
+                    os.write(self.call_fd, ONE)
+                except OSError:
+                    pass  # the front-end's eventfd is gone: nothing to do
+            s.flags &= ~lib.PYVFS_PUSHED
+
     def handle_control(self) -> None:
         data = self.control.recv(control.MAX_MESSAGE)
         if not data:
@@ -273,14 +298,21 @@ class QueueWorker:
             self.call_fd = msg["fd"]
             self.serve.call_fd = self.call_fd
         elif op == control.OP_KICK:
-            self.epoll.unregister(self.kick_fd)
-            self.kick_fd = msg["fd"]
-            self.epoll.register(self.kick_fd, select.EPOLLIN)
-            self.serve.kick_fd = self.kick_fd
+            try:  # the new fd first: one epoll cannot take keeps the old one in use
+                self.epoll.register(msg["fd"], select.EPOLLIN)
+            except OSError as e:
+                reply = {"ok": False, "error": f"kick fd {msg['fd']} refused: {e}"}
+            else:
+                self.epoll.unregister(self.kick_fd)
+                self.kick_fd = msg["fd"]
+                self.serve.kick_fd = self.kick_fd
         elif op == control.OP_ENABLE:
             self.enabled = bool(msg["on"])
             self.serve.enabled = int(self.enabled)
+            if not self.enabled:
+                self.stop_draining()
         elif op == control.OP_STOP:
+            self.epoll.close()  # its own fd, else left open in the shared table for ever
             reply["last_avail"] = self.queue.last_avail_idx
             self.control.send(control.encode(reply))
             os._exit(0)
