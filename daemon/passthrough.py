@@ -38,6 +38,8 @@ OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, 
 DIRENT64_HEAD = 19  # d_ino u64, d_off s64, d_reclen u16, d_type u8
 GETDENTS_BUF = 32768
 GETDENTS_MIN = 1024  # room for the longest dirent64 (19 + 256 bytes)
+AT_FDCWD = -100
+XATTR_MAX = 65536  # XATTR_SIZE_MAX and XATTR_LIST_MAX: no value or list is longer
 
 
 @dataclass(slots=True)
@@ -158,13 +160,26 @@ def check_name(name: bytes) -> bytes:
     return name
 
 
-# where an fd can be reopened by path; the sandbox makes it relative to the working
-# directory, the only view of /proc a sandboxed server keeps (see daemon.sandbox)
-PROC_FD_PREFIX = "/proc/self/fd/"
+# The fd directory through which an inode's O_PATH fd is reopened by the name of its
+# number (a magic link: it resolves to the inode itself, and nothing the guest sends is part
+# of the name). -1: /proc/self/fd of the calling process. In the sandbox /proc is out of
+# sight, so daemon.sandbox keeps a directory fd of the server's fd directory here; the
+# server's working directory stays its root (the share).
+PROC_DIR_FD = -1
 
 
-def proc_path(fd: int) -> str:
-    return f"{PROC_FD_PREFIX}{fd}"
+def proc_name(fd: int) -> tuple[str, int | None]:
+    """The name and dir_fd that reach ``fd``'s file through the fd directory."""
+    if PROC_DIR_FD < 0:
+        return f"/proc/self/fd/{fd}", None
+    return str(fd), PROC_DIR_FD
+
+
+def proc_open(fd: int, flags: int, mode: int = 0o777) -> int:
+    """Open ``fd``'s file anew with ``flags`` (close-on-exec): this follows the magic link
+    to whatever the inode is."""
+    path, dir_fd = proc_name(fd)
+    return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
 
 
 class Credentials:
@@ -216,7 +231,7 @@ class PassthroughFs:
         self.inodes = inodes
         self.handles = handles
         # fcntl locks by guest lock owner, shared by every worker (cloned after this)
-        self.lock_owners = LockOwners(proc_path) if config.posix_lock else None
+        self.lock_owners = LockOwners(proc_open) if config.posix_lock else None
         self.config = config
         self.use_handles = config.file_handles != "never"
         self.mount_fd = -1
@@ -230,6 +245,7 @@ class PassthroughFs:
         self._handle_buf = ffi.new("unsigned char[]", 128)
         self._handle_type = ffi.new("int *")
         self._mount_id = ffi.new("int *")
+        self._xattr_buf = ffi.new("char[]", XATTR_MAX)
         self.ops: dict[int, Callable[[Request], bytes | bytearray | None]] = {
             fuse.Opcode.INIT: self.op_init,
             fuse.Opcode.DESTROY: self.op_destroy,
@@ -308,7 +324,7 @@ class PassthroughFs:
             self.use_handles = False
         self.root_mnt_id = mnt
         # open_by_handle_at wants a real (not O_PATH) fd on the mount
-        self.mount_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.mount_fd = proc_open(fd, os.O_RDONLY | os.O_DIRECTORY)
         self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
         return fuse.ROOT_ID
 
@@ -428,7 +444,10 @@ class PassthroughFs:
         if self.security_capability is None:
             return
         try:
-            os.removexattr(proc_path(fd) if o_path else fd, self.security_capability)
+            if o_path:
+                self.removexattr_of(fd, self.security_capability)
+            else:
+                os.removexattr(fd, self.security_capability)
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                 raise
@@ -476,9 +495,43 @@ class PassthroughFs:
             raise FuseError(errno.EINVAL, "create without its security context extension")
         return secctx
 
-    def set_security_context(self, secctx: tuple[bytes, bytes], target: int | str) -> None:
+    def set_security_context(self, secctx: tuple[bytes, bytes], fd: int, o_path: bool) -> None:
         name, value = secctx
-        os.setxattr(target, self.client_xattr(name), value)
+        if o_path:
+            self.setxattr_of(fd, self.client_xattr(name), value, 0)
+        else:
+            os.setxattr(fd, self.client_xattr(name), value)
+
+    # ----- xattrs of an inode by its O_PATH fd, which is never opened for them -----------
+
+    def _xattr(self, op: int, fd: int, name: bytes | None, value: bytes | None = None,
+               flags: int = 0) -> int:
+        """pyvfs_xattr: path-based through the fd directory, so a FIFO, a socket or a
+        device node is not opened (virtiofsd does this for such inodes)."""
+        if value is not None:
+            buf, size = ffi.from_buffer(value), len(value)
+        else:
+            buf, size = self._xattr_buf, XATTR_MAX
+        n = lib.pyvfs_xattr(op, PROC_DIR_FD, fd, ffi.NULL if name is None else name, buf,
+                            size, flags)
+        if n < 0:
+            err = lib.pyvfs_errno()
+            raise OSError(err, os.strerror(err))
+        return n
+
+    def getxattr_of(self, fd: int, name: bytes) -> bytes:
+        n = self._xattr(lib.PYVFS_XATTR_GET, fd, name)
+        return bytes(ffi.buffer(self._xattr_buf, n))
+
+    def listxattr_of(self, fd: int) -> list[bytes]:
+        n = self._xattr(lib.PYVFS_XATTR_LIST, fd, None)
+        return bytes(ffi.buffer(self._xattr_buf, n)).split(b"\0")[:-1]
+
+    def setxattr_of(self, fd: int, name: bytes, value: bytes, flags: int) -> None:
+        self._xattr(lib.PYVFS_XATTR_SET, fd, name, value, flags)
+
+    def removexattr_of(self, fd: int, name: bytes) -> None:
+        self._xattr(lib.PYVFS_XATTR_REMOVE, fd, name)
 
     def negotiated(self, flag: int) -> bool:
         return bool(SESSION_FLAGS.unpack_from(self.session)[0] & flag)
@@ -619,7 +672,8 @@ class PassthroughFs:
                     if handle is not None:
                         os.fchmod(handle.fd, mode & 0o7777)
                     else:
-                        os.chmod(proc_path(inode.fd), mode & 0o7777)
+                        path, dir_fd = proc_name(inode.fd)
+                        os.chmod(path, mode & 0o7777, dir_fd=dir_fd)
                 if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
                     host_uid, host_gid = self.host_ids(uid, gid)
                     new_uid = host_uid if valid & fuse.FATTR_UID else 0xFFFFFFFF
@@ -635,7 +689,11 @@ class PassthroughFs:
                             os.ftruncate(handle.fd, size)
                         else:
                             self.clear_capability(inode.fd, True)
-                            os.truncate(proc_path(inode.fd), size)
+                            fd = proc_open(inode.fd, os.O_WRONLY | os.O_NONBLOCK)
+                            try:
+                                os.ftruncate(fd, size)
+                            finally:
+                                os.close(fd)
                 if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME):
                     self._set_times(inode.fd, valid, atime, atimensec, mtime, mtimensec)
                 return self._stat_reply(os.fstat(inode.fd))
@@ -655,7 +713,9 @@ class PassthroughFs:
             m_ns not in (omit, now) and m_ns >= 1_000_000_000
         ):
             raise OSError(errno.EINVAL, "nanoseconds out of range")
-        if lib.pyvfs_utimensat(-100, proc_path(fd).encode(), a_sec, a_ns, m_sec, m_ns, 0) < 0:
+        path, dir_fd = proc_name(fd)
+        if lib.pyvfs_utimensat(AT_FDCWD if dir_fd is None else dir_fd, path.encode(), a_sec,
+                               a_ns, m_sec, m_ns, 0) < 0:
             err = lib.pyvfs_errno()
             raise OSError(err, os.strerror(err))
 
@@ -675,7 +735,7 @@ class PassthroughFs:
                 try:
                     fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
                     try:
-                        self.set_security_context(secctx, proc_path(fd))
+                        self.set_security_context(secctx, fd, True)
                     finally:
                         os.close(fd)
                 except BaseException:
@@ -746,7 +806,8 @@ class PassthroughFs:
         check_name(name)
         self._check_writable()
         with InodeRef(self, old_nodeid) as target, InodeRef(self, req.nodeid) as parent:
-            os.link(proc_path(target.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            path, dir_fd = proc_name(target.fd)  # linkat of the inode itself: nothing opened
+            os.link(path, name, src_dir_fd=dir_fd, dst_dir_fd=parent.fd, follow_symlinks=True)
             return self.entry(parent, name)
 
     def _open_flags(self, flags: int) -> int:
@@ -789,7 +850,7 @@ class PassthroughFs:
                 # block the worker or reach a host device
                 raise OSError(errno.EACCES, "only regular files and directories are opened")
             with self.kill_priv(bool(open_flags & fuse.OPEN_KILL_SUIDGID)):
-                fd = os.open(proc_path(inode.fd), self._open_flags(flags))
+                fd = proc_open(inode.fd, self._open_flags(flags))
             if flags & os.O_TRUNC:
                 try:
                     self.clear_capability(fd, False)
@@ -834,7 +895,7 @@ class PassthroughFs:
                     self.clear_capability(fd, False)
                 if secctx is not None:
                     try:
-                        self.set_security_context(secctx, fd)
+                        self.set_security_context(secctx, fd, False)
                     except BaseException:
                         with contextlib.suppress(OSError):
                             os.unlink(name, dir_fd=parent.fd)
@@ -855,13 +916,15 @@ class PassthroughFs:
         self._check_writable()
         with InodeRef(self, req.nodeid) as parent:
             with self._creating(req, umask):
-                fd = os.open(proc_path(parent.fd),
-                             (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
-                             mode & 0o7777)
+                # "." of the parent's O_PATH fd: the fd directory is out of the caller's
+                # reach in the sandbox (it is the server's), and the file must be the
+                # caller's, with its mode, as CREATE makes it
+                fd = os.open(".", (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
+                             mode & 0o7777, dir_fd=parent.fd)
             try:
                 st = os.fstat(fd)
                 # follow the magic link (no O_NOFOLLOW): we want the file, not the link
-                path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+                path_fd = proc_open(fd, os.O_PATH)
             except BaseException:
                 os.close(fd)
                 raise
@@ -912,7 +975,7 @@ class PassthroughFs:
 
     def op_opendir(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = proc_open(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
             return self._new_handle(req.nodeid, fd, 0, True)
 
     def _dirents(self, fd: int, offset: int, want: int):  # noqa: ANN202 - tuple generator
@@ -1048,7 +1111,7 @@ class PassthroughFs:
 
     def op_syncfs(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            fd = proc_open(inode.fd, os.O_RDONLY)
             try:
                 if lib.pyvfs_syncfs(fd) < 0:
                     err = lib.pyvfs_errno()
@@ -1069,13 +1132,13 @@ class PassthroughFs:
                 raise OSError(errno.ENODATA, "no such xattr") from None
             raise
         with InodeRef(self, req.nodeid) as inode:
-            value = os.getxattr(proc_path(inode.fd), host_name)
+            value = self.getxattr_of(inode.fd, host_name)
         return self._sized(value, size)
 
     def op_listxattr(self, req: Request) -> bytes:
         size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
         with InodeRef(self, req.nodeid) as inode:
-            names = [os.fsencode(n) for n in os.listxattr(proc_path(inode.fd))]
+            names = self.listxattr_of(inode.fd)
         if self.config.xattrmap is not None:
             names = self.config.xattrmap.map_server_list(names)
         if not self.negotiated(fuse.POSIX_ACL):
@@ -1109,10 +1172,11 @@ class PassthroughFs:
             if (host_name == ACL_ACCESS and setxattr_flags & fuse.SETXATTR_ACL_KILL_SGID
                     and self.negotiated(fuse.POSIX_ACL)):
                 # the guest's setfacl would have cleared setgid (caller not in the group)
-                mode = os.stat(proc_path(inode.fd)).st_mode
+                mode = os.fstat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
-            os.setxattr(proc_path(inode.fd), host_name, value, flags)
+                    path, dir_fd = proc_name(inode.fd)
+                    os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID, dir_fd=dir_fd)
+            self.setxattr_of(inode.fd, host_name, value, flags)
         return b""
 
     def op_removexattr(self, req: Request) -> bytes:
@@ -1120,7 +1184,7 @@ class PassthroughFs:
         self._check_writable()
         host_name = self.client_xattr(name)
         with InodeRef(self, req.nodeid) as inode:
-            os.removexattr(proc_path(inode.fd), host_name)
+            self.removexattr_of(inode.fd, host_name)
         return b""
 
     # ----- locks ----------------------------------------------------------------------
@@ -1138,10 +1202,10 @@ class PassthroughFs:
         the guest): read-write when the host allows, else as the guest opened it."""
         def reopen() -> int:
             try:
-                return os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
+                return proc_open(fd, os.O_RDWR)
             except OSError:
                 mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-                return os.open(proc_path(fd), mode | os.O_CLOEXEC)
+                return proc_open(fd, mode)
         return reopen
 
     def lock_as_owner(self, nodeid: int, owner: int, handle_fd: int, start: int, end: int,

@@ -157,6 +157,39 @@ def test_chroot_sandbox(tmp_path: Path) -> None:
     assert not sock.exists() and segments(proc.pid) == []
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def cwd_and_root_are_the_share(pids: list[int], share: Path) -> dict[int, tuple[bool, bool]]:
+    return {pid: (same_file(f"/proc/{pid}/cwd/", share), same_file(f"/proc/{pid}/root/", share))
+            for pid in pids}
+
+
+@pytest.mark.parametrize("mode", ["namespace", "chroot"])
+def test_no_path_leads_out_of_the_sandbox(tmp_path: Path, mode: str) -> None:
+    """The server's and every worker's working directory is their root, the share: no
+    relative path (``..`` included) leads out of it. (With chroot it used to be the
+    server's /proc/<pid>/fd, outside the root: cwd/../../.. was the host's /.) Requests
+    that reopen an fd through the fd directory still work, and leave it so."""
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", mode, "--xattr") as proc:
+        front = Frontend(str(sock))
+        seen = exercise(front)  # (xattrs: through the fd directory, and back)
+        server = server_pid(proc.pid)
+        family = [server, *descendants(server)]
+        assert len(family) == 3
+        inside = {pid: (True, True) for pid in family}
+        where = {pid: (os.readlink(f"/proc/{pid}/cwd"), os.readlink(f"/proc/{pid}/root"))
+                 for pid in family}
+        assert cwd_and_root_are_the_share(family, share) == inside, (
+            f"(working directory, root) of each process: {where}, share {share}")
+        front.close()
+        assert proc.wait(10) == 0
+    assert seen["read"] == (0, b"inside the sandbox") and seen["xattr"] == (0, 0, b"hello")
+
+
 @pytest.mark.parametrize("maps", [[], ["--uid-map=:0:1000:1:", "--gid-map=:0:1000:1:"]],
                          ids=["own-ids", "mapped-to-root"])
 def test_namespace_sandbox_unprivileged(tmp_path: Path, maps: list[str]) -> None:
