@@ -47,6 +47,7 @@ ffibuilder.cdef(
     #define PYVFS_XATTR_REMOVE ...
     long pyvfs_xattr(int op, int procdir, int fd, const char *name, void *value,
                      size_t size, int flags);
+    int pyvfs_access_fd(int fd, int mode);
     typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;
     typedef struct { uint64_t base; uint64_t len; } pyvfs_iov_t;
     int pyvfs_walk_chain(uint64_t desc_host, uint32_t qsize, uint32_t head, int indirect_ok,
@@ -252,6 +253,14 @@ ffibuilder.set_source(
        process's working directory goes there for this one call and back to its root
        before returning, so no Python code runs with a working directory outside the
        share. Workers are single-threaded processes with a working directory each. */
+    /* access(2) of an O_PATH fd's inode with the fsuid/fsgid in force (faccessat2, Linux
+       5.8+; ENOSYS before). */
+    #ifndef SYS_faccessat2
+    #define SYS_faccessat2 439
+    #endif
+    int pyvfs_access_fd(int fd, int mode) {
+        return (int)syscall(SYS_faccessat2, fd, "", mode, AT_EACCESS | AT_EMPTY_PATH);
+    }
     #define PYVFS_XATTR_GET 0
     #define PYVFS_XATTR_LIST 1
     #define PYVFS_XATTR_SET 2

@@ -176,10 +176,17 @@ def proc_name(fd: int) -> tuple[str, int | None]:
 
 
 def proc_open(fd: int, flags: int, mode: int = 0o777) -> int:
-    """Open ``fd``'s file anew with ``flags`` (close-on-exec): this follows the magic link
-    to whatever the inode is."""
+    """Open ``fd``'s file anew with ``flags`` (close-on-exec). Callers check the file type
+    first (:func:`openable`): this follows the magic link to whatever the inode is."""
     path, dir_fd = proc_name(fd)
     return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def openable(mode: int) -> bool:
+    """Only regular files and directories are ever opened by the daemon (virtiofsd's
+    is_safe_inode): opening a FIFO can block the worker for ever, and a device node the
+    guest made with MKNOD would hand it the host's device."""
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 class Credentials:
@@ -387,11 +394,33 @@ class PassthroughFs:
         return fd
 
     def entry(self, parent: InodeRef, name: bytes) -> bytearray:
-        nodeid, st = self.do_lookup(parent, name)
+        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._entry_of(parent, fd, st, name)
+
+    def _entry_of(self, parent: InodeRef, fd: int, st: os.stat_result, name: bytes
+                  ) -> bytearray:
+        """The entry reply for an O_PATH fd we own and its stat: claims the inode (the
+        guest's reference); the fd ends up in the table, the fd cache or closed. On an error
+        nothing stays taken."""
+        try:
+            attr_flags = self._attr_flags(parent, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        nodeid = self.claim(fd, st, parent.nodeid, name)
         t = self.config.timeout
         buf = bytearray(fuse.ENTRY_OUT_SIZE)
-        fuse.pack_entry_into(buf, 0, nodeid, st, t, t, self._attr_flags(parent, st))
-        self._guest_ids(buf, fuse.ENTRY_HEAD.size, st)
+        try:
+            fuse.pack_entry_into(buf, 0, nodeid, st, t, t, attr_flags)
+            self._guest_ids(buf, fuse.ENTRY_HEAD.size, st)
+        except BaseException:
+            self._forget(nodeid, 1)
+            raise
         return buf
 
     # ----- --translate-uid / --translate-gid ------------------------------------------
@@ -668,6 +697,14 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as inode:
             handle = HandleRef(self, fh) if valid & fuse.FATTR_FH else None
             try:
+                if valid & fuse.FATTR_SIZE and handle is None:
+                    # truncated through a file opened for it: checked before anything
+                    # changes (virtiofsd opens it first: EISDIR, EBADF for the others)
+                    kind = os.fstat(inode.fd).st_mode
+                    if stat.S_ISDIR(kind):
+                        raise OSError(errno.EISDIR, "cannot truncate a directory")
+                    if not stat.S_ISREG(kind):
+                        raise OSError(errno.EBADF, "only regular files are truncated")
                 if valid & fuse.FATTR_MODE:
                     if handle is not None:
                         os.fchmod(handle.fd, mode & 0o7777)
@@ -843,12 +880,10 @@ class PassthroughFs:
             raise OSError(errno.EROFS, "shared directory is read-only")
         with InodeRef(self, req.nodeid) as inode:
             mode = os.fstat(inode.fd).st_mode
-            if stat.S_ISLNK(mode):
-                raise OSError(errno.ELOOP, "cannot open a symlink")
-            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-                # the guest opens fifos and device nodes itself; opening them here could
-                # block the worker or reach a host device
-                raise OSError(errno.EACCES, "only regular files and directories are opened")
+            if not openable(mode):
+                # the guest opens FIFOs, sockets and device nodes itself (and resolves
+                # symlinks): EBADF as virtiofsd's open_inode
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
             with self.kill_priv(bool(open_flags & fuse.OPEN_KILL_SUIDGID)):
                 fd = proc_open(inode.fd, self._open_flags(flags))
             if flags & os.O_TRUNC:
@@ -874,26 +909,20 @@ class PassthroughFs:
         self._check_writable()
         secctx = self.security_context(req)
         with InodeRef(self, req.nodeid) as parent:
-            open_flags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-            with self._creating(req, umask), self.kill_priv(
-                    bool(fuse_open_flags & fuse.OPEN_KILL_SUIDGID)):
-                if secctx is not None and not flags & os.O_EXCL:
-                    # only a file made here gets the label (as virtiofsd)
-                    try:
-                        fd = os.open(name, open_flags | os.O_EXCL, mode & 0o7777,
-                                     dir_fd=parent.fd)
-                    except FileExistsError:
-                        secctx = None
-                        fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
-                else:
-                    fd = os.open(name, open_flags | (flags & os.O_EXCL), mode & 0o7777,
-                                 dir_fd=parent.fd)
+            # O_EXCL always, as virtiofsd: O_CREAT on an existing FIFO or device node would
+            # open it (and block, or reach the device); an existing name is opened below
+            # only once it is known to be a regular file
+            open_flags = (self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_NONBLOCK)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EEXIST, "an entry that is not a regular file exists")
-                if flags & os.O_TRUNC:
-                    self.clear_capability(fd, False)
-                if secctx is not None:
+                with self._creating(req, umask):
+                    fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                return self._create_existing(req, parent, name, flags, fuse_open_flags)
+            try:
+                if secctx is not None:  # only a file made here gets the label (virtiofsd)
                     try:
                         self.set_security_context(secctx, fd, False)
                     except BaseException:
@@ -908,6 +937,61 @@ class PassthroughFs:
                 raise
             return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
                                           flags)
+
+    def _create_existing(self, req: Request, parent: InodeRef, name: bytes, flags: int,
+                         fuse_open_flags: int) -> bytes:
+        """CREATE without O_EXCL of a name that exists: looked up and opened as OPEN
+        would (virtiofsd: do_lookup, then do_open), and only if it is a regular file:
+        EBADF for anything else (virtiofsd's open_inode), EISDIR for a directory (as
+        open(2) with O_CREAT). The caller must be allowed to open it. Claimed before it is
+        opened, so a full inode table (ENFILE) leaves it untouched (O_TRUNC)."""
+        path_fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, "CREATE of an existing directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            self._check_access(req, path_fd, flags)
+            reopen_fd = os.dup(path_fd)  # path_fd goes to the table (or is closed)
+        except BaseException:
+            os.close(path_fd)
+            raise
+        try:
+            entry = self._entry_of(parent, path_fd, st, name)
+            nodeid = int.from_bytes(entry[:8], "little")
+            try:
+                with self.kill_priv(bool(fuse_open_flags & fuse.OPEN_KILL_SUIDGID)):
+                    fd = proc_open(reopen_fd, self._open_flags(flags))
+            except BaseException:
+                self._forget(nodeid, 1)
+                raise
+        finally:
+            os.close(reopen_fd)
+        try:
+            if flags & os.O_TRUNC:
+                self.clear_capability(fd, False)
+        except BaseException:
+            os.close(fd)
+            self._forget(nodeid, 1)
+            raise
+        return self._entry_and_handle(entry, nodeid, fd, flags)
+
+    def _check_access(self, req: Request, path_fd: int, flags: int) -> None:
+        """Whether the caller may open the inode with ``flags``, asked of the kernel as the
+        caller (faccessat2 on the O_PATH fd): the file is then opened as the daemon
+        through the fd directory, which the caller's ids cannot reach in the sandbox.
+        Kernels before 5.8 lack faccessat2: no check, as virtiofsd."""
+        want = {os.O_RDONLY: os.R_OK, os.O_WRONLY: os.W_OK}.get(
+            flags & os.O_ACCMODE, os.R_OK | os.W_OK)
+        if flags & os.O_TRUNC:
+            want |= os.W_OK
+        with self._creating(req):
+            if lib.pyvfs_access_fd(path_fd, want) == 0:
+                return
+            err = lib.pyvfs_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err))
 
     def op_tmpfile(self, req: Request) -> bytes:
         """O_TMPFILE: an unnamed file in the directory, answered like CREATE (the name the
@@ -975,7 +1059,9 @@ class PassthroughFs:
 
     def op_opendir(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = proc_open(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
+            if not openable(os.fstat(inode.fd).st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            fd = proc_open(inode.fd, os.O_RDONLY | os.O_DIRECTORY)  # a file: ENOTDIR
             return self._new_handle(req.nodeid, fd, 0, True)
 
     def _dirents(self, fd: int, offset: int, want: int):  # noqa: ANN202 - tuple generator
@@ -1111,7 +1197,11 @@ class PassthroughFs:
 
     def op_syncfs(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = proc_open(inode.fd, os.O_RDONLY)
+            # syncfs needs a real fd: never of a FIFO (the open would wait for a writer
+            # for ever) or of a device node (virtiofsd's open_inode: EBADF)
+            if not openable(os.fstat(inode.fd).st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            fd = proc_open(inode.fd, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 if lib.pyvfs_syncfs(fd) < 0:
                     err = lib.pyvfs_errno()
