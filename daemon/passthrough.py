@@ -32,6 +32,7 @@ from daemon.xattrmap import XattrMap
 log = logging.getLogger("pyvirtiofsd.fs")
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+O_TMPFILE_ONLY = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE is this bit plus O_DIRECTORY
 NAME_MAX = 255
 # Flags the guest may not pass through to an open(2) on the host.
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_PATH", 0)
@@ -423,6 +424,49 @@ class PassthroughFs:
             raise
         return buf
 
+    def _new_entry(self, parent: InodeRef, name: bytes, is_dir: bool = False,
+                   secctx: tuple[bytes, bytes] | None = None) -> bytearray:
+        """The entry of a node this request has just made (MKDIR, MKNOD, SYMLINK, LINK),
+        labelled (--security-label), looked up and claimed. If any step fails (a full inode
+        table: ENFILE) the node is removed again: a failed request leaves nothing behind."""
+        try:
+            fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            raise  # removed meanwhile: nothing of ours is left
+        except BaseException:
+            self._unmake(parent.fd, name, None, is_dir)
+            raise
+        st = None
+        try:
+            st = os.fstat(fd)
+            if secctx is not None:
+                self.set_security_context(secctx, fd, True)
+        except BaseException:
+            os.close(fd)
+            self._unmake(parent.fd, name, st, is_dir)
+            raise
+        try:
+            return self._entry_of(parent, fd, st, name)
+        except BaseException:
+            self._unmake(parent.fd, name, st, is_dir)
+            raise
+
+    @staticmethod
+    def _unmake(parent_fd: int, name: bytes, made: os.stat_result | None, is_dir: bool
+                ) -> None:
+        """Remove ``name``, which this request created, after a later step failed; with
+        ``made`` only while the name still is that inode, so nothing put there since by
+        someone else goes."""
+        with contextlib.suppress(OSError):
+            if made is not None:
+                now = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                if (now.st_ino, now.st_dev) != (made.st_ino, made.st_dev):
+                    return
+            if is_dir:
+                os.rmdir(name, dir_fd=parent_fd)
+            else:
+                os.unlink(name, dir_fd=parent_fd)
+
     # ----- --translate-uid / --translate-gid ------------------------------------------
 
     def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
@@ -768,18 +812,7 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as parent:
             with self._creating(req, umask):
                 make(parent.fd, name)
-            if secctx is not None:
-                try:
-                    fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
-                    try:
-                        self.set_security_context(secctx, fd, True)
-                    finally:
-                        os.close(fd)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        (os.rmdir if is_dir else os.unlink)(name, dir_fd=parent.fd)
-                    raise
-            return self.entry(parent, name)
+            return self._new_entry(parent, name, is_dir, secctx)
 
     def op_mkdir(self, req: Request) -> bytes:
         mode, umask = fuse.MKDIR_IN.unpack_from(req.arg)
@@ -845,7 +878,7 @@ class PassthroughFs:
         with InodeRef(self, old_nodeid) as target, InodeRef(self, req.nodeid) as parent:
             path, dir_fd = proc_name(target.fd)  # linkat of the inode itself: nothing opened
             os.link(path, name, src_dir_fd=dir_fd, dst_dir_fd=parent.fd, follow_symlinks=True)
-            return self.entry(parent, name)
+            return self._new_entry(parent, name)
 
     def _open_flags(self, flags: int) -> int:
         flags &= ~OPEN_STRIP
@@ -878,6 +911,10 @@ class PassthroughFs:
             flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         ):
             raise OSError(errno.EROFS, "shared directory is read-only")
+        if flags & O_TMPFILE_ONLY:
+            # OPEN never creates (O_CREAT and O_EXCL are stripped as the guest kernel
+            # does): O_TMPFILE on a directory would make a file as the daemon
+            raise GuestInputError(errno.EINVAL, "OPEN with O_TMPFILE", "open flags")
         with InodeRef(self, req.nodeid) as inode:
             mode = os.fstat(inode.fd).st_mode
             if not openable(mode):
@@ -921,22 +958,29 @@ class PassthroughFs:
                 if flags & os.O_EXCL:
                     raise
                 return self._create_existing(req, parent, name, flags, fuse_open_flags)
+            # from here on a failure (ENFILE from a full inode or open-file table, the
+            # label) removes the file again: a failed CREATE leaves nothing behind
+            st = None
             try:
+                st = os.fstat(fd)
                 if secctx is not None:  # only a file made here gets the label (virtiofsd)
-                    try:
-                        self.set_security_context(secctx, fd, False)
-                    except BaseException:
-                        with contextlib.suppress(OSError):
-                            os.unlink(name, dir_fd=parent.fd)
-                        raise
+                    self.set_security_context(secctx, fd, False)
                 if not flags & os.O_NONBLOCK:
                     os.set_blocking(fd, True)
-                entry = self.entry(parent, name)
+                # the entry of the very file made, not of whatever the name is by now
+                path_fd = proc_open(fd, os.O_PATH)
+                entry = self._entry_of(parent, path_fd, st, name)
             except BaseException:
                 os.close(fd)
+                self._unmake(parent.fd, name, st, False)
                 raise
-            return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
-                                          flags)
+            try:
+                # (closes fd itself if it fails)
+                return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
+                                              flags)
+            except BaseException:
+                self._unmake(parent.fd, name, st, False)
+                raise
 
     def _create_existing(self, req: Request, parent: InodeRef, name: bytes, flags: int,
                          fuse_open_flags: int) -> bytes:
