@@ -41,6 +41,13 @@ ffibuilder.cdef(
     int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                         const char *newpath, unsigned int flags);
     int pyvfs_set_pdeathsig(int sig);
+    #define PYVFS_XATTR_GET ...
+    #define PYVFS_XATTR_LIST ...
+    #define PYVFS_XATTR_SET ...
+    #define PYVFS_XATTR_REMOVE ...
+    long pyvfs_xattr(int op, int procdir, int fd, const char *name, void *value,
+                     size_t size, int flags);
+    int pyvfs_access_fd(int fd, int mode);
     typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;
     typedef struct { uint64_t base; uint64_t len; } pyvfs_iov_t;
     int pyvfs_walk_chain(uint64_t desc_host, uint32_t qsize, uint32_t head, int indirect_ok,
@@ -172,6 +179,8 @@ ffibuilder.set_source(
     #include <time.h>
     #include <sys/syscall.h>
     #include <sys/uio.h>
+    #include <sys/xattr.h>
+    #include <stdio.h>
     #include <linux/fuse.h>
     #include <limits.h>
     #include <unistd.h>
@@ -240,6 +249,49 @@ ffibuilder.set_source(
         return utimensat(dirfd, path, ts, flags);
     }
     int pyvfs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+    /* An xattr call on the inode of an O_PATH fd. f*xattr refuse O_PATH fds, and opening
+       the inode could block (a FIFO) or reach a device, so the call takes the magic link
+       /proc/self/fd/N, which resolves to the inode without opening it. procdir >= 0 is the
+       fd directory the sandbox kept (outside the root with --sandbox chroot): the calling
+       process's working directory goes there for this one call and back to its root
+       before returning, so no Python code runs with a working directory outside the
+       share. Workers are single-threaded processes with a working directory each. */
+    /* access(2) of an O_PATH fd's inode with the fsuid/fsgid in force (faccessat2, Linux
+       5.8+; ENOSYS before). */
+    #ifndef SYS_faccessat2
+    #define SYS_faccessat2 439
+    #endif
+    int pyvfs_access_fd(int fd, int mode) {
+        return (int)syscall(SYS_faccessat2, fd, "", mode, AT_EACCESS | AT_EMPTY_PATH);
+    }
+    #define PYVFS_XATTR_GET 0
+    #define PYVFS_XATTR_LIST 1
+    #define PYVFS_XATTR_SET 2
+    #define PYVFS_XATTR_REMOVE 3
+    long pyvfs_xattr(int op, int procdir, int fd, const char *name, void *value,
+                     size_t size, int flags) {
+        char path[40];
+        if (procdir < 0) {
+            snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        } else {
+            snprintf(path, sizeof path, "%d", fd);
+            if (fchdir(procdir) < 0) return -1;
+        }
+        long r;
+        switch (op) {
+        case PYVFS_XATTR_GET: r = getxattr(path, name, value, size); break;
+        case PYVFS_XATTR_LIST: r = listxattr(path, value, size); break;
+        case PYVFS_XATTR_SET: r = setxattr(path, name, value, size, flags); break;
+        case PYVFS_XATTR_REMOVE: r = removexattr(path, name); break;
+        default: errno = EINVAL; r = -1;
+        }
+        if (procdir >= 0) {
+            int saved = errno;
+            if (chdir("/") < 0) abort();  /* never serve on with a cwd outside the root */
+            errno = saved;
+        }
+        return r;
+    }
     /* ---- descriptor chains: walked and bounds-checked in C, data moved by the kernel */
     typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;
     typedef struct { uint64_t base; uint64_t len; } pyvfs_iov_t;

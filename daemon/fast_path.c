@@ -598,11 +598,11 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     int fd = openat(pfd, name, flags, in.mode & 07777);
     setfsuid(c->own_uid);
     setfsgid(c->own_gid);
-    int ok = 0, made = fd >= 0;
+    int ok = 0, made = fd >= 0, known = 0;
+    struct stat st;
     if (fd >= 0) {
-        struct stat st;
         int fl;
-        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        if ((known = fstat(fd, &st) == 0) && S_ISREG(st.st_mode) &&
             (in.flags & O_NONBLOCK ||
              ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
             /* a file made just now: no entry can know it yet */
@@ -619,7 +619,14 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
         if (!ok) close(fd);
         else fd = -1;  /* the table owns it */
     }
-    if (!ok && made) unlinkat(pfd, name, 0);
+    if (!ok && made) {
+        /* a failed CREATE leaves nothing behind (Python's _unmake): the file made above,
+           and only while the name still is that file */
+        struct stat now;
+        if (!known || (fstatat(pfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 &&
+                       now.st_ino == st.st_ino && now.st_dev == st.st_dev))
+            unlinkat(pfd, name, 0);
+    }
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     unpin_inode(c, h->nodeid);
     if (!ok) return 0;

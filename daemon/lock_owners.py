@@ -38,7 +38,8 @@ _MUTEX = struct.Struct("hhqqi4x")  # struct flock: type whence start len pid
 
 
 class LockOwners:
-    def __init__(self, proc_path: Callable[[int], str], slots: int = SLOTS) -> None:
+    def __init__(self, proc_open: Callable[[int, int], int], slots: int = SLOTS) -> None:
+        """``proc_open(fd, flags)`` opens fd's file anew (passthrough.proc_open)."""
         self.slots = slots
         self.memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
         # the entries, then a count of live ones (USED or CLOSING): the C FLUSH path
@@ -46,13 +47,13 @@ class LockOwners:
         self.live_offset = _ENTRY.size * slots
         os.ftruncate(self.memfd, self.live_offset + 8)
         self.mem = mmap.mmap(self.memfd, self.live_offset + 8)
-        self._proc_path = proc_path
+        self._proc_open = proc_open
         self.mutex_fd = -1  # this process's own description of the memfd
 
     def open_mutex(self) -> int:
         """A new description of the table's memfd: one per worker (the supervisor closes
         it when that worker is gone)."""
-        return os.open(self._proc_path(self.memfd), os.O_RDWR | os.O_CLOEXEC)
+        return self._proc_open(self.memfd, os.O_RDWR)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

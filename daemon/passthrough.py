@@ -32,12 +32,15 @@ from daemon.xattrmap import XattrMap
 log = logging.getLogger("pyvirtiofsd.fs")
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+O_TMPFILE_ONLY = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE is this bit plus O_DIRECTORY
 NAME_MAX = 255
 # Flags the guest may not pass through to an open(2) on the host.
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_PATH", 0)
 DIRENT64_HEAD = 19  # d_ino u64, d_off s64, d_reclen u16, d_type u8
 GETDENTS_BUF = 32768
 GETDENTS_MIN = 1024  # room for the longest dirent64 (19 + 256 bytes)
+AT_FDCWD = -100
+XATTR_MAX = 65536  # XATTR_SIZE_MAX and XATTR_LIST_MAX: no value or list is longer
 
 
 @dataclass(slots=True)
@@ -158,13 +161,33 @@ def check_name(name: bytes) -> bytes:
     return name
 
 
-# where an fd can be reopened by path; the sandbox makes it relative to the working
-# directory, the only view of /proc a sandboxed server keeps (see daemon.sandbox)
-PROC_FD_PREFIX = "/proc/self/fd/"
+# The fd directory through which an inode's O_PATH fd is reopened by the name of its
+# number (a magic link: it resolves to the inode itself, and nothing the guest sends is part
+# of the name). -1: /proc/self/fd of the calling process. In the sandbox /proc is out of
+# sight, so daemon.sandbox keeps a directory fd of the server's fd directory here; the
+# server's working directory stays its root (the share).
+PROC_DIR_FD = -1
 
 
-def proc_path(fd: int) -> str:
-    return f"{PROC_FD_PREFIX}{fd}"
+def proc_name(fd: int) -> tuple[str, int | None]:
+    """The name and dir_fd that reach ``fd``'s file through the fd directory."""
+    if PROC_DIR_FD < 0:
+        return f"/proc/self/fd/{fd}", None
+    return str(fd), PROC_DIR_FD
+
+
+def proc_open(fd: int, flags: int, mode: int = 0o777) -> int:
+    """Open ``fd``'s file anew with ``flags`` (close-on-exec). Callers check the file type
+    first (:func:`openable`): this follows the magic link to whatever the inode is."""
+    path, dir_fd = proc_name(fd)
+    return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def openable(mode: int) -> bool:
+    """Only regular files and directories are ever opened by the daemon (virtiofsd's
+    is_safe_inode): opening a FIFO can block the worker for ever, and a device node the
+    guest made with MKNOD would hand it the host's device."""
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 class Credentials:
@@ -216,7 +239,7 @@ class PassthroughFs:
         self.inodes = inodes
         self.handles = handles
         # fcntl locks by guest lock owner, shared by every worker (cloned after this)
-        self.lock_owners = LockOwners(proc_path) if config.posix_lock else None
+        self.lock_owners = LockOwners(proc_open) if config.posix_lock else None
         self.config = config
         self.use_handles = config.file_handles != "never"
         self.mount_fd = -1
@@ -230,6 +253,7 @@ class PassthroughFs:
         self._handle_buf = ffi.new("unsigned char[]", 128)
         self._handle_type = ffi.new("int *")
         self._mount_id = ffi.new("int *")
+        self._xattr_buf = ffi.new("char[]", XATTR_MAX)
         self.ops: dict[int, Callable[[Request], bytes | bytearray | None]] = {
             fuse.Opcode.INIT: self.op_init,
             fuse.Opcode.DESTROY: self.op_destroy,
@@ -308,7 +332,7 @@ class PassthroughFs:
             self.use_handles = False
         self.root_mnt_id = mnt
         # open_by_handle_at wants a real (not O_PATH) fd on the mount
-        self.mount_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.mount_fd = proc_open(fd, os.O_RDONLY | os.O_DIRECTORY)
         self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
         return fuse.ROOT_ID
 
@@ -372,12 +396,77 @@ class PassthroughFs:
         return fd
 
     def entry(self, parent: InodeRef, name: bytes) -> bytearray:
-        nodeid, st = self.do_lookup(parent, name)
+        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._entry_of(parent, fd, st, name)
+
+    def _entry_of(self, parent: InodeRef, fd: int, st: os.stat_result, name: bytes
+                  ) -> bytearray:
+        """The entry reply for an O_PATH fd we own and its stat: claims the inode (the
+        guest's reference); the fd ends up in the table, the fd cache or closed. On an error
+        nothing stays taken."""
+        try:
+            attr_flags = self._attr_flags(parent, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        nodeid = self.claim(fd, st, parent.nodeid, name)
         t = self.config.timeout
         buf = bytearray(fuse.ENTRY_OUT_SIZE)
-        fuse.pack_entry_into(buf, 0, nodeid, st, t, t, self._attr_flags(parent, st))
-        self._guest_ids(buf, fuse.ENTRY_HEAD.size, st)
+        try:
+            fuse.pack_entry_into(buf, 0, nodeid, st, t, t, attr_flags)
+            self._guest_ids(buf, fuse.ENTRY_HEAD.size, st)
+        except BaseException:
+            self._forget(nodeid, 1)
+            raise
         return buf
+
+    def _new_entry(self, parent: InodeRef, name: bytes, is_dir: bool = False,
+                   secctx: tuple[bytes, bytes] | None = None) -> bytearray:
+        """The entry of a node this request has just made (MKDIR, MKNOD, SYMLINK, LINK),
+        labelled (--security-label), looked up and claimed. If any step fails (a full inode
+        table: ENFILE) the node is removed again: a failed request leaves nothing behind."""
+        try:
+            fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            raise  # removed meanwhile: nothing of ours is left
+        except BaseException:
+            self._unmake(parent.fd, name, None, is_dir)
+            raise
+        st = None
+        try:
+            st = os.fstat(fd)
+            if secctx is not None:
+                self.set_security_context(secctx, fd, True)
+        except BaseException:
+            os.close(fd)
+            self._unmake(parent.fd, name, st, is_dir)
+            raise
+        try:
+            return self._entry_of(parent, fd, st, name)
+        except BaseException:
+            self._unmake(parent.fd, name, st, is_dir)
+            raise
+
+    @staticmethod
+    def _unmake(parent_fd: int, name: bytes, made: os.stat_result | None, is_dir: bool
+                ) -> None:
+        """Remove ``name``, which this request created, after a later step failed; with
+        ``made`` only while the name still is that inode, so nothing put there since by
+        someone else goes."""
+        with contextlib.suppress(OSError):
+            if made is not None:
+                now = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                if (now.st_ino, now.st_dev) != (made.st_ino, made.st_dev):
+                    return
+            if is_dir:
+                os.rmdir(name, dir_fd=parent_fd)
+            else:
+                os.unlink(name, dir_fd=parent_fd)
 
     # ----- --translate-uid / --translate-gid ------------------------------------------
 
@@ -429,7 +518,10 @@ class PassthroughFs:
         if self.security_capability is None:
             return
         try:
-            os.removexattr(proc_path(fd) if o_path else fd, self.security_capability)
+            if o_path:
+                self.removexattr_of(fd, self.security_capability)
+            else:
+                os.removexattr(fd, self.security_capability)
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                 raise
@@ -477,9 +569,43 @@ class PassthroughFs:
             raise FuseError(errno.EINVAL, "create without its security context extension")
         return secctx
 
-    def set_security_context(self, secctx: tuple[bytes, bytes], target: int | str) -> None:
+    def set_security_context(self, secctx: tuple[bytes, bytes], fd: int, o_path: bool) -> None:
         name, value = secctx
-        os.setxattr(target, self.client_xattr(name), value)
+        if o_path:
+            self.setxattr_of(fd, self.client_xattr(name), value, 0)
+        else:
+            os.setxattr(fd, self.client_xattr(name), value)
+
+    # ----- xattrs of an inode by its O_PATH fd, which is never opened for them -----------
+
+    def _xattr(self, op: int, fd: int, name: bytes | None, value: bytes | None = None,
+               flags: int = 0) -> int:
+        """pyvfs_xattr: path-based through the fd directory, so a FIFO, a socket or a
+        device node is not opened (virtiofsd does this for such inodes)."""
+        if value is not None:
+            buf, size = ffi.from_buffer(value), len(value)
+        else:
+            buf, size = self._xattr_buf, XATTR_MAX
+        n = lib.pyvfs_xattr(op, PROC_DIR_FD, fd, ffi.NULL if name is None else name, buf,
+                            size, flags)
+        if n < 0:
+            err = lib.pyvfs_errno()
+            raise OSError(err, os.strerror(err))
+        return n
+
+    def getxattr_of(self, fd: int, name: bytes) -> bytes:
+        n = self._xattr(lib.PYVFS_XATTR_GET, fd, name)
+        return bytes(ffi.buffer(self._xattr_buf, n))
+
+    def listxattr_of(self, fd: int) -> list[bytes]:
+        n = self._xattr(lib.PYVFS_XATTR_LIST, fd, None)
+        return bytes(ffi.buffer(self._xattr_buf, n)).split(b"\0")[:-1]
+
+    def setxattr_of(self, fd: int, name: bytes, value: bytes, flags: int) -> None:
+        self._xattr(lib.PYVFS_XATTR_SET, fd, name, value, flags)
+
+    def removexattr_of(self, fd: int, name: bytes) -> None:
+        self._xattr(lib.PYVFS_XATTR_REMOVE, fd, name)
 
     def negotiated(self, flag: int) -> bool:
         return bool(SESSION_FLAGS.unpack_from(self.session)[0] & flag)
@@ -613,11 +739,20 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as inode:
             handle = HandleRef(self, fh) if valid & fuse.FATTR_FH else None
             try:
+                if valid & fuse.FATTR_SIZE and handle is None:
+                    # truncated through a file opened for it: checked before anything
+                    # changes (virtiofsd opens it first: EISDIR, EBADF for the others)
+                    kind = os.fstat(inode.fd).st_mode
+                    if stat.S_ISDIR(kind):
+                        raise OSError(errno.EISDIR, "cannot truncate a directory")
+                    if not stat.S_ISREG(kind):
+                        raise OSError(errno.EBADF, "only regular files are truncated")
                 if valid & fuse.FATTR_MODE:
                     if handle is not None:
                         os.fchmod(handle.fd, mode & 0o7777)
                     else:
-                        os.chmod(proc_path(inode.fd), mode & 0o7777)
+                        path, dir_fd = proc_name(inode.fd)
+                        os.chmod(path, mode & 0o7777, dir_fd=dir_fd)
                 if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
                     host_uid, host_gid = self.host_ids(uid, gid)
                     new_uid = host_uid if valid & fuse.FATTR_UID else 0xFFFFFFFF
@@ -633,7 +768,11 @@ class PassthroughFs:
                             os.ftruncate(handle.fd, size)
                         else:
                             self.clear_capability(inode.fd, True)
-                            os.truncate(proc_path(inode.fd), size)
+                            fd = proc_open(inode.fd, os.O_WRONLY | os.O_NONBLOCK)
+                            try:
+                                os.ftruncate(fd, size)
+                            finally:
+                                os.close(fd)
                 if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME):
                     self._set_times(inode.fd, valid, atime, atimensec, mtime, mtimensec)
                 return self._stat_reply(os.fstat(inode.fd))
@@ -653,7 +792,9 @@ class PassthroughFs:
             m_ns not in (omit, now) and m_ns >= 1_000_000_000
         ):
             raise OSError(errno.EINVAL, "nanoseconds out of range")
-        if lib.pyvfs_utimensat(-100, proc_path(fd).encode(), a_sec, a_ns, m_sec, m_ns, 0) < 0:
+        path, dir_fd = proc_name(fd)
+        if lib.pyvfs_utimensat(AT_FDCWD if dir_fd is None else dir_fd, path.encode(), a_sec,
+                               a_ns, m_sec, m_ns, 0) < 0:
             err = lib.pyvfs_errno()
             raise OSError(err, os.strerror(err))
 
@@ -669,18 +810,7 @@ class PassthroughFs:
         with InodeRef(self, req.nodeid) as parent:
             with self._creating(req, umask):
                 make(parent.fd, name)
-            if secctx is not None:
-                try:
-                    fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
-                    try:
-                        self.set_security_context(secctx, proc_path(fd))
-                    finally:
-                        os.close(fd)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        (os.rmdir if is_dir else os.unlink)(name, dir_fd=parent.fd)
-                    raise
-            return self.entry(parent, name)
+            return self._new_entry(parent, name, is_dir, secctx)
 
     def op_mkdir(self, req: Request) -> bytes:
         mode, umask = fuse.MKDIR_IN.unpack_from(req.arg)
@@ -744,8 +874,9 @@ class PassthroughFs:
         check_name(name)
         self._check_writable()
         with InodeRef(self, old_nodeid) as target, InodeRef(self, req.nodeid) as parent:
-            os.link(proc_path(target.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
-            return self.entry(parent, name)
+            path, dir_fd = proc_name(target.fd)  # linkat of the inode itself: nothing opened
+            os.link(path, name, src_dir_fd=dir_fd, dst_dir_fd=parent.fd, follow_symlinks=True)
+            return self._new_entry(parent, name)
 
     def _open_flags(self, flags: int) -> int:
         flags &= ~OPEN_STRIP
@@ -778,16 +909,18 @@ class PassthroughFs:
             flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         ):
             raise OSError(errno.EROFS, "shared directory is read-only")
+        if flags & O_TMPFILE_ONLY:
+            # OPEN never creates (O_CREAT and O_EXCL are stripped as the guest kernel
+            # does): O_TMPFILE on a directory would make a file as the daemon
+            raise GuestInputError(errno.EINVAL, "OPEN with O_TMPFILE", "open flags")
         with InodeRef(self, req.nodeid) as inode:
             mode = os.fstat(inode.fd).st_mode
-            if stat.S_ISLNK(mode):
-                raise OSError(errno.ELOOP, "cannot open a symlink")
-            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-                # the guest opens fifos and device nodes itself; opening them here could
-                # block the worker or reach a host device
-                raise OSError(errno.EACCES, "only regular files and directories are opened")
+            if not openable(mode):
+                # the guest opens FIFOs, sockets and device nodes itself (and resolves
+                # symlinks): EBADF as virtiofsd's open_inode
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
             with self.kill_priv(bool(open_flags & fuse.OPEN_KILL_SUIDGID)):
-                fd = os.open(proc_path(inode.fd), self._open_flags(flags))
+                fd = proc_open(inode.fd, self._open_flags(flags))
             if flags & os.O_TRUNC:
                 try:
                     self.clear_capability(fd, False)
@@ -811,40 +944,96 @@ class PassthroughFs:
         self._check_writable()
         secctx = self.security_context(req)
         with InodeRef(self, req.nodeid) as parent:
-            open_flags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-            with self._creating(req, umask), self.kill_priv(
-                    bool(fuse_open_flags & fuse.OPEN_KILL_SUIDGID)):
-                if secctx is not None and not flags & os.O_EXCL:
-                    # only a file made here gets the label (as virtiofsd)
-                    try:
-                        fd = os.open(name, open_flags | os.O_EXCL, mode & 0o7777,
-                                     dir_fd=parent.fd)
-                    except FileExistsError:
-                        secctx = None
-                        fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
-                else:
-                    fd = os.open(name, open_flags | (flags & os.O_EXCL), mode & 0o7777,
-                                 dir_fd=parent.fd)
+            # O_EXCL always, as virtiofsd: O_CREAT on an existing FIFO or device node would
+            # open it (and block, or reach the device); an existing name is opened below
+            # only once it is known to be a regular file
+            open_flags = (self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_NONBLOCK)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EEXIST, "an entry that is not a regular file exists")
-                if flags & os.O_TRUNC:
-                    self.clear_capability(fd, False)
-                if secctx is not None:
-                    try:
-                        self.set_security_context(secctx, fd)
-                    except BaseException:
-                        with contextlib.suppress(OSError):
-                            os.unlink(name, dir_fd=parent.fd)
-                        raise
+                with self._creating(req, umask):
+                    fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                return self._create_existing(req, parent, name, flags, fuse_open_flags)
+            # from here on a failure (ENFILE from a full inode or open-file table, the
+            # label) removes the file again: a failed CREATE leaves nothing behind
+            st = None
+            try:
+                st = os.fstat(fd)
+                if secctx is not None:  # only a file made here gets the label (virtiofsd)
+                    self.set_security_context(secctx, fd, False)
                 if not flags & os.O_NONBLOCK:
                     os.set_blocking(fd, True)
-                entry = self.entry(parent, name)
+                # the entry of the very file made, not of whatever the name is by now
+                path_fd = proc_open(fd, os.O_PATH)
+                entry = self._entry_of(parent, path_fd, st, name)
             except BaseException:
                 os.close(fd)
+                self._unmake(parent.fd, name, st, False)
                 raise
-            return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
-                                          flags)
+            try:
+                # (closes fd itself if it fails)
+                return self._entry_and_handle(entry, int.from_bytes(entry[:8], "little"), fd,
+                                              flags)
+            except BaseException:
+                self._unmake(parent.fd, name, st, False)
+                raise
+
+    def _create_existing(self, req: Request, parent: InodeRef, name: bytes, flags: int,
+                         fuse_open_flags: int) -> bytes:
+        """CREATE without O_EXCL of a name that exists: looked up and opened as OPEN
+        would (virtiofsd: do_lookup, then do_open), and only if it is a regular file:
+        EBADF for anything else (virtiofsd's open_inode), EISDIR for a directory (as
+        open(2) with O_CREAT). The caller must be allowed to open it. Claimed before it is
+        opened, so a full inode table (ENFILE) leaves it untouched (O_TRUNC)."""
+        path_fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, "CREATE of an existing directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            self._check_access(req, path_fd, flags)
+            reopen_fd = os.dup(path_fd)  # path_fd goes to the table (or is closed)
+        except BaseException:
+            os.close(path_fd)
+            raise
+        try:
+            entry = self._entry_of(parent, path_fd, st, name)
+            nodeid = int.from_bytes(entry[:8], "little")
+            try:
+                with self.kill_priv(bool(fuse_open_flags & fuse.OPEN_KILL_SUIDGID)):
+                    fd = proc_open(reopen_fd, self._open_flags(flags))
+            except BaseException:
+                self._forget(nodeid, 1)
+                raise
+        finally:
+            os.close(reopen_fd)
+        try:
+            if flags & os.O_TRUNC:
+                self.clear_capability(fd, False)
+        except BaseException:
+            os.close(fd)
+            self._forget(nodeid, 1)
+            raise
+        return self._entry_and_handle(entry, nodeid, fd, flags)
+
+    def _check_access(self, req: Request, path_fd: int, flags: int) -> None:
+        """Whether the caller may open the inode with ``flags``, asked of the kernel as the
+        caller (faccessat2 on the O_PATH fd): the file is then opened as the daemon
+        through the fd directory, which the caller's ids cannot reach in the sandbox.
+        Kernels before 5.8 lack faccessat2: no check, as virtiofsd."""
+        want = {os.O_RDONLY: os.R_OK, os.O_WRONLY: os.W_OK}.get(
+            flags & os.O_ACCMODE, os.R_OK | os.W_OK)
+        if flags & os.O_TRUNC:
+            want |= os.W_OK
+        with self._creating(req):
+            if lib.pyvfs_access_fd(path_fd, want) == 0:
+                return
+            err = lib.pyvfs_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err))
 
     def op_tmpfile(self, req: Request) -> bytes:
         """O_TMPFILE: an unnamed file in the directory, answered like CREATE (the name the
@@ -853,13 +1042,15 @@ class PassthroughFs:
         self._check_writable()
         with InodeRef(self, req.nodeid) as parent:
             with self._creating(req, umask):
-                fd = os.open(proc_path(parent.fd),
-                             (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
-                             mode & 0o7777)
+                # "." of the parent's O_PATH fd: the fd directory is out of the caller's
+                # reach in the sandbox (it is the server's), and the file must be the
+                # caller's, with its mode, as CREATE makes it
+                fd = os.open(".", (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE,
+                             mode & 0o7777, dir_fd=parent.fd)
             try:
                 st = os.fstat(fd)
                 # follow the magic link (no O_NOFOLLOW): we want the file, not the link
-                path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+                path_fd = proc_open(fd, os.O_PATH)
             except BaseException:
                 os.close(fd)
                 raise
@@ -908,7 +1099,9 @@ class PassthroughFs:
 
     def op_opendir(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if not openable(os.fstat(inode.fd).st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            fd = proc_open(inode.fd, os.O_RDONLY | os.O_DIRECTORY)  # a file: ENOTDIR
             return self._new_handle(req.nodeid, fd, 0, True)
 
     def _dirents(self, fd: int, offset: int, want: int):  # noqa: ANN202 - tuple generator
@@ -1044,7 +1237,11 @@ class PassthroughFs:
 
     def op_syncfs(self, req: Request) -> bytes:
         with InodeRef(self, req.nodeid) as inode:
-            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            # syncfs needs a real fd: never of a FIFO (the open would wait for a writer
+            # for ever) or of a device node (virtiofsd's open_inode: EBADF)
+            if not openable(os.fstat(inode.fd).st_mode):
+                raise OSError(errno.EBADF, "only regular files and directories are opened")
+            fd = proc_open(inode.fd, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 if lib.pyvfs_syncfs(fd) < 0:
                     err = lib.pyvfs_errno()
@@ -1065,13 +1262,13 @@ class PassthroughFs:
                 raise OSError(errno.ENODATA, "no such xattr") from None
             raise
         with InodeRef(self, req.nodeid) as inode:
-            value = os.getxattr(proc_path(inode.fd), host_name)
+            value = self.getxattr_of(inode.fd, host_name)
         return self._sized(value, size)
 
     def op_listxattr(self, req: Request) -> bytes:
         size, _ = fuse.GETXATTR_IN.unpack_from(req.arg)
         with InodeRef(self, req.nodeid) as inode:
-            names = [os.fsencode(n) for n in os.listxattr(proc_path(inode.fd))]
+            names = self.listxattr_of(inode.fd)
         if self.config.xattrmap is not None:
             names = self.config.xattrmap.map_server_list(names)
         if not self.negotiated(fuse.POSIX_ACL):
@@ -1105,10 +1302,11 @@ class PassthroughFs:
             if (host_name == ACL_ACCESS and setxattr_flags & fuse.SETXATTR_ACL_KILL_SGID
                     and self.negotiated(fuse.POSIX_ACL)):
                 # the guest's setfacl would have cleared setgid (caller not in the group)
-                mode = os.stat(proc_path(inode.fd)).st_mode
+                mode = os.fstat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
-            os.setxattr(proc_path(inode.fd), host_name, value, flags)
+                    path, dir_fd = proc_name(inode.fd)
+                    os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID, dir_fd=dir_fd)
+            self.setxattr_of(inode.fd, host_name, value, flags)
         return b""
 
     def op_removexattr(self, req: Request) -> bytes:
@@ -1116,7 +1314,7 @@ class PassthroughFs:
         self._check_writable()
         host_name = self.client_xattr(name)
         with InodeRef(self, req.nodeid) as inode:
-            os.removexattr(proc_path(inode.fd), host_name)
+            self.removexattr_of(inode.fd, host_name)
         return b""
 
     # ----- locks ----------------------------------------------------------------------
@@ -1134,10 +1332,10 @@ class PassthroughFs:
         the guest): read-write when the host allows, else as the guest opened it."""
         def reopen() -> int:
             try:
-                return os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
+                return proc_open(fd, os.O_RDWR)
             except OSError:
                 mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-                return os.open(proc_path(fd), mode | os.O_CLOEXEC)
+                return proc_open(fd, mode)
         return reopen
 
     def lock_as_owner(self, nodeid: int, owner: int, handle_fd: int, start: int, end: int,

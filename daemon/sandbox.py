@@ -10,9 +10,16 @@ status, like virtiofsd's waiting parent.
 namespace: the server is PID 1 of a new pid namespace, in a new mount and network
 namespace (and a new user namespace when not started as root, with the ids of
 --uid-map/--gid-map or the caller's own uid and gid), whose root is the shared directory
-(pivot_root) and whose only view of /proc is its own fd directory, which becomes every
-server process's working directory: ``proc_path`` then names an fd relative to it.
-chroot: root only; the server chroots into the shared directory.
+(pivot_root) and whose only view of /proc is its own fd directory, bound over /proc.
+chroot: root only; the server chroots into the shared directory (no mounts: for
+containers that cannot make namespaces).
+
+In both, every server process's working directory is its root, the share, so no
+relative path leads out of it. An fd is reopened through a directory fd of the server's
+fd directory, kept in ``passthrough.PROC_DIR_FD`` (inside the root in namespace mode,
+outside it with chroot, as virtiofsd's proc_self_fd): only the decimal name of an fd
+number is ever looked up in it (``passthrough.proc_open``), and xattr calls, which take a
+path, switch there for that one system call (``pyvfs_xattr``).
 """
 
 from __future__ import annotations
@@ -142,7 +149,7 @@ def _enter_chroot(shared_dir: str) -> None:
     proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     os.chroot(shared_dir)
     os.chdir("/")
-    _work_in_proc_fds(proc_fd)
+    _reopen_through(proc_fd)
 
 
 def _enter_namespaces(flags: int, shared_dir: str) -> None:
@@ -171,17 +178,16 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
     finally:
         os.close(old_root)
         os.close(new_root)
-    _work_in_proc_fds(proc_fd)
+    os.chdir("/")
+    _reopen_through(proc_fd)
 
 
-def _work_in_proc_fds(proc_fd: int) -> None:
-    """Make the fd directory every server process's working directory (workers inherit
-    it), and name fds relative to it from now on."""
+def _reopen_through(proc_fd: int) -> None:
+    """Reopen fds through ``proc_fd`` (the server's fd directory) from now on; the
+    working directory stays the root, which workers inherit."""
     from daemon import passthrough
 
-    os.fchdir(proc_fd)
-    os.close(proc_fd)
-    passthrough.PROC_FD_PREFIX = ""
+    passthrough.PROC_DIR_FD = proc_fd
 
 
 def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],

@@ -10,23 +10,38 @@ The list is what CPython, uvloop, the cffi extensions and the FUSE operations ca
 Linux, taken from traces of the whole test suite (guests included) plus the calls of
 rare paths (errors, every FUSE operation and option). libseccomp (Debian package
 libseccomp2) turns names into this architecture's numbers and builds the BPF program.
+
+Two calls are allowed only with the arguments the daemon passes (virtiofsd allows clone
+and clone3 whatever their flags, and no ioctl at all):
+
+* ioctl: only the requests in IOCTLS. The daemon issues none itself; CPython asks
+  TCGETS (isatty, whenever ``open()`` picks a buffering: e.g. linecache reading source
+  lines for a logged traceback) and FIONBIO (sockets, ``os.set_blocking``), and may
+  toggle close-on-exec with FIOCLEX/FIONCLEX; libuv (uvloop) uses FIONBIO. Anything else
+  (TIOCSTI, FICLONE, a device's requests) meets the mode's action.
+* clone: only with CLONE_FILES|SIGCHLD, the workers' (``pyvfs_clone_files``); the
+  server makes no threads and forks nothing once the filter is in (the sandbox forks
+  before). So no namespace flag (CLONE_NEWUSER...), no thread. clone3 passes its flags
+  in memory, out of a filter's sight: it fails with ENOSYS, which makes glibc fall back
+  to clone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 
 ALLOWED = """
 accept accept4 access arch_prctl bind brk capget capset chdir chmod chown clock_getres
-clock_gettime clock_nanosleep clone clone3 close close_range connect copy_file_range dup
+clock_gettime clock_nanosleep close close_range connect copy_file_range dup
 dup2 dup3 epoll_create epoll_create1 epoll_ctl epoll_pwait epoll_pwait2 epoll_wait
 eventfd eventfd2 exit exit_group faccessat faccessat2 fadvise64 fallocate fchdir fchmod
 fchmodat fchown fchownat fcntl fdatasync fgetxattr flistxattr flock fremovexattr
 fsetxattr fstat fstatfs fsync ftruncate futex futex_waitv get_robust_list getcwd
 getdents64 getegid geteuid getgid getgroups getpeername getpgid getpgrp getpid getppid
 getpriority getrandom getresgid getresuid getrlimit getrusage getsockname getsockopt
-gettid gettimeofday getuid getxattr ioctl kill lgetxattr link linkat listen listxattr
+gettid gettimeofday getuid getxattr kill lgetxattr link linkat listen listxattr
 llistxattr lremovexattr lseek lsetxattr lstat madvise membarrier memfd_create mincore
 mkdir mkdirat mknod mknodat mlock mmap mprotect mremap msync munlock munmap name_to_handle_at
 nanosleep newfstatat open open_by_handle_at openat openat2 pidfd_open pidfd_send_signal
@@ -39,18 +54,36 @@ setfsgid setfsuid setgid setgroups setresgid setresuid setsockopt setuid setxatt
 shutdown sigaltstack socket socketpair stat statfs statx symlink symlinkat sync
 sync_file_range syncfs sysinfo tgkill time timerfd_create timerfd_gettime
 timerfd_settime times tkill truncate umask uname unlink unlinkat utime utimensat utimes
-vfork wait4 waitid write writev
+wait4 waitid write writev
 """.split()
 
+# ioctl requests (second argument) allowed; see the module's docstring
+TCGETS, FIONBIO, FIONCLEX, FIOCLEX = 0x5401, 0x5421, 0x5450, 0x5451
+IOCTLS = {"TCGETS": TCGETS, "FIONBIO": FIONBIO, "FIONCLEX": FIONCLEX, "FIOCLEX": FIOCLEX}
+# clone flags allowed: a worker (daemon/_sys_build.py pyvfs_clone_files)
+CLONE_FILES, SIGCHLD = 0x400, 17
+CLONE_FLAGS = [CLONE_FILES | SIGCHLD]
+# which argument of clone holds the flags (s390 swaps the first two)
+CLONE_FLAGS_ARG = {"s390x": 1, "s390": 1}
+
 # probed by libraries that fall back when told the call does not exist (libuv tries
-# io_uring when its loop starts): ENOSYS rather than the mode's action
-UNAVAILABLE = ["io_uring_setup", "io_uring_enter", "io_uring_register"]
+# io_uring when its loop starts; glibc tries clone3 before clone): ENOSYS rather than the
+# mode's action
+UNAVAILABLE = ["io_uring_setup", "io_uring_enter", "io_uring_register", "clone3"]
 
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_TRAP = 0x00030000
 SCMP_ACT_LOG = 0x7FFC0000
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_ERRNO = 0x00050000
+SCMP_CMP_EQ = 4
+
+
+class ArgCmp(ctypes.Structure):
+    """libseccomp's struct scmp_arg_cmp: argument ``arg`` compared with ``datum_a``."""
+
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
 ACTIONS = {"kill": SCMP_ACT_KILL_PROCESS, "trap": SCMP_ACT_TRAP, "log": SCMP_ACT_LOG}
 
 
@@ -77,6 +110,8 @@ def load() -> ctypes.CDLL:
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                      ctypes.c_uint]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(ArgCmp)]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     _lib = lib
@@ -108,6 +143,17 @@ def install(mode: str, allowed: list[str] = ALLOWED) -> int:
                 rc = lib.seccomp_rule_add(ctx, SCMP_ACT_ERRNO | errno.ENOSYS, number, 0)
                 if rc < 0:
                     raise SeccompError(f"seccomp_rule_add({name}): error {-rc}")
+        flags_arg = CLONE_FLAGS_ARG.get(os.uname().machine, 0)
+        for name, arg, values in (("ioctl", 1, IOCTLS.values()),
+                                  ("clone", flags_arg, CLONE_FLAGS)):
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            for value in values:
+                cmp = ArgCmp(arg, SCMP_CMP_EQ, value, 0)
+                rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1,
+                                                ctypes.byref(cmp))
+                if rc < 0:
+                    raise SeccompError(f"seccomp_rule_add({name} {value:#x}): error {-rc}")
+            count += 1
         rc = lib.seccomp_load(ctx)
         if rc < 0:
             raise SeccompError(f"seccomp_load: error {-rc}")

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_namespace_sandbox_as_root(tmp_path: Path) -> None:
     share, sock = make_share(tmp_path)
     with pyvirtiofsd(share, sock, "--sandbox", "namespace", "--xattr") as proc:
         front = Frontend(str(sock))
-        seen = exercise(front)
+        seen = exercise(front)  # (xattrs: through the fd directory, and back)
         server = server_pid(proc.pid)
         root = os.stat(f"/proc/{server}/root/")
         workers = descendants(server)
@@ -146,7 +147,7 @@ def test_chroot_sandbox(tmp_path: Path) -> None:
     share, sock = make_share(tmp_path)
     with pyvirtiofsd(share, sock, "--sandbox", "chroot", "--xattr") as proc:
         front = Frontend(str(sock))
-        seen = exercise(front)
+        seen = exercise(front)  # (xattrs: through the fd directory, and back)
         server = server_pid(proc.pid)
         st = os.stat(f"/proc/{server}/root/")
         assert (st.st_dev, st.st_ino) == (share.stat().st_dev, share.stat().st_ino)
@@ -155,6 +156,86 @@ def test_chroot_sandbox(tmp_path: Path) -> None:
     assert seen["read"] == (0, b"inside the sandbox")
     assert seen["xattr"] == (0, 0, b"hello")
     assert not sock.exists() and segments(proc.pid) == []
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def cwd_and_root_are_the_share(pids: list[int], share: Path) -> dict[int, tuple[bool, bool]]:
+    return {pid: (same_file(f"/proc/{pid}/cwd/", share), same_file(f"/proc/{pid}/root/", share))
+            for pid in pids}
+
+
+def reach(front: Frontend) -> dict[str, int]:
+    """Requests that reopen an inode through the server's fd directory, or name it there,
+    on a regular file and on a FIFO the guest made: each answer's errno."""
+    def call(op: int, nodeid: int, arg: bytes = b"", uid: int = 0) -> int:
+        return front.fuse(op, nodeid, arg, uid=uid, gid=uid)[0]
+
+    got = {}
+    front.fuse(fuse.Opcode.MKNOD, 1, fuse.MKNOD_IN.pack(0o10644, 0, 0, 0) + b"fifo\0")
+    nodes = {name: struct.unpack_from("<Q", front.lookup(1, name.encode())[1])[0]
+             for name in ("f", "fifo")}
+    for name, nodeid in nodes.items():
+        got[f"setxattr {name}"] = call(fuse.Opcode.SETXATTR, nodeid,
+                                       struct.pack("<II", 1, 0) + b"user.k\0v")
+        got[f"getxattr {name}"] = call(fuse.Opcode.GETXATTR, nodeid,
+                                       struct.pack("<II", 64, 0) + b"user.k\0")
+        got[f"listxattr {name}"] = call(fuse.Opcode.LISTXATTR, nodeid, struct.pack("<II", 0, 0))
+        got[f"chmod {name}"] = call(fuse.Opcode.SETATTR, nodeid, fuse.SETATTR_IN.pack(
+            fuse.FATTR_MODE | fuse.FATTR_ATIME | fuse.FATTR_MTIME, 0, 0, 0, 0, 1, 1, 0, 0, 0,
+            0, 0o640, 0, 0, 0, 0))
+        got[f"truncate {name}"] = call(fuse.Opcode.SETATTR, nodeid, fuse.SETATTR_IN.pack(
+            fuse.FATTR_SIZE, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        got[f"syncfs {name}"] = call(fuse.Opcode.SYNCFS, nodeid, fuse.SYNCFS_IN.pack(0))
+        got[f"link {name}"] = call(fuse.Opcode.LINK, 1, fuse.LINK_IN.pack(nodeid)
+                                   + f"{name}.2".encode() + b"\0")
+    got["opendir /"] = call(fuse.Opcode.OPENDIR, 1, fuse.OPEN_IN.pack(0, 0))
+    # as an unprivileged caller: made through the parent's fd, not the fd directory
+    got["tmpfile as 1000"] = call(fuse.Opcode.TMPFILE, 1, fuse.CREATE_IN.pack(
+        os.O_RDWR, 0o600, 0, 0) + b"t\0", uid=1000)
+    return got
+
+
+@pytest.mark.parametrize("mode", ["namespace", "chroot"])
+def test_no_path_leads_out_of_the_sandbox(tmp_path: Path, mode: str) -> None:
+    """The server's and every worker's working directory is their root, the share: no
+    relative path (``..`` included) leads out of it. (With chroot it used to be the
+    server's /proc/<pid>/fd, outside the root: cwd/../../.. was the host's /.) Requests
+    that reopen an fd through the fd directory still work, and leave it so."""
+    share, sock = make_share(tmp_path)
+    os.chmod(share, 0o777)
+    with pyvirtiofsd(share, sock, "--sandbox", mode, "--xattr") as proc:
+        front = Frontend(str(sock))
+        seen = exercise(front)  # (xattrs: through the fd directory, and back)
+        server = server_pid(proc.pid)
+        family = [server, *descendants(server)]
+        assert len(family) == 3
+        inside = {pid: (True, True) for pid in family}
+        where = {pid: (os.readlink(f"/proc/{pid}/cwd"), os.readlink(f"/proc/{pid}/root"))
+                 for pid in family}
+        assert cwd_and_root_are_the_share(family, share) == inside, (
+            f"(working directory, root) of each process: {where}, share {share}")
+        got = reach(front)
+        assert cwd_and_root_are_the_share(family, share) == inside
+        front.close()
+        assert proc.wait(10) == 0
+    assert seen["read"] == (0, b"inside the sandbox") and seen["xattr"] == (0, 0, b"hello")
+    expected = {f"{op} f": 0 for op in ("setxattr", "getxattr", "listxattr", "chmod",
+                                        "truncate", "syncfs", "link")}
+    # user xattrs are for regular files and directories: the kernel's answers for a FIFO
+    # (through the fd directory: not ENOENT)
+    expected.update({"setxattr fifo": -errno.EPERM, "getxattr fifo": -errno.ENODATA,
+                     "listxattr fifo": 0,
+                     "chmod fifo": 0, "truncate fifo": -errno.EBADF,
+                     "syncfs fifo": -errno.EBADF, "link fifo": 0, "opendir /": 0,
+                     "tmpfile as 1000": 0})
+    assert got == expected
+    assert (share / "f").read_bytes() == b"inside" and (share / "f.2").exists()
+    assert os.getxattr(share / "f", "user.k") == b"v"
+    assert stat.S_IMODE(os.stat(share / "f").st_mode) == 0o640
 
 
 @pytest.mark.parametrize("maps", [[], ["--uid-map=:0:1000:1:", "--gid-map=:0:1000:1:"]],
@@ -166,7 +247,7 @@ def test_namespace_sandbox_unprivileged(tmp_path: Path, maps: list[str]) -> None
     with pyvirtiofsd(share, sock, "--sandbox", "namespace", "--xattr", *maps,
                      wrapper=AS_UID_1000) as proc:
         front = Frontend(str(sock))
-        seen = exercise(front)
+        seen = exercise(front)  # (xattrs: through the fd directory, and back)
         server = server_pid(proc.pid)
         assert ns(server, "user") not in (ns("self", "user"), ns(proc.pid, "user"))
         with open(f"/proc/{server}/uid_map") as f:
