@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import stat
 import struct
 from dataclasses import dataclass
@@ -31,10 +32,6 @@ OWN_PREFIXES = ("socket:", "pipe:", "anon_inode:", "/memfd:", "/dev/shm/", "/dev
 class FdInfo:
     fd: int
     target: str
-    flags: int
-    mode: int
-    dev: int
-    ino: int
 
 
 def list_fds(pid: int) -> list[FdInfo]:
@@ -45,23 +42,38 @@ def list_fds(pid: int) -> list[FdInfo]:
     except OSError:
         return out
     for name in names:
-        fd = int(name)
         try:
-            target = os.readlink(f"{base}/{name}")
-            st = os.stat(f"{base}/{name}")
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                flags = 0
-                for line in f:
-                    if line.startswith("flags:"):
-                        flags = int(line.split()[1], 8)
-                        break
+            out.append(FdInfo(int(name), os.readlink(f"{base}/{name}")))
         except OSError:
             continue  # closed meanwhile
-        out.append(FdInfo(fd, target, flags, st.st_mode, st.st_dev, st.st_ino))
     return out
 
 
+_FLAGS: dict[tuple[int, int, str], int] = {}
+
+
+def fd_flags(pid: int, fd: int, target: str = "") -> int:
+    """An fd's open flags (from fdinfo), remembered per (pid, fd, target): the fd caches
+    keep hundreds of O_PATH fds that would otherwise be read again at every audit."""
+    key = (pid, fd, target)
+    flags = _FLAGS.get(key)
+    if flags is None:
+        flags = _FLAGS[key] = _read_flags(pid, fd)
+        if len(_FLAGS) > 100_000:
+            _FLAGS.clear()
+    return flags
+
+
+def _read_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"flags:"):
+                return int(line.split()[1], 8)
+    return 0
+
+
 LOCK_ENTRY = struct.Struct("<QQiIIi")  # daemon/lock_owners.py: nodeid owner fd users state pid
+LOCK_SLOTS = 4096
 
 
 def lock_owner_fds(pid: int, fds: list[FdInfo]) -> set[int]:
@@ -72,14 +84,26 @@ def lock_owner_fds(pid: int, fds: list[FdInfo]) -> set[int]:
         if not info.target.startswith("/memfd:pyvirtiofsd-lock-owners"):
             continue
         try:
-            with open(f"/proc/{pid}/fd/{info.fd}", "rb") as f:
-                data = f.read()
+            fd = os.open(f"/proc/{pid}/fd/{info.fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
-        for off in range(0, len(data) - LOCK_ENTRY.size + 1, LOCK_ENTRY.size):
-            _n, _o, fd, _users, state, _pid = LOCK_ENTRY.unpack_from(data, off)
-            if state in (1, 2) and fd >= 0:  # USED, CLOSING
-                out.add(fd)
+        try:
+            live = os.pread(fd, 8, LOCK_ENTRY.size * LOCK_SLOTS)
+            if live and int.from_bytes(live, "little") == 0:
+                continue  # no lock owner has a description
+            data = os.pread(fd, LOCK_ENTRY.size * LOCK_SLOTS, 0)
+        finally:
+            os.close(fd)
+        states = data[16 + 8 :: LOCK_ENTRY.size]  # the low byte of each entry's state
+        i = -1
+        while True:
+            i = next((j for j in range(i + 1, len(states)) if states[j]), -1) \
+                if states.strip(b"\0") else -1
+            if i < 0:
+                break
+            _n, _o, owned, _users, state, _pid = LOCK_ENTRY.unpack_from(data, i * LOCK_ENTRY.size)
+            if state in (1, 2) and owned >= 0:  # USED, CLOSING
+                out.add(owned)
     return out
 
 
@@ -87,31 +111,39 @@ def audit_fds(pid: int, share: str, baseline: dict[int, str], table_fds: set[int
     """Every fd of the daemon's (shared) fd table is its own (sockets, eventfds, memfds,
     shm segments, ...), was there at start, or is a file inside the share that a table
     entry owns: an inode or open-file fd, a lock owner's description (lock-owner table),
-    or an O_PATH fd (a worker's fd cache). Anything else is a leak, an
-    fd at a file outside the share, or a special file the daemon must never open."""
+    or an O_PATH fd (a worker's fd cache). Anything else is a leak, an fd at a file
+    outside the share, or a special file the daemon must never open."""
     root = share.rstrip("/")
     fds = list_fds(pid)
-    table_fds = table_fds | lock_owner_fds(pid, fds)
+    owned = table_fds | lock_owner_fds(pid, fds)
     for info in fds:
         target = info.target
+        if baseline.get(info.fd) == target:
+            continue
         plain = target[: -len(" (deleted)")] if target.endswith(" (deleted)") else target
         inside = plain == root or plain.startswith(root + "/")
         if not inside:
-            if baseline.get(info.fd) == target or target.startswith(OWN_PREFIXES):
+            if target.startswith(OWN_PREFIXES):
                 continue
             raise Finding("fd-outside", f"fd {info.fd} of the daemon points outside the "
-                          f"share: {target!r} (flags {info.flags:#o})")
-        if info.fd in table_fds or baseline.get(info.fd) == target:
+                          f"share: {target!r}")
+        if info.fd in owned:
             continue
-        if info.flags & O_PATH:
-            continue  # a worker's fd cache: O_PATH only, never opens anything
-        kind = stat.S_IFMT(info.mode)
+        try:
+            flags = fd_flags(pid, info.fd, target)
+            if flags & O_PATH:
+                continue  # a worker's fd cache: O_PATH only, never opens anything
+            _FLAGS.pop((pid, info.fd, target), None)  # not cached: it may be transient
+            mode = os.stat(f"/proc/{pid}/fd/{info.fd}").st_mode
+        except OSError:
+            continue  # closed meanwhile
+        kind = stat.S_IFMT(mode)
         if kind != stat.S_IFREG and kind != stat.S_IFDIR:
             raise Finding("fd-special", f"fd {info.fd} of the daemon has {target!r} open "
-                          f"(a {file_kind(info.mode)}, flags {info.flags:#o}); the daemon "
+                          f"(a {file_kind(mode)}, flags {flags:#o}); the daemon "
                           "must never open FIFOs, devices or sockets")
         raise Finding("fd-leak", f"fd {info.fd} of the daemon has {target!r} open (flags "
-                      f"{info.flags:#o}) but no table entry owns it")
+                      f"{flags:#o}) but no table entry owns it")
 
 
 def file_kind(mode: int) -> str:
@@ -233,8 +265,13 @@ def scan_log(text: str) -> None:
     """New log lines: a worker that died, or an exception nobody expected."""
     m = DIED.search(text)
     if m:
-        raise Finding("worker-died", f"worker {m.group(2)} of queue {m.group(1)} died "
-                      f"({m.group(3)})")
+        how = m.group(3)
+        sig = re.match(r"signal (\d+)", how)
+        cause = signal.Signals(int(sig.group(1))).name if sig else how.replace(" ", "-")
+        start = text.rfind("Traceback", 0, m.start())
+        why = text[start : m.start()].strip()[-1200:] if start >= 0 else ""
+        raise Finding(f"worker-died-{cause}", f"worker {m.group(2)} of queue {m.group(1)} "
+                      f"died ({how})" + (f"\n{why}" if why else ""))
     if "Traceback" in text:
         start = text.find("Traceback")
         raise Finding("exception", "the daemon logged an unexpected exception:\n"

@@ -53,11 +53,11 @@ MAX_STEPS = 400
 BLOCK_LIMIT = 1.0  # seconds a worker may sleep outside its idle wait while requests wait
 REPLY_LIMIT = 8.0  # seconds for any request that is not a parked SETLKW
 INTERRUPT_LIMIT = 2.0  # seconds for a SETLKW to answer after its INTERRUPT
-CONFIGS: list[list[str]] = [
-    ["--inode-table-size", "128", "--handle-table-size", "64", "--xattr"],
-    ["--inode-table-size", "128", "--handle-table-size", "64", "--xattr",
-     "--inode-file-handles", "never"],
-]
+# a small inode table (the big directory fills it) and a small fd budget (the workers'
+# fd caches evict all the time: their fds come and go, and numbers get reused)
+COMMON = ["--inode-table-size", "128", "--handle-table-size", "64", "--xattr",
+          "--rlimit-nofile", "1200"]
+CONFIGS: list[list[str]] = [COMMON, [*COMMON, "--inode-file-handles", "never"]]
 POOL = [b"n0", b"n1", b"n2", b"n3"]
 BAD_NAMES = [b".", b"..", b"a/b", b"", b"x" * 256, b"\xff"]
 SIZES = [0, 1, 100, 4096, 65536, 131072]
@@ -73,8 +73,8 @@ REQ_OPS = [
     O.FALLOCATE, O.LSEEK, O.COPY_FILE_RANGE, O.SYNCFS, O.SYNCFS, O.TMPFILE, O.GETLK,
     O.SETLK, O.GETXATTR, O.LISTXATTR, O.SETXATTR, O.REMOVEXATTR, O.READDIR, O.INIT, 99,
 ]
-ACTIONS = (["req"] * 17 + ["forget"] * 3 + ["batch_forget", "sync", "sync", "sync",
-           "setlkw", "interrupt", "unlock", "mem", "destroy", "fill", "creates", "mem"])
+ACTIONS = (["req"] * 19 + ["forget"] * 3 + ["batch_forget", "sync", "setlkw", "interrupt",
+           "unlock", "mem", "destroy", "fill", "creates", "mem"])
 TRACE = bool(os.environ.get("PYVFS_FUZZ_TRACE"))
 INIT_ARG = fuse.INIT_IN.pack(7, 38, 131072, 0xFFFFFFFF & ~fuse.INIT_EXT, 0) + bytes(44)
 
@@ -126,6 +126,7 @@ class Batch:
     destroy: bool = False
     learned: list[tuple[str, int, str]] = field(default_factory=list)  # path, ino, how
     failed_creates: list[tuple[str, Pending]] = field(default_factory=list)
+    foreign_owner: list[tuple[Pending, int]] = field(default_factory=list)  # new, not ours
 
 
 class Instance:
@@ -139,7 +140,7 @@ class Instance:
         self.share = workdir / "share"
         self.outside = workdir / "outside"
         self.share.mkdir()
-        share.populate(self.share, self.outside)
+        self.tree = share.Share(self.share, self.outside)
         self.options = options
         self.guest = Guest(workdir, self.share, options, coverage_map)
         g = self.guest
@@ -156,6 +157,7 @@ class Instance:
         self.before = share.snapshot(workdir, self.share)
         self.log_seen = 0
         self.inputs = 0
+        self.history: list[bytes] = []
         self.host_locks: list[int] = []
 
     def wait_one(self, p: Pending, timeout: float = 10) -> None:
@@ -177,7 +179,7 @@ class Instance:
             os.close(fd)
         self.host_locks = []
         self.watch.close()
-        share.reset(self.share, self.outside)
+        self.tree.reset()
         self.watch = checks.OpenWatch()
         self.watch.watch_tree(str(self.share))
         self.before = share.snapshot(self.workdir, self.share)
@@ -198,6 +200,8 @@ class Instance:
 
 class Program:
     """Runs one input against an instance and checks the invariants."""
+
+    actions: list[str] = ACTIONS  # what run() picks from (--without narrows it)
 
     def __init__(self, inst: Instance, data: bytes) -> None:
         self.inst = inst
@@ -275,7 +279,8 @@ class Program:
         while not r.exhausted and steps < MAX_STEPS:
             steps += 1
             action = r.pick(ACTIONS)
-            getattr(self, "act_" + action)()
+            if action in self.actions:
+                getattr(self, "act_" + action)()
         self.sync()
         self.finish()
 
@@ -297,8 +302,11 @@ class Program:
         p = self.g.submit(q, op, nodeid, arg, uid=uid, gid=uid, out_size=out_size,
                           layout=layout, beyond=region, meta=meta)
         self.batch.pending.append(p)
+        if op in NAMESPACE_OPS:  # it may act even when its reply is lost (no room)
+            self.batch.namespace_changed = True
         if op == O.SETLKW:
             self.setlkws.append(p)
+            p.meta["fh"] = fuse.LK_IN.unpack_from(arg)[0] if len(arg) >= fuse.LK_IN.size else 0
         return p
 
     def act_req(self) -> None:
@@ -317,6 +325,11 @@ class Program:
             arg = INIT_ARG
         arg = self.mangle(arg)
         meta["arg_len"] = len(arg)
+        if op in (O.RELEASE, O.RELEASEDIR):
+            # the fh the daemon will read (a truncated struct reads as zero-padded)
+            fh = int.from_bytes(arg[:8].ljust(8, b"\0"), "little")
+            if self.model.handles.pop(fh, None) is not None:
+                self.model.released.append(fh)
         out = r.pick([4096, 4096, 4096, 160 * 1024, 16, 0]) if op != O.READ else \
             meta.get("size", 4096) + 16
         if op in (O.READDIR, O.READDIRPLUS):
@@ -410,9 +423,7 @@ class Program:
             return fuse.WRITE_IN.pack(fh, off, len(data), 0, 0, 0, 0) + data
         if op in (O.RELEASE, O.RELEASEDIR):
             fh, h = self.pick_fh(op == O.RELEASEDIR)
-            if h is not None:
-                del self.model.handles[fh]
-                self.model.released.append(fh)
+            meta["fh"] = fh  # given up in act_req, once the arguments are final
             return fuse.RELEASE_IN.pack(fh, 0, 0, 0)
         if op == O.FLUSH:
             fh, _ = self.pick_fh(False)
@@ -484,11 +495,15 @@ class Program:
 
     def act_batch_forget(self) -> None:
         r = self.r
+        n = r.below(5) + 1
+        count = n if r.byte() < 230 else r.pick([0, 1, 1000, 0xFFFFFFFF])
         items = []
-        for _ in range(r.below(5) + 1):
+        for i in range(n):
             nodeid = self.pick_node()
-            items.append((nodeid, self.forget_count(nodeid)))
-        count = len(items) if r.byte() < 230 else r.pick([0, 1000, 0xFFFFFFFF])
+            if i < count:  # the daemon reads no more than the count says
+                items.append((nodeid, self.forget_count(nodeid)))
+            else:
+                items.append((nodeid, r.pick([1, 1 << 40])))
         arg = fuse.BATCH_FORGET_IN.pack(count, 0) + b"".join(
             fuse.FORGET_ONE.pack(n, c) for n, c in items)
         self.send(0, O.BATCH_FORGET, 0, arg, {"op": O.BATCH_FORGET}, out_size=0)
@@ -604,9 +619,7 @@ class Program:
                           region=region)
         else:
             status = g.remove_region() or 0
-        self.inst.new_log()  # a refused table is logged; that is fine
-
-        del status
+        del status  # a table the daemon refuses is fine; what it takes must work
 
     # ----- waiting and learning ----------------------------------------------------
 
@@ -646,8 +659,15 @@ class Program:
         meta = p.meta
         op = meta.get("op")
         if TRACE:
+            extra = ""
+            if not p.error and p.written and op in (O.OPEN, O.OPENDIR):
+                extra = f" fh {struct.unpack_from('<Q', p.payload)[0]:#x}"
+            elif not p.error and op in (O.CREATE, O.TMPFILE) and len(p.payload) >= 136:
+                extra = f" fh {struct.unpack_from('<Q', p.payload, 128)[0]:#x}"
+            elif op in (O.RELEASE, O.RELEASEDIR, O.READ, O.WRITE, O.SETLKW):
+                extra = f" (fh {meta.get('fh', 0):#x})"
             print(f"  q{p.q} op {p.opcode} nodeid {p.nodeid:#x} {meta.get('name', b'')!r} -> "
-                  f"{p.error} ({p.written} bytes)")
+                  f"{p.error} ({p.written} bytes){extra}")
         if op in (O.FORGET, O.BATCH_FORGET):
             if p.written:
                 raise Finding("reply", f"FORGET answered with {p.written} bytes")
@@ -667,22 +687,19 @@ class Program:
             path = meta.get("path") if op != O.TMPFILE else None
             if op in CREATE_OPS - {O.LINK} and meta.get("existed") is False and \
                     uid != meta.get("uid", 0):
-                raise Finding("owner", f"opcode {op} by uid {meta.get('uid')} made "
-                              f"{path!r} owned by uid {uid}")
+                self.batch.foreign_owner.append((p, uid))
             self.learn(nodeid, ino, mode, path, f"opcode {op}")
             if op in (O.CREATE, O.TMPFILE) and len(payload) >= fuse.ENTRY_OUT_SIZE + 8:
                 fh = struct.unpack_from("<Q", payload, fuse.ENTRY_OUT_SIZE)[0]
-                self.model.handles[fh] = Handle(fh, nodeid, ino, False, path,
-                                                meta.get("flags", 0))
+                self.learn_handle(Handle(fh, nodeid, ino, False, path, meta.get("flags", 0)))
         elif op in (O.OPEN, O.OPENDIR) and len(payload) >= 8:
             fh = struct.unpack_from("<Q", payload)[0]
             node = self.model.node(p.nodeid)
             if node is not None:
-                self.model.handles[fh] = Handle(fh, p.nodeid, node.ino, stat.S_ISDIR(node.mode),
-                                                node.path, meta.get("flags", 0))
-            else:
-                self.model.released.append(fh)  # not ours to check: give it back at the end
-                self.model.handles[fh] = Handle(fh, p.nodeid, -1, op == O.OPENDIR, None)
+                self.learn_handle(Handle(fh, p.nodeid, node.ino, stat.S_ISDIR(node.mode),
+                                         node.path, meta.get("flags", 0)))
+            else:  # opened through a nodeid the model does not hold: not checked
+                self.learn_handle(Handle(fh, p.nodeid, -1, op == O.OPENDIR, None))
         elif op == O.READDIRPLUS:
             h = self.model.handles.get(meta.get("fh", -1))
             dpath = h.path if h is not None else None
@@ -706,6 +723,13 @@ class Program:
                 newp = join(meta["new_parent_path"], meta.get("new_name", b""))
                 if newp is not None:
                     self.model.invalidate_paths(newp)
+
+    def learn_handle(self, h: Handle) -> None:
+        """A reply that hands the guest an open file (unless a DESTROY of the same batch
+        may have closed it already)."""
+        if self.batch.destroy:
+            h.ino = -1  # released at the end, never checked
+        self.model.handles[h.fh] = h
 
     def learn(self, nodeid: int, ino: int, mode: int, path: str | None, how: str) -> None:
         if nodeid == ROOT:
@@ -760,6 +784,11 @@ class Program:
             if ino and st.st_ino != ino:
                 raise Finding("host-mismatch", f"{how} answered {rel!r} as inode {ino}; on "
                               f"the host it is inode {st.st_ino}")
+        for p, uid in batch.foreign_owner:
+            if batch.names[(p.meta.get("parent_path"), p.meta.get("name"))] > 1:
+                continue  # another request of the batch may have made it
+            raise Finding("owner", f"opcode {p.opcode} by uid {p.meta.get('uid')} made "
+                          f"{p.meta.get('path')!r} owned by uid {uid}")
         for rel, p in batch.failed_creates:
             key = (p.meta.get("parent_path"), p.meta.get("name"))
             if batch.names[key] > 1:
@@ -797,7 +826,7 @@ class Program:
                 raise Finding("identity", f"file handle {h.fh:#x}: its fd {entry.fd} is "
                               f"closed ({e.strerror})") from None
             if st.st_ino != h.ino:
-                raise Finding("identity", f"file handle {h.fh:#x} from opening nodeid "
+                raise Finding("open-identity", f"file handle {h.fh:#x} from opening nodeid "
                               f"{h.nodeid:#x} (inode {h.ino}, {h.path!r}, flags "
                               f"{h.flags:#o}) is inode {st.st_ino} ({checks.file_kind(st.st_mode)}"
                               f", owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):#o}, "
@@ -849,7 +878,27 @@ class Program:
     def finish(self) -> None:
         """Give everything back; the tables must be empty again and nothing outside the
         share changed."""
-        g = self.g
+        self.give_back()
+        left = [e for e in self.inst.inodes.iter_entries()
+                if e.nodeid != ROOT and e.nodeid not in self.model.ambiguous]
+        if left:
+            e = left[0]
+            raise Finding("leak-inode", f"{len(left)} inode entries left after the guest "
+                          f"forgot everything, e.g. nodeid {e.nodeid:#x} refcount "
+                          f"{e.refcount} name {e.name!r}")
+        handles = list(self.inst.handles.iter_handles())
+        if handles:
+            h = handles[0]
+            raise Finding("leak-handle", f"{len(handles)} open files left after the guest "
+                          f"released everything, e.g. fh {h.fh:#x} (nodeid {h.nodeid:#x}, "
+                          f"refcount {h.refcount}, guest_open {h.guest_open}, flags "
+                          f"{h.flags:#o})")
+        if share.snapshot(self.inst.workdir, self.inst.share) != self.inst.before:
+            raise Finding("outside-changed", "a file outside the share changed")
+
+    def give_back(self) -> None:
+        """What a guest does at unmount: interrupt its waiting SETLKWs (and drop the
+        host's conflicting locks), release every open file, forget every nodeid."""
         for p in self.setlkws:
             if not p.done:
                 p.meta.setdefault("interrupted", time.monotonic())
@@ -863,28 +912,51 @@ class Program:
                       fuse.RELEASE_IN.pack(fh, 0, 0, 0), {"op": O.RELEASE})
         self.model.handles.clear()
         items = [(n.nodeid, n.count) for n in self.model.nodes.values() if n.nodeid != ROOT]
+        self.forget_all(items)
+        for nodeid, _ in items:
+            del self.model.nodes[nodeid]
+        self.sync()
+
+    def forget_all(self, items: list[tuple[int, int]]) -> None:
         for i in range(0, len(items), 32):
             chunk = items[i : i + 32]
             arg = fuse.BATCH_FORGET_IN.pack(len(chunk), 0) + b"".join(
                 fuse.FORGET_ONE.pack(n, c) for n, c in chunk)
             self.send(0, O.BATCH_FORGET, 0, arg, {"op": O.BATCH_FORGET}, out_size=0)
-        for nodeid, _ in items:
-            del self.model.nodes[nodeid]
-        self.sync()
-        left = [e for e in self.inst.inodes.iter_entries()
-                if e.nodeid != ROOT and e.nodeid not in self.model.ambiguous]
-        if left:
-            e = left[0]
-            raise Finding("leak-inode", f"{len(left)} inode entries left after the guest "
-                          f"forgot everything, e.g. nodeid {e.nodeid:#x} refcount "
-                          f"{e.refcount} name {e.name!r}")
-        handles = list(self.inst.handles.iter_handles())
-        if handles:
-            raise Finding("leak-handle", f"{len(handles)} open files left after the guest "
-                          f"released everything, e.g. fh {handles[0].fh:#x}")
-        if share.snapshot(self.inst.workdir, self.inst.share) != self.inst.before:
-            raise Finding("outside-changed", "a file outside the share changed")
-        del g
+
+    def recover(self) -> None:
+        """After a finding that left the daemon serving: give back what the model holds,
+        then whatever the tables still hold (leaks), so the instance can go on. Raises
+        if the tables do not come back to the root alone."""
+        g = self.g
+        deadline = time.monotonic() + REPLY_LIMIT
+        while g.inflight and time.monotonic() < deadline:
+            for p in [p for p in self.setlkws if not p.done]:
+                if "recover" not in p.meta:
+                    p.meta["recover"] = True
+                    if g.can_submit(0):
+                        g.submit(0, O.INTERRUPT, 0, fuse.INTERRUPT_IN.pack(p.unique),
+                                 out_size=0)
+            self.act_unlock()
+            g.poll()
+            g.wait_calls(0.02)
+        if g.inflight:
+            raise RuntimeError("requests still in flight after a finding")
+        self.batch = Batch()
+        self.setlkws = []
+        for h in list(self.inst.handles.iter_handles()):
+            self.send(1, O.RELEASE, h.nodeid, fuse.RELEASE_IN.pack(h.fh, 0, 0, 0),
+                      {"op": O.RELEASE})
+        self.model.handles.clear()
+        self.forget_all([(e.nodeid, e.refcount + 1000)
+                         for e in self.inst.inodes.iter_entries() if e.nodeid != ROOT])
+        self.model.nodes = {ROOT: self.model.nodes[ROOT]}
+        self.wait_batch()
+        self.batch = Batch()
+        if len([e for e in self.inst.inodes.iter_entries() if e.nodeid != ROOT]) or \
+                list(self.inst.handles.iter_handles()):
+            raise RuntimeError("the tables did not empty after a finding")
+        self.inst.new_log()
 
     def wait_all_setlkws(self) -> None:
         deadline = time.monotonic() + INTERRUPT_LIMIT + 1

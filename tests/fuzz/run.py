@@ -28,12 +28,15 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fuzz import covtrace
+from tests.fuzz import checks, covtrace
 from tests.fuzz.guest import Finding
-from tests.fuzz.harness import CONFIGS, Instance, Program
+from tests.fuzz.harness import ACTIONS, CONFIGS, Instance, Program
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = Path(__file__).resolve().parent / "corpus"
+# findings after which the daemon cannot be trusted to go on: a fresh instance follows
+HARD = {"worker-died", "daemon-exit", "blocked", "no-reply", "setlkw", "used-ring", "reply",
+        "exception", "identity"}
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Fuzzer:
     def one_input(self, data: bytes) -> Finding | None:
         """Run one input; returns the finding, if any (recorded and saved already)."""
         inst = self.instance()
+        inst.history.append(data)
         if self.cov is not None:
             self.cov.clear_edges()
         prog = Program(inst, data)
@@ -124,13 +128,13 @@ class Fuzzer:
                 self.drop_instance()
                 return None
         self.stats.inputs += 1
+        inst.inputs += 1
         self.stats.checks += prog.checks
         self.fold_coverage()
         if finding is not None:
             self.record(finding, data)
-            self.drop_instance()
+            self.recover(prog, finding)
         else:
-            inst.inputs += 1
             try:
                 inst.reset_share()
             except OSError:
@@ -139,6 +143,24 @@ class Fuzzer:
                 self.drop_instance()
         self.status()
         return finding
+
+    def recover(self, prog: Program, finding: Finding) -> None:
+        """Keep the instance after a finding that left the daemon serving (a restart
+        costs a second); otherwise, or if it does not come back clean, replace it."""
+        inst = self.inst
+        if inst is None:
+            return
+        if finding.kind in HARD or finding.kind.startswith("worker-died"):
+            self.drop_instance()
+            return
+        try:
+            prog.recover()
+            inst.reset_share()
+            if finding.kind.startswith("fd-"):  # known now: do not report it again
+                inst.baseline.update({i.fd: i.target for i in checks.list_fds(
+                    inst.guest.proc.pid)})
+        except (Finding, OSError, RuntimeError, ConnectionError, AssertionError):
+            self.drop_instance()
 
     def fold_coverage(self) -> None:
         """The daemon's edges of this input into libFuzzer's counters: one counter per
@@ -170,10 +192,22 @@ class Fuzzer:
         digest = hashlib.sha1(data).hexdigest()[:12]
         path = self.findings_dir / f"{f.kind}-{digest}.bin"
         path.write_bytes(data)
+        if self.inst is not None and len(self.inst.history) > 1:
+            # the inputs this daemon instance ran before, in order: a finding that needs
+            # their leftovers replays from these (--repro FILE.seq)
+            path.with_suffix(".seq").write_bytes(b"".join(
+                len(d).to_bytes(4, "little") + d for d in self.inst.history))
+        log = ""
+        if self.inst is not None:
+            log = self.inst.guest.log_text()[-6000:]
+        inputs = self.inst.inputs - 1 if self.inst is not None else 0
+        without = f" --without {self.args.without}" if self.args.without else ""
         path.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nconfig: {' '.join(CONFIGS[self.config_index])}\n"
+            f"inputs the daemon instance ran before: {inputs}\n"
             f"replay: python3 -m tests.fuzz.run --repro {path} --config {self.config_index}"
-            " --repeat 20\n")
+            f" --repeat 20{without}\n(or {path.with_suffix('.seq')} for the inputs before "
+            f"it too)\n\nthe end of the daemon's log:\n{log}")
         elapsed = time.monotonic() - self.stats.start
         known = self.found.get(f.kind)
         if known is None:
@@ -183,7 +217,9 @@ class Fuzzer:
                   f"{self.stats.inputs}, {self.requests()} requests "
                   f"(config {self.config_index}):\n  {f.message}\n  reproducer: {path}\n"
                   f"  replay: python3 -m tests.fuzz.run --repro {path} --config "
-                  f"{self.config_index} --repeat 20\n", flush=True)
+                  f"{self.config_index} --repeat 20"
+                  + (f" --without {self.args.without}" if self.args.without else "")
+                  + "\n", flush=True)
         known.count += 1
 
     # ----- reporting and stopping ------------------------------------------------------
@@ -261,20 +297,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", type=float, default=10, help="seconds between status lines")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--stop-on-finding", action="store_true")
+    p.add_argument("--without", default="", help="actions to leave out, comma-separated "
+                   f"(of {', '.join(sorted(set(ACTIONS)))}); e.g. mem while a known memory-"
+                   "table bug would hide the others")
     p.add_argument("--repro", help="replay one saved input")
     p.add_argument("--repeat", type=int, default=1, help="with --repro: tries")
     args = p.parse_args(argv)
+    left_out = {a for a in args.without.split(",") if a}
+    if left_out - set(ACTIONS):
+        p.error(f"--without: unknown actions {sorted(left_out - set(ACTIONS))}")
+    Program.actions = [a for a in ACTIONS if a not in left_out]
 
     if args.repro:
-        data = Path(args.repro).read_bytes()
+        raw = Path(args.repro).read_bytes()
+        inputs = [raw]
+        if args.repro.endswith(".seq"):
+            inputs, pos = [], 0
+            while pos + 4 <= len(raw):
+                n = int.from_bytes(raw[pos : pos + 4], "little")
+                inputs.append(raw[pos + 4 : pos + 4 + n])
+                pos += 4 + n
         args.findings = tempfile.mkdtemp(prefix="pyvfs-repro-")
         args.no_coverage = True
         fz = Fuzzer(args)
+        kind = Path(args.repro).name.rsplit("-", 1)[0]
         for attempt in range(args.repeat):
-            f = fz.one_input(data)
-            if f is not None:
-                print(f"fuzz: reproduced on try {attempt + 1}: [{f.kind}] {f.message}")
-                fz.finish()
+            for data in inputs:
+                f = fz.one_input(data)
+                if f is not None and f.kind == kind:
+                    print(f"fuzz: reproduced on try {attempt + 1}: [{f.kind}] {f.message}")
+                    fz.finish()
+                if f is not None:
+                    print(f"fuzz: try {attempt + 1} found {f.kind}, not {kind}; going on")
+            fz.drop_instance()  # each try from a fresh daemon
         print(f"fuzz: not reproduced in {args.repeat} tries")
         fz.finish()
         return 0

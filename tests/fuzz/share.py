@@ -8,10 +8,12 @@ what must never change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 DEEP = 12  # levels of the deep tree
@@ -20,17 +22,24 @@ BIG_FILE = 3 << 20
 OUTSIDE_SECRET = b"host secret\n"
 
 
-def populate(share: Path, outside: Path) -> dict[str, str]:
-    """Fill ``share`` (which must exist and be empty); returns relative path -> kind."""
-    kinds: dict[str, str] = {}
-
-    def note(rel: str, kind: str) -> None:
-        kinds[rel] = kind
-
-    outside.mkdir(exist_ok=True)
-    (outside / "victim").write_bytes(OUTSIDE_SECRET)
+def _linked(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     (share / "file").write_bytes(bytes(range(256)) * 40)
     note("file", "reg")
+    os.link(share / "file", share / "hardlink")
+    note("hardlink", "reg")
+    d = share / "dir"
+    d.mkdir()
+    note("dir", "dir")
+    for name in ("dir_a", "dir_b"):
+        (d / name).write_bytes(name.encode() * 10)
+        note(f"dir/{name}", "reg")
+    os.mkfifo(d / "dir_fifo")
+    note("dir/dir_fifo", "fifo")
+    os.link(share / "file", d / "dir_hardlink")
+    note("dir/dir_hardlink", "reg")
+
+
+def _files(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     (share / "empty").write_bytes(b"")
     note("empty", "reg")
     with open(share / "big", "wb") as f:
@@ -38,8 +47,9 @@ def populate(share: Path, outside: Path) -> dict[str, str]:
         f.seek(BIG_FILE // 2)
         f.write(b"middle")
     note("big", "reg")
-    os.link(share / "file", share / "hardlink")
-    note("hardlink", "reg")
+
+
+def _special(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     os.mkfifo(share / "fifo")
     note("fifo", "fifo")
     if os.geteuid() == 0:
@@ -53,22 +63,20 @@ def populate(share: Path, outside: Path) -> dict[str, str]:
         note("sock", "sock")
     finally:
         sock.close()
-    for name, target in (("link_rel", "file"), ("link_dir", "dir"),
-                         ("link_out", "../outside/victim"),
-                         ("link_abs", str(outside / "victim")), ("link_etc", "/etc"),
-                         ("link_dangling", "nowhere"), ("link_loop", "link_loop")):
-        os.symlink(target, share / name)
+
+
+SYMLINKS = (("link_rel", "file"), ("link_dir", "dir"), ("link_out", "../outside/victim"),
+            ("link_abs", "@outside/victim"), ("link_etc", "/etc"),
+            ("link_dangling", "nowhere"), ("link_loop", "link_loop"))
+
+
+def _symlinks(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
+    for name, target in SYMLINKS:
+        os.symlink(target.replace("@outside", str(outside)), share / name)
         note(name, "lnk")
-    d = share / "dir"
-    d.mkdir()
-    note("dir", "dir")
-    for name in ("dir_a", "dir_b"):
-        (d / name).write_bytes(name.encode() * 10)
-        note(f"dir/{name}", "reg")
-    os.mkfifo(d / "dir_fifo")
-    note("dir/dir_fifo", "fifo")
-    os.link(share / "file", d / "dir_hardlink")
-    note("dir/dir_hardlink", "reg")
+
+
+def _other(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     e = share / "other"
     e.mkdir()
     note("other", "dir")
@@ -77,12 +85,18 @@ def populate(share: Path, outside: Path) -> dict[str, str]:
         note(f"other/{name}", "reg")
     (e / "other_sub").mkdir()
     note("other/other_sub", "dir")
+
+
+def _many(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     big = share / "many"
     big.mkdir()
     note("many", "dir")
     for i in range(BIG_DIR):
-        (big / f"many_{i}").write_bytes(b"")
+        os.mknod(big / f"many_{i}", stat.S_IFREG | 0o644)  # one system call each
         note(f"many/many_{i}", "reg")
+
+
+def _deep(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     p = share
     rel = ""
     for level in range(DEEP):
@@ -93,35 +107,113 @@ def populate(share: Path, outside: Path) -> dict[str, str]:
         note(rel, "dir")
         (p / f"leaf{level}").write_bytes(b"leaf")
         note(f"{rel}/leaf{level}", "reg")
+
+
+def _ro(share: Path, outside: Path, note: Callable[[str, str], None]) -> None:
     ro = share / "ro"
     ro.mkdir()
     (ro / "ro_file").write_bytes(b"ro")
     note("ro", "dir")
     note("ro/ro_file", "reg")
     os.chmod(ro, 0o555)
+
+
+# top-level entries built (and rebuilt) together; hard links keep their group together
+GROUPS: dict[tuple[str, ...], Callable[[Path, Path, Callable[[str, str], None]], None]] = {
+    ("file", "hardlink", "dir"): _linked,
+    ("empty", "big"): _files,
+    ("fifo", "null", "zero", "sock"): _special,
+    tuple(name for name, _ in SYMLINKS): _symlinks,
+    ("other",): _other,
+    ("many",): _many,
+    ("deep0",): _deep,
+    ("ro",): _ro,
+}
+
+
+def populate(share: Path, outside: Path) -> dict[str, str]:
+    """Fill ``share`` (which must exist and be empty); returns relative path -> kind."""
+    kinds: dict[str, str] = {}
+    outside.mkdir(exist_ok=True)
+    (outside / "victim").write_bytes(OUTSIDE_SECRET)
+    for build in GROUPS.values():
+        build(share, outside, kinds.__setitem__)
     return kinds
 
 
-def reset(share: Path, outside: Path) -> dict[str, str]:
-    """Empty ``share`` (keeping the directory itself: it is the daemon's root inode) and
-    fill it again."""
-    os.chmod(share, 0o755)
-    for entry in os.scandir(share):
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            for root, dirs, _ in os.walk(path):
-                for name in dirs:
-                    try:
-                        os.chmod(os.path.join(root, name), 0o755, follow_symlinks=False)
-                    except OSError:
-                        pass
-            os.chmod(path, 0o755)
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    if outside.exists():
-        shutil.rmtree(outside)
-    return populate(share, outside)
+def signature(share: Path, names: tuple[str, ...]) -> tuple:
+    """What changes when anything in these entries changes (ctime covers metadata and
+    xattrs, mtime contents, the inode a replacement)."""
+    out = []
+    for name in names:
+        top = share / name
+        try:
+            st = top.lstat()
+        except OSError:
+            out.append((name, None))
+            continue
+        paths = [top]
+        if stat.S_ISDIR(st.st_mode):
+            for root, dirs, files in os.walk(top):
+                paths.extend(Path(root, n) for n in dirs + files)
+        for p in paths:
+            try:
+                s = p.lstat()
+            except OSError:
+                continue
+            out.append((str(p), s.st_ino, s.st_mode, s.st_size, s.st_mtime_ns, s.st_ctime_ns,
+                        s.st_nlink))
+    return tuple(out)
+
+
+class Share:
+    """The share of one daemon instance, rebuilt between inputs where it changed."""
+
+    def __init__(self, share: Path, outside: Path) -> None:
+        self.share = share
+        self.outside = outside
+        self.kinds = populate(share, outside)
+        self.root_mode = share.lstat().st_mode
+        self.signatures = {names: signature(share, names) for names in GROUPS}
+        self.outside_sig = signature(outside.parent, (outside.name,))
+
+    def reset(self) -> None:
+        """Back to what populate() made: groups that changed are made again, anything
+        else at the top level goes."""
+        share, outside = self.share, self.outside
+        os.chmod(share, stat.S_IMODE(self.root_mode))
+        known = {name for names in GROUPS for name in names}
+        for entry in os.scandir(share):
+            if entry.name not in known:
+                _remove(Path(entry.path))
+        if signature(outside.parent, (outside.name,)) != self.outside_sig:
+            _remove(outside)
+            outside.mkdir()
+            (outside / "victim").write_bytes(OUTSIDE_SECRET)
+            self.outside_sig = signature(outside.parent, (outside.name,))
+        for names, build in GROUPS.items():
+            if signature(share, names) == self.signatures[names]:
+                continue
+            for name in names:
+                _remove(share / name)
+            build(share, outside, self.kinds.__setitem__)
+            self.signatures[names] = signature(share, names)
+
+
+def _remove(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        for root, dirs, _ in os.walk(path):
+            for name in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(root, name), 0o755, follow_symlinks=False)
+        os.chmod(path, 0o755)
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def snapshot(base: Path, share: Path) -> dict[str, tuple[int, int, bytes]]:
