@@ -95,13 +95,9 @@ def lock_owner_fds(pid: int, fds: list[FdInfo]) -> set[int]:
         finally:
             os.close(fd)
         states = data[16 + 8 :: LOCK_ENTRY.size]  # the low byte of each entry's state
-        i = -1
-        while True:
-            i = next((j for j in range(i + 1, len(states)) if states[j]), -1) \
-                if states.strip(b"\0") else -1
-            if i < 0:
-                break
-            _n, _o, owned, _users, state, _pid = LOCK_ENTRY.unpack_from(data, i * LOCK_ENTRY.size)
+        for m in re.finditer(rb"[^\x00]", states):
+            _n, _o, owned, _users, state, _pid = LOCK_ENTRY.unpack_from(
+                data, m.start() * LOCK_ENTRY.size)
             if state in (1, 2) and owned >= 0:  # USED, CLOSING
                 out.add(owned)
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from daemon import fuse
 from daemon import vhost_user as vu
+from daemon._sys import lib
 from tests.frontend import DESC, F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
 from tests.guest.reference import stop_daemon, wait_for_socket
 
@@ -102,7 +103,12 @@ class Guest:
         wait_for_socket(self.proc, self.socket_path, timeout=30.0)
         self.fe = Frontend(str(self.socket_path), memory_size=MEMORY_SIZE,
                            queue_size=QUEUE_SIZE)
-        self.fe.setup(NUM_QUEUES)
+        self.extra: list[ExtraRegion] = []
+        # one region in the first table is larger than its memfd (a front-end's bug the
+        # daemon should refuse); requests only reach past its end on purpose
+        first = self._new_region(oversized=True)
+        self.fe.setup(NUM_QUEUES, [(first.gpa, first.size, first.uva, 0, first.fd)])
+        self.extra.append(first)
         self.mem = self.fe.mem
         self.u16 = memoryview(self.mem).cast("H")
         self.unique = 1 << 40
@@ -113,7 +119,7 @@ class Guest:
             self.free_slots[q] = list(range(SLOTS_PER_QUEUE))
         self.inflight: dict[tuple[int, int], Pending] = {}
         self.requests = 0
-        self.extra: list[ExtraRegion] = []
+        self.kicks = 0
         self.table_fds = 0  # SET_MEM_TABLE re-sends so far
         self.log_offset = 0
         self.worker_pids = self._wait_workers()
@@ -147,15 +153,15 @@ class Guest:
         return self.proc.poll() is None
 
     def close(self) -> None:
-        for region in self.extra:
-            region.mem.close()
-            os.close(region.fd)
-        self.extra = []
         try:
+            stop_daemon(self.proc)
+        finally:
+            self.u16.release()
+            for region in self.extra:
+                region.mem.close()
+                os.close(region.fd)
+            self.extra = []
             self.fe.close()
-        except OSError:
-            pass
-        stop_daemon(self.proc)
 
     # ----- submitting -------------------------------------------------------------
 
@@ -237,12 +243,19 @@ class Guest:
         DESC.pack_into(self.mem, self.fe.off(table_gpa) + 16 * i, addr, length, flags, nxt)
 
     def _publish(self, q: int, head: int) -> None:
+        """Make the head available; kick only when the device's avail_event asks for it
+        (VIRTIO_RING_F_EVENT_IDX, as a Linux driver does: vring_need_event)."""
         ring = self.fe.rings[q]
         a = self.fe.off(ring.avail)
         self.u16[(a + 4) // 2 + ring.next_avail % ring.size] = head
+        old = ring.next_avail
         ring.next_avail = (ring.next_avail + 1) & 0xFFFF
         self.u16[(a + 2) // 2] = ring.next_avail  # one aligned 16-bit store
-        os.eventfd_write(ring.kick, 1)
+        lib.pyvfs_fence()  # the index before reading avail_event (a full barrier)
+        event = self.u16[(self.fe.off(ring.used) + 4 + 8 * ring.size) // 2]
+        if (ring.next_avail - event - 1) & 0xFFFF < (ring.next_avail - old) & 0xFFFF:
+            os.eventfd_write(ring.kick, 1)
+            self.kicks += 1
 
     # ----- completions ------------------------------------------------------------
 
@@ -339,22 +352,30 @@ class Guest:
         twice as large as the file (the front-end's bug, which a daemon must refuse)."""
         if len(self.extra) >= 4:
             return None
-        k = len(self.extra)
+        region = self._new_region(oversized)
+        payload = bytes(8) + vu.MEM_REGION.pack(region.gpa, region.size, region.uva, 0)
+        status = self.fe.ack(vu.Request.ADD_MEM_REG, payload, [region.fd])
+        if status != 0:
+            region.mem.close()
+            os.close(region.fd)
+            return None
+        self.extra.append(region)
+        return region
+
+    def _new_region(self, oversized: bool) -> ExtraRegion:
+        used = {r.gpa for r in self.extra}
+        k = next(i for i in range(8) if EXTRA_BASE + i * 4 * EXTRA_REGION_SIZE not in used)
         file_size = EXTRA_REGION_SIZE
         size = 2 * file_size if oversized else file_size
         fd = os.memfd_create(f"extra-{k}", os.MFD_CLOEXEC)
         os.ftruncate(fd, file_size)
         mem = mmap.mmap(fd, file_size)
-        region = ExtraRegion(EXTRA_BASE + k * 2 * EXTRA_REGION_SIZE * 2, size,
-                             EXTRA_UVA + k * 2 * EXTRA_REGION_SIZE * 2, fd, file_size, mem)
-        payload = bytes(8) + vu.MEM_REGION.pack(region.gpa, region.size, region.uva, 0)
-        status = self.fe.ack(vu.Request.ADD_MEM_REG, payload, [fd])
-        if status != 0:
-            mem.close()
-            os.close(fd)
-            return None
-        self.extra.append(region)
-        return region
+        return ExtraRegion(EXTRA_BASE + k * 4 * EXTRA_REGION_SIZE, size,
+                           EXTRA_UVA + k * 4 * EXTRA_REGION_SIZE, fd, file_size, mem)
+
+    def oversized(self) -> ExtraRegion | None:
+        """A region of the table that is larger than its memfd, if any."""
+        return next((r for r in self.extra if r.size > r.file_size), None)
 
     def remove_region(self) -> int | None:
         """REM_MEM_REG of the last added region, if no request in flight uses it."""

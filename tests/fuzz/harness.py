@@ -73,8 +73,10 @@ REQ_OPS = [
     O.FALLOCATE, O.LSEEK, O.COPY_FILE_RANGE, O.SYNCFS, O.SYNCFS, O.TMPFILE, O.GETLK,
     O.SETLK, O.GETXATTR, O.LISTXATTR, O.SETXATTR, O.REMOVEXATTR, O.READDIR, O.INIT, 99,
 ]
-ACTIONS = (["req"] * 19 + ["forget"] * 3 + ["batch_forget", "sync", "setlkw", "interrupt",
-           "unlock", "mem", "destroy", "fill", "creates", "mem"])
+# one byte picks the action: memory-table changes and DESTROY are rare, as in life
+ACTIONS = (["req"] * 43 + ["forget"] * 6 + ["batch_forget"] * 2 + ["sync"] * 2
+           + ["setlkw"] * 2 + ["interrupt"] * 2 + ["unlock", "fill", "fill", "creates",
+              "creates", "mem", "destroy"])
 TRACE = bool(os.environ.get("PYVFS_FUZZ_TRACE"))
 INIT_ARG = fuse.INIT_IN.pack(7, 38, 131072, 0xFFFFFFFF & ~fuse.INIT_EXT, 0) + bytes(44)
 
@@ -157,6 +159,7 @@ class Instance:
         self.before = share.snapshot(workdir, self.share)
         self.log_seen = 0
         self.inputs = 0
+        self.deaths = 0  # workers that died and were replaced by the supervisor
         self.history: list[bytes] = []
         self.host_locks: list[int] = []
 
@@ -170,18 +173,20 @@ class Instance:
             self.guest.wait_calls(0.05)
 
     def new_log(self) -> str:
-        text = self.guest.log_text()
-        new, self.log_seen = text[self.log_seen :], len(text)
-        return new
+        """The daemon's log lines since the last call."""
+        with open(self.guest.log_path, "rb") as f:
+            f.seek(self.log_seen)
+            data = f.read()
+        self.log_seen += len(data)
+        return data.decode(errors="replace")
 
     def reset_share(self) -> None:
         for fd in self.host_locks:
             os.close(fd)
         self.host_locks = []
-        self.watch.close()
         self.tree.reset()
-        self.watch = checks.OpenWatch()
-        self.watch.watch_tree(str(self.share))
+        self.watch.events()  # the reset's own opens
+        self.watch.watch_tree(str(self.share))  # directories made again
         self.before = share.snapshot(self.workdir, self.share)
 
     def close(self) -> None:
@@ -610,7 +615,7 @@ class Program:
         elif kind == 2:
             status = 0 if g.add_region(oversized=False) is not None else 1
         elif kind == 3:
-            region = g.add_region(oversized=True)
+            region = g.oversized() or g.add_region(oversized=True)
             status = 0
             if region is not None:
                 # the daemon took a region larger than its file: a reply there must
@@ -648,6 +653,7 @@ class Program:
                     raise Finding("blocked", "; ".join(checks.describe(t) for t in stuck)
                                   + f" for > {BLOCK_LIMIT} s, with requests waiting: {ops}")
             if now - start > REPLY_LIMIT:
+                self.check_daemon()  # a dead worker explains it better
                 raise Finding("no-reply", f"{len(waiting)} requests unanswered after "
                               f"{REPLY_LIMIT} s, e.g. opcode {waiting[0].opcode}")
             if g.proc.poll() is not None:

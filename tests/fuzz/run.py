@@ -34,6 +34,7 @@ from tests.fuzz.harness import ACTIONS, CONFIGS, Instance, Program
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = Path(__file__).resolve().parent / "corpus"
+MAX_DEATHS = 6  # worker deaths an instance may go on after
 # findings after which the daemon cannot be trusted to go on: a fresh instance follows
 HARD = {"worker-died", "daemon-exit", "blocked", "no-reply", "setlkw", "used-ring", "reply",
         "exception", "identity"}
@@ -150,7 +151,14 @@ class Fuzzer:
         inst = self.inst
         if inst is None:
             return
-        if finding.kind in HARD or finding.kind.startswith("worker-died"):
+        if finding.kind.startswith("worker-died"):
+            # the supervisor replaces a dead worker (and the new one answers what the old
+            # one had popped), but only 20 times per queue: go on for a few deaths
+            inst.deaths += 1
+            if inst.deaths > MAX_DEATHS:
+                self.drop_instance()
+                return
+        elif finding.kind in HARD:
             self.drop_instance()
             return
         try:
