@@ -193,6 +193,7 @@ def describe(t: ThreadState) -> str:
 # ----- inotify: files the daemon opens ------------------------------------------------
 
 IN_OPEN = 0x20
+IN_ISDIR = 0x40000000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 EVENT = struct.Struct("iIII")
@@ -232,11 +233,12 @@ class OpenWatch:
                 wd, mask, _cookie, n = EVENT.unpack_from(data, pos)
                 name = data[pos + EVENT.size : pos + EVENT.size + n].rstrip(b"\0")
                 pos += EVENT.size + n
-                if mask & IN_OPEN and name and wd in self.dirs:
+                if mask & IN_OPEN and not mask & IN_ISDIR and name and wd in self.dirs:
                     out.append(os.path.join(self.dirs[wd], os.fsdecode(name)))
 
     def special_opens(self) -> list[tuple[str, str]]:
-        """(path, kind) of FIFOs, devices and sockets opened since the last call."""
+        """(path, kind) of FIFOs, devices and sockets opened since the last call. The kind
+        is what the name is now: callers skip batches that renamed or unlinked."""
         found = []
         for path in self.events():
             try:

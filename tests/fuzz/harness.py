@@ -129,6 +129,7 @@ class Batch:
     learned: list[tuple[str, int, str]] = field(default_factory=list)  # path, ino, how
     failed_creates: list[tuple[str, Pending]] = field(default_factory=list)
     foreign_owner: list[tuple[Pending, int]] = field(default_factory=list)  # new, not ours
+    released_unknown: set[int] = field(default_factory=set)  # fhs the model did not hold
 
 
 class Instance:
@@ -214,6 +215,7 @@ class Program:
         self.r = Reader(data)
         self.model = Model(os.lstat(inst.share).st_ino)
         self.batch = Batch()
+        self.batch_no = 0
         self.setlkws: list[Pending] = []
         self.checks = 0
 
@@ -302,6 +304,11 @@ class Program:
              uid: int = 0, out_size: int = 4096, layout: int = 0, region=None) -> Pending | None:  # noqa: ANN001
         if not self.room(q):
             return None
+        if meta.get("batch", self.batch_no) != self.batch_no:
+            # built for the batch before: no host checks, and the batch it lands in
+            # knows its name is in use
+            meta.pop("existed", None)
+            self.batch.names[(meta.get("parent_path"), meta.get("name"))] += 1
         if region is not None:
             meta["region"] = region
         p = self.g.submit(q, op, nodeid, arg, uid=uid, gid=uid, out_size=out_size,
@@ -318,6 +325,8 @@ class Program:
         r = self.r
         op = int(r.pick(REQ_OPS))
         q = self.queue()
+        if not self.room(q):  # before the request is built: what it saw must stay true
+            return
         uid = int(r.pick(UIDS))
         layout = r.below(4)
         nodeid = self.pick_node("dir" if op in (O.LOOKUP, O.MKDIR, O.MKNOD, O.SYMLINK,
@@ -330,11 +339,15 @@ class Program:
             arg = INIT_ARG
         arg = self.mangle(arg)
         meta["arg_len"] = len(arg)
+        if TRACE:
+            meta["arg"] = arg
         if op in (O.RELEASE, O.RELEASEDIR):
             # the fh the daemon will read (a truncated struct reads as zero-padded)
             fh = int.from_bytes(arg[:8].ljust(8, b"\0"), "little")
             if self.model.handles.pop(fh, None) is not None:
                 self.model.released.append(fh)
+            else:  # forged or stale: it may still name a file opened in this batch
+                self.batch.released_unknown.add(fh)
         out = r.pick([4096, 4096, 4096, 160 * 1024, 16, 0]) if op != O.READ else \
             meta.get("size", 4096) + 16
         if op in (O.READDIR, O.READDIRPLUS):
@@ -470,6 +483,7 @@ class Program:
 
     def note_name(self, meta: dict, name: bytes) -> None:
         meta["name"] = name
+        meta["batch"] = self.batch_no
         self.batch.names[(meta.get("parent_path"), name)] += 1
         if meta.get("parent_path") is not None:
             meta["path"] = join(meta["parent_path"], name)
@@ -552,9 +566,12 @@ class Program:
         parent = self.pick_node("dir")
         for _ in range(r.below(4) + 1):
             op = int(r.pick([O.CREATE, O.MKDIR, O.MKNOD, O.SYMLINK]))
+            q = 1 + r.below(2)
+            if not self.room(q):
+                return
             meta: dict = {"op": op, "uid": 0}
             arg = self.build(op, parent, meta)
-            self.send(1 + r.below(2), op, parent, arg, meta)
+            self.send(q, op, parent, arg, meta)
 
     def act_setlkw(self) -> None:
         """A SETLKW that has to wait: the fuzzer takes a conflicting lock on the host
@@ -673,11 +690,15 @@ class Program:
             elif op in (O.RELEASE, O.RELEASEDIR, O.READ, O.WRITE, O.SETLKW):
                 extra = f" (fh {meta.get('fh', 0):#x})"
             print(f"  q{p.q} op {p.opcode} nodeid {p.nodeid:#x} {meta.get('name', b'')!r} -> "
-                  f"{p.error} ({p.written} bytes){extra}")
+                  f"{p.error} ({p.written} bytes){extra}"
+                  + (f" flags {meta['flags']:#o}" if 'flags' in meta else "")
+                  + (f" arg {meta['arg'][:80]!r}" if p.error and 'arg' in meta else ""))
         if op in (O.FORGET, O.BATCH_FORGET):
             if p.written:
                 raise Finding("reply", f"FORGET answered with {p.written} bytes")
             return
+        if p.written == 0 and op in NAMESPACE_OPS:
+            self.moved(meta)  # no answer, but it may have acted
         if p.written == 0 or op is None:
             return
         if p.error:
@@ -713,28 +734,31 @@ class Program:
                 if nodeid:
                     self.learn(nodeid, ino, mode, join(dpath, name), "READDIRPLUS")
                 elif name not in (b".", b"..") and dpath is not None:
-                    self.batch.learned.append((join(dpath, name) or "", ino, "READDIRPLUS"))
+                    self.batch.learned.append((join(dpath, name) or "?", ino, "READDIRPLUS"))
         elif op == O.READDIR:
             h = self.model.handles.get(meta.get("fh", -1))
             if h is not None and h.path is not None:
                 for name, ino in parse_dirents(payload):
                     if name not in (b".", b".."):
-                        self.batch.learned.append((join(h.path, name) or "", ino, "READDIR"))
-        if op in NAMESPACE_OPS or op == O.RENAME2:
-            self.batch.namespace_changed = True
-            for key in ("path",):
-                if meta.get(key) is not None:
-                    self.model.invalidate_paths(meta[key])
-            if meta.get("new_parent_path") is not None:
-                newp = join(meta["new_parent_path"], meta.get("new_name", b""))
-                if newp is not None:
-                    self.model.invalidate_paths(newp)
+                        self.batch.learned.append((join(h.path, name) or "?", ino, "READDIR"))
+        if op in NAMESPACE_OPS:
+            self.moved(meta)
+
+    def moved(self, meta: dict) -> None:
+        """A rename, unlink, rmdir or link that may have acted: paths under the names it
+        touched are no longer certain."""
+        self.batch.namespace_changed = True
+        if meta.get("path") is not None:
+            self.model.invalidate_paths(meta["path"])
+        if meta.get("new_parent_path") is not None:
+            self.model.invalidate_paths(join(meta["new_parent_path"],
+                                             meta.get("new_name", b"")) or "")
 
     def learn_handle(self, h: Handle) -> None:
         """A reply that hands the guest an open file (unless a DESTROY of the same batch
         may have closed it already)."""
-        if self.batch.destroy:
-            h.ino = -1  # released at the end, never checked
+        if self.batch.destroy or h.fh in self.batch.released_unknown:
+            h.ino = -1  # maybe closed already: released at the end, never checked
         self.model.handles[h.fh] = h
 
     def learn(self, nodeid: int, ino: int, mode: int, path: str | None, how: str) -> None:
@@ -757,21 +781,26 @@ class Program:
 
     def sync(self) -> None:
         self.wait_batch()
+        if TRACE:
+            print("  -- sync")
         batch = self.batch
         self.batch = Batch()
+        self.batch_no += 1
         self.batch.pending = [p for p in batch.pending if not p.done]  # parked SETLKWs
-        self.check_daemon()
+        self.check_daemon(batch)
         self.check_host(batch)
         self.check_identity()
         self.check_fds()
 
-    def check_daemon(self) -> None:
+    def check_daemon(self, batch: Batch | None = None) -> None:
         inst = self.inst
         checks.scan_log(inst.new_log())
         if inst.guest.proc.poll() is not None:
             raise Finding("daemon-exit", f"the daemon exited with {inst.guest.proc.returncode}")
         opened = inst.watch.special_opens()
-        if opened:
+        if batch is None:
+            batch = self.batch
+        if opened and not (batch.namespace_changed or batch.destroy):
             raise Finding("opened-special", "the daemon opened " + ", ".join(
                 f"the {kind} {path!r}" for path, kind in opened))
 

@@ -3,6 +3,7 @@ the inode each names, open file handles, and where on the host each lives (when 
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass, field
 
@@ -105,10 +106,7 @@ class Model:
 def join(parent: str | None, name: bytes) -> str | None:
     if parent is None:
         return None
-    try:
-        text = name.decode()
-    except UnicodeDecodeError:
-        return None
+    text = os.fsdecode(name)  # any bytes (surrogateescape), as the host path takes them
     return f"{parent}/{text}" if parent else text
 
 

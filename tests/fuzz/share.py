@@ -208,8 +208,10 @@ def _remove(path: Path) -> None:
     if stat.S_ISDIR(st.st_mode):
         for root, dirs, _ in os.walk(path):
             for name in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(root, name), 0o755, follow_symlinks=False)
+                sub = os.path.join(root, name)
+                if not os.path.islink(sub):  # the guest may have made it unreadable
+                    with contextlib.suppress(OSError):
+                        os.chmod(sub, 0o755)
         os.chmod(path, 0o755)
         shutil.rmtree(path)
     else:
