@@ -152,9 +152,29 @@ class Guest:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def kill_supervisor(self, timeout: float = 2.0) -> list[int]:
+        """SIGKILL the supervisor, as a crash or the OOM killer would: every worker must
+        follow it (the design relies on PR_SET_PDEATHSIG). Returns the workers still
+        running after ``timeout`` (then killed here)."""
+        workers = self.daemon_pids()[1:]
+        self.proc.kill()
+        self.proc.wait()
+        deadline = time.monotonic() + timeout
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if _running(p)]
+        for pid in alive:
+            os.kill(pid, 9)
+        return alive
+
     def close(self) -> None:
+        workers = self.daemon_pids()[1:] if self.alive() else []
         try:
             stop_daemon(self.proc)
+            for pid in workers:  # never leave a worker behind, whatever the daemon does
+                if _running(pid):
+                    os.kill(pid, 9)
         finally:
             self.u16.release()
             for region in self.extra:
@@ -390,3 +410,12 @@ class Guest:
         region.mem.close()
         os.close(region.fd)
         return status
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"

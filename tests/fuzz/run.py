@@ -110,6 +110,18 @@ class Fuzzer:
                 pass
             self.inst = None
 
+    def retire(self, data: bytes) -> None:
+        """End the instance as a crash would: SIGKILL the supervisor; every worker must
+        exit with it."""
+        inst = self.inst
+        if inst is None:
+            return
+        alive = inst.guest.kill_supervisor()
+        if alive:
+            self.record(Finding("orphan-workers", f"worker(s) {alive} still running 2 s after "
+                                "their supervisor was killed (SIGKILL)"), data)
+        self.drop_instance()
+
     def requests(self) -> int:
         return self.stats.requests + (self.inst.guest.requests if self.inst else 0)
 
@@ -151,7 +163,7 @@ class Fuzzer:
                 print(f"fuzz: share reset failed ({e!r}); instance replaced", file=sys.stderr)
                 self.drop_instance()
             if inst.inputs >= self.args.restart_every:
-                self.drop_instance()
+                self.retire(data)
         self.status()
         return finding
 
@@ -271,7 +283,8 @@ class Fuzzer:
             self.finish()
 
     def finish(self) -> None:
-        self.drop_instance()
+        if self.inst is not None and self.inst.history:
+            self.retire(self.inst.history[-1])
         self.status(final=True)
         print("fuzz: summary")
         print(f"  inputs {self.stats.inputs}, requests {self.stats.requests}, invariant "
