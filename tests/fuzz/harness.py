@@ -233,7 +233,9 @@ class Program:
                 nodes = [n for n in nodes if stat.S_ISDIR(n.mode)] or nodes
             elif want == "file":
                 nodes = [n for n in nodes if stat.S_ISREG(n.mode)] or nodes
-            nodes.sort(key=lambda n: n.nodeid)
+            # by path, not nodeid: nodeids depend on which queue won a race for a slot,
+            # paths do not, so a replay picks the same files
+            nodes.sort(key=lambda n: (n.path is None, n.path or "", n.mode, n.nodeid))
             return nodes[r.below(len(nodes))].nodeid
         if b < 220:
             return ROOT
@@ -245,7 +247,8 @@ class Program:
         r = self.r
         b = r.byte()
         if b < 220 and self.model.handles:
-            hs = sorted(self.model.handles.values(), key=lambda h: h.fh)
+            hs = sorted(self.model.handles.values(),
+                        key=lambda h: (h.path is None, h.path or "", h.is_dir, h.flags, h.fh))
             if want_dir is not None:
                 hs = [h for h in hs if h.is_dir == want_dir] or hs
             h = hs[r.below(len(hs))]
