@@ -257,7 +257,8 @@ class Program:
             return self.model.released[r.below(len(self.model.released))], None
         return r.pick([0, 1, 2 << 32 | 1, r.u64()]), None
 
-    def pick_name(self, parent: int, existing_first: bool = True) -> bytes:
+    def pick_name(self, parent: int) -> bytes:
+        """A name in the parent's real listing on the host, a new one, or a bad one."""
         r = self.r
         b = r.byte()
         node = self.model.node(parent)
@@ -367,7 +368,7 @@ class Program:
             self.note_name(meta, name)
             return name + b"\0"
         if op in (O.CREATE, O.MKDIR, O.MKNOD, O.SYMLINK):
-            name = self.pick_name(nodeid, existing_first=False)
+            name = self.pick_name(nodeid)
             self.note_name(meta, name)
             mode = r.pick([0o644, 0o755, 0o4755, 0o600, 0o777, r.u32() & 0o7777])
             if op == O.CREATE:
@@ -388,14 +389,14 @@ class Program:
             return name + b"\0" + target + b"\0"
         if op == O.LINK:
             old = self.pick_node("file")
-            name = self.pick_name(nodeid, existing_first=False)
+            name = self.pick_name(nodeid)
             self.note_name(meta, name)
             meta["old"] = old
             return fuse.LINK_IN.pack(old) + name + b"\0"
         if op in (O.RENAME, O.RENAME2):
             newdir = self.pick_node("dir")
             old = self.pick_name(nodeid)
-            new = self.pick_name(newdir, existing_first=False)
+            new = self.pick_name(newdir)
             self.note_name(meta, old)
             nd = self.model.node(newdir)
             meta["new_parent_path"] = nd.path if nd is not None else None
@@ -628,23 +629,22 @@ class Program:
         r = self.r
         kind = r.below(5)
         g = self.g
+        # a table the daemon refuses (REPLY_ACK != 0) is fine; one it takes must work
         if kind == 0:
-            status = g.resend_table(split=False)
+            g.resend_table(split=False)
         elif kind == 1:
-            status = g.resend_table(split=True)
+            g.resend_table(split=True)
         elif kind == 2:
-            status = 0 if g.add_region(oversized=False) is not None else 1
+            g.add_region(oversized=False)
         elif kind == 3:
             region = g.oversized() or g.add_region(oversized=True)
-            status = 0
             if region is not None:
                 # the daemon took a region larger than its file: a reply there must
                 # not cost a worker
                 self.send(1 + r.below(2), O.GETATTR, ROOT, bytes(16), {"op": O.GETATTR},
                           region=region)
         else:
-            status = g.remove_region() or 0
-        del status  # a table the daemon refuses is fine; what it takes must work
+            g.remove_region()
 
     # ----- waiting and learning ----------------------------------------------------
 

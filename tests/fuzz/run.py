@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         args.findings = tempfile.mkdtemp(prefix="pyvfs-repro-")
         args.no_coverage = True
         fz = Fuzzer(args)
-        kind = Path(args.repro).name.rsplit("-", 1)[0]
+        stem = Path(args.repro).stem  # KIND-SHA (a finding) or found-KIND (a seed)
+        kind = stem[len("found-"):] if stem.startswith("found-") else stem.rsplit("-", 1)[0]
         for attempt in range(args.repeat):
             for data in inputs:
                 f = fz.one_input(data)
