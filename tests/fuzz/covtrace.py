@@ -33,7 +33,8 @@ EDGE_BITS = 16
 LINE_BITS = 18
 EDGES = 1 << EDGE_BITS
 LINES = 1 << LINE_BITS
-MAP_SIZE = EDGES + LINES
+C_EDGES = 1 << 16  # edges of daemon/_sys (fast_path.c, the chain walker), see below
+MAP_SIZE = EDGES + LINES + C_EDGES
 # the daemon's own code: what coverage is measured on
 TRACED = [str(REPO / d) + "/" for d in ("daemon", "workers", "shm_table")] + [
     str(REPO / "supervisor.py")]
@@ -192,10 +193,14 @@ class CoverageMap:
         return bytes(self.view[:EDGES])
 
     def lines(self) -> bytes:
-        return bytes(self.view[EDGES:])
+        return bytes(self.view[EDGES : EDGES + LINES])
+
+    def c_edges(self) -> bytes:
+        return bytes(self.view[EDGES + LINES :])
 
     def clear_edges(self) -> None:
         self.mem[:EDGES] = bytes(EDGES)
+        self.mem[EDGES + LINES :] = bytes(C_EDGES)
 
     def close(self) -> None:
         self.view.release()
@@ -254,3 +259,72 @@ def lines_covered(line_map: bytes, table: dict[str, set[int]]) -> tuple[int, int
             if line_map[mod.lib.covtrace_loc(enc, line) & (LINES - 1)]:
                 hit += 1
     return hit, total
+
+
+# ----- C coverage: daemon/_sys built again with gcc's -fsanitize-coverage=trace-pc --------
+
+C_HOOK = r"""
+static unsigned char *pyvfs_cov_edges;
+static __thread uint32_t pyvfs_cov_prev;
+
+__attribute__((no_sanitize_coverage)) void pyvfs_cov_set(uintptr_t map) {
+    pyvfs_cov_edges = (unsigned char *)map;
+}
+
+/* gcc calls this at every basic block of the instrumented code: an AFL-style edge from
+ * the block's address, taken relative to the module so every process agrees */
+__attribute__((no_sanitize_coverage)) void __sanitizer_cov_trace_pc(void) {
+    unsigned char *m = pyvfs_cov_edges;
+    if (m == NULL) return;
+    uint32_t x = (uint32_t)((uintptr_t)__builtin_return_address(0) - (uintptr_t)&pyvfs_cov_set);
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    uint32_t e = (x ^ pyvfs_cov_prev) & 0xFFFFu;
+    if (m[e] != 255) m[e]++;
+    pyvfs_cov_prev = x >> 1;
+}
+"""
+
+
+def load_instrumented_sys():  # noqa: ANN201 - a cffi module
+    """daemon._sys compiled from the same cdef and C source (daemon/_sys_build.py,
+    daemon/fast_path.c) with every basic block reporting to ``__sanitizer_cov_trace_pc``;
+    built once per source version into tests/fuzz/build/."""
+    from cffi import FFI
+
+    from daemon import _sys_build
+
+    base = _sys_build.ffibuilder
+    module_name, source, _ext, kwds = base._assigned_source
+    cdefs = list(base._cdefsources)
+    depends = [str(REPO / d) for d in kwds.get("depends", [])]
+    digest = hashlib.sha256("\n".join([*cdefs, source, C_HOOK, sys.version]).encode()
+                            ).hexdigest()[:12]
+    out_dir = BUILD / f"csys-{digest}"
+    found = list(out_dir.glob("**/_sys*.so")) if out_dir.exists() else []
+    if not found:
+        ffi = FFI()
+        for text in cdefs:
+            ffi.cdef(text)
+        ffi.cdef("void pyvfs_cov_set(uintptr_t map);")
+        ffi.set_source(module_name, source + C_HOOK, depends=depends,
+                       extra_compile_args=["-O2", "-fsanitize-coverage=trace-pc"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        found = [Path(ffi.compile(tmpdir=str(out_dir), verbose=False))]
+    spec = importlib.util.spec_from_file_location(module_name, found[0])
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def install_c_coverage(cov: CoverageMap) -> None:
+    """In the daemon, before anything imports daemon._sys: the instrumented build takes
+    its place, writing its edges into the map's C part."""
+    import daemon
+
+    mod = load_instrumented_sys()
+    sys.modules["daemon._sys"] = mod
+    daemon._sys = mod  # type: ignore[attr-defined]
+    address = int(mod.ffi.cast("uintptr_t", mod.ffi.from_buffer(cov.mem))) + EDGES + LINES
+    _KEEP.append(cov)  # the hook writes into it until the process ends
+    mod.lib.pyvfs_cov_set(address)

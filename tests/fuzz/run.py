@@ -81,7 +81,9 @@ class Fuzzer:
                 args.no_coverage = True
         self.lines_table = covtrace.executable_lines()
         self.edges_seen = bytearray(covtrace.EDGES)
+        self.c_edges_seen = bytearray(covtrace.C_EDGES)
         self.edge_count = 0
+        self.c_edge_count = 0
         self.inst: Instance | None = None
         self.stats = Stats()
         self.found: dict[str, Found] = {}
@@ -197,21 +199,24 @@ class Fuzzer:
         edge, bumped 1, 2, 3, 4 or 8 times by its hit count (libFuzzer's own buckets)."""
         if self.cov is None:
             return
-        edges = self.cov.edges()
         trace = None
         if self.base >= 0:
             import atheris
 
             trace = atheris._trace_branch
-        for m in re.finditer(rb"[^\x00]", edges):
-            i = m.start()
-            if not self.edges_seen[i]:
-                self.edges_seen[i] = 1
-                self.edge_count += 1
-            if trace is not None:
-                c = edges[i]
-                for _ in range(c if c < 4 else (4 if c < 8 else 8)):
-                    trace(self.base + i)
+        for edges, seen, base in ((self.cov.edges(), self.edges_seen, self.base),
+                                  (self.cov.c_edges(), self.c_edges_seen,
+                                   self.base + covtrace.EDGES)):
+            for m in re.finditer(rb"[^\x00]", edges):
+                i = m.start()
+                if not seen[i]:
+                    seen[i] = 1
+                if trace is not None:
+                    c = edges[i]
+                    for _ in range(c if c < 4 else (4 if c < 8 else 8)):
+                        trace(base + i)
+        self.edge_count = len(self.edges_seen) - self.edges_seen.count(0)
+        self.c_edge_count = len(self.c_edges_seen) - self.c_edges_seen.count(0)
 
     def lines(self) -> tuple[int, int]:
         if self.cov is None:
@@ -269,7 +274,7 @@ class Fuzzer:
         hit, total = self.lines()
         print(f"fuzz: {elapsed:7.1f} s  inputs {self.stats.inputs}  requests {reqs} "
               f"({reqs / max(elapsed, 1e-9):.0f}/s)  checks {self.stats.checks}  edges "
-              f"{self.edge_count}  lines {hit}/{total}  findings "
+              f"{self.edge_count}+{self.c_edge_count} C  lines {hit}/{total}  findings "
               f"{sum(f.count for f in self.found.values())} ({len(self.found)} kinds)",
               flush=True)
         if not final:
@@ -291,8 +296,9 @@ class Fuzzer:
               f"checks {self.stats.checks}, daemon instances {self.stats.instances}, harness "
               f"errors {self.stats.harness_errors}")
         hit, total = self.lines()
-        print(f"  coverage: {self.edge_count} edges, {hit} of {total} lines of daemon/, "
-              "workers/, shm_table/, supervisor.py")
+        print(f"  coverage: {self.edge_count} Python edges, {hit} of {total} lines of "
+              f"daemon/, workers/, shm_table/, supervisor.py; {self.c_edge_count} C edges "
+              "of daemon/_sys (fast_path.c, the chain walker)")
         for f in sorted(self.found.values(), key=lambda f: f.first_at):
             print(f"  FOUND {f.kind} x{f.count}: first after {f.first_at:.1f} s (input "
                   f"{f.first_input}, config {f.config})\n    {f.message.splitlines()[0]}\n"
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     import atheris
 
     fz.base = atheris._reserve_counter()
-    for _ in range(covtrace.EDGES - 1):
+    for _ in range(covtrace.EDGES + covtrace.C_EDGES - 1):  # Python edges, then C edges
         atheris._reserve_counter()
     corpus = args.corpus
     if corpus is None:

@@ -175,6 +175,25 @@ def test_tracer_marks_the_daemons_lines(tmp_path: Path) -> None:
         cov.unlink()
 
 
+def test_c_coverage_marks_edges_of_daemon_sys() -> None:
+    """daemon/_sys rebuilt with gcc's basic-block hooks takes the plain one's place."""
+    path = f"/dev/shm/pyvfs-fuzz-test-c-{os.getpid()}"
+    cov = covtrace.CoverageMap(path, create=True)
+    try:
+        code = ("from tests.fuzz import covtrace; "
+                f"covtrace.install_c_coverage(covtrace.CoverageMap({path!r})); "
+                "from daemon._sys import ffi, lib; "
+                "iov = ffi.new('pyvfs_iov_t[1]'); buf = ffi.new('char[8]'); "
+                "iov[0].base = int(ffi.cast('uintptr_t', buf)); iov[0].len = 8; "
+                "lib.pyvfs_iov_read(iov, 1, 2, buf, 4)")
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+        assert any(cov.c_edges())
+        assert not any(cov.edges())  # no Python tracer in this process
+    finally:
+        cov.close()
+        cov.unlink()
+
+
 def test_used_ring_entries_are_checked(tmp_path: Path) -> None:
     """A used element for a head that is not in flight is a finding."""
     inst = Instance(tmp_path / "i", ["--inode-table-size", "64"], None)
