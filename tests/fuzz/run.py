@@ -89,6 +89,7 @@ class Fuzzer:
         self.found: dict[str, Found] = {}
         self.last_status = time.monotonic()
         self.base = -1
+        self.start_failures = 0
         self.config_index = args.config if args.config is not None else 0
 
     # ----- instances ----------------------------------------------------------------
@@ -131,7 +132,18 @@ class Fuzzer:
 
     def one_input(self, data: bytes) -> Finding | None:
         """Run one input; returns the finding, if any (recorded and saved already)."""
-        inst = self.instance()
+        try:
+            inst = self.instance()
+        except Exception as e:  # noqa: BLE001 - a daemon that does not start
+            self.stats.harness_errors += 1
+            self.start_failures += 1
+            print(f"fuzz: the daemon did not start: {e!r}", file=sys.stderr, flush=True)
+            if self.start_failures >= 3:
+                print("fuzz: the daemon failed to start 3 times in a row; stopping",
+                      flush=True)
+                self.finish()
+            return None
+        self.start_failures = 0
         inst.history.append(data)
         if self.cov is not None:
             self.cov.clear_edges()
