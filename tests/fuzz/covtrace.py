@@ -25,6 +25,7 @@ import importlib.util
 import mmap
 import os
 import sys
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +151,7 @@ def _module_name() -> str:
     return f"_covtrace_{digest}"
 
 
-def load():  # noqa: ANN201 - a cffi module
+def load() -> types.ModuleType:
     """The compiled tracer (built once per source version into tests/fuzz/build/)."""
     name = _module_name()
     BUILD.mkdir(exist_ok=True)
@@ -285,7 +286,7 @@ __attribute__((no_sanitize_coverage)) void __sanitizer_cov_trace_pc(void) {
 """
 
 
-def load_instrumented_sys():  # noqa: ANN201 - a cffi module
+def load_instrumented_sys() -> types.ModuleType:
     """daemon._sys compiled from the same cdef and C source (daemon/_sys_build.py,
     daemon/fast_path.c) with every basic block reporting to ``__sanitizer_cov_trace_pc``;
     built once per source version into tests/fuzz/build/."""

@@ -45,7 +45,7 @@ from pathlib import Path
 from daemon import fuse
 from shm_table import HandleTable, InodeTable
 from tests.fuzz import checks, share
-from tests.fuzz.guest import Finding, Guest, Pending
+from tests.fuzz.guest import ExtraRegion, Finding, Guest, Pending
 from tests.fuzz.model import ROOT, Handle, Model, join, parse_direntplus, parse_dirents, parse_entry
 
 O = fuse.Opcode  # noqa: E741 - short, used everywhere
@@ -305,7 +305,9 @@ class Program:
         return self.g.can_submit(q)
 
     def send(self, q: int, op: int, nodeid: int, arg: bytes, meta: dict, *,
-             uid: int = 0, out_size: int = 4096, layout: int = 0, region=None) -> Pending | None:  # noqa: ANN001
+             uid: int = 0, out_size: int = 4096, layout: int = 0,
+             region: ExtraRegion | None = None) -> Pending | None:
+        """Submit a request of the program (one of this batch)."""
         if not self.room(q):
             return None
         if meta.get("batch", self.batch_no) != self.batch_no:
