@@ -103,6 +103,16 @@ def lock_owner_fds(pid: int, fds: list[FdInfo]) -> set[int]:
     return out
 
 
+SYS_KCMP = 312  # x86-64
+KCMP_FILES = 2
+
+
+def same_fd_table(pid1: int, pid2: int) -> bool:
+    """Whether two processes share one fd table (kcmp KCMP_FILES; clones with
+    CLONE_FILES do). Unknown (no kcmp) counts as not shared, so both get audited."""
+    return _libc.syscall(SYS_KCMP, pid1, pid2, KCMP_FILES, 0, 0) == 0
+
+
 def audit_fds(pid: int, share: str, baseline: dict[int, str], table_fds: set[int]) -> None:
     """Every fd of the daemon's (shared) fd table is its own (sockets, eventfds, memfds,
     shm segments, ...), was there at start, or is a file inside the share that a table

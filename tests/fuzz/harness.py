@@ -911,7 +911,11 @@ class Program:
         inst = self.inst
         table_fds = {e.fd for e in inst.inodes.iter_entries() if e.fd >= 0}
         table_fds.update(h.fd for h in inst.handles.iter_handles() if h.fd >= 0)
-        checks.audit_fds(self.g.proc.pid, str(inst.share), inst.baseline, table_fds)
+        pids = self.g.daemon_pids()
+        checks.audit_fds(pids[0], str(inst.share), inst.baseline, table_fds)
+        for pid in pids[1:]:  # a worker with an fd table of its own: audit that one too
+            if not checks.same_fd_table(pids[0], pid):
+                checks.audit_fds(pid, str(inst.share), inst.baseline, table_fds)
 
     # ----- the end of the input -------------------------------------------------------
 
