@@ -734,20 +734,37 @@ class Program:
                 self.learn_handle(Handle(fh, p.nodeid, -1, op == O.OPENDIR, None))
         elif op == O.READDIRPLUS:
             h = self.model.handles.get(meta.get("fh", -1))
-            dpath = h.path if h is not None else None
-            for name, nodeid, ino, mode in parse_direntplus(payload):
+            entries = parse_direntplus(payload)
+            self.check_dot(h, [(name, ino) for name, _, ino, _ in entries], "READDIRPLUS")
+            # names come from the fh's directory, but each is looked up in the nodeid's
+            # (a guest may send an fh of another directory: virtiofsd answers EBADF, this
+            # daemon lists one directory and looks the names up in the other)
+            node = self.model.node(p.nodeid)
+            lpath = node.path if node is not None else None
+            for name, nodeid, ino, mode in entries:
                 if nodeid:
-                    self.learn(nodeid, ino, mode, join(dpath, name), "READDIRPLUS")
-                elif name not in (b".", b"..") and dpath is not None:
-                    self.batch.learned.append((join(dpath, name) or "?", ino, "READDIRPLUS"))
+                    self.learn(nodeid, ino, mode, join(lpath, name), "READDIRPLUS")
         elif op == O.READDIR:
             h = self.model.handles.get(meta.get("fh", -1))
+            entries = parse_dirents(payload)
+            self.check_dot(h, entries, "READDIR")
             if h is not None and h.path is not None:
-                for name, ino in parse_dirents(payload):
+                for name, ino in entries:
                     if name not in (b".", b".."):
                         self.batch.learned.append((join(h.path, name) or "?", ino, "READDIR"))
         if op in NAMESPACE_OPS:
             self.moved(meta)
+
+    def check_dot(self, h: Handle | None, entries: list[tuple[bytes, int]], how: str) -> None:
+        """A directory lists itself as ".": a directory handle whose listing says another
+        inode reads through an fd that is now another directory's."""
+        if h is None or h.ino < 0 or not h.is_dir or self.batch.destroy:
+            return
+        for name, ino in entries:
+            if name == b"." and ino != h.ino:
+                raise Finding("identity", f"{how} of fh {h.fh:#x} (directory {h.path!r}, "
+                              f"inode {h.ino}) lists '.' as inode {ino}: its fd is another "
+                              "directory's")
 
     def moved(self, meta: dict) -> None:
         """A rename, unlink, rmdir or link that may have acted: paths under the names it
