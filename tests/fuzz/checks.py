@@ -189,10 +189,20 @@ def thread_states(pids: list[int]) -> list[ThreadState]:
     return out
 
 
+# file I/O that may take seconds on a busy disk (syncfs of the whole file system above
+# all): slow, not stuck; if it never returns, the reply deadline reports it
+IO_SYSCALLS = {74: "fsync", 75: "fdatasync", 306: "syncfs", 1: "write", 18: "pwrite64",
+               296: "pwritev", 328: "pwritev2", 77: "ftruncate", 285: "fallocate",
+               326: "copy_file_range", 17: "pread64", 295: "preadv", 327: "preadv2",
+               0: "read", 76: "truncate"}
+
+
 def blocked_workers(pids: list[int]) -> list[ThreadState]:
-    """Threads asleep in a system call that is not one a serving worker waits in."""
+    """Threads asleep in a system call that is neither one a serving worker waits in nor
+    file I/O (an open of a FIFO, a lock wait, a read of a pipe ... are not)."""
     return [t for t in thread_states(pids)
-            if t.state in ("S", "D") and t.syscall >= 0 and t.syscall not in IDLE_SYSCALLS]
+            if t.state in ("S", "D") and t.syscall >= 0 and t.syscall not in IDLE_SYSCALLS
+            and not (t.syscall in IO_SYSCALLS and t.state == "D")]
 
 
 def describe(t: ThreadState) -> str:
