@@ -125,7 +125,11 @@ class Frontend:
     def off(self, gpa: int) -> int:
         return gpa - GUEST_BASE
 
-    def setup(self, num_queues: int = 2) -> None:
+    def setup(self, num_queues: int = 2,
+              extra_regions: list[tuple[int, int, int, int, int]] | None = None) -> None:
+        """Negotiate, send the memory table and start ``num_queues`` rings.
+        ``extra_regions``: (gpa, size, uva, mmap_offset, fd) sent in the first memory
+        table besides the test guest's own memory."""
         features = vu.decode_u64(self.call(vu.Request.GET_FEATURES))
         acked = vu.VIRTIO_F_VERSION_1 | vu.VHOST_USER_F_PROTOCOL_FEATURES
         acked |= features & vu.VIRTIO_RING_F_INDIRECT_DESC
@@ -136,9 +140,12 @@ class Frontend:
         self.send(vu.Request.SET_PROTOCOL_FEATURES,
                   vu.U64.pack(pf & (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK)))
         assert self.ack(vu.Request.SET_FEATURES, vu.U64.pack(acked)) == 0
-        table = vu.MEM_TABLE_HEAD.pack(1, 0) + vu.MEM_REGION.pack(
-            GUEST_BASE, self.size, UVA_BASE, 0)
-        assert self.ack(vu.Request.SET_MEM_TABLE, table, [self.memfd]) == 0
+        extra = extra_regions or []
+        table = vu.MEM_TABLE_HEAD.pack(1 + len(extra), 0) + vu.MEM_REGION.pack(
+            GUEST_BASE, self.size, UVA_BASE, 0) + b"".join(
+            vu.MEM_REGION.pack(*r[:4]) for r in extra)
+        assert self.ack(vu.Request.SET_MEM_TABLE, table,
+                        [self.memfd] + [r[4] for r in extra]) == 0
         for index in range(num_queues):
             self.add_ring(index)
 
