@@ -41,6 +41,7 @@ ffibuilder.cdef(
     int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                         const char *newpath, unsigned int flags);
     int pyvfs_set_pdeathsig(int sig);
+    void pyvfs_own_fsids(unsigned int uid, unsigned int gid);
     #define PYVFS_XATTR_GET ...
     #define PYVFS_XATTR_LIST ...
     #define PYVFS_XATTR_SET ...
@@ -248,7 +249,27 @@ ffibuilder.set_source(
         struct timespec ts[2] = {{(time_t)a_sec, a_nsec}, {(time_t)m_sec, m_nsec}};
         return utimensat(dirfd, path, ts, flags);
     }
-    int pyvfs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+    /* The worker's parent-death signal, and the parent it was set against. */
+    static int pdeath_sig;
+    static pid_t pdeath_parent;
+    int pyvfs_set_pdeathsig(int sig) {
+        pdeath_sig = sig;
+        pdeath_parent = getppid();
+        return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
+    }
+    /* Back to the daemon's own fs ids after a request made files as the guest's caller.
+       The kernel clears the parent-death signal on every credential change, fsuid
+       included, so a worker that ever served a request as another uid outlived a killed
+       supervisor (its control socket never reads EOF: the shared fd table keeps the
+       other end open). Re-arm it, and go now if the supervisor died meanwhile. */
+    void pyvfs_own_fsids(unsigned int uid, unsigned int gid) {
+        setfsuid(uid);
+        setfsgid(gid);
+        if (pdeath_sig) {
+            prctl(PR_SET_PDEATHSIG, pdeath_sig, 0, 0, 0);
+            if (getppid() != pdeath_parent) _exit(1);
+        }
+    }
     /* An xattr call on the inode of an O_PATH fd. f*xattr refuse O_PATH fds, and opening
        the inode could block (a FIFO) or reach a device, so the call takes the magic link
        /proc/self/fd/N, which resolves to the inode without opening it. procdir >= 0 is the

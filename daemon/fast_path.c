@@ -596,8 +596,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     setfsgid(h->gid);
     setfsuid(h->uid);
     int fd = openat(pfd, name, flags, in.mode & 07777);
-    setfsuid(c->own_uid);
-    setfsgid(c->own_gid);
+    pyvfs_own_fsids(c->own_uid, c->own_gid);
     int ok = 0, made = fd >= 0, known = 0;
     struct stat st;
     if (fd >= 0) {

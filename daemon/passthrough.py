@@ -208,8 +208,7 @@ class Credentials:
         lib.pyvfs_setfsuid(self.uid)
 
     def __exit__(self, *exc: object) -> None:
-        lib.pyvfs_setfsuid(Credentials.own_uid)
-        lib.pyvfs_setfsgid(Credentials.own_gid)
+        lib.pyvfs_own_fsids(Credentials.own_uid, Credentials.own_gid)
 
 
 ACL_ACCESS = b"system.posix_acl_access"
@@ -1149,33 +1148,48 @@ class PassthroughFs:
         size = min(size, fuse.MAX_WRITE, req.room)  # every entry sent carries a reference
         out = bytearray()
         t = self.config.timeout
+        claimed: list[int] = []  # lookups taken for the guest, in order
         with HandleRef(self, fh) as handle, InodeRef(self, req.nodeid) as parent:
-            # a dirent64 is at most a quarter of its direntplus
-            for ino, off, dtype, name in self._dirents(handle.fd, offset, size // 4):
-                rec = fuse.direntplus_size(len(name))
-                if len(out) + rec > size:
-                    break
-                start = len(out)
-                out += bytes(rec)
-                if name in (b".", b".."):
-                    # nodeid 0: the guest makes no dentry and sends no FORGET for it
-                    fuse.ENTRY_HEAD.pack_into(out, start, 0, 0, 0, 0, 0, 0)
-                    fuse.ATTR.pack_into(out, start + fuse.ENTRY_HEAD.size, ino, *(0,) * 8,
-                                        dtype << 12, *(0,) * 6)
-                else:
-                    try:
-                        nodeid, st = self.do_lookup(parent, name)
-                    except FileNotFoundError:
-                        del out[start:]
-                        continue
-                    fuse.pack_entry_into(out, start, nodeid, st, t, t,
-                                         self._attr_flags(parent, st))
-                    self._guest_ids(out, start + fuse.ENTRY_HEAD.size, st)
-                    ino = st.st_ino
-                fuse.DIRENT_HEAD.pack_into(out, start + fuse.ENTRY_OUT_SIZE, ino, off,
-                                           len(name), dtype)
-                p = start + fuse.ENTRY_OUT_SIZE + fuse.DIRENT_HEAD.size
-                out[p : p + len(name)] = name
+            start = 0
+            try:
+                # a dirent64 is at most a quarter of its direntplus
+                for ino, off, dtype, name in self._dirents(handle.fd, offset, size // 4):
+                    rec = fuse.direntplus_size(len(name))
+                    if len(out) + rec > size:
+                        break
+                    start = len(out)
+                    out += bytes(rec)
+                    if name in (b".", b".."):
+                        # nodeid 0: the guest makes no dentry and sends no FORGET for it
+                        fuse.ENTRY_HEAD.pack_into(out, start, 0, 0, 0, 0, 0, 0)
+                        fuse.ATTR.pack_into(out, start + fuse.ENTRY_HEAD.size, ino,
+                                            *(0,) * 8, dtype << 12, *(0,) * 6)
+                    else:
+                        try:
+                            nodeid, st = self.do_lookup(parent, name)
+                        except FileNotFoundError:
+                            del out[start:]
+                            continue
+                        claimed.append(nodeid)
+                        fuse.pack_entry_into(out, start, nodeid, st, t, t,
+                                             self._attr_flags(parent, st))
+                        self._guest_ids(out, start + fuse.ENTRY_HEAD.size, st)
+                        ino = st.st_ino
+                    fuse.DIRENT_HEAD.pack_into(out, start + fuse.ENTRY_OUT_SIZE, ino, off,
+                                               len(name), dtype)
+                    p = start + fuse.ENTRY_OUT_SIZE + fuse.DIRENT_HEAD.size
+                    out[p : p + len(name)] = name
+                    start = len(out)
+            except Exception:
+                # An entry failed (a full inode table, a vanished parent): the entries
+                # before it go to the guest with their lookups; the failed one gives its
+                # lookup back; with none before it, the error is the answer.
+                del out[start:]
+                sent = sum(1 for _ in _entry_nodeids(out))
+                for nodeid in claimed[sent:]:
+                    self._forget(nodeid, 1)
+                if not out:
+                    raise
         return bytes(out)
 
     def op_statfs(self, req: Request) -> bytes:
@@ -1407,6 +1421,18 @@ class PassthroughFs:
         if pending.attempt():
             return None
         return pending
+
+
+def _entry_nodeids(buf: bytearray) -> Iterator[int]:
+    """The non-zero nodeids of the direntplus records in a READDIRPLUS reply."""
+    pos = 0
+    while pos < len(buf):
+        nodeid = int.from_bytes(buf[pos : pos + 8], "little")
+        namelen = int.from_bytes(buf[pos + fuse.ENTRY_OUT_SIZE + 16 :
+                                     pos + fuse.ENTRY_OUT_SIZE + 20], "little")
+        if nodeid:
+            yield nodeid
+        pos += fuse.direntplus_size(namelen)
 
 
 class PendingLock:

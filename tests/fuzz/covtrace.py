@@ -308,6 +308,7 @@ def load_instrumented_sys() -> types.ModuleType:
             ffi.cdef(text)
         ffi.cdef("void pyvfs_cov_set(uintptr_t map);")
         ffi.set_source(module_name, source + C_HOOK, depends=depends,
+                       include_dirs=kwds.get("include_dirs", []),
                        extra_compile_args=["-O2", "-fsanitize-coverage=trace-pc"])
         out_dir.mkdir(parents=True, exist_ok=True)
         found = [Path(ffi.compile(tmpdir=str(out_dir), verbose=False))]
