@@ -386,7 +386,7 @@ class InodeTable(_Segment):
         nb = os.fsencode(name)
         if len(nb) > NAME_MAX:
             raise ValueError(f"name longer than {NAME_MAX} bytes")
-        if lib.it_set_info(self._b, nodeid, parent, nb, len(nb)) != 0:
+        if not 0 <= nodeid <= _U64 or lib.it_set_info(self._b, nodeid, parent, nb, len(nb)):
             raise InodeNotFound(f"inode {nodeid} is not live")
 
     # -- hot path (lock-free, except freeing an entry) -------------------------------------
@@ -407,7 +407,11 @@ class InodeTable(_Segment):
     def unpin(self, nodeid: int) -> None:
         """Drop this thread's pin on `nodeid`; the entry and its fd go here if the guest
         forgot it meanwhile.  Raises NotPinned (changing nothing) for a nodeid not pinned."""
-        if _it_unpin(self._b, nodeid) != 0:
+        try:
+            r = _it_unpin(self._b, nodeid)
+        except OverflowError:  # not a 64-bit value: no pin can name it
+            r = -1
+        if r != 0:
             raise NotPinned(f"{self.name}: inode {nodeid} is not pinned by this thread")
 
     def c_api(self) -> dict[str, int]:
