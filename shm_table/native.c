@@ -869,6 +869,10 @@ static void it_repair(hdr_t *h) {
              * it meanwhile: the creator held the lock throughout. */
             if (s->nodeid != ROOT_ID) ST_REL(&s->lookups, 0ULL);
         }
+    } else if (op == OP_INSERT) {
+        /* Died before a fresh slot (at the high-water mark) joined the table: only its fd,
+         * which the table owned from the start of the insert, is left to hand on. */
+        add_orphan(h, h->intent_fd);
     } else if (op == OP_CLAIM) {
         add_orphan(h, h->intent_fd); /* the dead caller's own fd, which it would have closed */
     } else if (op == OP_FREE && s) {
@@ -1553,6 +1557,8 @@ static void ht_repair(hdr_t *h) {
             if (s->seq & 1) s->seq++;
             s->guest_open = 0; /* the guest never learnt this fh: ht_rebuild frees it */
         }
+    } else if (op == OP_OPEN) {
+        add_orphan(h, h->intent_fd); /* died before a fresh slot joined the table */
     } else if (op == OP_FREE && s) {
         if ((s->seq & 1) || s->seq != (uint32_t)(h->intent_nodeid >> 32)) {
             /* Past the start of the clear: finish it; the fd was not closed yet. */
