@@ -703,32 +703,32 @@ static void rebuild_key_index(hdr_t *h, int k) {
     }
 }
 
-static void maybe_rebuild(hdr_t *h) {
+/* Grow or clean the key indexes before an insert (lock held).  `fd` is the insert's: the
+ * rebuild's intent carries it, so that a repair after a crash in here still hands it on, and
+ * stays set until the insert's own intent replaces it (no moment without one). */
+static void maybe_rebuild(hdr_t *h, int32_t fd) {
     uint32_t want = key_bits_for(h, (uint64_t)h->hwm + 1);
     if (want > h->key_bits) {
         /* Grow both key indexes in place: the larger one starts where the smaller one did. */
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         h->key_bits = want;
         CRASH_POINT();
         rebuild_key_index(h, 2);
         rebuild_key_index(h, 3);
         h->rebuilds++;
-        clear_intent(h);
         return;
     }
     uint64_t limit = isize(h) / 4 * 3;
     uint64_t live = h->entries + 1;
     if (live + h->tombs[1] > limit) {
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         rebuild_key_index(h, 2);
         h->rebuilds++;
-        clear_intent(h);
     }
     if (h->with_handle + 1 + h->tombs[2] > limit) {
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         rebuild_key_index(h, 3);
         h->rebuilds++;
-        clear_intent(h);
     }
 }
 
@@ -873,8 +873,10 @@ static void it_repair(hdr_t *h) {
         /* Died before a fresh slot (at the high-water mark) joined the table: only its fd,
          * which the table owned from the start of the insert, is left to hand on. */
         add_orphan(h, h->intent_fd);
-    } else if (op == OP_CLAIM) {
-        add_orphan(h, h->intent_fd); /* the dead caller's own fd, which it would have closed */
+    } else if (op == OP_CLAIM || op == OP_REBUILD) {
+        /* The dead caller's own fd, which it would have closed, or the fd of the insert a
+         * rebuild ran for (rebuild_all below redoes the rebuild). */
+        add_orphan(h, h->intent_fd);
     } else if (op == OP_FREE && s) {
         if ((s->seq & 1) || s->nodeid != h->intent_nodeid) {
             /* Past the start of the clear: finish it; the fd was not closed yet. */
@@ -890,7 +892,7 @@ static void it_repair(hdr_t *h) {
         }
     }
     /* OP_REMOVE: lookups == 0 is its commit point, and rebuild_all unindexes and frees such
-     * entries; before it nothing had changed.  OP_REBUILD: rebuild_all redoes it. */
+     * entries; before it nothing had changed. */
     clear_intent(h);
     rebuild_all(h);
 }
@@ -1103,7 +1105,7 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
         h->full_errors++;
         return -1;
     }
-    maybe_rebuild(h);
+    maybe_rebuild(h, fd);
     if (slot == NONE32) slot = h->hwm;
     islot_t *s = ISLOT(h, slot);
     /* A nodeid names its slot and the slot's next generation, so it is never handed out

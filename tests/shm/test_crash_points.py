@@ -101,6 +101,62 @@ def test_insert_into_a_free_slot_killed_at_every_step(tables: Tables, files: Fil
     assert _insert_steps(tables, files, reuse_slot=True, handle=None) > 5
 
 
+def _rebuild_insert_steps(tables: Tables, files: Files, rebuild: bool) -> int:
+    for step in steps():
+        t = tables.inode(capacity=1024)
+        fd0, ids0 = files.open("churn", os.O_PATH)
+        t.claim_or_insert(ids0, None, 0, fd0, REG)
+        cids = files.make("handle-only")  # entries without an fd are never found by ids
+        i = 0
+        while True:  # tombstones in the handle index, up to the rebuild threshold
+            st = t.stats()
+            if st["with_handle"] + 1 + st["tombstones_handle"] + (not rebuild) > \
+                    st["index_size"] // 4 * 3:
+                break
+            n, _ = t.claim_or_insert(cids, b"c%d" % i, 1, -1, REG)
+            t.forget(n, 1)
+            i += 1
+        rebuilds = t.stats()["rebuilds"]
+        fd, ids = files.open("new", os.O_PATH)
+        if not crash_at(step, partial(t.claim_or_insert, ids, b"new", 1, fd, REG),
+                        t.reap_dead_pins):
+            assert t.stats()["rebuilds"] == rebuilds + rebuild
+            return step
+        t.check()
+        assert t.lookups(1) == 1 and len(t) == 2
+        orphans_or_closed(t, fd, files, "new")
+        assert_quiet(t)
+    raise AssertionError("unreachable")
+
+
+def test_insert_that_rebuilds_an_index_killed_at_every_step(tables: Tables,
+                                                             files: Files) -> None:
+    """Regression: a LOOKUP whose insert first rebuilt a key index (too many tombstones) and
+    was killed meanwhile leaked its fd: the rebuild's intent replaced the one naming it."""
+    plain = _rebuild_insert_steps(tables, files, rebuild=False)
+    assert _rebuild_insert_steps(tables, files, rebuild=True) > plain
+
+
+def test_claim_killed_at_every_step(tables: Tables, files: Files) -> None:
+    """A LOOKUP that finds the entry: the lookup it added may stay (the guest may have got
+    it), the caller's own fd goes to the orphan list."""
+    for step in steps():
+        t = tables.inode()
+        fd0, ids = files.open("a", os.O_PATH)
+        n, _ = t.claim_or_insert(ids, b"h", 1, fd0, REG)
+        fd, _ = files.open("a", os.O_PATH)
+        if not crash_at(step, partial(t.claim_or_insert, ids, b"h", 1, fd, REG),
+                        t.reap_dead_pins):
+            assert t.lookups(n) == 2
+            os.close(fd)  # the child's own fd: it would have closed it
+            break
+        t.check()
+        assert t.lookups(n) in (1, 2)
+        files.assert_names(fd0, ids)
+        orphans_or_closed(t, fd, files, "a")
+        assert_quiet(t)
+
+
 # ------------------------------------------------------------------ handle table
 
 
