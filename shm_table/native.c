@@ -1680,15 +1680,20 @@ int ht_close(void *base, uint64_t fh) {
     if (r < 0) return r == -4 ? -4 : 0;
     hslot_t *s = HSLOT(h, slot);
     uint32_t one = 1;
-    int dropped = CAS(&s->guest_open, &one, 0u); /* the commit point; our pin holds the slot */
     fd = -1;
+    /* The commit point, under the lock (as an inode's last lookup goes): if we die right
+     * after it, whoever takes the lock over recounts `dying` from the slots.  Our pin holds
+     * the slot; a duplicate RELEASE that loses the CAS is the only one taking the lock for
+     * nothing. */
+    lock_acquire(h);
+    int dropped = CAS(&s->guest_open, &one, 0u);
     if (dropped) {
+        CRASH_POINT();
         FADD(&h->dying, 1);
-        lock_acquire(h);
         fd = ht_free_if_unpinned_locked(h, slot, fh, pin);
         if (fd < 0 && s->seq == (uint32_t)(fh >> 32)) h->deferred++;
-        lock_release(h);
     }
+    lock_release(h);
     pin_clear(pin);
     close_fd(fd);
     ht_after_unpin(h, fh);
