@@ -504,7 +504,6 @@ static uint32_t reap_rows(hdr_t *h) {
     return freed;
 }
 
-int seg_reap_pins(void *base) { return (int)reap_rows(H(base)); }
 
 /* The calling thread's row, claimed on first use.  Cached per thread; the cache is only
  * trusted while the row still names this thread, which also covers a child made by clone()
@@ -579,6 +578,7 @@ static int unpin(hdr_t *h, uint64_t v) {
     for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
         if (row->pin[i] == v) {
             pin_clear(&row->pin[i]);
+            CRASH_POINT(); /* tests: killed before freeing what the pin alone held */
             after_unpin(h, v);
             return 0;
         }
@@ -1764,4 +1764,38 @@ int ht_check(void *base, char *msg, size_t msglen) {
     lock_release(h);
     msg[0] = 0;
     return 0;
+}
+
+/* ================================================================ after a worker died */
+
+/* Free every entry the guest let go of that no pin names, closing its fd (lock held).  Only a
+ * thread killed between dropping an entry's last pin and freeing it leaves one behind: it
+ * has no pin left for reap_rows to give back.  A live thread in that window that finds the
+ * entry gone when it gets the lock does nothing. */
+static void sweep_locked(hdr_t *h) {
+    if (LD_RLX(&h->dying) == 0) return;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        int32_t fd = -1;
+        if (h->kind == KIND_INODE) {
+            islot_t *s = ISLOT(h, i);
+            if (slot_used(s) && s->lookups == 0)
+                fd = it_free_if_unpinned_locked(h, i, s->nodeid, NULL);
+        } else {
+            hslot_t *s = HSLOT(h, i);
+            if (hslot_used(s) && !s->guest_open)
+                fd = ht_free_if_unpinned_locked(h, i, ((uint64_t)s->seq << 32) | i, NULL);
+        }
+        close_fd(fd);
+    }
+}
+
+/* The supervisor, when a worker died (while it is a zombie): give back the pins of dead
+ * threads, then free what they left unpinned.  Returns the rows freed. */
+int seg_reap_pins(void *base) {
+    hdr_t *h = H(base);
+    int freed = (int)reap_rows(h);
+    lock_acquire(h);
+    sweep_locked(h);
+    lock_release(h);
+    return freed;
 }

@@ -244,8 +244,10 @@ class _Segment:
 
     def reap_dead_pins(self) -> int:
         """Give back the pins of threads that died (a killed worker's requests in flight),
-        freeing what only they held.  The supervisor calls it when a worker dies, before
-        reaping it, so its TIDs cannot name another task yet.  Returns rows freed."""
+        freeing what only they held, and what a thread killed between its last unpin of an
+        entry the guest had let go and the free left behind.  The supervisor calls it when a
+        worker dies, before reaping it, so its TIDs cannot name another task yet.  Returns
+        the pin-board rows freed."""
         return int(lib.seg_reap_pins(self._b))
 
     def my_pins(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from conftest import Tables, assert_quiet
-from procs import Child
+from procs import Child, Gate, Signal
 from realfds import Files, is_open
 
 from shm_table import HandleTable, InodeTable
@@ -154,6 +154,46 @@ def test_claim_killed_at_every_step(tables: Tables, files: Files) -> None:
         assert t.lookups(n) in (1, 2)
         files.assert_names(fd0, ids)
         orphans_or_closed(t, fd, files, "a")
+        assert_quiet(t)
+
+
+def test_unpin_killed_before_freeing(tables: Tables, files: Files) -> None:
+    """Regression: a worker killed between dropping the last pin of an entry the guest had
+    forgotten and freeing it left the entry (and its fd) behind for good: there was no pin
+    left for reap_dead_pins to give back.  reap_dead_pins now also frees such entries."""
+    for table_kind in ("inode", "handle"):
+        if table_kind == "inode":
+            t: InodeTable | HandleTable = tables.inode()
+            fd, ids = files.open("a", os.O_PATH)
+            key, _ = t.claim_or_insert(ids, None, 0, fd, REG)
+        else:
+            t = tables.handles()
+            fd, ids = files.open("a")
+            key = t.open(2, fd, 0)
+        pinned, go = Signal(), Gate()
+
+        def worker(t: InodeTable | HandleTable = t, key: int = key, pinned=pinned,
+                   go=go) -> None:
+            assert t.pin(key) is not None
+            pinned.post()
+            go.wait()
+            lib.seg_debug_crash_after(1)  # right after the pin is cleared
+            t.unpin(key)
+
+        child = Child(worker, shared_fds=True)
+        pinned.take()
+        if isinstance(t, InodeTable):
+            assert t.forget(key, 1)
+        else:
+            assert t.close(key)
+        go.open()
+        child.wait_exit()
+        files.assert_names(fd, ids)  # nobody freed it
+        t.reap_dead_pins()
+        files.assert_closed(fd)
+        assert child.killed_by() == signal.SIGKILL
+        pinned.close()
+        go.close()
         assert_quiet(t)
 
 
