@@ -483,27 +483,36 @@ static void after_unpin(hdr_t *h, uint64_t v) {
         ht_after_unpin(h, v);
 }
 
+/* A row's owner with this bit set: the reaper with that TID is giving the row back.  TIDs
+ * are below 2^22 (PID_MAX_LIMIT), so a marked owner never equals a thread's TID. */
+#define ROW_REAPING 0x80000000u
+
 /* Give back the pins of threads that are gone (exited, killed, zombie), then free their rows.
  * Anyone may call it; the supervisor does after a worker dies, before reaping it, so the
- * worker's TIDs cannot have been reused yet. */
+ * worker's TIDs cannot have been reused yet.  One reaper at a time gives a row back: the one
+ * whose CAS marks it.  (Unmarked, a reaper that read a dead owner and was then overtaken by
+ * another, which freed the row, could clear the pins of a live thread that had claimed the
+ * row meanwhile.)  A row marked by a reaper that died is taken over like a dead owner's. */
 static uint32_t reap_rows(hdr_t *h) {
-    uint32_t n = LD_ACQ(&h->pin_rows), freed = 0;
+    uint32_t n = LD_ACQ(&h->pin_rows), freed = 0, me = my_tid() | ROW_REAPING;
     for (uint32_t r = 0; r < n && r < PIN_ROWS; r++) {
         pinrow_t *row = PINROW(h, r);
         uint32_t owner = LD_ACQ(&row->owner);
-        if (owner == 0 || !task_dead(owner)) continue;
+        if (owner == 0 || !task_dead(owner & ~ROW_REAPING) || !CAS(&row->owner, &owner, me))
+            continue;
         for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
             uint64_t v = __atomic_exchange_n(&row->pin[i], 0ULL, __ATOMIC_SEQ_CST);
             if (v) {
                 FADD(&h->reaped, 1);
+                CRASH_POINT();
                 after_unpin(h, v);
             }
         }
-        if (CAS(&row->owner, &owner, 0u)) freed++;
+        ST_SC(&row->owner, 0u);
+        freed++;
     }
     return freed;
 }
-
 
 /* The calling thread's row, claimed on first use.  Cached per thread; the cache is only
  * trusted while the row still names this thread, which also covers a child made by clone()
