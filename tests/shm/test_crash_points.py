@@ -17,7 +17,7 @@ import signal
 from collections.abc import Callable, Iterator
 from functools import partial
 
-from conftest import Tables, assert_quiet
+from conftest import U64, Tables, assert_quiet
 from procs import Child, Gate, Signal
 from realfds import Files, is_open
 
@@ -157,6 +157,68 @@ def test_claim_killed_at_every_step(tables: Tables, files: Files) -> None:
         assert_quiet(t)
 
 
+def test_forget_killed_at_every_step(tables: Tables, files: Files) -> None:
+    """A FORGET of the last lookup: the dead remover's own pin keeps the entry until the
+    supervisor gives its pins back; a lookup count of 0 is never raised again; the fd is
+    closed once, by the reaper or via the orphan list."""
+    for step in steps():
+        t = tables.inode()
+        fd, ids = files.open("a", os.O_PATH)
+        n, _ = t.claim_or_insert(ids, b"h", 1, fd, REG)
+        seen: dict[str, object] = {}
+
+        def while_zombie(t: InodeTable = t, n: int = n, seen: dict = seen) -> None:
+            seen["pin"] = t.pin(n)
+            if seen["pin"] is not None:
+                t.unpin(n)
+            seen["reaped"] = t.reap_dead_pins()
+
+        if not crash_at(step, partial(t.forget, n, 1), while_zombie):
+            files.assert_closed(fd)
+            break
+        assert seen["reaped"] == 1  # its row: the forget's own pin
+        t.check()
+        if t.lookups(n) == 1:  # died before its commit: nothing happened
+            assert seen["pin"] is not None
+            files.assert_names(fd, ids)
+            assert t.forget(n, 1)
+            files.assert_closed(fd)
+        else:  # committed: never found or revived again
+            assert seen["pin"] is None and t.pin(n) is None
+            orphans_or_closed(t, fd, files, "a")
+        n2, ins = t.claim_or_insert(ids, b"h", 1, -1, REG)
+        assert ins and n2 != n
+        assert_quiet(t)
+
+
+def test_forget_committed_then_killed_keeps_entry_until_pins_reaped(
+        tables: Tables, files: Files) -> None:
+    """The remover dies right after its commit (lookups 0) holding the lock and its pin: no
+    pin is granted, a LOOKUP takes the lock over and inserts a new entry, the old one stays
+    (pinned by the dead) with its fd open until reap_dead_pins frees it and closes the fd."""
+    t = tables.inode()
+    fd, ids = files.open("a", os.O_PATH)
+    n, _ = t.claim_or_insert(ids, b"h", 1, fd, REG)
+
+    def checks_while_zombie() -> None:
+        assert t.lock_owner != 0  # the dead child still "holds" the lock
+        assert t.pin(n) is None and t.forget(n, 1) is False
+        fd2, _ = files.open("a", os.O_PATH)
+        n2, ins = t.claim_or_insert(ids, b"h", 1, fd2, REG)
+        assert ins and n2 != n
+        assert t.stats()["lock_takeovers"] == 1
+        assert [e.lookups for e in t.iter_entries(dying=True) if e.nodeid == n] == [0]
+        files.assert_names(fd, ids)
+        t.check()
+        assert t.reap_dead_pins() == 1
+        files.assert_closed(fd)
+        assert t.stats()["reaped_pins"] == 1
+
+    assert crash_at(2, lambda: t.forget(n, 1), checks_while_zombie)  # 1 intent, 2 commit
+    assert t.take_orphaned_fds() == []
+    assert_quiet(t)
+
+
 def test_unpin_killed_before_freeing(tables: Tables, files: Files) -> None:
     """Regression: a worker killed between dropping the last pin of an entry the guest had
     forgotten and freeing it left the entry (and its fd) behind for good: there was no pin
@@ -250,3 +312,55 @@ def test_release_killed_at_every_step(tables: Tables, files: Files) -> None:
     assert step > 3
 
 
+def test_dead_pins_are_given_back_exactly(tables: Tables, files: Files) -> None:
+    """A worker killed while it serves requests gives back exactly the pins it held: what
+    only it held and the guest let go of is freed (fds closed); what the guest still holds
+    keeps its lookups; a survivor's pins and what they hold stay."""
+    t = tables.inode()
+    h = tables.handles()
+    names = [f"f{i}" for i in range(4)]
+    opened = {nm: files.open(nm, os.O_PATH) for nm in names}
+    nodeids = {nm: t.claim_or_insert(ids, None, 0, fd, REG)[0]
+               for nm, (fd, ids) in opened.items()}
+    for nm in names:  # the guest looked each up twice
+        fd, ids = files.open(nm, os.O_PATH)
+        t.claim_or_insert(ids, None, 0, fd, REG)
+        os.close(fd)
+    rfd, _ = files.open("r")
+    fh = h.open(nodeids["f0"], rfd, 0)
+    pinned = Signal()
+
+    def worker() -> None:
+        for nm in names:
+            assert t.pin(nodeids[nm]) is not None
+        assert t.pin(nodeids["f0"]) is not None  # twice
+        assert h.pin(fh) is not None
+        pinned.post()
+        while True:  # serving: killed here
+            signal.pause()
+
+    child = Child(worker, shared_fds=True)
+    pinned.take()
+    assert t.pins_held() == 5 and h.pins_held() == 1
+    assert t.pin(nodeids["f2"]) is not None  # a survivor's request
+    t.forget(nodeids["f1"], U64)  # only the worker pins it now
+    t.forget(nodeids["f2"], U64)  # the worker and we pin it
+    assert h.close(fh)  # RELEASE while the worker reads
+    child.kill()
+    child.wait_exit()
+    assert t.reap_dead_pins() == 1 and h.reap_dead_pins() == 1
+    st = t.stats()
+    assert st["reaped_pins"] == 5 and h.stats()["reaped_pins"] == 1
+    assert t.pins_held() == 1 and t.my_pins() == 1
+    files.assert_closed(opened["f1"][0])  # only the dead held it
+    files.assert_closed(rfd)
+    files.assert_names(opened["f2"][0], opened["f2"][1])  # we still pin it
+    for nm in ("f0", "f3"):  # the guest's lookups untouched
+        assert t.lookups(nodeids[nm]) == 2
+        files.assert_names(opened[nm][0], opened[nm][1])
+    assert child.killed_by() == signal.SIGKILL
+    t.unpin(nodeids["f2"])
+    files.assert_closed(opened["f2"][0])
+    pinned.close()
+    assert_quiet(t)
+    assert_quiet(h)
