@@ -304,7 +304,7 @@ class StrongRef:
 
 
 class InodeTable(_Segment):
-    """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, refcount)."""
+    """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, the guest's lookups)."""
 
     _KIND = _KIND_INODE
     _KIND_NAME = "pyvirtiofsd inode table"
@@ -330,7 +330,7 @@ class InodeTable(_Segment):
     def insert_root(self, ids: tuple[int, int, int], fd: int, mode: int,
                     handle: bytes | None = None, handle_type: int = 0,
                     handle_mnt_id: int | None = None) -> int:
-        """Insert FUSE_ROOT_ID (refcount 1; it never drops below 1).  Returns its slot."""
+        """Insert FUSE_ROOT_ID (1 lookup; FORGET never takes it below 1).  Returns its slot."""
         hb, hn, hmnt = self._handle_args(ids, handle, handle_mnt_id)
         r = lib.it_insert_root(self._b, ids[0], ids[1], ids[2], hb, hn, handle_type, hmnt,
                                fd, mode)

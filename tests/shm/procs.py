@@ -12,6 +12,7 @@ that carries one byte per event, and a child's death is its pidfd becoming reada
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import select
@@ -72,6 +73,15 @@ class Signal:
     def close(self) -> None:
         os.close(self.r)
         os.close(self.w)
+
+
+class Board:
+    """Values published to every process (anonymous shared memory made before the clone):
+    aligned 8-byte stores and loads, single instructions on x86-64."""
+
+    def __init__(self, n: int) -> None:
+        self._mm = mmap.mmap(-1, 8 * n)
+        self.v = memoryview(self._mm).cast("Q")
 
 
 class Child:

@@ -373,7 +373,7 @@ class InodeModel(Base):
         assert self.t.pins_held() == sum(len(p) for p in self.pins.values())
 
 
-InodeModel.TestCase.settings = settings(max_examples=50, stateful_step_count=40,
+InodeModel.TestCase.settings = settings(max_examples=40, stateful_step_count=40,
                                         deadline=None)
 TestInodeModel = InodeModel.TestCase
 
@@ -502,6 +502,6 @@ class HandleModel(Base):
         assert self.t.pins_held() == sum(len(p) for p in self.pins.values())
 
 
-HandleModel.TestCase.settings = settings(max_examples=50, stateful_step_count=40,
+HandleModel.TestCase.settings = settings(max_examples=40, stateful_step_count=40,
                                          deadline=None)
 TestHandleModel = HandleModel.TestCase
