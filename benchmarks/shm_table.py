@@ -2,10 +2,12 @@
 
     python benchmarks/shm_table.py [--seconds 1.0]
 
-Measures, per second: acquire+release (the per-request hot path), claim_or_insert+forget on an
-existing entry (LOOKUP of a known inode, then FORGET), and insert+forget-to-removal (LOOKUP of a
-new inode).  Runs 1 process and 2 processes (forked, sharing the segment; on distinct entries
-and on the same entry), and prints each rate with its ratio to the dict store in one process.
+Measures, per second: pin+unpin (the per-request hot path: a request pins the nodeid it
+serves), claim_or_insert+forget on an existing entry (LOOKUP of a known inode, then FORGET),
+and insert+forget-to-removal (LOOKUP of a new inode).  Runs 1 process and 2 processes (forked,
+sharing the segment; on distinct entries and on the same entry), and prints each rate with its
+ratio to the dict store in one process.  Entries hold no fd (-1): a freed entry's fd would be
+closed for real, and the rates are the table's own.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ BATCH = 2000
 
 
 class DictStore:
-    """What a single-process daemon would do: dicts and a Python int refcount."""
+    """What a single-process daemon would do: dicts, the guest's lookup count and a count of
+    requests in flight per entry."""
 
     def __init__(self) -> None:
         self.data: dict[int, list] = {}
@@ -45,29 +48,36 @@ class DictStore:
                 return n
         n = self.next
         self.next += 1
-        self.data[n] = [1, fd, ids, handle]
+        self.data[n] = [1, fd, ids, handle, 0]
         self.by_handle[handle] = n
         self.by_ids[ids] = n
         return n
 
-    def acquire(self, n: int) -> int:
+    def pin(self, n: int) -> int:
         e = self.data.get(n)
         if e is None or not e[0]:
             return -1
-        e[0] += 1
+        e[4] += 1
         return e[1]
 
-    def forget(self, n: int, k: int) -> int:
+    def unpin(self, n: int) -> None:
+        e = self.data[n]
+        e[4] -= 1
+        if not e[0] and not e[4]:
+            del self.data[n]
+
+    def forget(self, n: int, k: int) -> bool:
         e = self.data.get(n)
-        if e is None:
-            return -1
+        if e is None or not e[0]:
+            return False
         e[0] = max(e[0] - k, 0)
         if e[0]:
-            return -1
-        del self.data[n]
+            return False
         self.by_handle.pop(e[3], None)
         self.by_ids.pop(e[2], None)
-        return e[1]
+        if not e[4]:
+            del self.data[n]
+        return True
 
 
 def rate(fn: Callable[[], None], seconds: float) -> tuple[float, float]:
@@ -118,32 +128,32 @@ def main() -> None:
     secs = args.seconds
 
     t = InodeTable.create(f"/pyvfs-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}", args.capacity)
-    t.close_fd = lambda fd: None
     try:
-        t.insert_root((1, 1, 1), 3, 0o40755)
-        keep = [t.claim_or_insert((100 + i, 1, 1), b"h%d" % i, 1, 10 + i, 0o100644)
+        t.insert_root((1, 1, 1), -1, 0o40755)
+        keep = [t.claim_or_insert((100 + i, 1, 1), b"h%d" % i, 1, -1, 0o100644)
                 for i in range(4)]
         d = DictStore()
-        dkeep = [d.claim_or_insert((100 + i, 1, 1), b"h%d" % i, 10 + i) for i in range(4)]
+        dkeep = [d.claim_or_insert((100 + i, 1, 1), b"h%d" % i, -1) for i in range(4)]
         rng = range(BATCH)
 
-        def acq_rel(i: int) -> Callable[[], None]:
+        def pin_unpin(i: int) -> Callable[[], None]:
             nodeid = keep[i][0]
-            acquire, release = t.acquire, t.release
+            pin, unpin = t.pin, t.unpin
 
             def run() -> None:
                 for _ in rng:
-                    slot, fd = acquire(nodeid)
-                    release(slot)
+                    _slot, _fd = pin(nodeid)
+                    unpin(nodeid)
             return run
 
-        def acq_rel_raw(i: int) -> Callable[[], None]:
+        def pin_unpin_raw(i: int) -> Callable[[], None]:
             nodeid, b = keep[i][0], t._b
-            acquire, release = lib.it_acquire, lib.it_release
+            pin, unpin = lib.it_pin, lib.it_unpin
 
             def run() -> None:
                 for _ in rng:
-                    release(b, acquire(b, nodeid), 1)
+                    pin(b, nodeid)
+                    unpin(b, nodeid)
             return run
 
         def claim_forget(i: int) -> Callable[[], None]:
@@ -152,7 +162,7 @@ def main() -> None:
 
             def run() -> None:
                 for _ in rng:
-                    nodeid, _slot, _ins = claim(ids, h, 1, -1, 0o100644)
+                    nodeid, _ins = claim(ids, h, 1, -1, 0o100644)
                     forget(nodeid, 1)
             return run
 
@@ -163,16 +173,16 @@ def main() -> None:
             def run() -> None:
                 k = ctr[0]
                 for j in rng:
-                    nodeid, _slot, _ins = claim((k + j, 2, 2), b"n%d" % (k + j), 1, 5, 0o100644)
+                    nodeid, _ins = claim((k + j, 2, 2), b"n%d" % (k + j), 1, -1, 0o100644)
                     forget(nodeid, 1)
                 ctr[0] = k + BATCH
             return run
 
-        def d_acq_rel() -> None:
+        def d_pin_unpin() -> None:
             n = dkeep[0]
             for _ in rng:
-                d.acquire(n)
-                d.forget(n, 1)
+                d.pin(n)
+                d.unpin(n)
 
         def d_claim_forget() -> None:
             for _ in rng:
@@ -183,15 +193,15 @@ def main() -> None:
         def d_insert_remove() -> None:
             k = ctr[0]
             for j in rng:
-                d.forget(d.claim_or_insert((k + j, 2, 2), b"n%d" % (k + j), 5), 1)
+                d.forget(d.claim_or_insert((k + j, 2, 2), b"n%d" % (k + j), -1), 1)
             ctr[0] = k + BATCH
 
         rows = [
-            ("acquire+release", d_acq_rel, [
-                ("1 proc", lambda: rate(acq_rel(0), secs)),
-                ("1 proc, raw lib calls", lambda: rate(acq_rel_raw(0), secs)),
-                ("2 procs, distinct inodes", lambda: in_procs(2, acq_rel, secs)),
-                ("2 procs, same inode", lambda: in_procs(2, lambda i: acq_rel(0), secs)),
+            ("pin+unpin", d_pin_unpin, [
+                ("1 proc", lambda: rate(pin_unpin(0), secs)),
+                ("1 proc, raw lib calls", lambda: rate(pin_unpin_raw(0), secs)),
+                ("2 procs, distinct inodes", lambda: in_procs(2, pin_unpin, secs)),
+                ("2 procs, same inode", lambda: in_procs(2, lambda i: pin_unpin(0), secs)),
             ]),
             ("claim_or_insert(existing)+forget", d_claim_forget, [
                 ("1 proc", lambda: rate(claim_forget(0), secs)),
@@ -215,7 +225,8 @@ def main() -> None:
                       f"  [{w:11,.0f}/s]")
         t.check()
         print("\nstats:", {k: v for k, v in t.stats().items()
-                           if k in ("entries", "inserts", "removals", "rebuilds")})
+                           if k in ("entries", "inserts", "removals", "rebuilds", "pin_rows")})
+        assert t.pins_held() == 0
     finally:
         t.unlink()
         t.detach()

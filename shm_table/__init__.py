@@ -1,7 +1,7 @@
 """Shared-memory tables for pyvirtiofsd: the inode store and the open-file table.
 
 Both live in POSIX shared memory so every queue worker (cloned with CLONE_FILES) sees the same
-nodeids, fh values, refcounts and fd numbers.  See docs/shm_table.md.
+nodeids, fh values, lookup counts, pins and fd numbers.  See docs/shm_table.md.
 """
 
 from shm_table.handles import DEFAULT_HANDLE_CAPACITY, HandleEntry, HandleTable

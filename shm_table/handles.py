@@ -90,7 +90,11 @@ class HandleTable(_Segment):
     def unpin(self, fh: int) -> None:
         """Drop this thread's pin; the fd is closed here if the guest released the file
         meanwhile.  Raises NotPinned (changing nothing) for an fh not pinned."""
-        if _ht_unpin(self._b, fh) != 0:
+        try:
+            r = _ht_unpin(self._b, fh)
+        except OverflowError:  # not a 64-bit value: no pin can name it
+            r = -1
+        if r != 0:
             raise NotPinned(f"{self.name}: fh {fh:#x} is not pinned by this thread")
 
     def pin_or_raise(self, fh: int) -> tuple[int, int]:

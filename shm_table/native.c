@@ -486,24 +486,28 @@ static void after_unpin(hdr_t *h, uint64_t v) {
         ht_after_unpin(h, v);
 }
 
+/* A row's owner with this bit set: the reaper with that TID is giving the row back.  TIDs
+ * are below 2^22 (PID_MAX_LIMIT), so a marked owner never equals a thread's TID. */
+#define ROW_REAPING 0x80000000u
+
 /* Give back the pins of threads that are gone (exited, killed, zombie), then free their rows.
  * Anyone may call it; the supervisor does after a worker dies, before reaping it, so the
- * worker's TIDs cannot have been reused yet. */
-#define ROW_REAPING 0xFFFFFFFFu /* owner while a reaper empties the row (no TID is this) */
-
+ * worker's TIDs cannot have been reused yet.  One reaper at a time gives a row back: the one
+ * whose CAS marks it.  (Unmarked, a reaper that read a dead owner and was then overtaken by
+ * another, which freed the row, could clear the pins of a live thread that had claimed the
+ * row meanwhile.)  A row marked by a reaper that died is taken over like a dead owner's. */
 static uint32_t reap_rows(hdr_t *h) {
-    uint32_t n = LD_ACQ(&h->pin_rows), freed = 0;
+    uint32_t n = LD_ACQ(&h->pin_rows), freed = 0, me = my_tid() | ROW_REAPING;
     for (uint32_t r = 0; r < n && r < PIN_ROWS; r++) {
         pinrow_t *row = PINROW(h, r);
         uint32_t owner = LD_ACQ(&row->owner);
-        if (owner == 0 || owner == ROW_REAPING || !task_dead(owner)) continue;
-        /* One reaper per row: another one, or a new owner of a row freed meanwhile, must
-         * never see its pins taken. */
-        if (!CAS(&row->owner, &owner, ROW_REAPING)) continue;
+        if (owner == 0 || !task_dead(owner & ~ROW_REAPING) || !CAS(&row->owner, &owner, me))
+            continue;
         for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
             uint64_t v = __atomic_exchange_n(&row->pin[i], 0ULL, __ATOMIC_SEQ_CST);
             if (v) {
                 FADD(&h->reaped, 1);
+                CRASH_POINT();
                 after_unpin(h, v);
             }
         }
@@ -512,8 +516,6 @@ static uint32_t reap_rows(hdr_t *h) {
     }
     return freed;
 }
-
-int seg_reap_pins(void *base) { return (int)reap_rows(H(base)); }
 
 /* Entries freed so far: a worker whose fd cache holds fds of inodes sweeps it when this
  * moves. */
@@ -592,6 +594,7 @@ static int unpin(hdr_t *h, uint64_t v) {
     for (uint32_t i = 0; i < PINS_PER_ROW; i++) {
         if (row->pin[i] == v) {
             pin_clear(&row->pin[i]);
+            CRASH_POINT(); /* tests: killed before freeing what the pin alone held */
             after_unpin(h, v);
             return 0;
         }
@@ -716,32 +719,32 @@ static void rebuild_key_index(hdr_t *h, int k) {
     }
 }
 
-static void maybe_rebuild(hdr_t *h) {
+/* Grow or clean the key indexes before an insert (lock held).  `fd` is the insert's: the
+ * rebuild's intent carries it, so that a repair after a crash in here still hands it on, and
+ * stays set until the insert's own intent replaces it (no moment without one). */
+static void maybe_rebuild(hdr_t *h, int32_t fd) {
     uint32_t want = key_bits_for(h, (uint64_t)h->hwm + 1);
     if (want > h->key_bits) {
         /* Grow both key indexes in place: the larger one starts where the smaller one did. */
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         h->key_bits = want;
         CRASH_POINT();
         rebuild_key_index(h, 2);
         rebuild_key_index(h, 3);
         h->rebuilds++;
-        clear_intent(h);
         return;
     }
     uint64_t limit = isize(h) / 4 * 3;
     uint64_t live = h->entries + 1;
     if (live + h->tombs[1] > limit) {
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         rebuild_key_index(h, 2);
         h->rebuilds++;
-        clear_intent(h);
     }
     if (h->with_handle + 1 + h->tombs[2] > limit) {
-        set_intent(h, OP_REBUILD, NONE32, 0, -1);
+        set_intent(h, OP_REBUILD, NONE32, 0, fd);
         rebuild_key_index(h, 3);
         h->rebuilds++;
-        clear_intent(h);
     }
 }
 
@@ -885,8 +888,14 @@ static void it_repair(hdr_t *h) {
              * it meanwhile: the creator held the lock throughout. */
             if (s->nodeid != ROOT_ID) ST_REL(&s->lookups, 0ULL);
         }
-    } else if (op == OP_CLAIM) {
-        add_orphan(h, h->intent_fd); /* the dead caller's own fd, which it would have closed */
+    } else if (op == OP_INSERT) {
+        /* Died before a fresh slot (at the high-water mark) joined the table: only its fd,
+         * which the table owned from the start of the insert, is left to hand on. */
+        add_orphan(h, h->intent_fd);
+    } else if (op == OP_CLAIM || op == OP_REBUILD) {
+        /* The dead caller's own fd, which it would have closed, or the fd of the insert a
+         * rebuild ran for (rebuild_all below redoes the rebuild). */
+        add_orphan(h, h->intent_fd);
     } else if (op == OP_FREE && s) {
         if ((s->seq & 1) || s->nodeid != h->intent_nodeid) {
             /* Past the start of the clear: finish it; the fd was not closed yet. */
@@ -902,7 +911,7 @@ static void it_repair(hdr_t *h) {
         }
     }
     /* OP_REMOVE: lookups == 0 is its commit point, and rebuild_all unindexes and frees such
-     * entries; before it nothing had changed.  OP_REBUILD: rebuild_all redoes it. */
+     * entries; before it nothing had changed. */
     clear_intent(h);
     rebuild_all(h);
 }
@@ -1115,7 +1124,7 @@ static int64_t it_insert_locked(hdr_t *h, uint64_t nodeid, uint64_t ino, uint64_
         h->full_errors++;
         return -1;
     }
-    maybe_rebuild(h);
+    maybe_rebuild(h, fd);
     if (slot == NONE32) slot = h->hwm;
     islot_t *s = ISLOT(h, slot);
     /* A nodeid names its slot and the slot's next generation, so it is never handed out
@@ -1572,6 +1581,8 @@ static void ht_repair(hdr_t *h) {
             if (s->seq & 1) s->seq++;
             s->guest_open = 0; /* the guest never learnt this fh: ht_rebuild frees it */
         }
+    } else if (op == OP_OPEN) {
+        add_orphan(h, h->intent_fd); /* died before a fresh slot joined the table */
     } else if (op == OP_FREE && s) {
         if ((s->seq & 1) || s->seq != (uint32_t)(h->intent_nodeid >> 32)) {
             /* Past the start of the clear: finish it; the fd was not closed yet. */
@@ -1692,15 +1703,20 @@ int ht_close(void *base, uint64_t fh) {
     if (r < 0) return r == -4 ? -4 : 0;
     hslot_t *s = HSLOT(h, slot);
     uint32_t one = 1;
-    int dropped = CAS(&s->guest_open, &one, 0u); /* the commit point; our pin holds the slot */
     fd = -1;
+    /* The commit point, under the lock (as an inode's last lookup goes): if we die right
+     * after it, whoever takes the lock over recounts `dying` from the slots.  Our pin holds
+     * the slot; a duplicate RELEASE that loses the CAS is the only one taking the lock for
+     * nothing. */
+    lock_acquire(h);
+    int dropped = CAS(&s->guest_open, &one, 0u);
     if (dropped) {
+        CRASH_POINT();
         FADD(&h->dying, 1);
-        lock_acquire(h);
         if (!ht_free_if_unpinned_locked(h, slot, fh, pin, &fd) && s->seq == (uint32_t)(fh >> 32))
             h->deferred++;
-        lock_release(h);
     }
+    lock_release(h);
     pin_clear(pin);
     close_fd(fd);
     ht_after_unpin(h, fh);
@@ -1771,4 +1787,38 @@ int ht_check(void *base, char *msg, size_t msglen) {
     lock_release(h);
     msg[0] = 0;
     return 0;
+}
+
+/* ================================================================ after a worker died */
+
+/* Free every entry the guest let go of that no pin names, closing its fd (lock held).  Only a
+ * thread killed between dropping an entry's last pin and freeing it leaves one behind: it
+ * has no pin left for reap_rows to give back.  A live thread in that window that finds the
+ * entry gone when it gets the lock does nothing. */
+static void sweep_locked(hdr_t *h) {
+    if (LD_RLX(&h->dying) == 0) return;
+    for (uint32_t i = 0; i < h->hwm; i++) {
+        int32_t fd = -1;
+        if (h->kind == KIND_INODE) {
+            islot_t *s = ISLOT(h, i);
+            if (slot_used(s) && s->lookups == 0)
+                it_free_if_unpinned_locked(h, i, s->nodeid, NULL, &fd);
+        } else {
+            hslot_t *s = HSLOT(h, i);
+            if (hslot_used(s) && !s->guest_open)
+                ht_free_if_unpinned_locked(h, i, ((uint64_t)s->seq << 32) | i, NULL, &fd);
+        }
+        close_fd(fd);
+    }
+}
+
+/* The supervisor, when a worker died (while it is a zombie): give back the pins of dead
+ * threads, then free what they left unpinned.  Returns the rows freed. */
+int seg_reap_pins(void *base) {
+    hdr_t *h = H(base);
+    int freed = (int)reap_rows(h);
+    lock_acquire(h);
+    sweep_locked(h);
+    lock_release(h);
+    return freed;
 }

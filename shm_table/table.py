@@ -244,8 +244,10 @@ class _Segment:
 
     def reap_dead_pins(self) -> int:
         """Give back the pins of threads that died (a killed worker's requests in flight),
-        freeing what only they held.  The supervisor calls it when a worker dies, before
-        reaping it, so its TIDs cannot name another task yet.  Returns rows freed."""
+        freeing what only they held, and what a thread killed between its last unpin of an
+        entry the guest had let go and the free left behind.  The supervisor calls it when a
+        worker dies, before reaping it, so its TIDs cannot name another task yet.  Returns
+        the pin-board rows freed."""
         return int(lib.seg_reap_pins(self._b))
 
     def my_pins(self) -> int:
@@ -302,7 +304,7 @@ class StrongRef:
 
 
 class InodeTable(_Segment):
-    """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, refcount)."""
+    """Shared inode store: nodeid -> (ids, O_PATH fd, file handle, the guest's lookups)."""
 
     _KIND = _KIND_INODE
     _KIND_NAME = "pyvirtiofsd inode table"
@@ -328,7 +330,7 @@ class InodeTable(_Segment):
     def insert_root(self, ids: tuple[int, int, int], fd: int, mode: int,
                     handle: bytes | None = None, handle_type: int = 0,
                     handle_mnt_id: int | None = None) -> int:
-        """Insert FUSE_ROOT_ID (refcount 1; it never drops below 1).  Returns its slot."""
+        """Insert FUSE_ROOT_ID (1 lookup; FORGET never takes it below 1).  Returns its slot."""
         hb, hn, hmnt = self._handle_args(ids, handle, handle_mnt_id)
         r = lib.it_insert_root(self._b, ids[0], ids[1], ids[2], hb, hn, handle_type, hmnt,
                                fd, mode)
@@ -386,7 +388,7 @@ class InodeTable(_Segment):
         nb = os.fsencode(name)
         if len(nb) > NAME_MAX:
             raise ValueError(f"name longer than {NAME_MAX} bytes")
-        if lib.it_set_info(self._b, nodeid, parent, nb, len(nb)) != 0:
+        if not 0 <= nodeid <= _U64 or lib.it_set_info(self._b, nodeid, parent, nb, len(nb)):
             raise InodeNotFound(f"inode {nodeid} is not live")
 
     # -- hot path (lock-free, except freeing an entry) -------------------------------------
@@ -407,7 +409,11 @@ class InodeTable(_Segment):
     def unpin(self, nodeid: int) -> None:
         """Drop this thread's pin on `nodeid`; the entry and its fd go here if the guest
         forgot it meanwhile.  Raises NotPinned (changing nothing) for a nodeid not pinned."""
-        if _it_unpin(self._b, nodeid) != 0:
+        try:
+            r = _it_unpin(self._b, nodeid)
+        except OverflowError:  # not a 64-bit value: no pin can name it
+            r = -1
+        if r != 0:
             raise NotPinned(f"{self.name}: inode {nodeid} is not pinned by this thread")
 
     def c_api(self) -> dict[str, int]:

@@ -940,19 +940,19 @@ class Program:
         """Give everything back; the tables must be empty again and nothing outside the
         share changed."""
         self.give_back()
-        left = [e for e in self.inst.inodes.iter_entries()
+        left = [e for e in self.inst.inodes.iter_entries(dying=True)
                 if e.nodeid != ROOT and e.nodeid not in self.model.ambiguous]
         if left:
             e = left[0]
             raise Finding("leak-inode", f"{len(left)} inode entries left after the guest "
-                          f"forgot everything, e.g. nodeid {e.nodeid:#x} refcount "
-                          f"{e.refcount} name {e.name!r}")
-        handles = list(self.inst.handles.iter_handles())
+                          f"forgot everything, e.g. nodeid {e.nodeid:#x} lookups "
+                          f"{e.lookups} name {e.name!r}")
+        handles = list(self.inst.handles.iter_handles(released=True))
         if handles:
             h = handles[0]
             raise Finding("leak-handle", f"{len(handles)} open files left after the guest "
                           f"released everything, e.g. fh {h.fh:#x} (nodeid {h.nodeid:#x}, "
-                          f"refcount {h.refcount}, guest_open {h.guest_open}, flags "
+                          f"guest_open {h.guest_open}, flags "
                           f"{h.flags:#o})")
         if share.snapshot(self.inst.workdir, self.inst.share) != self.inst.before:
             raise Finding("outside-changed", "a file outside the share changed")
@@ -968,14 +968,16 @@ class Program:
         self.act_unlock()
         self.wait_all_setlkws()
         self.sync()
-        for fh, h in sorted(self.model.handles.items()):
+        # out of the model before they are sent: a send may have to sync (and check what
+        # the model holds) when the queue is full
+        held, self.model.handles = sorted(self.model.handles.items()), {}
+        for fh, h in held:
             self.send(1, O.RELEASEDIR if h.is_dir else O.RELEASE, h.nodeid,
                       fuse.RELEASE_IN.pack(fh, 0, 0, 0), {"op": O.RELEASE})
-        self.model.handles.clear()
         items = [(n.nodeid, n.count) for n in self.model.nodes.values() if n.nodeid != ROOT]
-        self.forget_all(items)
-        for nodeid, _ in items:
+        for nodeid, _ in items:  # out of the model first, as the handles above
             del self.model.nodes[nodeid]
+        self.forget_all(items)
         self.sync()
 
     def forget_all(self, items: list[tuple[int, int]]) -> None:
@@ -1009,7 +1011,7 @@ class Program:
             self.send(1, O.RELEASE, h.nodeid, fuse.RELEASE_IN.pack(h.fh, 0, 0, 0),
                       {"op": O.RELEASE})
         self.model.handles.clear()
-        self.forget_all([(e.nodeid, e.refcount + 1000)
+        self.forget_all([(e.nodeid, e.lookups + 1000)
                          for e in self.inst.inodes.iter_entries() if e.nodeid != ROOT])
         self.model.nodes = {ROOT: self.model.nodes[ROOT]}
         self.wait_batch()

@@ -1,15 +1,22 @@
-"""Unit tests: one test per rule of the inode table (see docs/shm_table.md)."""
+"""Unit tests: one test per rule of the inode table, on real fds.
+
+The rules (see the top of shm_table/native.c): the guest's lookups are one count, which
+FORGET drops at most to 0 (the root to 1); a request in flight pins the entry instead; an
+entry the guest forgot leaves the indexes at once and is freed, its fd closed once, by
+whoever drops the last of {guest reference, pins}; unpin names a nodeid, never a slot.
+"""
 
 from __future__ import annotations
 
 import logging
 import mmap
 import os
-import signal
 
 import posix_ipc
 import pytest
-from conftest import unique_name
+from conftest import U64, Tables, assert_quiet, unique_name
+from procs import Child, Gate, Signal
+from realfds import Files, is_open
 
 from shm_table import (
     FUSE_ROOT_ID,
@@ -18,238 +25,404 @@ from shm_table import (
     InodeNotFound,
     InodeTable,
     InodeTableFull,
+    NotPinned,
+    PinsExhausted,
     SegmentInUse,
     SegmentLayoutError,
     ShmTableError,
 )
-from shm_table._native import lib
 
 REG = 0o100644
+DIR = 0o40755
+SLOTS_OFF = 8192  # header + pin board (docs/shm_table.md)
+SLOT_SIZE = 512
 
 
-def ids(n: int) -> tuple[int, int, int]:
-    return (1000 + n, 7, 9)
+def lookup(table: InodeTable, files: Files, name: str, handle: bytes | None = None,
+           handle_type: int = 1, parent: int = FUSE_ROOT_ID, **kw: object) -> tuple[int, bool, int]:
+    """A LOOKUP as the daemon does it: open the file, then claim_or_insert with its ids.
+    Returns (nodeid, inserted, fd); the fd is the table's when inserted, else it was the
+    caller's, checked open (the table must not take or close it) and closed here."""
+    fd, ids = files.open(name, os.O_PATH)
+    nodeid, inserted = table.claim_or_insert(ids, handle, handle_type, fd, REG, parent, name,
+                                             **kw)
+    if not inserted:
+        files.assert_names(fd, ids)
+        os.close(fd)
+    return nodeid, inserted, fd
 
 
-def run_child(fn) -> int:
-    """Run fn in a forked child; return the signal that killed it (0 if it exited)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+def slot_of(nodeid: int) -> int:
+    return nodeid & 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------ basics
 
 
-def test_root_is_nodeid_1_and_never_removed(table: InodeTable) -> None:
+def test_root_is_nodeid_1_and_never_freed(table: InodeTable, tables: Tables,
+                                           files: Files) -> None:
+    rfd, rids = tables.root_fds[0], tables.root_ids()
     root = table.get(FUSE_ROOT_ID)
-    assert root is not None and root.refcount == 1 and root.fd == 3
-    assert table.forget(FUSE_ROOT_ID, 10) == -1
-    assert table.refcount(FUSE_ROOT_ID) == 1
-    assert table.release(root.slot, 5) == -1
-    assert table.acquire(FUSE_ROOT_ID) == (root.slot, 3)
-    assert table.refcount(FUSE_ROOT_ID) == 2
+    assert root is not None and (root.lookups, root.fd, root.ids) == (1, rfd, rids)
+    assert table.forget(FUSE_ROOT_ID, 10) is False
+    assert table.lookups(FUSE_ROOT_ID) == 1
+    # a LOOKUP of the shared directory itself finds the root by its ids
+    fd = os.open(files.root, os.O_PATH | os.O_CLOEXEC)
+    assert table.claim_or_insert(rids, None, 0, fd, DIR) == (FUSE_ROOT_ID, False)
+    os.close(fd)
+    assert table.lookups(FUSE_ROOT_ID) == 2
+    assert table.forget(FUSE_ROOT_ID, U64) is False  # never below 1
+    assert table.lookups(FUSE_ROOT_ID) == 1
+    assert table.pin(FUSE_ROOT_ID) == (root.slot, rfd)
+    table.unpin(FUSE_ROOT_ID)
     with pytest.raises(ShmTableError):
-        table.insert_root((1, 1, 1), 4, 0o40755)
-    table.check()
+        table.insert_root(rids, rfd, DIR)
+    files.assert_names(rfd, rids)
+    assert_quiet(table)
 
 
-def test_insert_then_claim_by_handle(table: InodeTable) -> None:
-    nodeid, slot, inserted = table.claim_or_insert(ids(1), b"h1", 1, 10, REG, 1, "a")
-    assert inserted and nodeid == (1 << 32) | slot  # generation 1 of its slot
-    # same handle, different ids: found by handle
-    assert table.claim_or_insert(ids(2), b"h1", 1, 11, REG, 1, "b") == (nodeid, slot, False)
-    assert table.claim_or_insert(ids(3), bytearray(b"h1"), 1, 12, REG)[2] is False
+def test_insert_then_claim_by_handle(table: InodeTable, files: Files) -> None:
+    nodeid, inserted, fd = lookup(table, files, "a", b"h1", 1)
+    assert inserted and nodeid >> 32 == 1  # generation 1 of its slot
+    # same handle, another file (ids): found by handle, the caller keeps its fd
+    assert lookup(table, files, "b", b"h1", 1)[:2] == (nodeid, False)
+    fd3, ids3 = files.open("c", os.O_PATH)
+    assert table.claim_or_insert(ids3, bytearray(b"h1"), 1, fd3, REG) == (nodeid, False)
+    os.close(fd3)
     e = table.get(nodeid)
-    assert e is not None
-    assert (e.refcount, e.fd, e.handle, e.handle_type, e.name) == (3, 10, b"h1", 1, b"a")
-    assert e.ids == InodeIds(*ids(1)) and e.parent == 1 and e.mode == REG
+    assert e is not None and e.slot == slot_of(nodeid)
+    assert (e.lookups, e.fd, e.handle, e.handle_type, e.name) == (3, fd, b"h1", 1, b"a")
+    assert e.ids == InodeIds(*files.ids("a")) and e.parent == 1 and e.mode == REG
+    files.assert_names(fd, files.ids("a"))
     table.check()
 
 
-def test_handle_type_and_mount_are_part_of_the_key(table: InodeTable) -> None:
-    a = table.claim_or_insert(ids(1), b"h", 1, -1, REG)
-    b = table.claim_or_insert(ids(1), b"h", 2, -1, REG)
-    c = table.claim_or_insert(ids(1), b"h", 1, -1, REG, handle_mnt_id=99)
-    assert len({a[0], b[0], c[0]}) == 3 and a[2] and b[2] and c[2]
+def test_handle_type_and_mount_are_part_of_the_key(table: InodeTable, files: Files) -> None:
+    # entries without an fd (kept by handle only) are never found by their ids
+    ids = files.make("a")
+    a = table.claim_or_insert(ids, b"h", 1, -1, REG)
+    b = table.claim_or_insert(ids, b"h", 2, -1, REG)
+    c = table.claim_or_insert(ids, b"h", 1, -1, REG, handle_mnt_id=99)
+    assert len({a[0], b[0], c[0]}) == 3 and a[1] and b[1] and c[1]
+    assert table.claim_or_insert(ids, b"h", 2, -1, REG) == (b[0], False)
     table.check()
 
 
-def test_claim_by_ids_needs_an_fd(table: InodeTable) -> None:
-    # an entry without an fd is not found by ids: the inode number may have been reused
-    n1, _, ins1 = table.claim_or_insert(ids(1), b"old", 1, -1, REG)
-    n2, _, ins2 = table.claim_or_insert(ids(1), b"new", 1, 20, REG)
+def test_claim_by_ids_needs_an_fd(table: InodeTable, files: Files) -> None:
+    """An entry without an fd is not found by ids: the inode number may have been reused."""
+    ids = files.make("a")
+    n1, ins1 = table.claim_or_insert(ids, b"old", 1, -1, REG)
+    n2, ins2, fd2 = lookup(table, files, "a", b"new", 1)
     assert ins1 and ins2 and n1 != n2
-    # now an entry with an fd exists for these ids: found by ids (no handle / unknown handle)
-    assert table.claim_or_insert(ids(1), None, 0, 21, REG)[:3:2] == (n2, False)
-    assert table.claim_or_insert(ids(1), b"other", 1, 22, REG)[:3:2] == (n2, False)
-    assert table.refcount(n2) == 3 and table.refcount(n1) == 1
+    # now an entry with an fd exists for these ids: found by ids (no or unknown handle)
+    assert lookup(table, files, "a", None, 0)[:2] == (n2, False)
+    assert lookup(table, files, "a", b"other", 1)[:2] == (n2, False)
+    assert (table.lookups(n2), table.lookups(n1)) == (3, 1)
+    files.assert_names(fd2, ids)
     table.check()
 
 
-def test_claim_without_handle_uses_ids(table: InodeTable) -> None:
-    n, s, ins = table.claim_or_insert(ids(5), None, 0, 30, REG)
+def test_claim_without_handle_uses_ids(table: InodeTable, files: Files) -> None:
+    n, ins, fd = lookup(table, files, "a", None, 0)
     assert ins
-    assert table.claim_or_insert(ids(5), None, 0, 31, REG) == (n, s, False)
-    assert table.get(n).handle is None
+    assert lookup(table, files, "a", None, 0)[:2] == (n, False)
+    e = table.get(n)
+    assert e is not None and e.handle is None and e.fd == fd
     table.check()
 
 
-def test_nodeids_are_never_reused(table: InodeTable) -> None:
-    seen = set()
+def test_nodeids_are_never_reused(table: InodeTable, files: Files) -> None:
+    seen: set[int] = set()
     for i in range(300):
-        n, slot, ins = table.claim_or_insert(ids(i), b"x%d" % i, 1, 40, REG)
+        n, ins, fd = lookup(table, files, f"n{i}", b"x%d" % i, 1)
         assert ins and n not in seen
         seen.add(n)
-        assert table.release(slot) == 40  # removed: its fd comes back
+        assert table.forget(n, 1) is True
+        assert not is_open(fd)  # freed: its fd closed (the next open takes the number)
     # the freed slot is reused at once; its next generation makes the new nodeid
-    assert len({n & 0xFFFFFFFF for n in seen}) == 1
+    assert len({slot_of(n) for n in seen}) == 1
     assert sorted(n >> 32 for n in seen) == list(range(1, 301))
     assert table.stats()["next_nodeid"] == 302
     assert table.stats()["rebuilds"] > 0  # tombstones forced index rebuilds
     table.check()
 
 
-def test_nodeid_names_slot_and_generation(table: InodeTable) -> None:
-    n, slot, _ = table.claim_or_insert(ids(1), None, 0, 41, REG)
+def test_nodeid_names_slot_and_generation(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a")
+    slot = slot_of(n)
     assert n == (1 << 32) | slot
     for forged in (0, 2, 3, (2 << 32) | slot, (1 << 32) | (slot + 1), 1 << 32,
-                   (1 << 32) | 0xFFFFFFFF, (1 << 64) - 1):
-        assert table.acquire(forged) is None and table.get(forged) is None
-        assert table.forget(forged, 1) == -1
-    assert table.refcount(n) == 1
+                   (1 << 32) | 0xFFFFFFFF, U64):
+        assert table.pin(forged) is None and table.get(forged) is None
+        assert table.forget(forged, 1) is False
+        with pytest.raises(NotPinned):
+            table.unpin(forged)
+    assert table.lookups(n) == 1
+    files.assert_names(fd, files.ids("a"))
     table.check()
 
 
-def test_slot_with_used_up_generations_is_retired(make_table) -> None:
+def test_slot_with_used_up_generations_is_retired(table: InodeTable, files: Files) -> None:
     """A slot whose 32-bit generation reached its maximum is never reused, so no nodeid is
     handed out twice."""
-    table = make_table()
-    n, slot, _ = table.claim_or_insert(ids(1), None, 0, 42, REG)
-    gen_off = 4096 + 512 * slot + 108  # islot_t.gen
-    table._mm[gen_off:gen_off + 4] = (0xFFFFFFFE).to_bytes(4, "little")
+    n, _, fd = lookup(table, files, "a")
+    slot = slot_of(n)
+    base = SLOTS_OFF + SLOT_SIZE * slot
+    table._mm[base + 108:base + 112] = (0xFFFFFFFE).to_bytes(4, "little")  # islot_t.gen
     n = (0xFFFFFFFE << 32) | slot  # what the slot now names (the test forged the field)
-    table._mm[4096 + 512 * slot + 16:4096 + 512 * slot + 24] = n.to_bytes(8, "little")
-    assert table.release(slot) == 42
-    n1, s1, _ = table.claim_or_insert(ids(2), None, 0, 43, REG)
-    assert (n1, s1) == ((0xFFFFFFFF << 32) | slot, slot)
-    assert table.release(s1) == 43
+    table._mm[base + 16:base + 24] = n.to_bytes(8, "little")  # islot_t.nodeid
+    assert table.forget(n, 1) and not is_open(fd)
+    n1, _, fd1 = lookup(table, files, "b")
+    assert n1 == (0xFFFFFFFF << 32) | slot
+    assert table.forget(n1, 1) and not is_open(fd1)
     assert table.stats()["retired"] == 1
     table.check()
-    n2, s2, _ = table.claim_or_insert(ids(3), None, 0, 44, REG)
-    assert s2 != slot and n2 not in (n, n1)
+    n2, _, _ = lookup(table, files, "c")
+    assert slot_of(n2) != slot and n2 not in (n, n1)
     table.check()
 
 
-def test_key_indexes_grow_with_high_water_mark(make_table) -> None:
+def test_key_indexes_grow_with_high_water_mark(make_table, files: Files) -> None:
     """The ids/handle indexes use 2 x high-water-mark buckets (at least 512), not the room
     reserved for the capacity, so their resident pages follow the live entries."""
     table = make_table(capacity=1 << 16)
     assert table.stats()["index_size"] == 512
-    held = [table.claim_or_insert(ids(i), b"g%d" % i, 1, 50, REG)[1] for i in range(600)]
+    held = [lookup(table, files, f"g{i}", b"g%d" % i)[0] for i in range(600)]
     assert table.stats()["index_size"] == 2048
     table.check()
-    for s in held:
-        table.release(s)
-    for i in range(5000):  # churn: the index stays at its size
-        _, s, _ = table.claim_or_insert(ids(10_000 + i), b"c%d" % i, 1, 51, REG)
-        table.release(s)
+    for n in held:
+        assert table.forget(n, 1)
+    for i in range(3000):  # churn: the index stays at its size
+        n, _, fd = lookup(table, files, "churn", b"c%d" % i)
+        assert table.forget(n, 1) and not is_open(fd)
     assert table.stats()["index_size"] == 2048
     table.check()
 
 
-# ------------------------------------------------------------------ refcounts
+# ------------------------------------------------------------------ lookups and pins
 
 
-def test_acquire_and_release(table: InodeTable) -> None:
-    n, slot, _ = table.claim_or_insert(ids(1), b"h", 1, 50, REG)
-    assert table.acquire(n) == (slot, 50)
-    assert table.acquire_slot(n) == slot and table.fd_of(slot) == 50
-    assert table.refcount(n) == 3
-    assert table.release(slot) == -1
-    assert table.release(slot) == -1
-    assert table.release(slot) == 50
-    assert table.get(n) is None and table.acquire(n) is None
-
-
-def test_forget_saturates(table: InodeTable) -> None:
-    n, _, _ = table.claim_or_insert(ids(1), b"h", 1, 51, REG)
-    table.acquire(n)
-    assert table.forget(n, 2**64 - 1) == 51
-    assert table.get(n) is None
-    assert table.forget(n, 1) == -1  # unknown: no-op
-    n2, s2, _ = table.claim_or_insert(ids(2), b"h2", 1, 52, REG)
-    assert table.forget(n2, 2**70) == 52  # more than u64: clamped
-    assert table.release(s2) == -1  # already 0: saturating, no second removal
+def test_pins_are_not_lookups(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a")
+    assert table.pin(n) == (slot_of(n), fd)
+    assert table.pin(n) == (slot_of(n), fd)  # a request may pin an inode twice
+    assert table.lookups(n) == 1 and table.my_pins() == 2 and table.pins_held() == 2
+    assert table.fd_of(slot_of(n)) == fd
+    table.unpin(n)
+    table.unpin(n)
+    assert table.my_pins() == 0 and table.lookups(n) == 1
+    files.assert_names(fd, files.ids("a"))
+    with pytest.raises(NotPinned):
+        table.unpin(n)
+    assert table.lookups(n) == 1 and table.get(n) is not None
     table.check()
 
 
-def test_forget_partial(table: InodeTable) -> None:
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 53, REG)
+def test_overcount_forget_drops_only_the_guests_lookups(table: InodeTable,
+                                                        files: Files) -> None:
+    """FORGET/DESTROY with a count above the guest's lookups takes what the guest holds and
+    no more: a request in flight that pins the inode keeps its fd open and usable until it
+    unpins; then the fd is closed, once."""
+    n, _, fd = lookup(table, files, "a")
+    lookup(table, files, "a")
+    assert table.lookups(n) == 2
+    assert table.pin(n) == (slot_of(n), fd)
+    assert table.forget(n, U64) is True  # the guest's 2 go, our pin stays
+    assert table.get(n) is None and table.lookups(n) == 0
+    dying = [e for e in table.iter_entries(dying=True) if e.nodeid == n]
+    assert len(dying) == 1 and dying[0].lookups == 0 and dying[0].fd == fd
+    st = table.stats()
+    assert (st["dying"], st["deferred"]) == (1, 1)
+    files.assert_names(fd, files.ids("a"))
+    assert os.fstat(fd).st_mode & 0o170000 == 0o100000  # usable, it is the file
+    # the guest forgot it: no new pin, no second FORGET; a LOOKUP makes a NEW entry
+    assert table.pin(n) is None
+    assert table.forget(n, 1) is False
+    n2, ins2, fd2 = lookup(table, files, "a")
+    assert ins2 and n2 != n
+    files.assert_names(fd, files.ids("a"))
+    table.check()
+    table.unpin(n)  # the last holder: the entry is freed, its fd closed here
+    files.assert_closed(fd)
+    assert table.stats()["dying"] == 0 and table.lookups(n2) == 1
+    files.assert_names(fd2, files.ids("a"))
+    assert table.forget(n2, 2**70) is True  # more than 64 bits: clamped
+    files.assert_closed(fd2)
+    table.check()
+
+
+def test_overcount_forget_while_another_process_pins(table: InodeTable, files: Files) -> None:
+    """The same with the pin held by another worker sharing the fd table: the fd stays open
+    while it is parked, and it is closed by that worker when it unpins."""
+    n, _, fd = lookup(table, files, "a")
+    ids = files.ids("a")
+    pinned, go = Signal(), Gate()
+
+    def worker() -> None:
+        assert table.pin(n) == (slot_of(n), fd)
+        pinned.post()
+        go.wait()  # parked while the guest forgets
+        files.assert_names(fd, ids)
+        table.unpin(n)  # frees the entry: this process closes the fd, for both
+
+    child = Child(worker, shared_fds=True)
+    pinned.take()
+    assert table.forget(n, U64) is True
+    assert table.pin(n) is None
+    files.assert_names(fd, ids)
+    assert table.pins_held() == 1 and table.my_pins() == 0
+    go.open()
+    child.result()
+    files.assert_closed(fd)
+    assert table.stats()["dying"] == 0
+    pinned.close()
+    go.close()
+    table.check()
+
+
+def test_forget_partial(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a", b"h")
     for _ in range(4):
-        table.claim_or_insert(ids(1), b"h", 1, 99, REG)
-    assert table.refcount(n) == 5
-    assert table.forget(n, 3) == -1 and table.refcount(n) == 2
-    assert table.forget(n, 0) == -1 and table.refcount(n) == 2
-    assert table.forget(n, 2) == 53
+        lookup(table, files, "a", b"h")
+    assert table.lookups(n) == 5
+    assert table.forget(n, 3) is False and table.lookups(n) == 2
+    assert table.forget(n, 0) is False and table.lookups(n) == 2
+    files.assert_names(fd, files.ids("a"))
+    assert table.forget(n, 2) is True
+    files.assert_closed(fd)
     table.check()
 
 
-def test_removal_clears_both_key_indexes(table: InodeTable) -> None:
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 60, REG)
-    assert table.release(s) == 60
+def test_pin_of_a_forgotten_nodeid_fails(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a")
+    assert table.pin(n) is not None
+    assert table.forget(n, 1) is True
+    misses = table.stats()["acquire_misses"]
+    assert table.pin(n) is None  # dying: the guest no longer holds it
+    with pytest.raises(InodeNotFound):
+        table.strong_ref(n)
+    assert table.stats()["acquire_misses"] == misses + 2
+    table.unpin(n)
+    files.assert_closed(fd)
+    assert table.pin(n) is None
+    table.check()
+
+
+def test_unpin_never_touches_a_later_occupant(table: InodeTable, files: Files) -> None:
+    """unpin names the nodeid: a stale or double unpin raises NotPinned and changes nothing,
+    even when the slot already holds the next generation."""
+    n1, _, fd1 = lookup(table, files, "a")
+    assert table.pin(n1) is not None
+    assert table.forget(n1, 1) is True
+    table.unpin(n1)
+    files.assert_closed(fd1)
+    n2, _, fd2 = lookup(table, files, "b")
+    assert slot_of(n2) == slot_of(n1) and n2 >> 32 == 2  # the slot's next generation
+    with pytest.raises(NotPinned):
+        table.unpin(n1)
+    assert table.pin(n2) == (slot_of(n2), fd2)
+    with pytest.raises(NotPinned):
+        table.unpin(n1)
+    assert table.my_pins() == 1 and table.lookups(n2) == 1
+    assert table.forget(n2, 1) is True  # still pinned by us
+    with pytest.raises(NotPinned):
+        table.unpin(n1)
+    files.assert_names(fd2, files.ids("b"))
+    table.unpin(n2)
+    files.assert_closed(fd2)
+    with pytest.raises(NotPinned):
+        table.unpin(n2)  # a second unpin
+    table.check()
+
+
+def test_forged_nodeid_of_the_next_generation(table: InodeTable, files: Files) -> None:
+    n1, _, fd1 = lookup(table, files, "a")
+    forged = n1 + (1 << 32)
+    assert table.pin(forged) is None and table.get(forged) is None
+    assert table.forget(forged, U64) is False
+    with pytest.raises(InodeNotFound):
+        table.set_migration_info(forged, 1, "x")
+    assert table.lookups(n1) == 1
+    files.assert_names(fd1, files.ids("a"))
+    assert table.forget(n1, 1) is True
+    files.assert_closed(fd1)
+    assert table.pin(forged) is None  # the slot is free: nothing to find
+    n2, _, fd2 = lookup(table, files, "b")
+    assert n2 == forged  # only now does it name an entry
+    assert table.pin(n2) == (slot_of(n2), fd2)
+    table.unpin(n2)
+    table.check()
+
+
+def test_pins_exhausted(table: InodeTable, files: Files) -> None:
+    """A thread holds at most 7 pins (a request needs 3 at most): more is a leak."""
+    nodeids = [lookup(table, files, f"f{i}")[0] for i in range(4)]
+    for i in range(7):
+        assert table.pin(nodeids[i % 4]) is not None
+    with pytest.raises(PinsExhausted):
+        table.pin(nodeids[0])
+    with pytest.raises(PinsExhausted):
+        table.forget(nodeids[1], U64)  # FORGET needs a pin of its own too
+    assert table.lookups(nodeids[1]) == 1
+    assert table.stats()["pins_refused"] == 2
+    assert table.my_pins() == 7
+    table.unpin(nodeids[0])
+    assert table.forget(nodeids[1], U64) is True  # pinned twice more: deferred
+    assert table.pin(nodeids[0]) is not None
+    for i in range(7):
+        table.unpin(nodeids[i % 4])
+    assert table.my_pins() == 0 and table.stats()["dying"] == 0
+    table.check()
+
+
+def test_removal_clears_both_key_indexes(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a", b"h")
+    assert table.forget(n, 1) is True
+    files.assert_closed(fd)
     st = table.stats()
     assert st["entries"] == 1 and st["tombstones_nodeid"] == 0  # no nodeid index
     assert st["tombstones_ids"] == 1 and st["tombstones_handle"] == 1
-    assert table.acquire(n) is None  # the slot no longer holds that nodeid
-    n2, _, ins = table.claim_or_insert(ids(1), None, 0, 61, REG)  # ids index
+    assert table.pin(n) is None  # the slot no longer holds that nodeid
+    n2, ins, _ = lookup(table, files, "a", None, 0)  # ids index
     assert ins and n2 != n
-    n3, _, ins = table.claim_or_insert(ids(2), b"h", 1, 62, REG)  # handle index
+    n3, ins, _ = lookup(table, files, "b", b"h")  # handle index
     assert ins and n3 not in (n, n2)
     table.check()
 
 
-def test_zero_refcount_is_never_raised(make_table) -> None:
-    """Freeze a removal right after its refcount hit 0 (the remover dies holding the lock):
-    lock-free acquire must refuse the still-indexed entry."""
-    table = make_table()
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 70, REG)
-
-    def die_after_commit() -> None:
-        lib.seg_debug_crash_after(2)  # 1: intent written, 2: refcount CAS'ed to 0
-        table.release(s)
-
-    assert run_child(die_after_commit) == signal.SIGKILL
-    assert table.lock_owner != 0  # the dead child still "holds" the lock
-    assert lib.it_refcount(table._b, s) == 0 and lib.it_nodeid(table._b, s) == n
-    assert table.acquire(n) is None
-    assert table.forget(n, 1) == -1
-    # a writer takes the lock over, finishes the removal and hands the fd to the supervisor
-    n2, _, ins = table.claim_or_insert(ids(1), b"h", 1, 71, REG)
-    assert ins and n2 != n
-    assert table.take_orphaned_fds() == [70]
-    assert table.stats()["lock_takeovers"] == 1
+def test_forgotten_entry_leaves_the_indexes_at_once(table: InodeTable, files: Files) -> None:
+    """A LOOKUP of a file whose entry the guest forgot, while a request still pins it,
+    inserts a new entry: the dying one is never found (or revived) again."""
+    n, _, fd = lookup(table, files, "a", b"h")
+    assert table.pin(n) is not None
+    assert table.forget(n, 1) is True
+    n2, ins, fd2 = lookup(table, files, "a", b"h")
+    n3, ins3, _ = lookup(table, files, "a", b"h")
+    assert ins and not ins3 and n2 == n3 != n
+    assert table.lookups(n) == 0 and table.lookups(n2) == 2
+    st = table.stats()
+    assert (st["entries"], st["dying"]) == (3, 1)
+    table.check()
+    table.unpin(n)
+    files.assert_closed(fd)
+    files.assert_names(fd2, files.ids("a"))
     table.check()
 
 
-def test_strong_ref(table: InodeTable) -> None:
-    closed: list[int] = []
-    table.close_fd = closed.append
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 80, REG)
+def test_strong_ref(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a", b"h")
     with table.strong_ref(n) as ref:
-        assert (ref.slot, ref.fd, ref.nodeid, ref.held) == (s, 80, n, True)
-        assert table.refcount(n) == 2
-        assert table.forget(n, 1) == -1  # the guest forgets while we still use it
-    assert closed == [80] and not ref.held and table.get(n) is None
-    assert ref.release() == -1  # idempotent
+        assert (ref.slot, ref.fd, ref.nodeid, ref.held) == (slot_of(n), fd, n, True)
+        assert table.lookups(n) == 1 and table.my_pins() == 1
+        assert table.forget(n, 1) is True  # the guest forgets while we still use it
+        files.assert_names(fd, files.ids("a"))
+    files.assert_closed(fd)
+    assert not ref.held and table.get(n) is None
+    ref.release()  # idempotent
     ref2 = table.strong_ref(FUSE_ROOT_ID)
-    assert ref2.release() == -1 and ref2.release() == -1
-    assert table.refcount(FUSE_ROOT_ID) == 1
+    ref2.release()
+    ref2.release()
+    assert table.lookups(FUSE_ROOT_ID) == 1 and table.my_pins() == 0
     with pytest.raises(InodeNotFound):
         table.strong_ref(n)
 
@@ -258,107 +431,133 @@ def test_strong_ref(table: InodeTable) -> None:
 
 
 @pytest.mark.parametrize("nodeid", [0, 3, 12345, 2**32 + 2, 2**64 - 1, -1, 2**64, 2**100])
-def test_forged_nodeids_are_rejected(table: InodeTable, nodeid: int) -> None:
-    table.claim_or_insert(ids(1), b"h", 1, 90, REG)  # nodeid 2 exists
+def test_forged_nodeids_are_rejected(table: InodeTable, files: Files, nodeid: int) -> None:
+    n, _, fd = lookup(table, files, "a", b"h")
     before = table.stats()["entries"]
-    assert table.acquire(nodeid) is None
-    assert table.acquire_slot(nodeid) == -1
-    assert table.get(nodeid) is None
-    assert table.forget(nodeid, 1) == -1
-    assert table.stats()["entries"] == before
+    assert table.pin(nodeid) is None
+    assert table.get(nodeid) is None and table.lookups(nodeid) == 0
+    assert table.forget(nodeid, 1) is False
+    with pytest.raises(NotPinned):
+        table.unpin(nodeid)
+    with pytest.raises(InodeNotFound):
+        table.set_migration_info(nodeid, 1, "x")
+    assert table.stats()["entries"] == before and table.lookups(n) == 1
+    files.assert_names(fd, files.ids("a"))
     table.check()
 
 
-def test_release_of_bad_slot_is_harmless(table: InodeTable) -> None:
-    assert table.release(10**6) == -1
-    assert table.release(50) == -1  # never used
-    table.check()
-
-
-def test_argument_limits(table: InodeTable) -> None:
+def test_argument_limits(table: InodeTable, files: Files) -> None:
+    fd, ids = files.open("a", os.O_PATH)
     with pytest.raises(ValueError):
-        table.claim_or_insert(ids(1), b"x" * 129, 1, -1, REG)
+        table.claim_or_insert(ids, b"x" * 129, 1, fd, REG)
     with pytest.raises(ValueError):
-        table.claim_or_insert(ids(1), None, 0, -1, REG, 1, "n" * 256)
-    n, s, _ = table.claim_or_insert(ids(1), b"x" * 128, 1, -1, REG, 1, "n" * 255)
+        table.claim_or_insert(ids, None, 0, fd, REG, 1, "n" * 256)
+    files.assert_names(fd, ids)  # refused: still the caller's
+    n, ins = table.claim_or_insert(ids, b"x" * 128, 1, fd, REG, 1, "n" * 255)
     e = table.get(n)
-    assert e.handle == b"x" * 128 and e.name == b"n" * 255
+    assert ins and e is not None and e.handle == b"x" * 128 and e.name == b"n" * 255
     table.check()
 
 
 # ------------------------------------------------------------------ full table
 
 
-def test_table_full(make_table) -> None:
+def test_table_full(make_table, files: Files) -> None:
     table = make_table(capacity=8)
-    held = [table.claim_or_insert(ids(i), b"%d" % i, 1, 100 + i, REG) for i in range(7)]
+    held = [lookup(table, files, f"f{i}", b"%d" % i) for i in range(7)]
+    fd, ids = files.open("new", os.O_PATH)
     with pytest.raises(InodeTableFull):
-        table.claim_or_insert(ids(99), b"99", 1, 199, REG)
+        table.claim_or_insert(ids, b"new", 1, fd, REG)
+    files.assert_names(fd, ids)  # not taken: the caller closes it
     # existing entries are still found (no new slot needed) and nothing broke
-    assert table.claim_or_insert(ids(3), b"3", 1, 5, REG)[2] is False
+    assert lookup(table, files, "f3", b"3")[:2] == (held[3][0], False)
     table.check()
     assert table.stats()["full_errors"] == 1
-    assert table.release(held[0][1]) == 100
-    n, slot, ins = table.claim_or_insert(ids(99), b"99", 1, 199, REG)
-    assert ins and slot == held[0][1] and n == (2 << 32) | slot  # the slot's 2nd generation
+    assert table.forget(held[0][0], 1) is True
+    files.assert_closed(held[0][2])
+    n, ins = table.claim_or_insert(ids, b"new", 1, fd, REG)
+    assert ins and n == (2 << 32) | slot_of(held[0][0])  # the slot's 2nd generation
     table.check()
 
 
 # ------------------------------------------------------------------ migration info, iteration
 
 
-def test_set_migration_info(table: InodeTable) -> None:
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, -1, REG, 1, "first")
-    table.set_migration_info(s, 7, b"second")
+def test_set_migration_info(table: InodeTable, files: Files) -> None:
+    n, _, _ = lookup(table, files, "first", b"h")
+    table.set_migration_info(n, 7, b"second")
     e = table.get(n)
-    assert (e.parent, e.name) == (7, b"second")
-    table.set_migration_info(s, 8, "")
+    assert e is not None and (e.parent, e.name) == (7, b"second")
+    table.set_migration_info(n, 8, "")
     assert table.get(n).name == b""
-    table.release(s)
-    with pytest.raises(InodeNotFound):
-        table.set_migration_info(s, 1, "gone")
     with pytest.raises(ValueError):
-        table.set_migration_info(s, 1, "x" * 256)
+        table.set_migration_info(n, 1, "x" * 256)
+    assert table.pin(n) is not None
+    table.forget(n, 1)
+    with pytest.raises(InodeNotFound):  # dying: the guest forgot it
+        table.set_migration_info(n, 1, "gone")
+    table.unpin(n)
+    with pytest.raises(InodeNotFound):
+        table.set_migration_info(n, 1, "gone")
 
 
-def test_iter_entries(table: InodeTable) -> None:
-    made = {table.claim_or_insert(ids(i), b"%d" % i, 1, i, REG)[0] for i in range(20)}
-    for n in list(made)[:5]:
+def test_iter_entries(table: InodeTable, files: Files) -> None:
+    made = {lookup(table, files, f"f{i}", b"%d" % i)[0] for i in range(20)}
+    gone = sorted(made)[:5]
+    for n in gone:
         table.forget(n, 1)
-        made.discard(n)
+    made -= set(gone)
     got = {e.nodeid: e for e in table.iter_entries()}
     assert set(got) == made | {FUSE_ROOT_ID}
-    assert all(e.refcount == 1 for e in got.values())
+    assert all(e.lookups == 1 for e in got.values())
+    # a pinned, forgotten entry shows with dying=True only, with no lookups
+    pinned = sorted(made)[0]
+    assert table.pin(pinned) is not None
+    table.forget(pinned, 1)
+    assert pinned not in {e.nodeid for e in table.iter_entries()}
+    dying = {e.nodeid: e.lookups for e in table.iter_entries(dying=True)}
+    assert dying[pinned] == 0 and set(dying) == made | {FUSE_ROOT_ID}
+    table.unpin(pinned)
+    made.discard(pinned)
     # iterating while entries are removed and added terminates and yields only live ones
     it = table.iter_entries()
     first = next(it)
-    for n in list(made)[:5]:
+    for n in sorted(made)[:5]:
         table.forget(n, 1)
-    table.claim_or_insert(ids(500), b"new", 1, 5, REG)
+    lookup(table, files, "new", b"new")
     rest = list(it)
-    assert first.nodeid == FUSE_ROOT_ID and all(e.refcount >= 1 for e in rest)
+    assert first.nodeid == FUSE_ROOT_ID and all(e.lookups >= 1 for e in rest)
     assert len(table) == len(made) - 5 + 2
 
 
-def test_stats(table: InodeTable) -> None:
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 5, REG)
-    table.claim_or_insert(ids(1), b"h", 1, 5, REG)
+def test_stats(table: InodeTable, files: Files) -> None:
+    n, _, _ = lookup(table, files, "a", b"h")
+    lookup(table, files, "a", b"h")
+    assert table.pin(n) is not None
     table.forget(n, 2)
     st = table.stats()
-    assert st["capacity"] == 64 and st["entries"] == 1 and st["inserts"] == 2
-    assert st["lookups"] == 1 and st["removals"] == 1 and st["tombstones"] == 2  # ids, handle
-    assert st["load_factor"] == pytest.approx(1 / 64)
+    assert st["capacity"] == 64 and st["entries"] == 2 and st["inserts"] == 2
+    assert st["lookups"] == 1 and st["removals"] == 0 and st["tombstones"] == 2  # ids, handle
+    assert (st["dying"], st["deferred"], st["pin_rows"]) == (1, 1, 1)
+    assert st["load_factor"] == pytest.approx(2 / 64)
+    table.unpin(n)
+    st = table.stats()
+    assert (st["entries"], st["removals"], st["dying"]) == (1, 1, 0)
 
 
 # ------------------------------------------------------------------ segments
 
 
-def test_attach_sees_the_same_table(table: InodeTable) -> None:
-    n, s, _ = table.claim_or_insert(ids(1), b"h", 1, 5, REG)
+def test_attach_sees_the_same_table(table: InodeTable, files: Files) -> None:
+    n, _, fd = lookup(table, files, "a", b"h")
     other = InodeTable.attach(table.name)
     try:
-        assert other.acquire(n) == (s, 5)
-        assert table.refcount(n) == 2
+        assert other.pin(n) == (slot_of(n), fd)
+        assert table.my_pins() == 1  # one pin board, one row per thread
+        assert table.forget(n, 1) is True
+        files.assert_names(fd, files.ids("a"))
+        other.unpin(n)
+        files.assert_closed(fd)
         other.check()
     finally:
         other.close()
@@ -366,14 +565,15 @@ def test_attach_sees_the_same_table(table: InodeTable) -> None:
         HandleTable.attach(table.name)
 
 
-def test_create_replaces_stale_segment_of_dead_owner(caplog) -> None:
+def test_create_replaces_stale_segment_of_dead_owner(caplog, files: Files) -> None:
     name = unique_name("stale")
 
     def make_and_leave() -> None:
         t = InodeTable.create(name, 16)
-        t.insert_root((1, 1, 1), 3, 0o40755)
+        fd, ids = files.open("root", os.O_PATH)
+        t.insert_root(ids, fd, DIR)
 
-    assert run_child(make_and_leave) == 0
+    Child(make_and_leave).result()
     with caplog.at_level(logging.WARNING, "pyvirtiofsd.shm_table"):
         t = InodeTable.create(name, 16)
     try:
