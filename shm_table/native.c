@@ -243,8 +243,16 @@ static inline uint64_t mkb(uint32_t tag, uint32_t slot) {
  * every call makes the syscall. */
 static uint64_t *wof_page;
 static int wof_state; /* 0 untried, 1 ok, -1 unavailable */
-static __thread uint64_t tls_epoch;
-static __thread uint32_t tls_tid;
+/* Everything a thread keeps to itself, in one TLS block: in a shared object every TLS
+ * variable costs a __tls_get_addr call, so the hot path takes the block's address once. */
+#define PIN_CACHE 8
+typedef struct {
+    uint64_t epoch;
+    uint32_t tid;
+    uint32_t next;                               /* pin_cache slot to reuse next */
+    struct { hdr_t *h; uint32_t row; } pin_cache[PIN_CACHE];
+} tstate_t;
+static __thread tstate_t tls;
 
 static uint32_t my_tid_slow(void) {
     uint32_t tid = (uint32_t)syscall(SYS_gettid);
@@ -269,8 +277,8 @@ static uint32_t my_tid_slow(void) {
                 mine = e;
             e = mine;
         }
-        tls_epoch = e;
-        tls_tid = tid;
+        tls.epoch = e;
+        tls.tid = tid;
     }
     return tid;
 }
@@ -279,7 +287,8 @@ static inline uint32_t my_tid(void) {
     uint64_t *page = __atomic_load_n(&wof_page, __ATOMIC_RELAXED);
     if (__builtin_expect(page != NULL, 1)) {
         uint64_t e = __atomic_load_n(page, __ATOMIC_RELAXED);
-        if (__builtin_expect(e != 0 && e == tls_epoch, 1)) return tls_tid;
+        tstate_t *ts = &tls;
+        if (__builtin_expect(e != 0 && e == ts->epoch, 1)) return ts->tid;
     }
     return my_tid_slow();
 }
@@ -524,17 +533,15 @@ uint64_t seg_removals(void *base) { return LD_ACQ(&H(base)->removals); }
 /* The calling thread's row, claimed on first use.  Cached per thread; the cache is only
  * trusted while the row still names this thread, which also covers a child made by clone()
  * (new TID) and a segment mapped where an old one was. */
-#define PIN_CACHE 8
-static __thread struct { hdr_t *h; uint32_t row; } pin_cache[PIN_CACHE];
-static __thread uint32_t pin_cache_next;
 
 static pinrow_t *my_row(hdr_t *h) {
     uint32_t tid = my_tid();
+    tstate_t *ts = &tls;
     for (int i = 0; i < PIN_CACHE; i++) {
-        if (pin_cache[i].h != h) continue;
-        pinrow_t *row = PINROW(h, pin_cache[i].row);
+        if (ts->pin_cache[i].h != h) continue;
+        pinrow_t *row = PINROW(h, ts->pin_cache[i].row);
         if (LD_RLX(&row->owner) == tid) return row;
-        pin_cache[i].h = NULL;
+        ts->pin_cache[i].h = NULL;
     }
     for (int attempt = 0; attempt < 2; attempt++) {
         uint32_t n = LD_ACQ(&h->pin_rows);
@@ -550,9 +557,9 @@ static pinrow_t *my_row(hdr_t *h) {
             /* Scanners must see this row before it holds a pin: raise pin_rows first. */
             uint32_t cur = LD_ACQ(&h->pin_rows);
             while (cur < (uint32_t)found + 1 && !CAS(&h->pin_rows, &cur, (uint32_t)found + 1)) {}
-            uint32_t k = pin_cache_next++ % PIN_CACHE;
-            pin_cache[k].h = h;
-            pin_cache[k].row = (uint32_t)found;
+            uint32_t k = ts->next++ % PIN_CACHE;
+            ts->pin_cache[k].h = h;
+            ts->pin_cache[k].row = (uint32_t)found;
             return PINROW(h, (uint32_t)found);
         }
         reap_rows(h);
