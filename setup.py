@@ -5,6 +5,6 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "shm_table/_native_build.py:ffibuilder",
-        "daemon/_sys_build.py:ffibuilder",
+        "daemon/native/build.py:ffibuilder",
     ],
 )

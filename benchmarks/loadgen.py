@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks._loadgen_build import load
-from daemon import fuse
-from daemon import vhost_user as vu
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
 from tests.frontend import GUEST_BASE, UVA_BASE, Frontend
 
 WORKLOADS: dict[str, dict[str, Any]] = {

@@ -1,6 +1,6 @@
 """The three daemons under test, behind one start/stop interface.
 
-* ``pyvirtiofsd``: this repository (``python -m daemon.cli ... --sandbox none``).
+* ``pyvirtiofsd``: this repository (``python -m supervisor ... --sandbox none``).
 * ``rust``: Rust virtiofsd 1.13.2 from Debian 13 (trixie). It needs trixie's libc, so the
   packages ``virtiofsd``, ``libc6``, ``libseccomp2``, ``libcap-ng0`` and ``libgcc-s1`` are
   fetched from a trixie apt source pinned to priority 1 (nothing on this Debian 12 system is
@@ -182,7 +182,7 @@ class PyVirtiofsd(Daemon):
             self.tree, self.commit = snapshot_pyvirtiofsd(rev)
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
-        return [sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
+        return [sys.executable, "-m", "supervisor", "--shared-dir", str(shared_dir),
                 "--socket-path", str(socket_path), "--sandbox", "none"]
 
     def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:

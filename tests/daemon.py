@@ -25,7 +25,7 @@ def start_pyvirtiofsd(
     socket_path.unlink(missing_ok=True)
     log_path = Path(f"{socket_path}.log")
     cmd = [
-        *wrapper, sys.executable, "-m", "daemon.cli", "--shared-dir", str(shared_dir),
+        *wrapper, sys.executable, "-m", "supervisor", "--shared-dir", str(shared_dir),
         "--socket-path", str(socket_path), "--sandbox", "none", *extra,
     ]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -15,8 +15,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from daemon import fuse
-from daemon import vhost_user as vu
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
 
 DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4

@@ -18,12 +18,7 @@ import struct
 import time
 from typing import NoReturn
 
-from daemon import fuse
-from daemon._sys import ffi, lib
-from daemon.fuse import FuseError
-from daemon.guest_memory import BadGuestAddress, GuestMemory
-from daemon.interrupts import InterruptBoard
-from daemon.passthrough import (
+from daemon.fs.passthrough import (
     OPEN_STRIP,
     Credentials,
     GuestInputError,
@@ -32,12 +27,17 @@ from daemon.passthrough import (
     PendingLock,
     Request,
 )
-from daemon.queue_stats import QueueStats
-from daemon.vhost_user import MemoryRegion
-from daemon.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
+from daemon.guest.memory import BadGuestAddress, GuestMemory
+from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
+from daemon.native._sys import ffi, lib
+from daemon.protocol import fuse
+from daemon.protocol.fuse import FuseError
+from daemon.protocol.vhost_user import MemoryRegion
+from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
+from workers.interrupts import InterruptBoard
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
@@ -95,7 +95,7 @@ class QueueWorker:
         self.serve.poll_ns = setup.poll_us * 1000
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
         # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
-        # (daemon/fast_path.c) unless we are debugging every request
+        # (daemon/native/fast_path.c) unless we are debugging every request
         self.fast = int(not log.isEnabledFor(logging.DEBUG))
         self.serve.fast = self.fast
         self.fast_ctx = self._fast_ctx(fs)
@@ -109,7 +109,7 @@ class QueueWorker:
         self.warned: dict[str, tuple[float, int]] = {}
 
     def _fast_ctx(self, fs: PassthroughFs) -> object:
-        """What daemon/fast_path.c needs to answer requests as PassthroughFs would."""
+        """What daemon/native/fast_path.c needs to answer requests as PassthroughFs would."""
         ctx = ffi.new("pyvfs_fast_ctx_t *")
         handles = fs.handles.c_api()
         ctx.handles, ctx.ht_pin, ctx.ht_unpin = handles["base"], handles["ht_pin"], \

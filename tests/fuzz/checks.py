@@ -72,7 +72,7 @@ def _read_flags(pid: int, fd: int) -> int:
     return 0
 
 
-LOCK_ENTRY = struct.Struct("<QQiIIi")  # daemon/lock_owners.py: nodeid owner fd users state pid
+LOCK_ENTRY = struct.Struct("<QQiIIi")  # daemon/fs/lock_owners.py: nodeid owner fd users state pid
 LOCK_SLOTS = 4096
 
 

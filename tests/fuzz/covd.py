@@ -1,7 +1,7 @@
 """The daemon under coverage: ``python -m tests.fuzz.covd MAP -- <pyvirtiofsd options>``.
 
 Installs the line tracer of tests.fuzz.covtrace (inherited by every worker the daemon
-clones) and daemon/_sys built with gcc's basic-block coverage in place of the plain one,
+clones) and daemon/native/_sys built with gcc's basic-block coverage in place of the plain one,
 asks for SIGKILL when the fuzzer that started it dies, and runs the daemon's own
 ``main`` with the options given, unchanged. ``main`` gets its argv explicitly, so it
 does not re-execute itself without site (which would drop the tracer)."""
@@ -20,13 +20,13 @@ def main(argv: list[str]) -> int:
 
     if argv[0] != "-":
         cov = covtrace.start_tracing(argv[0])
-        covtrace.install_c_coverage(cov)  # before anything imports daemon._sys
-    from daemon._sys import lib
+        covtrace.install_c_coverage(cov)  # before anything imports daemon.native._sys
+    from daemon.native._sys import lib
 
     lib.pyvfs_set_pdeathsig(signal.SIGKILL)
-    from daemon import cli
+    import supervisor
 
-    return cli.main(argv[2:])
+    return supervisor.main(argv[2:])
 
 
 if __name__ == "__main__":

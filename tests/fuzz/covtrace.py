@@ -34,7 +34,7 @@ EDGE_BITS = 16
 LINE_BITS = 18
 EDGES = 1 << EDGE_BITS
 LINES = 1 << LINE_BITS
-C_EDGES = 1 << 16  # edges of daemon/_sys (fast_path.c, the chain walker), see below
+C_EDGES = 1 << 16  # edges of daemon/native/_sys (fast_path.c, the chain walker), see below
 MAP_SIZE = EDGES + LINES + C_EDGES
 # the daemon's own code: what coverage is measured on
 TRACED = [str(REPO / d) + "/" for d in ("daemon", "workers", "shm_table")] + [
@@ -262,7 +262,7 @@ def lines_covered(line_map: bytes, table: dict[str, set[int]]) -> tuple[int, int
     return hit, total
 
 
-# ----- C coverage: daemon/_sys built again with gcc's -fsanitize-coverage=trace-pc --------
+# ----- C coverage: daemon/native/_sys built again with gcc's -fsanitize-coverage=trace-pc --------
 
 C_HOOK = r"""
 static unsigned char *pyvfs_cov_edges;
@@ -287,12 +287,12 @@ __attribute__((no_sanitize_coverage)) void __sanitizer_cov_trace_pc(void) {
 
 
 def load_instrumented_sys() -> types.ModuleType:
-    """daemon._sys compiled from the same cdef and C source (daemon/_sys_build.py,
-    daemon/fast_path.c) with every basic block reporting to ``__sanitizer_cov_trace_pc``;
+    """daemon.native._sys compiled from the same cdef and C source (daemon/native/build.py,
+    daemon/native/fast_path.c) with every basic block reporting to ``__sanitizer_cov_trace_pc``;
     built once per source version into tests/fuzz/build/."""
     from cffi import FFI
 
-    from daemon import _sys_build
+    from daemon.native import build as _sys_build
 
     base = _sys_build.ffibuilder
     module_name, source, _ext, kwds = base._assigned_source
@@ -320,13 +320,13 @@ def load_instrumented_sys() -> types.ModuleType:
 
 
 def install_c_coverage(cov: CoverageMap) -> None:
-    """In the daemon, before anything imports daemon._sys: the instrumented build takes
+    """In the daemon, before anything imports daemon.native._sys: the instrumented build takes
     its place, writing its edges into the map's C part."""
     import daemon
 
     mod = load_instrumented_sys()
-    sys.modules["daemon._sys"] = mod
-    daemon._sys = mod  # type: ignore[attr-defined]
+    sys.modules["daemon.native._sys"] = mod
+    daemon.native._sys = mod  # type: ignore[attr-defined]
     address = int(mod.ffi.cast("uintptr_t", mod.ffi.from_buffer(cov.mem))) + EDGES + LINES
     _KEEP.append(cov)  # the hook writes into it until the process ends
     mod.lib.pyvfs_cov_set(address)

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import fuse
-from daemon import vhost_user as vu
-from daemon._sys import lib
+from daemon.native._sys import lib
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
 from tests.frontend import DESC, F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
 from tests.guest.reference import stop_daemon, wait_for_socket
 

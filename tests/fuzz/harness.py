@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import fuse
+from daemon.protocol import fuse
 from shm_table import HandleTable, InodeTable
 from tests.fuzz import checks, share
 from tests.fuzz.guest import ExtraRegion, Finding, Guest, Pending

@@ -7,7 +7,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from daemon import fuse
+from daemon.protocol import fuse
 
 ROOT = fuse.ROOT_ID
 ATTR_AT = fuse.ENTRY_HEAD.size  # the fuse_attr inside an entry_out

@@ -164,7 +164,7 @@ def test_tracer_marks_the_daemons_lines(tmp_path: Path) -> None:
     cov = covtrace.CoverageMap(path, create=True)
     try:
         code = ("import sys; from tests.fuzz import covtrace; "
-                f"covtrace.start_tracing({path!r}); from daemon import fuse; "
+                f"covtrace.start_tracing({path!r}); from daemon.protocol import fuse; "
                 "fuse.split_name(b'ab\\0')")
         subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
         assert any(cov.edges())
@@ -176,13 +176,13 @@ def test_tracer_marks_the_daemons_lines(tmp_path: Path) -> None:
 
 
 def test_c_coverage_marks_edges_of_daemon_sys() -> None:
-    """daemon/_sys rebuilt with gcc's basic-block hooks takes the plain one's place."""
+    """daemon/native/_sys rebuilt with gcc's basic-block hooks takes the plain one's place."""
     path = f"/dev/shm/pyvfs-fuzz-test-c-{os.getpid()}"
     cov = covtrace.CoverageMap(path, create=True)
     try:
         code = ("from tests.fuzz import covtrace; "
                 f"covtrace.install_c_coverage(covtrace.CoverageMap({path!r})); "
-                "from daemon._sys import ffi, lib; "
+                "from daemon.native._sys import ffi, lib; "
                 "iov = ffi.new('pyvfs_iov_t[1]'); buf = ffi.new('char[8]'); "
                 "iov[0].base = int(ffi.cast('uintptr_t', buf)); iov[0].len = 8; "
                 "lib.pyvfs_iov_read(iov, 1, 2, buf, 4)")

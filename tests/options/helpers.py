@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import REPO, daemon_log, pyvirtiofsd
 from tests.frontend import Frontend
 
@@ -115,7 +115,7 @@ def served(tmp_path: Path, *options: str, share: Path | None = None
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
 
 

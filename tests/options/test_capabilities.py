@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import capabilities, fuse
+from daemon.host import capabilities
+from daemon.protocol import fuse
 from tests.options.helpers import init, log_of, served
 
 MKNOD_IN = struct.Struct("<IIII")  # mode, rdev, umask, padding

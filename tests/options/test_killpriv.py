@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.options.helpers import (
     BASE_FLAGS,
     create_arg,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import cli, fuse
+from daemon import options
+from daemon.protocol import fuse
 from tests.options.helpers import BASE_FLAGS, init, log_of, run_cli, served, start_error
 
 
@@ -68,15 +69,15 @@ def test_capabilities_do_not_announce_migration() -> None:
 
 
 def test_legacy_o_forms(tmp_path: Path) -> None:
-    args = cli.build_parser().parse_args(
+    args = options.build_parser().parse_args(
         ["-o", f"source={tmp_path},posix_acl,security_label,killpriv_v2,allow_direct_io",
          "-o", "modcaps=+sys_admin,xattrmap=:map::user.virtiofs.:,loglevel=err",
          "--socket-path", str(tmp_path / "s")])
-    cli.apply_compat(args)
-    cli.validate(args)
+    options.apply_compat(args)
+    options.validate(args)
     assert args.posix_acl and args.security_label and args.killpriv_v2 and args.xattr
     assert args.allow_direct_io and args.modcaps == "+sys_admin"
     assert args.xattrmap_rules is not None and args.log_level == "error"
-    args = cli.build_parser().parse_args(["-o", "killpriv_v2,no_killpriv_v2,no_posix_acl"])
-    cli.apply_compat(args)
+    args = options.build_parser().parse_args(["-o", "killpriv_v2,no_killpriv_v2,no_posix_acl"])
+    options.apply_compat(args)
     assert not args.killpriv_v2 and not args.posix_acl

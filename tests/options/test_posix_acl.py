@@ -10,7 +10,7 @@ import stat
 import struct
 from pathlib import Path
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.options.helpers import (
     ACL_FLAGS,
     BASE_FLAGS,

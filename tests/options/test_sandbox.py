@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import REPO, daemon_log, pyvirtiofsd
 from tests.frontend import Frontend
 
@@ -265,7 +265,7 @@ def test_namespace_sandbox_unprivileged(tmp_path: Path, maps: list[str]) -> None
 
 
 def run_cli(*args: str, wrapper: list[str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*(wrapper or []), sys.executable, "-m", "daemon.cli", *args],
+    return subprocess.run([*(wrapper or []), sys.executable, "-m", "supervisor", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import REPO
 from tests.options.helpers import init, log_of, served
 
@@ -63,7 +63,7 @@ def test_server_and_workers_are_filtered(tmp_path: Path, mode: str) -> None:
 
 PROBE = """
 import os, signal, sys
-from daemon import seccomp
+from daemon.host import seccomp
 signal.signal(signal.SIGSYS, lambda *_: print("trapped", flush=True))
 seccomp.install(sys.argv[1])
 print("installed", flush=True)
@@ -90,7 +90,7 @@ def test_a_call_outside_the_list(mode: str) -> None:
 
 ARGUMENTS = """
 import ctypes, fcntl, os, signal, sys, termios
-from daemon import seccomp
+from daemon.host import seccomp
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 signal.signal(signal.SIGSYS, lambda *_: print("trapped", flush=True))

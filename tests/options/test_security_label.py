@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon.fuse import FuseError
-from daemon.passthrough import Config, PassthroughFs, Request
-from daemon.xattrmap import XattrMap
+from daemon.fs.passthrough import Config, PassthroughFs, Request
+from daemon.fs.xattrmap import XattrMap
+from daemon.protocol import fuse
+from daemon.protocol.fuse import FuseError
 from shm_table import HandleTable, InodeTable
 from tests.options.helpers import BASE_FLAGS, init, served
 

@@ -37,7 +37,7 @@ def activated(tmp_path: Path, listen_pid: str | None, listen_fds: str = "1",
     log_path = tmp_path / "log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", launcher, str(fd), "-m", "daemon.cli",
+            [sys.executable, "-c", launcher, str(fd), "-m", "supervisor",
              "--shared-dir", str(share), "--sandbox", "none"],
             cwd=REPO, stdout=log, stderr=log, pass_fds=(fd,))
     listener.close()

@@ -1,4 +1,4 @@
-"""systemd's Type=notify and watchdog protocol (daemon/sd_notify.py), against a socket of
+"""systemd's Type=notify and watchdog protocol (daemon/host/sd_notify.py), against a socket of
 the test's own standing in for systemd's."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import sd_notify
+from daemon.host import sd_notify
 from tests.daemon import daemon_log, start_pyvirtiofsd
 from tests.frontend import Frontend
 from tests.guest.reference import stop_daemon

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon.idmap import IdMap, IdMapError, parse_rule
+from daemon.fs.idmap import IdMap, IdMapError, parse_rule
+from daemon.protocol import fuse
 from tests.options.helpers import (
     attr_reply,
     chown,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon.xattrmap import XattrMap, XattrMapError
+from daemon.fs.xattrmap import XattrMap, XattrMapError
+from daemon.protocol import fuse
 from tests.options.helpers import init, lookup, served, start_error
 
 # virtiofsd's doc/xattr-mapping.md example 2 plus an "unsupported" rule

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from daemon import fuse
+from daemon.protocol import fuse
 from shm_table import InodeTable
 from tests.protocol.test_hostile_guest import serve
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon import vhost_user as vu
-from daemon.queue_stats import QueueStats, segment_name
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
+from daemon.stats.queue_stats import QueueStats, segment_name
 from tests.daemon import daemon_log, start_pyvirtiofsd
 from tests.frontend import F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
 from tests.guest.reference import stop_daemon
@@ -292,7 +292,7 @@ def test_memory_table_changes_under_load(tmp_path: Path) -> None:
 
 
 def queue_row(srv: Served, q: int) -> dict:
-    """Queue q's counters (daemon/queue_stats.py), which its worker updates per request."""
+    """Queue q's counters (daemon/stats/queue_stats.py), which its worker updates per request."""
     stats = QueueStats.attach(segment_name(srv.proc.pid))
     try:
         return stats.rows()[q]

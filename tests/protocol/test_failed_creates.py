@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.protocol.test_hostile_guest import KNOWN, Served, serve
 
 E = errno

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, Served, serve
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon import vhost_user as vu
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
 from tests.daemon import daemon_log, start_pyvirtiofsd
 from tests.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, Frontend
 from tests.guest.reference import stop_daemon

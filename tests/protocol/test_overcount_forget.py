@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from shm_table import HandleTable, InodeTable
 from tests.protocol.test_hostile_guest import Served, reclaim, serve, worker_pids
 

@@ -1,6 +1,7 @@
-"""Per-queue counters (daemon/queue_stats.py, pyvfs_stats_* in daemon/fast_path.c): after
-a known sequence of requests, each queue's row says exactly what happened, whether C or
-Python answered; `pyvirtiofsd stats` shows the same; a restarted worker keeps counting."""
+"""Per-queue counters (daemon/stats/queue_stats.py, pyvfs_stats_* in
+daemon/native/fast_path.c): after a known sequence of requests, each queue's row says
+exactly what happened, whether C or Python answered; `pyvirtiofsd stats` shows the same;
+a restarted worker keeps counting."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from daemon import fuse
-from daemon.queue_stats import QueueStats, segment_name
+from daemon.protocol import fuse
+from daemon.stats.queue_stats import QueueStats, segment_name
 from tests.frontend import F_WRITE, GUEST_BASE
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, serve, worker_pids
 
@@ -73,7 +74,7 @@ def test_counters_follow_requests_and_survive_a_worker_restart(tmp_path: Path) -
         assert q2["by_opcode"] == {"OTHER": 1}
         assert q0["requests"] == 0
 
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "stats", "--socket-path",
+        out = subprocess.run([sys.executable, "-m", "supervisor", "stats", "--socket-path",
                               str(srv.socket_path), "--json", "--interval", "0.1"],
                              cwd=REPO, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.protocol.test_hostile_guest import Served, child_pids, serve
 
 E = errno

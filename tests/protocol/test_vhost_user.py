@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import vhost_user as vu
+from daemon.protocol import vhost_user as vu
 from tests.daemon import REPO, daemon_log, start_pyvirtiofsd
 from tests.frontend import GUEST_BASE, UVA_BASE, Frontend
 from tests.guest.reference import stop_daemon
@@ -231,7 +231,7 @@ def test_get_config_beyond_config_space(fresh: Served, offset: int, size: int) -
 
 
 def test_print_capabilities() -> None:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "--print-capabilities"],
+    out = subprocess.run([sys.executable, "-m", "supervisor", "--print-capabilities"],
                          cwd=REPO, capture_output=True, check=True, timeout=30)
     caps = json.loads(out.stdout)
     assert caps["type"] == "fs"
@@ -245,7 +245,7 @@ def test_pid_file_and_second_daemon(tmp_path: Path) -> None:
     try:
         assert int(pid_file.read_text().strip()) == proc.pid
         second = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "--shared-dir", str(share),
+            [sys.executable, "-m", "supervisor", "--shared-dir", str(share),
              "--socket-path", str(sock), "--sandbox", "none"],
             cwd=REPO, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
         assert second.returncode != 0

@@ -26,7 +26,7 @@ def _ensure_native() -> None:
     """Build the extensions in place when they are missing (fresh checkout)."""
     try:
         importlib.import_module("shm_table._native")
-        importlib.import_module("daemon._sys")
+        importlib.import_module("daemon.native._sys")
     except ImportError:
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                        check=True, cwd=ROOT)

@@ -1,7 +1,7 @@
 """Run test code in child processes; results come back through a pipe, events through pipes.
 
 A child made with ``shared_fds=True`` shares its parent's fd table, as the daemon's workers
-share the supervisor's (clone(CLONE_FILES|SIGCHLD) via daemon.process.clone_shared_fds): an
+share the supervisor's (clone(CLONE_FILES|SIGCHLD) via daemon.host.process.clone_shared_fds): an
 fd either side opens or closes is opened or closed for both.  So neither side closes the
 pipe it shares while the child may run: the child sends a length-prefixed result and the
 parent watches a pidfd, so it also notices a child that dies before sending one.
@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from daemon.process import clone_shared_fds
+from daemon.host.process import clone_shared_fds
 
 WAIT_S = 120.0  # only against a hang: nothing waits for time to pass
 

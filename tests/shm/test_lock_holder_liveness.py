@@ -1,6 +1,6 @@
 """Who decides that the tables' lock holder is dead, where /proc cannot be trusted.
 
-Inside the sandbox /proc is the server's own fd directory (daemon/sandbox.py), so
+Inside the sandbox /proc is the server's own fd directory (daemon/host/sandbox.py), so
 ``/proc/<tid>/stat`` names whatever fd <tid> is, or nothing. When the lock code read it to
 tell a zombie from a live task, every live holder that kept the lock past the 2 ms futex
 timeout looked dead there, and its waiter "repaired" the table under it. The holder's

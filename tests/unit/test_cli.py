@@ -9,19 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon import cli, fuse
+from daemon import options
+from daemon.protocol import fuse
 from tests.daemon import REPO
 from tests.frontend import Frontend
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
 
 
 def parse(*argv: str) -> object:
-    args = cli.build_parser().parse_args(list(argv))
-    cli.apply_compat(args)
+    args = options.build_parser().parse_args(list(argv))
+    options.apply_compat(args)
     return args
 
 
@@ -33,10 +34,10 @@ def test_legacy_o_options_map_to_virtiofsd_1_13_options(tmp_path: Path) -> None:
 
 
 def test_unknown_legacy_option_is_named() -> None:
-    args = cli.build_parser().parse_args(["-o", "source=/tmp,bogus=1"])
+    args = options.build_parser().parse_args(["-o", "source=/tmp,bogus=1"])
     try:
-        cli.apply_compat(args)
-    except cli.UsageError as e:
+        options.apply_compat(args)
+    except options.UsageError as e:
         assert "bogus=1" in str(e)
     else:
         raise AssertionError("unknown -o option accepted")
@@ -75,7 +76,7 @@ def test_fd_option_serves_a_socket_the_caller_created(tmp_path: Path) -> None:
     listener.listen(1)
     fd = listener.fileno()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "--shared-dir", str(share), f"--fd={fd}",
+        [sys.executable, "-m", "supervisor", "--shared-dir", str(share), f"--fd={fd}",
          "--sandbox", "none"],
         cwd=REPO, pass_fds=[fd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

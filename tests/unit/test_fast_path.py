@@ -1,4 +1,4 @@
-"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/fast_path.c),
+"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/native/fast_path.c),
 driven in-process with the context a queue worker builds: every answer it gives must be
 byte-identical to the Python operation's, references it takes must be counted as Python
 counts them, and everything malformed must be declined (0) without changing anything, so
@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from daemon import fuse
-from daemon._sys import ffi, lib
-from daemon.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
+from daemon.fs.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
+from daemon.native._sys import ffi, lib
+from daemon.protocol import fuse
 from shm_table import HandleTable, InodeTable
 from workers.queue_worker import QueueWorker
 

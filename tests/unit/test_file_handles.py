@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import REPO, daemon_log, pyvirtiofsd
 from tests.frontend import Frontend
 
 
 def stats(sock: Path) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "stats", "--socket-path", str(sock), "--json",
+        [sys.executable, "-m", "supervisor", "stats", "--socket-path", str(sock), "--json",
          "--interval", "0.05"], cwd=REPO, check=True, capture_output=True, text=True,
         timeout=30)
     return json.loads(out.stdout)
@@ -79,7 +79,7 @@ def test_share_without_file_handles(tmp_path: Path) -> None:
         log = daemon_log(proc)
     assert "has no file handles" in log
     r = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--shared-dir", "/proc/sys", "--socket-path",
+        [sys.executable, "-m", "supervisor", "--shared-dir", "/proc/sys", "--socket-path",
          str(tmp_path / "m.sock"), "--sandbox", "none", "--inode-file-handles", "mandatory"],
         cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0

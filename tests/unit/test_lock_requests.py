@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import pyvirtiofsd
 from tests.frontend import Frontend
 

@@ -1,4 +1,4 @@
-"""The daemon serves from an interpreter that ran no ``site`` hooks (daemon/no_site.py).
+"""The daemon serves from an interpreter that ran no ``site`` hooks (daemon/host/no_site.py).
 
 A ``.pth`` file in the user site directory imports ``_decimal``, an extension module the
 daemon itself never loads; whether its library is mapped in the serving processes tells
@@ -60,7 +60,7 @@ def test_site_hooks_do_not_run_in_the_daemon(user_site_hook: Path, tmp_path: Pat
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYVIRTIOFSD_SITE", raising=False)
     argv, hooked, log = serve_and_look(tmp_path)
-    assert argv[1:5] == ["-S", "-P", "-m", "daemon.cli"], argv
+    assert argv[1:5] == ["-S", "-P", "-m", "supervisor"], argv
     assert "--shared-dir" in argv and "--sandbox" in argv  # its arguments carried over
     assert hooked == [False, False, False], log
     assert "sharing" in log
@@ -89,7 +89,7 @@ def test_listening_fd_survives_the_reexec(tmp_path: Path) -> None:
     log_path = tmp_path / "log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "--shared-dir", str(share), "--fd", str(fd),
+            [sys.executable, "-m", "supervisor", "--shared-dir", str(share), "--fd", str(fd),
              "--sandbox", "none"],
             cwd=Path(__file__).resolve().parents[2], pass_fds=(fd,), stdout=log, stderr=log)
     listener.close()

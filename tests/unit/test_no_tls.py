@@ -1,4 +1,4 @@
-"""The daemon keeps OpenSSL out of its processes (daemon/no_tls.py)."""
+"""The daemon keeps OpenSSL out of its processes (daemon/host/no_tls.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.frontend import Frontend
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
-from daemon import no_tls
+from daemon.host import no_tls
 print(no_tls.install())
 import asyncio, ssl, uvloop
 maps = open("/proc/self/maps").read()
@@ -45,7 +45,7 @@ def test_uvloop_runs_without_openssl_loaded() -> None:
 
 def test_real_ssl_is_used_when_the_placeholder_does_not_fit() -> None:
     # a uvloop that reads a name the placeholder lacks: the real module is loaded instead
-    prelude = ("from daemon import no_tls\n"
+    prelude = ("from daemon.host import no_tls\n"
                "_orig = no_tls._placeholder\n"
                "def _thin():\n"
                "    m = _orig(); del m.MemoryBIO; return m\n"

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon import fuse
+from daemon.protocol import fuse
 from tests.daemon import REPO, pyvirtiofsd
 from tests.frontend import Frontend
 
 
 def stats(sock: Path) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "stats", "--socket-path", str(sock), "--json",
+        [sys.executable, "-m", "supervisor", "stats", "--socket-path", str(sock), "--json",
          "--interval", "0.1"], cwd=REPO, check=True, capture_output=True, text=True, timeout=30)
     return json.loads(out.stdout)
 
@@ -54,6 +54,6 @@ def test_stats_counts_inodes_open_files_and_workers(tmp_path: Path) -> None:
 
 
 def test_stats_without_a_daemon_says_so(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "stats", "--socket-path",
+    r = subprocess.run([sys.executable, "-m", "supervisor", "stats", "--socket-path",
                         str(tmp_path / "none.sock")], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "none.sock.pid" in r.stderr

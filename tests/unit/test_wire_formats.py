@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import fuse
-from daemon import vhost_user as vu
-from daemon.vhost_user import ProtocolError
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
+from daemon.protocol.vhost_user import ProtocolError
 
 STRUCTS = {
     "fuse_in_header": fuse.IN_HEADER,

@@ -1,24 +1,18 @@
-"""Command line, compatible with virtiofsd 1.13 (``--shared-dir``, ``--socket-path``,
+"""Command-line options, compatible with virtiofsd 1.13 (``--shared-dir``, ``--socket-path``,
 ``--fd``, ``--cache``, ..., and the legacy ``-o source=...`` form), so libvirt and
 scripts can start pyvirtiofsd in its place."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import resource
-import socket
-import stat
-import sys
 from typing import TYPE_CHECKING
 
-from daemon import capabilities, no_site, sd_notify, seccomp
+from daemon.host import capabilities
 
 if TYPE_CHECKING:
-    from daemon.queue_stats import QueueStats
-    from shm_table import HandleTable, InodeTable
+    pass
 
 VERSION = "0.1.0"
 CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
@@ -242,8 +236,8 @@ def parse_ns_map(option: str, value: str) -> tuple[int, int, int]:
 
 def validate_virtiofsd_options(args: argparse.Namespace) -> None:
     """The options of virtiofsd 1.13 whose values or combinations can be wrong."""
-    from daemon.idmap import IdMap, IdMapError
-    from daemon.xattrmap import XattrMap, XattrMapError
+    from daemon.fs.idmap import IdMap, IdMapError
+    from daemon.fs.xattrmap import XattrMap, XattrMapError
 
     for option, attr in (("--translate-uid", "translate_uid"),
                          ("--translate-gid", "translate_gid")):
@@ -271,7 +265,7 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--modcaps={args.modcaps} cannot remove dac_read_search with "
                              f"--inode-file-handles={args.inode_file_handles} (file handles "
                              "need it)")
-    from daemon.sandbox import IdMap
+    from daemon.host.sandbox import IdMap
 
     for option, attr in (("--uid-map", "uid_map"), ("--gid-map", "gid_map")):
         values = getattr(args, attr)
@@ -290,257 +284,3 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
             if getattr(args, flag[2:].replace("-", "_")):
                 raise UsageError(f"{flag} cannot be used with --migration-mode=file-handles "
                                  "(only with find-paths, where it is needed)")
-
-
-SYSLOG_SOCKET = "/dev/log"
-
-
-def syslog_reachable(path: str = SYSLOG_SOCKET) -> str | None:
-    """None if a syslog daemon listens on path, else why not."""
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_UNIX, kind) as s:
-            try:
-                s.connect(path)
-                return None
-            except OSError as e:
-                why = e.strerror or str(e)
-    return why
-
-
-def setup_logging(level: str, use_syslog: bool) -> None:
-    handler: logging.Handler
-    unreachable = syslog_reachable() if use_syslog else None
-    if use_syslog and unreachable is None:
-        # only here: logging.handlers brings pickle and more (~1 MB per daemon)
-        from logging.handlers import SysLogHandler
-
-        handler = SysLogHandler(address=SYSLOG_SOCKET)
-        handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("[%(asctime)s %(levelname)s %(name)s %(process)d] %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LOG_LEVELS[level])
-    if unreachable is not None:
-        logging.getLogger("pyvirtiofsd").warning(
-            "--syslog: no syslog daemon on %s (%s); logging to standard error instead",
-            SYSLOG_SOCKET, unreachable)
-
-
-def raise_nofile(limit: int | None) -> None:
-    """Like virtiofsd: min(1,000,000, fs.nr_open) unless told otherwise; 0 = leave."""
-    if limit == 0:
-        return
-    if limit is None:
-        try:
-            with open("/proc/sys/fs/nr_open") as f:
-                limit = min(1_000_000, int(f.read()))
-        except OSError:
-            limit = 1_000_000
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    except (ValueError, OSError):
-        # without CAP_SYS_RESOURCE the hard limit is the ceiling
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        logging.getLogger("pyvirtiofsd").info(
-            "RLIMIT_NOFILE is %d (the hard limit; %d needs CAP_SYS_RESOURCE)", hard, limit)
-
-
-def fd_cache_budget(num_request_queues: int) -> int:
-    """Each worker's share of RLIMIT_NOFILE for re-opened inode fds: a quarter of what is
-    left after memory slots and the daemon's own fds, so open files keep the rest."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    reserve = 509 + 200
-    return max(32, min(4096, (soft - reserve) // (4 * (num_request_queues + 1))))
-
-
-def listener_from_fd(fd: int) -> socket.socket:
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as e:
-        raise UsageError(f"--fd {fd}: not an open file descriptor ({e.strerror})") from e
-    if not stat.S_ISSOCK(mode):
-        raise UsageError(f"--fd {fd}: not a socket")
-    return socket.socket(fileno=fd)
-
-
-SD_LISTEN_FDS_START = 3
-
-
-def listener_from_systemd() -> socket.socket:
-    """The listening socket systemd passed (socket activation: LISTEN_FDS, LISTEN_PID);
-    its variables are taken out of the environment, as sd_listen_fds() does."""
-    count = os.environ.pop("LISTEN_FDS", "")
-    owner = os.environ.pop("LISTEN_PID", "")
-    os.environ.pop("LISTEN_FDNAMES", None)
-    if owner and owner != str(os.getpid()):
-        raise UsageError(f"socket activation: LISTEN_PID={owner} names another process "
-                         f"(this is {os.getpid()}); give --socket-path or --fd")
-    if count != "1":
-        raise UsageError(f"socket activation: LISTEN_FDS={count or '(unset)'}, expected "
-                         "exactly one socket (one vhost-user socket per daemon); give "
-                         "--socket-path or --fd")
-    listener = listener_from_fd(SD_LISTEN_FDS_START)
-    if listener.type != socket.SOCK_STREAM or listener.family != socket.AF_UNIX:
-        raise UsageError("socket activation: fd 3 is not a UNIX stream socket "
-                         "(ListenStream= with a path in the .socket unit)")
-    return listener
-
-
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-        no_site.reexec_without_site(argv)  # returns only where it does not apply
-    if argv[:1] == ["stats"]:
-        from daemon import stats
-
-        return stats.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.print_capabilities:
-        print(json.dumps(CAPABILITIES))
-        return 0
-    try:
-        apply_compat(args)
-        validate(args)
-        setup_logging(args.log_level, args.syslog)
-        log = logging.getLogger("pyvirtiofsd")
-        if args.allow_mmap and args.cache not in ("metadata", "never"):
-            log.info("--allow-mmap only matters with --cache metadata or never (files are "
-                     "not opened direct-io with --cache %s)", args.cache)
-        return serve(args)
-    except UsageError as e:
-        parser.print_usage(sys.stderr)
-        print(f"pyvirtiofsd: error: {e}", file=sys.stderr)
-        return 2
-
-
-def serve(args: argparse.Namespace) -> int:
-    from daemon import no_tls
-
-    no_tls.install()  # before supervisor imports asyncio
-    import supervisor
-    from daemon import sandbox
-    from daemon.queue_stats import QueueStats
-    from shm_table import HandleTable, InodeTable
-
-    log = logging.getLogger("pyvirtiofsd")
-    # connected now: inside the sandbox its path or abstract name is out of reach
-    notifier = sd_notify.Notifier.from_environment()
-    raise_nofile(args.rlimit_nofile)
-    os.umask(0)  # modes come from the guest, already masked by its umask
-    pid_fd = -1
-    if args.fd is not None:
-        listener = listener_from_fd(args.fd)
-    elif args.socket_path:
-        pid_fd = supervisor.lock_pid_file(args.socket_path)
-        listener = supervisor.create_listener(args.socket_path, args.socket_group)
-    else:
-        listener = listener_from_systemd()
-    name = f"/pyvirtiofsd-{os.getpid()}"
-    inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
-    handles = HandleTable.create(name + "-handles", args.handle_table_size)
-    stats = QueueStats.create(name + "-stats", 1 + args.num_request_queues)
-    shared_dir = os.path.abspath(args.shared_dir)
-    # read while /proc is still there: the sandboxed server sees only its fds in it
-    args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
-    if args.seccomp != "none":
-        try:
-            seccomp.load()
-        except seccomp.SeccompError as e:
-            log.error("--seccomp %s: %s", args.seccomp, e)
-            return 1
-    try:
-        if args.sandbox != "none":
-            import uvloop  # noqa: F401 - nothing can be imported once inside
-
-            try:
-                outside = sandbox.enter(args.sandbox, shared_dir, args.uid_maps,
-                                        args.gid_maps)
-            except sandbox.SandboxError as e:
-                log.error("--sandbox %s: %s", args.sandbox, e)
-                return 1
-            if outside is not None:
-                listener.close()  # the sandboxed server has its own copy
-                return outside.wait()
-            # the sandboxed server: it must not clean up host paths (the same names in
-            # here are files of the shared directory); the process outside does that
-            try:
-                code = run_server(args, "/", listener, inodes, handles, notifier, stats)
-            finally:
-                logging.shutdown()
-            os._exit(code)
-        return run_server(args, shared_dir, listener, inodes, handles, notifier, stats)
-    finally:
-        inodes.unlink()
-        handles.unlink()
-        stats.unlink()
-        if args.socket_path:
-            for path in (args.socket_path, args.socket_path + ".pid"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        if pid_fd >= 0:
-            os.close(pid_fd)
-
-
-def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
-               inodes: InodeTable, handles: HandleTable,
-               notifier: sd_notify.Notifier | None = None,
-               stats: QueueStats | None = None) -> int:
-    import supervisor
-    from daemon.passthrough import Config, PassthroughFs
-
-    log = logging.getLogger("pyvirtiofsd")
-    config = Config(
-        cache=args.cache, readdirplus=not args.no_readdirplus, writeback=args.writeback,
-        allow_direct_io=args.allow_direct_io, preserve_noatime=args.preserve_noatime,
-        announce_submounts=args.announce_submounts, readonly=args.readonly,
-        file_handles=args.inode_file_handles, xattr=args.xattr,
-        fd_cache_size=fd_cache_budget(args.num_request_queues),
-        posix_lock=args.posix_lock, flock=args.flock,
-        uid_map=args.translate_uid_map, gid_map=args.translate_gid_map,
-        xattrmap=args.xattrmap_rules, posix_acl=args.posix_acl,
-        security_label=args.security_label, killpriv_v2=args.killpriv_v2,
-        allow_mmap=args.allow_mmap,
-    )
-    fs = PassthroughFs(shared_dir, inodes, handles, config)
-    try:
-        fs.add_root()
-    except OSError as e:
-        log.error("cannot share %s: %s", args.shared_dir, e.strerror or e)
-        return 1
-    if args.cap_last >= 0:  # started as root: keep only what serving files needs
-        keep = capabilities.retained(fs.use_handles,
-                                     parse_modcaps(args.modcaps) if args.modcaps else ())
-        try:
-            capabilities.drop_all_but(keep, args.cap_last)
-        except OSError as e:
-            log.error("cannot drop capabilities: %s", e.strerror or e)
-            return 1
-        log.info("capabilities kept: %s", " ".join(sorted(keep)))
-    if args.seccomp != "none":
-        try:
-            allowed = seccomp.install(args.seccomp)
-        except seccomp.SeccompError as e:
-            log.error("--seccomp %s: %s", args.seccomp, e)
-            return 1
-        log.info("seccomp: %d system calls allowed, others %s", allowed,
-                 {"kill": "kill the process", "log": "are logged by the kernel",
-                  "trap": "raise SIGSYS"}[args.seccomp])
-    log.info("sharing %s on %s%s", args.shared_dir,
-             args.socket_path or f"fd {listener.fileno()}",
-             "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
-    return supervisor.run(fs, listener, tag=args.tag,
-                          num_request_queues=args.num_request_queues,
-                          poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
-                          where=args.socket_path or f"fd {listener.fileno()}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

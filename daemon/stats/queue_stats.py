@@ -1,6 +1,6 @@
 """Per-queue request counters in shared memory, for ``pyvirtiofsd stats``.
 
-One row per virtqueue (``pyvfs_qstats_t`` in daemon/fast_path.c): requests, how many were
+One row per virtqueue (``pyvfs_qstats_t`` in daemon/native/fast_path.c): requests, how many were
 answered in C, errors, dropped chains, data bytes read and written, wake-ups, interrupts
 sent to the guest, and requests per opcode. The supervisor creates the segment
 (``/pyvirtiofsd-<pid>-stats``) before any worker exists; each worker writes only its own
@@ -17,7 +17,7 @@ from typing import Any
 
 import posix_ipc
 
-from daemon import fuse
+from daemon.protocol import fuse
 
 MAGIC = b"PYVFSQS1"
 VERSION = 1
@@ -72,7 +72,7 @@ class QueueStats:
 
     def attach_worker(self, index: int) -> None:
         """Point the C counters of this (worker) process at queue ``index``'s row."""
-        from daemon._sys import ffi, lib
+        from daemon.native._sys import ffi, lib
 
         if not 0 <= index < self.queues:
             return
@@ -94,7 +94,7 @@ class QueueStats:
 
     def close(self) -> None:
         if self._c_rows is not None:
-            from daemon._sys import ffi
+            from daemon.native._sys import ffi
 
             ffi.release(self._c_rows)
             self._c_rows = None

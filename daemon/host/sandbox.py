@@ -185,7 +185,7 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
 def _reopen_through(proc_fd: int) -> None:
     """Reopen fds through ``proc_fd`` (the server's fd directory) from now on; the
     working directory stays the root, which workers inherit."""
-    from daemon import passthrough
+    from daemon.fs import passthrough
 
     passthrough.PROC_DIR_FD = proc_fd
 

@@ -43,7 +43,7 @@ def module_roots() -> list[str] | None:
 
 
 def reexec_without_site(argv: list[str]) -> None:
-    """Replace this process by ``python -S -P -m daemon.cli ARGV``; returns only where
+    """Replace this process by ``python -S -P -m supervisor ARGV``; returns only where
     that is not wanted or not possible."""
     if sys.flags.no_site or os.environ.get("PYVIRTIOFSD_SITE") == "1":
         return
@@ -58,4 +58,4 @@ def reexec_without_site(argv: list[str]) -> None:
     env["PYTHONPATH"] = os.pathsep.join(roots)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-S", "-P", "-m", "daemon.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-S", "-P", "-m", "supervisor", *argv], env)

@@ -20,14 +20,15 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from daemon import fuse, locks
-from daemon._sys import ffi, lib
-from daemon.capabilities import without_fsetid
-from daemon.fd_cache import FdCache, open_by_handle
-from daemon.fuse import FuseError
-from daemon.idmap import IdMap
-from daemon.lock_owners import LockOwners
-from daemon.xattrmap import XattrMap
+from daemon.fs import locks
+from daemon.fs.fd_cache import FdCache, open_by_handle
+from daemon.fs.idmap import IdMap
+from daemon.fs.lock_owners import LockOwners
+from daemon.fs.xattrmap import XattrMap
+from daemon.host.capabilities import without_fsetid
+from daemon.native._sys import ffi, lib
+from daemon.protocol import fuse
+from daemon.protocol.fuse import FuseError
 
 log = logging.getLogger("pyvirtiofsd.fs")
 
@@ -164,7 +165,7 @@ def check_name(name: bytes) -> bytes:
 # The fd directory through which an inode's O_PATH fd is reopened by the name of its
 # number (a magic link: it resolves to the inode itself, and nothing the guest sends is part
 # of the name). -1: /proc/self/fd of the calling process. In the sandbox /proc is out of
-# sight, so daemon.sandbox keeps a directory fd of the server's fd directory here; the
+# sight, so daemon.host.sandbox keeps a directory fd of the server's fd directory here; the
 # server's working directory stays its root (the share).
 PROC_DIR_FD = -1
 

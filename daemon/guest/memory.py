@@ -13,8 +13,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from daemon._sys import ffi, lib
-from daemon.vhost_user import MemoryRegion
+from daemon.native._sys import ffi, lib
+from daemon.protocol.vhost_user import MemoryRegion
 
 PAGE = 4096
 

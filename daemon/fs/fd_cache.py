@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 
-from daemon._sys import ffi, lib
+from daemon.native._sys import ffi, lib
 
 
 class FdCache:
-    """The cache itself is C (``daemon/fast_path.c``), so the worker's C fast path
+    """The cache itself is C (``daemon/native/fast_path.c``), so the worker's C fast path
     (GETATTR, LOOKUP, FORGET) and the Python operations share it."""
 
     __slots__ = ("c",)

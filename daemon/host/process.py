@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from daemon._sys import lib
+from daemon.native._sys import lib
 
 _before = ctypes.pythonapi.PyOS_BeforeFork
 _after_parent = ctypes.pythonapi.PyOS_AfterFork_Parent

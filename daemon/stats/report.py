@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from daemon import queue_stats
+from daemon.stats import queue_stats
 from shm_table import HandleTable, InodeTable
 
 

@@ -4,7 +4,7 @@
 flock() locks are taken on the open file the guest's ``fh`` names (exactly flock's
 owner); POSIX locks as open-file-description locks (F_OFD_*: never owned by the daemon
 process that happens to run the request, never dropped by another worker closing an fd
-of the file) on a description per guest lock owner (``daemon/lock_owners.py``). Nothing
+of the file) on a description per guest lock owner (``daemon/fs/lock_owners.py``). Nothing
 here blocks: a lock that is not free raises :class:`LockBusy`, and the worker retries a
 SETLKW later without stalling its queue.
 """
@@ -16,7 +16,7 @@ import fcntl
 import os
 import struct
 
-from daemon import fuse
+from daemon.protocol import fuse
 
 FLOCK = struct.Struct("hhqqi4x")  # struct flock on x86_64/aarch64: type whence start len pid
 F_RDLCK, F_WRLCK, F_UNLCK = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK

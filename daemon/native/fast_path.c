@@ -1,8 +1,8 @@
 /* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS and CREATE answered
- * wholly in C (appended to daemon._sys's
+ * wholly in C (appended to daemon.native._sys's
  * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
  *
- * The rule: answer exactly what daemon/passthrough.py would answer, byte for byte, or
+ * The rule: answer exactly what daemon/fs/passthrough.py would answer, byte for byte, or
  * return 0 ("not handled") and let Python answer. Everything unusual is declined: odd
  * lengths, request extensions, bad names, unknown nodeids, any failing system call, a full
  * inode table, time stamps Python cannot encode. Python then redoes the request from the
@@ -13,7 +13,7 @@
  * from InodeTable.c_api()), so the reference counting is the table's, not a copy. */
 
 /* ---- the worker's cache of O_PATH fds for inodes the table keeps by file handle only.
- * Python's daemon/fd_cache.py is a thin wrapper around it, so the C and Python paths
+ * Python's daemon/fs/fd_cache.py is a thin wrapper around it, so the C and Python paths
  * share one cache. Least recently used first out; pinned nodeids (in use by a Python
  * request) are never evicted. */
 struct pyvfs_fdc_node {
@@ -830,7 +830,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     }
 }
 
-/* ---- per-queue counters for `pyvirtiofsd stats` (daemon/queue_stats.py): a row per
+/* ---- per-queue counters for `pyvirtiofsd stats` (daemon/stats/queue_stats.py): a row per
  * queue in a shared segment. Only that queue's worker writes its row (relaxed stores of
  * aligned words: readers in other processes see whole values), so counting costs no
  * atomics; the row outlives a worker that is restarted. One worker serves one queue, so
@@ -883,7 +883,7 @@ void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, in
 }
 
 /* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
- * The split ring's state lives here so Python's SplitQueue (daemon/virtqueue.py) and this
+ * The split ring's state lives here so Python's SplitQueue (daemon/guest/virtqueue.py) and this
  * loop share it. */
 typedef struct {
     uint64_t desc, avail, used;  /* host addresses of the three ring parts */

@@ -1,4 +1,4 @@
-"""cffi builder for ``daemon._sys``: the few system calls and memory-ordering primitives
+"""cffi builder for ``daemon.native._sys``: the few system calls and memory-ordering primitives
 Python's standard library lacks (clone with a shared fd table, per-thread fs credentials,
 getdents64, fences, guest-memory mapping)."""
 
@@ -7,10 +7,11 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _fast_path_source() -> str:
-    """GETATTR/LOOKUP/FORGET in C and the workers' fd cache (daemon/fast_path.c)."""
+    """GETATTR/LOOKUP/FORGET in C and the workers' fd cache (daemon/native/fast_path.c)."""
     with open(os.path.join(HERE, "fast_path.c")) as f:
         return f.read()
 
@@ -70,7 +71,7 @@ ffibuilder.cdef(
                       int allow_write, uint32_t *written);
     int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
     int pyvfs_syncfs(int fd);
-    /* daemon/fast_path.c */
+    /* daemon/native/fast_path.c */
     typedef struct {
         uint64_t capacity;
         uint64_t count;
@@ -163,7 +164,7 @@ ffibuilder.cdef(
 )
 
 ffibuilder.set_source(
-    "daemon._sys",
+    "daemon.native._sys",
     r"""
     #include <errno.h>
     #include <fcntl.h>
@@ -552,8 +553,8 @@ ffibuilder.set_source(
     }
     """ + _fast_path_source(),
     # relative to the project root, so setuptools rebuilds when it changes
-    depends=["daemon/fast_path.c", "shm_table/native.h"],
-    include_dirs=[os.path.join(os.path.dirname(HERE), "shm_table")],
+    depends=["daemon/native/fast_path.c", "shm_table/native.h"],
+    include_dirs=[os.path.join(ROOT, "shm_table")],
 )
 
 if __name__ == "__main__":
