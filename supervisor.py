@@ -14,10 +14,7 @@ no_tls.install()  # before asyncio and uvloop, which import ssl (4 MB of OpenSSL
 
 import argparse
 import asyncio
-import ctypes
-import errno
 import fcntl
-import gc
 import json
 import logging
 import os
@@ -26,12 +23,12 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
 from daemon.host import capabilities, no_site, sandbox, sd_notify, seccomp
-from daemon.host.process import clone_shared_fds
 from daemon.host.sd_notify import Notifier
 from daemon.options import (
     CAPABILITIES,
@@ -49,39 +46,14 @@ from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
 from workers.interrupts import InterruptBoard
-from workers.queue_worker import worker_main  # imported here so workers start warm
+from workers.pool import Worker, WorkerPool, close_quietly
 
 log = logging.getLogger("pyvirtiofsd")
 
 MAX_FDS_PER_MESSAGE = 16
 MAX_MEM_SLOTS = 509
-# QEMU must hear back within a second whatever a worker does (one asleep in a host system
-# call never answers): a worker that takes longer than this to acknowledge a control
-# message is killed and, if its ring goes on, replaced
-WORKER_REPLY_TIMEOUT = 0.5
-KILL_WAIT = 0.2  # how long a handler waits to see a killed worker exit before going on
 MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
-
-
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-
-
-def freeze_heap() -> None:
-    """Before cloning a worker: collect garbage, then move every object the parent has into
-    the garbage collector's permanent generation.  A clone shares the parent's pages until
-    either writes to them; a collection that walked these objects would write to every one
-    (its GC header) and so copy nearly the whole heap, in the worker and in the supervisor.
-    After the first call only objects made since the previous one are collected and frozen,
-    so a later worker start does not copy the pages an earlier worker still shares.
-
-    Then give free malloc memory back to the kernel (glibc's malloc_trim): what start-up
-    allocated and freed (imports, compiling modules without .pyc files, argument parsing)
-    would otherwise stay resident in the supervisor and in every clone (~2 MB)."""
-    gc.collect()
-    gc.freeze()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 @dataclass
@@ -98,18 +70,6 @@ class VringState:
     resume: bool = False  # a worker was lost: the next one starts at the used index
 
 
-@dataclass(eq=False)
-class Worker:
-    pid: int
-    control: socket.socket
-    peer_fd: int  # the worker's end of the control pair, in the shared fd table
-    queue: int
-    pidfd: int = -1  # readable when the worker exits (uvloop keeps SIGCHLD to itself)
-    lock_mutex_fd: int = -1  # its own description of the lock-owner table's memfd
-    exited: asyncio.Future[int] | None = None  # its wait status, once reaped
-    killed: bool = False  # SIGKILL sent: it never runs user code again
-
-
 @dataclass
 class DeviceState:
     acked_features: int = 0
@@ -118,7 +78,181 @@ class DeviceState:
     vrings: dict[int, VringState] = field(default_factory=dict)
 
 
-class Supervisor:
+class FrontEnd:
+    """The vhost-user connection: messages with their fds in, replies out. Messages are
+    read as they arrive (``messages``; None at the end) and handled one at a time."""
+
+    def __init__(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.conn = conn
+        self.loop = loop
+        self.messages: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.exit_code = 0  # 1 once the connection failed (not a clean close)
+        conn.setblocking(False)
+        loop.add_reader(conn.fileno(), self._on_readable)
+
+    @classmethod
+    async def accept(cls, listener: socket.socket) -> FrontEnd:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        conn, _ = await loop.sock_accept(listener)
+        return cls(conn, loop)
+
+    def close(self) -> None:
+        if self.conn.fileno() >= 0:
+            self.loop.remove_reader(self.conn.fileno())
+            self.conn.close()
+
+    def _on_readable(self) -> None:
+        try:
+            msg = self._receive_message()
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ProtocolError) as e:
+            log.error("vhost-user connection: %s; disconnecting", e)
+            self.exit_code = 1
+            msg = None
+        if msg is None:
+            self.loop.remove_reader(self.conn.fileno())
+        self.messages.put_nowait(msg)
+
+    def _receive_message(self) -> Message | None:
+        """One message: the header with its fds, then the payload (None on EOF)."""
+        conn = self.conn
+        header, ancdata, _flags, _ = conn.recvmsg(
+            vu.HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+        )
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(int.from_bytes(payload[i : i + 4], "little", signed=True)
+                           for i in range(0, usable, 4))
+        try:
+            if not header:
+                raise EOFError
+            conn.settimeout(RECEIVE_TIMEOUT)
+            try:
+                header += _recv_exact(conn, vu.HEADER_SIZE - len(header))
+                request, flags, size = vu.decode_header(header)
+                payload = _recv_exact(conn, size)
+            finally:
+                conn.setblocking(False)
+        except BaseException:
+            for fd in fds:
+                close_quietly(fd)
+            if isinstance(sys.exc_info()[1], EOFError):
+                return None
+            raise
+        return Message(request, flags, payload, fds)
+
+    def send(self, data: bytes) -> None:
+        self.conn.setblocking(True)
+        try:
+            self.conn.sendall(data)
+        finally:
+            self.conn.setblocking(False)
+
+
+class MemoryTableHandlers:
+    """SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG: the guest memory every worker maps,
+    changed at any time (memory hotplug, guest reboot), running queues included."""
+
+    state: DeviceState  # the Supervisor's
+    pool: WorkerPool
+    _ensure_worker: Callable[[int], None]  # replaces a worker that did not answer
+
+    async def on_set_mem_table(self, msg: Message) -> None:
+        regions = vu.decode_mem_table(msg.payload)
+        if len(regions) != len(msg.fds):
+            raise ProtocolError(f"{len(regions)} memory regions but {len(msg.fds)} fds")
+        new = list(zip(regions, msg.fds, strict=True))
+        old = self.state.regions
+        await self._change_memory(new)
+        msg.fds = []  # taken
+        for _, fd in old:
+            close_quietly(fd)
+
+    async def on_add_mem_reg(self, msg: Message) -> None:
+        region = vu.decode_single_region(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"ADD_MEM_REG carried {len(msg.fds)} fds, expected 1")
+        if len(self.state.regions) >= MAX_MEM_SLOTS:
+            raise ProtocolError("no free memory slot")
+        await self._change_memory([*self.state.regions, (region, msg.fds[0])])
+        msg.fds = []  # taken
+
+    async def on_rem_mem_reg(self, msg: Message) -> None:
+        region = vu.decode_single_region(msg.payload)
+        kept, removed = [], []
+        for r, fd in self.state.regions:
+            same = (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
+                region.guest_phys_addr, region.memory_size, region.userspace_addr)
+            (removed if same else kept).append((r, fd))
+        if not removed:
+            raise ProtocolError(f"no memory region at {region.guest_phys_addr:#x} to remove")
+        await self._change_memory(kept)
+        for _, fd in removed:
+            close_quietly(fd)
+
+    def _region_list(self, regions: list[tuple[vu.MemoryRegion, int]] | None = None
+                     ) -> list[list[int]]:
+        return [
+            [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd]
+            for r, fd in (self.state.regions if regions is None else regions)
+        ]
+
+    async def _change_memory(self, regions: list[tuple[vu.MemoryRegion, int]]) -> None:
+        """Make ``regions`` the memory table, for every running worker too, before QEMU
+        hears back. A region that cannot be mapped is refused here, before any worker
+        sees it; a worker that does not answer in time is replaced by a fresh one on the
+        new table; if a worker refuses it, every worker goes back to the old table and
+        the change fails (the caller then keeps its fds out of the table)."""
+        current = {fd for _, fd in self.state.regions}
+        check_regions([(r, fd) for r, fd in regions if fd not in current])
+        for index, vring in self.state.vrings.items():
+            if vring.worker is not None or vring.kick_fd >= 0:
+                self._check_ring_addresses(index, vring, regions)
+        old, self.state.regions = self.state.regions, regions  # what workers start on now
+        refused = await self._tell_workers({"op": control.OP_MEM,
+                                            "regions": self._region_list(regions)})
+        if refused:
+            self.state.regions = old
+            await self._tell_workers({"op": control.OP_MEM, "regions": self._region_list()})
+            raise refused[0]
+
+    async def _tell_workers(self, message: dict) -> list[OSError]:
+        """Send one control message to every running worker at once; those that do not
+        answer in time are replaced (on the current device state). Returns the refusals."""
+        running = [(index, vring.worker) for index, vring in self.state.vrings.items()
+                   if vring.worker is not None]
+        answers = await asyncio.gather(*(self.pool.ask(w, message) for _, w in running),
+                                       return_exceptions=True)
+        refused = []
+        for (index, _), answer in zip(running, answers, strict=True):
+            if isinstance(answer, OSError):
+                refused.append(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif answer is None:
+                self._ensure_worker(index)
+        return refused
+
+    @staticmethod
+    def _check_ring_addresses(index: int, vring: VringState,
+                              regions: list[tuple[vu.MemoryRegion, int]]) -> None:
+        """The rings must lie in guest memory before a worker is told to use them."""
+        assert vring.addr is not None
+        n = vring.size
+        for what, uva, size in (("descriptor table", vring.addr.desc_user_addr, 16 * n),
+                                ("avail ring", vring.addr.avail_user_addr, 6 + 2 * n),
+                                ("used ring", vring.addr.used_user_addr, 6 + 8 * n)):
+            if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
+                       + r.memory_size for r, _ in regions):
+                raise ProtocolError(f"queue {index}: {what} address {uva:#x}+{size:#x} is "
+                                    "outside guest memory")
+
+
+class Supervisor(MemoryTableHandlers):
     def __init__(
         self,
         fs: PassthroughFs,
@@ -137,11 +271,11 @@ class Supervisor:
         self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
         self.poll_us = poll_us
         self.state = DeviceState()
-        self.conn: socket.socket | None = None
+        self.front_end: FrontEnd | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.messages: asyncio.Queue[Message | None] | None = None
         self.exit_code = 0
-        self.workers: set[Worker] = set()  # every worker not reaped yet, current or not
+        self.pool = WorkerPool(fs, self.interrupts, stats, on_exit=self._worker_exited,
+                               on_kill=self._detach)
 
     # ----- features ---------------------------------------------------------------
 
@@ -164,80 +298,22 @@ class Supervisor:
 
     async def serve(self, listener: socket.socket) -> int:
         """Accept one front-end and serve it until it goes away, like virtiofsd."""
-        self.loop = asyncio.get_running_loop()
-        self.messages = asyncio.Queue()
-        listener.setblocking(False)
-        conn, _ = await self.loop.sock_accept(listener)
+        self.loop = self.pool.loop = asyncio.get_running_loop()
+        self.front_end = front_end = await FrontEnd.accept(listener)
         log.info("front-end connected")
         self.notifier.status("front-end connected")
-        conn.setblocking(False)
-        self.conn = conn
-        self.loop.add_reader(conn.fileno(), self._on_readable)
         try:
-            while True:
-                msg = await self.messages.get()
-                if msg is None:
-                    break
+            while (msg := await front_end.messages.get()) is not None:
                 await self.dispatch(msg)
         finally:
-            self.loop.remove_reader(conn.fileno())
             await self.stop_all_workers("the front-end is gone")
-            conn.close()
+            front_end.close()
         log.info("front-end disconnected, shutting down")
-        return self.exit_code
-
-    def _on_readable(self) -> None:
-        assert self.conn is not None and self.messages is not None
-        try:
-            msg = self._receive_message()
-        except (BlockingIOError, InterruptedError):
-            return
-        except (OSError, ProtocolError) as e:
-            log.error("vhost-user connection: %s; disconnecting", e)
-            self.exit_code = 1
-            msg = None
-        if msg is None:
-            self.loop.remove_reader(self.conn.fileno())
-        self.messages.put_nowait(msg)
-
-    def _receive_message(self) -> Message | None:
-        """One message: the header with its fds, then the payload (None on EOF)."""
-        conn = self.conn
-        assert conn is not None
-        header, ancdata, _flags, _ = conn.recvmsg(
-            vu.HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
-        )
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(int.from_bytes(payload[i : i + 4], "little", signed=True)
-                           for i in range(0, usable, 4))
-        try:
-            if not header:
-                raise EOFError
-            conn.settimeout(RECEIVE_TIMEOUT)
-            try:
-                header += _recv_exact(conn, vu.HEADER_SIZE - len(header))
-                request, flags, size = vu.decode_header(header)
-                payload = _recv_exact(conn, size)
-            finally:
-                conn.setblocking(False)
-        except BaseException:
-            for fd in fds:
-                _close_quietly(fd)
-            if isinstance(sys.exc_info()[1], EOFError):
-                return None
-            raise
-        return Message(request, flags, payload, fds)
+        return self.exit_code or front_end.exit_code
 
     def send(self, data: bytes) -> None:
-        assert self.conn is not None
-        self.conn.setblocking(True)
-        try:
-            self.conn.sendall(data)
-        finally:
-            self.conn.setblocking(False)
+        assert self.front_end is not None
+        self.front_end.send(data)
 
     # ----- dispatch ---------------------------------------------------------------
 
@@ -256,7 +332,7 @@ class Supervisor:
             ok = False
         finally:
             for fd in msg.fds:  # handlers take the fds they keep out of msg.fds
-                _close_quietly(fd)
+                close_quietly(fd)
         if reply is not None:
             self.send(vu.encode_reply(msg.request, reply))
         elif msg.request in vu.REQUESTS_WITH_REPLY:
@@ -305,7 +381,7 @@ class Supervisor:
         await self.stop_all_workers("device reset")
         for vring in self.state.vrings.values():
             for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
-                _close_quietly(fd)
+                close_quietly(fd)
         self.state.vrings.clear()
         self.state.acked_features = 0
 
@@ -324,97 +400,6 @@ class Supervisor:
 
     async def on_set_config(self, msg: Message) -> None:
         raise ProtocolError("the virtio-fs config space is read-only")
-
-    # --- memory
-    async def on_set_mem_table(self, msg: Message) -> None:
-        regions = vu.decode_mem_table(msg.payload)
-        if len(regions) != len(msg.fds):
-            raise ProtocolError(f"{len(regions)} memory regions but {len(msg.fds)} fds")
-        new = list(zip(regions, msg.fds, strict=True))
-        old = self.state.regions
-        await self._change_memory(new)
-        msg.fds = []  # taken
-        for _, fd in old:
-            _close_quietly(fd)
-
-    async def on_add_mem_reg(self, msg: Message) -> None:
-        region = vu.decode_single_region(msg.payload)
-        if len(msg.fds) != 1:
-            raise ProtocolError(f"ADD_MEM_REG carried {len(msg.fds)} fds, expected 1")
-        if len(self.state.regions) >= MAX_MEM_SLOTS:
-            raise ProtocolError("no free memory slot")
-        await self._change_memory([*self.state.regions, (region, msg.fds[0])])
-        msg.fds = []  # taken
-
-    async def on_rem_mem_reg(self, msg: Message) -> None:
-        region = vu.decode_single_region(msg.payload)
-        kept, removed = [], []
-        for r, fd in self.state.regions:
-            same = (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
-                region.guest_phys_addr, region.memory_size, region.userspace_addr)
-            (removed if same else kept).append((r, fd))
-        if not removed:
-            raise ProtocolError(f"no memory region at {region.guest_phys_addr:#x} to remove")
-        await self._change_memory(kept)
-        for _, fd in removed:
-            _close_quietly(fd)
-
-    def _region_list(self, regions: list[tuple[vu.MemoryRegion, int]] | None = None
-                     ) -> list[list[int]]:
-        return [
-            [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd]
-            for r, fd in (self.state.regions if regions is None else regions)
-        ]
-
-    async def _change_memory(self, regions: list[tuple[vu.MemoryRegion, int]]) -> None:
-        """Make ``regions`` the memory table, for every running worker too, before QEMU
-        hears back. A region that cannot be mapped is refused here, before any worker
-        sees it; a worker that does not answer in time is replaced by a fresh one on the
-        new table; if a worker refuses it, every worker goes back to the old table and
-        the change fails (the caller then keeps its fds out of the table)."""
-        current = {fd for _, fd in self.state.regions}
-        check_regions([(r, fd) for r, fd in regions if fd not in current])
-        for index, vring in self.state.vrings.items():
-            if vring.worker is not None or vring.kick_fd >= 0:
-                self._check_ring_addresses(index, vring, regions)
-        old, self.state.regions = self.state.regions, regions  # what workers start on now
-        refused = await self._tell_workers({"op": control.OP_MEM,
-                                            "regions": self._region_list(regions)})
-        if refused:
-            self.state.regions = old
-            await self._tell_workers({"op": control.OP_MEM, "regions": self._region_list()})
-            raise refused[0]
-
-    async def _tell_workers(self, message: dict) -> list[OSError]:
-        """Send one control message to every running worker at once; those that do not
-        answer in time are replaced (on the current device state). Returns the refusals."""
-        running = [(index, vring.worker) for index, vring in self.state.vrings.items()
-                   if vring.worker is not None]
-        answers = await asyncio.gather(*(self._ask(w, message) for _, w in running),
-                                       return_exceptions=True)
-        refused = []
-        for (index, _), answer in zip(running, answers, strict=True):
-            if isinstance(answer, OSError):
-                refused.append(answer)
-            elif isinstance(answer, BaseException):
-                raise answer
-            elif answer is None:
-                self._ensure_worker(index)
-        return refused
-
-    @staticmethod
-    def _check_ring_addresses(index: int, vring: VringState,
-                              regions: list[tuple[vu.MemoryRegion, int]]) -> None:
-        """The rings must lie in guest memory before a worker is told to use them."""
-        assert vring.addr is not None
-        n = vring.size
-        for what, uva, size in (("descriptor table", vring.addr.desc_user_addr, 16 * n),
-                                ("avail ring", vring.addr.avail_user_addr, 6 + 2 * n),
-                                ("used ring", vring.addr.used_user_addr, 6 + 8 * n)):
-            if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
-                       + r.memory_size for r, _ in regions):
-                raise ProtocolError(f"queue {index}: {what} address {uva:#x}+{size:#x} is "
-                                    "outside guest memory")
 
     # --- vrings
     async def on_set_vring_num(self, msg: Message) -> None:
@@ -444,9 +429,9 @@ class Supervisor:
             base = None
             if worker is not None:
                 try:
-                    answer = await self._ask(worker, {"op": control.OP_STOP})
+                    answer = await self.pool.ask(worker, {"op": control.OP_STOP})
                 except OSError:  # it must not go on serving a stopped ring
-                    await self._kill(worker)
+                    await self.pool.kill(worker)
                     answer = None
                 if answer is not None:
                     base = int(answer.get("last_avail", vring.base))
@@ -457,7 +442,7 @@ class Supervisor:
                 vring.base = base & 0xFFFF
             vring.resume = False
         finally:
-            _close_quietly(kick)
+            close_quietly(kick)
         return vu.encode_vring_state(index, vring.base)
 
     async def on_set_vring_kick(self, msg: Message) -> None:
@@ -470,7 +455,7 @@ class Supervisor:
         worker = vring.worker
         try:
             if worker is not None:
-                if await self._ask(worker, {"op": control.OP_KICK, "fd": fd}) is None:
+                if await self.pool.ask(worker, {"op": control.OP_KICK, "fd": fd}) is None:
                     self._ensure_worker(index)  # a fresh worker on the new fd
             else:
                 if not self.state.protocol_features and not self.state.acked_features & (
@@ -484,7 +469,7 @@ class Supervisor:
                 old = fd
             raise
         finally:
-            _close_quietly(old)
+            close_quietly(old)
 
     async def on_set_vring_call(self, msg: Message) -> None:
         index, has_fd = vu.decode_vring_fd(msg.payload)
@@ -493,19 +478,19 @@ class Supervisor:
         old, vring.call_fd = vring.call_fd, fd
         worker = vring.worker
         try:
-            if worker is not None and await self._ask(
+            if worker is not None and await self.pool.ask(
                     worker, {"op": control.OP_CALL, "fd": fd}) is None:
                 self._ensure_worker(index)
         except BaseException:
             vring.call_fd, old = old, fd
             raise
         finally:
-            _close_quietly(old)
+            close_quietly(old)
 
     async def on_set_vring_err(self, msg: Message) -> None:
         index, has_fd = vu.decode_vring_fd(msg.payload)
         vring = self._vring(index)
-        _close_quietly(vring.err_fd)
+        close_quietly(vring.err_fd)
         vring.err_fd = self._take_fd(msg) if has_fd else -1
 
     async def on_set_vring_enable(self, msg: Message) -> None:
@@ -513,40 +498,27 @@ class Supervisor:
         vring = self._vring(index)
         vring.enabled = bool(enable)
         worker = vring.worker
-        if worker is not None and await self._ask(
+        if worker is not None and await self.pool.ask(
                 worker, {"op": control.OP_ENABLE, "on": vring.enabled}) is None:
             self._ensure_worker(index)
 
     # ----- workers ----------------------------------------------------------------
     #
-    # Every worker is reaped through its pidfd (_on_worker_exit), whatever ended it, so
-    # none is left a zombie. A ring has at most one worker: a new one starts only when
-    # the ring has none (_ensure_worker), and while a killed predecessor has not exited
-    # yet (asleep in the kernel, where a system call may still complete) the start waits
-    # for that exit.
+    # A ring has at most one worker: a new one starts only when the ring has none
+    # (_ensure_worker), and while a killed predecessor has not exited yet the start waits
+    # for that exit (workers/pool.py reaps every worker, whatever ended it).
 
-    def _on_worker_exit(self, worker: Worker) -> None:
-        """Reap the worker; one that died on its own is replaced (its ring state is in
-        guest memory), and a ring that waited for this exit gets its worker now."""
-        assert self.loop is not None
-        try:
-            if os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-                return  # not yet (the pidfd says it exited: this is not expected)
-            # a zombie still: none of its TIDs can name another task yet
-            self._give_back_pins()
-            _pid, status = os.waitpid(worker.pid, 0)
-        except ChildProcessError:
-            status = 0  # reaped elsewhere (shutdown)
-        self.loop.remove_reader(worker.pidfd)
-        self._release_worker_fds(worker)
-        self.workers.discard(worker)
-        assert worker.exited is not None
-        if not worker.exited.done():
-            worker.exited.set_result(status)
-        # fds a worker owned mid-operation when it died are parked in the tables' headers
-        for table in (self.fs.inodes, self.fs.handles):
-            for fd in table.take_orphaned_fds():
-                _close_quietly(fd)
+    def _detach(self, worker: Worker) -> None:
+        """The worker is being killed: its ring is free, and the next worker resumes at
+        the used index."""
+        vring = self.state.vrings.get(worker.queue)
+        if vring is not None and vring.worker is worker:
+            vring.worker = None
+            vring.resume = True
+
+    def _worker_exited(self, worker: Worker, status: int) -> None:
+        """One that died on its own is replaced (its ring state is in guest memory), and a
+        ring that waited for this exit gets its worker now."""
         index = worker.queue
         vring = self.state.vrings.get(index)
         if vring is None:
@@ -564,24 +536,6 @@ class Supervisor:
             log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
         self._start_logged(index)
 
-    def _give_back_pins(self) -> None:
-        """The pins a dead worker's requests in flight held go back to the tables, freeing
-        what only they kept.  Called while the worker is still a zombie, so none of its
-        TIDs can name another task yet."""
-        for table in (self.fs.inodes, self.fs.handles):
-            table.reap_dead_pins()
-
-    def _release_worker_fds(self, worker: Worker) -> None:
-        if worker.control.fileno() >= 0 and self.loop is not None and not self.loop.is_closed():
-            self.loop.remove_reader(worker.control.fileno())  # before the number is reused
-        worker.control.close()
-        _close_quietly(worker.peer_fd)
-        _close_quietly(worker.pidfd)
-        worker.pidfd = -1
-        # a worker killed inside the lock-owner table's critical section held its lock
-        # on this description: closing it lets the other workers go on
-        _close_quietly(worker.lock_mutex_fd)
-
     def _start_logged(self, index: int) -> None:
         try:
             self._ensure_worker(index)
@@ -594,7 +548,7 @@ class Supervisor:
         vring = self.state.vrings.get(index)
         if vring is None or vring.worker is not None or vring.kick_fd < 0:
             return
-        if any(w.queue == index and w.killed for w in self.workers):
+        if self.pool.killed_on(index):
             log.warning("queue %d: its killed worker has not exited yet; the new one starts "
                         "when it has", index)
             return
@@ -617,92 +571,7 @@ class Supervisor:
             regions=self._region_list(), resume_from_used=resume,
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
         )
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        supervisor_pid = os.getpid()
-        owners = self.fs.lock_owners
-        lock_mutex_fd = owners.open_mutex() if owners is not None else -1
-        freeze_heap()
-        pid = clone_shared_fds()
-        if pid == 0:
-            try:  # the child must never unwind into the supervisor's code
-                ours.detach()  # shared fd table: closing it here would close it for everyone
-                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
-                            lock_mutex_fd, self.stats)
-            finally:
-                os._exit(1)
-        peer_fd = theirs.detach()  # the worker's end stays open in the shared table
-        ours.setblocking(False)
-        assert self.loop is not None
-        worker = Worker(pid, ours, peer_fd, index, os.pidfd_open(pid), lock_mutex_fd,
-                        self.loop.create_future())
-        vring.worker = worker
-        self.workers.add(worker)
-        self.loop.add_reader(worker.pidfd, self._on_worker_exit, worker)
-        log.info("queue %d: worker %d started", index, pid)
-
-    async def _ask(self, worker: Worker, message: dict) -> dict | None:
-        """Send a control message and wait for the worker's acknowledgement. None when
-        there is none: the worker died, or did not answer within WORKER_REPLY_TIMEOUT
-        and was killed; either way it no longer touches its ring, and the caller goes
-        on without it. A worker's refusal raises OSError."""
-        assert self.loop is not None and worker.exited is not None
-        if worker.killed or worker.exited.done():
-            return None
-        loop, sock = self.loop, worker.control
-        answered: asyncio.Future[bytes] = loop.create_future()
-
-        def readable() -> None:
-            try:
-                data = sock.recv(control.MAX_MESSAGE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not answered.done():
-                answered.set_result(data)
-
-        try:
-            sock.send(control.encode(message))
-        except OSError as e:  # its queue is full: it has not read for a long time
-            log.warning("queue %d: cannot reach worker %d: %s", worker.queue, worker.pid, e)
-        else:
-            loop.add_reader(sock.fileno(), readable)
-            try:
-                await asyncio.wait((answered, worker.exited), timeout=WORKER_REPLY_TIMEOUT,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if sock.fileno() >= 0:
-                    loop.remove_reader(sock.fileno())
-            if answered.done() and answered.result():
-                answer = control.decode(answered.result())
-                if not answer.get("ok"):
-                    raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
-                return answer
-            if worker.exited.done() or answered.done():
-                return None  # it died (its exit is handled in _on_worker_exit)
-        log.error("queue %d: worker %d did not answer %r within %.1f s; killed it",
-                  worker.queue, worker.pid, message.get("op"), WORKER_REPLY_TIMEOUT)
-        await self._kill(worker)
-        return None
-
-    async def _kill(self, worker: Worker) -> None:
-        """SIGKILL: from the moment it is sent the worker never runs user code again, so
-        its ring is free for another worker. It is taken off its ring (the next worker
-        resumes at the used index) and reaped when it exits; this waits KILL_WAIT at most
-        for that, for a worker asleep in the kernel may take longer."""
-        assert worker.exited is not None
-        vring = self.state.vrings.get(worker.queue)
-        if vring is not None and vring.worker is worker:
-            vring.worker = None
-            vring.resume = True
-        if not worker.killed and not worker.exited.done():
-            worker.killed = True
-            try:
-                signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # exited already: the pidfd reader reaps it
-        if not worker.exited.done():
-            await asyncio.wait((worker.exited,), timeout=KILL_WAIT)
+        vring.worker = self.pool.start(setup)
 
     async def stop_all_workers(self, why: str) -> None:
         """Kill every worker (a reset or the end of the connection: their rings are
@@ -715,23 +584,15 @@ class Supervisor:
             if worker is not None:
                 log.info("queue %d: stopping worker %d (%s)", index, worker.pid, why)
                 workers.append(worker)
-        await asyncio.gather(*(self._kill(w) for w in workers))
+        await asyncio.gather(*(self.pool.kill(w) for w in workers))
         for fd in kicks:
-            _close_quietly(fd)
+            close_quietly(fd)
 
     def kill_workers_now(self) -> None:
         """On the way out: kill and reap every worker there is, current or not."""
         for vring in self.state.vrings.values():
             vring.worker = None
-        for worker in list(self.workers):
-            if self.loop is not None and not self.loop.is_closed() and worker.pidfd >= 0:
-                self.loop.remove_reader(worker.pidfd)
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-                os.waitpid(worker.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self.workers.discard(worker)
+        self.pool.kill_all_now()
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -742,14 +603,6 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
             raise EOFError
         data += chunk
     return data
-
-
-def _close_quietly(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 # ----- listening socket and pid file ------------------------------------------------
