@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reference_daemons import Daemon, make
 from benchmarks.run import (
     DISK_DIR,
     RESULTS,
@@ -55,7 +54,8 @@ from benchmarks.run import (
     tree_cpu,
 )
 from benchmarks.run import tree_memory as tree_mem
-from tests.guest import vm
+from tests.support import vm
+from tests.support.reference_daemons import Daemon, make
 
 SHARE = DISK_DIR / "guest-bench"
 SOCK = Path("/tmp/pyvirtiofsd-guest-bench.sock")

@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks._loadgen_build import load
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
-from tests.frontend import GUEST_BASE, UVA_BASE, Frontend
+from tests.support.frontend import GUEST_BASE, UVA_BASE, Frontend
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     # name: C workload id, io size, description

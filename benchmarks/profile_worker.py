@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from benchmarks.loadgen import LoadGen
-from benchmarks.reference_daemons import make, process_tree
 from benchmarks.run import make_shares
+from tests.support.reference_daemons import make, process_tree
 
 
 def worker_pids(supervisor: int) -> list[int]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import WORKLOADS, LoadGen, prepare_share
-from benchmarks.reference_daemons import Daemon, make, process_tree
+from tests.support.reference_daemons import Daemon, make, process_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")

@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cache metadata or never, let the guest mmap files shared "
                         "(FUSE_DIRECT_IO_ALLOW_MMAP)")
     p.add_argument("--modcaps", metavar="[+-]CAP:...",
-                   help="accepted and checked for compatibility: capabilities are not "
-                        "changed (pyvirtiofsd runs as with --sandbox none)")
+                   help="started as root, add (+) or remove (-) capabilities from the set "
+                        f"the server keeps (virtiofsd's: {', '.join(capabilities.SERVING)}, "
+                        "and dac_read_search while it uses file handles); all others are "
+                        "dropped")
     p.add_argument("--uid-map", action="append", default=[], metavar=":NS:HOST:COUNT:",
                    help="uid map of the user namespace --sandbox namespace creates when "
                    "not started as root (repeatable; beyond the daemon's own uid it needs "

@@ -127,10 +127,9 @@ class _Segment:
     _KIND = 0
     _KIND_NAME = ""
 
-    def __init__(self, name: str, mm: mmap.mmap, size: int) -> None:
+    def __init__(self, name: str, mm: mmap.mmap) -> None:
         self.name = name
         self._mm: mmap.mmap | None = mm
-        self._size = size
         self._b: Any = ffi.from_buffer(mm, require_writable=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -159,7 +158,7 @@ class _Segment:
             mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
-        self = cls(name, mm, size)
+        self = cls(name, mm)
         if cls._init(self._b, capacity, os.getpid()) != 0:
             self.detach()
             raise ValueError(f"bad capacity {capacity}")
@@ -205,7 +204,7 @@ class _Segment:
             mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
-        self = cls(name, mm, size)
+        self = cls(name, mm)
         rc = lib.seg_check(self._b, size, cls._KIND)
         if rc != 0:
             self.detach()

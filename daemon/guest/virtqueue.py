@@ -1,4 +1,4 @@
-"""Split virtqueue (virtio 1.x, section 2.7): popping descriptor chains and pushing used
+"""Split virtqueue (virtio 1.x, section 2.7): walking descriptor chains and pushing used
 elements, with VIRTIO_RING_F_INDIRECT_DESC and VIRTIO_RING_F_EVENT_IDX.
 
 The queue works on guest memory but does no other I/O: the worker decides when to wait
@@ -13,7 +13,6 @@ from daemon.guest.memory import GuestMemory
 from daemon.native._sys import ffi, lib
 
 DESC_SIZE = 16
-AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 
 
@@ -161,23 +160,6 @@ class SplitQueue:
     def avail_idx(self) -> int:
         return lib.pyvfs_load_u16(self.avail_addr + 2)
 
-    def has_work(self) -> bool:
-        return self.avail_idx() != self.last_avail_idx
-
-    def pop(self, chain: DescriptorChain) -> bool | None:
-        """Fill chain with the next available request: True, None when the ring is
-        empty, False for a malformed chain (consumed: complete it with length 0; the
-        reason is in last_error)."""
-        avail = self.avail_idx()
-        if avail == self.last_avail_idx:
-            return None
-        if (avail - self.last_avail_idx) & 0xFFFF > self.size:
-            raise BadChain(f"avail index jumped from {self.last_avail_idx} to {avail}")
-        slot = self.last_avail_idx % self.size
-        chain.head = lib.pyvfs_load_u16(self.avail_addr + 4 + 2 * slot)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        return self.walk(chain)
-
     def walk(self, chain: DescriptorChain) -> bool:
         """Translate the chain at chain.head; False (and last_error) if it is malformed."""
         rc = lib.pyvfs_walk_chain(
@@ -194,10 +176,6 @@ class SplitQueue:
     def push(self, head: int, length: int) -> None:
         """Publish one used element; the index store is a release store after it."""
         lib.pyvfs_queue_push(self.c, head, length)
-
-    def enable_notifications(self) -> bool:
-        """Ask for a kick on new work; True if work arrived meanwhile (process it first)."""
-        return bool(lib.pyvfs_queue_enable(self.c))
 
     def disable_notifications(self) -> None:
         lib.pyvfs_queue_disable(self.c)

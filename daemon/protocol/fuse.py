@@ -76,7 +76,6 @@ class Opcode(enum.IntEnum):
 ASYNC_READ = 1 << 0
 POSIX_LOCKS = 1 << 1
 ATOMIC_O_TRUNC = 1 << 3
-EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
 DONT_MASK = 1 << 6
 FLOCK_LOCKS = 1 << 10
@@ -87,7 +86,6 @@ READDIRPLUS_AUTO = 1 << 14
 ASYNC_DIO = 1 << 15
 WRITEBACK_CACHE = 1 << 16
 PARALLEL_DIROPS = 1 << 18
-HANDLE_KILLPRIV = 1 << 19
 POSIX_ACL = 1 << 20
 MAX_PAGES_FLAG = 1 << 22
 SUBMOUNTS = 1 << 27
@@ -95,8 +93,6 @@ HANDLE_KILLPRIV_V2 = 1 << 28
 SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
 SECURITY_CTX = 1 << 32
-CREATE_SUPP_GROUP = 1 << 34
-ALLOW_IDMAP = 1 << 40
 
 # open_out flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -113,8 +109,6 @@ FATTR_MTIME = 1 << 5
 FATTR_FH = 1 << 6
 FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
-FATTR_LOCKOWNER = 1 << 9
-FATTR_CTIME = 1 << 10
 FATTR_KILL_SUIDGID = 1 << 11
 
 GETATTR_FH = 1 << 0
@@ -170,9 +164,6 @@ LK_FLOCK = 1 << 0
 OFFSET_MAX = (1 << 63) - 1
 ATTR_SUBMOUNT = 1 << 0
 
-# file types in dirents (DT_*) come from the mode's type bits
-_DT_SHIFT = 12
-
 
 class FuseError(Exception):
     """A request that is malformed on the wire (the reply is an errno, the worker lives)."""
@@ -180,10 +171,6 @@ class FuseError(Exception):
     def __init__(self, errno_value: int, message: str) -> None:
         super().__init__(message)
         self.errno = errno_value
-
-
-def dirent_type(mode: int) -> int:
-    return (mode & 0o170000) >> _DT_SHIFT
 
 
 def encode_dev(rdev: int) -> int:

@@ -18,7 +18,7 @@ from shm_table import HandleTable, InodeTable
 
 
 def segment_names(pid: int) -> tuple[str, str]:
-    """The daemon names its segments after its pid (see daemon.cli.serve)."""
+    """The daemon names its segments after its pid (see supervisor.serve)."""
     return f"/pyvirtiofsd-{pid}-inodes", f"/pyvirtiofsd-{pid}-handles"
 
 

@@ -4,7 +4,7 @@ python3 program (see ``posix_suite.py``); results are parsed and cached per sess
 Configurations (:data:`MODES`): pyvirtiofsd with default options (``--cache auto``),
 ``--cache always``, ``--cache never``, ``--cache metadata`` and ``--writeback``; QEMU
 7.2's C virtiofsd (``-o cache=auto``); Rust virtiofsd 1.13.2 (``--sandbox none``, Debian
-13 package, see ``benchmarks/reference_daemons``).
+13 package, see ``tests/support/reference_daemons.py``).
 Each gets a fresh, empty share (mode 0755, root-owned) on the host's ext4 ``/tmp``.
 """
 
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.reference_daemons import RustVirtiofsd
 from tests.conformance import posix_suite
-from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest import assets, reference
-from tests.guest.vm import GuestRun, run_guest
+from tests.support import assets, reference
+from tests.support.daemon import daemon_log, pyvirtiofsd
+from tests.support.reference_daemons import RustVirtiofsd
+from tests.support.vm import GuestRun, run_guest
 
 SOURCES = Path(posix_suite.__file__).resolve().parent
 

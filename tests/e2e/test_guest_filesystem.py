@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest import reference, vm
+from tests.support import reference, vm
+from tests.support.daemon import daemon_log, pyvirtiofsd
 
 GUEST_TIMEOUT = 300.0
 

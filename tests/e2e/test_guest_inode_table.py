@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from shm_table import InodeTable
-from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest.vm import run_guest
+from tests.support.daemon import daemon_log, pyvirtiofsd
+from tests.support.vm import run_guest
 
 
 def count_fds(pid: int) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import pyvirtiofsd
-from tests.guest.vm import run_guest
+from tests.support.daemon import pyvirtiofsd
+from tests.support.vm import run_guest
 
 ROWS = 150
 TRANSACTION = """

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest.vm import run_guest
+from tests.support.daemon import daemon_log, pyvirtiofsd
+from tests.support.vm import run_guest
 
 SCRIPT = """
 mount -t virtiofs myfs /mnt || exit 1

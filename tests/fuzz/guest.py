@@ -24,8 +24,8 @@ from pathlib import Path
 from daemon.native._sys import lib
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
-from tests.frontend import DESC, F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
-from tests.guest.reference import stop_daemon, wait_for_socket
+from tests.support.frontend import DESC, F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
+from tests.support.reference import stop_daemon, wait_for_socket
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE_SIZE = 256

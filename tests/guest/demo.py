@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.daemon import daemon_log, pyvirtiofsd
-from tests.guest import assets
-from tests.guest.vm import run_guest
+from tests.support import assets
+from tests.support.daemon import daemon_log, pyvirtiofsd
+from tests.support.vm import run_guest
 
 GUEST_SCRIPT = """
 mount -t virtiofs myfs /mnt || exit 1

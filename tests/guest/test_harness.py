@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import reference, vm
+from tests.support import reference, vm
 
 HOST_CONTENT = "hello from the host\nsecond line: ünïcode\n"
 GUEST_BYTES = bytes(range(256)) * 4  # every byte value, including NUL and newline

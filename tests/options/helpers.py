@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.protocol import fuse
-from tests.daemon import REPO, daemon_log, pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import REPO, daemon_log, pyvirtiofsd
+from tests.support.frontend import Frontend
 
 # what a 6.x guest kernel offers, without the opt-in flags the tests add themselves
 BASE_FLAGS = (

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.daemon import REPO, daemon_log, pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import REPO, daemon_log, pyvirtiofsd
+from tests.support.frontend import Frontend
 
 # runs the daemon as uid 1000 in a user namespace (mapped to the host's root, so the
 # interpreter under /root stays reachable): the unprivileged code path, on any machine

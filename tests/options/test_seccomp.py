@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.daemon import REPO
 from tests.options.helpers import init, log_of, served
+from tests.support.daemon import REPO
 
 
 def seccomp_status(pid: int) -> tuple[int, int]:

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.frontend import Frontend
-from tests.guest.reference import stop_daemon
+from tests.support.frontend import Frontend
+from tests.support.reference import stop_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.daemon import daemon_log, pyvirtiofsd
+from tests.support.daemon import daemon_log, pyvirtiofsd
 
 DEV_LOG = Path("/dev/log")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from daemon.host import sd_notify
-from tests.daemon import daemon_log, start_pyvirtiofsd
-from tests.frontend import Frontend
-from tests.guest.reference import stop_daemon
+from tests.support.daemon import daemon_log, start_pyvirtiofsd
+from tests.support.frontend import Frontend
+from tests.support.reference import stop_daemon
 
 
 def fields(datagram: bytes) -> dict[str, str]:

@@ -27,9 +27,6 @@ import pytest
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
 from daemon.stats.queue_stats import QueueStats, segment_name
-from tests.daemon import daemon_log, start_pyvirtiofsd
-from tests.frontend import F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
-from tests.guest.reference import stop_daemon
 from tests.protocol.test_hostile_guest import (
     KNOWN,
     KNOWN_DATA,
@@ -39,6 +36,9 @@ from tests.protocol.test_hostile_guest import (
     serve,
     worker_pids,
 )
+from tests.support.daemon import daemon_log, start_pyvirtiofsd
+from tests.support.frontend import F_NEXT, F_WRITE, GUEST_BASE, UVA_BASE, Frontend
+from tests.support.reference import stop_daemon
 
 R = vu.Request
 ANSWER_WITHIN = 1.0  # seconds QEMU may wait for any control message, whatever workers do

@@ -15,8 +15,8 @@ import pytest
 
 from daemon.protocol import fuse
 from shm_table import InodeTable
-from tests.daemon import pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import pyvirtiofsd
+from tests.support.frontend import Frontend
 
 L, G, F = fuse.Opcode.LOOKUP, fuse.Opcode.GETATTR, fuse.Opcode.FORGET
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, Served, serve
+from tests.support.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE
 
 O = fuse.Opcode  # noqa: E741 - short, used in every builder
 NO_REPLY = {O.FORGET, O.BATCH_FORGET}

@@ -26,9 +26,9 @@ import pytest
 
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
-from tests.daemon import daemon_log, start_pyvirtiofsd
-from tests.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, Frontend
-from tests.guest.reference import stop_daemon
+from tests.support.daemon import daemon_log, start_pyvirtiofsd
+from tests.support.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, Frontend
+from tests.support.reference import stop_daemon
 from workers.queue_worker import MAX_REQUEST
 
 KNOWN = b"known.txt"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.daemon import pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import pyvirtiofsd
+from tests.support.frontend import Frontend
 
 
 def drain_call(fe: Frontend, q: int) -> None:

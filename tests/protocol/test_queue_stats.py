@@ -16,8 +16,8 @@ from pathlib import Path
 
 from daemon.protocol import fuse
 from daemon.stats.queue_stats import QueueStats, segment_name
-from tests.frontend import F_WRITE, GUEST_BASE
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, serve, worker_pids
+from tests.support.frontend import F_WRITE, GUEST_BASE
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,9 +21,6 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import vhost_user as vu
-from tests.daemon import REPO, daemon_log, start_pyvirtiofsd
-from tests.frontend import GUEST_BASE, UVA_BASE, Frontend
-from tests.guest.reference import stop_daemon
 from tests.protocol.test_hostile_guest import (
     Served,
     child_pids,
@@ -33,6 +30,9 @@ from tests.protocol.test_hostile_guest import (
     serve,
     worker_pids,
 )
+from tests.support.daemon import REPO, daemon_log, start_pyvirtiofsd
+from tests.support.frontend import GUEST_BASE, UVA_BASE, Frontend
+from tests.support.reference import stop_daemon
 
 R = vu.Request
 QUEUE_NUM = 17  # --num-request-queues defaults to 16, plus the hiprio queue

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from daemon import options
 from daemon.protocol import fuse
-from tests.daemon import REPO
-from tests.frontend import Frontend
+from tests.support.daemon import REPO
+from tests.support.frontend import Frontend
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.daemon import REPO, daemon_log, pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import REPO, daemon_log, pyvirtiofsd
+from tests.support.frontend import Frontend
 
 
 def stats(sock: Path) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from tests.daemon import pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import pyvirtiofsd
+from tests.support.frontend import Frontend
 
 
 def test_refused_setlkw_leaves_the_file_open(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import daemon_log, daemon_processes, pyvirtiofsd
-from tests.frontend import Frontend
-from tests.guest.reference import stop_daemon
+from tests.support.daemon import daemon_log, daemon_processes, pyvirtiofsd
+from tests.support.frontend import Frontend
+from tests.support.reference import stop_daemon
 
 HOOK = "import _decimal\n"
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.daemon import daemon_processes, pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import daemon_processes, pyvirtiofsd
+from tests.support.frontend import Frontend
 
 REPO = Path(__file__).resolve().parents[2]
 

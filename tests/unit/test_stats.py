@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from daemon.protocol import fuse
-from tests.daemon import REPO, pyvirtiofsd
-from tests.frontend import Frontend
+from tests.support.daemon import REPO, pyvirtiofsd
+from tests.support.frontend import Frontend
 
 
 def stats(sock: Path) -> dict:

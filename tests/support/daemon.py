@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests.guest.reference import stop_daemon, wait_for_socket
+from tests.support.reference import stop_daemon, wait_for_socket
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def start_pyvirtiofsd(

@@ -9,7 +9,7 @@
 * ``c``: QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``, package qemu-system-common).
 
 Every daemon exits when the front-end disconnects, so each benchmark run starts a fresh one.
-``python3 -m benchmarks.reference_daemons`` fetches Rust virtiofsd and prints the versions.
+``python3 -m tests.support.reference_daemons`` fetches Rust virtiofsd and prints the versions.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.guest.reference import stop_daemon as stop
+from tests.support.reference import stop_daemon as stop
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path.home() / ".cache" / "pyvirtiofsd" / "rust-virtiofsd"
 RUST_VERSION = "1.13.2"
 TRIXIE_PACKAGES = ["virtiofsd", "libc6", "libseccomp2", "libcap-ng0", "libgcc-s1"]

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.guest import assets
+from tests.support import assets
 
 QEMU = "qemu-system-x86_64"
 
