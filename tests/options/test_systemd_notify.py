@@ -149,7 +149,11 @@ def test_unreachable_notify_socket_is_reported_once(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
     proc = start_pyvirtiofsd(share, tmp_path / "vfs.sock")
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while "systemd will not be told" not in (log := daemon_log(proc)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # a second report (the bug this guards against) would follow now
         log = daemon_log(proc)
     finally:
         stop_daemon(proc)

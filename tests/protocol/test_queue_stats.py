@@ -59,7 +59,9 @@ def test_counters_follow_requests_and_survive_a_worker_restart(tmp_path: Path) -
         fe = srv.fe
         head = fe.submit_descs(2, [(GUEST_BASE + fe.size + 4096, 64, F_WRITE)])
         assert srv.wait(2, head)[0] == 0
-        time.sleep(0.1)  # the worker counts a dropped chain after pushing it
+        deadline = time.monotonic() + 10  # it counts a dropped chain after pushing it
+        while rows(srv.proc.pid)[2]["dropped"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
 
         q0, q1, q2 = rows(srv.proc.pid)[:3]
         assert q1["by_opcode"] == {"INIT": 1, "GETATTR": 5, "LOOKUP": 1, "OPEN": 1, "READ": 1,
