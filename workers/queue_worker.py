@@ -95,7 +95,7 @@ class QueueWorker:
         self.serve.poll_ns = setup.poll_us * 1000
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
         # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
-        # (daemon/native/fast_path.c) unless we are debugging every request
+        # (daemon/native/fuse_ops.c) unless we are debugging every request
         self.fast = int(not log.isEnabledFor(logging.DEBUG))
         self.serve.fast = self.fast
         self.fast_ctx = self._fast_ctx(fs)
@@ -109,7 +109,7 @@ class QueueWorker:
         self.warned: dict[str, tuple[float, int]] = {}
 
     def _fast_ctx(self, fs: PassthroughFs) -> object:
-        """What daemon/native/fast_path.c needs to answer requests as PassthroughFs would."""
+        """What daemon/native/fuse_ops.c needs to answer requests as PassthroughFs would."""
         ctx = ffi.new("pyvfs_fast_ctx_t *")
         handles = fs.handles.c_api()
         ctx.handles, ctx.ht_pin, ctx.ht_unpin = handles["base"], handles["ht_pin"], \

@@ -1,4 +1,4 @@
-"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/native/fast_path.c),
+"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/native/fuse_ops.c),
 driven in-process with the context a queue worker builds: every answer it gives must be
 byte-identical to the Python operation's, references it takes must be counted as Python
 counts them, and everything malformed must be declined (0) without changing anything, so
