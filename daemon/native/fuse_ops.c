@@ -1,5 +1,6 @@
 /* The FUSE requests answered wholly in C: READ and WRITE, GETATTR, LOOKUP, FORGET,
- * BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS, CREATE and FLUSH (pyvfs_fast).
+ * BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS, CREATE and FLUSH (pyvfs_fast), for the
+ * opcodes whose bit is set in the context's c_ops.
  *
  * The rule: answer exactly what daemon/fs/passthrough.py would answer, byte for byte, or
  * return 0 ("not handled") and let Python answer. Everything unusual is declined: odd
@@ -635,6 +636,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     struct fuse_in_header h;
     if (rd_len < sizeof h) return 0;
     pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+    if (h.opcode >= 64 || !((c->c_ops >> h.opcode) & 1)) return 0;  /* not asked of C */
     switch (h.opcode) {
     case FUSE_READ:
     case FUSE_WRITE:

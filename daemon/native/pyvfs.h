@@ -101,6 +101,9 @@ void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid);
 /* ---- fuse_ops.c: the requests answered in C, and what they need to answer them as
  * PassthroughFs would (QueueWorker._fast_ctx in workers/queue_worker.py fills it) */
 typedef struct {
+    /* bit n set: opcode n may be answered in C (n < 64); any other opcode goes to Python.
+       The fields below still gate some (READ/WRITE need handles, CREATE ht_open, ...). */
+    uint64_t c_ops;
     /* READ/WRITE: the open-file table (HandleTable.c_api()) */
     uint64_t handles, ht_pin, ht_unpin;
     int32_t allow_write;
