@@ -16,7 +16,7 @@ import signal
 import socket
 import struct
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from daemon.fs.passthrough import (
     OPEN_STRIP,
@@ -62,6 +62,13 @@ MIN_REPLY = {
     fuse.Opcode.SETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
 }
 LOCK_RETRY_MS = 10
+# the opcodes pyvfs_fast (daemon/native/fuse_ops.c) answers besides READ and WRITE, only
+# with the context's meta set
+C_META_OPS = (
+    fuse.Opcode.GETATTR, fuse.Opcode.LOOKUP, fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET,
+    fuse.Opcode.RELEASE, fuse.Opcode.RELEASEDIR, fuse.Opcode.UNLINK, fuse.Opcode.READDIRPLUS,
+    fuse.Opcode.CREATE, fuse.Opcode.FLUSH,
+)
 WARN_BURST = 100
 WARN_PERIOD = 10.0
 # The high-priority queue carries FORGETs (and the rare INTERRUPT), which nobody waits for:
@@ -94,8 +101,8 @@ class QueueWorker:
         self.serve.enabled = int(self.enabled)
         self.serve.poll_ns = setup.poll_us * 1000
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
-        # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK are answered in C
-        # (daemon/native/fast_path.c) unless we are debugging every request
+        # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK... are answered in C
+        # (daemon/native/fuse_ops.c) unless we are debugging every request
         self.fast = int(not log.isEnabledFor(logging.DEBUG))
         self.serve.fast = self.fast
         self.fast_ctx = self._fast_ctx(fs)
@@ -109,7 +116,7 @@ class QueueWorker:
         self.warned: dict[str, tuple[float, int]] = {}
 
     def _fast_ctx(self, fs: PassthroughFs) -> object:
-        """What daemon/native/fast_path.c needs to answer requests as PassthroughFs would."""
+        """What daemon/native/fuse_ops.c needs to answer requests as PassthroughFs would."""
         ctx = ffi.new("pyvfs_fast_ctx_t *")
         handles = fs.handles.c_api()
         ctx.handles, ctx.ht_pin, ctx.ht_unpin = handles["base"], handles["ht_pin"], \
@@ -125,6 +132,7 @@ class QueueWorker:
         ctx.fd_cache = fs.fd_cache.c  # swept in C of inodes the guest forgot
         # owners rewritten by --translate-uid/gid are Python's job
         if fs.translate_ids:
+            ctx.c_ops = c_ops_mask(ctx)
             return ctx
         self._session = ffi.from_buffer(fs.session)  # kept alive with the context
         ctx.session = int(ffi.cast("uintptr_t", self._session))
@@ -156,6 +164,7 @@ class QueueWorker:
             ctx.create_clear = clear
             ctx.create_fopen = fs._open_reply_flags(False)
             ctx.own_uid, ctx.own_gid = Credentials.own_uid, Credentials.own_gid
+        ctx.c_ops = c_ops_mask(ctx)
         return ctx
 
     @staticmethod
@@ -522,6 +531,28 @@ class QueueWorker:
         with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd, uid):
             n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
         return fuse.WRITE_OUT.pack(n, 0)
+
+
+def c_ops_mask(ctx: Any) -> int:
+    """pyvfs_fast_ctx_t.c_ops for a filled context: bit n set for each opcode n the C path
+    may answer with it, the same opcodes its other fields let through (READ; WRITE with
+    allow_write; with meta, the rest, but UNLINK only with allow_unlink, RELEASE(DIR) with
+    ht_close and CREATE with ht_open). C still declines single requests it cannot answer."""
+    ops = [fuse.Opcode.READ]
+    if ctx.allow_write:
+        ops.append(fuse.Opcode.WRITE)
+    if ctx.meta:
+        gates = {
+            fuse.Opcode.UNLINK: ctx.allow_unlink,
+            fuse.Opcode.RELEASE: ctx.ht_close,
+            fuse.Opcode.RELEASEDIR: ctx.ht_close,
+            fuse.Opcode.CREATE: ctx.ht_open,
+        }
+        ops.extend(op for op in C_META_OPS if gates.get(op, 1))
+    mask = 0
+    for op in ops:
+        mask |= 1 << op
+    return mask
 
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,

@@ -43,7 +43,7 @@ class LockOwners:
         self.slots = slots
         self.memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
         # the entries, then a count of live ones (USED or CLOSING): the C FLUSH path
-        # (daemon/native/fast_path.c) answers without the table while it is 0
+        # (daemon/native/fuse_ops.c) answers without the table while it is 0
         self.live_offset = _ENTRY.size * slots
         os.ftruncate(self.memfd, self.live_offset + 8)
         self.mem = mmap.mmap(self.memfd, self.live_offset + 8)

@@ -112,7 +112,7 @@ class SplitQueue:
         self.desc_addr = mem.host_address(desc_gpa, size * DESC_SIZE)
         self.avail_addr = mem.host_address(avail_gpa, 6 + 2 * size)
         self.used_addr = mem.host_address(used_gpa, 6 + 8 * size)
-        # the ring state, shared with the C loop (pyvfs_drain in daemon/native/fast_path.c)
+        # the ring state, shared with the C loop (pyvfs_serve in daemon/native/serve.c)
         self.c = ffi.new("pyvfs_queue_t *")
         self.c.desc, self.c.avail, self.c.used = self.desc_addr, self.avail_addr, self.used_addr
         self.c.regions = mem.c_regions

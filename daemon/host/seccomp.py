@@ -60,7 +60,7 @@ wait4 waitid write writev
 # ioctl requests (second argument) allowed; see the module's docstring
 TCGETS, FIONBIO, FIONCLEX, FIOCLEX = 0x5401, 0x5421, 0x5450, 0x5451
 IOCTLS = {"TCGETS": TCGETS, "FIONBIO": FIONBIO, "FIONCLEX": FIONCLEX, "FIOCLEX": FIOCLEX}
-# clone flags allowed: a worker (daemon/native/build.py pyvfs_clone_files)
+# clone flags allowed: a worker (pyvfs_clone_files, daemon/native/syscalls.c)
 CLONE_FILES, SIGCHLD = 0x400, 17
 CLONE_FLAGS = [CLONE_FILES | SIGCHLD]
 # which argument of clone holds the flags (s390 swaps the first two)

@@ -1,8 +1,8 @@
 """Per-queue request counters in shared memory, for ``pyvirtiofsd stats``.
 
-One row per virtqueue (``pyvfs_qstats_t`` in daemon/native/fast_path.c): requests, how many were
-answered in C, errors, dropped chains, data bytes read and written, wake-ups, interrupts
-sent to the guest, and requests per opcode. The supervisor creates the segment
+One row per virtqueue (``pyvfs_qstats_t`` in daemon/native/pyvfs.h, counted by stats.c):
+requests, how many were answered in C, errors, dropped chains, data bytes read and written,
+wake-ups, interrupts sent to the guest, and requests per opcode. The supervisor creates the segment
 (``/pyvirtiofsd-<pid>-stats``) before any worker exists; each worker writes only its own
 row, from C and from Python, and a restarted worker carries on counting in the same row.
 Anyone who may open the segment reads it without disturbing the daemon.

@@ -34,7 +34,7 @@ EDGE_BITS = 16
 LINE_BITS = 18
 EDGES = 1 << EDGE_BITS
 LINES = 1 << LINE_BITS
-C_EDGES = 1 << 16  # edges of daemon/native/_sys (fast_path.c, the chain walker), see below
+C_EDGES = 1 << 16  # edges of daemon/native/_sys (its .c files), see below
 MAP_SIZE = EDGES + LINES + C_EDGES
 # the daemon's own code: what coverage is measured on
 TRACED = [str(REPO / d) + "/" for d in ("daemon", "workers", "shm_table")] + [
@@ -287,19 +287,22 @@ __attribute__((no_sanitize_coverage)) void __sanitizer_cov_trace_pc(void) {
 
 
 def load_instrumented_sys() -> types.ModuleType:
-    """daemon.native._sys compiled from the same cdef and C source (daemon/native/build.py,
-    daemon/native/fast_path.c) with every basic block reporting to ``__sanitizer_cov_trace_pc``;
-    built once per source version into tests/fuzz/build/."""
+    """daemon.native._sys compiled by the same builder (daemon/native/build.py: its cdef,
+    sources, include directories and flags) with every basic block of its .c files reporting
+    to ``__sanitizer_cov_trace_pc``; built once per source version into tests/fuzz/build/."""
     from cffi import FFI
 
-    from daemon.native import build as _sys_build
+    from daemon.native import build as native_build
 
-    base = _sys_build.ffibuilder
+    base = native_build.ffibuilder
     module_name, source, _ext, kwds = base._assigned_source
     cdefs = list(base._cdefsources)
+    sources = [str(REPO / s) for s in kwds["sources"]]
     depends = [str(REPO / d) for d in kwds.get("depends", [])]
-    digest = hashlib.sha256("\n".join([*cdefs, source, C_HOOK, sys.version]).encode()
-                            ).hexdigest()[:12]
+    compile_args = [*kwds.get("extra_compile_args", []), "-fsanitize-coverage=trace-pc"]
+    texts = [Path(path).read_text() for path in dict.fromkeys(sources + depends)]
+    digest = hashlib.sha256("\n".join([*cdefs, source, C_HOOK, *compile_args, *texts,
+                                       sys.version]).encode()).hexdigest()[:12]
     out_dir = BUILD / f"csys-{digest}"
     found = list(out_dir.glob("**/_sys*.so")) if out_dir.exists() else []
     if not found:
@@ -307,9 +310,9 @@ def load_instrumented_sys() -> types.ModuleType:
         for text in cdefs:
             ffi.cdef(text)
         ffi.cdef("void pyvfs_cov_set(uintptr_t map);")
-        ffi.set_source(module_name, source + C_HOOK, depends=depends,
+        ffi.set_source(module_name, source + C_HOOK, sources=sources, depends=depends,
                        include_dirs=kwds.get("include_dirs", []),
-                       extra_compile_args=["-O2", "-fsanitize-coverage=trace-pc"])
+                       extra_compile_args=compile_args)
         out_dir.mkdir(parents=True, exist_ok=True)
         found = [Path(ffi.compile(tmpdir=str(out_dir), verbose=False))]
     spec = importlib.util.spec_from_file_location(module_name, found[0])

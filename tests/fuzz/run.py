@@ -310,7 +310,7 @@ class Fuzzer:
         hit, total = self.lines()
         print(f"  coverage: {self.edge_count} Python edges, {hit} of {total} lines of "
               f"daemon/, workers/, shm_table/, supervisor.py; {self.c_edge_count} C edges "
-              "of daemon/native/_sys (fast_path.c, the chain walker)")
+              "of daemon/native/_sys (the C core in daemon/native/*.c)")
         for f in sorted(self.found.values(), key=lambda f: f.first_at):
             print(f"  FOUND {f.kind} x{f.count}: first after {f.first_at:.1f} s (input "
                   f"{f.first_input}, config {f.config})\n    {f.message.splitlines()[0]}\n"

@@ -1,5 +1,5 @@
 """GETATTR, LOOKUP and FORGET through a real ring: the daemon at its default log level
-answers them in C (daemon/native/fast_path.c), at --log-level debug in Python. The guest must
+answers them in C (daemon/native/fuse_ops.c), at --log-level debug in Python. The guest must
 not be able to tell: the same requests, hostile ones included, get byte-identical
 replies from both, and references taken in C are given back by FORGET."""
 

@@ -1,4 +1,4 @@
-"""The worker's wait/drain/notify loop (pyvfs_serve in daemon/native/fast_path.c): every answer
+"""The worker's wait/drain/notify loop (pyvfs_serve in daemon/native/serve.c): every answer
 the driver asked to hear about is signalled on the queue's call eventfd, whether C or
 Python answered it, FORGETs on the high-priority queue included; and once idle, the
 worker has asked for the next kick (avail_event names the next avail index), so a guest

@@ -1,5 +1,5 @@
 """Per-queue counters (daemon/stats/queue_stats.py, pyvfs_stats_* in
-daemon/native/fast_path.c): after a known sequence of requests, each queue's row says
+daemon/native/stats.c): after a known sequence of requests, each queue's row says
 exactly what happened, whether C or Python answered; `pyvirtiofsd stats` shows the same;
 a restarted worker keeps counting."""
 

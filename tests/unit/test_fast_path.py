@@ -1,4 +1,4 @@
-"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/native/fast_path.c),
+"""The C fast path for GETATTR, LOOKUP, FORGET and BATCH_FORGET (daemon/native/fuse_ops.c),
 driven in-process with the context a queue worker builds: every answer it gives must be
 byte-identical to the Python operation's, references it takes must be counted as Python
 counts them, and everything malformed must be declined (0) without changing anything, so
@@ -356,6 +356,26 @@ def test_declined_when_python_must_answer(tmp_path: Path) -> None:
         assert f.c(fuse.Opcode.GETATTR, 1)[0] == 0
         assert f.c(fuse.Opcode.LOOKUP, 1, b"file\0")[0] == 0
         assert f.c(fuse.Opcode.FORGET, 1, fuse.FORGET_IN.pack(1), out_size=0)[0] == 0
+    finally:
+        f.close()
+
+
+def test_c_ops_mask_says_which_opcodes_c_answers(tmp_path: Path) -> None:
+    """ctx.c_ops: an opcode whose bit is clear goes to Python however well C could answer
+    it; the worker's mask holds every opcode C answers in the plain configuration."""
+    f = Fs(make_share(tmp_path))
+    try:
+        op = fuse.Opcode
+        assert f.ctx.c_ops == sum(1 << o for o in (
+            op.READ, op.WRITE, op.GETATTR, op.LOOKUP, op.FORGET, op.BATCH_FORGET, op.RELEASE,
+            op.RELEASEDIR, op.UNLINK, op.READDIRPLUS, op.CREATE, op.FLUSH))
+        assert f.c(op.GETATTR, 1)[0] == 1
+        f.ctx.c_ops &= ~(1 << op.GETATTR)
+        assert f.c(op.GETATTR, 1)[0] == 0
+        assert f.c(op.LOOKUP, 1, b"file\0")[0] == 1  # the other bits still count
+        f.ctx.c_ops = (1 << 64) - 1  # an opcode C does not know stays Python's
+        assert f.c(op.MKDIR, 1, fuse.MKDIR_IN.pack(0o755, 0) + b"d\0")[0] == 0
+        assert f.c(64, 1)[0] == 0
     finally:
         f.close()
 

@@ -1,6 +1,6 @@
-/* GETATTR, LOOKUP, FORGET, BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS and CREATE answered
- * wholly in C (appended to daemon.native._sys's
- * source by _sys_build.py, after the chain walker and pyvfs_fast_io).
+/* The FUSE requests answered wholly in C: READ and WRITE, GETATTR, LOOKUP, FORGET,
+ * BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS, CREATE and FLUSH (pyvfs_fast), for the
+ * opcodes whose bit is set in the context's c_ops.
  *
  * The rule: answer exactly what daemon/fs/passthrough.py would answer, byte for byte, or
  * return 0 ("not handled") and let Python answer. Everything unusual is declined: odd
@@ -9,240 +9,24 @@
  * start and produces the proper errno and log line; a declined request has changed
  * nothing (every reference taken here is given back first).
  *
- * The inode table is reached through the shm_table extension's own functions (addresses
- * from InodeTable.c_api()), so the reference counting is the table's, not a copy. */
+ * The inode and open-file tables are reached through the shm_table extension's own
+ * functions (addresses from InodeTable.c_api() and HandleTable.c_api()), so the reference
+ * counting is the tables', not a copy. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-/* ---- the worker's cache of O_PATH fds for inodes the table keeps by file handle only.
- * Python's daemon/fs/fd_cache.py is a thin wrapper around it, so the C and Python paths
- * share one cache. Least recently used first out; pinned nodeids (in use by a Python
- * request) are never evicted. */
-struct pyvfs_fdc_node {
-    uint64_t nodeid;
-    int fd;
-    struct pyvfs_fdc_node *hnext;      /* hash chain */
-    struct pyvfs_fdc_node *prev, *next; /* LRU list, sentinel in the cache */
-};
-typedef struct { uint64_t nodeid; uint64_t n; } pyvfs_fdc_pin_t;
-typedef struct {
-    uint64_t capacity;
-    uint64_t count;
-    uint64_t opened;   /* open_by_handle_at calls (statistics) */
-    uint64_t hits;
-    struct pyvfs_fdc_node **buckets;
-    uint64_t mask;
-    struct pyvfs_fdc_node lru;  /* lru.next: oldest, lru.prev: newest */
-    pyvfs_fdc_pin_t *pins;
-    uint32_t npins, pins_cap;
-    uint64_t swept_at;  /* the inode table's removal count at the last sweep */
-} pyvfs_fdcache_t;
+#include "internal.h"
 
-static inline uint64_t fdc_hash(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    return x;
-}
-
-pyvfs_fdcache_t *pyvfs_fdc_new(uint64_t capacity) {
-    if (capacity < 1) capacity = 1;
-    uint64_t nb = 16;
-    while (nb < 2 * capacity && nb < (1ULL << 24)) nb <<= 1;
-    pyvfs_fdcache_t *c = calloc(1, sizeof *c);
-    if (!c) return NULL;
-    c->buckets = calloc(nb, sizeof *c->buckets);
-    if (!c->buckets) { free(c); return NULL; }
-    c->capacity = capacity;
-    c->mask = nb - 1;
-    c->lru.next = c->lru.prev = &c->lru;
-    return c;
-}
-
-void pyvfs_fdc_free(pyvfs_fdcache_t *c) {
-    /* frees the memory only: the fds belong to the shared fd table */
-    struct pyvfs_fdc_node *n = c->lru.next;
-    while (n != &c->lru) {
-        struct pyvfs_fdc_node *next = n->next;
-        free(n);
-        n = next;
-    }
-    free(c->buckets);
-    free(c->pins);
-    free(c);
-}
-
-static struct pyvfs_fdc_node *fdc_find(pyvfs_fdcache_t *c, uint64_t nodeid,
-                                       struct pyvfs_fdc_node ***link) {
-    struct pyvfs_fdc_node **p = &c->buckets[fdc_hash(nodeid) & c->mask];
-    while (*p && (*p)->nodeid != nodeid) p = &(*p)->hnext;
-    if (link) *link = p;
-    return *p;
-}
-
-static void fdc_unlink_lru(struct pyvfs_fdc_node *n) {
-    n->prev->next = n->next;
-    n->next->prev = n->prev;
-}
-
-static void fdc_push_newest(pyvfs_fdcache_t *c, struct pyvfs_fdc_node *n) {
-    n->prev = c->lru.prev;
-    n->next = &c->lru;
-    c->lru.prev->next = n;
-    c->lru.prev = n;
-}
-
-/* Unlink a node from the hash chain and the LRU list; returns its fd. */
-static int fdc_remove(pyvfs_fdcache_t *c, struct pyvfs_fdc_node *n) {
-    struct pyvfs_fdc_node **p;
-    fdc_find(c, n->nodeid, &p);
-    *p = n->hnext;
-    fdc_unlink_lru(n);
-    int fd = n->fd;
-    free(n);
-    c->count--;
-    return fd;
-}
-
-static int fdc_pinned(const pyvfs_fdcache_t *c, uint64_t nodeid) {
-    for (uint32_t i = 0; i < c->npins; i++)
-        if (c->pins[i].nodeid == nodeid) return 1;
-    return 0;
-}
-
-int pyvfs_fdc_get(pyvfs_fdcache_t *c, uint64_t nodeid) {
-    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, NULL);
-    if (!n) return -1;
-    fdc_unlink_lru(n);
-    fdc_push_newest(c, n);
-    c->hits++;
-    return n->fd;
-}
-
-/* Keep fd for nodeid (the cache owns it from now on), newest; then close the oldest
- * unpinned fds while over capacity. -1 (fd closed) if out of memory. */
-int pyvfs_fdc_put(pyvfs_fdcache_t *c, uint64_t nodeid, int fd) {
-    struct pyvfs_fdc_node **p;
-    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, &p);
-    if (n) {
-        if (n->fd >= 0 && n->fd != fd) close(n->fd);
-        n->fd = fd;
-        fdc_unlink_lru(n);
-    } else {
-        n = malloc(sizeof *n);
-        if (!n) { close(fd); return -1; }
-        n->nodeid = nodeid;
-        n->fd = fd;
-        n->hnext = NULL;
-        *p = n;
-        c->count++;
-    }
-    fdc_push_newest(c, n);
-    struct pyvfs_fdc_node *v = c->lru.next;
-    while (c->count > c->capacity && v != &c->lru) {
-        struct pyvfs_fdc_node *next = v->next;
-        if (!fdc_pinned(c, v->nodeid)) close(fdc_remove(c, v));
-        v = next;
-    }
-    return 0;
-}
-
-void pyvfs_fdc_drop(pyvfs_fdcache_t *c, uint64_t nodeid) {
-    struct pyvfs_fdc_node *n = fdc_find(c, nodeid, NULL);
-    if (n) {
-        int fd = fdc_remove(c, n);
-        if (fd >= 0) close(fd);
-    }
-}
-
-void pyvfs_fdc_clear(pyvfs_fdcache_t *c) {
-    while (c->lru.next != &c->lru) {
-        int fd = fdc_remove(c, c->lru.next);
-        if (fd >= 0) close(fd);
-    }
-}
-
-int pyvfs_fdc_pin(pyvfs_fdcache_t *c, uint64_t nodeid) {
-    for (uint32_t i = 0; i < c->npins; i++)
-        if (c->pins[i].nodeid == nodeid) { c->pins[i].n++; return 0; }
-    if (c->npins == c->pins_cap) {
-        uint32_t cap = c->pins_cap ? 2 * c->pins_cap : 8;
-        pyvfs_fdc_pin_t *p = realloc(c->pins, cap * sizeof *p);
-        if (!p) return -1;
-        c->pins = p;
-        c->pins_cap = cap;
-    }
-    c->pins[c->npins].nodeid = nodeid;
-    c->pins[c->npins].n = 1;
-    c->npins++;
-    return 0;
-}
-
-void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid) {
-    for (uint32_t i = 0; i < c->npins; i++) {
-        if (c->pins[i].nodeid != nodeid) continue;
-        if (--c->pins[i].n == 0) c->pins[i] = c->pins[--c->npins];
-        return;
-    }
-}
-
-/* ---- the fast path */
-typedef struct {
-    /* READ/WRITE: the open-file table (HandleTable.c_api()) */
-    uint64_t handles, ht_pin, ht_unpin;
-    int32_t allow_write;
-    /* GETATTR/LOOKUP/FORGET/BATCH_FORGET: 0 = always answered in Python */
-    int32_t meta;
-    /* InodeTable.c_api() */
-    uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
-             it_handle_of, it_claim, seg_removals;
-    pyvfs_fdcache_t *fd_cache;
-    uint64_t session;        /* address of the INIT flags both sides agreed on (u64) */
-    uint64_t submounts_flag; /* FUSE_SUBMOUNTS in that word */
-    int64_t root_mnt_id;
-    int32_t mount_fd;        /* for open_by_handle_at */
-    int32_t use_handles;     /* inodes are identified by file handle (name_to_handle_at) */
-    int32_t mandatory;       /* --inode-file-handles=mandatory */
-    uint32_t timeout_nsec;   /* entry and attr timeout of the cache mode */
-    uint64_t timeout_sec;
-    /* RELEASE/RELEASEDIR: the open-file table's ht_close (0 = Python) */
-    uint64_t ht_close;
-    int32_t allow_unlink;    /* UNLINK in C: not on a read-only share */
-    /* CREATE: the open-file table's ht_open; 0 = Python (readonly, --posix-acl,
-       --security-label, --writeback, --xattrmap, ...) */
-    uint64_t ht_open;
-    uint32_t create_clear;   /* open flags _open_flags strips (OPEN_STRIP, O_DIRECT, ...) */
-    uint32_t create_fopen;   /* _open_reply_flags(False) */
-    uint32_t own_uid, own_gid; /* Credentials.own_uid/own_gid */
-    /* LOOKUP of a missing name: 1 = negative entry (entry timeout), 0 = ENOENT
-       (--cache never) */
-    int32_t negative_lookup;
-    /* FLUSH: address of LockOwners' live-entry count (0: no fcntl lock forwarding); while
-       it is 0 no owner has locks to drop */
-    uint64_t lock_live;
-} pyvfs_fast_ctx_t;
-
-/* A call into the shared tables through the address the context holds, typed by the
- * function's declaration in shm_table/native.h. */
-#define TABLE(c, fn) ((__typeof__(&fn))(uintptr_t)(c)->fn)
-
-/* Close the cached fds of inodes the guest has forgotten since the last sweep: an O_PATH
- * fd keeps an unlinked file's blocks allocated on the host.  Cheap when nothing was freed
- * (one load); the serve loop calls it before it sleeps and once a second while idle. */
-static void fdc_sweep(const pyvfs_fast_ctx_t *c) {
-    pyvfs_fdcache_t *fc = c->fd_cache;
-    if (!fc || !c->inodes || !c->seg_removals || !fc->count) return;
-    uint64_t now = TABLE(c, seg_removals)((void *)c->inodes);
-    if (now == fc->swept_at) return;
-    fc->swept_at = now;
-    struct pyvfs_fdc_node *n = fc->lru.next;
-    while (n != &fc->lru) {
-        struct pyvfs_fdc_node *next = n->next;
-        if (!fdc_pinned(fc, n->nodeid) && TABLE(c, it_lookup)((void *)c->inodes, n->nodeid) < 0)
-            close(fdc_remove(fc, n));
-        n = next;
-    }
-}
-
-#define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* queue_worker.MAX_REQUEST */
+#define PYVFS_MAX_DATA (1u << 20) /* the largest READ/WRITE payload answered here */
+#define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* MAX_REQUEST, workers/queue_worker.py */
 #define PYVFS_ROOT_ID 1
 #define PYVFS_MAX_HANDLE 128
 
@@ -778,6 +562,72 @@ static int fast_forget(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     return 1;
 }
 
+/* QueueWorker.do_read and do_write (workers/queue_worker.py): header, open-file lookup
+   in the shared handle table, preadv/pwritev between the file and guest memory, reply.
+   Returns 1 when answered (*written = bytes written to the guest), 0 when Python must
+   handle the request (anything unusual: an unknown fh, odd lengths, a read-only share). */
+static int fast_io(const pyvfs_fast_ctx_t *c, const pyvfs_iov_t *rd, int rd_n,
+                   uint64_t rd_len, const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,
+                   uint32_t *written) {
+    struct fuse_in_header h;
+    struct fuse_read_in a;  /* same layout as fuse_write_in */
+    _Static_assert(sizeof(struct fuse_read_in) == sizeof(struct fuse_write_in), "io in");
+    if (rd_len < sizeof h + sizeof a || wr_len < sizeof(struct fuse_out_header))
+        return 0;
+    pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+    if (h.opcode != FUSE_READ && h.opcode != FUSE_WRITE) return 0;
+    if (h.len > rd_len || h.len < sizeof h + sizeof a || h.total_extlen) return 0;
+    pyvfs_iov_read(rd, rd_n, sizeof h, &a, sizeof a);
+    if (a.offset >> 63) return 0;
+    uint64_t data_at = sizeof h + sizeof a;
+    if (h.opcode == FUSE_WRITE && (!c->allow_write || a.size > h.len - data_at ||
+                                   (a.read_flags & FUSE_WRITE_KILL_SUIDGID) ||
+                                   wr_len < sizeof(struct fuse_out_header) +
+                                            sizeof(struct fuse_write_out)))
+        return 0;
+    int64_t r = TABLE(c, ht_pin)((void *)c->handles, a.fh);
+    if (r < 0) return 0;  /* Python answers EBADF and logs it */
+    int fd = (int)((r >> 32) - 1);
+    if (h.opcode == FUSE_WRITE && h.uid != 0) {
+        /* a non-root writer must clear setuid/setgid: Python drops CAP_FSETID */
+        struct stat st;
+        if (fstat(fd, &st) != 0 || (st.st_mode & (S_ISUID | S_ISGID))) {
+            TABLE(c, ht_unpin)((void *)c->handles, a.fh);
+            return 0;
+        }
+    }
+    struct { struct fuse_out_header o; struct fuse_write_out w; } out;
+    memset(&out, 0, sizeof out);
+    out.o.unique = h.unique;
+    uint32_t total;
+    if (h.opcode == FUSE_READ) {
+        uint64_t size = a.size;
+        if (size > wr_len - sizeof out.o) size = wr_len - sizeof out.o;
+        if (size > PYVFS_MAX_DATA) size = PYVFS_MAX_DATA;
+        long long n = size ? pyvfs_iov_preadv(fd, wr, wr_n, sizeof out.o, size,
+                                              (long long)a.offset) : 0;
+        if (n < 0) { out.o.error = (int32_t)n; n = 0; }
+        total = (uint32_t)(sizeof out.o + n);
+        out.o.len = total;
+        pyvfs_iov_write(wr, wr_n, 0, &out.o, sizeof out.o);
+    } else {
+        long long n = a.size ? pyvfs_iov_pwritev(fd, rd, rd_n, data_at, a.size,
+                                                 (long long)a.offset) : 0;
+        if (n < 0) {
+            out.o.error = (int32_t)n;
+            total = sizeof out.o;
+        } else {
+            out.w.size = (uint32_t)n;
+            total = sizeof out;
+        }
+        out.o.len = total;
+        pyvfs_iov_write(wr, wr_n, 0, &out, total);
+    }
+    TABLE(c, ht_unpin)((void *)c->handles, a.fh);
+    *written = total;
+    return 1;
+}
+
 /* One request: 1 when answered here (*written = bytes written to the guest), 0 when the
  * Python path must answer it. */
 int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
@@ -786,11 +636,11 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     struct fuse_in_header h;
     if (rd_len < sizeof h) return 0;
     pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+    if (h.opcode >= 64 || !((c->c_ops >> h.opcode) & 1)) return 0;  /* not asked of C */
     switch (h.opcode) {
     case FUSE_READ:
     case FUSE_WRITE:
-        return pyvfs_fast_io(rd, rd_n, rd_len, wr, wr_n, wr_len, c->handles, c->ht_pin,
-                             c->ht_unpin, c->allow_write, written);
+        return fast_io(c, rd, rd_n, rd_len, wr, wr_n, wr_len, written);
     case FUSE_GETATTR:
     case FUSE_LOOKUP:
     case FUSE_FORGET:
@@ -805,7 +655,8 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     default:
         return 0;
     }
-    /* queue_worker.handle_chain's checks: Python answers ENOMEM / EINVAL */
+    /* QueueWorker.handle_chain's checks (workers/queue_worker.py): Python answers ENOMEM /
+       EINVAL */
     if (!c->meta || h.len < sizeof h || h.len > rd_len || h.len > PYVFS_MAX_REQUEST ||
         h.total_extlen)
         return 0;
@@ -827,284 +678,5 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_flush(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
     default:
         return fast_forget(c, &h, rd, rd_n, written);
-    }
-}
-
-/* ---- per-queue counters for `pyvirtiofsd stats` (daemon/stats/queue_stats.py): a row per
- * queue in a shared segment. Only that queue's worker writes its row (relaxed stores of
- * aligned words: readers in other processes see whole values), so counting costs no
- * atomics; the row outlives a worker that is restarted. One worker serves one queue, so
- * the row is a process-wide pointer. */
-#define PYVFS_STATS_OPCODES 64
-typedef struct {
-    uint64_t requests, in_c, errors, dropped, read_bytes, write_bytes, wakeups, notifies;
-    uint64_t by_opcode[PYVFS_STATS_OPCODES]; /* [0]: opcodes >= 64 and unknown ones */
-} pyvfs_qstats_t;
-
-static pyvfs_qstats_t *g_stats;
-
-void pyvfs_stats_attach(pyvfs_qstats_t *row) { g_stats = row; }
-
-static inline void bump(uint64_t *p, uint64_t n) {
-    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
-}
-
-/* A request answered (written > 0) or taken without a reply (written == 0): its opcode
- * from the request, its errno and data bytes from the reply it got. */
-void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
-                      uint32_t written, int in_c) {
-    pyvfs_qstats_t *s = g_stats;
-    if (!s) return;
-    uint32_t op = 0;
-    if (rd_n > 0 && rd[0].len >= 8) { /* the usual case: the header in one descriptor */
-        memcpy(&op, (const char *)(uintptr_t)rd[0].base + 4, sizeof op);
-    } else {
-        uint32_t hdr[2] = {0, 0}; /* len, opcode */
-        if (pyvfs_iov_read(rd, rd_n, 0, hdr, sizeof hdr) == sizeof hdr) op = hdr[1];
-    }
-    bump(&s->requests, 1);
-    if (in_c) bump(&s->in_c, 1);
-    bump(&s->by_opcode[op < PYVFS_STATS_OPCODES ? op : 0], 1);
-    if (written < sizeof(struct fuse_out_header)) return;
-    struct fuse_out_header out = {0};
-    if (wr_n > 0 && wr[0].len >= sizeof out)
-        memcpy(&out, (const void *)(uintptr_t)wr[0].base, sizeof out);
-    else
-        pyvfs_iov_read(wr, wr_n, 0, &out, sizeof out);
-    if (out.error != 0) {
-        bump(&s->errors, 1);
-    } else if (op == FUSE_READ) {
-        bump(&s->read_bytes, written - sizeof out);
-    } else if (op == FUSE_WRITE && written >= sizeof out + sizeof(uint32_t)) {
-        uint32_t size = 0;
-        pyvfs_iov_read(wr, wr_n, sizeof out, &size, sizeof size);
-        bump(&s->write_bytes, size);
-    }
-}
-
-/* ---- the ring loop: pop, answer, push, all in C while requests are fast-path ones.
- * The split ring's state lives here so Python's SplitQueue (daemon/guest/virtqueue.py) and this
- * loop share it. */
-typedef struct {
-    uint64_t desc, avail, used;  /* host addresses of the three ring parts */
-    const pyvfs_region_t *regions;
-    int32_t nregions;
-    uint32_t size;
-    int32_t indirect;
-    uint16_t last_avail;         /* next avail entry to pop */
-    uint16_t used_idx;           /* next used entry to write */
-    int32_t event_idx;           /* VIRTIO_RING_F_EVENT_IDX negotiated */
-    uint16_t signalled_used;     /* used_idx at the last interrupt decision */
-    uint16_t signalled_valid;    /* 0 until the first decision: always notify then */
-} pyvfs_queue_t;
-
-/* pyvfs_serve's loop state and settings (QueueWorker keeps one) */
-typedef struct {
-    int32_t epoll_fd, kick_fd, call_fd;
-    int32_t timeout_ms;   /* -1: none; LOCK_RETRY while SETLKWs wait */
-    int32_t enabled;      /* SET_VRING_ENABLE: kicks are read but the ring is left alone */
-    int32_t fast;         /* 0: every request goes to Python (debug logging) */
-    uint64_t gather_ns;   /* sleep after a kick before draining (high-priority queue) */
-    uint64_t poll_ns;     /* --poll-us */
-    uint32_t flags;       /* PYVFS_DRAINING, PYVFS_PUSHED */
-} pyvfs_serve_t;
-#define PYVFS_DRAINING 1u  /* notifications are off and the ring is being drained */
-#define PYVFS_PUSHED 2u    /* used entries pushed since the last notification decision */
-#define PYVFS_SERVE_CHAIN 1
-#define PYVFS_SERVE_CONTROL (-100)
-#define PYVFS_SERVE_TIMEOUT (-101)
-#define PYVFS_SERVE_ERROR (-102)
-
-void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
-    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
-    e[0] = head;
-    e[1] = len;
-    q->used_idx++;
-    __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
-}
-
-static uint64_t now_ns(void);
-/* While draining, the control socket is looked at every CONTROL_CHECK_NS: a ring the guest
- * keeps full must not keep the supervisor waiting (it kills a worker silent for 0.5 s).
- * pyvfs_drain returns 0 early when a look is due, with the ring not empty. */
-#define CONTROL_CHECK_NS 10000000u
-static uint64_t control_check_at;  /* one serve loop per worker process */
-
-/* Pop chains until the ring is empty (0) or one needs Python: 1 = a walked chain in
- * rd/wr (*head), for handle_chain; 2 + k = a malformed chain at *head (walk error -1 - k,
- * detail filled), to be completed with length 0; -1 = the avail index jumped by more than
- * the ring size. Requests answered here are pushed; *answered counts them. fast == 0: only
- * pop (debug logging: every request goes to Python). */
-int pyvfs_drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
-                uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
-                const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered) {
-    uint32_t done = 0;
-    int rc = 0;
-    for (;;) {
-        if (done % 8 == 7 && now_ns() >= control_check_at) break;
-        uint16_t avail = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
-                                         __ATOMIC_ACQUIRE);
-        if (avail == q->last_avail) break;
-        if ((uint16_t)(avail - q->last_avail) > q->size) { rc = -1; break; }
-        uint32_t h = __atomic_load_n(
-            (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)(q->last_avail % q->size)),
-            __ATOMIC_ACQUIRE);
-        q->last_avail++;
-        *head = h;
-        int w = pyvfs_walk_chain(q->desc, q->size, h, q->indirect, q->regions, q->nregions,
-                                 rd, &counts[0], &lens[0], wr, &counts[1], &lens[1], max_iov,
-                                 detail);
-        if (w) { /* malformed: Python logs it and completes it with length 0 */
-            if (g_stats) bump(&g_stats->dropped, 1);
-            rc = 1 - w;
-            break;
-        }
-        uint32_t written = 0;
-        if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
-            pyvfs_stats_note(rd, counts[0], wr, counts[1], written, 1);
-            pyvfs_queue_push(q, h, written);
-            done++;
-            continue;
-        }
-        rc = 1;
-        break;
-    }
-    *answered = done;
-    return rc;
-}
-
-/* ---- notifications (virtio 1.x 2.7.7 / 2.7.10): the used ring's flags or avail_event,
- * and whether the driver wants an interrupt for what was pushed since the last decision */
-void pyvfs_queue_disable(pyvfs_queue_t *q) {
-    if (!q->event_idx) __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
-}
-
-int pyvfs_queue_enable(pyvfs_queue_t *q) {
-    if (q->event_idx)
-        __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)q->size),
-                         q->last_avail, __ATOMIC_RELAXED);
-    else
-        __atomic_store_n((uint16_t *)(uintptr_t)q->used, 0, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2), __ATOMIC_ACQUIRE) !=
-           q->last_avail;
-}
-
-int pyvfs_queue_should_notify(pyvfs_queue_t *q) {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint16_t new = q->used_idx;
-    if (!q->event_idx)
-        return !(__atomic_load_n((uint16_t *)(uintptr_t)q->avail, __ATOMIC_ACQUIRE) & 1);
-    uint16_t old = q->signalled_used;
-    int valid = q->signalled_valid;
-    q->signalled_used = new;
-    q->signalled_valid = 1;
-    if (!valid) return 1;
-    uint16_t used_event = __atomic_load_n(
-        (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)q->size), __ATOMIC_ACQUIRE);
-    return (uint16_t)(new - used_event - 1) < (uint16_t)(new - old);
-}
-
-static void notify(pyvfs_queue_t *q, int call_fd) {
-    static const uint64_t one = 1;
-    if (call_fd >= 0 && pyvfs_queue_should_notify(q)) {
-        if (write(call_fd, &one, sizeof one) < 0) {
-            /* the front-end's eventfd is gone or full: nothing to do but go on */
-        } else if (g_stats) {
-            bump(&g_stats->notifies, 1);
-        }
-    }
-}
-
-static uint64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
-/* The worker's whole wait-and-serve loop while requests are fast-path ones, so a wake-up
- * costs no Python: epoll_wait on the kick eventfd and the control socket, read the kick,
- * drain the ring with notifications off, re-arm them (draining again if work slipped in),
- * signal the call eventfd if the driver asks. s->flags carries the loop's state between
- * calls. Returns PYVFS_SERVE_CHAIN (a walked chain at *head for Python: answer and push
- * it, set PYVFS_PUSHED, call again), a malformed chain or a jumped avail index exactly as
- * pyvfs_drain, PYVFS_SERVE_CONTROL (the control socket is readable) or
- * PYVFS_SERVE_TIMEOUT (timeout_ms passed: waiting locks to retry) or PYVFS_SERVE_ERROR
- * (epoll_wait failed; errno). */
-int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
-                uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
-                const pyvfs_fast_ctx_t *c, pyvfs_serve_t *s) {
-    /* with SETLKWs waiting, come back to retry them after timeout_ms even while requests
-       keep the loop busy */
-    uint64_t deadline = s->timeout_ms >= 0 ? now_ns() + (uint64_t)s->timeout_ms * 1000000u : 0;
-    for (;;) {
-        if (!(s->flags & PYVFS_DRAINING)) {
-            int wait_ms = -1;
-            if (deadline) {
-                uint64_t t = now_ns();
-                if (t >= deadline) return PYVFS_SERVE_TIMEOUT;
-                wait_ms = (int)((deadline - t + 999999u) / 1000000u);
-            }
-            fdc_sweep(c);
-            int sweep_tick = c->fd_cache && c->fd_cache->count && (wait_ms < 0 || wait_ms > 1000);
-            if (sweep_tick) wait_ms = 1000;  /* forgets on other queues do not wake us */
-            struct epoll_event ev[4];
-            int n = epoll_wait(s->epoll_fd, ev, 4, wait_ms);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) return PYVFS_SERVE_ERROR;  /* errno says why */
-            if (n == 0 && sweep_tick) continue;
-            if (n == 0) return PYVFS_SERVE_TIMEOUT;
-            int kicked = 0;
-            for (int i = 0; i < n; i++) {
-                if (ev[i].data.fd != s->kick_fd) return PYVFS_SERVE_CONTROL;
-                kicked = 1;
-            }
-            if (!kicked || !s->enabled) {
-                uint64_t v;
-                if (kicked && read(s->kick_fd, &v, sizeof v) < 0) { /* EAGAIN: fine */ }
-                continue;
-            }
-            if (s->gather_ns) {
-                /* requests nobody waits for (FORGET): let more of them arrive first */
-                struct timespec t = {0, (long)s->gather_ns};
-                nanosleep(&t, NULL);
-            }
-            uint64_t v;
-            if (read(s->kick_fd, &v, sizeof v) < 0) { /* EAGAIN: fine */ }
-            if (g_stats) bump(&g_stats->wakeups, 1);
-            s->flags |= PYVFS_DRAINING;
-            pyvfs_queue_disable(q);
-            control_check_at = now_ns() + CONTROL_CHECK_NS;
-        } else if (now_ns() >= control_check_at) {
-            struct epoll_event ev[4];
-            int n = epoll_wait(s->epoll_fd, ev, 4, 0);
-            control_check_at = now_ns() + CONTROL_CHECK_NS;
-            for (int i = 0; i < n; i++)
-                if (ev[i].data.fd != s->kick_fd) return PYVFS_SERVE_CONTROL;
-        }
-        uint32_t answered = 0;
-        int r = pyvfs_drain(q, rd, wr, counts, lens, detail, head, max_iov, c, s->fast,
-                            &answered);
-        if (answered) s->flags |= PYVFS_PUSHED;
-        if (r != 0) return r;  /* flags keep DRAINING: the next call goes on draining */
-        if (s->poll_ns && (s->flags & PYVFS_PUSHED)) {
-            /* hand the guest its answers now, then poll a moment for more before paying
-               for a kick and a wake-up (--poll-us) */
-            notify(q, s->call_fd);
-            s->flags &= ~PYVFS_PUSHED;
-            uint64_t end = now_ns() + s->poll_ns;
-            int more = 0;
-            while (!more && now_ns() < end)
-                more = __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2),
-                                       __ATOMIC_ACQUIRE) != q->last_avail;
-            if (more) continue;
-        }
-        if (pyvfs_queue_enable(q)) {
-            pyvfs_queue_disable(q);
-            continue;
-        }
-        s->flags &= ~PYVFS_DRAINING;
-        if (s->flags & PYVFS_PUSHED) notify(q, s->call_fd);
-        s->flags &= ~PYVFS_PUSHED;
     }
 }

@@ -1,0 +1,33 @@
+/* What the C files of daemon.native._sys share among themselves and Python never sees
+ * (cffi does not read this header). Everything here is hidden from the extension's
+ * symbol table. */
+#ifndef PYVFS_INTERNAL_H
+#define PYVFS_INTERNAL_H
+#include "pyvfs.h"
+/* the shared tables' functions, called through addresses the tables hand over
+   (InodeTable.c_api, HandleTable.c_api): their declarations type-check every call */
+#include "native.h"
+
+#define PYVFS_HIDDEN __attribute__((visibility("hidden")))
+
+/* A call into the shared tables through the address the context holds, typed by the
+ * function's declaration in shm_table/native.h. */
+#define TABLE(c, fn) ((__typeof__(&fn))(uintptr_t)(c)->fn)
+
+/* fd_cache.c: close the cached fds of inodes the guest has forgotten since the last sweep
+ * (the serve loop calls it before it sleeps and once a second while idle) */
+PYVFS_HIDDEN void pyvfs_fdc_sweep(const pyvfs_fast_ctx_t *c);
+
+/* stats.c: the row of the queue this worker serves (NULL: not counting) */
+PYVFS_HIDDEN extern pyvfs_qstats_t *pyvfs_stats_row;
+
+/* Add n to a counter only this process writes: a relaxed load and store of an aligned
+ * word (readers in other processes see whole values), no atomic read-modify-write. */
+static inline void pyvfs_bump(uint64_t *p, uint64_t n) {
+    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/* ring.c: signal the call eventfd if the driver asks for an interrupt (counted) */
+PYVFS_HIDDEN void pyvfs_queue_notify(pyvfs_queue_t *q, int call_fd);
+
+#endif

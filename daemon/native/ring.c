@@ -1,0 +1,57 @@
+/* The split ring's device side (virtio 1.x 2.7): pushing used entries, and the
+ * notifications (2.7.7 / 2.7.10): the used ring's flags or avail_event, and whether the
+ * driver wants an interrupt for what was pushed since the last decision. The state,
+ * pyvfs_queue_t, is shared by Python's SplitQueue (daemon/guest/virtqueue.py) and the
+ * serve loop (serve.c). */
+#include <unistd.h>
+
+#include "internal.h"
+
+void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
+    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
+    e[0] = head;
+    e[1] = len;
+    q->used_idx++;
+    __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+void pyvfs_queue_disable(pyvfs_queue_t *q) {
+    if (!q->event_idx) __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
+}
+
+int pyvfs_queue_enable(pyvfs_queue_t *q) {
+    if (q->event_idx)
+        __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)q->size),
+                         q->last_avail, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n((uint16_t *)(uintptr_t)q->used, 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2), __ATOMIC_ACQUIRE) !=
+           q->last_avail;
+}
+
+int pyvfs_queue_should_notify(pyvfs_queue_t *q) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t new = q->used_idx;
+    if (!q->event_idx)
+        return !(__atomic_load_n((uint16_t *)(uintptr_t)q->avail, __ATOMIC_ACQUIRE) & 1);
+    uint16_t old = q->signalled_used;
+    int valid = q->signalled_valid;
+    q->signalled_used = new;
+    q->signalled_valid = 1;
+    if (!valid) return 1;
+    uint16_t used_event = __atomic_load_n(
+        (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)q->size), __ATOMIC_ACQUIRE);
+    return (uint16_t)(new - used_event - 1) < (uint16_t)(new - old);
+}
+
+void pyvfs_queue_notify(pyvfs_queue_t *q, int call_fd) {
+    static const uint64_t one = 1;
+    if (call_fd >= 0 && pyvfs_queue_should_notify(q)) {
+        if (write(call_fd, &one, sizeof one) < 0) {
+            /* the front-end's eventfd is gone or full: nothing to do but go on */
+        } else if (pyvfs_stats_row) {
+            pyvfs_bump(&pyvfs_stats_row->notifies, 1);
+        }
+    }
+}
