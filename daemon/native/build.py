@@ -110,6 +110,7 @@ ffibuilder.cdef(
         uint32_t own_uid, own_gid;
         int32_t negative_lookup;
         uint64_t lock_live;
+        uint64_t c_ops;
     } pyvfs_fast_ctx_t;
     int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                    const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,

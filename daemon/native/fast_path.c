@@ -218,6 +218,8 @@ typedef struct {
     /* FLUSH: address of LockOwners' live-entry count (0: no fcntl lock forwarding); while
        it is 0 no owner has locks to drop */
     uint64_t lock_live;
+    /* bit op set: C may answer opcode op (daemon/protocol/opcodes.py's table decides) */
+    uint64_t c_ops;
 } pyvfs_fast_ctx_t;
 
 /* A call into the shared tables through the address the context holds, typed by the
@@ -786,6 +788,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     struct fuse_in_header h;
     if (rd_len < sizeof h) return 0;
     pyvfs_iov_read(rd, rd_n, 0, &h, sizeof h);
+    if (h.opcode >= 64 || !((c->c_ops >> h.opcode) & 1)) return 0;
     switch (h.opcode) {
     case FUSE_READ:
     case FUSE_WRITE:
