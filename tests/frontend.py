@@ -36,7 +36,6 @@ class Ring:
     next_avail: int = 0
     last_used: int = 0
     free: list[int] = field(default_factory=list)
-    chained: dict[int, list[int]] = field(default_factory=dict)  # head: the chain's others
 
 
 @dataclass
@@ -203,7 +202,6 @@ class Frontend:
                 self.put_desc(ring.desc, ids[k], addr, length,
                               flags | (0 if last else F_NEXT), 0 if last else ids[k + 1])
             head = ids[0]
-            ring.chained[head] = ids[1:]
         self.publish(q, head, kick)
         return head
 
@@ -232,7 +230,6 @@ class Frontend:
                                      ring.last_used)
                 if head < ring.size and head not in ring.free:
                     ring.free.append(head)
-                    ring.free.extend(ring.chained.pop(head, []))
                 return head, length
             left = deadline - time.monotonic()
             if left <= 0:

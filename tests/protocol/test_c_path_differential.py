@@ -98,6 +98,9 @@ class Session:
         before = self.daemon.in_c()
         err, payload = self.daemon.front.fuse(opcode, nodeid, arg, **kw)  # type: ignore[arg-type]
         answered_in_c = self.daemon.in_c() - before
+        for ring in self.daemon.front.rings.values():
+            if len(ring.free) < 32:  # the front-end frees only heads; nothing is in flight
+                ring.free = list(range(ring.size))
         self.in_c += answered_in_c
         if opcode == self.target:
             self.target_in_c += answered_in_c
