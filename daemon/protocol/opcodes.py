@@ -93,6 +93,7 @@ TABLE: tuple[Op, ...] = (
     Op(Opcode.LINK, "op_link", min_reply=ENTRY),
     Op(Opcode.OPEN, "op_open", min_reply=OPEN_OUT),
     Op(Opcode.READ, "serve_read", served_by=W, in_c=True),
+    # (C declines a WRITE_KILL_SUIDGID write by itself: Python clears the privileges)
     Op(Opcode.WRITE, "serve_write", served_by=W, in_c=True,
        c_declines_when=frozenset({Condition.READONLY, Condition.CAPABILITY_RENAMED})),
     Op(Opcode.CREATE, "op_create", min_reply=ENTRY + OPEN_OUT, in_c=True,
