@@ -262,6 +262,7 @@ class Supervisor(MemoryTableHandlers):
         poll_us: int = 0,
         notifier: Notifier | None = None,
         stats: QueueStats | None = None,
+        c_path: bool = True,
     ) -> None:
         self.fs = fs
         self.notifier = notifier or Notifier()
@@ -270,6 +271,7 @@ class Supervisor(MemoryTableHandlers):
         self.num_queues = 1 + num_request_queues
         self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
         self.poll_us = poll_us
+        self.c_path = c_path  # --c-fast-path, for every worker
         self.state = DeviceState()
         self.front_end: FrontEnd | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -570,6 +572,7 @@ class Supervisor(MemoryTableHandlers):
             indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
             regions=self._region_list(), resume_from_used=resume,
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
+            c_path=self.c_path,
         )
         vring.worker = self.pool.start(setup)
 
@@ -651,7 +654,7 @@ def lock_pid_file(socket_path: str) -> int:
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
-        where: str = "", stats: QueueStats | None = None) -> int:
+        where: str = "", stats: QueueStats | None = None, c_path: bool = True) -> int:
     """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
     (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
     this loop, and STOPPING=1."""
@@ -659,7 +662,7 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
 
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
-                     notifier=notifier, stats=stats)
+                     notifier=notifier, stats=stats, c_path=c_path)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -930,7 +933,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
     return run(fs, listener, tag=args.tag,
                           num_request_queues=args.num_request_queues,
                           poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
-                          where=args.socket_path or f"fd {listener.fileno()}")
+                          where=args.socket_path or f"fd {listener.fileno()}",
+                          c_path=args.c_fast_path == "on")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ VERSION = "0.1.0"
 CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
 MAX_TAG_LEN = 36
 POLL_US_DEFAULT = 0
+C_PATH_ENV = "PYVIRTIOFSD_C_PATH"  # --c-fast-path's default: on (unset) or off
+C_PATH_CHOICES = ("on", "off")
 LOG_LEVELS = {
     "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
     "debug": logging.DEBUG, "trace": logging.DEBUG, "off": logging.CRITICAL + 10,
@@ -99,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-announce-submounts", dest="announce_submounts", action="store_false")
     p.add_argument("--readonly", action="store_true")
     p.add_argument("--rlimit-nofile", type=int)
-    p.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info")
+    p.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info",
+                   help="debug logs each request answered in Python; requests answered in "
+                        "C (see --c-fast-path) are not logged one by one")
     p.add_argument("--syslog", action="store_true")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user backend capabilities as JSON and exit")
@@ -123,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-us", type=int, default=POLL_US_DEFAULT,
                    help="after draining a request queue, busy-poll it this many microseconds "
                         "before sleeping (saves guest kicks and wake-ups; 0 = off)")
+    p.add_argument("--c-fast-path", choices=C_PATH_CHOICES,
+                   default=os.environ.get(C_PATH_ENV, "on"),
+                   help="pyvirtiofsd's own, for debugging and differential tests: off "
+                        "answers every request in Python (logged one by one at --log-level "
+                        "debug), on (default) lets the C fast path answer the common ones; "
+                        f"the default can be set with the environment variable {C_PATH_ENV}")
     p.add_argument("--inode-table-size", type=int, default=1 << 20,
                    help="inode table capacity in shared memory (default 1,048,576)")
     p.add_argument("--handle-table-size", type=int, default=1 << 16,
@@ -199,6 +209,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--num-request-queues must be between 1 and 256")
     if args.inode_table_size < 16 or args.handle_table_size < 16:
         raise UsageError("--inode-table-size and --handle-table-size must be at least 16")
+    if args.c_fast_path not in C_PATH_CHOICES:  # a default from the environment
+        raise UsageError(f"{C_PATH_ENV}={args.c_fast_path}: expected on or off")
     if args.inode_file_handles == "fallback":
         args.inode_file_handles = "prefer"
     validate_virtiofsd_options(args)

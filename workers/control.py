@@ -50,4 +50,5 @@ class QueueSetup:
     indirect: bool
     resume_from_used: bool = False  # a restarted worker replays the request in flight
     poll_us: int = 0  # busy-poll the ring this long after draining it, before sleeping
+    c_path: bool = True  # --c-fast-path: C may answer the opcodes the table allows it
     regions: list[list[int]] = field(default_factory=list)

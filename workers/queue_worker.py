@@ -9,6 +9,7 @@ only state that outlives it is in the shared-memory tables and the shared fds.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -16,11 +17,10 @@ import signal
 import socket
 import struct
 import time
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import NamedTuple, NoReturn
 
 from daemon.fs.passthrough import (
-    OPEN_STRIP,
-    Credentials,
     GuestInputError,
     HandleRef,
     PassthroughFs,
@@ -32,11 +32,13 @@ from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, Spli
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.fuse import FuseError
+from daemon.protocol.opcodes import MIN_REPLY, TABLE, Op, Server
 from daemon.protocol.vhost_user import MemoryRegion
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
+from workers.fast_path import FastPathContext
 from workers.interrupts import InterruptBoard
 
 log = logging.getLogger("pyvirtiofsd.worker")
@@ -50,25 +52,7 @@ SERVE_CONTROL = lib.PYVFS_SERVE_CONTROL
 SERVE_TIMEOUT = lib.PYVFS_SERVE_TIMEOUT
 SERVE_ERROR = lib.PYVFS_SERVE_ERROR
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
-# replies of a fixed size, checked against the guest's buffer before the request acts
-MIN_REPLY = {
-    fuse.Opcode.LOOKUP: fuse.ENTRY_OUT_SIZE, fuse.Opcode.MKDIR: fuse.ENTRY_OUT_SIZE,
-    fuse.Opcode.MKNOD: fuse.ENTRY_OUT_SIZE, fuse.Opcode.SYMLINK: fuse.ENTRY_OUT_SIZE,
-    fuse.Opcode.LINK: fuse.ENTRY_OUT_SIZE,
-    fuse.Opcode.CREATE: fuse.ENTRY_OUT_SIZE + fuse.OPEN_OUT.size,
-    fuse.Opcode.TMPFILE: fuse.ENTRY_OUT_SIZE + fuse.OPEN_OUT.size,
-    fuse.Opcode.OPEN: fuse.OPEN_OUT.size, fuse.Opcode.OPENDIR: fuse.OPEN_OUT.size,
-    fuse.Opcode.GETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
-    fuse.Opcode.SETATTR: fuse.ATTR_OUT_HEAD.size + fuse.ATTR.size,
-}
 LOCK_RETRY_MS = 10
-# the opcodes pyvfs_fast (daemon/native/fuse_ops.c) answers besides READ and WRITE, only
-# with the context's meta set
-C_META_OPS = (
-    fuse.Opcode.GETATTR, fuse.Opcode.LOOKUP, fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET,
-    fuse.Opcode.RELEASE, fuse.Opcode.RELEASEDIR, fuse.Opcode.UNLINK, fuse.Opcode.READDIRPLUS,
-    fuse.Opcode.CREATE, fuse.Opcode.FLUSH,
-)
 WARN_BURST = 100
 WARN_PERIOD = 10.0
 # The high-priority queue carries FORGETs (and the rare INTERRUPT), which nobody waits for:
@@ -76,6 +60,25 @@ WARN_PERIOD = 10.0
 # used-ring notification serve dozens of them instead of a few (the guest does not kick
 # again meanwhile: with EVENT_IDX it waits for the worker to move avail_event).
 HIPRIO_GATHER_NS = 200_000
+
+
+class Incoming(NamedTuple):
+    """A request's FUSE header, checked against its chain, and the room for its reply."""
+
+    length: int
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    extlen: int
+    room: int  # bytes the guest left for the reply after the out header
+
+
+# A request's handler, from the opcode table: the bytes written to the guest (already
+# answered; 0: no reply, PENDING: later), or the payload of a success reply to write.
+Handler = Callable[[DescriptorChain, Incoming], int | bytes | bytearray]
 
 
 class QueueWorker:
@@ -101,11 +104,13 @@ class QueueWorker:
         self.serve.enabled = int(self.enabled)
         self.serve.poll_ns = setup.poll_us * 1000
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
-        # READ/WRITE, GETATTR, LOOKUP, FORGET, RELEASE, UNLINK... are answered in C
-        # (daemon/native/fuse_ops.c) unless we are debugging every request
-        self.fast = int(not log.isEnabledFor(logging.DEBUG))
+        # the opcodes the table lets C answer (daemon/native/fuse_ops.c), unless the C
+        # path is off (--c-fast-path off: all in Python)
+        self.fast_path = FastPathContext(fs, setup.c_path)
+        self.fast = int(setup.c_path)
         self.serve.fast = self.fast
-        self.fast_ctx = self._fast_ctx(fs)
+        self.fast_ctx = self.fast_path.c
+        self.handlers = self.dispatch_table(fs)
         self.drain_head = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
@@ -115,57 +120,20 @@ class QueueWorker:
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
 
-    def _fast_ctx(self, fs: PassthroughFs) -> object:
-        """What daemon/native/fuse_ops.c needs to answer requests as PassthroughFs would."""
-        ctx = ffi.new("pyvfs_fast_ctx_t *")
-        handles = fs.handles.c_api()
-        ctx.handles, ctx.ht_pin, ctx.ht_unpin = handles["base"], handles["ht_pin"], \
-            handles["ht_unpin"]
-        # writes that must clear privileges (a renamed security.capability) go through
-        # Python; the C path itself declines FUSE_WRITE_KILL_SUIDGID writes
-        ctx.allow_write = 0 if fs.config.readonly or fs.security_capability else 1
-        api = fs.inodes.c_api()
-        ctx.inodes = api["base"]
-        for name in ("it_pin", "it_unpin", "it_claim_or_insert", "it_forget", "it_lookup",
-                     "it_handle_of", "it_claim", "seg_removals"):
-            setattr(ctx, name, api[name])
-        ctx.fd_cache = fs.fd_cache.c  # swept in C of inodes the guest forgot
-        # owners rewritten by --translate-uid/gid are Python's job
-        if fs.translate_ids:
-            ctx.c_ops = c_ops_mask(ctx)
-            return ctx
-        self._session = ffi.from_buffer(fs.session)  # kept alive with the context
-        ctx.session = int(ffi.cast("uintptr_t", self._session))
-        ctx.submounts_flag = fuse.SUBMOUNTS
-        ctx.root_mnt_id = fs.root_mnt_id
-        ctx.mount_fd = fs.mount_fd
-        ctx.use_handles = int(fs.use_handles)
-        ctx.mandatory = int(fs.config.file_handles == "mandatory")
-        ctx.timeout_sec, ctx.timeout_nsec = fs.config.timeout
-        ctx.meta = 1
-        ctx.ht_close = handles["ht_close"]
-        ctx.allow_unlink = 0 if fs.config.readonly else 1
-        ctx.negative_lookup = 0 if fs.config.cache == "never" else 1
-        if fs.lock_owners is not None:
-            self._lock_live = ffi.from_buffer(fs.lock_owners.mem)  # kept alive with ctx
-            ctx.lock_live = int(ffi.cast("uintptr_t", self._lock_live)) + \
-                fs.lock_owners.live_offset
-        # CREATE in C only in the plain case: no umask, label, writeback flag rewriting,
-        # renamed security.capability or read-only share to honour
-        cfg = fs.config
-        if not (cfg.readonly or cfg.posix_acl or cfg.security_label or cfg.writeback
-                or cfg.xattrmap is not None or fs.security_capability):
-            ctx.ht_open = handles["ht_open"]
-            clear = OPEN_STRIP
-            if not cfg.allow_direct_io:
-                clear |= os.O_DIRECT
-            if not cfg.preserve_noatime:
-                clear |= os.O_NOATIME
-            ctx.create_clear = clear
-            ctx.create_fopen = fs._open_reply_flags(False)
-            ctx.own_uid, ctx.own_gid = Credentials.own_uid, Credentials.own_gid
-        ctx.c_ops = c_ops_mask(ctx)
-        return ctx
+    def dispatch_table(self, fs: PassthroughFs) -> dict[int, Handler]:
+        """Each opcode's handler, from daemon/protocol/opcodes.py: the file system's
+        method (its arguments read from the chain, its payload replied) or the worker's
+        own; opcodes left out are answered ENOSYS."""
+        handlers: dict[int, Handler] = {}
+        for row in TABLE:
+            if row.needs_xattr and not fs.serves_xattrs:
+                continue
+            if row.served_by is Server.WORKER:
+                handlers[row.opcode] = getattr(self, row.handler)
+            else:
+                handlers[row.opcode] = functools.partial(self.call_fs, row,
+                                                         getattr(fs, row.handler))
+        return handlers
 
     @staticmethod
     def _map(regions: list[list[int]]) -> GuestMemory:
@@ -356,40 +324,34 @@ class QueueWorker:
                 # take a reference the guest will never FORGET
                 raise FuseError(errno.ERANGE, f"no room for the reply: {room} bytes for "
                                 f"opcode {opcode}")
-            if opcode == fuse.Opcode.READ:
-                return self.do_read(chain, unique, length)
-            if opcode == fuse.Opcode.WRITE:
-                payload = self.do_write(chain, length, uid)
-            elif opcode == fuse.Opcode.INTERRUPT:
-                (target,) = fuse.INTERRUPT_IN.unpack(self.args(chain, fuse.INTERRUPT_IN.size))
-                self.interrupt(target)
-                return 0  # an INTERRUPT has no reply
-            elif opcode == fuse.Opcode.SETLKW:
-                arg = self.args(chain, fuse.LK_IN.size)
-                waiting = self.fs.start_setlkw(Request(opcode, unique, nodeid, uid, gid, pid,
-                                                       arg, room))
-                if waiting is not None:
-                    self.waiting_locks.append((chain.head, unique, waiting))
-                    return PENDING
-                payload = b""
-            else:
-                handler = self.fs.ops.get(opcode)
-                if handler is None:
-                    if opcode not in self.unknown_opcodes:
-                        self.unknown_opcodes.add(opcode)
-                        log.info("opcode %d not implemented: ENOSYS", opcode)
-                    raise OSError(errno.ENOSYS, "not implemented")
-                arg = self.args(chain, length - fuse.IN_HEADER_SIZE)
-                ext = None
-                if extlen:  # request extensions (security context, groups) come last
-                    arg, ext = arg[: -8 * extlen], arg[-8 * extlen :]
-                payload = handler(Request(opcode, unique, nodeid, uid, gid, pid, arg, room,
-                                          ext))
-                if payload is None:
-                    return 0  # FORGET, BATCH_FORGET, INTERRUPT: no reply
+            handler = self.handlers.get(opcode)
+            if handler is None:
+                if opcode not in self.unknown_opcodes:
+                    self.unknown_opcodes.add(opcode)
+                    log.info("opcode %d not implemented: ENOSYS", opcode)
+                raise OSError(errno.ENOSYS, "not implemented")
+            answer = handler(chain, Incoming(length, opcode, unique, nodeid, uid, gid, pid,
+                                             extlen, room))
+            if isinstance(answer, int):
+                return answer  # answered already, not at all (no reply) or later
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
             return self.reply_error(chain, unique, opcode, e)
-        return self.reply(chain, unique, 0, payload)
+        return self.reply(chain, unique, 0, answer)
+
+    def call_fs(self, row: Op, method: Callable[[Request], bytes | bytearray | None],
+                chain: DescriptorChain, h: Incoming) -> int | bytes | bytearray:
+        """A request the file system answers: its arguments (and request extensions:
+        security context, groups, which come last) read from the chain; no reply for
+        the opcodes that have none."""
+        arg = self.args(chain, h.length - fuse.IN_HEADER_SIZE)
+        ext = None
+        if h.extlen:
+            arg, ext = arg[: -8 * h.extlen], arg[-8 * h.extlen :]
+        payload = method(Request(h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid, arg,
+                                 h.room, ext))
+        if row.no_reply or payload is None:
+            return 0
+        return payload
 
     def args(self, chain: DescriptorChain, length: int) -> bytes:
         """The request's bytes after the FUSE header (arguments and names, not data)."""
@@ -504,9 +466,12 @@ class QueueWorker:
             log.exception("queue %d: opcode %d failed", self.setup.index, opcode)
         return self.reply(chain, unique, -code, b"")
 
-    def do_read(self, chain: DescriptorChain, unique: int, length: int) -> int:
+    # ----- the requests the worker answers itself (served_by=Server.WORKER) -----------
+
+    def serve_read(self, chain: DescriptorChain, h: Incoming) -> int:
+        """READ: the file's bytes straight into the guest's buffers."""
         if chain.writable_len < fuse.OUT_HEADER_SIZE:
-            self.warn("reply", "no room for a reply to READ %d", unique)
+            self.warn("reply", "no room for a reply to READ %d", h.unique)
             return 0
         fh, offset, size, *_ = fuse.READ_IN.unpack(self.args(chain, fuse.READ_IN.size))
         if offset >= 1 << 63:
@@ -515,44 +480,39 @@ class QueueWorker:
         with HandleRef(self.fs, fh) as handle:
             n = chain.preadv(handle.fd, fuse.OUT_HEADER_SIZE, size, offset) if size > 0 else 0
         total = fuse.OUT_HEADER_SIZE + n
-        chain.write(0, fuse.OUT_HEADER.pack(total, 0, unique))
+        chain.write(0, fuse.OUT_HEADER.pack(total, 0, h.unique))
         return total
 
-    def do_write(self, chain: DescriptorChain, length: int, uid: int) -> bytes:
+    def serve_write(self, chain: DescriptorChain, h: Incoming) -> bytes:
+        """WRITE: the guest's bytes straight from its buffers into the file."""
         fh, offset, size, wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
             self.args(chain, fuse.WRITE_IN.size))
         start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
-        if start + size > length:
-            raise FuseError(errno.EINVAL, f"WRITE of {size} bytes with {length - start} sent")
+        if start + size > h.length:
+            raise FuseError(errno.EINVAL, f"WRITE of {size} bytes with {h.length - start} sent")
         if offset >= 1 << 63:
             raise OSError(errno.EINVAL, "offset out of range")
         if self.fs.config.readonly:
             raise OSError(errno.EROFS, "read-only share")
-        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd, uid):
+        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd, h.uid):
             n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
         return fuse.WRITE_OUT.pack(n, 0)
 
+    def serve_interrupt(self, chain: DescriptorChain, h: Incoming) -> int:
+        """INTERRUPT (no reply): cancel a waiting SETLKW."""
+        (target,) = fuse.INTERRUPT_IN.unpack(self.args(chain, fuse.INTERRUPT_IN.size))
+        self.interrupt(target)
+        return 0
 
-def c_ops_mask(ctx: Any) -> int:
-    """pyvfs_fast_ctx_t.c_ops for a filled context: bit n set for each opcode n the C path
-    may answer with it, the same opcodes its other fields let through (READ; WRITE with
-    allow_write; with meta, the rest, but UNLINK only with allow_unlink, RELEASE(DIR) with
-    ht_close and CREATE with ht_open). C still declines single requests it cannot answer."""
-    ops = [fuse.Opcode.READ]
-    if ctx.allow_write:
-        ops.append(fuse.Opcode.WRITE)
-    if ctx.meta:
-        gates = {
-            fuse.Opcode.UNLINK: ctx.allow_unlink,
-            fuse.Opcode.RELEASE: ctx.ht_close,
-            fuse.Opcode.RELEASEDIR: ctx.ht_close,
-            fuse.Opcode.CREATE: ctx.ht_open,
-        }
-        ops.extend(op for op in C_META_OPS if gates.get(op, 1))
-    mask = 0
-    for op in ops:
-        mask |= 1 << op
-    return mask
+    def serve_setlkw(self, chain: DescriptorChain, h: Incoming) -> int | bytes:
+        """SETLKW: the lock now, or the request parked until a retry gets it."""
+        arg = self.args(chain, fuse.LK_IN.size)
+        waiting = self.fs.start_setlkw(Request(h.opcode, h.unique, h.nodeid, h.uid, h.gid,
+                                               h.pid, arg, h.room))
+        if waiting is not None:
+            self.waiting_locks.append((chain.head, h.unique, waiting))
+            return PENDING
+        return b""
 
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from daemon.fs import locks
+from daemon.fs.c_path_settings import CPathSettings
 from daemon.fs.fd_cache import FdCache, open_by_handle
 from daemon.fs.idmap import IdMap
 from daemon.fs.lock_owners import LockOwners
@@ -29,6 +30,7 @@ from daemon.host.capabilities import without_fsetid
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.fuse import FuseError
+from daemon.protocol.opcodes import Condition
 
 log = logging.getLogger("pyvirtiofsd.fs")
 
@@ -254,50 +256,6 @@ class PassthroughFs:
         self._handle_type = ffi.new("int *")
         self._mount_id = ffi.new("int *")
         self._xattr_buf = ffi.new("char[]", XATTR_MAX)
-        self.ops: dict[int, Callable[[Request], bytes | bytearray | None]] = {
-            fuse.Opcode.INIT: self.op_init,
-            fuse.Opcode.DESTROY: self.op_destroy,
-            fuse.Opcode.LOOKUP: self.op_lookup,
-            fuse.Opcode.FORGET: self.op_forget,
-            fuse.Opcode.BATCH_FORGET: self.op_batch_forget,
-            fuse.Opcode.GETATTR: self.op_getattr,
-            fuse.Opcode.SETATTR: self.op_setattr,
-            fuse.Opcode.READLINK: self.op_readlink,
-            fuse.Opcode.SYMLINK: self.op_symlink,
-            fuse.Opcode.MKNOD: self.op_mknod,
-            fuse.Opcode.MKDIR: self.op_mkdir,
-            fuse.Opcode.UNLINK: self.op_unlink,
-            fuse.Opcode.RMDIR: self.op_rmdir,
-            fuse.Opcode.RENAME: self.op_rename,
-            fuse.Opcode.RENAME2: self.op_rename2,
-            fuse.Opcode.LINK: self.op_link,
-            fuse.Opcode.OPEN: self.op_open,
-            fuse.Opcode.CREATE: self.op_create,
-            fuse.Opcode.FLUSH: self.op_flush,
-            fuse.Opcode.RELEASE: self.op_release,
-            fuse.Opcode.FSYNC: self.op_fsync,
-            fuse.Opcode.OPENDIR: self.op_opendir,
-            fuse.Opcode.READDIR: self.op_readdir,
-            fuse.Opcode.READDIRPLUS: self.op_readdirplus,
-            fuse.Opcode.RELEASEDIR: self.op_release,
-            fuse.Opcode.FSYNCDIR: self.op_fsync,
-            fuse.Opcode.STATFS: self.op_statfs,
-            fuse.Opcode.ACCESS: self.op_access,
-            fuse.Opcode.FALLOCATE: self.op_fallocate,
-            fuse.Opcode.LSEEK: self.op_lseek,
-            fuse.Opcode.COPY_FILE_RANGE: self.op_copy_file_range,
-            fuse.Opcode.SYNCFS: self.op_syncfs,
-            fuse.Opcode.TMPFILE: self.op_tmpfile,
-            fuse.Opcode.GETLK: self.op_getlk,
-            fuse.Opcode.SETLK: self.op_setlk,
-        }
-        if config.xattr or config.posix_acl or config.security_label or config.xattrmap:
-            self.ops.update({
-                fuse.Opcode.GETXATTR: self.op_getxattr,
-                fuse.Opcode.LISTXATTR: self.op_listxattr,
-                fuse.Opcode.SETXATTR: self.op_setxattr,
-                fuse.Opcode.REMOVEXATTR: self.op_removexattr,
-            })
         self.translate_ids = config.uid_map is not None or config.gid_map is not None
         self._ext_missing_warned = False
         # virtiofsd: when --xattrmap renames security.capability, the daemon removes the
@@ -310,6 +268,40 @@ class PassthroughFs:
                 mapped = None
             if mapped is not None and mapped != SECURITY_CAPABILITY:
                 self.security_capability = mapped
+
+    @property
+    def serves_xattrs(self) -> bool:
+        """Whether the xattr requests are served (--xattr or an option implying it);
+        without, the queue worker answers them ENOSYS as virtiofsd does."""
+        cfg = self.config
+        return bool(cfg.xattr or cfg.posix_acl or cfg.security_label or cfg.xattrmap)
+
+    def c_path_settings(self) -> CPathSettings:
+        """What the C fast path must honour to answer as this file system would; read by
+        workers/fast_path.py, which decides from it (and daemon/protocol/opcodes.py) which
+        opcodes C may answer."""
+        cfg = self.config
+        holding = {
+            Condition.TRANSLATE_IDS: self.translate_ids,
+            Condition.READONLY: cfg.readonly,
+            Condition.CAPABILITY_RENAMED: bool(self.security_capability),
+            Condition.POSIX_ACL: cfg.posix_acl,
+            Condition.SECURITY_LABEL: cfg.security_label,
+            Condition.WRITEBACK: cfg.writeback,
+            Condition.XATTRMAP: cfg.xattrmap is not None,
+        }
+        clear = OPEN_STRIP  # _open_flags without --writeback (CREATE in C is never with it)
+        if not cfg.allow_direct_io:
+            clear |= os.O_DIRECT
+        if not cfg.preserve_noatime:
+            clear |= os.O_NOATIME
+        return CPathSettings(
+            conditions=frozenset(c for c, on in holding.items() if on),
+            timeout=cfg.timeout, negative_lookup=cfg.cache != "never",
+            use_handles=self.use_handles, mandatory_handles=cfg.file_handles == "mandatory",
+            root_mnt_id=self.root_mnt_id, mount_fd=self.mount_fd, create_open_clear=clear,
+            create_reply_flags=self.open_reply_flags(False),
+            own_ids=(Credentials.own_uid, Credentials.own_gid))
 
     # ----- setup -----------------------------------------------------------------
 
@@ -902,6 +894,10 @@ class PassthroughFs:
         if cache == "always":
             return fuse.FOPEN_KEEP_CACHE
         return 0
+
+    def open_reply_flags(self, is_dir: bool) -> int:
+        """The FOPEN_* flags of an OPEN, OPENDIR or CREATE reply (the cache mode's)."""
+        return self._open_reply_flags(is_dir)
 
     def op_open(self, req: Request) -> bytes:
         flags, open_flags = fuse.OPEN_IN.unpack_from(req.arg)

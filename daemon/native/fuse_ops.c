@@ -181,7 +181,7 @@ static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
                         const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
                         const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
     uint64_t fh;
-    if (!c->ht_close || wr_len < sizeof(struct fuse_out_header) ||
+    if (wr_len < sizeof(struct fuse_out_header) ||
         h->len - sizeof *h < sizeof fh)
         return 0;
     pyvfs_iov_read(rd, rd_n, sizeof *h, &fh, sizeof fh);
@@ -193,7 +193,7 @@ static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
 static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
                        const pyvfs_iov_t *rd, int rd_n, uint64_t wr_len,
                        const pyvfs_iov_t *wr, int wr_n, uint32_t *written) {
-    if (!c->allow_unlink || wr_len < sizeof(struct fuse_out_header)) return 0;
+    if (wr_len < sizeof(struct fuse_out_header)) return 0;
     char name[256];
     if (!read_name(h, rd, rd_n, name)) return 0;
     int pfd = inode_fd(c, h->nodeid);
@@ -365,7 +365,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
                        uint64_t wr_len, uint32_t *written) {
     struct pyvfs_create_out out;
     struct fuse_create_in in;
-    if (!c->ht_open || wr_len < sizeof out || h->len - sizeof *h < sizeof in) return 0;
+    if (wr_len < sizeof out || h->len - sizeof *h < sizeof in) return 0;
     pyvfs_iov_read(rd, rd_n, sizeof *h, &in, sizeof in);
     if (in.flags & (O_DIRECTORY | O_TMPFILE) || in.open_flags & FUSE_OPEN_KILL_SUIDGID)
         return 0;
@@ -580,7 +580,7 @@ static int fast_io(const pyvfs_fast_ctx_t *c, const pyvfs_iov_t *rd, int rd_n,
     pyvfs_iov_read(rd, rd_n, sizeof h, &a, sizeof a);
     if (a.offset >> 63) return 0;
     uint64_t data_at = sizeof h + sizeof a;
-    if (h.opcode == FUSE_WRITE && (!c->allow_write || a.size > h.len - data_at ||
+    if (h.opcode == FUSE_WRITE && (a.size > h.len - data_at ||
                                    (a.read_flags & FUSE_WRITE_KILL_SUIDGID) ||
                                    wr_len < sizeof(struct fuse_out_header) +
                                             sizeof(struct fuse_write_out)))
@@ -657,7 +657,7 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     }
     /* QueueWorker.handle_chain's checks (workers/queue_worker.py): Python answers ENOMEM /
        EINVAL */
-    if (!c->meta || h.len < sizeof h || h.len > rd_len || h.len > PYVFS_MAX_REQUEST ||
+    if (h.len < sizeof h || h.len > rd_len || h.len > PYVFS_MAX_REQUEST ||
         h.total_extlen)
         return 0;
     switch (h.opcode) {

@@ -99,16 +99,13 @@ int pyvfs_fdc_pin(pyvfs_fdcache_t *c, uint64_t nodeid);
 void pyvfs_fdc_unpin(pyvfs_fdcache_t *c, uint64_t nodeid);
 
 /* ---- fuse_ops.c: the requests answered in C, and what they need to answer them as
- * PassthroughFs would (QueueWorker._fast_ctx in workers/queue_worker.py fills it) */
+ * PassthroughFs would (workers/fast_path.py fills it) */
 typedef struct {
     /* bit n set: opcode n may be answered in C (n < 64); any other opcode goes to Python.
-       The fields below still gate some (READ/WRITE need handles, CREATE ht_open, ...). */
+       The only switch: workers/fast_path.py sets it from daemon/protocol/opcodes.py. */
     uint64_t c_ops;
     /* READ/WRITE: the open-file table (HandleTable.c_api()) */
     uint64_t handles, ht_pin, ht_unpin;
-    int32_t allow_write;
-    /* every opcode but READ and WRITE: 0 = always answered in Python */
-    int32_t meta;
     /* InodeTable.c_api() */
     uint64_t inodes, it_pin, it_unpin, it_claim_or_insert, it_forget, it_lookup,
              it_handle_of, it_claim, seg_removals;
@@ -121,11 +118,9 @@ typedef struct {
     int32_t mandatory;       /* --inode-file-handles=mandatory */
     uint32_t timeout_nsec;   /* entry and attr timeout of the cache mode */
     uint64_t timeout_sec;
-    /* RELEASE/RELEASEDIR: the open-file table's ht_close (0 = Python) */
+    /* RELEASE/RELEASEDIR: the open-file table's ht_close */
     uint64_t ht_close;
-    int32_t allow_unlink;    /* UNLINK in C: not on a read-only share */
-    /* CREATE: the open-file table's ht_open; 0 = Python (readonly, --posix-acl,
-       --security-label, --writeback, --xattrmap, ...) */
+    /* CREATE: the open-file table's ht_open */
     uint64_t ht_open;
     uint32_t create_clear;   /* open flags _open_flags strips (OPEN_STRIP, O_DIRECT, ...) */
     uint32_t create_fopen;   /* _open_reply_flags(False) */

@@ -1,5 +1,5 @@
-"""GETATTR, LOOKUP and FORGET through a real ring: the daemon at its default log level
-answers them in C (daemon/native/fuse_ops.c), at --log-level debug in Python. The guest must
+"""GETATTR, LOOKUP and FORGET through a real ring: the daemon answers them in C
+(daemon/native/fuse_ops.c) by default, in Python with --c-fast-path off. The guest must
 not be able to tell: the same requests, hostile ones included, get byte-identical
 replies from both, and references taken in C are given back by FORGET."""
 
@@ -175,20 +175,20 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
     share, mounted = make_share(tmp_path)
     try:
         answers = {}
-        for level in ("info", "debug"):  # debug: every request goes through Python
-            sock = tmp_path / f"{level}.sock"
-            with pyvirtiofsd(share, sock, "--log-level", level, "--cache", cache,
+        for path in ("on", "off"):  # off: every request goes through Python
+            sock = tmp_path / f"{path}.sock"
+            with pyvirtiofsd(share, sock, "--c-fast-path", path, "--cache", cache,
                              "--inode-file-handles", handles):
                 front = Frontend(str(sock))
                 front.setup(3)
                 front.init()
                 SHARES[id(front)] = share
-                answers[level] = script(front)
+                answers[path] = script(front)
                 front.close()
-        assert len(answers["info"]) == len(answers["debug"])
-        for fast, slow in zip(answers["info"], answers["debug"], strict=True):
+        assert len(answers["on"]) == len(answers["off"])
+        for fast, slow in zip(answers["on"], answers["off"], strict=True):
             assert fast == slow, fast[0]
-        by_what = {what: err for what, err, _ in answers["info"]}
+        by_what = {what: err for what, err, _ in answers["on"]}
         assert by_what["lookup dotdot"] == -errno.EINVAL
         assert by_what["lookup 256 bytes"] == -errno.ENAMETOOLONG
         assert by_what["lookup forged parent"] == -errno.EBADF
@@ -196,15 +196,15 @@ def test_c_answers_are_the_python_answers(tmp_path: Path, handles: str, cache: s
         assert by_what["unlink"] == 0 and by_what["unlink again"] == -errno.ENOENT
         assert by_what["create"] == 0 and by_what["create as 1234"] == 0
         assert by_what["create exists, O_EXCL"] == -errno.EEXIST
-        owner = [p for w, _, p in answers["info"] if w == "owner of owned"][0]
+        owner = [p for w, _, p in answers["on"] if w == "owner of owned"][0]
         assert struct.unpack("<III", owner) == (1234, 1234, 0o100640)
         assert by_what["unlink a directory"] == -errno.EISDIR
         assert by_what["readdirplus, bad fh"] == -errno.EBADF
         assert by_what["readdirplus, short"] == -errno.EINVAL
-        listed = [p for w, _, p in answers["info"] if w.startswith("readdirplus ")]
+        listed = [p for w, _, p in answers["on"] if w.startswith("readdirplus ")]
         assert len([p for p in listed if p]) >= 3 and listed[-1] == b""  # all, then the end
         if mounted:
-            attr_flags = [p for w, _, p in answers["info"] if w == "lookup b'mnt'"][0]
+            attr_flags = [p for w, _, p in answers["on"] if w == "lookup b'mnt'"][0]
             assert struct.unpack_from("<I", attr_flags, len(attr_flags) - 4)[0] == \
                 fuse.ATTR_SUBMOUNT
     finally:

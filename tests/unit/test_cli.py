@@ -3,11 +3,14 @@ form, --fd with a socket the caller made, and clear errors."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from daemon import options
 from daemon.protocol import fuse
@@ -56,6 +59,21 @@ def test_errors_name_the_option(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--fd 97" in r.stderr
     r = run_cli("--shared-dir", str(tmp_path), "--socket-path", "s", "--cache", "sometimes")
     assert r.returncode == 2 and "--cache" in r.stderr
+
+
+def test_c_fast_path_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--c-fast-path, default on, or what PYVIRTIOFSD_C_PATH says; the option wins."""
+    monkeypatch.delenv(options.C_PATH_ENV, raising=False)
+    assert parse().c_fast_path == "on"
+    monkeypatch.setenv(options.C_PATH_ENV, "off")
+    assert parse().c_fast_path == "off"
+    assert parse("--c-fast-path", "on").c_fast_path == "on"
+    r = subprocess.run([sys.executable, "-m", "supervisor", "--shared-dir", str(tmp_path),
+                        "--socket-path", str(tmp_path / "s")], cwd=REPO, capture_output=True,
+                       text=True, timeout=30, env={**os.environ, options.C_PATH_ENV: "fast"})
+    assert r.returncode == 2 and "PYVIRTIOFSD_C_PATH=fast" in r.stderr
+    r = run_cli("--shared-dir", str(tmp_path), "--socket-path", "s", "--c-fast-path", "x")
+    assert r.returncode == 2 and "--c-fast-path" in r.stderr
 
 
 def test_version_and_capabilities() -> None:

@@ -15,15 +15,15 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from daemon.fs.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
+from daemon.protocol.opcodes import BY_OPCODE
 from shm_table import HandleTable, InodeTable
-from workers.queue_worker import QueueWorker
+from workers.fast_path import FastPathContext
 
 OUT = fuse.OUT_HEADER
 
@@ -37,8 +37,8 @@ class Fs:
         self.handles = HandleTable.create(name + "-h", 256)
         self.fs = PassthroughFs(str(share), self.inodes, self.handles, Config(**config))
         self.fs.add_root()
-        self.holder = SimpleNamespace()
-        self.ctx = QueueWorker._fast_ctx(self.holder, self.fs)  # type: ignore[arg-type]
+        self.fast_path = FastPathContext(self.fs)  # keeps what the context points into
+        self.ctx = self.fast_path.c
         self.unique = 100
 
     def close(self) -> None:
@@ -86,8 +86,8 @@ class Fs:
     def py(self, opcode: int, nodeid: int, arg: bytes = b"",
            room: int = fuse.MAX_WRITE, uid: int = 0, gid: int = 0) -> bytes:
         """The Python operation's reply, as the worker would write it."""
-        payload = self.fs.ops[opcode](Request(opcode, self.unique, nodeid, uid, gid, 1, arg,
-                                              room))
+        handler = getattr(self.fs, BY_OPCODE[opcode].handler)
+        payload = handler(Request(opcode, self.unique, nodeid, uid, gid, 1, arg, room))
         if payload is None:
             return b""
         return OUT.pack(fuse.OUT_HEADER_SIZE + len(payload), 0, self.unique) + bytes(payload)
@@ -351,8 +351,8 @@ def test_declined_when_python_must_answer(tmp_path: Path) -> None:
     f = Fs(make_share(tmp_path))
     try:
         f.fs.translate_ids = True
-        ctx = QueueWorker._fast_ctx(SimpleNamespace(), f.fs)  # type: ignore[arg-type]
-        f.ctx = ctx
+        f.fast_path = FastPathContext(f.fs)
+        f.ctx = f.fast_path.c
         assert f.c(fuse.Opcode.GETATTR, 1)[0] == 0
         assert f.c(fuse.Opcode.LOOKUP, 1, b"file\0")[0] == 0
         assert f.c(fuse.Opcode.FORGET, 1, fuse.FORGET_IN.pack(1), out_size=0)[0] == 0
