@@ -66,8 +66,10 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, what
 
 
 @dataclass(frozen=True)
-class IdMap:
-    """One --uid-map/--gid-map line: ``count`` ids from ``inside`` map to ``outside``."""
+class NamespaceIdMap:
+    """One --uid-map/--gid-map line of the sandbox's user namespace (uid_map/gid_map):
+    ``count`` ids from ``inside`` map to ``outside``. Not the in-daemon translation of
+    --translate-uid/--translate-gid, which is :class:`daemon.fs.idmap.IdMap`."""
 
     inside: int
     outside: int
@@ -100,8 +102,8 @@ class Outside:
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
 
 
-def enter(mode: str, shared_dir: str, uid_maps: Sequence[IdMap] = (),
-          gid_maps: Sequence[IdMap] = ()) -> Outside | None:
+def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
+          gid_maps: Sequence[NamespaceIdMap] = ()) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
@@ -190,18 +192,18 @@ def _reopen_through(proc_fd: int) -> None:
     passthrough.PROC_DIR_FD = proc_fd
 
 
-def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],
-                   gid_maps: Sequence[IdMap]) -> Outside | None:
+def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
+                   gid_maps: Sequence[NamespaceIdMap]) -> Outside | None:
     """Unprivileged: a helper unshares a user namespace (with pid, mount and network
     namespaces owned by it), this process writes its id maps from outside (newuidmap and
     newgidmap for anything beyond our own ids), then the helper forks the server, PID 1
     of the new pid namespace, and waits for it."""
     uid, gid = os.geteuid(), os.getegid()
-    uid_maps = list(uid_maps) or [IdMap(uid, uid, 1)]
-    gid_maps = list(gid_maps) or [IdMap(gid, gid, 1)]
+    uid_maps = list(uid_maps) or [NamespaceIdMap(uid, uid, 1)]
+    gid_maps = list(gid_maps) or [NamespaceIdMap(gid, gid, 1)]
     helpers = {}
     for tool, maps, own in (("newuidmap", uid_maps, uid), ("newgidmap", gid_maps, gid)):
-        if maps != [IdMap(maps[0].inside, own, 1)]:
+        if maps != [NamespaceIdMap(maps[0].inside, own, 1)]:
             path = shutil.which(tool)
             if path is None:
                 raise SandboxError(f"--{tool[3:6]}-map needs {tool} (Debian package uidmap) "
@@ -248,7 +250,7 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],
     return outside
 
 
-def _write_maps(pid: int, kind: str, maps: list[IdMap], helper: str | None) -> None:
+def _write_maps(pid: int, kind: str, maps: list[NamespaceIdMap], helper: str | None) -> None:
     if helper is not None:
         args = [helper, str(pid)]
         for m in maps:
