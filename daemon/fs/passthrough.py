@@ -20,10 +20,11 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from daemon.fs import locks
+from daemon.fs import locks, proc_fd
 from daemon.fs.fd_cache import FdCache, open_by_handle
 from daemon.fs.idmap import IdMap
 from daemon.fs.lock_owners import LockOwners
+from daemon.fs.proc_fd import openable, proc_name, proc_open
 from daemon.fs.xattrmap import XattrMap
 from daemon.host.capabilities import without_fsetid
 from daemon.native._sys import ffi, lib
@@ -160,35 +161,6 @@ def check_name(name: bytes) -> bytes:
     if len(name) > NAME_MAX:
         raise GuestInputError(errno.ENAMETOOLONG, "name longer than 255 bytes", "name")
     return name
-
-
-# The fd directory through which an inode's O_PATH fd is reopened by the name of its
-# number (a magic link: it resolves to the inode itself, and nothing the guest sends is part
-# of the name). -1: /proc/self/fd of the calling process. In the sandbox /proc is out of
-# sight, so daemon.host.sandbox keeps a directory fd of the server's fd directory here; the
-# server's working directory stays its root (the share).
-PROC_DIR_FD = -1
-
-
-def proc_name(fd: int) -> tuple[str, int | None]:
-    """The name and dir_fd that reach ``fd``'s file through the fd directory."""
-    if PROC_DIR_FD < 0:
-        return f"/proc/self/fd/{fd}", None
-    return str(fd), PROC_DIR_FD
-
-
-def proc_open(fd: int, flags: int, mode: int = 0o777) -> int:
-    """Open ``fd``'s file anew with ``flags`` (close-on-exec). Callers check the file type
-    first (:func:`openable`): this follows the magic link to whatever the inode is."""
-    path, dir_fd = proc_name(fd)
-    return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-
-
-def openable(mode: int) -> bool:
-    """Only regular files and directories are ever opened by the daemon (virtiofsd's
-    is_safe_inode): opening a FIFO can block the worker for ever, and a device node the
-    guest made with MKNOD would hand it the host's device."""
-    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 class Credentials:
@@ -586,7 +558,7 @@ class PassthroughFs:
             buf, size = ffi.from_buffer(value), len(value)
         else:
             buf, size = self._xattr_buf, XATTR_MAX
-        n = lib.pyvfs_xattr(op, PROC_DIR_FD, fd, ffi.NULL if name is None else name, buf,
+        n = lib.pyvfs_xattr(op, proc_fd.PROC_DIR_FD, fd, ffi.NULL if name is None else name, buf,
                             size, flags)
         if n < 0:
             err = lib.pyvfs_errno()

@@ -16,10 +16,11 @@ containers that cannot make namespaces).
 
 In both, every server process's working directory is its root, the share, so no
 relative path leads out of it. An fd is reopened through a directory fd of the server's
-fd directory, kept in ``passthrough.PROC_DIR_FD`` (inside the root in namespace mode,
-outside it with chroot, as virtiofsd's proc_self_fd): only the decimal name of an fd
-number is ever looked up in it (``passthrough.proc_open``), and xattr calls, which take a
-path, switch there for that one system call (``pyvfs_xattr``).
+fd directory (inside the root in namespace mode, outside it with chroot, as virtiofsd's
+proc_self_fd), which :func:`server_fd_directory` returns and the supervisor hands to
+``daemon.fs.proc_fd``: only the decimal name of an fd number is ever looked up in it
+(``proc_fd.proc_open``), and xattr calls, which take a path, switch there for that one
+system call (``pyvfs_xattr``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                   "riscv64": 41}
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
 
 
 class SandboxError(Exception):
@@ -185,11 +187,17 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
 
 
 def _reopen_through(proc_fd: int) -> None:
-    """Reopen fds through ``proc_fd`` (the server's fd directory) from now on; the
+    """Keep ``proc_fd`` (the server's fd directory) for :func:`server_fd_directory`; the
     working directory stays the root, which workers inherit."""
-    from daemon.fs import passthrough
+    global _server_fd_dir
+    _server_fd_dir = proc_fd
 
-    passthrough.PROC_DIR_FD = proc_fd
+
+def server_fd_directory() -> int:
+    """In the sandboxed server (after :func:`enter` returned None): a directory fd of its
+    own fd directory, through which every fd must be reopened from now on (the caller
+    hands it to ``daemon.fs.proc_fd.use_fd_directory``); -1 outside a sandbox."""
+    return _server_fd_dir
 
 
 def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
