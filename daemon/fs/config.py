@@ -23,7 +23,9 @@ class Config:
     file_handles: str = "prefer"  # never | prefer | mandatory
     xattr: bool = False
     fd_cache_size: int = 1024  # per worker, for inodes the table keeps by handle only
-    posix_lock: bool = False  # forward fcntl locks to the host (per open file, not per owner)
+    # forward fcntl locks to the host, on a description per guest lock owner (as POSIX
+    # wants; daemon/fs/lock_owners.py)
+    posix_lock: bool = False
     flock: bool = True  # forward flock() to the host
     uid_map: IdMap | None = None  # --translate-uid
     gid_map: IdMap | None = None  # --translate-gid

@@ -1,6 +1,8 @@
 """Who a request runs as: the guest caller's fsuid/fsgid while it creates (so new files get
 its ids), its ids translated by --translate-uid/--translate-gid both ways, its umask under
 --posix-acl (FUSE_DONT_MASK), and the security label (--security-label) a new file gets.
+Supplementary groups are not switched: FUSE_CREATE_SUPP_GROUP is not offered at INIT (a
+supplementary-groups request extension is let through and not applied).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class ContextOps(FsBase):
         return uid, gid
 
     def guest_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """Host ids (of a file's owner) as the guest should see them."""
         if self.config.uid_map is not None:
             uid = self.config.uid_map.host_to_guest(uid)
         if self.config.gid_map is not None:
@@ -114,6 +117,7 @@ class ContextOps(FsBase):
         return secctx
 
     def set_security_context(self, secctx: tuple[bytes, bytes], fd: int, o_path: bool) -> None:
+        """Label a file this request made, under the xattr name --xattrmap gives it."""
         name, value = secctx
         if o_path:
             self.setxattr_of(fd, self.client_xattr(name), value, 0)

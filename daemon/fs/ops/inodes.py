@@ -158,6 +158,7 @@ class InodeOps(FsBase):
         return fd
 
     def entry(self, parent: InodeRef, name: bytes) -> bytearray:
+        """The entry reply for an existing ``name`` in ``parent`` (LOOKUP), claimed."""
         fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)

@@ -26,6 +26,7 @@ class SessionOps(FsBase):
     """INIT, DESTROY, SYNCFS and the flags INIT negotiated."""
 
     def negotiated(self, flag: int) -> bool:
+        """Whether INIT agreed on ``flag``, as every worker sees it."""
         return bool(SESSION_FLAGS.unpack_from(self.session)[0] & flag)
 
     def op_init(self, req: Request) -> bytes:

@@ -135,15 +135,19 @@ class XattrOps(FsBase):
         return n
 
     def getxattr_of(self, fd: int, name: bytes) -> bytes:
+        """The value of xattr ``name`` of the inode of O_PATH fd ``fd``."""
         n = self._xattr(lib.PYVFS_XATTR_GET, fd, name)
         return bytes(ffi.buffer(self._xattr_buf, n))
 
     def listxattr_of(self, fd: int) -> list[bytes]:
+        """The xattr names of the inode of O_PATH fd ``fd``."""
         n = self._xattr(lib.PYVFS_XATTR_LIST, fd, None)
         return bytes(ffi.buffer(self._xattr_buf, n)).split(b"\0")[:-1]
 
     def setxattr_of(self, fd: int, name: bytes, value: bytes, flags: int) -> None:
+        """Set xattr ``name`` of the inode of O_PATH fd ``fd``."""
         self._xattr(lib.PYVFS_XATTR_SET, fd, name, value, flags)
 
     def removexattr_of(self, fd: int, name: bytes) -> None:
+        """Remove xattr ``name`` of the inode of O_PATH fd ``fd``."""
         self._xattr(lib.PYVFS_XATTR_REMOVE, fd, name)
