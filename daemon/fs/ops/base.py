@@ -27,6 +27,9 @@ NAME_MAX = 255
 
 @dataclass(slots=True)
 class Request:
+    """One FUSE request as the worker hands it to its handler (``fs.ops[opcode](req)``):
+    the header's fields and the bytes of the arguments after it."""
+
     opcode: int
     unique: int
     nodeid: int
