@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from daemon.fs import proc_fd
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
 from daemon.host import capabilities, no_site, sandbox, sd_notify, seccomp
@@ -864,6 +865,7 @@ def serve(args: argparse.Namespace) -> int:
             if outside is not None:
                 listener.close()  # the sandboxed server has its own copy
                 return outside.wait()
+            proc_fd.use_fd_directory(sandbox.server_fd_directory())
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:

@@ -279,11 +279,11 @@ def validate_virtiofsd_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--modcaps={args.modcaps} cannot remove dac_read_search with "
                              f"--inode-file-handles={args.inode_file_handles} (file handles "
                              "need it)")
-    from daemon.host.sandbox import IdMap
+    from daemon.host.sandbox import NamespaceIdMap
 
     for option, attr in (("--uid-map", "uid_map"), ("--gid-map", "gid_map")):
         values = getattr(args, attr)
-        setattr(args, attr + "s", [IdMap(*parse_ns_map(option, v)) for v in values])
+        setattr(args, attr + "s", [NamespaceIdMap(*parse_ns_map(option, v)) for v in values])
         if values and args.sandbox != "namespace":
             raise UsageError(f"{option} maps ids in the user namespace that --sandbox "
                              f"namespace creates; it cannot be used with --sandbox "

@@ -17,7 +17,8 @@ from daemon.native._sys import ffi, lib
 
 class FdCache:
     """The cache itself is C (``daemon/native/fd_cache.c``), so the worker's C fast path
-    (GETATTR, LOOKUP, FORGET) and the Python operations share it."""
+    (GETATTR, LOOKUP, UNLINK, CREATE, READDIRPLUS, FORGET, BATCH_FORGET) and the Python
+    operations share it."""
 
     __slots__ = ("c",)
 

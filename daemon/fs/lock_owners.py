@@ -39,7 +39,7 @@ _MUTEX = struct.Struct("hhqqi4x")  # struct flock: type whence start len pid
 
 class LockOwners:
     def __init__(self, proc_open: Callable[[int, int], int], slots: int = SLOTS) -> None:
-        """``proc_open(fd, flags)`` opens fd's file anew (passthrough.proc_open)."""
+        """``proc_open(fd, flags)`` opens fd's file anew (``daemon.fs.proc_fd.proc_open``)."""
         self.slots = slots
         self.memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
         # the entries, then a count of live ones (USED or CLOSING): the C FLUSH path

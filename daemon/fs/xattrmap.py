@@ -4,9 +4,9 @@ A mapping is a sequence of rules, each ``<sep>type<sep>scope<sep>key<sep>prepend
 where ``<sep>`` is the rule's first non-blank character (any character, the same within
 the rule); white space may separate rules. The first rule that matches applies:
 
-* scope ``client`` matches names the guest sends (GETXATTR/SETXATTR/REMOVEXATTR) whose
-  start is ``key``; ``server`` matches names the host lists (LISTXATTR) whose start is
-  ``prepend``; ``all`` does both.
+* scope ``client`` matches names the guest sends (GETXATTR/SETXATTR/REMOVEXATTR, and the
+  --security-label xattr of a new file) whose start is ``key``; ``server`` matches names
+  the host lists (LISTXATTR) whose start is ``prepend``; ``all`` does both.
 * type ``prefix``: a client name gets ``prepend`` in front; a server name loses it.
   ``ok``: the name passes unchanged. ``bad``: a client name is refused with EPERM (ENODATA
   for GETXATTR), a server name is hidden. ``unsupported``: like bad, but ENOTSUP.

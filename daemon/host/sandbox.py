@@ -16,10 +16,11 @@ containers that cannot make namespaces).
 
 In both, every server process's working directory is its root, the share, so no
 relative path leads out of it. An fd is reopened through a directory fd of the server's
-fd directory, kept in ``passthrough.PROC_DIR_FD`` (inside the root in namespace mode,
-outside it with chroot, as virtiofsd's proc_self_fd): only the decimal name of an fd
-number is ever looked up in it (``passthrough.proc_open``), and xattr calls, which take a
-path, switch there for that one system call (``pyvfs_xattr``).
+fd directory (inside the root in namespace mode, outside it with chroot, as virtiofsd's
+proc_self_fd), which :func:`server_fd_directory` returns and the supervisor hands to
+``daemon.fs.proc_fd``: only the decimal name of an fd number is ever looked up in it
+(``proc_fd.proc_open``), and xattr calls, which take a path, switch there for that one
+system call (``pyvfs_xattr``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                   "riscv64": 41}
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
 
 
 class SandboxError(Exception):
@@ -66,8 +68,10 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, what
 
 
 @dataclass(frozen=True)
-class IdMap:
-    """One --uid-map/--gid-map line: ``count`` ids from ``inside`` map to ``outside``."""
+class NamespaceIdMap:
+    """One --uid-map/--gid-map line of the sandbox's user namespace (uid_map/gid_map):
+    ``count`` ids from ``inside`` map to ``outside``. Not the in-daemon translation of
+    --translate-uid/--translate-gid, which is :class:`daemon.fs.idmap.IdMap`."""
 
     inside: int
     outside: int
@@ -100,8 +104,8 @@ class Outside:
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
 
 
-def enter(mode: str, shared_dir: str, uid_maps: Sequence[IdMap] = (),
-          gid_maps: Sequence[IdMap] = ()) -> Outside | None:
+def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
+          gid_maps: Sequence[NamespaceIdMap] = ()) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
@@ -183,25 +187,31 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
 
 
 def _reopen_through(proc_fd: int) -> None:
-    """Reopen fds through ``proc_fd`` (the server's fd directory) from now on; the
+    """Keep ``proc_fd`` (the server's fd directory) for :func:`server_fd_directory`; the
     working directory stays the root, which workers inherit."""
-    from daemon.fs import passthrough
+    global _server_fd_dir
+    _server_fd_dir = proc_fd
 
-    passthrough.PROC_DIR_FD = proc_fd
+
+def server_fd_directory() -> int:
+    """In the sandboxed server (after :func:`enter` returned None): a directory fd of its
+    own fd directory, through which every fd must be reopened from now on (the caller
+    hands it to ``daemon.fs.proc_fd.use_fd_directory``); -1 outside a sandbox."""
+    return _server_fd_dir
 
 
-def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],
-                   gid_maps: Sequence[IdMap]) -> Outside | None:
+def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
+                   gid_maps: Sequence[NamespaceIdMap]) -> Outside | None:
     """Unprivileged: a helper unshares a user namespace (with pid, mount and network
     namespaces owned by it), this process writes its id maps from outside (newuidmap and
     newgidmap for anything beyond our own ids), then the helper forks the server, PID 1
     of the new pid namespace, and waits for it."""
     uid, gid = os.geteuid(), os.getegid()
-    uid_maps = list(uid_maps) or [IdMap(uid, uid, 1)]
-    gid_maps = list(gid_maps) or [IdMap(gid, gid, 1)]
+    uid_maps = list(uid_maps) or [NamespaceIdMap(uid, uid, 1)]
+    gid_maps = list(gid_maps) or [NamespaceIdMap(gid, gid, 1)]
     helpers = {}
     for tool, maps, own in (("newuidmap", uid_maps, uid), ("newgidmap", gid_maps, gid)):
-        if maps != [IdMap(maps[0].inside, own, 1)]:
+        if maps != [NamespaceIdMap(maps[0].inside, own, 1)]:
             path = shutil.which(tool)
             if path is None:
                 raise SandboxError(f"--{tool[3:6]}-map needs {tool} (Debian package uidmap) "
@@ -248,7 +258,7 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[IdMap],
     return outside
 
 
-def _write_maps(pid: int, kind: str, maps: list[IdMap], helper: str | None) -> None:
+def _write_maps(pid: int, kind: str, maps: list[NamespaceIdMap], helper: str | None) -> None:
     if helper is not None:
         args = [helper, str(pid)]
         for m in maps:

@@ -1,0 +1,47 @@
+"""The fd directory through which an inode's O_PATH fd is reopened by the name of its
+number (a magic link: it resolves to the inode itself, and nothing the guest sends is part
+of the name).
+
+Outside a sandbox that is ``/proc/self/fd`` of the calling process. In the sandbox /proc
+is out of sight, so the server keeps a directory fd of its fd directory (opened by
+``daemon.host.sandbox``, handed here by the supervisor with :func:`use_fd_directory`);
+the server's working directory stays its root (the share).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+# -1: /proc/self/fd of the calling process; else a directory fd of the server's fd
+# directory. Read it as ``proc_fd.PROC_DIR_FD`` (a name imported from here would not see
+# the change).
+PROC_DIR_FD = -1
+
+
+def use_fd_directory(fd: int) -> None:
+    """Reopen fds through ``fd`` (the sandboxed server's fd directory) from now on, so the
+    host layer that opened it need not reach up into the file system."""
+    global PROC_DIR_FD
+    PROC_DIR_FD = fd
+
+
+def proc_name(fd: int) -> tuple[str, int | None]:
+    """The name and dir_fd that reach ``fd``'s file through the fd directory."""
+    if PROC_DIR_FD < 0:
+        return f"/proc/self/fd/{fd}", None
+    return str(fd), PROC_DIR_FD
+
+
+def proc_open(fd: int, flags: int, mode: int = 0o777) -> int:
+    """Open ``fd``'s file anew with ``flags`` (close-on-exec). Callers check the file type
+    first (:func:`openable`): this follows the magic link to whatever the inode is."""
+    path, dir_fd = proc_name(fd)
+    return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def openable(mode: int) -> bool:
+    """Only regular files and directories are ever opened by the daemon (virtiofsd's
+    is_safe_inode): opening a FIFO can block the worker for ever, and a device node the
+    guest made with MKNOD would hand it the host's device."""
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
