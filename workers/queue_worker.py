@@ -24,7 +24,6 @@ from daemon.fs.passthrough import (
     GuestInputError,
     HandleRef,
     PassthroughFs,
-    PendingLock,
     Request,
 )
 from daemon.guest.memory import BadGuestAddress, GuestMemory
@@ -40,6 +39,7 @@ from workers import control
 from workers.control import QueueSetup
 from workers.fast_path import FastPathContext
 from workers.interrupts import InterruptBoard
+from workers.parked_locks import ParkedLocks
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
@@ -115,8 +115,7 @@ class QueueWorker:
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
-        self.waiting_locks: list[tuple[int, int, PendingLock]] = []  # head, unique, lock
-        self.interrupted_here: set[int] = set()  # uniques of waiting SETLKWs to cancel
+        self.parked = ParkedLocks(setup.index, interrupts)  # SETLKWs waiting for a lock
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
 
@@ -191,7 +190,7 @@ class QueueWorker:
                 pass  # not an eventfd we can write: the C loop's notifications say the same
         q_chain = self.chain
         while True:
-            s.timeout_ms = LOCK_RETRY_MS if self.waiting_locks else -1
+            s.timeout_ms = LOCK_RETRY_MS if self.parked else -1
             q = self.queue
             r = serve(q.c, q_chain.rd, q_chain.wr, q_chain.counts, q_chain.lens,
                       q_chain.detail, self.drain_head, MAX_SEGMENTS, self.fast_ctx, s)
@@ -210,7 +209,7 @@ class QueueWorker:
                 q.push(q_chain.head, 0)
                 s.flags |= lib.PYVFS_PUSHED
             elif r == -1:  # the avail index is more than a ring ahead of what we popped
-                jumped = self.avail_jump(q)
+                jumped = q.lasting_avail_jump()
                 if jumped is not None:
                     log.error("queue %d: avail index jumped from %d to %d; waiting for a "
                               "reset", self.setup.index, q.last_avail_idx, jumped)
@@ -224,21 +223,8 @@ class QueueWorker:
             elif r == SERVE_ERROR:
                 err = lib.pyvfs_errno()
                 raise OSError(err, f"epoll_wait: {os.strerror(err)}")
-            if self.waiting_locks and r in (SERVE_TIMEOUT, SERVE_CONTROL):
+            if self.parked and r in (SERVE_TIMEOUT, SERVE_CONTROL):
                 self.retry_locks()
-
-    @staticmethod
-    def avail_jump(q: SplitQueue) -> int | None:
-        """The avail index if it stays more than a ring ahead of the last one popped (a
-        driver error: the queue waits for a reset), else None. A driver that writes the
-        16-bit index in two stores shows a value for an instant that looks like a jump
-        (Python's struct.pack_into zeroes the field first); that must cost nothing."""
-        for _ in range(3):
-            avail = q.avail_idx()
-            if (avail - q.last_avail_idx) & 0xFFFF <= q.size:
-                return None
-            time.sleep(0.001)
-        return avail
 
     def start_draining(self) -> None:
         """Make the next pyvfs_serve call drain the ring before it waits."""
@@ -373,39 +359,10 @@ class QueueWorker:
         if count <= WARN_BURST:
             log.warning("queue %d: " + message, self.setup.index, *args)
 
-    def interrupt(self, target: int) -> None:
-        """FUSE_INTERRUPT: a SETLKW waiting here ends with EINTR at the next retry (not
-        now: the chain being answered is the INTERRUPT's); one waiting in another
-        queue's worker learns of it from the shared board."""
-        if any(unique == target for _, unique, _ in self.waiting_locks):
-            self.interrupted_here.add(target)
-        else:
-            self.interrupts.post(self.setup.index, target)
-
     def retry_locks(self) -> None:
-        """Try the waiting SETLKWs again; answer those that got their lock, failed or
-        were interrupted by the guest."""
-        interrupted = self.interrupts.recent()
-        if self.interrupted_here:
-            interrupted = interrupted | self.interrupted_here
-            self.interrupted_here = set()
-        still: list[tuple[int, int, PendingLock]] = []
-        done = False
-        for head, unique, waiting in self.waiting_locks:
-            try:
-                if unique in interrupted:
-                    log.debug("queue %d: SETLKW %d interrupted", self.setup.index, unique)
-                    raise OSError(errno.EINTR, "interrupted")
-                if not waiting.attempt():
-                    still.append((head, unique, waiting))
-                    continue
-                error = 0
-            except OSError as e:
-                error = -(e.errno or errno.EIO)
-            self.complete_later(head, unique, error)
-            done = True
-        self.waiting_locks = still
-        if done and self.call_fd >= 0 and self.queue.should_notify():
+        """Answer the parked SETLKWs that got their lock, failed or were interrupted."""
+        if self.parked.retry(self.complete_later) and self.call_fd >= 0 \
+                and self.queue.should_notify():
             os.write(self.call_fd, ONE)
 
     def complete_later(self, head: int, unique: int, error: int) -> None:
@@ -501,7 +458,7 @@ class QueueWorker:
     def serve_interrupt(self, chain: DescriptorChain, h: Incoming) -> int:
         """INTERRUPT (no reply): cancel a waiting SETLKW."""
         (target,) = fuse.INTERRUPT_IN.unpack(self.args(chain, fuse.INTERRUPT_IN.size))
-        self.interrupt(target)
+        self.parked.interrupt(target)
         return 0
 
     def serve_setlkw(self, chain: DescriptorChain, h: Incoming) -> int | bytes:
@@ -510,7 +467,7 @@ class QueueWorker:
         waiting = self.fs.start_setlkw(Request(h.opcode, h.unique, h.nodeid, h.uid, h.gid,
                                                h.pid, arg, h.room))
         if waiting is not None:
-            self.waiting_locks.append((chain.head, h.unique, waiting))
+            self.parked.park(chain.head, h.unique, waiting)
             return PENDING
         return b""
 

@@ -8,6 +8,7 @@ for a kick and when to signal the call eventfd (:meth:`SplitQueue.should_notify`
 from __future__ import annotations
 
 import os
+import time
 
 from daemon.guest.memory import GuestMemory
 from daemon.native._sys import ffi, lib
@@ -183,3 +184,15 @@ class SplitQueue:
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for the used elements pushed so far."""
         return bool(lib.pyvfs_queue_should_notify(self.c))
+
+    def lasting_avail_jump(self) -> int | None:
+        """The avail index if it stays more than a ring ahead of the last one popped (a
+        driver error: the queue waits for a reset), else None. A driver that writes the
+        16-bit index in two stores shows a value for an instant that looks like a jump
+        (Python's struct.pack_into zeroes the field first); that must cost nothing."""
+        for _ in range(3):
+            avail = self.avail_idx()
+            if (avail - self.last_avail_idx) & 0xFFFF <= self.size:
+                return None
+            time.sleep(0.001)
+        return avail
