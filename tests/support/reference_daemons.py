@@ -182,7 +182,9 @@ class PyVirtiofsd(Daemon):
             self.tree, self.commit = snapshot_pyvirtiofsd(rev)
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
-        return [sys.executable, "-m", "supervisor", "--shared-dir", str(shared_dir),
+        # commits before the start-up wiring moved into supervisor.py start as daemon.cli
+        entry = "daemon.cli" if (self.tree / "daemon" / "cli.py").exists() else "supervisor"
+        return [sys.executable, "-m", entry, "--shared-dir", str(shared_dir),
                 "--socket-path", str(socket_path), "--sandbox", "none"]
 
     def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
