@@ -299,7 +299,9 @@ def load_instrumented_sys() -> types.ModuleType:
     cdefs = list(base._cdefsources)
     sources = [str(REPO / s) for s in kwds["sources"]]
     depends = [str(REPO / d) for d in kwds.get("depends", [])]
-    compile_args = [*kwds.get("extra_compile_args", []), "-fsanitize-coverage=trace-pc"]
+    # without link-time optimisation: its code generation at link time would not instrument
+    compile_args = [a for a in kwds.get("extra_compile_args", []) if a != "-flto"]
+    compile_args.append("-fsanitize-coverage=trace-pc")
     texts = [Path(path).read_text() for path in dict.fromkeys(sources + depends)]
     digest = hashlib.sha256("\n".join([*cdefs, source, C_HOOK, *compile_args, *texts,
                                        sys.version]).encode()).hexdigest()[:12]
