@@ -23,6 +23,7 @@ from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.opcodes import BY_OPCODE
 from shm_table import HandleTable, InodeTable
+from tests.support.paused_open import paused_open
 from workers.fast_path import FastPathContext
 
 OUT = fuse.OUT_HEADER
@@ -611,3 +612,53 @@ def test_create_declines(tmp_path: Path) -> None:
             assert not (Path(f.fs.shared_dir) / "new").exists()
         finally:
             f.close()
+
+
+def entry_and_fd_inodes(f: Fs, reply: bytes) -> tuple[int, int, int]:
+    """(inode the CREATE reply's entry names, inode GETATTR of its nodeid answers, inode
+    of the fd its fh holds in the open-file table)."""
+    nodeid, = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)
+    entry_ino, = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE + 40)
+    fh, = struct.unpack_from("<Q", reply, ENTRY_END)
+    attr = f.py(fuse.Opcode.GETATTR, nodeid)
+    getattr_ino, = struct.unpack_from("<Q", attr, fuse.OUT_HEADER_SIZE + 16)
+    opened = f.handles.get(fh)
+    assert opened is not None and opened.nodeid == nodeid
+    return entry_ino, getattr_ino, os.fstat(opened.fd).st_ino
+
+
+@pytest.mark.parametrize("handles", ["prefer", "never"])
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_create_racing_a_rename_onto_its_name(tmp_path: Path, handles: str,
+                                              path: str) -> None:
+    """Another queue renames a file onto the name a CREATE is making, right after the
+    file was made and before it is looked up (the fuzzer's open-identity finding: the
+    C path answered the renamed file's entry with an fh whose fd was the file it had made,
+    unlinked by the rename). Whoever answers, the open file must be the entry answered;
+    a C path that declines must have taken nothing."""
+    f = Fs(make_share(tmp_path), file_handles=handles)
+    try:
+        share = Path(f.fs.shared_dir)
+        (share / "other").write_text("other")
+        other = (share / "other").stat().st_ino
+        arg = create_arg(b"new", os.O_RDONLY | os.O_CREAT, mode=0o100600)
+        with paused_open(share, "new", lambda: os.rename(share / "other", share / "new")
+                         ) as paused:
+            if path == "c":
+                handled, reply = f.c(fuse.Opcode.CREATE, 1, arg)
+            else:
+                handled, reply = 1, f.py(fuse.Opcode.CREATE, 1, arg)
+        assert paused.fired
+        if not handled:
+            # declined: nothing taken, and the file made here was not unlinked again
+            # (the name is the renamed file's now)
+            assert len(f.handles) == 0 and len(f.inodes) == 1
+            assert (share / "new").stat().st_ino == other
+            reply = f.py(fuse.Opcode.CREATE, 1, arg)  # the worker's Python answer
+        entry_ino, getattr_ino, fd_ino = entry_and_fd_inodes(f, reply)
+        assert entry_ino == getattr_ino == fd_ino, (
+            f"entry inode {entry_ino}, GETATTR {getattr_ino}, the fh's fd {fd_ino} "
+            f"(renamed file {other})")
+        f.inodes.check()
+    finally:
+        f.close()
