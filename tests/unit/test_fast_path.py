@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.fs.fd_cache import FdCache
 from daemon.fs.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
@@ -660,5 +661,62 @@ def test_create_racing_a_rename_onto_its_name(tmp_path: Path, handles: str,
             f"entry inode {entry_ino}, GETATTR {getattr_ino}, the fh's fd {fd_ino} "
             f"(renamed file {other})")
         f.inodes.check()
+    finally:
+        f.close()
+
+
+def test_put_and_drop_never_close_a_pinned_fd(tmp_path: Path) -> None:
+    """A request that pins a nodeid in the fd cache keeps using the fd it got: a put for
+    the same nodeid (another fd of the same inode) or a drop must not close it under it."""
+    cache = FdCache(4)
+    first = os.open(tmp_path, os.O_PATH)
+    second = os.open(tmp_path, os.O_PATH)
+    cache.put(7, first)
+    cache.pin(7)
+    cache.put(7, second)  # kept: the pinned one stays, the new one is closed
+    assert cache.get(7) == first and os.fstat(first).st_ino == tmp_path.stat().st_ino
+    assert fd_closed(second)
+    cache.drop(7)  # pinned: left for the sweep (or eviction) after the request
+    assert cache.get(7) == first and not fd_closed(first)
+    cache.unpin(7)
+    cache.drop(7)
+    assert cache.get(7) == -1 and fd_closed(first)
+    third, fourth = os.open(tmp_path, os.O_PATH), os.open(tmp_path, os.O_PATH)
+    cache.put(8, third)
+    cache.put(8, fourth)  # not pinned: replaced, as before
+    assert cache.get(8) == fourth and fd_closed(third)
+    cache.clear()
+
+
+def fd_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        return e.errno == errno.EBADF
+    return False
+
+
+def test_link_keeps_the_target_fd_its_request_pins(tmp_path: Path) -> None:
+    """LINK pins its target (InodeRef) and then claims the new name, which is the same
+    inode: the claim's fd must not replace (and close) the cached fd the request holds."""
+    f = Fs(make_share(tmp_path), file_handles="prefer")
+    try:
+        target = f.lookup_py(1, b"dir")
+        target = f.lookup_py(target, b"inner")
+        held = f.fs.fd_cache.get(target)
+        inode = os.fstat(held).st_ino
+        seen: list[int] = []
+        claim = f.fs.claim
+
+        def claim_then_look(fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
+            nodeid = claim(fd, st, parent, name)
+            seen.append(-1 if fd_closed(held) else os.fstat(held).st_ino)
+            return nodeid
+
+        f.fs.claim = claim_then_look  # type: ignore[method-assign]
+        reply = f.py(fuse.Opcode.LINK, 1, fuse.LINK_IN.pack(target) + b"hard\0")
+        assert struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0] == target
+        assert seen == [inode], "the request's pinned fd was closed under it"
+        assert f.fs.fd_cache.get(target) == held
     finally:
         f.close()
