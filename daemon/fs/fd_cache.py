@@ -52,7 +52,8 @@ class FdCache:
         return lib.pyvfs_fdc_get(self.c, nodeid)
 
     def put(self, nodeid: int, fd: int) -> None:
-        """Keep fd for nodeid (the cache now owns it), evicting the oldest if full."""
+        """Keep fd for nodeid (the cache now owns it), evicting the oldest if full. A nodeid
+        cached already and pinned keeps the fd its request holds; fd is closed instead."""
         if lib.pyvfs_fdc_put(self.c, nodeid, fd) < 0:
             raise MemoryError("fd cache")  # fd was closed
 
@@ -65,6 +66,8 @@ class FdCache:
         lib.pyvfs_fdc_unpin(self.c, nodeid)
 
     def drop(self, nodeid: int) -> None:
+        """Close nodeid's fd (the guest forgot it), unless a request still pins it: the
+        worker's sweep closes that one once the request has let go."""
         lib.pyvfs_fdc_drop(self.c, nodeid)
 
     def clear(self) -> None:

@@ -89,12 +89,21 @@ int pyvfs_fdc_get(pyvfs_fdcache_t *c, uint64_t nodeid) {
 }
 
 /* Keep fd for nodeid (the cache owns it from now on), newest; then close the oldest
- * unpinned fds while over capacity. -1 (fd closed) if out of memory. */
+ * unpinned fds while over capacity. A nodeid that is cached already and pinned keeps the
+ * fd it has (a request holds it: LINK's target, claimed again by the new name) and fd is
+ * closed instead: both name the nodeid's one inode. -1 (fd closed) if out of memory. */
 int pyvfs_fdc_put(pyvfs_fdcache_t *c, uint64_t nodeid, int fd) {
     struct pyvfs_fdc_node **p;
     struct pyvfs_fdc_node *n = fdc_find(c, nodeid, &p);
     if (n) {
-        if (n->fd >= 0 && n->fd != fd) close(n->fd);
+        if (n->fd >= 0 && n->fd != fd) {
+            if (fdc_pinned(c, nodeid)) {
+                close(fd);
+                fd = n->fd;
+            } else {
+                close(n->fd);
+            }
+        }
         n->fd = fd;
         fdc_unlink_lru(n);
     } else {
@@ -116,9 +125,11 @@ int pyvfs_fdc_put(pyvfs_fdcache_t *c, uint64_t nodeid, int fd) {
     return 0;
 }
 
+/* Close nodeid's cached fd (the guest forgot it) unless a request pins it: then the sweep
+ * or an eviction closes it once that request has let go. */
 void pyvfs_fdc_drop(pyvfs_fdcache_t *c, uint64_t nodeid) {
     struct pyvfs_fdc_node *n = fdc_find(c, nodeid, NULL);
-    if (n) {
+    if (n && !fdc_pinned(c, nodeid)) {
         int fd = fdc_remove(c, n);
         if (fd >= 0) close(fd);
     }

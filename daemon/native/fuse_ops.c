@@ -262,16 +262,21 @@ drop:
  * PassthroughFs._file_handle does), then claim_or_insert exactly as PassthroughFs.claim: the
  * lookup it takes is the guest's, given back by FORGET. Fills *e (nodeid, timeouts, attr
  * with FUSE_ATTR_SUBMOUNT as PassthroughFs._attr_flags sets it).
- * is_new: the caller just made the file, so lookup_known would only miss.
+ * made: the file the caller just made under this name (its fstat), so lookup_known would
+ * only miss; the name is looked up again, and another queue may have renamed something
+ * else onto it meanwhile: only that very file is claimed (else -1), so the entry answered
+ * is the file the caller holds open (Python takes it from the open fd itself).
  * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
  * taken; Python must answer). */
 static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
-                       size_t name_len, int is_new, struct fuse_entry_out *e) {
-    if (!is_new && lookup_known(c, pfd, name, e)) return 1;
+                       size_t name_len, const struct stat *made, struct fuse_entry_out *e) {
+    if (!made && lookup_known(c, pfd, name, e)) return 1;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : -1;
     struct stat st;
     if (fstat(fd, &st) != 0) goto fail;
+    if (made && (st.st_ino != made->st_ino || st.st_dev != made->st_dev))
+        goto fail;  /* the name is another file's by now */
     memset(e, 0, sizeof *e);
     int64_t attr_flags = submount_flag(c, pfd, &st);
     if (attr_flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)attr_flags)) goto fail;
@@ -326,7 +331,7 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
        InodeRef keeps it */
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    int r = lookup_core(c, h->nodeid, pfd, name, name_len, 0, &out.e);
+    int r = lookup_core(c, h->nodeid, pfd, name, name_len, NULL, &out.e);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
     unpin_inode(c, h->nodeid);
     if (r == 0) {  /* no such name: fuse.negative_entry_out, or ENOENT with --cache never */
@@ -388,8 +393,10 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
         if ((known = fstat(fd, &st) == 0) && S_ISREG(st.st_mode) &&
             (in.flags & O_NONBLOCK ||
              ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
-            /* a file made just now: no entry can know it yet */
-            int r = lookup_core(c, h->nodeid, pfd, name, name_len, 1, &out.e);
+            /* a file made just now: no entry can know it yet. Its entry is looked up by
+               name, so only while the name still is that file (a rename onto it on
+               another queue: declined, and the file made here is gone with the name) */
+            int r = lookup_core(c, h->nodeid, pfd, name, name_len, &st, &out.e);
             if (r == 0) made = 0;  /* gone meanwhile: not ours to unlink */
             if (r > 0) {
                 uint64_t fh = TABLE(c, ht_open)((void *)c->handles, out.e.nodeid, fd,
@@ -491,7 +498,7 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
                 ent.e.attr.mode = (uint32_t)d->type << 12;
             } else {
                 if (nrefs == max_refs) { ok = 0; break; }
-                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, 0, &ent.e);
+                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, NULL, &ent.e);
                 if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
                 if (r < 0) { ok = 0; break; }
                 refs[nrefs++] = ent.e.nodeid;

@@ -723,13 +723,14 @@ class Program:
             self.learn(nodeid, ino, mode, path, f"opcode {op}")
             if op in (O.CREATE, O.TMPFILE) and len(payload) >= fuse.ENTRY_OUT_SIZE + 8:
                 fh = struct.unpack_from("<Q", payload, fuse.ENTRY_OUT_SIZE)[0]
-                self.learn_handle(Handle(fh, nodeid, ino, False, path, meta.get("flags", 0)))
+                self.learn_handle(Handle(fh, nodeid, ino, False, path, meta.get("flags", 0),
+                                         op))
         elif op in (O.OPEN, O.OPENDIR) and len(payload) >= 8:
             fh = struct.unpack_from("<Q", payload)[0]
             node = self.model.node(p.nodeid)
             if node is not None:
                 self.learn_handle(Handle(fh, p.nodeid, node.ino, stat.S_ISDIR(node.mode),
-                                         node.path, meta.get("flags", 0)))
+                                         node.path, meta.get("flags", 0), op))
             else:  # opened through a nodeid the model does not hold: not checked
                 self.learn_handle(Handle(fh, p.nodeid, -1, op == O.OPENDIR, None))
         elif op == O.READDIRPLUS:
@@ -883,7 +884,9 @@ class Program:
                 raise Finding("identity", f"file handle {h.fh:#x}: its fd {entry.fd} is "
                               f"closed ({e.strerror})") from None
             if st.st_ino != h.ino:
-                raise Finding("open-identity", f"file handle {h.fh:#x} from opening nodeid "
+                how = "opening" if h.opcode in (O.OPEN, O.OPENDIR) else (
+                    f"{O(h.opcode).name} answering")  # CREATE/TMPFILE: the entry it answered
+                raise Finding("open-identity", f"file handle {h.fh:#x} from {how} nodeid "
                               f"{h.nodeid:#x} (inode {h.ino}, {h.path!r}, flags "
                               f"{h.flags:#o}) is inode {st.st_ino} ({checks.file_kind(st.st_mode)}"
                               f", owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):#o}, "

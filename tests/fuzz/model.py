@@ -32,6 +32,7 @@ class Handle:
     is_dir: bool
     path: str | None
     flags: int = 0
+    opcode: int = fuse.Opcode.OPEN  # the request that opened it (OPEN, OPENDIR, CREATE, TMPFILE)
 
 
 @dataclass

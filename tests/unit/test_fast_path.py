@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from daemon.fs.fd_cache import FdCache
 from daemon.fs.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.opcodes import BY_OPCODE
 from shm_table import HandleTable, InodeTable
+from tests.support.paused_open import paused_open
 from workers.fast_path import FastPathContext
 
 OUT = fuse.OUT_HEADER
@@ -611,3 +613,110 @@ def test_create_declines(tmp_path: Path) -> None:
             assert not (Path(f.fs.shared_dir) / "new").exists()
         finally:
             f.close()
+
+
+def entry_and_fd_inodes(f: Fs, reply: bytes) -> tuple[int, int, int]:
+    """(inode the CREATE reply's entry names, inode GETATTR of its nodeid answers, inode
+    of the fd its fh holds in the open-file table)."""
+    nodeid, = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)
+    entry_ino, = struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE + 40)
+    fh, = struct.unpack_from("<Q", reply, ENTRY_END)
+    attr = f.py(fuse.Opcode.GETATTR, nodeid)
+    getattr_ino, = struct.unpack_from("<Q", attr, fuse.OUT_HEADER_SIZE + 16)
+    opened = f.handles.get(fh)
+    assert opened is not None and opened.nodeid == nodeid
+    return entry_ino, getattr_ino, os.fstat(opened.fd).st_ino
+
+
+@pytest.mark.parametrize("handles", ["prefer", "never"])
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_create_racing_a_rename_onto_its_name(tmp_path: Path, handles: str,
+                                              path: str) -> None:
+    """Another queue renames a file onto the name a CREATE is making, right after the
+    file was made and before it is looked up (the fuzzer's open-identity finding: the
+    C path answered the renamed file's entry with an fh whose fd was the file it had made,
+    unlinked by the rename). Whoever answers, the open file must be the entry answered;
+    a C path that declines must have taken nothing."""
+    f = Fs(make_share(tmp_path), file_handles=handles)
+    try:
+        share = Path(f.fs.shared_dir)
+        (share / "other").write_text("other")
+        other = (share / "other").stat().st_ino
+        arg = create_arg(b"new", os.O_RDONLY | os.O_CREAT, mode=0o100600)
+        with paused_open(share, "new", lambda: os.rename(share / "other", share / "new")
+                         ) as paused:
+            if path == "c":
+                handled, reply = f.c(fuse.Opcode.CREATE, 1, arg)
+            else:
+                handled, reply = 1, f.py(fuse.Opcode.CREATE, 1, arg)
+        assert paused.fired
+        if not handled:
+            # declined: nothing taken, and the file made here was not unlinked again
+            # (the name is the renamed file's now)
+            assert len(f.handles) == 0 and len(f.inodes) == 1
+            assert (share / "new").stat().st_ino == other
+            reply = f.py(fuse.Opcode.CREATE, 1, arg)  # the worker's Python answer
+        entry_ino, getattr_ino, fd_ino = entry_and_fd_inodes(f, reply)
+        assert entry_ino == getattr_ino == fd_ino, (
+            f"entry inode {entry_ino}, GETATTR {getattr_ino}, the fh's fd {fd_ino} "
+            f"(renamed file {other})")
+        f.inodes.check()
+    finally:
+        f.close()
+
+
+def test_put_and_drop_never_close_a_pinned_fd(tmp_path: Path) -> None:
+    """A request that pins a nodeid in the fd cache keeps using the fd it got: a put for
+    the same nodeid (another fd of the same inode) or a drop must not close it under it."""
+    cache = FdCache(4)
+    first = os.open(tmp_path, os.O_PATH)
+    second = os.open(tmp_path, os.O_PATH)
+    cache.put(7, first)
+    cache.pin(7)
+    cache.put(7, second)  # kept: the pinned one stays, the new one is closed
+    assert cache.get(7) == first and os.fstat(first).st_ino == tmp_path.stat().st_ino
+    assert fd_closed(second)
+    cache.drop(7)  # pinned: left for the sweep (or eviction) after the request
+    assert cache.get(7) == first and not fd_closed(first)
+    cache.unpin(7)
+    cache.drop(7)
+    assert cache.get(7) == -1 and fd_closed(first)
+    third, fourth = os.open(tmp_path, os.O_PATH), os.open(tmp_path, os.O_PATH)
+    cache.put(8, third)
+    cache.put(8, fourth)  # not pinned: replaced, as before
+    assert cache.get(8) == fourth and fd_closed(third)
+    cache.clear()
+
+
+def fd_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        return e.errno == errno.EBADF
+    return False
+
+
+def test_link_keeps_the_target_fd_its_request_pins(tmp_path: Path) -> None:
+    """LINK pins its target (InodeRef) and then claims the new name, which is the same
+    inode: the claim's fd must not replace (and close) the cached fd the request holds."""
+    f = Fs(make_share(tmp_path), file_handles="prefer")
+    try:
+        target = f.lookup_py(1, b"dir")
+        target = f.lookup_py(target, b"inner")
+        held = f.fs.fd_cache.get(target)
+        inode = os.fstat(held).st_ino
+        seen: list[int] = []
+        claim = f.fs.claim
+
+        def claim_then_look(fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
+            nodeid = claim(fd, st, parent, name)
+            seen.append(-1 if fd_closed(held) else os.fstat(held).st_ino)
+            return nodeid
+
+        f.fs.claim = claim_then_look  # type: ignore[method-assign]
+        reply = f.py(fuse.Opcode.LINK, 1, fuse.LINK_IN.pack(target) + b"hard\0")
+        assert struct.unpack_from("<Q", reply, fuse.OUT_HEADER_SIZE)[0] == target
+        assert seen == [inode], "the request's pinned fd was closed under it"
+        assert f.fs.fd_cache.get(target) == held
+    finally:
+        f.close()
