@@ -232,7 +232,9 @@ def start_tracing(path: str) -> CoverageMap:
 def executable_lines() -> dict[str, set[int]]:
     """Every line of the traced modules that can raise a line event, by file."""
     out: dict[str, set[int]] = {}
-    files = [p for d in ("daemon", "workers", "shm_table") for p in (REPO / d).glob("*.py")]
+    # rglob: the layers are folders (daemon/fs/ops, daemon/protocol, ...), all traced
+    files = [p for d in ("daemon", "workers", "shm_table")
+             for p in sorted((REPO / d).rglob("*.py"))]
     files.append(REPO / "supervisor.py")
     for path in files:
         try:
