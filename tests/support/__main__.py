@@ -19,7 +19,7 @@ def main() -> int:
     for flavor in assets.KERNEL_HOME:
         kernel = assets.ensure_kernel(flavor)
         assets.build_initramfs(kernel)
-        where = kernel.modules_dir.parents[2]
+        where = kernel.vmlinuz.parents[1]
         print(f"guest kernel {flavor}: {kernel.version} (unpacked in {where})")
     if reference.C_VIRTIOFSD.exists():
         print(f"C virtiofsd: {reference.C_VIRTIOFSD}")

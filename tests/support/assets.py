@@ -184,14 +184,17 @@ def _resolve_kernel_package(flavor: str) -> str:
 
 
 def _kernel_from_root(root: Path) -> KernelAssets:
-    versions = sorted(p.name for p in (root / "lib/modules").iterdir() if p.is_dir())
+    # /lib/modules up to Debian 12's kernels, /usr/lib/modules from Debian 13's (the /usr move)
+    modules = next((d for d in (root / "lib/modules", root / "usr/lib/modules") if d.is_dir()),
+                   root / "lib/modules")
+    versions = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
     if len(versions) != 1:
-        raise AssetError(f"expected one kernel under {root}/lib/modules, found {versions}")
+        raise AssetError(f"expected one kernel under {modules}, found {versions}")
     version = versions[0]
     vmlinuz = root / "boot" / f"vmlinuz-{version}"
     if not vmlinuz.exists():
         raise AssetError(f"{vmlinuz} missing in unpacked kernel package")
-    modules_dir = root / "lib/modules" / version
+    modules_dir = modules / version
     return KernelAssets(vmlinuz=vmlinuz, modules_dir=modules_dir, version=version)
 
 
