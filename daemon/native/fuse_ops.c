@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/fsuid.h>
@@ -363,6 +364,7 @@ struct pyvfs_create_out {
 };
 _Static_assert(sizeof(struct fuse_create_in) == 16, "fuse_create_in");
 _Static_assert(sizeof(struct fuse_open_out) == 16, "fuse_open_out");
+#define PYVFS_OPEN_OUT_TAIL (offsetof(struct fuse_open_out, open_flags) + sizeof(uint32_t))
 _Static_assert(sizeof(struct pyvfs_create_out) == 160, "create reply");
 
 static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
@@ -424,7 +426,9 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     out.o.len = sizeof out;
     out.o.unique = h->unique;
     out.op.open_flags = c->create_fopen;
-    out.op.padding = 0;
+    /* zero the last 4 bytes: "padding" in <linux/fuse.h> before FUSE 7.40 (Debian 12),
+       "backing_id" since (Debian 13), so neither name is used */
+    memset((char *)&out.op + PYVFS_OPEN_OUT_TAIL, 0, sizeof out.op - PYVFS_OPEN_OUT_TAIL);
     pyvfs_iov_write(wr, wr_n, 0, &out, sizeof out);
     *written = sizeof out;
     return 1;

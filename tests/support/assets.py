@@ -6,10 +6,12 @@ downloads.  All builders take a file lock, so several pytest processes (``pytest
 parallel CI jobs sharing a cache) can call them at once.
 
 Kernels come as Debian ``linux-image-*`` packages, fetched with ``apt-get download`` and unpacked
-with ``dpkg -x`` (never installed).  The initramfs is written in Python (cpio "newc"), so the
-host needs neither ``cpio`` nor ``gzip``.  It is split in two: a cached base image (busybox,
-modules, ``/init``) and a tiny per-run archive with the guest script, which
-:func:`build_run_archive` appends (Linux unpacks concatenated cpio archives from one initrd).
+with ``dpkg -x`` (never installed), from the host's release or another Debian suite
+(:func:`kernel_suite`, added with :mod:`tests.support.debian`).  The initramfs is written in
+Python (cpio "newc"), so the host needs neither ``cpio`` nor ``gzip``.  It is split in two: a
+cached base image (busybox, modules, ``/init``) and a tiny per-run archive with the guest
+script, which :func:`build_run_archive` appends (Linux unpacks concatenated cpio archives
+from one initrd).
 """
 
 from __future__ import annotations
@@ -29,13 +31,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Debian packages the host needs to boot guests (virtiofsd comes with qemu-system-common).
-HOST_APT_PACKAGES: dict[str, str] = {
-    "qemu-system-x86_64": "qemu-system-x86",
-    "/usr/lib/qemu/virtiofsd": "qemu-system-common",
-    "/bin/busybox": "busybox-static",
-    "zstd": "zstd",  # unpacks the 6.12 kernel image for a faster (PVH) boot
-}
+from tests.support import debian
+
+
+def host_apt_packages(release: str | None = None) -> dict[str, str]:
+    """The Debian packages the host needs to boot guests, by a file each provides: QEMU,
+    busybox-static, zstd, and the reference daemon of the release (C virtiofsd comes with
+    QEMU 7.2 on Debian 12; from Debian 13 on it is gone and Rust virtiofsd is packaged)."""
+    release = debian.host_release() if release is None else release
+    packages = {
+        "qemu-system-x86_64": "qemu-system-x86",
+        "/bin/busybox": "busybox-static",
+        "zstd": "zstd",  # unpacks the 6.12 kernel image for a faster (PVH) boot
+    }
+    if release == "bookworm":
+        packages["/usr/lib/qemu/virtiofsd"] = "qemu-system-common"
+    else:
+        packages["/usr/libexec/virtiofsd"] = "virtiofsd"
+    return packages
+
 
 #: Modules we want loaded in the guest; their dependencies are found from ``.modinfo``.
 VIRTIOFS_MODULES: tuple[str, ...] = ("virtio_pci", "fuse", "virtiofs")
@@ -47,8 +61,8 @@ EXIT_MARKER_RE = re.compile(r"@@GUEST-EXIT rc=(\d+)@@")
 HOST_ROOT_TAG = "pyvfs-hostroot"
 HOST_ROOT_CMDLINE = "pyvfs.hostroot=1"
 
-_DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
-_BACKPORTS_SOURCES = Path("/etc/apt/sources.list.d/pyvirtiofsd-backports.sources")
+#: The guest kernel flavors and the Debian release whose default kernel each is.
+KERNEL_HOME: dict[str, str] = {"6.1": "bookworm", "6.12": "trixie"}
 
 
 @dataclass(frozen=True)
@@ -85,82 +99,61 @@ def file_lock(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    """Run a command, returning stdout; raise AssetError with its stderr on failure."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssetError(
-            f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.strip()}"
-        )
-    return proc.stdout
-
-
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise AssetError(f"{what} needs root (apt); run as root or prepare it beforehand")
-
-
-def _apt_update() -> None:
-    _require_root("apt-get update")
-    _run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"])
-
-
 def ensure_host_packages() -> None:
-    """Install (via apt) the host packages guests need: QEMU, C virtiofsd, busybox-static.
-
-    CI calls this on a clean machine; on a prepared machine it only checks and is fast.
-    """
+    """Install (via apt) the host packages guests need: QEMU, busybox-static, zstd and the
+    release's reference daemon. ``.ci/setup`` installs them; then this only checks."""
     missing = sorted(
         {
             pkg
-            for prog, pkg in HOST_APT_PACKAGES.items()
+            for prog, pkg in host_apt_packages().items()
             if not (Path(prog).exists() if prog.startswith("/") else shutil.which(prog))
         }
     )
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise AssetError(f"missing host packages; run: apt-get install -y {' '.join(missing)}")
-    with file_lock("apt"):
-        cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", *missing]
-        try:
-            _run(cmd)
-        except AssetError:
-            _apt_update()
-            _run(cmd)
+    if missing:
+        with file_lock("apt"):
+            debian.install(missing)
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-def _apt_depends_kernel(target_release: str | None) -> str | None:
-    """The ``linux-image-X-amd64`` package that ``linux-image-amd64`` depends on, or None."""
-    cmd = ["apt-cache", "depends"]
-    if target_release:
-        cmd += ["-t", target_release]
+def kernel_suite(flavor: str, release: str) -> str | None:
+    """The apt suite to take ``flavor``'s kernel from on a host of ``release``: None for
+    the host's own suites (security updates included), else bookworm-backports for 6.12
+    on Debian 12, else the release whose default kernel it is (bookworm for 6.1 on
+    Debian 13: the package is only unpacked, so any release's kernel boots a guest)."""
+    if flavor not in KERNEL_HOME:
+        raise ValueError(f"unknown kernel flavor {flavor!r}; known: {', '.join(KERNEL_HOME)}")
+    home = KERNEL_HOME[flavor]
+    if release == home:
+        return None
+    if (release, flavor) == ("bookworm", "6.12"):
+        return "bookworm-backports"
+    return home
+
+
+def _apt_depends_kernel(suite: str | None) -> str | None:
+    """The ``linux-image-X-amd64`` package that ``linux-image-amd64`` (of ``suite``, or of
+    the host's own suites) depends on, or None."""
+    spec = "linux-image-amd64" + (f"/{suite}" if suite else "")
     try:
-        out = _run([*cmd, "linux-image-amd64"])
-    except AssetError:
+        out = debian.run(["apt-cache", "depends", spec])
+    except debian.AptError:
         return None
     match = re.search(r"Depends:\s*(linux-image-\d\S*-amd64)\b", out)
     return match.group(1) if match else None
 
 
-def _resolve_6_12() -> str | None:
-    """Name of the bookworm-backports 6.12 kernel package, or None if apt does not know it."""
-    pkg = _apt_depends_kernel("bookworm-backports")
-    if pkg and pkg.startswith("linux-image-6.12."):
-        return pkg
+def _search_kernel(flavor: str) -> str | None:
+    """The newest ``linux-image-<flavor>.*-amd64`` apt knows (when ``linux-image-amd64``
+    of the suite has moved on to a newer kernel), or None."""
+    pattern = rf"linux-image-{re.escape(flavor)}\.[0-9][^ ]*-amd64"
     try:
-        out = _run(["apt-cache", "search", "--names-only", r"^linux-image-6\.12\..*-amd64$"])
-    except AssetError:
+        out = debian.run(["apt-cache", "search", "--names-only", f"^{pattern}$"])
+    except debian.AptError:
         return None
-    names = [
-        line.split()[0]
-        for line in out.splitlines()
-        if re.fullmatch(r"linux-image-6\.12\.\d+\+deb12-amd64", line.split()[0])
-    ]
+    names = [line.split()[0] for line in out.splitlines()
+             if line.split() and re.fullmatch(pattern, line.split()[0])]
 
     def key(name: str) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", name))
@@ -168,69 +161,40 @@ def _resolve_6_12() -> str | None:
     return max(names, key=key) if names else None
 
 
-def ensure_backports_source() -> None:
-    """Add a deb822 apt source for bookworm-backports (copying debian.sources) if none exists."""
-    for src in Path("/etc/apt").glob("sources.list*"):
-        files = [src] if src.is_file() else sorted(src.glob("*"))
-        for f in files:
-            if f.suffix in (".list", ".sources") and "bookworm-backports" in f.read_text():
-                return
-    _require_root("adding the bookworm-backports apt source")
-    if not _DEBIAN_SOURCES.exists():
-        raise AssetError(f"{_DEBIAN_SOURCES} not found: cannot derive a bookworm-backports source")
-    uris = signed_by = None
-    for stanza in re.split(r"\n\s*\n", _DEBIAN_SOURCES.read_text()):
-        fields = dict(
-            (k.strip(), v.strip())
-            for k, _, v in (
-                line.partition(":") for line in stanza.splitlines() if not line.startswith("#")
-            )
-        )
-        if re.search(r"\bbookworm\b", fields.get("Suites", "")):
-            uris, signed_by = fields.get("URIs"), fields.get("Signed-By")
-            break
-    if not uris:
-        raise AssetError(f"no 'Suites: bookworm' stanza with URIs in {_DEBIAN_SOURCES}")
-    text = f"Types: deb\nURIs: {uris}\nSuites: bookworm-backports\nComponents: main\n"
-    if signed_by:
-        text += f"Signed-By: {signed_by}\n"
-    tmp = _BACKPORTS_SOURCES.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.rename(_BACKPORTS_SOURCES)
-    _apt_update()
-
-
 def _resolve_kernel_package(flavor: str) -> str:
     """Map a flavor ("6.1", "6.12") to an exact Debian kernel package name."""
-    if flavor == "6.1":
-        pkg = _apt_depends_kernel(None)
-        if not pkg:
-            _apt_update()
-            pkg = _apt_depends_kernel(None)
-        if not pkg or not pkg.startswith("linux-image-6.1."):
-            raise AssetError(f"apt does not resolve linux-image-amd64 to a 6.1 kernel (got {pkg})")
-        return pkg
-    if flavor == "6.12":
-        ensure_backports_source()
-        pkg = _resolve_6_12()
-        if not pkg:
-            _apt_update()
-            pkg = _resolve_6_12()
-        if not pkg:
-            raise AssetError("no linux-image-6.12.*+deb12-amd64 found in bookworm-backports")
-        return pkg
-    raise ValueError(f"unknown kernel flavor {flavor!r}; known: '6.1', '6.12'")
+    suite = kernel_suite(flavor, debian.host_release())
+    if suite:
+        debian.ensure_suite(suite)
+
+    def resolve() -> str | None:
+        pkg = _apt_depends_kernel(suite)
+        if pkg and pkg.startswith(f"linux-image-{flavor}."):
+            return pkg
+        return _search_kernel(flavor)
+
+    pkg = resolve()
+    if not pkg:
+        debian.update()
+        pkg = resolve()
+    if not pkg:
+        raise AssetError(f"apt knows no linux-image-{flavor}.*-amd64 package "
+                         f"(looked in {suite or 'the host release'})")
+    return pkg
 
 
 def _kernel_from_root(root: Path) -> KernelAssets:
-    versions = sorted(p.name for p in (root / "lib/modules").iterdir() if p.is_dir())
+    # /lib/modules up to Debian 12's kernels, /usr/lib/modules from Debian 13's (the /usr move)
+    modules = next((d for d in (root / "lib/modules", root / "usr/lib/modules") if d.is_dir()),
+                   root / "lib/modules")
+    versions = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
     if len(versions) != 1:
-        raise AssetError(f"expected one kernel under {root}/lib/modules, found {versions}")
+        raise AssetError(f"expected one kernel under {modules}, found {versions}")
     version = versions[0]
     vmlinuz = root / "boot" / f"vmlinuz-{version}"
     if not vmlinuz.exists():
         raise AssetError(f"{vmlinuz} missing in unpacked kernel package")
-    modules_dir = root / "lib/modules" / version
+    modules_dir = modules / version
     return KernelAssets(vmlinuz=vmlinuz, modules_dir=modules_dir, version=version)
 
 
@@ -255,15 +219,15 @@ def ensure_kernel(flavor: str = "6.1") -> KernelAssets:
                 shutil.rmtree(root, ignore_errors=True)
                 with tempfile.TemporaryDirectory(dir=kdir) as tmp:
                     try:
-                        _run(["apt-get", "download", pkg], cwd=Path(tmp))
-                    except AssetError:
-                        _apt_update()
-                        _run(["apt-get", "download", pkg], cwd=Path(tmp))
+                        debian.run(["apt-get", "download", pkg], cwd=Path(tmp))
+                    except debian.AptError:
+                        debian.update()
+                        debian.run(["apt-get", "download", pkg], cwd=Path(tmp))
                     debs = list(Path(tmp).glob("*.deb"))
                     if len(debs) != 1:
                         raise AssetError(f"apt-get download {pkg} gave {debs}")
                     staging = Path(tmp) / "root"
-                    _run(["dpkg", "-x", str(debs[0]), str(staging)])
+                    debian.run(["dpkg", "-x", str(debs[0]), str(staging)])
                     (staging / ".complete").write_text(debs[0].name + "\n")
                     staging.rename(root)
         pin.write_text(pkg + "\n")
@@ -441,12 +405,12 @@ def busybox_path() -> Path:
             return target
         with file_lock("apt"), tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             try:
-                _run(["apt-get", "download", "busybox-static"], cwd=Path(tmp))
-            except AssetError:
-                _apt_update()
-                _run(["apt-get", "download", "busybox-static"], cwd=Path(tmp))
+                debian.run(["apt-get", "download", "busybox-static"], cwd=Path(tmp))
+            except debian.AptError:
+                debian.update()
+                debian.run(["apt-get", "download", "busybox-static"], cwd=Path(tmp))
             deb = next(Path(tmp).glob("*.deb"))
-            _run(["dpkg", "-x", str(deb), str(bdir)])
+            debian.run(["dpkg", "-x", str(deb), str(bdir)])
     return target
 
 

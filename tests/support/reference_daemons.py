@@ -1,12 +1,10 @@
 """The three daemons under test, behind one start/stop interface.
 
 * ``pyvirtiofsd``: this repository (``python -m supervisor ... --sandbox none``).
-* ``rust``: Rust virtiofsd 1.13.2 from Debian 13 (trixie). It needs trixie's libc, so the
-  packages ``virtiofsd``, ``libc6``, ``libseccomp2``, ``libcap-ng0`` and ``libgcc-s1`` are
-  fetched from a trixie apt source pinned to priority 1 (nothing on this Debian 12 system is
-  ever upgraded from it), unpacked with ``dpkg -x`` into
-  ``~/.cache/pyvirtiofsd/rust-virtiofsd`` and started through trixie's own loader.
-* ``c``: QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``, package qemu-system-common).
+* ``rust``: Rust virtiofsd 1.13.2: the release's ``virtiofsd`` package from Debian 13 on;
+  on Debian 12 trixie's, unpacked with trixie's libc (``tests/support/reference.py``).
+* ``c``: QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``, package qemu-system-common):
+  Debian 12 only (QEMU 8.0 dropped it); elsewhere ``c`` says so and stops.
 
 Every daemon exits when the front-end disconnects, so each benchmark run starts a fresh one.
 ``python3 -m tests.support.reference_daemons`` fetches Rust virtiofsd and prints the versions.
@@ -22,73 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import debian, reference
+from tests.support.reference import C_VIRTIOFSD
 from tests.support.reference import stop_daemon as stop
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path.home() / ".cache" / "pyvirtiofsd" / "rust-virtiofsd"
-RUST_VERSION = "1.13.2"
-TRIXIE_PACKAGES = ["virtiofsd", "libc6", "libseccomp2", "libcap-ng0", "libgcc-s1"]
-TRIXIE_SOURCES = Path("/etc/apt/sources.list.d/pyvirtiofsd-trixie.sources")
-TRIXIE_PIN = Path("/etc/apt/preferences.d/pyvirtiofsd-trixie")
-C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
-
-SOURCES_TEXT = """\
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-PIN_TEXT = """\
-# Only for fetching Rust virtiofsd for the benchmarks: never upgrade anything from trixie.
-Package: *
-Pin: release n=trixie
-Pin-Priority: 1
-"""
-
-
-def _loader_dir(root: Path) -> Path:
-    return root / "usr" / "lib" / "x86_64-linux-gnu"
-
-
-def rust_command(root: Path = CACHE) -> list[str]:
-    lib = _loader_dir(root)
-    return [str(lib / "ld-linux-x86-64.so.2"), "--library-path", str(lib),
-            str(root / "usr" / "libexec" / "virtiofsd")]
-
-
-def fetch_rust_virtiofsd(root: Path = CACHE, quiet: bool = True) -> Path:
-    """Download and unpack Rust virtiofsd with trixie's libraries (once); return the root."""
-    binary = root / "usr" / "libexec" / "virtiofsd"
-    if binary.exists():
-        return root
-    out = subprocess.DEVNULL if quiet else None
-    if not TRIXIE_SOURCES.exists():
-        TRIXIE_SOURCES.write_text(SOURCES_TEXT)
-    if not TRIXIE_PIN.exists():
-        TRIXIE_PIN.write_text(PIN_TEXT)
-    # Refresh only the trixie list, leave the system's other lists alone.
-    subprocess.run(
-        ["apt-get", "update", "-o", f"Dir::Etc::sourcelist={TRIXIE_SOURCES}",
-         "-o", "Dir::Etc::sourceparts=-", "-o", "APT::Get::List-Cleanup=0"],
-        check=True, stdout=out, stderr=out,
-    )  # fmt: skip
-    debs = root.parent / "rust-virtiofsd-debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", *(f"{p}/trixie" for p in TRIXIE_PACKAGES)],
-                   cwd=debs, check=True, stdout=out, stderr=out)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for deb in sorted(debs.glob("*.deb")):
-        subprocess.run(["dpkg", "-x", str(deb), str(tmp)], check=True)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    version = subprocess.run([*rust_command(root), "--version"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    if RUST_VERSION not in version:
-        print(f"warning: expected virtiofsd {RUST_VERSION}, got {version!r}", file=sys.stderr)
-    return root
 
 
 def _wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
@@ -212,15 +148,15 @@ class RustVirtiofsd(Daemon):
         super().__init__("rust", "Rust virtiofsd", 1)
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
-        root = fetch_rust_virtiofsd()
-        return [*rust_command(root), f"--socket-path={socket_path}",
+        return [*reference.rust_command(), f"--socket-path={socket_path}",
                 f"--shared-dir={shared_dir}", "--sandbox=none"]
 
+    def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
+        reference.note_rust_origin()
+        return super().start(shared_dir, socket_path)
+
     def version(self) -> str:
-        root = fetch_rust_virtiofsd()
-        out = subprocess.run([*rust_command(root), "--version"], capture_output=True,
-                             text=True).stdout.strip()
-        return f"{out} (Debian 13 package, trixie libc)"
+        return f"{reference.rust_version()} ({reference.rust_origin()})"
 
 
 class CVirtiofsd(Daemon):
@@ -229,6 +165,9 @@ class CVirtiofsd(Daemon):
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
         if not C_VIRTIOFSD.exists():
+            if debian.host_release() != "bookworm":
+                raise RuntimeError(f"C virtiofsd is not part of Debian {debian.host_release()} "
+                                   "(QEMU 8.0 dropped it): leave 'c' out of --daemons")
             raise RuntimeError(f"{C_VIRTIOFSD} missing: apt-get install -y qemu-system-x86")
         return [str(C_VIRTIOFSD), f"--socket-path={socket_path}", "-o",
                 f"source={shared_dir}", "-o", "cache=auto"]
@@ -274,6 +213,7 @@ def process_tree(pid: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    fetch_rust_virtiofsd(quiet=False)
+    if not reference.rust_is_packaged():
+        reference.fetch_rust_virtiofsd(quiet=False)
     for d in DAEMONS.values():
         print(d().version())

@@ -1,14 +1,17 @@
 """The daemon serves from an interpreter that ran no ``site`` hooks (daemon/host/no_site.py).
 
-A ``.pth`` file in the user site directory imports ``_decimal``, an extension module the
-daemon itself never loads; whether its library is mapped in the serving processes tells
-whether the hook ran in them."""
+A ``.pth`` file in the user site directory (in a virtual environment: its site-packages)
+imports ``_decimal``, an extension module the daemon itself never loads; whether its
+library is mapped in the serving processes tells whether the hook ran in them."""
 
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
+import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +24,29 @@ HOOK = "import _decimal\n"
 
 
 @pytest.fixture
-def user_site_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    base = tmp_path / "userbase"
-    v = sys.version_info
-    site_dir = base / "lib" / f"python{v.major}.{v.minor}" / "site-packages"
-    site_dir.mkdir(parents=True)
-    (site_dir / "zz_hook.pth").write_text(HOOK)
-    monkeypatch.setenv("PYTHONUSERBASE", str(base))
-    # the hook runs in a plain interpreter: the test would prove nothing otherwise
-    out = subprocess.run([sys.executable, "-c",
-                          "import sys; print('_decimal' in sys.modules)"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "True", out.stderr
-    return site_dir
+def user_site_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A ``.pth`` hook where ``site`` reads it: the user site directory, or in a virtual
+    environment (which ignores the user site) the environment's own site-packages, for
+    the duration of the test."""
+    if site.ENABLE_USER_SITE:
+        base = tmp_path / "userbase"
+        v = sys.version_info
+        site_dir = base / "lib" / f"python{v.major}.{v.minor}" / "site-packages"
+        site_dir.mkdir(parents=True)
+        monkeypatch.setenv("PYTHONUSERBASE", str(base))
+    else:
+        site_dir = Path(sysconfig.get_paths()["purelib"])
+    hook = site_dir / f"zz_pyvirtiofsd_test_hook_{os.getpid()}.pth"
+    hook.write_text(HOOK)
+    try:
+        # the hook runs in a plain interpreter: the test would prove nothing otherwise
+        out = subprocess.run([sys.executable, "-c",
+                              "import sys; print('_decimal' in sys.modules)"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "True", out.stderr
+        yield site_dir
+    finally:
+        hook.unlink()
 
 
 def serve_and_look(tmp_path: Path) -> tuple[list[str], list[bool], str]:
