@@ -536,6 +536,8 @@ class Supervisor(MemoryTableHandlers):
                           index, worker.pid, how, vring.restarts)
                 return
             vring.restarts += 1
+            if self.stats is not None:
+                self.stats.note_restart(index)
             log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
         self._start_logged(index)
 
