@@ -24,6 +24,8 @@ PYVFS_HIDDEN extern pyvfs_qstats_t *pyvfs_stats_row;
 /* stats.c: when the chain being answered was popped (CLOCK_MONOTONIC ns; set by the serve
    loop's drain only while counting) */
 PYVFS_HIDDEN extern uint64_t pyvfs_stats_popped_ns;
+/* stats.c: the clock read of the last pyvfs_stats_note */
+PYVFS_HIDDEN extern uint64_t pyvfs_stats_noted_ns;
 
 /* CLOCK_MONOTONIC in ns: clock_gettime through the vDSO, no system call */
 static inline uint64_t pyvfs_now_ns(void) {

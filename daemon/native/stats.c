@@ -3,14 +3,15 @@
  * aligned words: readers in other processes see whole values), so counting costs no
  * atomics; the row outlives a worker that is restarted. One worker serves one queue, so
  * the row is a process-wide pointer. Per opcode: requests, errors, reply bytes and a
- * latency histogram (pop to reply: two vDSO clock reads a request, no system call). */
+ * latency histogram (pop to reply: a vDSO clock read at each, no system call; a pop right
+ * after an answer in the C loop reuses that answer's read). */
 #include <linux/fuse.h>
 #include <string.h>
 
 #include "internal.h"
 
 pyvfs_qstats_t *pyvfs_stats_row;
-uint64_t pyvfs_stats_popped_ns;
+uint64_t pyvfs_stats_popped_ns, pyvfs_stats_noted_ns;
 
 /* The bucket of a latency: 0 for <= 1 us, b for <= 2^b us, the last for > 2^16 us. */
 static inline int latency_bucket(uint64_t ns) {
@@ -35,7 +36,8 @@ void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, in
         uint32_t hdr[2] = {0, 0}; /* len, opcode */
         if (pyvfs_iov_read(rd, rd_n, 0, hdr, sizeof hdr) == sizeof hdr) op = hdr[1];
     }
-    uint64_t ns = pyvfs_now_ns() - pyvfs_stats_popped_ns;
+    uint64_t now = pyvfs_now_ns(), ns = now - pyvfs_stats_popped_ns;
+    pyvfs_stats_noted_ns = now;
     pyvfs_opstats_t *o = &s->by_opcode[op < PYVFS_STATS_OPCODES ? op : 0];
     pyvfs_bump(&s->requests, 1);
     if (in_c) pyvfs_bump(&s->in_c, 1);
