@@ -806,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["stats"]:
         from daemon.stats import report
 
+        no_tls.uninstall()  # not the daemon: its --listen and exposition need the real ssl
         return report.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
