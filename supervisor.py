@@ -536,6 +536,8 @@ class Supervisor(MemoryTableHandlers):
                           index, worker.pid, how, vring.restarts)
                 return
             vring.restarts += 1
+            if self.stats is not None:
+                self.stats.note_restart(index)
             log.error("queue %d: worker %d died (%s); restarting it", index, worker.pid, how)
         self._start_logged(index)
 
@@ -804,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["stats"]:
         from daemon.stats import report
 
+        no_tls.uninstall()  # not the daemon: its --listen and exposition need the real ssl
         return report.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -81,3 +81,12 @@ def install() -> bool:
 
         return False
     return True
+
+
+def uninstall() -> None:
+    """Give the real ``ssl`` back to a process that is not the daemon (``pyvirtiofsd
+    stats``, whose prometheus_client reads ssl's names at import time). asyncio and uvloop
+    keep the placeholder they imported; such a process never uses them for TLS."""
+    mod = sys.modules.get("ssl")
+    if mod is not None and getattr(mod, "pyvirtiofsd_placeholder", False):
+        del sys.modules["ssl"]

@@ -7,6 +7,7 @@
 /* the shared tables' functions, called through addresses the tables hand over
    (InodeTable.c_api, HandleTable.c_api): their declarations type-check every call */
 #include "native.h"
+#include <time.h>
 
 #define PYVFS_HIDDEN __attribute__((visibility("hidden")))
 
@@ -20,6 +21,18 @@ PYVFS_HIDDEN void pyvfs_fdc_sweep(const pyvfs_fast_ctx_t *c);
 
 /* stats.c: the row of the queue this worker serves (NULL: not counting) */
 PYVFS_HIDDEN extern pyvfs_qstats_t *pyvfs_stats_row;
+/* stats.c: when the chain being answered was popped (CLOCK_MONOTONIC ns; set by the serve
+   loop's drain only while counting) */
+PYVFS_HIDDEN extern uint64_t pyvfs_stats_popped_ns;
+/* stats.c: the clock read of the last pyvfs_stats_note */
+PYVFS_HIDDEN extern uint64_t pyvfs_stats_noted_ns;
+
+/* CLOCK_MONOTONIC in ns: clock_gettime through the vDSO, no system call */
+static inline uint64_t pyvfs_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
 
 /* Add n to a counter only this process writes: a relaxed load and store of an aligned
  * word (readers in other processes see whole values), no atomic read-modify-write. */

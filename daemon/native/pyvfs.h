@@ -138,11 +138,22 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
 
 /* ---- stats.c: per-queue counters for `pyvirtiofsd stats` (daemon/stats/queue_stats.py) */
 #define PYVFS_STATS_OPCODES 64
+/* request latency, from the pop to the reply, in log2 buckets: <= 1 us, 2 us, 4 us, ...,
+   65.536 ms (2^16 us), then everything longer; counts per bucket, not cumulative */
+#define PYVFS_STATS_BUCKETS 18
+typedef struct {
+    uint64_t requests, errors;
+    uint64_t reply_bytes;  /* bytes written into the guest's buffers, reply header included */
+    uint64_t latency_ns;   /* sum of the latencies (the histogram's _sum) */
+    uint64_t latency[PYVFS_STATS_BUCKETS];
+} pyvfs_opstats_t;
 typedef struct {
     uint64_t requests, in_c, errors, dropped, read_bytes, write_bytes, wakeups, notifies;
-    uint64_t by_opcode[PYVFS_STATS_OPCODES]; /* [0]: opcodes >= 64 and unknown ones */
+    uint64_t worker_restarts;  /* written by the supervisor, not the worker */
+    pyvfs_opstats_t by_opcode[PYVFS_STATS_OPCODES]; /* [0]: opcodes >= 64, unknown ones */
 } pyvfs_qstats_t;
 void pyvfs_stats_attach(pyvfs_qstats_t *row);
+/* Count a request the worker popped (at pyvfs_stats_popped_ns) and answered now. */
 void pyvfs_stats_note(const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
                       uint32_t written, int in_c);
 

@@ -2,7 +2,9 @@
 
 One row per virtqueue (``pyvfs_qstats_t`` in daemon/native/pyvfs.h, counted by stats.c):
 requests, how many were answered in C, errors, dropped chains, data bytes read and written,
-wake-ups, interrupts sent to the guest, and requests per opcode. The supervisor creates the segment
+wake-ups, interrupts sent to the guest, workers restarted, and per opcode: requests, errors,
+reply bytes and a latency histogram (from the pop of the chain to its reply, in log2 buckets
+of :data:`LATENCY_BOUNDS_US`, with the sum of the latencies). The supervisor creates the segment
 (``/pyvirtiofsd-<pid>-stats``) before any worker exists; each worker writes only its own
 row, from C and from Python, and a restarted worker carries on counting in the same row.
 Anyone who may open the segment reads it without disturbing the daemon.
@@ -19,14 +21,20 @@ import posix_ipc
 
 from daemon.protocol import fuse
 
-MAGIC = b"PYVFSQS1"
-VERSION = 1
+MAGIC = b"PYVFSQS2"
+VERSION = 2
 HEADER = struct.Struct("<8sIIII")  # magic, version, queues, row size, owner pid
 HEADER_SIZE = 64
 FIELDS = ("requests", "in_c", "errors", "dropped", "read_bytes", "write_bytes", "wakeups",
-          "notifies")
-OPCODES = 64
-ROW = struct.Struct(f"<{len(FIELDS) + OPCODES}Q")  # must match pyvfs_qstats_t
+          "notifies", "worker_restarts")
+OPCODES = 64  # PYVFS_STATS_OPCODES
+OP_FIELDS = ("requests", "errors", "reply_bytes", "latency_ns")  # pyvfs_opstats_t, then:
+LATENCY_BOUNDS_US = tuple(1 << b for b in range(17))  # inclusive upper bounds; then +Inf
+BUCKETS = len(LATENCY_BOUNDS_US) + 1  # PYVFS_STATS_BUCKETS
+OP_SIZE = len(OP_FIELDS) + BUCKETS  # words per opcode
+ROW = struct.Struct(f"<{len(FIELDS) + OPCODES * OP_SIZE}Q")  # must match pyvfs_qstats_t
+_RESTARTS = struct.Struct("<Q")
+_RESTARTS_OFFSET = FIELDS.index("worker_restarts") * 8
 
 
 def segment_name(pid: int) -> str:
@@ -64,8 +72,12 @@ class QueueStats:
         finally:
             shm.close_fd()
         magic, version, queues, row, _ = HEADER.unpack_from(mm)
-        if magic != MAGIC or version != VERSION or row != ROW.size or \
-                size < HEADER_SIZE + queues * ROW.size:
+        if magic[:7] == MAGIC[:7] and (magic != MAGIC or version != VERSION):
+            mm.close()
+            raise ValueError(f"{name}: statistics segment of version {version}; this "
+                             f"pyvirtiofsd reads version {VERSION}: use the stats command "
+                             "of the daemon's own version")
+        if magic != MAGIC or row != ROW.size or size < HEADER_SIZE + queues * ROW.size:
             mm.close()
             raise ValueError(f"{name}: not a pyvirtiofsd statistics segment of this version")
         return cls(name, mm)
@@ -82,13 +94,36 @@ class QueueStats:
                        HEADER_SIZE + index * ROW.size)
         lib.pyvfs_stats_attach(row)
 
+    def note_restart(self, index: int) -> None:
+        """The supervisor started queue ``index``'s worker again after it died (the one
+        word of a row the worker never writes)."""
+        if 0 <= index < self.queues:
+            at = HEADER_SIZE + index * ROW.size + _RESTARTS_OFFSET
+            (n,) = _RESTARTS.unpack_from(self.mm, at)
+            _RESTARTS.pack_into(self.mm, at, n + 1)
+
     def rows(self) -> list[dict[str, Any]]:
+        """Each queue's counters; ``by_opcode`` maps the opcodes seen to their request
+        counts, ``opcodes`` to all their counters (``latency``: counts per bucket of
+        LATENCY_BOUNDS_US, the last one past them, not cumulative)."""
         out = []
         for q in range(self.queues):
             values = ROW.unpack_from(self.mm, HEADER_SIZE + q * ROW.size)
             row: dict[str, Any] = dict(zip(FIELDS, values[: len(FIELDS)], strict=True))
-            by_op = values[len(FIELDS):]
-            row["by_opcode"] = {opcode_name(op): n for op, n in enumerate(by_op) if n}
+            by_op: dict[str, int] = {}
+            detail: dict[str, dict[str, Any]] = {}
+            for op in range(OPCODES):
+                at = len(FIELDS) + op * OP_SIZE
+                if not values[at]:
+                    continue
+                name = opcode_name(op)
+                by_op[name] = values[at]
+                counters: dict[str, Any] = dict(zip(OP_FIELDS, values[at:at + len(OP_FIELDS)],
+                                                    strict=True))
+                counters["latency"] = list(values[at + len(OP_FIELDS):at + OP_SIZE])
+                detail[name] = counters
+            row["by_opcode"] = by_op
+            row["opcodes"] = detail
             out.append(row)
         return out
 

@@ -3,6 +3,9 @@ without disturbing it (the tables' counters are updated atomically by every work
 
     pyvirtiofsd stats --socket-path /run/vfs.sock [--interval 1] [--json]
     pyvirtiofsd stats --pid 1234
+    pyvirtiofsd stats --socket-path S --format openmetrics|prometheus [--output FILE]
+    pyvirtiofsd stats --socket-path S --listen 127.0.0.1:9432
+    pyvirtiofsd stats --socket-path S --watch [--interval 1]
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
 
 from daemon.stats import queue_stats
@@ -61,28 +66,38 @@ def processes(pid: int) -> list[int]:
     return [pid, *children]
 
 
-def snapshot(pid: int, interval: float) -> dict:
+def read_tables(pid: int) -> dict:
+    """One reading of everything the daemon shares: its processes, the inode and open-file
+    tables' statistics and the per-queue counters (an empty list from a daemon without
+    them). SystemExit, with the reason, when the daemon's tables cannot be attached."""
     inode_name, handle_name = segment_names(pid)
     try:
         inodes = InodeTable.attach(inode_name)
-        handles = HandleTable.attach(handle_name)
     except Exception as e:  # noqa: BLE001 - any attach failure means the same to the user
         raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
                          "is the daemon running?") from None
     try:
+        try:
+            handles = HandleTable.attach(handle_name)
+        except Exception as e:  # noqa: BLE001 - as above
+            raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
+                             "is the daemon running?") from None
+        try:
+            inode_stats, handle_stats = inodes.stats(), handles.stats()
+        finally:
+            handles.detach()
+    finally:
+        inodes.detach()
+    try:
         counters = queue_stats.QueueStats.attach(queue_stats.segment_name(pid))
+    except ValueError as e:  # another version's segment: say so rather than show nothing
+        print(f"pyvirtiofsd stats: {e}", file=sys.stderr)
+        counters = None
     except Exception:  # noqa: BLE001 - a daemon from before per-queue counters
         counters = None
     try:
-        first = inodes.stats()
-        rows0 = counters.rows() if counters else []
-        time.sleep(interval)
-        second = inodes.stats()
-        rows1 = counters.rows() if counters else []
-        handle_stats = handles.stats()
+        rows = counters.rows() if counters else []
     finally:
-        inodes.detach()
-        handles.detach()
         if counters:
             counters.close()
     supervisor, *workers = processes(pid)
@@ -90,11 +105,22 @@ def snapshot(pid: int, interval: float) -> dict:
         fds = len(os.listdir(f"/proc/{supervisor}/fd"))
     except OSError:
         fds = -1
-    rate = {k: (second[k] - first[k]) / interval for k in ("lookups", "inserts", "removals")}
+    return {"pid": pid, "workers": len(workers), "fds_held": fds, "inodes": inode_stats,
+            "handles": handle_stats, "queues": rows}
+
+
+def snapshot(pid: int, interval: float) -> dict:
+    """Totals now, and rates over ``interval`` seconds."""
+    first = read_tables(pid)
+    time.sleep(interval)
+    t = read_tables(pid)
+    second, handle_stats = t["inodes"], t["handles"]
+    rate = {k: (second[k] - first["inodes"][k]) / interval
+            for k in ("lookups", "inserts", "removals")}
     return {
         "pid": pid,
-        "workers": len(workers),
-        "fds_held": fds,
+        "workers": t["workers"],
+        "fds_held": t["fds_held"],
         "inodes": {
             "entries": second["entries"], "capacity": second["capacity"],
             "load_factor": round(second["load_factor"], 6),
@@ -108,12 +134,14 @@ def snapshot(pid: int, interval: float) -> dict:
             "load_factor": round(handle_stats["load_factor"], 6),
             "full_errors": handle_stats["full_errors"],
         },
-        "queues": queue_rows(rows0, rows1, interval),
+        "queues": queue_rows(first["queues"], t["queues"], interval),
     }
 
 
 def queue_rows(before: list[dict], after: list[dict], interval: float) -> list[dict]:
     """Every queue that has seen a kick or a request: totals, and rates over interval."""
+    if len(before) != len(after):  # the daemon went and came back between the two
+        before = after
     out = []
     for index, (a, b) in enumerate(zip(before, after, strict=True)):
         if not (b["requests"] or b["wakeups"] or b["dropped"]):
@@ -162,13 +190,70 @@ def main(argv: list[str]) -> int:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--socket-path", help="the daemon's --socket-path (reads <socket>.pid)")
     who.add_argument("--pid", type=int, help="the daemon's pid")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between samples (rates, --watch frames)")
+    p.add_argument("--format", choices=["text", "json", "openmetrics", "prometheus"],
+                   default="text", help="openmetrics: the OpenMetrics exposition; prometheus: "
+                   "the Prometheus text format, which node_exporter's textfile collector reads")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
+    p.add_argument("--output", metavar="FILE",
+                   help="write to FILE atomically (a temporary file renamed over it)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--listen", metavar="HOST:PORT",
+                      help="serve /metrics over HTTP from this process until stopped")
+    mode.add_argument("--watch", action="store_true",
+                      help="a terminal view redrawn every --interval seconds")
+    p.add_argument("--count", type=int, help="with --watch: stop after this many frames")
     args = p.parse_args(argv)
-    pid = args.pid if args.pid is not None else daemon_pid(args.socket_path)
-    s = snapshot(pid, args.interval)
-    print(json.dumps(s) if args.json else render(s))
+    fmt = "json" if args.json else args.format
+    if args.interval <= 0:
+        p.error("--interval must be positive")
+
+    def pid() -> int:
+        return args.pid if args.pid is not None else daemon_pid(args.socket_path)
+
+    if args.watch:
+        from daemon.stats import watch
+
+        watch.watch(pid, args.interval, args.count)
+        return 0
+    if args.listen or fmt in ("openmetrics", "prometheus"):
+        from daemon.stats import openmetrics  # imports prometheus_client: only here
+
+        if args.listen:
+            signal.signal(signal.SIGTERM, _exit_quietly)
+            openmetrics.listen(pid, args.listen)
+            return 0
+        current = pid()
+        read_tables(current)  # no daemon: say so and fail, not "up 0"
+        data = openmetrics.render(lambda: current, fmt)
+    else:
+        s = snapshot(pid(), args.interval)
+        data = ((json.dumps(s) if fmt == "json" else render(s)) + "\n").encode()
+    if args.output:
+        write_atomically(args.output, data)
+    else:
+        sys.stdout.buffer.write(data)
     return 0
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write beside ``path`` and rename over it, so a reader (node_exporter) sees the old
+    file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pyvirtiofsd-stats-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -96,4 +96,7 @@ def test_counters_follow_requests_and_survive_a_worker_restart(tmp_path: Path) -
         assert error == 0
         q1 = rows(srv.proc.pid)[1]
         assert q1["requests"] == 15 and q1["by_opcode"]["GETATTR"] == 6
+        assert q1["worker_restarts"] == 1  # written by the supervisor
+        getattr_ = q1["opcodes"]["GETATTR"]
+        assert sum(getattr_["latency"]) == 6 and getattr_["latency_ns"] > 0
         srv.workers = worker_pids(srv.log()) | {1: srv.workers[1]}
