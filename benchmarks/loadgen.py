@@ -64,8 +64,10 @@ MAX_QUEUES = 16
 # Linux's virtio-fs driver under a process per request: it looks at the used ring only
 # when an interrupt says so, re-arms interrupts before completing, spends
 # completion_us of guest time per completion and publishes each new request on its own.
+# At 3 µs the generator's one thread (the whole guest here) is the bottleneck at QD16 for
+# every daemon and hides how the device signals; 1 µs shows it (docs/performance.md).
 FRONTENDS = {"batch": 0, "driver": 1}
-COMPLETION_US = 3.0
+COMPLETION_US = 1.0
 
 
 def prepare_share(root: str) -> None:
