@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import WORKLOADS, LoadGen, prepare_share
+from benchmarks.loadgen import COMPLETION_US, FRONTENDS, WORKLOADS, LoadGen, prepare_share
 from tests.support.reference_daemons import Daemon, make, process_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,8 +167,20 @@ def make_shares(which: list[str]) -> dict[str, Path]:
 
 # ----- one connection ----------------------------------------------------------------------
 
+def cell_name(workload: str, frontend: str) -> str:
+    """A workload as a row of the tables: the batch front-end's keeps its plain name."""
+    return workload if frontend == "batch" else f"{workload}+{frontend}"
+
+
+def describe(name: str) -> str:
+    workload, _, frontend = name.partition("+")
+    what = WORKLOADS[workload]["what"]
+    return f"{what}; {frontend} front-end" if frontend else what
+
+
 def run_connection(daemon: Daemon, share: Path, queues: int, workloads: list[str],
-                   seconds: float, sock: Path, tick: Any) -> dict[str, Any]:
+                   seconds: float, sock: Path, tick: Any, frontends: tuple[str, ...] = ("batch",),
+                   completion_us: float = COMPLETION_US) -> dict[str, Any]:
     proc = daemon.start(share, sock)
     out: dict[str, Any] = {"cells": []}
     gen = None
@@ -179,14 +191,15 @@ def run_connection(daemon: Daemon, share: Path, queues: int, workloads: list[str
         time.sleep(0.2)
         out["loadavg"] = os.getloadavg()[0]
         out["idle_rss"], out["idle_pss"] = tree_memory(proc.pid)
-        for wl in workloads:
+        for wl, fe in ((w, f) for w in workloads for f in frontends):
             for qd in QDS:
                 os.sync()  # no dirty data of an earlier cell is written back in this one
                 cpu0 = tree_cpu(proc.pid)
                 busy0 = machine_busy()
                 try:
                     with MemorySampler(proc.pid) as mem:
-                        res = gen.run(wl, qd, seconds)
+                        res = gen.run(wl, qd, seconds, frontend=fe,
+                                      completion_us=completion_us)
                 except OSError as e:  # a set-up request failed: note it, go on
                     out.setdefault("failures", []).append(
                         {"workload": wl, "qd": qd, "error": repr(e)})
@@ -196,6 +209,7 @@ def run_connection(daemon: Daemon, share: Path, queues: int, workloads: list[str
                 cpu = tree_cpu(proc.pid) - cpu0
                 busy = machine_busy() - busy0
                 cell = res.summary()
+                cell["workload"] = cell_name(wl, fe)
                 # CPU used by everything else on the machine meanwhile (other users' jobs)
                 cell["other_cpu_share"] = max(0.0, busy - cpu - res.gen_cpu) / res.seconds
                 cell.update(daemon_cpu_s=cpu,
@@ -247,6 +261,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "other_cpu_share": statistics.median(c.get("other_cpu_share", 0) for c in cells),
             "errors": sum(c["errors"] for c in cells),
             "stalls": sum(c["stalls"] for c in cells),
+            "wakeups_per_request": statistics.median(c.get("wakeups_per_request", 0)
+                                                     for c in cells),
+            "kicks_per_request": statistics.median(c.get("kicks_per_request", 0)
+                                                   for c in cells),
             "load_rss_max": max(c["load_rss"] for c in cells),
             "load_pss_max": max(c["load_pss"] for c in cells),
         }  # fmt: skip
@@ -299,7 +317,13 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
     L += ["", "Shares: " + ", ".join(f"{k} = `{v['path']}` ({_fs_label(v)})"
                                       for k, v in meta["shares"].items()), ""]
     L += ["Workloads (one *op*; QD1 gives latency, QD16 throughput):", ""]
-    L += [f"- `{w}`: {WORKLOADS[w]['what']}" for w in meta["workloads"]]
+    L += [f"- `{w}`: {describe(w)}" for w in meta["workloads"]]
+    if any("+" in w for w in meta["workloads"]):
+        L += ["", f"Front-ends: batch (the plain names) resubmits every completion at once "
+              f"and kicks once per batch; driver behaves like Linux's virtio-fs driver: it "
+              f"takes completions only when interrupted, re-arms used_event first, spends "
+              f"{meta.get('completion_us', COMPLETION_US)} µs per completion and publishes "
+              f"each new request on its own (docs/performance.md)."]
     L += ["", "Cells show the median ops/s over rounds (min–max), then the median's ratio "
           "to Rust virtiofsd.", ""]
 
@@ -347,6 +371,18 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
             gens = [f"{labels[d]} {get(share, 1, wl, 16, d)['gen_cpu_share'] * 100:.0f}%"
                     for d in daemons if get(share, 1, wl, 16, d)]
             L.append(row + " " + ", ".join(gens) + " |")
+        L += ["", f"### {share}: front-end wake-ups (call eventfd reads) and kicks per "
+              "request, 1 queue, QD1 / QD16", ""]
+        L += ["| workload |" + "".join(f" {labels[d]} wake-ups | {labels[d]} kicks |"
+                                       for d in daemons),
+              "|" + "---|" * (1 + 2 * len(daemons))]
+        for wl in meta["workloads"]:
+            row = f"| {wl} |"
+            for d in daemons:
+                a, b = get(share, 1, wl, 1, d), get(share, 1, wl, 16, d)
+                for k in ("wakeups_per_request", "kicks_per_request"):
+                    row += f" {a[k]:.2f} / {b[k]:.2f} |" if a and b and k in a else " – |"
+            L.append(row)
         if "pyvirtiofsd" in daemons:
             L += ["", f"### {share}: pyvirtiofsd with more request queues (median ops/s at "
                   "QD16 per queue; ratio to its own 1-queue figure and to Rust's 1 queue)", ""]
@@ -483,16 +519,24 @@ def main() -> None:
     ap.add_argument("--shares", default="tmpfs,disk")
     ap.add_argument("--queues", default=",".join(map(str, QUEUE_COUNTS)))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--frontends", default="batch",
+                    help=f"comma-separated, of {', '.join(FRONTENDS)}: how the generator "
+                         "plays the guest (benchmarks/loadgen.py)")
+    ap.add_argument("--completion-us", type=float, default=COMPLETION_US,
+                    help="the driver front-end's guest time per completion")
     ap.add_argument("--out", help="output stem (default benchmarks/results/<date>[-quick])")
     args = ap.parse_args()
     seconds = args.seconds or (0.25 if args.quick else 1.0)
     daemons = args.daemons.split(",")
+    frontends = tuple(args.frontends.split(","))
+    if unknown := set(frontends) - set(FRONTENDS):
+        ap.error(f"unknown front-end(s): {', '.join(sorted(unknown))}")
     workloads = args.workloads.split(",")
     queue_counts = [int(q) for q in args.queues.split(",")]
     shares = make_shares(args.shares.split(","))
     kinds = {d: make(d) for d in daemons}
     versions = {d: k.version() for d, k in kinds.items()}
-    sock = Path("/tmp/pyvirtiofsd-bench.sock")
+    sock = Path(f"/tmp/pyvirtiofsd-bench-{os.getpid()}.sock")  # runs of other users beside
     plan = []
     # queue counts interleave within a round too, so the scaling ratios (2 queues over 1)
     # compare connections minutes apart at most, not a block of rounds against a later one
@@ -502,7 +546,7 @@ def main() -> None:
                 for d in daemons:
                     if q <= kinds[d].max_request_queues:
                         plan.append((share, q, rnd, d))
-    cells_total = len(plan) * len(workloads) * len(QDS)
+    cells_total = len(plan) * len(workloads) * len(frontends) * len(QDS)
     done = 0
     t_start = time.monotonic()
 
@@ -524,7 +568,8 @@ def main() -> None:
         progress(label, None)
         try:
             run = run_connection(kinds[d], shares[share], q, workloads, seconds, sock,
-                                 lambda c, label=label: progress(label, c))
+                                 lambda c, label=label: progress(label, c), frontends,
+                                 args.completion_us)
         except Exception as e:  # noqa: BLE001 - one failed connection must not end the run
             print(f"\n{label}: failed: {e!r}\n{kinds[d].log()[-1500:]}", file=sys.stderr)
             run = {"cells": [], "error": repr(e)}
@@ -540,7 +585,9 @@ def main() -> None:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python3 -m benchmarks.run " + " ".join(sys.argv[1:]),
         "rounds": args.rounds, "seconds": seconds, "wall_s": wall,
-        "machine": machine_info(), "versions": versions, "workloads": workloads,
+        "machine": machine_info(), "versions": versions,
+        "workloads": [cell_name(w, f) for w in workloads for f in frontends],
+        "frontends": list(frontends), "completion_us": args.completion_us,
         "queue_counts": queue_counts,
         "shares": {k: {"path": str(v), "fstype": fs_type(v),
                           "journaled_ext4": journaled_ext4(v)} for k, v in shares.items()},
@@ -553,7 +600,7 @@ def main() -> None:
     print(f"wrote {stem}.md, {stem}.json" + "".join(f", {p}" for p in pngs))
     for share in shares:
         print(f"\n{share}, 1 queue, median ops/s (ratio to Rust):")
-        for wl in workloads:
+        for wl in meta["workloads"]:
             for qd in QDS:
                 rust = summary.get(f"{share}|1|{wl}|{qd}|rust")
                 parts = []
@@ -562,7 +609,9 @@ def main() -> None:
                     if s:
                         r = (f" ×{s['ops_median'] / rust['ops_median']:.2f}"
                              if rust and rust["ops_median"] else "")
-                        parts.append(f"{d} {fmt_ops(s['ops_median'])}{r}")
+                        parts.append(f"{d} {fmt_ops(s['ops_median'])}{r} "
+                                     f"(wake {s['wakeups_per_request']:.2f}, "
+                                     f"kick {s['kicks_per_request']:.2f})")
                 print(f"  {wl:>22} qd{qd:<2} " + "  ".join(parts))
 
 

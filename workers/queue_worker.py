@@ -200,13 +200,13 @@ class QueueWorker:
                 note(q_chain.rd, q_chain.counts[0], q_chain.wr, q_chain.counts[1],
                      0 if written == PENDING else written, 0)
                 if written != PENDING:
-                    q.push(q_chain.head, written)
+                    q.push_signal(q_chain.head, written, self.call_fd)
                 s.flags |= lib.PYVFS_PUSHED
             elif r > 1:  # a malformed chain: consumed, completed with length 0
                 q_chain.head = self.drain_head[0]
                 self.warn("chain", "dropped descriptor chain at head %d: %s", q_chain.head,
                           walk_error(1 - r, q_chain.detail))
-                q.push(q_chain.head, 0)
+                q.push_signal(q_chain.head, 0, self.call_fd)
                 s.flags |= lib.PYVFS_PUSHED
             elif r == -1:  # the avail index is more than a ring ahead of what we popped
                 jumped = q.lasting_avail_jump()

@@ -178,6 +178,12 @@ class SplitQueue:
         """Publish one used element; the index store is a release store after it."""
         lib.pyvfs_queue_push(self.c, head, length)
 
+    def push_signal(self, head: int, length: int, call_fd: int) -> None:
+        """Publish one used element and, with EVENT_IDX, signal call_fd (if >= 0) at once
+        when the driver's used_event asks for it, so the driver's completion work
+        overlaps the worker's next request (ring.c, pyvfs_queue_push_signal)."""
+        lib.pyvfs_queue_push_signal(self.c, head, length, call_fd)
+
     def disable_notifications(self) -> None:
         lib.pyvfs_queue_disable(self.c)
 

@@ -172,6 +172,8 @@ typedef struct {
     uint16_t signalled_valid;    /* 0 until the first decision: always notify then */
 } pyvfs_queue_t;
 void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len);
+/* push, then with EVENT_IDX signal call_fd (if >= 0) at once when used_event asks */
+void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len, int call_fd);
 void pyvfs_queue_disable(pyvfs_queue_t *q);
 int pyvfs_queue_enable(pyvfs_queue_t *q);
 int pyvfs_queue_should_notify(pyvfs_queue_t *q);

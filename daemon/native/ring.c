@@ -15,6 +15,19 @@ void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
     __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
 }
 
+/* With EVENT_IDX the driver names, in used_event, the used entry it wants an interrupt for
+ * (Linux: the next one, set before it sleeps); the device signals as soon as it writes
+ * that entry (virtio 1.x 2.7.10), not at the end of its batch, so the driver takes its
+ * completions while the worker answers the rest instead of the two taking turns. The
+ * check is a fence and a load; the write(2) to the eventfd (~1 us) happens only when the
+ * driver asks, once per time it went to sleep. Without EVENT_IDX a driver that left
+ * interrupts on would get one per entry: those are signalled per drained batch by the
+ * serve loop instead (the flag is read when the batch ends). */
+void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len, int call_fd) {
+    pyvfs_queue_push(q, head, len);
+    if (q->event_idx) pyvfs_queue_notify(q, call_fd);
+}
+
 void pyvfs_queue_disable(pyvfs_queue_t *q) {
     if (!q->event_idx) __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
 }

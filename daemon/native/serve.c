@@ -20,10 +20,11 @@ static uint64_t control_check_at;  /* one serve loop per worker process */
  * rd/wr (*head), for QueueWorker.handle_chain; 2 + k = a malformed chain at *head (walk
  * error -1 - k, detail filled), to be completed with length 0; -1 = the avail index jumped
  * by more than the ring size. Requests answered here are pushed; *answered counts them.
- * fast == 0: only pop (debug logging: every request goes to Python). */
+ * fast == 0: only pop (debug logging: every request goes to Python). With EVENT_IDX each
+ * answer is signalled on call_fd as soon as the driver's used_event asks for it. */
 static int drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
                  uint64_t *lens, uint64_t *detail, uint32_t *head, int max_iov,
-                 const pyvfs_fast_ctx_t *c, int fast, uint32_t *answered) {
+                 const pyvfs_fast_ctx_t *c, int fast, int call_fd, uint32_t *answered) {
     uint32_t done = 0;
     int rc = 0;
     for (;;) {
@@ -51,7 +52,7 @@ static int drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts
         uint32_t written = 0;
         if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
             pyvfs_stats_note(rd, counts[0], wr, counts[1], written, 1);
-            pyvfs_queue_push(q, h, written);
+            pyvfs_queue_push_signal(q, h, written, call_fd);
             done++;
             continue;
         }
@@ -65,7 +66,8 @@ static int drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts
 /* The worker's whole wait-and-serve loop while requests are fast-path ones, so a wake-up
  * costs no Python: epoll_wait on the kick eventfd and the control socket, read the kick,
  * drain the ring with notifications off, re-arm them (draining again if work slipped in),
- * signal the call eventfd if the driver asks. s->flags carries the loop's state between
+ * signal the call eventfd when the driver asks (with EVENT_IDX right after the push the
+ * driver's used_event names, else once the batch is drained). s->flags carries the loop's state between
  * calls. Returns PYVFS_SERVE_CHAIN (a walked chain at *head for Python: answer and push
  * it, set PYVFS_PUSHED, call again), a malformed chain or a jumped avail index exactly as
  * drain, PYVFS_SERVE_CONTROL (the control socket is readable) or
@@ -124,7 +126,7 @@ int pyvfs_serve(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts,
         }
         uint32_t answered = 0;
         int r = drain(q, rd, wr, counts, lens, detail, head, max_iov, c, s->fast,
-                      &answered);
+                      s->call_fd, &answered);
         if (answered) s->flags |= PYVFS_PUSHED;
         if (r != 0) return r;  /* flags keep DRAINING: the next call goes on draining */
         if (s->poll_ns && (s->flags & PYVFS_PUSHED)) {
