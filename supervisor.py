@@ -23,7 +23,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from daemon.fs import proc_fd
@@ -77,6 +77,21 @@ class DeviceState:
     protocol_features: int = 0
     regions: list[tuple[vu.MemoryRegion, int]] = field(default_factory=list)
     vrings: dict[int, VringState] = field(default_factory=dict)
+    # SET_LOG_BASE: the front-end's dirty log (a memfd), used while VHOST_F_LOG_ALL is acked
+    log_fd: int = -1
+    log_size: int = 0
+    log_offset: int = 0
+
+    @property
+    def logging(self) -> bool:
+        """Whether workers mark the guest pages they write (live migration)."""
+        return bool(self.acked_features & vu.VHOST_F_LOG_ALL) and self.log_fd >= 0
+
+    def log_setup(self) -> dict[str, int]:
+        """The dirty log as workers take it: fd -1 while not logging."""
+        if not self.logging:
+            return {"fd": -1, "size": 0, "offset": 0}
+        return {"fd": self.log_fd, "size": self.log_size, "offset": self.log_offset}
 
 
 class FrontEnd:
@@ -253,7 +268,51 @@ class MemoryTableHandlers:
                                     "outside guest memory")
 
 
-class Supervisor(MemoryTableHandlers):
+class DirtyLogHandlers:
+    """SET_LOG_BASE and SET_LOG_FD, and VHOST_F_LOG_ALL: while the front-end migrates the
+    guest's memory, every worker marks each guest page it writes (reply payloads, used
+    ring entries and index, avail_event) in the front-end's dirty log, a bit per 4 KiB
+    page that QEMU reads to send those pages again (daemon/native/ring.c)."""
+
+    state: DeviceState
+    _tell_workers: Callable[[dict], Awaitable[list[OSError]]]
+
+    async def on_set_log_base(self, msg: Message) -> bytes:
+        """Take the new log (LOG_SHMFD: a shared-memory fd), switch the workers to it,
+        then close the old one; the front-end waits for this reply."""
+        size, offset = vu.decode_log(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_LOG_BASE carried {len(msg.fds)} fds, expected 1 "
+                                "(only LOG_SHMFD is supported)")
+        fd = msg.fds[0]
+        if size == 0 or os.fstat(fd).st_size < offset + size:
+            raise ProtocolError(f"dirty log of {size} bytes at {offset} does not fit its fd")
+        state = self.state
+        old = state.log_fd, state.log_size, state.log_offset
+        state.log_fd, state.log_size, state.log_offset = fd, size, offset
+        msg.fds = []  # taken
+        refused = await self._tell_workers({"op": control.OP_LOG, **state.log_setup()})
+        if refused:
+            state.log_fd, state.log_size, state.log_offset = old
+            await self._tell_workers({"op": control.OP_LOG, **state.log_setup()})
+            close_quietly(fd)
+            raise refused[0]
+        close_quietly(old[0])
+        return vu.U64.pack(0)
+
+    async def on_set_log_fd(self, msg: Message) -> None:
+        """An eventfd to signal log changes on; the log is shared memory, so unused."""
+        return None
+
+    async def log_all_changed(self) -> None:
+        """VHOST_F_LOG_ALL was set or cleared: workers start or stop logging before the
+        front-end hears back (it waits for SET_FEATURES' reply when enabling)."""
+        refused = await self._tell_workers({"op": control.OP_LOG, **self.state.log_setup()})
+        if refused:
+            raise refused[0]
+
+
+class Supervisor(MemoryTableHandlers, DirtyLogHandlers):
     def __init__(
         self,
         fs: PassthroughFs,
@@ -286,13 +345,14 @@ class Supervisor(MemoryTableHandlers):
     def virtio_features(self) -> int:
         return (
             vu.VIRTIO_F_VERSION_1 | vu.VIRTIO_RING_F_INDIRECT_DESC | vu.VIRTIO_RING_F_EVENT_IDX
-            | vu.VHOST_USER_F_PROTOCOL_FEATURES
+            | vu.VHOST_USER_F_PROTOCOL_FEATURES | vu.VHOST_F_LOG_ALL
         )
 
     @property
     def offered_protocol_features(self) -> int:
         pf = vu.ProtocolFeature
-        offered = pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
+        offered = (pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
+                   | pf.LOG_SHMFD)
         if self.tag is not None:
             offered |= pf.CONFIG
         return int(offered)
@@ -362,7 +422,10 @@ class Supervisor(MemoryTableHandlers):
         features = vu.decode_u64(msg.payload, "features")
         if features & ~self.virtio_features:
             raise ProtocolError(f"front-end acked features {features:#x} we never offered")
+        was_logging = self.state.logging
         self.state.acked_features = features
+        if self.state.logging != was_logging:
+            await self.log_all_changed()
 
     async def on_get_protocol_features(self, msg: Message) -> bytes:
         return vu.U64.pack(self.offered_protocol_features)
@@ -575,6 +638,8 @@ class Supervisor(MemoryTableHandlers):
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
             c_path=self.c_path,
         )
+        log = self.state.log_setup()
+        setup.log_fd, setup.log_size, setup.log_offset = log["fd"], log["size"], log["offset"]
         vring.worker = self.pool.start(setup)
 
     async def stop_all_workers(self, why: str) -> None:
