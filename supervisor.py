@@ -26,7 +26,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from daemon.fs import proc_fd
+from daemon.fs import migration, proc_fd
+from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
 from daemon.host import capabilities, no_site, sandbox, sd_notify, seccomp
@@ -312,7 +313,123 @@ class DirtyLogHandlers:
             raise refused[0]
 
 
-class Supervisor(MemoryTableHandlers, DirtyLogHandlers):
+TRANSFER_SAVE, TRANSFER_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions
+PHASE_STOPPED = 0
+NO_REPLY_FD = 1 << 8  # SET_DEVICE_STATE_FD's reply: the back-end returns no fd of its own
+
+
+class DeviceStateHandlers:
+    """SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE (vhost-user DEVICE_STATE), as QEMU 8.2+
+    drives them for vhost-user-fs: with every ring stopped (GET_VRING_BASE stopped its
+    worker), the source writes the device state (daemon/fs/migration.py) into the pipe the
+    front-end sent, the destination reads it until EOF and re-creates its tables. The
+    front-end reads or writes the pipe only after the reply, so the transfer runs on this
+    loop (non-blocking, no threads: seccomp allows none) while later messages are served;
+    CHECK_DEVICE_STATE waits for it and reports how it went."""
+
+    state: DeviceState
+    fs: PassthroughFs
+    migration: MigrationOptions
+    _transfer: asyncio.Future[None] | None
+
+    async def on_set_device_state_fd(self, msg: Message) -> bytes:
+        if len(msg.payload) < vu.DEVICE_STATE.size:
+            raise ProtocolError("SET_DEVICE_STATE_FD: short payload")
+        direction, phase = vu.DEVICE_STATE.unpack_from(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_DEVICE_STATE_FD carried {len(msg.fds)} fds, expected 1")
+        if phase != PHASE_STOPPED:
+            raise ProtocolError(f"device state transfer in phase {phase}: only the stopped "
+                                "phase (0) is supported")
+        running = [i for i, v in self.state.vrings.items() if v.worker is not None]
+        if running:
+            raise ProtocolError(f"device state transfer while queues {running} run")
+        if self._transfer is not None and not self._transfer.done():
+            raise ProtocolError("a device state transfer is under way already")
+        fd = msg.fds.pop()
+        os.set_blocking(fd, False)
+        if direction == TRANSFER_SAVE:
+            try:
+                blob = migration.save_state(self.fs, self.migration)
+            except BaseException:
+                close_quietly(fd)
+                raise
+            log.info("migration: saving the device state (%d inodes, %d open files, "
+                     "%d bytes)", len(self.fs.inodes) - 1, len(self.fs.handles), len(blob))
+            self._transfer = asyncio.ensure_future(_write_all(fd, blob))
+        elif direction == TRANSFER_LOAD:
+            self._transfer = asyncio.ensure_future(self._load_from(fd))
+        else:
+            close_quietly(fd)
+            raise ProtocolError(f"device state transfer direction {direction}")
+        return vu.U64.pack(NO_REPLY_FD)
+
+    async def _load_from(self, fd: int) -> None:
+        blob = await _read_all(fd, migration.MAX_STATE)
+        migration.load_state(self.fs, blob, self.migration)
+        log.info("migration: device state loaded (%d inodes, %d open files)",
+                 len(self.fs.inodes) - 1, len(self.fs.handles))
+
+    async def on_check_device_state(self, msg: Message) -> bytes:
+        """0 when the last transfer completed; the front-end closed its end first."""
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            log.error("migration: CHECK_DEVICE_STATE without a transfer")
+            return vu.U64.pack(1)
+        try:
+            await transfer
+        except (OSError, migration.MigrationError, ValueError, KeyError, TypeError) as e:
+            log.error("migration: device state transfer failed: %s", e)
+            return vu.U64.pack(1)
+        return vu.U64.pack(0)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to a non-blocking pipe as it drains, then close it (EOF: the end)."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await _ready(loop.add_writer, loop.remove_writer, fd)
+    finally:
+        os.close(fd)
+
+
+async def _read_all(fd: int, limit: int) -> bytes:
+    """Everything up to EOF from a non-blocking pipe (then closed); ValueError past limit."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                await _ready(loop.add_reader, loop.remove_reader, fd)
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"device state larger than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+async def _ready(add: Callable, remove: Callable, fd: int) -> None:
+    fut = asyncio.get_running_loop().create_future()
+    add(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
     def __init__(
         self,
         fs: PassthroughFs,
@@ -323,8 +440,11 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers):
         notifier: Notifier | None = None,
         stats: QueueStats | None = None,
         c_path: bool = True,
+        migration_options: MigrationOptions | None = None,
     ) -> None:
         self.fs = fs
+        self.migration = migration_options or MigrationOptions()
+        self._transfer = None
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
@@ -352,7 +472,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers):
     def offered_protocol_features(self) -> int:
         pf = vu.ProtocolFeature
         offered = (pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
-                   | pf.LOG_SHMFD)
+                   | pf.LOG_SHMFD | pf.DEVICE_STATE)
         if self.tag is not None:
             offered |= pf.CONFIG
         return int(offered)
@@ -720,7 +840,8 @@ def lock_pid_file(socket_path: str) -> int:
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
-        where: str = "", stats: QueueStats | None = None, c_path: bool = True) -> int:
+        where: str = "", stats: QueueStats | None = None, c_path: bool = True,
+        migration_options: MigrationOptions | None = None) -> int:
     """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
     (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
     this loop, and STOPPING=1."""
@@ -728,7 +849,8 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
 
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
-                     notifier=notifier, stats=stats, c_path=c_path)
+                     notifier=notifier, stats=stats, c_path=c_path,
+                     migration_options=migration_options)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -1001,7 +1123,10 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
                           num_request_queues=args.num_request_queues,
                           poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
                           where=args.socket_path or f"fd {listener.fileno()}",
-                          c_path=args.c_fast_path == "on")
+                          c_path=args.c_fast_path == "on",
+                          migration_options=MigrationOptions(
+                              args.migration_mode, args.migration_on_error,
+                              args.migration_verify_handles, args.migration_confirm_paths))
 
 
 if __name__ == "__main__":
