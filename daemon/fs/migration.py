@@ -193,11 +193,16 @@ def _open_inode(fs: PassthroughFs, record: dict[str, Any], found: dict[int, int]
 
 
 def _restore_inode(fs: PassthroughFs, record: dict[str, Any], fd: int,
-                   verify: bool) -> None:
+                   verify: bool, seen: set[object]) -> None:
     """Put the inode found (its O_PATH fd ``fd``, which the table or this closes) under
-    the record's nodeid, kept as a lookup would keep it."""
+    the record's nodeid, kept as a lookup would keep it. ``seen``: the inodes restored so
+    far (two nodeids of the source must not become one file here)."""
     st = os.fstat(fd)
     handle, htype, mnt = fs._file_handle(fd)
+    key = handle if handle is not None else (st.st_ino, st.st_dev)
+    if key in seen:
+        raise OSError(errno.ESTALE, "found a file another nodeid was found as")
+    seen.add(key)
     if verify and record.get("handle") is not None and handle is not None \
             and bytes(record["handle"][1]) != handle:
         raise OSError(errno.ESTALE, "found another file than the source had (file handle "
@@ -233,6 +238,7 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
     SESSION_FLAGS.pack_into(fs.session, 0, int(state["session"]))
     found: dict[int, int] = {}  # nodeid -> an O_PATH fd of ours, for parent+name look-ups
     failed: list[str] = []
+    seen: set[object] = set()
     try:
         found[fuse.ROOT_ID] = os.open(fs.shared_dir, O_PATH_FLAGS | os.O_DIRECTORY)
         records = sorted(state["inodes"], key=lambda r: int(r["nodeid"]) & 0xFFFFFFFF)
@@ -246,7 +252,7 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
                 continue
             try:
                 found[int(record["nodeid"])] = os.dup(fd)
-                _restore_inode(fs, record, fd, options.verify_handles)
+                _restore_inode(fs, record, fd, options.verify_handles, seen)
             except OSError as e:
                 os.close(fd)
                 found.pop(int(record["nodeid"]), None)

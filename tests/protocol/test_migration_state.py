@@ -132,8 +132,6 @@ def test_nodeids_and_fhs_work_on_the_destination(tmp_path: Path, mode: str) -> N
     ids, blob = save_from(share, tmp_path / "a.sock", "--migration-mode", mode)
     state = msgpack.unpackb(blob)
     assert state["format"] == "pyvirtiofsd-device-state" and state["version"] == 1
-    # the host renamed the directory during the switch-over: paths are read at the save,
-    # so only a rename after it would be lost (file-handles mode does not care)
     with daemon(share, tmp_path / "b.sock", "--migration-mode", mode) as proc:
         fe, result = load_into(share, tmp_path / "b.sock", blob)
         assert result == 0, daemon_log(proc)
