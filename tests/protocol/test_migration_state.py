@@ -159,11 +159,13 @@ def test_nodeids_and_fhs_work_on_the_destination(tmp_path: Path, mode: str) -> N
         fe.close()
 
 
-def test_paths_are_read_at_the_switch_over(tmp_path: Path) -> None:
-    """find-paths follows a rename the host made after the guest's lookup."""
+@pytest.mark.parametrize("sandbox", ["none", "namespace", "chroot"])
+def test_paths_are_read_at_the_switch_over(tmp_path: Path, sandbox: str) -> None:
+    """find-paths follows a rename the host made after the guest's lookup; in a sandbox
+    the fd directory's links are relative to the sandbox's root, the share."""
     share = make_share(tmp_path)
     sock = tmp_path / "a.sock"
-    with daemon(share, sock):
+    with daemon(share, sock, "--sandbox", sandbox):
         fe = connect(sock, 2)
         ids = guest_session(fe)
         (share / "dir").rename(share / "moved")
@@ -173,7 +175,7 @@ def test_paths_are_read_at_the_switch_over(tmp_path: Path) -> None:
         fe.close()
     paths = {r["nodeid"]: r["path"] for r in msgpack.unpackb(blob)["inodes"]}
     assert paths[ids["file"]] == b"moved/file"
-    with daemon(share, tmp_path / "b.sock"):
+    with daemon(share, tmp_path / "b.sock", "--sandbox", sandbox):
         fe, result = load_into(share, tmp_path / "b.sock", blob)
         assert result == 0
         assert read(fe, ids["file"], ids["fh"]) == (0, DATA)
