@@ -311,6 +311,8 @@ class DirtyLogHandlers:
         refused = await self._tell_workers({"op": control.OP_LOG, **self.state.log_setup()})
         if refused:
             raise refused[0]
+        log.info("migration: dirty-page logging %s",
+                 "started" if self.state.logging else "stopped")
 
 
 TRANSFER_SAVE, TRANSFER_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions

@@ -45,11 +45,14 @@ class Qemu:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def command(self) -> list[str]:
-        """The start of a command line: the binary and its ``-L`` firmware directories."""
+        """The start of a command line: the binary, its ``-L`` firmware directories, and
+        no audio: probing the host's default audio back-end loads modules, and where one
+        of ours is missing QEMU takes the system QEMU's from its built-in module directory
+        and aborts ("Only modules from the same build can be loaded")."""
         cmd = [str(self.binary)]
         for path in self.data_dirs:
             cmd += ["-L", str(path)]
-        return cmd
+        return [*cmd, "-audio", "none"]
 
     def env(self) -> dict[str, str]:
         """The environment to start it in (its own module directory when unpacked)."""

@@ -41,7 +41,7 @@ def test_an_unpacked_tree_runs_with_its_own_firmware_and_modules(tmp_path: Path)
     cmd = q.command()
     assert cmd[0] == str(tmp_path / "usr/bin/qemu-system-x86_64")
     assert cmd[1:] == ["-L", str(tmp_path / "usr/share/qemu"),
-                       "-L", str(tmp_path / "usr/share/seabios")]
+                       "-L", str(tmp_path / "usr/share/seabios"), "-audio", "none"]
     assert q.env()["QEMU_MODULE_DIR"] == str(tmp_path / "usr/lib/x86_64-linux-gnu/qemu")
 
 
