@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     pass
 
 VERSION = "0.1.0"
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+# as virtiofsd 1.13: libvirt allows migrating a guest whose back-end lists migrate-precopy
+CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 MAX_TAG_LEN = 36
 POLL_US_DEFAULT = 0
 C_PATH_ENV = "PYVIRTIOFSD_C_PATH"  # --c-fast-path's default: on (unset) or off
