@@ -122,10 +122,21 @@ class MigrationPair:
         self.sides.append(side)
         return side
 
-    def migrate(self, source: Side, uri: str, timeout: float = 120) -> dict:
-        """Move the guest; returns query-migrate's last answer (status completed)."""
+    def migrate(self, source: Side, uri: str, timeout: float = 120,
+                destination: Side | None = None) -> dict:
+        """Move the guest; returns query-migrate's last answer (status completed). With
+        ``destination``, both sides use the return path, so the source hears when the
+        destination fails to load (and resumes the guest) instead of completing."""
         qmp = Qmp(source.qmp_path)
         try:
+            if destination is not None:
+                caps = [{"capability": "return-path", "state": True}]
+                dst = Qmp(destination.qmp_path)
+                try:
+                    dst.execute("migrate-set-capabilities", capabilities=caps)
+                finally:
+                    dst.close()
+                qmp.execute("migrate-set-capabilities", capabilities=caps)
             qmp.execute("migrate", uri=uri)
             deadline = time.monotonic() + timeout
             while True:
