@@ -23,10 +23,11 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from daemon.fs import proc_fd
+from daemon.fs import migration, proc_fd
+from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
 from daemon.host import capabilities, no_site, sandbox, sd_notify, seccomp
@@ -77,6 +78,21 @@ class DeviceState:
     protocol_features: int = 0
     regions: list[tuple[vu.MemoryRegion, int]] = field(default_factory=list)
     vrings: dict[int, VringState] = field(default_factory=dict)
+    # SET_LOG_BASE: the front-end's dirty log (a memfd), used while VHOST_F_LOG_ALL is acked
+    log_fd: int = -1
+    log_size: int = 0
+    log_offset: int = 0
+
+    @property
+    def logging(self) -> bool:
+        """Whether workers mark the guest pages they write (live migration)."""
+        return bool(self.acked_features & vu.VHOST_F_LOG_ALL) and self.log_fd >= 0
+
+    def log_setup(self) -> dict[str, int]:
+        """The dirty log as workers take it: fd -1 while not logging."""
+        if not self.logging:
+            return {"fd": -1, "size": 0, "offset": 0}
+        return {"fd": self.log_fd, "size": self.log_size, "offset": self.log_offset}
 
 
 class FrontEnd:
@@ -253,7 +269,169 @@ class MemoryTableHandlers:
                                     "outside guest memory")
 
 
-class Supervisor(MemoryTableHandlers):
+class DirtyLogHandlers:
+    """SET_LOG_BASE and SET_LOG_FD, and VHOST_F_LOG_ALL: while the front-end migrates the
+    guest's memory, every worker marks each guest page it writes (reply payloads, used
+    ring entries and index, avail_event) in the front-end's dirty log, a bit per 4 KiB
+    page that QEMU reads to send those pages again (daemon/native/ring.c)."""
+
+    state: DeviceState
+    _tell_workers: Callable[[dict], Awaitable[list[OSError]]]
+
+    async def on_set_log_base(self, msg: Message) -> bytes:
+        """Take the new log (LOG_SHMFD: a shared-memory fd), switch the workers to it,
+        then close the old one; the front-end waits for this reply."""
+        size, offset = vu.decode_log(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_LOG_BASE carried {len(msg.fds)} fds, expected 1 "
+                                "(only LOG_SHMFD is supported)")
+        fd = msg.fds[0]
+        if size == 0 or os.fstat(fd).st_size < offset + size:
+            raise ProtocolError(f"dirty log of {size} bytes at {offset} does not fit its fd")
+        state = self.state
+        old = state.log_fd, state.log_size, state.log_offset
+        state.log_fd, state.log_size, state.log_offset = fd, size, offset
+        msg.fds = []  # taken
+        refused = await self._tell_workers({"op": control.OP_LOG, **state.log_setup()})
+        if refused:
+            state.log_fd, state.log_size, state.log_offset = old
+            await self._tell_workers({"op": control.OP_LOG, **state.log_setup()})
+            close_quietly(fd)
+            raise refused[0]
+        close_quietly(old[0])
+        return vu.U64.pack(0)
+
+    async def on_set_log_fd(self, msg: Message) -> None:
+        """An eventfd to signal log changes on; the log is shared memory, so unused."""
+        return None
+
+    async def log_all_changed(self) -> None:
+        """VHOST_F_LOG_ALL was set or cleared: workers start or stop logging before the
+        front-end hears back (it waits for SET_FEATURES' reply when enabling)."""
+        refused = await self._tell_workers({"op": control.OP_LOG, **self.state.log_setup()})
+        if refused:
+            raise refused[0]
+        log.info("migration: dirty-page logging %s",
+                 "started" if self.state.logging else "stopped")
+
+
+TRANSFER_SAVE, TRANSFER_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions
+PHASE_STOPPED = 0
+NO_REPLY_FD = 1 << 8  # SET_DEVICE_STATE_FD's reply: the back-end returns no fd of its own
+
+
+class DeviceStateHandlers:
+    """SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE (vhost-user DEVICE_STATE), as QEMU 8.2+
+    drives them for vhost-user-fs: with every ring stopped (GET_VRING_BASE stopped its
+    worker), the source writes the device state (daemon/fs/migration.py) into the pipe the
+    front-end sent, the destination reads it until EOF and re-creates its tables. The
+    front-end reads or writes the pipe only after the reply, so the transfer runs on this
+    loop (non-blocking, no threads: seccomp allows none) while later messages are served;
+    CHECK_DEVICE_STATE waits for it and reports how it went."""
+
+    state: DeviceState
+    fs: PassthroughFs
+    migration: MigrationOptions
+    _transfer: asyncio.Future[None] | None
+
+    async def on_set_device_state_fd(self, msg: Message) -> bytes:
+        if len(msg.payload) < vu.DEVICE_STATE.size:
+            raise ProtocolError("SET_DEVICE_STATE_FD: short payload")
+        direction, phase = vu.DEVICE_STATE.unpack_from(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_DEVICE_STATE_FD carried {len(msg.fds)} fds, expected 1")
+        if phase != PHASE_STOPPED:
+            raise ProtocolError(f"device state transfer in phase {phase}: only the stopped "
+                                "phase (0) is supported")
+        running = [i for i, v in self.state.vrings.items() if v.worker is not None]
+        if running:
+            raise ProtocolError(f"device state transfer while queues {running} run")
+        if self._transfer is not None and not self._transfer.done():
+            raise ProtocolError("a device state transfer is under way already")
+        fd = msg.fds.pop()
+        os.set_blocking(fd, False)
+        if direction == TRANSFER_SAVE:
+            try:
+                blob = migration.save_state(self.fs, self.migration)
+            except BaseException:
+                close_quietly(fd)
+                raise
+            log.info("migration: saving the device state (%d inodes, %d open files, "
+                     "%d bytes)", len(self.fs.inodes) - 1, len(self.fs.handles), len(blob))
+            self._transfer = asyncio.ensure_future(_write_all(fd, blob))
+        elif direction == TRANSFER_LOAD:
+            self._transfer = asyncio.ensure_future(self._load_from(fd))
+        else:
+            close_quietly(fd)
+            raise ProtocolError(f"device state transfer direction {direction}")
+        return vu.U64.pack(NO_REPLY_FD)
+
+    async def _load_from(self, fd: int) -> None:
+        blob = await _read_all(fd, migration.MAX_STATE)
+        migration.load_state(self.fs, blob, self.migration)
+        log.info("migration: device state loaded (%d inodes, %d open files)",
+                 len(self.fs.inodes) - 1, len(self.fs.handles))
+
+    async def on_check_device_state(self, msg: Message) -> bytes:
+        """0 when the last transfer completed; the front-end closed its end first."""
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            log.error("migration: CHECK_DEVICE_STATE without a transfer")
+            return vu.U64.pack(1)
+        try:
+            await transfer
+        except (OSError, migration.MigrationError, ValueError, KeyError, TypeError) as e:
+            log.error("migration: device state transfer failed: %s", e)
+            return vu.U64.pack(1)
+        return vu.U64.pack(0)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to a non-blocking pipe as it drains, then close it (EOF: the end)."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await _ready(loop.add_writer, loop.remove_writer, fd)
+    finally:
+        os.close(fd)
+
+
+async def _read_all(fd: int, limit: int) -> bytes:
+    """Everything up to EOF from a non-blocking pipe (then closed); ValueError past limit."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                await _ready(loop.add_reader, loop.remove_reader, fd)
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"device state larger than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+async def _ready(add: Callable, remove: Callable, fd: int) -> None:
+    fut = asyncio.get_running_loop().create_future()
+    add(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
     def __init__(
         self,
         fs: PassthroughFs,
@@ -264,8 +442,11 @@ class Supervisor(MemoryTableHandlers):
         notifier: Notifier | None = None,
         stats: QueueStats | None = None,
         c_path: bool = True,
+        migration_options: MigrationOptions | None = None,
     ) -> None:
         self.fs = fs
+        self.migration = migration_options or MigrationOptions()
+        self._transfer = None
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
@@ -286,13 +467,14 @@ class Supervisor(MemoryTableHandlers):
     def virtio_features(self) -> int:
         return (
             vu.VIRTIO_F_VERSION_1 | vu.VIRTIO_RING_F_INDIRECT_DESC | vu.VIRTIO_RING_F_EVENT_IDX
-            | vu.VHOST_USER_F_PROTOCOL_FEATURES
+            | vu.VHOST_USER_F_PROTOCOL_FEATURES | vu.VHOST_F_LOG_ALL
         )
 
     @property
     def offered_protocol_features(self) -> int:
         pf = vu.ProtocolFeature
-        offered = pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
+        offered = (pf.MQ | pf.REPLY_ACK | pf.CONFIGURE_MEM_SLOTS | pf.RESET_DEVICE
+                   | pf.LOG_SHMFD | pf.DEVICE_STATE)
         if self.tag is not None:
             offered |= pf.CONFIG
         return int(offered)
@@ -362,7 +544,10 @@ class Supervisor(MemoryTableHandlers):
         features = vu.decode_u64(msg.payload, "features")
         if features & ~self.virtio_features:
             raise ProtocolError(f"front-end acked features {features:#x} we never offered")
+        was_logging = self.state.logging
         self.state.acked_features = features
+        if self.state.logging != was_logging:
+            await self.log_all_changed()
 
     async def on_get_protocol_features(self, msg: Message) -> bytes:
         return vu.U64.pack(self.offered_protocol_features)
@@ -577,6 +762,8 @@ class Supervisor(MemoryTableHandlers):
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
             c_path=self.c_path,
         )
+        log = self.state.log_setup()
+        setup.log_fd, setup.log_size, setup.log_offset = log["fd"], log["size"], log["offset"]
         vring.worker = self.pool.start(setup)
 
     async def stop_all_workers(self, why: str) -> None:
@@ -657,7 +844,8 @@ def lock_pid_file(socket_path: str) -> int:
 
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
-        where: str = "", stats: QueueStats | None = None, c_path: bool = True) -> int:
+        where: str = "", stats: QueueStats | None = None, c_path: bool = True,
+        migration_options: MigrationOptions | None = None) -> int:
     """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
     (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
     this loop, and STOPPING=1."""
@@ -665,7 +853,8 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
 
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
-                     notifier=notifier, stats=stats, c_path=c_path)
+                     notifier=notifier, stats=stats, c_path=c_path,
+                     migration_options=migration_options)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -939,7 +1128,10 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
                           num_request_queues=args.num_request_queues,
                           poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
                           where=args.socket_path or f"fd {listener.fileno()}",
-                          c_path=args.c_fast_path == "on")
+                          c_path=args.c_fast_path == "on",
+                          migration_options=MigrationOptions(
+                              args.migration_mode, args.migration_on_error,
+                              args.migration_verify_handles, args.migration_confirm_paths))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     pass
 
 VERSION = "0.1.0"
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+# as virtiofsd 1.13: libvirt allows migrating a guest whose back-end lists migrate-precopy
+CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 MAX_TAG_LEN = 36
 POLL_US_DEFAULT = 0
 C_PATH_ENV = "PYVIRTIOFSD_C_PATH"  # --c-fast-path's default: on (unset) or off
@@ -85,13 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--translate-gid", action="append", default=[], metavar="TYPE:A:B:COUNT",
                    help="same as --translate-uid, for gids")
     p.add_argument("--migration-mode", choices=["find-paths", "file-handles"],
-                   default="find-paths", help="accepted: migration is not implemented yet")
+                   default="find-paths", help="how the destination finds each inode again "
+                   "after a live migration: its path, or its file handle")
     p.add_argument("--migration-on-error", choices=["abort", "guest-error"], default="abort",
-                   help="accepted: migration is not implemented yet")
+                   help="destination: an inode that cannot be found fails the migration "
+                   "(abort) or gives the guest errors for it (guest-error)")
     p.add_argument("--migration-verify-handles", action="store_true",
-                   help="accepted (find-paths only): migration is not implemented yet")
+                   help="find-paths: the destination compares the file handles of what it "
+                   "found with the source's")
     p.add_argument("--migration-confirm-paths", action="store_true",
-                   help="accepted (find-paths only): migration is not implemented yet")
+                   help="find-paths: the source re-opens each path at the switch-over and "
+                   "checks that it is the same inode")
     p.add_argument("--writeback", action="store_true")
     p.add_argument("--no-readdirplus", action="store_true")
     p.add_argument("--allow-direct-io", action="store_true")

@@ -21,6 +21,7 @@ from shm_table.table import (
     HandleTableFull,
     NotPinned,
     PinsExhausted,
+    ShmTableError,
     TableCorrupt,
     _Segment,
 )
@@ -73,6 +74,16 @@ class HandleTable(_Segment):
         if fh == 0:
             raise HandleTableFull(f"{self.name}: open-file table full")
         return fh
+
+    def restore(self, fh: int, nodeid: int, fd: int, flags: int) -> None:
+        """Live migration's destination: the open file the source had under ``fh``; the
+        table owns ``fd`` from now on. Rising slot order, into an empty table."""
+        r = lib.ht_restore(self._b, fh, nodeid, fd, flags)
+        if r == -2:
+            raise ShmTableError(f"{self.name}: cannot restore fh {fh}: its slot is taken, "
+                                "out of order or beyond the capacity")
+        if r != 0:
+            raise ValueError(f"fh {fh} cannot be an fh")
 
     def pin(self, fh: int) -> tuple[int, int] | None:
         """Pin an open file for this thread while it serves a request: (slot, fd), or None

@@ -1215,6 +1215,52 @@ int64_t it_insert_root(void *base, uint64_t ino, uint64_t dev, uint64_t mnt_id,
     return r;
 }
 
+/* Live migration's destination: the entry the source had under `nodeid` (its slot and
+ * generation), with the guest's lookup count. The supervisor restores before any worker
+ * exists, in rising slot order, into a table that holds only the root: the slots skipped
+ * on the way go on the free list as never used. (Not crash-safe like the other writers:
+ * a destination that dies while loading is discarded by the migration anyway.) */
+int it_restore(void *base, uint64_t nodeid, uint64_t lookups, uint64_t ino, uint64_t dev,
+               uint64_t mnt_id, const char *handle, uint32_t handle_bytes,
+               int32_t handle_type, uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
+               uint64_t parent, const char *name, uint32_t name_len) {
+    hdr_t *h = H(base);
+    uint32_t slot = (uint32_t)nodeid, gen = (uint32_t)(nodeid >> 32);
+    if (!args_ok(handle_bytes, name_len) || gen == 0 || gen == GEN_MAX || lookups == 0)
+        return -3;
+    const uint8_t *hb = (const uint8_t *)handle;
+    uint64_t ih = hash_ids(ino, dev, mnt_id);
+    uint64_t hh = hb ? hash_handle(hb, handle_bytes, handle_type, handle_mnt_id) : 0;
+    lock_acquire(h);
+    int r = 0;
+    if (slot < h->hwm || slot >= h->capacity) {
+        r = -2;
+    } else {
+        while (h->hwm < slot) {  /* never used: generation 0, on the free list */
+            islot_t *g = ISLOT(h, h->hwm);
+            g->seq = g->info_seq = 0;
+            g->gen = 0;
+            ST_RLX(&g->nodeid, 0ULL);
+            ST_RLX(&g->lookups, 0ULL);
+            g->fd = -1;
+            g->next_free = h->free_head;
+            h->free_head = h->hwm;
+            h->hwm++;
+        }
+        uint32_t free_head = h->free_head;
+        h->free_head = NONE32;  /* so the insert takes the slot at hwm: ours */
+        it_insert_locked(h, nodeid, ino, dev, mnt_id, hb, handle_bytes, handle_type,
+                         handle_mnt_id, fd, mode, parent, (const uint8_t *)name, name_len,
+                         ih, hh);
+        h->free_head = free_head;
+        islot_t *s = ISLOT(h, slot);
+        s->gen = gen;
+        ST_REL(&s->lookups, lookups);
+    }
+    lock_release(h);
+    return r;
+}
+
 /* One lookup on the entry with this file handle, else these ids (among entries holding an
  * fd), or a new entry with lookups 1 that owns `fd`.  *nodeid_out is read under the lock:
  * once it is released a guest's FORGET may free the slot.  Returns 0 found (the caller
@@ -1641,6 +1687,42 @@ uint64_t ht_open(void *base, uint64_t nodeid, int32_t fd, uint32_t flags) {
     clear_intent(h);
     lock_release(h);
     return ((uint64_t)gen << 32) | slot;
+}
+
+/* Live migration's destination: an open file under the fh the source gave it (slot and
+ * generation), like it_restore: rising slots, before any worker exists. */
+int ht_restore(void *base, uint64_t fh, uint64_t nodeid, int32_t fd, uint32_t flags) {
+    hdr_t *h = H(base);
+    uint32_t slot = (uint32_t)fh, seq = (uint32_t)(fh >> 32);
+    if (seq < 2 || (seq & 1)) return -3;
+    lock_acquire(h);
+    int r = 0;
+    if (slot < h->hwm || slot >= h->capacity) {
+        r = -2;
+    } else {
+        while (h->hwm < slot) {  /* never used: on the free list */
+            hslot_t *g = HSLOT(h, h->hwm);
+            g->seq = 0;
+            g->busy = 0;
+            g->guest_open = 0;
+            g->next_free = h->free_head;
+            h->free_head = h->hwm;
+            h->hwm++;
+        }
+        hslot_t *s = HSLOT(h, slot);
+        s->next_free = NONE32;
+        s->nodeid = nodeid;
+        s->fd = fd;
+        s->flags = flags;
+        s->guest_open = 1;
+        ST_REL(&s->busy, 1ULL);
+        ST_REL(&s->seq, seq);
+        h->hwm = slot + 1;
+        h->entries++;
+        h->inserts++;
+    }
+    lock_release(h);
+    return r;
 }
 
 static void ht_after_unpin(hdr_t *h, uint64_t fh) {

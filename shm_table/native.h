@@ -71,6 +71,13 @@ int it_snapshot(void *base, uint32_t slot, it_entry_t *out);
 int it_set_info(void *base, uint64_t nodeid, uint64_t parent, const char *name,
                 uint32_t name_len);
 int it_check(void *base, char *msg, size_t msglen);
+/* migration: re-create an entry under the nodeid it had on the source (slots in rising
+   order, into a table holding only the root); 0, -2 slot taken or below the highest
+   restored, -3 bad arguments */
+int it_restore(void *base, uint64_t nodeid, uint64_t lookups, uint64_t ino, uint64_t dev,
+               uint64_t mnt_id, const char *handle, uint32_t handle_bytes,
+               int32_t handle_type, uint64_t handle_mnt_id, int32_t fd, uint32_t mode,
+               uint64_t parent, const char *name, uint32_t name_len);
 
 /* handle table */
 uint64_t ht_segment_size(uint32_t capacity);
@@ -83,5 +90,7 @@ int32_t ht_fd(void *base, uint32_t slot);
 uint32_t ht_hwm(void *base);
 int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out);
 int ht_check(void *base, char *msg, size_t msglen);
+/* migration: an open file under the fh it had on the source (rising slots, empty table) */
+int ht_restore(void *base, uint64_t fh, uint64_t nodeid, int32_t fd, uint32_t flags);
 /* END CDEF */
 #endif

@@ -390,6 +390,23 @@ class InodeTable(_Segment):
         if not 0 <= nodeid <= _U64 or lib.it_set_info(self._b, nodeid, parent, nb, len(nb)):
             raise InodeNotFound(f"inode {nodeid} is not live")
 
+    def restore(self, entry: InodeEntry) -> None:
+        """Live migration's destination: re-create ``entry`` (from the source's table)
+        under its nodeid, with its lookups, owning ``entry.fd``. Entries must come in
+        rising slot order into a table holding only the root, before any worker runs."""
+        hb, hn, hmnt = self._handle_args(entry.ids, entry.handle, entry.handle_mnt_id)
+        name = entry.name
+        if len(name) > NAME_MAX:
+            raise ValueError(f"name longer than {NAME_MAX} bytes")
+        r = lib.it_restore(self._b, entry.nodeid, entry.lookups, entry.ids[0], entry.ids[1],
+                           entry.ids[2], hb, hn, entry.handle_type, hmnt, entry.fd,
+                           entry.mode, entry.parent, name, len(name))
+        if r == -2:
+            raise ShmTableError(f"{self.name}: cannot restore inode {entry.nodeid}: its slot "
+                                "is taken, out of order or beyond the capacity")
+        if r != 0:
+            raise ValueError(f"inode {entry.nodeid}: bad entry to restore")
+
     # -- hot path (lock-free, except freeing an entry) -------------------------------------
     def pin(self, nodeid: int) -> tuple[int, int] | None:
         """Pin `nodeid` for this thread while it serves a request: (slot, O_PATH fd, -1 for

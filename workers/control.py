@@ -20,6 +20,7 @@ OP_CALL = "call"  # fd: new call eventfd, or -1
 OP_KICK = "kick"  # fd: new kick eventfd
 OP_ENABLE = "enable"  # on: bool
 OP_STOP = "stop"  # reply carries last_avail
+OP_LOG = "log"  # fd, size, offset: the dirty log to mark guest writes in (fd -1: stop)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -52,3 +53,7 @@ class QueueSetup:
     poll_us: int = 0  # busy-poll the ring this long after draining it, before sleeping
     c_path: bool = True  # --c-fast-path: C may answer the opcodes the table allows it
     regions: list[list[int]] = field(default_factory=list)
+    # live migration: the front-end's dirty log while it logs (VHOST_F_LOG_ALL), else -1
+    log_fd: int = -1
+    log_size: int = 0
+    log_offset: int = 0

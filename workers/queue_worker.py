@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import mmap
 import os
 import select
 import signal
@@ -93,6 +94,9 @@ class QueueWorker:
         self.enabled = setup.enabled
         self.mem = self._map(setup.regions)
         self.queue = self._make_queue(setup.last_avail_idx)
+        self.dirty_log: tuple[int, int] | None = None  # (mapping, its length) while logging
+        if setup.log_fd >= 0:
+            self.set_dirty_log(setup.log_fd, setup.log_size, setup.log_offset)
         if setup.resume_from_used:
             # a worker handles one request at a time, so everything before the used index
             # was answered and at most the one request after it was lost with the old worker
@@ -157,6 +161,27 @@ class QueueWorker:
         old, self.mem = self.mem, mem
         old.close()
 
+    def set_dirty_log(self, fd: int, size: int, offset: int) -> None:
+        """Mark every guest page this worker writes in the front-end's dirty log (fd -1:
+        stop). The log is mapped here (workers share fds, not memory); the old mapping
+        goes once the queue uses the new one."""
+        mapping = None
+        if fd >= 0:
+            if size <= 0:
+                raise OSError(errno.EINVAL, f"dirty log of {size} bytes")
+            skip = offset & (mmap.PAGESIZE - 1)
+            addr = lib.pyvfs_mmap_shared(fd, size + skip, offset - skip)
+            if not addr:
+                err = lib.pyvfs_errno()
+                raise OSError(err, f"cannot map the dirty log: {os.strerror(err)}")
+            mapping = (addr, size + skip)
+            self.queue.set_dirty_log(addr + skip, size)
+        else:
+            self.queue.set_dirty_log(0, 0)
+        old, self.dirty_log = self.dirty_log, mapping
+        if old is not None:
+            lib.pyvfs_munmap(*old)
+
     def _make_queue(self, last_avail: int) -> SplitQueue:
         s = self.setup
         m = self.mem
@@ -200,7 +225,7 @@ class QueueWorker:
                 note(q_chain.rd, q_chain.counts[0], q_chain.wr, q_chain.counts[1],
                      0 if written == PENDING else written, 0)
                 if written != PENDING:
-                    q.push_signal(q_chain.head, written, self.call_fd)
+                    q.push_signal(q_chain.head, written, self.call_fd, q_chain)
                 s.flags |= lib.PYVFS_PUSHED
             elif r > 1:  # a malformed chain: consumed, completed with length 0
                 q_chain.head = self.drain_head[0]
@@ -269,6 +294,11 @@ class QueueWorker:
                 self.epoll.unregister(self.kick_fd)
                 self.kick_fd = msg["fd"]
                 self.serve.kick_fd = self.kick_fd
+        elif op == control.OP_LOG:
+            try:
+                self.set_dirty_log(msg["fd"], msg["size"], msg["offset"])
+            except OSError as e:
+                reply = {"ok": False, "error": f"dirty log refused: {e}"}
         elif op == control.OP_ENABLE:
             self.enabled = bool(msg["on"])
             self.serve.enabled = int(self.enabled)
@@ -376,7 +406,7 @@ class QueueWorker:
             log.warning("queue %d: chain %d went bad while waiting: %s", self.setup.index,
                         head, self.queue.last_error)
             written = 0
-        self.queue.push(head, written)
+        self.queue.push(head, written, chain)
 
     def reply(self, chain: DescriptorChain, unique: int, error: int, payload: bytes) -> int:
         total = fuse.OUT_HEADER_SIZE + len(payload)

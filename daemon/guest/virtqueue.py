@@ -125,6 +125,7 @@ class SplitQueue:
         self.used_idx = lib.pyvfs_load_u16(self.used_addr + 2)
         self.c.signalled_used = self.used_idx
         self.c.signalled_valid = 0
+        self.c.used_gpa = used_gpa  # where dirty logging marks used-ring writes
 
     def rebind(self, mem: GuestMemory, desc_gpa: int, avail_gpa: int, used_gpa: int) -> None:
         """Serve the same ring through a new memory table (SET_MEM_TABLE, ADD_MEM_REG,
@@ -141,6 +142,7 @@ class SplitQueue:
         self.c.desc, self.c.avail, self.c.used = desc, avail, used
         self.c.regions = mem.c_regions
         self.c.nregions = mem.c_count
+        self.c.used_gpa = used_gpa
 
     @property
     def last_avail_idx(self) -> int:
@@ -174,15 +176,32 @@ class SplitQueue:
             return False
         return True
 
-    def push(self, head: int, length: int) -> None:
-        """Publish one used element; the index store is a release store after it."""
-        lib.pyvfs_queue_push(self.c, head, length)
+    def push(self, head: int, length: int, chain: DescriptorChain | None = None) -> None:
+        """Publish one used element; the index store is a release store after it. While
+        the front-end logs dirty pages, the reply's ``length`` bytes in ``chain`` and the
+        used ring's entry are marked in the log."""
+        if chain is None:
+            lib.pyvfs_queue_push(self.c, head, length, ffi.NULL, 0)
+        else:
+            lib.pyvfs_queue_push(self.c, head, length, chain.wr, chain.counts[1])
 
-    def push_signal(self, head: int, length: int, call_fd: int) -> None:
-        """Publish one used element and, with EVENT_IDX, signal call_fd (if >= 0) at once
-        when the driver's used_event asks for it, so the driver's completion work
-        overlaps the worker's next request (ring.c, pyvfs_queue_push_signal)."""
-        lib.pyvfs_queue_push_signal(self.c, head, length, call_fd)
+    def set_dirty_log(self, address: int, size: int) -> None:
+        """Log into the mapped dirty log at ``address`` (``size`` bytes; 0: stop logging).
+        Every guest page the worker writes from now on gets its bit."""
+        self.c.log_size = size if address else 0
+        self.c.log = address
+
+    def push_signal(self, head: int, length: int, call_fd: int,
+                    chain: DescriptorChain | None = None) -> None:
+        """Publish one used element (as push, dirty log included) and, with EVENT_IDX,
+        signal call_fd (if >= 0) at once when the driver's used_event asks for it, so the
+        driver's completion work overlaps the worker's next request (ring.c,
+        pyvfs_queue_push_signal)."""
+        if chain is None:
+            lib.pyvfs_queue_push_signal(self.c, head, length, ffi.NULL, 0, call_fd)
+        else:
+            lib.pyvfs_queue_push_signal(self.c, head, length, chain.wr, chain.counts[1],
+                                        call_fd)
 
     def disable_notifications(self) -> None:
         lib.pyvfs_queue_disable(self.c)

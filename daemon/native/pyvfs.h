@@ -170,10 +170,20 @@ typedef struct {
     int32_t event_idx;           /* VIRTIO_RING_F_EVENT_IDX negotiated */
     uint16_t signalled_used;     /* used_idx at the last interrupt decision */
     uint16_t signalled_valid;    /* 0 until the first decision: always notify then */
+    /* live migration (VHOST_F_LOG_ALL): the front-end's dirty log, a bit per 4 KiB page
+       of guest-physical memory, mapped here (0: not logging), and the used ring's
+       guest-physical address, whose writes are logged too */
+    uint64_t log, log_size, used_gpa;
 } pyvfs_queue_t;
-void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len);
+/* Publish a used element; the first len bytes of wr (what the reply wrote) and the used
+   ring's entry and index are marked in the dirty log while logging. */
+void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len,
+                      const pyvfs_iov_t *wr, int wr_n);
 /* push, then with EVENT_IDX signal call_fd (if >= 0) at once when used_event asks */
-void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len, int call_fd);
+void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len,
+                             const pyvfs_iov_t *wr, int wr_n, int call_fd);
+/* Mark the first len bytes of a chain's host ranges in the dirty log (no-op when off). */
+void pyvfs_log_iov(const pyvfs_queue_t *q, const pyvfs_iov_t *iov, int n, uint64_t len);
 void pyvfs_queue_disable(pyvfs_queue_t *q);
 int pyvfs_queue_enable(pyvfs_queue_t *q);
 int pyvfs_queue_should_notify(pyvfs_queue_t *q);

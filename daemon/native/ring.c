@@ -7,11 +7,60 @@
 
 #include "internal.h"
 
-void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
-    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)(q->used_idx % q->size));
+/* Dirty logging (vhost-user "Migration"): bit (gpa / 4096) of the log, set with an atomic
+ * OR since every worker marks the same log. Pages past the log's end are not tracked by
+ * the front-end (it sized the log for all of guest memory). */
+#define LOG_PAGE_SHIFT 12
+
+static void log_gpa(const pyvfs_queue_t *q, uint64_t gpa, uint64_t len) {
+    if (!len) return;
+    uint64_t last = (gpa + len - 1) >> LOG_PAGE_SHIFT;
+    for (uint64_t page = gpa >> LOG_PAGE_SHIFT; page <= last; page++) {
+        uint64_t byte = page >> 3;
+        if (byte >= q->log_size) return;
+        __atomic_fetch_or((uint8_t *)(uintptr_t)(q->log + byte),
+                          (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    }
+}
+
+/* The guest-physical range of a host range inside one region (a chain's ranges are split
+   at region borders when walked). */
+static void log_host(const pyvfs_queue_t *q, uint64_t host, uint64_t len) {
+    for (int i = 0; i < q->nregions; i++) {
+        const pyvfs_region_t *r = &q->regions[i];
+        if (host >= r->host && host - r->host < r->size) {
+            log_gpa(q, r->gpa + (host - r->host), len);
+            return;
+        }
+    }
+}
+
+void pyvfs_log_iov(const pyvfs_queue_t *q, const pyvfs_iov_t *iov, int n, uint64_t len) {
+    if (!q->log) return;
+    for (int i = 0; i < n && len; i++) {
+        uint64_t take = iov[i].len < len ? iov[i].len : len;
+        log_host(q, iov[i].base, take);
+        len -= take;
+    }
+}
+
+/* a write to the used ring at offset off, length len */
+static inline void log_used(const pyvfs_queue_t *q, uint64_t off, uint64_t len) {
+    if (q->log) log_gpa(q, q->used_gpa + off, len);
+}
+
+void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len,
+                      const pyvfs_iov_t *wr, int wr_n) {
+    uint64_t off = 4 + 8 * (uint64_t)(q->used_idx % q->size);
+    uint32_t *e = (uint32_t *)(uintptr_t)(q->used + off);
     e[0] = head;
     e[1] = len;
     q->used_idx++;
+    if (q->log) {  /* before the index store: the front-end syncs the log after a stop */
+        pyvfs_log_iov(q, wr, wr_n, len);
+        log_used(q, off, 8);
+        log_used(q, 2, 2);
+    }
     __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
 }
 
@@ -23,21 +72,28 @@ void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len) {
  * driver asks, once per time it went to sleep. Without EVENT_IDX a driver that left
  * interrupts on would get one per entry: those are signalled per drained batch by the
  * serve loop instead (the flag is read when the batch ends). */
-void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len, int call_fd) {
-    pyvfs_queue_push(q, head, len);
+void pyvfs_queue_push_signal(pyvfs_queue_t *q, uint32_t head, uint32_t len,
+                             const pyvfs_iov_t *wr, int wr_n, int call_fd) {
+    pyvfs_queue_push(q, head, len, wr, wr_n);
     if (q->event_idx) pyvfs_queue_notify(q, call_fd);
 }
 
 void pyvfs_queue_disable(pyvfs_queue_t *q) {
-    if (!q->event_idx) __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
+    if (!q->event_idx) {
+        __atomic_store_n((uint16_t *)(uintptr_t)q->used, 1, __ATOMIC_RELAXED);
+        log_used(q, 0, 2);
+    }
 }
 
 int pyvfs_queue_enable(pyvfs_queue_t *q) {
-    if (q->event_idx)
+    if (q->event_idx) {
         __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 4 + 8 * (uint64_t)q->size),
                          q->last_avail, __ATOMIC_RELAXED);
-    else
+        log_used(q, 4 + 8 * (uint64_t)q->size, 2);
+    } else {
         __atomic_store_n((uint16_t *)(uintptr_t)q->used, 0, __ATOMIC_RELAXED);
+        log_used(q, 0, 2);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n((uint16_t *)(uintptr_t)(q->avail + 2), __ATOMIC_ACQUIRE) !=
            q->last_avail;

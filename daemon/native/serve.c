@@ -52,7 +52,7 @@ static int drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts
         uint32_t written = 0;
         if (fast && pyvfs_fast(rd, counts[0], lens[0], wr, counts[1], lens[1], c, &written)) {
             pyvfs_stats_note(rd, counts[0], wr, counts[1], written, 1);
-            pyvfs_queue_push_signal(q, h, written, call_fd);
+            pyvfs_queue_push_signal(q, h, written, wr, counts[1], call_fd);
             done++;
             continue;
         }

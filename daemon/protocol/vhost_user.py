@@ -96,6 +96,7 @@ REQUESTS_WITH_REPLY = frozenset({
     Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.GET_MAX_MEM_SLOTS,
     Request.GET_INFLIGHT_FD, Request.GET_STATUS, Request.GET_SHARED_OBJECT,
     Request.SET_DEVICE_STATE_FD, Request.CHECK_DEVICE_STATE, Request.POSTCOPY_ADVISE,
+    Request.SET_LOG_BASE,  # with LOG_SHMFD, the only way we take it
 })
 
 # virtio feature bits the device offers
@@ -103,6 +104,8 @@ VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+VHOST_F_LOG_ALL = 1 << 26  # the front-end logs dirty pages (live migration)
+VRING_F_LOG = 1 << 0  # SET_VRING_ADDR flags: log_guest_addr is valid
 
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
@@ -113,6 +116,8 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_REGION = struct.Struct("<QQQQ")
 MEM_TABLE_HEAD = struct.Struct("<II")
 CONFIG_HEAD = struct.Struct("<III")
+LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap_size, mmap_offset
+DEVICE_STATE = struct.Struct("<II")  # SET_DEVICE_STATE_FD: direction, phase
 MAX_MEM_TABLE_REGIONS = 8
 
 
@@ -226,6 +231,12 @@ def decode_single_region(payload: bytes) -> MemoryRegion:
     """ADD_MEM_REG / REM_MEM_REG: 8 bytes of padding, then one region."""
     _need(payload, 8 + MEM_REGION.size, "memory region")
     return MemoryRegion(*MEM_REGION.unpack_from(payload, 8))
+
+
+def decode_log(payload: bytes) -> tuple[int, int]:
+    """SET_LOG_BASE: (mmap size, mmap offset) of the dirty log whose fd came along."""
+    _need(payload, LOG.size, "log base")
+    return LOG.unpack_from(payload)
 
 
 def decode_config_request(payload: bytes) -> tuple[int, int, int]:

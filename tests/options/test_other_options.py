@@ -62,10 +62,13 @@ def test_refused_combinations_name_both_options(tmp_path: Path) -> None:
     assert "--migration-mode" in err
 
 
-def test_capabilities_do_not_announce_migration() -> None:
+def test_capabilities_announce_migration() -> None:
+    """Live migration works end to end (tests/e2e/test_guest_migration.py): announced as
+    virtiofsd 1.13 announces it."""
     r = run_cli("--print-capabilities")
     assert r.returncode == 0
-    assert json.loads(r.stdout) == {"type": "fs", "features": ["separate-options"]}
+    assert json.loads(r.stdout) == {"type": "fs",
+                                    "features": ["migrate-precopy", "separate-options"]}
 
 
 def test_legacy_o_forms(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 ``.ci/setup`` runs it (as root) after installing the Debian packages: the guest kernels
 (unpacked from their packages into the cache, never installed on the host), the guests'
-base initramfs, and the reference daemons of this release. Everything is cached, so a
+base initramfs, the reference daemons of this release, and a QEMU >= 8.2 for the
+migration tests (bookworm-backports' unpacked on Debian 12). Everything is cached, so a
 second run only checks. Prints one line per asset.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from tests.support import assets, debian, reference
+from tests.support import assets, debian, qemu10, reference
 
 
 def main() -> int:
@@ -26,6 +27,11 @@ def main() -> int:
     else:
         print(f"C virtiofsd: not part of Debian {release}; tests that name it use Rust virtiofsd")
     print(f"Rust virtiofsd: {reference.rust_version()} ({reference.rust_origin()})")
+    try:
+        qemu = qemu10.ensure_qemu()
+        print(f"QEMU for migration tests: {'.'.join(map(str, qemu.version))} ({qemu.origin})")
+    except qemu10.QemuUnavailable as e:
+        print(f"QEMU for migration tests: none ({e})")
     return 0
 
 

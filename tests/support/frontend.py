@@ -70,6 +70,7 @@ class Frontend:
         self.brk = 0x10000
         self.rings: dict[int, Ring] = {}
         self.unique = 0
+        self.acked_features = 0
 
     # ----- raw vhost-user ---------------------------------------------------------
 
@@ -126,10 +127,12 @@ class Frontend:
         return gpa - GUEST_BASE
 
     def setup(self, num_queues: int = 2,
-              extra_regions: list[tuple[int, int, int, int, int]] | None = None) -> None:
+              extra_regions: list[tuple[int, int, int, int, int]] | None = None,
+              protocol_features: int = 0) -> None:
         """Negotiate, send the memory table and start ``num_queues`` rings.
         ``extra_regions``: (gpa, size, uva, mmap_offset, fd) sent in the first memory
-        table besides the test guest's own memory."""
+        table besides the test guest's own memory. ``protocol_features``: more protocol
+        features to ask for than MQ and REPLY_ACK (those the daemon offers)."""
         features = vu.decode_u64(self.call(vu.Request.GET_FEATURES))
         acked = vu.VIRTIO_F_VERSION_1 | vu.VHOST_USER_F_PROTOCOL_FEATURES
         acked |= features & vu.VIRTIO_RING_F_INDIRECT_DESC
@@ -138,7 +141,9 @@ class Frontend:
         self.send(vu.Request.SET_OWNER)
         pf = vu.decode_u64(self.call(vu.Request.GET_PROTOCOL_FEATURES))
         self.send(vu.Request.SET_PROTOCOL_FEATURES,
-                  vu.U64.pack(pf & (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK)))
+                  vu.U64.pack(pf & (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK
+                                    | protocol_features)))
+        self.acked_features = acked
         assert self.ack(vu.Request.SET_FEATURES, vu.U64.pack(acked)) == 0
         extra = extra_regions or []
         table = vu.MEM_TABLE_HEAD.pack(1 + len(extra), 0) + vu.MEM_REGION.pack(

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import assets
+from tests.support.qemu10 import Qemu
 
 QEMU = "qemu-system-x86_64"
 
@@ -91,8 +92,10 @@ def qemu_command(
     memory_mb: int,
     queue_size: int,
     host_root_9p: bool,
+    qemu: Qemu | None = None,
 ) -> list[str]:
-    """The QEMU command line for one guest (exposed so tests and demos can show it)."""
+    """The QEMU command line for one guest (exposed so tests and demos can show it);
+    ``qemu``: another QEMU than the system's (migration tests: tests/support/qemu10.py)."""
     append = "console=ttyS0 quiet panic=-1"
     device = f"vhost-user-fs-pci,queue-size={queue_size},chardev=char0,tag={tag}"
     if num_request_queues != 1:
@@ -101,7 +104,7 @@ def qemu_command(
         # One TCG thread for all vCPUs: with multi-threaded TCG a 6.12 guest with 2 vCPUs
         # now and then oopses on an int3 while the kernel patches its own text at boot
         # (seen in CI: sched_clock_cpu). The guest still has 2 CPUs and uses 2 queues.
-        QEMU, "-accel", "tcg,thread=single",
+        *(qemu.command() if qemu else [QEMU]), "-accel", "tcg,thread=single",
         "-M", "q35", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
         "-nographic", "-no-reboot", "-nic", "none",  # no NIC: skips iPXE's boot ROM
         "-kernel", str(assets.boot_image(kernel)), "-initrd", str(initrd),
@@ -137,6 +140,7 @@ def run_guest(
     host_root_9p: bool = False,
     initramfs_files: dict[str, bytes] | None = None,
     on_script_output: Callable[[str], None] | None = None,
+    qemu: Qemu | None = None,
 ) -> GuestRun:
     """Boot a guest against the vhost-user socket, run ``script`` with sh, and power off.
 
@@ -146,6 +150,7 @@ def run_guest(
     cheaper than reading them over 9p at every boot for large programs.
     ``on_script_output`` is called from the polling loop (every 50 ms) with each new piece
     of the script's output, so a caller can follow the script while it runs.
+    ``qemu``: run another QEMU than the system's (tests/support/qemu10.py).
     """
     assets.ensure_host_packages()
     kassets = assets.ensure_kernel(kernel)
@@ -163,7 +168,7 @@ def run_guest(
         cmd = qemu_command(
             kernel=kassets, initrd=initrd, socket_path=socket_path, script_out=script_out,
             tag=tag, num_request_queues=num_request_queues, smp=smp, memory_mb=memory_mb,
-            queue_size=queue_size, host_root_9p=host_root_9p,
+            queue_size=queue_size, host_root_9p=host_root_9p, qemu=qemu,
         )  # fmt: skip
         start = time.monotonic()
         boot_seconds = script_seconds = None
@@ -186,7 +191,8 @@ def run_guest(
 
         with open(console, "wb") as out, open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                env=qemu.env() if qemu else None,
             )
             try:
                 deadline = start + timeout
