@@ -99,7 +99,8 @@ def test_installed_command_line(site: Path) -> None:
     done = subprocess.run([sys.executable, "-c", LAUNCH, "--print-capabilities"], cwd="/",
                           env=env_with(site), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"type": "fs", "features": ["separate-options"]}
+    assert json.loads(done.stdout) == {"type": "fs",
+                                       "features": ["migrate-precopy", "separate-options"]}
     done = subprocess.run([sys.executable, "-c", LAUNCH, "--help"], cwd="/",
                           env=env_with(site), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--shared-dir" in done.stdout, done.stderr
