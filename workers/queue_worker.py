@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import mmap
 import os
 import select
 import signal
@@ -27,7 +26,7 @@ from daemon.fs.passthrough import (
     PassthroughFs,
     Request,
 )
-from daemon.guest.memory import BadGuestAddress, GuestMemory
+from daemon.guest.memory import BadGuestAddress, DirtyLog, GuestMemory
 from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
@@ -82,6 +81,17 @@ class Incoming(NamedTuple):
 Handler = Callable[[DescriptorChain, Incoming], int | bytes | bytearray]
 
 
+def map_table(regions: list[list[int]]) -> GuestMemory:
+    """A memory table as control messages carry it: (gpa, size, uva, offset, fd) rows."""
+    return GuestMemory([(MemoryRegion(g, n, u, o), fd) for g, n, u, o, fd in regions])
+
+
+def ring_addresses(mem: GuestMemory, s: QueueSetup) -> tuple[int, int, int]:
+    """The ring's descriptor table, avail and used rings as guest-physical addresses."""
+    return (mem.uva_to_gpa(s.desc_uva, 16 * s.size), mem.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
+            mem.uva_to_gpa(s.used_uva, 6 + 8 * s.size))
+
+
 class QueueWorker:
     def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                  interrupts: InterruptBoard) -> None:
@@ -92,9 +102,9 @@ class QueueWorker:
         self.kick_fd = setup.kick_fd
         self.call_fd = setup.call_fd
         self.enabled = setup.enabled
-        self.mem = self._map(setup.regions)
+        self.mem = map_table(setup.regions)
         self.queue = self._make_queue(setup.last_avail_idx)
-        self.dirty_log: tuple[int, int] | None = None  # (mapping, its length) while logging
+        self.dirty_log: DirtyLog | None = None  # mapped while the front-end logs
         if setup.log_fd >= 0:
             self.set_dirty_log(setup.log_fd, setup.log_size, setup.log_offset)
         if setup.resume_from_used:
@@ -138,10 +148,6 @@ class QueueWorker:
                                                          getattr(fs, row.handler))
         return handlers
 
-    @staticmethod
-    def _map(regions: list[list[int]]) -> GuestMemory:
-        return GuestMemory([(MemoryRegion(g, s, u, o), fd) for g, s, u, o, fd in regions])
-
     def remap(self, regions: list[list[int]]) -> None:
         """Switch to a new memory table; on any failure the old one stays in use.
 
@@ -149,12 +155,9 @@ class QueueWorker:
         struct, rebound here) and each chain's walk (a parked SETLKW walks its chain
         again when it completes), so the next request sees the new table. The serve
         loop's state holds no guest address."""
-        mem = self._map(regions)
-        s = self.setup
+        mem = map_table(regions)
         try:
-            self.queue.rebind(mem, mem.uva_to_gpa(s.desc_uva, 16 * s.size),
-                              mem.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
-                              mem.uva_to_gpa(s.used_uva, 6 + 8 * s.size))
+            self.queue.rebind(mem, *ring_addresses(mem, self.setup))
         except BaseException:
             mem.close()
             raise
@@ -163,35 +166,17 @@ class QueueWorker:
 
     def set_dirty_log(self, fd: int, size: int, offset: int) -> None:
         """Mark every guest page this worker writes in the front-end's dirty log (fd -1:
-        stop). The log is mapped here (workers share fds, not memory); the old mapping
-        goes once the queue uses the new one."""
-        mapping = None
-        if fd >= 0:
-            if size <= 0:
-                raise OSError(errno.EINVAL, f"dirty log of {size} bytes")
-            skip = offset & (mmap.PAGESIZE - 1)
-            addr = lib.pyvfs_mmap_shared(fd, size + skip, offset - skip)
-            if not addr:
-                err = lib.pyvfs_errno()
-                raise OSError(err, f"cannot map the dirty log: {os.strerror(err)}")
-            mapping = (addr, size + skip)
-            self.queue.set_dirty_log(addr + skip, size)
-        else:
-            self.queue.set_dirty_log(0, 0)
-        old, self.dirty_log = self.dirty_log, mapping
+        stop); the old mapping goes once the queue uses the new one."""
+        log = DirtyLog(fd, size, offset) if fd >= 0 else None
+        self.queue.set_dirty_log(log.address if log else 0, log.size if log else 0)
+        old, self.dirty_log = self.dirty_log, log
         if old is not None:
-            lib.pyvfs_munmap(*old)
+            old.close()
 
     def _make_queue(self, last_avail: int) -> SplitQueue:
-        s = self.setup
-        m = self.mem
-        return SplitQueue(
-            m, s.size,
-            m.uva_to_gpa(s.desc_uva, 16 * s.size),
-            m.uva_to_gpa(s.avail_uva, 6 + 2 * s.size),
-            m.uva_to_gpa(s.used_uva, 6 + 8 * s.size),
-            event_idx=s.event_idx, indirect=s.indirect, last_avail_idx=last_avail,
-        )
+        return SplitQueue(self.mem, self.setup.size, *ring_addresses(self.mem, self.setup),
+                          event_idx=self.setup.event_idx, indirect=self.setup.indirect,
+                          last_avail_idx=last_avail)
 
     # ----- event loop ------------------------------------------------------------
 

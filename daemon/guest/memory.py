@@ -9,6 +9,8 @@ that is not guest RAM.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -146,3 +148,25 @@ def load_u16_at(regions: list[tuple[MemoryRegion, int]], uva: int) -> int:
             finally:
                 lib.pyvfs_munmap(base, PAGE)
     raise BadGuestAddress(f"front-end address {uva:#x} is not in any region")
+
+
+class DirtyLog:
+    """The front-end's dirty log (live migration: a bit per 4 KiB guest page), mapped in
+    this process: workers share fds, not memory, so each maps it for itself."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        if size <= 0:
+            raise OSError(errno.EINVAL, f"dirty log of {size} bytes")
+        skip = offset & (mmap.PAGESIZE - 1)
+        self._mapping = lib.pyvfs_mmap_shared(fd, size + skip, offset - skip)
+        if not self._mapping:
+            err = lib.pyvfs_errno()
+            raise OSError(err, f"cannot map the dirty log: {os.strerror(err)}")
+        self._length = size + skip
+        self.address = self._mapping + skip  # where the log's first byte is mapped
+        self.size = size
+
+    def close(self) -> None:
+        if self._mapping:
+            lib.pyvfs_munmap(self._mapping, self._length)
+            self._mapping = 0

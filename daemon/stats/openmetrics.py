@@ -25,7 +25,8 @@ from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from daemon.stats import queue_stats, report
+from daemon.stats import queue_stats
+from daemon.stats.tables import read_tables
 
 PREFIX = "pyvirtiofsd_"
 # the histogram's bucket bounds in seconds, as the exposition writes them
@@ -53,7 +54,7 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(PREFIX + "up", "1 if the daemon's tables could be read.")
         try:
-            tables = report.read_tables(self.pid())
+            tables = read_tables(self.pid())
         except SystemExit:
             up.add_metric([], 0)
             yield up

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from daemon.stats import queue_stats, report
+from daemon.stats import queue_stats
+from daemon.stats.tables import read_tables
 
 HOME_AND_CLEAR = "\x1b[H\x1b[J"
 TOP_OPCODES = 8
@@ -93,10 +94,10 @@ def watch(pid: Callable[[], int], interval: float, count: int | None,
     tty = out.isatty()
     shown = 0
     try:
-        before = report.read_tables(pid())
+        before = read_tables(pid())
         while count is None or shown < count:
             time.sleep(interval)
-            now = report.read_tables(pid())
+            now = read_tables(pid())
             text = "\n".join(frame(now, before, interval)) + "\n"
             out.write((HOME_AND_CLEAR if tty else "\n" if shown else "") + text)
             out.flush()

@@ -1,0 +1,100 @@
+"""What a running daemon holds, read from its shared-memory segments without disturbing it
+(every worker updates the counters atomically): the inode and open-file tables, the
+per-queue counters, its processes. ``report`` (the ``pyvirtiofsd stats`` command),
+``watch`` and ``openmetrics`` all read through here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from daemon.stats import queue_stats
+from shm_table import HandleTable, InodeTable
+
+
+def segment_names(pid: int) -> tuple[str, str]:
+    """The daemon names its segments after its pid (see supervisor.serve)."""
+    return f"/pyvirtiofsd-{pid}-inodes", f"/pyvirtiofsd-{pid}-handles"
+
+
+def daemon_pid(socket_path: str) -> int:
+    path = socket_path + ".pid"
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError) as e:
+        raise SystemExit(f"pyvirtiofsd stats: cannot read the daemon's pid from {path}: {e}"
+                         ) from None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _confinement(pid: int) -> tuple:
+    """What a sandbox changes: root directory and namespaces."""
+    try:
+        root = os.stat(f"/proc/{pid}/root/")
+        return ((root.st_dev, root.st_ino),
+                *(os.readlink(f"/proc/{pid}/ns/{kind}") for kind in ("mnt", "pid", "user")))
+    except OSError:
+        return ()
+
+
+def processes(pid: int) -> list[int]:
+    """The supervisor and its workers. With --sandbox the pid file names the process
+    that stayed outside: the supervisor is down its line of single children that live
+    in another root or other namespaces."""
+    children = _children(pid)
+    while len(children) == 1 and _confinement(children[0]) != _confinement(pid):
+        pid = children[0]
+        children = _children(pid)
+    return [pid, *children]
+
+
+def read_tables(pid: int) -> dict:
+    """One reading of everything the daemon shares: its processes, the inode and open-file
+    tables' statistics and the per-queue counters (an empty list from a daemon without
+    them). SystemExit, with the reason, when the daemon's tables cannot be attached."""
+    inode_name, handle_name = segment_names(pid)
+    try:
+        inodes = InodeTable.attach(inode_name)
+    except Exception as e:  # noqa: BLE001 - any attach failure means the same to the user
+        raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
+                         "is the daemon running?") from None
+    try:
+        try:
+            handles = HandleTable.attach(handle_name)
+        except Exception as e:  # noqa: BLE001 - as above
+            raise SystemExit(f"pyvirtiofsd stats: no tables for pid {pid} ({e}); "
+                             "is the daemon running?") from None
+        try:
+            inode_stats, handle_stats = inodes.stats(), handles.stats()
+        finally:
+            handles.detach()
+    finally:
+        inodes.detach()
+    try:
+        counters = queue_stats.QueueStats.attach(queue_stats.segment_name(pid))
+    except ValueError as e:  # another version's segment: say so rather than show nothing
+        print(f"pyvirtiofsd stats: {e}", file=sys.stderr)
+        counters = None
+    except Exception:  # noqa: BLE001 - a daemon from before per-queue counters
+        counters = None
+    try:
+        rows = counters.rows() if counters else []
+    finally:
+        if counters:
+            counters.close()
+    supervisor, *workers = processes(pid)
+    try:
+        fds = len(os.listdir(f"/proc/{supervisor}/fd"))
+    except OSError:
+        fds = -1
+    return {"pid": pid, "workers": len(workers), "fds_held": fds, "inodes": inode_stats,
+            "handles": handle_stats, "queues": rows}
