@@ -22,7 +22,7 @@ def main() -> int:
         assets.build_initramfs(kernel)
         where = kernel.vmlinuz.parents[1]
         print(f"guest kernel {flavor}: {kernel.version} (unpacked in {where})")
-    if reference.C_VIRTIOFSD.exists():
+    if reference.c_virtiofsd_present():
         print(f"C virtiofsd: {reference.C_VIRTIOFSD}")
     else:
         print(f"C virtiofsd: not part of Debian {release}; tests that name it use Rust virtiofsd")

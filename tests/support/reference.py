@@ -29,6 +29,12 @@ from pathlib import Path
 from tests.support import assets, debian
 
 C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+
+
+def c_virtiofsd_present() -> bool:
+    """QEMU 7.2's C virtiofsd is a file at C_VIRTIOFSD. Debian 13's qemu-system-common
+    keeps the path as a link to Rust virtiofsd (/usr/libexec/virtiofsd), which is not it."""
+    return C_VIRTIOFSD.is_file() and not C_VIRTIOFSD.is_symlink()
 RUST_VIRTIOFSD = Path("/usr/libexec/virtiofsd")
 RUST_VERSION = "1.13.2"
 #: the release Rust virtiofsd is taken from where the host's has none, and what it needs
@@ -169,7 +175,7 @@ def c_virtiofsd_command(shared_dir: str | Path, socket_path: Path,
                         cache: str = "auto") -> list[str]:
     """C virtiofsd's command line; where the release has none, Rust virtiofsd's with the
     same meaning (its ``--sandbox none`` as the tests' pyvirtiofsd), and the test says so."""
-    if C_VIRTIOFSD.exists():
+    if c_virtiofsd_present():
         return [
             str(C_VIRTIOFSD), f"--socket-path={socket_path}",
             "-o", f"source={shared_dir}", "-o", f"cache={cache}",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support import debian, reference
-from tests.support.reference import C_VIRTIOFSD
+from tests.support.reference import C_VIRTIOFSD, c_virtiofsd_present
 from tests.support.reference import stop_daemon as stop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ class CVirtiofsd(Daemon):
         super().__init__("c", "C virtiofsd", 1)
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
-        if not C_VIRTIOFSD.exists():
+        if not c_virtiofsd_present():
             if debian.host_release() != "bookworm":
                 raise RuntimeError(f"C virtiofsd is not part of Debian {debian.host_release()} "
                                    "(QEMU 8.0 dropped it): leave 'c' out of --daemons")
