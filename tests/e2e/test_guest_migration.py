@@ -39,7 +39,7 @@ def qemu() -> qemu10.Qemu:
     try:
         return qemu10.ensure_qemu()
     except qemu10.QemuUnavailable as e:
-        pytest.skip(f"no QEMU >= 8.2: {e}")
+        pytest.fail(f"no QEMU >= 8.2 for the migration tests: {e}; bash .ci/setup fetches it")
 
 
 @pytest.mark.guest

@@ -54,13 +54,13 @@ def paused_open(directory: Path, name: str, action: Callable[[], None]
     that reaches it) waits inside open(2) until ``action`` has run in another thread."""
     fan = _libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY | os.O_CLOEXEC)
     if fan < 0:
-        pytest.skip(f"fanotify_init: {os.strerror(ctypes.get_errno())} (needs "
-                    "CAP_SYS_ADMIN)")
+        pytest.fail(f"fanotify_init: {os.strerror(ctypes.get_errno())} (the tests run as "
+                    "root: they need CAP_SYS_ADMIN and a kernel with fanotify)")
     if _libc.fanotify_mark(fan, FAN_MARK_ADD, FAN_OPEN_PERM | FAN_EVENT_ON_CHILD, AT_FDCWD,
                            os.fsencode(directory)) < 0:
         err = ctypes.get_errno()
         os.close(fan)
-        pytest.skip(f"fanotify_mark: {os.strerror(err)}")
+        pytest.fail(f"fanotify_mark on {directory}: {os.strerror(err)}")
     target = os.path.join(os.path.realpath(directory), name)
     state = PausedOpen()
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)

@@ -55,8 +55,8 @@ def test_a_tree_without_seabios_is_refused(tmp_path: Path) -> None:
 def test_the_cached_qemu_runs() -> None:
     """Where setup has unpacked (or the system has) a QEMU >= 8.2, it starts."""
     root = qemu10.cache_root() / "bookworm-backports"
-    if qemu10.system_qemu() is None and not (root / ".complete").exists():
-        pytest.skip("no QEMU >= 8.2 unpacked yet (python -m tests.support fetches it)")
+    assert qemu10.system_qemu() is not None or (root / ".complete").exists(), \
+        "no QEMU >= 8.2 unpacked: bash .ci/setup (python -m tests.support) fetches it"
     q = qemu10.ensure_qemu()
     assert q.version >= qemu10.MIN_VERSION
     assert os.access(q.binary, os.X_OK)
