@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from tests.support.vm import _kill_group, qemu_command
 
 
 class Qmp:
-    """A minimal QMP client: one command at a time, events skipped."""
+    """A minimal QMP client: one command at a time; events are kept in ``events`` (QEMU
+    stamps each with the host's wall clock, so two QEMUs' events can be compared)."""
 
     def __init__(self, path: Path, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -38,6 +40,7 @@ class Qmp:
                 time.sleep(0.1)
         self.sock.settimeout(timeout)
         self.file = self.sock.makefile("rwb")
+        self.events: list[dict] = []
         self._read()  # the greeting
         self.execute("qmp_capabilities")
 
@@ -49,6 +52,25 @@ class Qmp:
             msg = json.loads(line)
             if "event" not in msg:
                 return msg
+            self.events.append(msg)
+
+    def wait_event(self, name: str, timeout: float = 30) -> dict:
+        """The first event ``name`` received so far or within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name:
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no QMP event {name} within {timeout} s")
+            self.sock.settimeout(remaining)
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("QMP connection closed")
+            msg = json.loads(line)
+            if "event" in msg:
+                self.events.append(msg)
 
     def execute(self, command: str, **arguments: object) -> object:
         req: dict[str, object] = {"execute": command}
@@ -75,6 +97,7 @@ class Side:
     console: Path
     script_out: Path
     stderr: Path
+    trace: Path | None = None  # QEMU's trace log (-D), with MigrationPair's trace_events
 
     def output(self) -> str:
         return self.script_out.read_bytes().decode("utf-8", "replace")
@@ -92,10 +115,15 @@ class MigrationPair:
 
     def __init__(self, qemu: Qemu, script: str, *, kernel: str = "6.1",
                  num_request_queues: int = 1, smp: int = 1, memory_mb: int = 256,
-                 tag: str = "myfs") -> None:
+                 tag: str = "myfs", files: dict[str, bytes] | None = None,
+                 trace_events: Sequence[str] = ()) -> None:
+        """``files``: guest path -> contents added to the initramfs (programs: the guest
+        cannot take them from the host over 9p); ``trace_events``: QEMU trace points each
+        side logs to ``Side.trace`` (benchmarks: where the switch-over's time goes)."""
+        self.trace_events = tuple(trace_events)
         self.qemu = qemu
         self.kassets = assets.ensure_kernel(kernel)
-        self.base = assets.build_initramfs(self.kassets)
+        self.base = assets.build_initramfs(self.kassets, files)
         self.tmp = tempfile.TemporaryDirectory(prefix="pyvfs-migrate-")
         self.work = Path(self.tmp.name)
         self.initrd = self.work / "initrd.cpio"
@@ -114,11 +142,16 @@ class MigrationPair:
         cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
         if incoming:
             cmd += ["-incoming", incoming]
+        trace = self.work / f"{name}.trace" if self.trace_events else None
+        for event in self.trace_events:
+            cmd += ["-trace", f"enable={event}"]
+        if trace is not None:
+            cmd += ["-D", str(trace), "-msg", "timestamp=on"]  # pid@seconds: per line
         console, stderr = self.work / f"{name}.console", self.work / f"{name}.stderr"
         with open(console, "wb") as out, open(stderr, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, env=self.qemu.env())
-        side = Side(proc, qmp, console, script_out, stderr)
+        side = Side(proc, qmp, console, script_out, stderr, trace)
         self.sides.append(side)
         return side
 
@@ -126,16 +159,15 @@ class MigrationPair:
                 destination: Side | None = None) -> dict:
         """Move the guest; returns query-migrate's last answer (status completed). With
         ``destination``, both sides use the return path, so the source hears when the
-        destination fails to load (and resumes the guest) instead of completing."""
+        destination fails to load (and resumes the guest) instead of completing; and on
+        success the answer gains ``guest_pause_ms``: from the source's STOP event to the
+        destination's RESUME event (QMP timestamps, one host clock)."""
         qmp = Qmp(source.qmp_path)
+        dst = Qmp(destination.qmp_path) if destination is not None else None
         try:
-            if destination is not None:
+            if dst is not None:
                 caps = [{"capability": "return-path", "state": True}]
-                dst = Qmp(destination.qmp_path)
-                try:
-                    dst.execute("migrate-set-capabilities", capabilities=caps)
-                finally:
-                    dst.close()
+                dst.execute("migrate-set-capabilities", capabilities=caps)
                 qmp.execute("migrate-set-capabilities", capabilities=caps)
             qmp.execute("migrate", uri=uri)
             deadline = time.monotonic() + timeout
@@ -147,12 +179,18 @@ class MigrationPair:
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"migration still {status} after {timeout} s")
-                time.sleep(0.2)
+                time.sleep(0.05)
             if status == "completed":
+                if dst is not None:
+                    stopped = qmp.wait_event("STOP")
+                    resumed = dst.wait_event("RESUME")
+                    info["guest_pause_ms"] = (_event_time(resumed) - _event_time(stopped)) * 1e3
                 qmp.execute("quit")
             return info
         finally:
             qmp.close()
+            if dst is not None:
+                dst.close()
 
     def close(self) -> None:
         for side in self.sides:
@@ -164,6 +202,11 @@ class MigrationPair:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _event_time(event: dict) -> float:
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
 
 
 def wait_for(predicate, timeout: float, what: str, describe=lambda: "") -> None:  # noqa: ANN001
