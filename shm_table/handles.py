@@ -10,6 +10,7 @@ exactly its pins.  See docs/shm_table.md.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,11 @@ DEFAULT_HANDLE_CAPACITY = 1 << 16
 _ht_pin = lib.ht_pin
 _ht_unpin = lib.ht_unpin
 
-__all__ = [
+class HandleBroken(OSError):
+    """The open file is open but unusable (:meth:`HandleTable.set_broken`): EIO."""
+
+
+__all__ = ["HandleBroken",
     "DEFAULT_HANDLE_CAPACITY", "HandleEntry", "HandleNotFound", "HandleTable", "HandleTableFull",
 ]
 
@@ -46,6 +51,7 @@ class HandleEntry:
     fd: int
     flags: int
     guest_open: bool
+    broken: bool = False  # a migration could not carry its flock() over: EIO
 
 
 class HandleTable(_Segment):
@@ -96,7 +102,14 @@ class HandleTable(_Segment):
             return r & 0xFFFFFFFF, (r >> 32) - 1
         if r == -4:
             raise PinsExhausted(f"{self.name}: this thread pins too many open files")
+        if r == -5:
+            raise HandleBroken(errno.EIO, f"open file {fh:#x} lost its lock in a migration")
         return None
+
+    def set_broken(self, fh: int) -> bool:
+        """From now on every request on ``fh`` but RELEASE answers EIO (a migration could
+        not carry its lock over). False when ``fh`` is not open."""
+        return lib.ht_set_broken(self._b, fh) == 0
 
     def unpin(self, fh: int) -> None:
         """Drop this thread's pin; the fd is closed here if the guest released the file
@@ -149,7 +162,8 @@ class HandleTable(_Segment):
         if state == 0 or (state == 2 and not released):
             return None
         return HandleEntry(fh=out.fh, slot=slot, nodeid=out.nodeid, fd=out.fd,
-                           flags=out.flags, guest_open=bool(out.guest_open))
+                           flags=out.flags & ~lib.HT_BROKEN, guest_open=bool(out.guest_open),
+                           broken=bool(out.flags & lib.HT_BROKEN))
 
     def iter_handles(self, released: bool = False) -> Iterator[HandleEntry]:
         """Snapshots of the open files (with `released`, also those the guest released that

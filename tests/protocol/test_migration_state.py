@@ -131,7 +131,7 @@ def test_nodeids_and_fhs_work_on_the_destination(tmp_path: Path, mode: str) -> N
     share = make_share(tmp_path)
     ids, blob = save_from(share, tmp_path / "a.sock", "--migration-mode", mode)
     state = msgpack.unpackb(blob)
-    assert state["format"] == "pyvirtiofsd-device-state" and state["version"] == 1
+    assert state["format"] == "pyvirtiofsd-device-state" and state["version"] == 2
     with daemon(share, tmp_path / "b.sock", "--migration-mode", mode) as proc:
         fe, result = load_into(share, tmp_path / "b.sock", blob)
         assert result == 0, daemon_log(proc)

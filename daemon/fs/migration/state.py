@@ -17,12 +17,13 @@ directory, or a copy, or shared storage). The state says how to find each inode 
 
 The destination re-creates the inode table with the same nodeids and lookup counts and the
 open-file table with the same fhs, each file re-opened with the flags the guest opened it
-with (O_TRUNC left out). Locks held by the guest are not part of the state.
+with (O_TRUNC left out), and takes the guest's host locks again (``locks.py``).
 
-Blob (a msgpack map): ``format`` "pyvirtiofsd-device-state", ``version`` 1, ``mode``,
+Blob (a msgpack map): ``format`` "pyvirtiofsd-device-state", ``version`` 2, ``mode``,
 ``session`` (the INIT flags agreed), ``root_lookups``, ``inodes``: maps with ``nodeid``,
 ``lookups``, ``mode``, ``parent``, ``name``, and ``path`` (bytes relative to the share, or
-nil) and/or ``handle`` [type, bytes]; ``handles``: [fh, nodeid, flags] triples.
+nil) and/or ``handle`` [type, bytes]; ``handles``: [fh, nodeid, flags] triples;
+``locks`` (version 2): see ``locks.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import msgpack
 
 from daemon.fs import proc_fd
 from daemon.fs.fd_cache import open_by_handle
+from daemon.fs.migration import locks as lock_state
 from daemon.fs.ops.base import O_PATH_FLAGS
 from daemon.fs.ops.session import SESSION_FLAGS
 from daemon.fs.passthrough import PassthroughFs
@@ -48,7 +50,8 @@ from shm_table import InodeEntry, InodeIds
 log = logging.getLogger("pyvirtiofsd.migration")
 
 FORMAT = "pyvirtiofsd-device-state"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: without locks
 MAX_STATE = 1 << 30  # a blob larger than this is refused on load
 
 
@@ -120,8 +123,10 @@ def _path_of(fs: PassthroughFs, entry: InodeEntry, confirm: bool) -> bytes | Non
             os.close(fd)
 
 
-def save_state(fs: PassthroughFs, options: MigrationOptions) -> bytes:
-    """The device state of ``fs`` (its workers stopped: the tables do not change)."""
+def save_state(fs: PassthroughFs, options: MigrationOptions,
+               held: lock_state.HeldLocks | None = None) -> bytes:
+    """The device state of ``fs`` (its workers stopped: the tables do not change), with
+    the locks ``held`` (:func:`daemon.fs.migration.locks.collect`)."""
     inodes: list[dict[str, Any]] = []
     root_lookups = 1
     for entry in sorted(fs.inodes.iter_entries(), key=lambda e: e.slot):
@@ -145,7 +150,8 @@ def save_state(fs: PassthroughFs, options: MigrationOptions) -> bytes:
                sorted(fs.handles.iter_handles(), key=lambda h: h.slot)]
     state = {"format": FORMAT, "version": VERSION, "mode": options.mode,
              "session": SESSION_FLAGS.unpack_from(fs.session)[0],
-             "root_lookups": root_lookups, "inodes": inodes, "handles": handles}
+             "root_lookups": root_lookups, "inodes": inodes, "handles": handles,
+             "locks": (held or lock_state.HeldLocks()).to_state()}
     return msgpack.packb(state, use_bin_type=True)
 
 
@@ -230,9 +236,9 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MigrationError("device state is not pyvirtiofsd's (virtiofsd's own format is "
                              "not understood)")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise MigrationError(f"device state version {state.get('version')} (this daemon "
-                             f"reads {VERSION})")
+                             f"reads {READABLE_VERSIONS})")
     if len(fs.inodes) != 1 or len(fs.handles):
         raise MigrationError("the destination has served requests already")
     SESSION_FLAGS.pack_into(fs.session, 0, int(state["session"]))
@@ -271,6 +277,13 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
                 log.error("migration: fh %#x of a lost inode %d left out", fh, nodeid)
                 continue
             _reopen(fs, int(fh), int(nodeid), fd, int(flags))
+        try:
+            lost = lock_state.restore(fs, lock_state.HeldLocks.from_state(state.get("locks")),
+                                      found, options.on_error == "abort")
+        except OSError as e:
+            raise MigrationError(str(e)) from e
+        for line in lost:
+            log.error("migration: %s; the guest gets EIO for it", line)
     finally:
         for fd in found.values():
             os.close(fd)
