@@ -81,10 +81,12 @@ class HandleTable(_Segment):
             raise HandleTableFull(f"{self.name}: open-file table full")
         return fh
 
-    def restore(self, fh: int, nodeid: int, fd: int, flags: int) -> None:
+    def restore(self, fh: int, nodeid: int, fd: int, flags: int, broken: bool = False) -> None:
         """Live migration's destination: the open file the source had under ``fh``; the
-        table owns ``fd`` from now on. Rising slot order, into an empty table."""
-        r = lib.ht_restore(self._b, fh, nodeid, fd, flags)
+        table owns ``fd`` from now on. Rising slot order, into an empty table. ``broken``:
+        it could not be opened again (``fd`` -1): requests on it answer EIO."""
+        flags &= ~lib.HT_BROKEN
+        r = lib.ht_restore(self._b, fh, nodeid, fd, flags | (lib.HT_BROKEN if broken else 0))
         if r == -2:
             raise ShmTableError(f"{self.name}: cannot restore fh {fh}: its slot is taken, "
                                 "out of order or beyond the capacity")
