@@ -323,7 +323,7 @@ NO_REPLY_FD = 1 << 8  # SET_DEVICE_STATE_FD's reply: the back-end returns no fd 
 class DeviceStateHandlers:
     """SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE (vhost-user DEVICE_STATE), as QEMU 8.2+
     drives them for vhost-user-fs: with every ring stopped (GET_VRING_BASE stopped its
-    worker), the source writes the device state (daemon/fs/migration.py) into the pipe the
+    worker), the source writes the device state (daemon/fs/migration/) into the pipe the
     front-end sent, the destination reads it until EOF and re-creates its tables. The
     front-end reads or writes the pipe only after the reply, so the transfer runs on this
     loop (non-blocking, no threads: seccomp allows none) while later messages are served;
@@ -333,6 +333,7 @@ class DeviceStateHandlers:
     fs: PassthroughFs
     migration: MigrationOptions
     _transfer: asyncio.Future[None] | None
+    _handed_over: migration.HeldLocks | None  # the source's locks, while in the state
 
     async def on_set_device_state_fd(self, msg: Message) -> bytes:
         if len(msg.payload) < vu.DEVICE_STATE.size:
@@ -351,8 +352,9 @@ class DeviceStateHandlers:
         fd = msg.fds.pop()
         os.set_blocking(fd, False)
         if direction == TRANSFER_SAVE:
+            self.take_locks_back()  # a second save after a failed one
             try:
-                blob = migration.save_state(self.fs, self.migration)
+                blob, self._handed_over = migration.hand_over_state(self.fs, self.migration)
             except BaseException:
                 close_quietly(fd)
                 raise
@@ -365,6 +367,15 @@ class DeviceStateHandlers:
             close_quietly(fd)
             raise ProtocolError(f"device state transfer direction {direction}")
         return vu.U64.pack(NO_REPLY_FD)
+
+    def take_locks_back(self) -> None:
+        """The source's rings start again after it saved its state: the migration failed,
+        and the locks it let go of for the destination are taken again before any worker
+        serves the guest."""
+        held, self._handed_over = self._handed_over, None
+        if held is not None:
+            migration.locks.take_back(self.fs, held)
+            log.info("migration: the device runs here again; its locks were taken back")
 
     async def _load_from(self, fd: int) -> None:
         blob = await _read_all(fd, migration.MAX_STATE)
@@ -447,6 +458,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self.fs = fs
         self.migration = migration_options or MigrationOptions()
         self._transfer = None
+        self._handed_over = None
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
@@ -742,6 +754,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
             log.warning("queue %d: its killed worker has not exited yet; the new one starts "
                         "when it has", index)
             return
+        self.take_locks_back()
         self.start_worker(index, vring, resume=vring.resume)
         vring.resume = False
 
@@ -1057,7 +1070,8 @@ def serve(args: argparse.Namespace) -> int:
             if outside is not None:
                 listener.close()  # the sandboxed server has its own copy
                 return outside.wait()
-            proc_fd.use_fd_directory(sandbox.server_fd_directory())
+            proc_fd.use_fd_directory(sandbox.server_fd_directory(),
+                                     sandbox.server_fdinfo_directory())
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:

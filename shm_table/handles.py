@@ -10,6 +10,7 @@ exactly its pins.  See docs/shm_table.md.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,11 @@ DEFAULT_HANDLE_CAPACITY = 1 << 16
 _ht_pin = lib.ht_pin
 _ht_unpin = lib.ht_unpin
 
-__all__ = [
+class HandleBroken(OSError):
+    """The open file is open but unusable (:meth:`HandleTable.set_broken`): EIO."""
+
+
+__all__ = ["HandleBroken",
     "DEFAULT_HANDLE_CAPACITY", "HandleEntry", "HandleNotFound", "HandleTable", "HandleTableFull",
 ]
 
@@ -46,6 +51,7 @@ class HandleEntry:
     fd: int
     flags: int
     guest_open: bool
+    broken: bool = False  # a migration could not carry its flock() over: EIO
 
 
 class HandleTable(_Segment):
@@ -75,10 +81,12 @@ class HandleTable(_Segment):
             raise HandleTableFull(f"{self.name}: open-file table full")
         return fh
 
-    def restore(self, fh: int, nodeid: int, fd: int, flags: int) -> None:
+    def restore(self, fh: int, nodeid: int, fd: int, flags: int, broken: bool = False) -> None:
         """Live migration's destination: the open file the source had under ``fh``; the
-        table owns ``fd`` from now on. Rising slot order, into an empty table."""
-        r = lib.ht_restore(self._b, fh, nodeid, fd, flags)
+        table owns ``fd`` from now on. Rising slot order, into an empty table. ``broken``:
+        it could not be opened again (``fd`` -1): requests on it answer EIO."""
+        flags &= ~lib.HT_BROKEN
+        r = lib.ht_restore(self._b, fh, nodeid, fd, flags | (lib.HT_BROKEN if broken else 0))
         if r == -2:
             raise ShmTableError(f"{self.name}: cannot restore fh {fh}: its slot is taken, "
                                 "out of order or beyond the capacity")
@@ -96,7 +104,14 @@ class HandleTable(_Segment):
             return r & 0xFFFFFFFF, (r >> 32) - 1
         if r == -4:
             raise PinsExhausted(f"{self.name}: this thread pins too many open files")
+        if r == -5:
+            raise HandleBroken(errno.EIO, f"open file {fh:#x} lost its lock in a migration")
         return None
+
+    def set_broken(self, fh: int) -> bool:
+        """From now on every request on ``fh`` but RELEASE answers EIO (a migration could
+        not carry its lock over). False when ``fh`` is not open."""
+        return lib.ht_set_broken(self._b, fh) == 0
 
     def unpin(self, fh: int) -> None:
         """Drop this thread's pin; the fd is closed here if the guest released the file
@@ -149,7 +164,8 @@ class HandleTable(_Segment):
         if state == 0 or (state == 2 and not released):
             return None
         return HandleEntry(fh=out.fh, slot=slot, nodeid=out.nodeid, fd=out.fd,
-                           flags=out.flags, guest_open=bool(out.guest_open))
+                           flags=out.flags & ~lib.HT_BROKEN, guest_open=bool(out.guest_open),
+                           broken=bool(out.flags & lib.HT_BROKEN))
 
     def iter_handles(self, released: bool = False) -> Iterator[HandleEntry]:
         """Snapshots of the open files (with `released`, also those the guest released that

@@ -1768,14 +1768,33 @@ miss:
     return -1;
 }
 
-/* ((fd + 1) << 32) | slot, -1 not open, -4 no room for a pin. */
+/* ((fd + 1) << 32) | slot, -1 not open, -4 no room for a pin, -5 open but broken (a
+ * migration could not carry its lock over: every request but RELEASE answers EIO). */
 int64_t ht_pin(void *base, uint64_t fh) {
     uint32_t slot;
     int32_t fd;
     uint64_t *pin;
-    int r = ht_pin_internal(H(base), fh, &slot, &fd, &pin);
+    hdr_t *h = H(base);
+    int r = ht_pin_internal(h, fh, &slot, &fd, &pin);
     if (r < 0) return r;
+    if (LD_ACQ(&HSLOT(h, slot)->flags) & HT_BROKEN) {
+        unpin(h, fh);
+        return -5;
+    }
     return ((int64_t)(uint32_t)(fd + 1) << 32) | slot;
+}
+
+/* Mark an open file broken (see ht_pin): 0, or -1 when fh is not open. */
+int ht_set_broken(void *base, uint64_t fh) {
+    hdr_t *h = H(base);
+    uint32_t slot;
+    int32_t fd;
+    uint64_t *pin;
+    int r = ht_pin_internal(h, fh, &slot, &fd, &pin);
+    if (r < 0) return -1;
+    __atomic_fetch_or(&HSLOT(h, slot)->flags, HT_BROKEN, __ATOMIC_RELEASE);
+    unpin(h, fh);
+    return 0;
 }
 
 int ht_unpin(void *base, uint64_t fh) { return unpin(H(base), fh); }

@@ -92,5 +92,8 @@ int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out);
 int ht_check(void *base, char *msg, size_t msglen);
 /* migration: an open file under the fh it had on the source (rising slots, empty table) */
 int ht_restore(void *base, uint64_t fh, uint64_t nodeid, int32_t fd, uint32_t flags);
+/* an open file whose requests (but RELEASE) answer EIO from now on: ht_pin returns -5 */
+int ht_set_broken(void *base, uint64_t fh);
+#define HT_BROKEN 0x80000000
 /* END CDEF */
 #endif

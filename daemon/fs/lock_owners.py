@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 SLOTS = 4096
 _ENTRY = struct.Struct("<QQiIIi")  # nodeid, owner, fd, users, state, guest pid
 FREE, USED, CLOSING, GONE = 0, 1, 2, 3  # GONE: a tombstone, keeps probe chains whole
+BROKEN = 4  # a migration could not carry the owner's locks over: its lock requests get EIO
 _LIVE = struct.Struct("<Q")
 _MUTEX = struct.Struct("hhqqi4x")  # struct flock: type whence start len pid
 
@@ -74,7 +75,7 @@ class LockOwners:
             n, o, _fd, _users, state, _pid = _ENTRY.unpack_from(self.mem, slot * _ENTRY.size)
             if state == FREE:
                 return -1, slot if reusable < 0 else reusable
-            if state == USED and (n, o) == (nodeid, owner):
+            if state in (USED, BROKEN) and (n, o) == (nodeid, owner):
                 return slot, reusable
             if state == GONE and reusable < 0:
                 reusable = slot
@@ -90,6 +91,8 @@ class LockOwners:
             if slot >= 0:
                 off = slot * _ENTRY.size
                 n, o, fd, users, state, old_pid = _ENTRY.unpack_from(self.mem, off)
+                if state == BROKEN:
+                    raise OSError(errno.EIO, "this owner's locks were lost in a migration")
                 _ENTRY.pack_into(self.mem, off, n, o, fd, users + 1, state, pid or old_pid)
                 return fd
             if opener is None:
@@ -171,4 +174,38 @@ class LockOwners:
     def count(self) -> int:
         """Live entries (for tests and stats)."""
         return sum(1 for slot in range(self.slots)
-                   if _ENTRY.unpack_from(self.mem, slot * _ENTRY.size)[4] in (USED, CLOSING))
+                   if _ENTRY.unpack_from(self.mem, slot * _ENTRY.size)[4] in (USED, CLOSING,
+                                                                               BROKEN))
+
+    # ----- live migration (daemon/fs/migration/locks.py); no request runs meanwhile -----
+
+    def held(self) -> list[tuple[int, int, int, int, bool]]:
+        """(nodeid, owner, fd, guest pid, broken) of every owner's description."""
+        found = []
+        with self._locked():
+            for slot in range(self.slots):
+                n, o, fd, _users, state, pid = _ENTRY.unpack_from(self.mem, slot * _ENTRY.size)
+                if state in (USED, BROKEN):
+                    found.append((n, o, fd, pid, state == BROKEN))
+        return found
+
+    def adopt(self, nodeid: int, owner: int, fd: int, pid: int, broken: bool = False) -> None:
+        """The destination: the owner's description ``fd`` (the table owns it from now on)."""
+        with self._locked():
+            slot, free = self._find(nodeid, owner)
+            if slot >= 0 or free < 0:
+                os.close(fd)
+                raise OSError(errno.ENOLCK, "lock owner present already or table full")
+            _ENTRY.pack_into(self.mem, free * _ENTRY.size, nodeid, owner, fd, 0,
+                             BROKEN if broken else USED, pid)
+            self._count_live(+1)
+
+    def set_broken(self, nodeid: int, owner: int) -> None:
+        """The owner's lock requests on the inode answer EIO from now on (until it closes
+        the file: FLUSH drops the entry as it drops its locks)."""
+        with self._locked():
+            slot, _ = self._find(nodeid, owner)
+            if slot >= 0:
+                off = slot * _ENTRY.size
+                n, o, fd, users, _state, pid = _ENTRY.unpack_from(self.mem, off)
+                _ENTRY.pack_into(self.mem, off, n, o, fd, users, BROKEN, pid)

@@ -10,6 +10,7 @@ the server's working directory stays its root (the share).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -17,13 +18,34 @@ import stat
 # directory. Read it as ``proc_fd.PROC_DIR_FD`` (a name imported from here would not see
 # the change).
 PROC_DIR_FD = -1
+FDINFO_DIR_FD = -1  # likewise /proc/self/fdinfo (read only by live migration)
 
 
-def use_fd_directory(fd: int) -> None:
+def use_fd_directory(fd: int, fdinfo: int = -1) -> None:
     """Reopen fds through ``fd`` (the sandboxed server's fd directory) from now on, so the
-    host layer that opened it need not reach up into the file system."""
-    global PROC_DIR_FD
+    host layer that opened it need not reach up into the file system; ``fdinfo``: its
+    fdinfo directory."""
+    global PROC_DIR_FD, FDINFO_DIR_FD
     PROC_DIR_FD = fd
+    FDINFO_DIR_FD = fdinfo
+
+
+def read_fdinfo(fd: int) -> str:
+    """The fdinfo text of ``fd`` (its flags, and a ``lock:`` line per lock it holds)."""
+    if PROC_DIR_FD < 0:
+        path, dir_fd = f"/proc/self/fdinfo/{fd}", None
+    elif FDINFO_DIR_FD < 0:
+        raise OSError(errno.ENOENT, "no fdinfo directory in this sandbox")
+    else:
+        path, dir_fd = str(fd), FDINFO_DIR_FD
+    info = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(info, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("ascii", "replace")
+    finally:
+        os.close(info)
 
 
 def proc_name(fd: int) -> tuple[str, int | None]:

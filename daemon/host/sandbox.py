@@ -50,6 +50,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
+_server_fdinfo_dir = -1  # its fdinfo directory (the locks an fd holds, for migration)
 
 
 class SandboxError(Exception):
@@ -151,9 +152,10 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
 
 def _enter_chroot(shared_dir: str) -> None:
     proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fdinfo = os.open("/proc/self/fdinfo", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     os.chroot(shared_dir)
     os.chdir("/")
-    _reopen_through(proc_fd)
+    _reopen_through(proc_fd, fdinfo)
 
 
 def _enter_namespaces(flags: int, shared_dir: str) -> None:
@@ -163,6 +165,7 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
     _mount(None, "/", None, MS_SLAVE | MS_REC, "make / a slave mount")
     _mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
            "mount /proc")
+    fdinfo = os.open("/proc/self/fdinfo", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     # only our own fd directory stays reachable through /proc
     _mount("/proc/self/fd", "/proc", None, MS_BIND, "bind /proc/self/fd over /proc")
     proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -183,14 +186,17 @@ def _enter_namespaces(flags: int, shared_dir: str) -> None:
         os.close(old_root)
         os.close(new_root)
     os.chdir("/")
-    _reopen_through(proc_fd)
+    _reopen_through(proc_fd, fdinfo)
 
 
-def _reopen_through(proc_fd: int) -> None:
-    """Keep ``proc_fd`` (the server's fd directory) for :func:`server_fd_directory`; the
-    working directory stays the root, which workers inherit."""
-    global _server_fd_dir
+def _reopen_through(proc_fd: int, fdinfo: int) -> None:
+    """Keep ``proc_fd`` (the server's fd directory) for :func:`server_fd_directory` and
+    ``fdinfo`` (its fdinfo directory, whose files list the locks each fd holds) for
+    :func:`server_fdinfo_directory`; the working directory stays the root, which workers
+    inherit."""
+    global _server_fd_dir, _server_fdinfo_dir
     _server_fd_dir = proc_fd
+    _server_fdinfo_dir = fdinfo
 
 
 def server_fd_directory() -> int:
@@ -198,6 +204,11 @@ def server_fd_directory() -> int:
     own fd directory, through which every fd must be reopened from now on (the caller
     hands it to ``daemon.fs.proc_fd.use_fd_directory``); -1 outside a sandbox."""
     return _server_fd_dir
+
+
+def server_fdinfo_directory() -> int:
+    """As :func:`server_fd_directory`, the server's fdinfo directory (-1 outside)."""
+    return _server_fdinfo_dir
 
 
 def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],

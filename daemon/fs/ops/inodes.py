@@ -150,8 +150,8 @@ class InodeOps(FsBase):
         if fd >= 0:
             return fd
         handle = self.inodes.handle_of(slot)
-        if handle is None:
-            raise OSError(errno.EBADF, f"nodeid {nodeid} has neither fd nor file handle")
+        if handle is None:  # an inode a migration lost (daemon/fs/migration/state.py)
+            raise OSError(errno.EIO, f"nodeid {nodeid} was lost in a migration")
         fd = open_by_handle(self.mount_fd, handle[0], handle[1])
         self.fd_cache.opened += 1
         self.fd_cache.put(nodeid, fd)

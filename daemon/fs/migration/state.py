@@ -17,12 +17,13 @@ directory, or a copy, or shared storage). The state says how to find each inode 
 
 The destination re-creates the inode table with the same nodeids and lookup counts and the
 open-file table with the same fhs, each file re-opened with the flags the guest opened it
-with (O_TRUNC left out). Locks held by the guest are not part of the state.
+with (O_TRUNC left out), and takes the guest's host locks again (``locks.py``).
 
-Blob (a msgpack map): ``format`` "pyvirtiofsd-device-state", ``version`` 1, ``mode``,
+Blob (a msgpack map): ``format`` "pyvirtiofsd-device-state", ``version`` 2, ``mode``,
 ``session`` (the INIT flags agreed), ``root_lookups``, ``inodes``: maps with ``nodeid``,
 ``lookups``, ``mode``, ``parent``, ``name``, and ``path`` (bytes relative to the share, or
-nil) and/or ``handle`` [type, bytes]; ``handles``: [fh, nodeid, flags] triples.
+nil) and/or ``handle`` [type, bytes]; ``handles``: [fh, nodeid, flags] triples;
+``locks`` (version 2): see ``locks.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import msgpack
 
 from daemon.fs import proc_fd
 from daemon.fs.fd_cache import open_by_handle
+from daemon.fs.migration import locks as lock_state
 from daemon.fs.ops.base import O_PATH_FLAGS
 from daemon.fs.ops.session import SESSION_FLAGS
 from daemon.fs.passthrough import PassthroughFs
@@ -48,7 +50,8 @@ from shm_table import InodeEntry, InodeIds
 log = logging.getLogger("pyvirtiofsd.migration")
 
 FORMAT = "pyvirtiofsd-device-state"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: without locks
 MAX_STATE = 1 << 30  # a blob larger than this is refused on load
 
 
@@ -102,10 +105,17 @@ def _entry_fd(fs: PassthroughFs, entry: InodeEntry) -> tuple[int, bool]:
     return open_by_handle(fs.mount_fd, entry.handle, entry.handle_type), True
 
 
+class FileUnlinked(OSError):
+    """The inode has no name any more (the guest or the host unlinked it while it is open)."""
+
+
 def _path_of(fs: PassthroughFs, entry: InodeEntry, confirm: bool) -> bytes | None:
     fd, close = _entry_fd(fs, entry)
     try:
-        path = _relative(fs, _readlink_fd(fd))
+        target = _readlink_fd(fd)
+        if target.endswith(" (deleted)"):
+            raise FileUnlinked(errno.ENOENT, "unlinked")
+        path = _relative(fs, target)
         if path is not None and confirm:
             found = _walk(fs, path)
             try:
@@ -120,8 +130,10 @@ def _path_of(fs: PassthroughFs, entry: InodeEntry, confirm: bool) -> bytes | Non
             os.close(fd)
 
 
-def save_state(fs: PassthroughFs, options: MigrationOptions) -> bytes:
-    """The device state of ``fs`` (its workers stopped: the tables do not change)."""
+def save_state(fs: PassthroughFs, options: MigrationOptions,
+               held: lock_state.HeldLocks | None = None) -> bytes:
+    """The device state of ``fs`` (its workers stopped: the tables do not change), with
+    the locks ``held`` (:func:`daemon.fs.migration.locks.collect`)."""
     inodes: list[dict[str, Any]] = []
     root_lookups = 1
     for entry in sorted(fs.inodes.iter_entries(), key=lambda e: e.slot):
@@ -137,6 +149,8 @@ def save_state(fs: PassthroughFs, options: MigrationOptions) -> bytes:
         if options.mode == "find-paths" or "handle" not in record:
             try:
                 record["path"] = _path_of(fs, entry, options.confirm_paths)
+            except FileUnlinked:
+                record["unlinked"] = True  # its recorded parent+name may be another file now
             except OSError as e:
                 log.warning("migration: inode %d (%r): no path: %s", entry.nodeid,
                             entry.name, e.strerror or e)
@@ -145,7 +159,8 @@ def save_state(fs: PassthroughFs, options: MigrationOptions) -> bytes:
                sorted(fs.handles.iter_handles(), key=lambda h: h.slot)]
     state = {"format": FORMAT, "version": VERSION, "mode": options.mode,
              "session": SESSION_FLAGS.unpack_from(fs.session)[0],
-             "root_lookups": root_lookups, "inodes": inodes, "handles": handles}
+             "root_lookups": root_lookups, "inodes": inodes, "handles": handles,
+             "locks": (held or lock_state.HeldLocks()).to_state()}
     return msgpack.packb(state, use_bin_type=True)
 
 
@@ -183,6 +198,11 @@ def _open_inode(fs: PassthroughFs, record: dict[str, Any], found: dict[int, int]
                      record["nodeid"], e.strerror)
     if record.get("path") is not None:
         return _walk(fs, bytes(record["path"]))
+    if record.get("unlinked"):
+        # as virtiofsd: an inode that lost its name is lost (the name it was looked up by
+        # may be another file by now: writing there would destroy that file's data)
+        raise OSError(errno.ENOENT, "unlinked on the source, while open; only "
+                      "--migration-mode file-handles can carry it over")
     parent = found.get(record["parent"])
     if parent is None:
         raise OSError(errno.ENOENT, "no path, and its parent was not found")
@@ -218,11 +238,27 @@ def _restore_inode(fs: PassthroughFs, record: dict[str, Any], fd: int,
     fs.inodes.restore(entry)
 
 
+LOST_DEV = (1 << 64) - 1  # no device has this number: a lost inode's ids match no file
+
+
+def _restore_lost(fs: PassthroughFs, record: dict[str, Any]) -> None:
+    """An inode not found (``guest-error``), as virtiofsd's invalid inode: its nodeid
+    stays taken (never reused for another file while the guest still holds it; FORGET
+    works), without fd or file handle, so requests on it answer EIO."""
+    nodeid = int(record["nodeid"])
+    entry = InodeEntry(slot=0, nodeid=nodeid, lookups=int(record["lookups"]),
+                       ids=InodeIds(nodeid, LOST_DEV, LOST_DEV), fd=-1,
+                       mode=int(record["mode"]), handle=None, handle_type=0,
+                       handle_mnt_id=0, parent=int(record["parent"]),
+                       name=bytes(record["name"]))
+    fs.inodes.restore(entry)
+
+
 def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> None:
     """Re-create the source's nodeids and fhs in ``fs``'s tables (which hold only the root:
     a fresh daemon, before any worker). MigrationError when the state is unusable, or
     (``--migration-on-error abort``) when an inode cannot be found; with ``guest-error``
-    such inodes and their open files are left out, so the guest gets EBADF for them."""
+    such inodes and their open files stay, lost: the guest gets EIO for them."""
     try:
         state = msgpack.unpackb(blob, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as e:
@@ -230,9 +266,9 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MigrationError("device state is not pyvirtiofsd's (virtiofsd's own format is "
                              "not understood)")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise MigrationError(f"device state version {state.get('version')} (this daemon "
-                             f"reads {VERSION})")
+                             f"reads {READABLE_VERSIONS})")
     if len(fs.inodes) != 1 or len(fs.handles):
         raise MigrationError("the destination has served requests already")
     SESSION_FLAGS.pack_into(fs.session, 0, int(state["session"]))
@@ -249,6 +285,7 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
             except OSError as e:
                 failed.append(f"inode {record['nodeid']} ({record.get('path') or record['name']!r}"
                               f"): {e.strerror or e}")
+                _restore_lost(fs, record)
                 continue
             try:
                 found[int(record["nodeid"])] = os.dup(fd)
@@ -257,6 +294,7 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
                 os.close(fd)
                 found.pop(int(record["nodeid"]), None)
                 failed.append(f"inode {record['nodeid']}: {e.strerror or e}")
+                _restore_lost(fs, record)
             except BaseException:
                 os.close(fd)
                 raise
@@ -267,10 +305,24 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
             log.error("migration: %s; the guest gets errors for it", line)
         for fh, nodeid, flags in state["handles"]:
             fd = found.get(nodeid)
-            if fd is None:
-                log.error("migration: fh %#x of a lost inode %d left out", fh, nodeid)
-                continue
-            _reopen(fs, int(fh), int(nodeid), fd, int(flags))
+            try:
+                if fd is None:
+                    raise OSError(errno.ENOENT, f"its inode {nodeid} was not found")
+                _reopen(fs, int(fh), int(nodeid), fd, int(flags))
+            except OSError as e:
+                if options.on_error == "abort":
+                    raise MigrationError(f"fh {fh:#x}: {e.strerror or e}") from e
+                # as virtiofsd's invalid handle: the guest gets EIO for it, and may release it
+                log.error("migration: fh %#x: %s; the guest gets EIO for it", fh,
+                          e.strerror or e)
+                fs.handles.restore(int(fh), int(nodeid), -1, int(flags), broken=True)
+        try:
+            lost = lock_state.restore(fs, lock_state.HeldLocks.from_state(state.get("locks")),
+                                      found, options.on_error == "abort")
+        except OSError as e:
+            raise MigrationError(str(e)) from e
+        for line in lost:
+            log.error("migration: %s; the guest gets EIO for it", line)
     finally:
         for fd in found.values():
             os.close(fd)
