@@ -276,7 +276,11 @@ class DirtyLogHandlers:
     page that QEMU reads to send those pages again (daemon/native/ring.c)."""
 
     state: DeviceState
+    fs: PassthroughFs
+    migration: MigrationOptions
     _tell_workers: Callable[[dict], Awaitable[list[OSError]]]
+    _path_collector: migration.PathCollector | None  # find-paths: paths since logging
+    _collecting: asyncio.Future[None] | None
 
     async def on_set_log_base(self, msg: Message) -> bytes:
         """Take the new log (LOG_SHMFD: a shared-memory fd), switch the workers to it,
@@ -313,6 +317,31 @@ class DirtyLogHandlers:
             raise refused[0]
         log.info("migration: dirty-page logging %s",
                  "started" if self.state.logging else "stopped")
+        self._collect_paths(self.state.logging)
+
+    def _collect_paths(self, start: bool) -> None:
+        """find-paths: collect the inodes' paths while the guest still runs (as virtiofsd
+        does when logging starts), for the switch-over to re-check only what changed
+        (daemon/fs/migration/paths.py). A collection is checked whenever it is used, so
+        one kept after logging stopped stays usable, only slower."""
+        task = self._collecting
+        if task is not None and not task.done():
+            task.cancel()
+        self._collecting = None
+        if not start or self.migration.mode != "find-paths" or self.migration.confirm_paths:
+            if start:
+                self._path_collector = None
+            return
+        collector = migration.PathCollector(self.fs)
+        self._path_collector = collector
+
+        async def collect() -> None:
+            try:
+                await collector.collect()
+            except OSError as e:
+                log.warning("migration: collecting paths failed (%s); the switch-over reads "
+                            "them all", e)
+        self._collecting = asyncio.ensure_future(collect())
 
 
 TRANSFER_SAVE, TRANSFER_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions
@@ -354,7 +383,8 @@ class DeviceStateHandlers:
         if direction == TRANSFER_SAVE:
             self.take_locks_back()  # a second save after a failed one
             try:
-                blob, self._handed_over = migration.hand_over_state(self.fs, self.migration)
+                blob, self._handed_over = migration.hand_over_state(
+                    self.fs, self.migration, self._path_collector)
             except BaseException:
                 close_quietly(fd)
                 raise
@@ -459,6 +489,8 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self.migration = migration_options or MigrationOptions()
         self._transfer = None
         self._handed_over = None
+        self._path_collector = None
+        self._collecting = None
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
