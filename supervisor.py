@@ -363,6 +363,7 @@ class DeviceStateHandlers:
     migration: MigrationOptions
     _transfer: asyncio.Future[None] | None
     _handed_over: migration.HeldLocks | None  # the source's locks, while in the state
+    parked: dict[int, list[list[int]]]  # queue -> SETLKWs its stopped worker had parked
 
     async def on_set_device_state_fd(self, msg: Message) -> bytes:
         if len(msg.payload) < vu.DEVICE_STATE.size:
@@ -384,7 +385,7 @@ class DeviceStateHandlers:
             self.take_locks_back()  # a second save after a failed one
             try:
                 blob, self._handed_over = migration.hand_over_state(
-                    self.fs, self.migration, self._path_collector)
+                    self.fs, self.migration, self._path_collector, self.parked)
             except BaseException:
                 close_quietly(fd)
                 raise
@@ -409,7 +410,7 @@ class DeviceStateHandlers:
 
     async def _load_from(self, fd: int) -> None:
         blob = await _read_all(fd, migration.MAX_STATE)
-        migration.load_state(self.fs, blob, self.migration)
+        self.parked = migration.load_state(self.fs, blob, self.migration)
         log.info("migration: device state loaded (%d inodes, %d open files)",
                  len(self.fs.inodes) - 1, len(self.fs.handles))
 
@@ -491,6 +492,8 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self._handed_over = None
         self._path_collector = None
         self._collecting = None
+        # queue -> the SETLKWs its stopped worker had parked, for the next worker
+        self.parked: dict[int, list[list[int]]] = {}
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
@@ -667,6 +670,8 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
                     answer = None
                 if answer is not None:
                     base = int(answer.get("last_avail", vring.base))
+                    # its waiting SETLKWs, for the queue's next worker (or the state)
+                    self.parked[index] = list(answer.get("parked", []))
             if base is None and (worker is not None or vring.resume):
                 assert vring.addr is not None
                 base = load_u16_at(self.state.regions, vring.addr.used_user_addr + 2)
@@ -805,7 +810,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
             indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
             regions=self._region_list(), resume_from_used=resume,
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
-            c_path=self.c_path,
+            c_path=self.c_path, parked=self.parked.pop(index, []),
         )
         log = self.state.log_setup()
         setup.log_fd, setup.log_size, setup.log_offset = log["fd"], log["size"], log["offset"]

@@ -25,11 +25,14 @@ __all__ = ["FORMAT", "MAX_STATE", "VERSION", "HeldLocks", "MigrationError",
 
 
 def hand_over_state(fs: PassthroughFs, options: MigrationOptions,
-                    collector: PathCollector | None = None) -> tuple[bytes, HeldLocks]:
+                    collector: PathCollector | None = None,
+                    parked: dict[int, list[list[int]]] | None = None,
+                    ) -> tuple[bytes, HeldLocks]:
     """The source's switch-over: the state, and the locks it let go of for the destination
     to take (:func:`locks.take_back` them if the migration fails). ``collector``: the
-    paths gathered since logging started."""
+    paths gathered since logging started; ``parked``: the SETLKWs each queue's stopped
+    worker was waiting with."""
     held = locks.collect(fs)
-    blob = save_state(fs, options, held, collector)
+    blob = save_state(fs, options, held, collector, parked)
     locks.hand_over(fs, held)
     return blob, held

@@ -121,11 +121,14 @@ class Found:
         self.c_lens = lens
 
 
-def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> None:
+def load_state(fs: PassthroughFs, blob: bytes,
+               options: MigrationOptions) -> dict[int, list[list[int]]]:
     """Re-create the source's nodeids and fhs in ``fs``'s tables (which hold only the root:
     a fresh daemon, before any worker). MigrationError when the state is unusable, or
-    (``--migration-on-error abort``) when an inode cannot be found."""
+    (``--migration-on-error abort``) when an inode cannot be found. Returns the SETLKWs
+    each queue's worker is to wait with again."""
     state = unpack(blob)
+    parked = _parked(state.get("parked"))
     if len(fs.inodes) != 1 or len(fs.handles):
         raise MigrationError("the destination has served requests already")
     cols = read_columns(state["inodes"])
@@ -166,6 +169,21 @@ def load_state(fs: PassthroughFs, blob: bytes, options: MigrationOptions) -> Non
         to_close = array("i", [-1 if i in owned else fd
                                for i, fd in enumerate(ffi.unpack(found.fd, n))])
         lib.pyvfs_close_fds(ffi.from_buffer("int32_t[]", to_close), n)
+    return parked
+
+
+def _parked(parked: Any) -> dict[int, list[list[int]]]:
+    """The state's waiting SETLKWs, checked (each worker checks its heads)."""
+    if parked is None:
+        return {}
+    try:
+        out = {int(q): [[int(x) for x in entry] for entry in entries]
+               for q, entries in parked.items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise MigrationError(f"device state: bad waiting SETLKWs ({e})") from e
+    if any(len(entry) != 10 for entries in out.values() for entry in entries):
+        raise MigrationError("device state: bad waiting SETLKWs")
+    return out
 
 
 def _find_all(fs: PassthroughFs, state: dict[str, Any], cols: dict[str, Any], found: Found,

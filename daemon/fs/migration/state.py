@@ -26,7 +26,9 @@ Blob (a msgpack map): ``format`` "pyvirtiofsd-device-state", ``version`` 2, ``mo
 ``session`` (the INIT flags agreed), ``root_lookups``, ``inodes`` (columns, see
 :data:`COLUMNS`: one C call exports them from the table and one restores them, so the
 stopped phase costs no Python per inode), ``handles``: [fh, nodeid, flags] triples,
-``locks``: see ``locks.py``.
+``locks``: see ``locks.py``; ``parked``: queue -> [head, unique, fh, nodeid, owner,
+start, end, type, flock, pid] per SETLKW its worker was waiting with (its chain is still in
+guest memory: the destination's worker of that queue answers it).
 """
 
 from __future__ import annotations
@@ -141,10 +143,11 @@ def _paths(fs: PassthroughFs, inodes: Inodes, options: MigrationOptions,
 
 def save_state(fs: PassthroughFs, options: MigrationOptions,
                held: lock_state.HeldLocks | None = None,
-               collector: PathCollector | None = None) -> bytes:
+               collector: PathCollector | None = None,
+               parked: dict[int, list[list[int]]] | None = None) -> bytes:
     """The device state of ``fs`` (its workers stopped: the tables do not change), with
-    the locks ``held`` (:func:`daemon.fs.migration.locks.collect`) and the paths
-    ``collector`` gathered while the guest ran."""
+    the locks ``held`` (:func:`daemon.fs.migration.locks.collect`), the paths
+    ``collector`` gathered while the guest ran and the SETLKWs ``parked`` per queue."""
     cols = fs.inodes.export(with_handles=True)
     inodes = Inodes(cols)
     paths = _paths(fs, inodes, options, collector)
@@ -167,7 +170,8 @@ def save_state(fs: PassthroughFs, options: MigrationOptions,
     state = {"format": FORMAT, "version": VERSION, "mode": options.mode,
              "session": SESSION_FLAGS.unpack_from(fs.session)[0],
              "root_lookups": fs.inodes.lookups(fuse.ROOT_ID), "inodes": columns,
-             "handles": handles, "locks": (held or lock_state.HeldLocks()).to_state()}
+             "handles": handles, "locks": (held or lock_state.HeldLocks()).to_state(),
+             "parked": {q: entries for q, entries in (parked or {}).items() if entries}}
     return msgpack.packb(state, use_bin_type=True)
 
 
