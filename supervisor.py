@@ -276,7 +276,11 @@ class DirtyLogHandlers:
     page that QEMU reads to send those pages again (daemon/native/ring.c)."""
 
     state: DeviceState
+    fs: PassthroughFs
+    migration: MigrationOptions
     _tell_workers: Callable[[dict], Awaitable[list[OSError]]]
+    _path_collector: migration.PathCollector | None  # find-paths: paths since logging
+    _collecting: asyncio.Future[None] | None
 
     async def on_set_log_base(self, msg: Message) -> bytes:
         """Take the new log (LOG_SHMFD: a shared-memory fd), switch the workers to it,
@@ -313,6 +317,31 @@ class DirtyLogHandlers:
             raise refused[0]
         log.info("migration: dirty-page logging %s",
                  "started" if self.state.logging else "stopped")
+        self._collect_paths(self.state.logging)
+
+    def _collect_paths(self, start: bool) -> None:
+        """find-paths: collect the inodes' paths while the guest still runs (as virtiofsd
+        does when logging starts), for the switch-over to re-check only what changed
+        (daemon/fs/migration/paths.py). A collection is checked whenever it is used, so
+        one kept after logging stopped stays usable, only slower."""
+        task = self._collecting
+        if task is not None and not task.done():
+            task.cancel()
+        self._collecting = None
+        if not start or self.migration.mode != "find-paths" or self.migration.confirm_paths:
+            if start:
+                self._path_collector = None
+            return
+        collector = migration.PathCollector(self.fs)
+        self._path_collector = collector
+
+        async def collect() -> None:
+            try:
+                await collector.collect()
+            except OSError as e:
+                log.warning("migration: collecting paths failed (%s); the switch-over reads "
+                            "them all", e)
+        self._collecting = asyncio.ensure_future(collect())
 
 
 TRANSFER_SAVE, TRANSFER_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions
@@ -334,6 +363,7 @@ class DeviceStateHandlers:
     migration: MigrationOptions
     _transfer: asyncio.Future[None] | None
     _handed_over: migration.HeldLocks | None  # the source's locks, while in the state
+    parked: dict[int, list[list[int]]]  # queue -> SETLKWs its stopped worker had parked
 
     async def on_set_device_state_fd(self, msg: Message) -> bytes:
         if len(msg.payload) < vu.DEVICE_STATE.size:
@@ -354,7 +384,8 @@ class DeviceStateHandlers:
         if direction == TRANSFER_SAVE:
             self.take_locks_back()  # a second save after a failed one
             try:
-                blob, self._handed_over = migration.hand_over_state(self.fs, self.migration)
+                blob, self._handed_over = migration.hand_over_state(
+                    self.fs, self.migration, self._path_collector, self.parked)
             except BaseException:
                 close_quietly(fd)
                 raise
@@ -379,7 +410,7 @@ class DeviceStateHandlers:
 
     async def _load_from(self, fd: int) -> None:
         blob = await _read_all(fd, migration.MAX_STATE)
-        migration.load_state(self.fs, blob, self.migration)
+        self.parked = migration.load_state(self.fs, blob, self.migration)
         log.info("migration: device state loaded (%d inodes, %d open files)",
                  len(self.fs.inodes) - 1, len(self.fs.handles))
 
@@ -459,6 +490,10 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self.migration = migration_options or MigrationOptions()
         self._transfer = None
         self._handed_over = None
+        self._path_collector = None
+        self._collecting = None
+        # queue -> the SETLKWs its stopped worker had parked, for the next worker
+        self.parked: dict[int, list[list[int]]] = {}
         self.notifier = notifier or Notifier()
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.tag = tag
@@ -635,6 +670,8 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
                     answer = None
                 if answer is not None:
                     base = int(answer.get("last_avail", vring.base))
+                    # its waiting SETLKWs, for the queue's next worker (or the state)
+                    self.parked[index] = list(answer.get("parked", []))
             if base is None and (worker is not None or vring.resume):
                 assert vring.addr is not None
                 base = load_u16_at(self.state.regions, vring.addr.used_user_addr + 2)
@@ -773,7 +810,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
             indirect=bool(features & vu.VIRTIO_RING_F_INDIRECT_DESC),
             regions=self._region_list(), resume_from_used=resume,
             poll_us=self.poll_us if index > 0 else 0,  # FORGETs need no low latency
-            c_path=self.c_path,
+            c_path=self.c_path, parked=self.parked.pop(index, []),
         )
         log = self.state.log_setup()
         setup.log_fd, setup.log_size, setup.log_offset = log["fd"], log["size"], log["offset"]

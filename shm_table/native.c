@@ -1725,6 +1725,66 @@ int ht_restore(void *base, uint64_t fh, uint64_t nodeid, int32_t fd, uint32_t fl
     return r;
 }
 
+/* Live migration's source: the live entries but the root, in rising slot order, as the
+ * device state's columns (at most max; names and handles concatenated, handles only when
+ * `handles` is not NULL). The count, or -1 when a column or buffer is too small. */
+int64_t it_export(void *base, uint32_t max, uint64_t *nodeid, uint64_t *lookups,
+                  uint64_t *parent, uint32_t *mode, int32_t *fd, uint16_t *name_len,
+                  uint8_t *names, uint64_t names_cap, uint16_t *handle_len,
+                  int32_t *handle_type, uint8_t *handles, uint64_t handles_cap) {
+    hdr_t *h = H(base);
+    uint32_t hwm = LD_ACQ(&h->hwm);
+    uint64_t n = 0, names_at = 0, handles_at = 0;
+    it_entry_t e;
+    for (uint32_t slot = 0; slot < hwm; slot++) {
+        if (it_snapshot(base, slot, &e) != 1 || e.nodeid == 1) continue;
+        if (n >= max || names_at + e.name_len > names_cap ||
+            (handles && e.has_handle && handles_at + e.handle_bytes > handles_cap))
+            return -1;
+        nodeid[n] = e.nodeid;
+        lookups[n] = e.lookups;
+        parent[n] = e.parent;
+        mode[n] = e.mode;
+        fd[n] = e.fd;
+        name_len[n] = (uint16_t)e.name_len;
+        memcpy(names + names_at, e.name, e.name_len);
+        names_at += e.name_len;
+        handle_len[n] = 0;
+        handle_type[n] = 0;
+        if (handles && e.has_handle) {
+            handle_len[n] = (uint16_t)e.handle_bytes;
+            handle_type[n] = e.handle_type;
+            memcpy(handles + handles_at, e.handle, e.handle_bytes);
+            handles_at += e.handle_bytes;
+        }
+        n++;
+    }
+    return (int64_t)n;
+}
+
+/* Live migration's destination: it_restore for n entries given as columns (handles and
+ * names concatenated; handle_len 0: none; the handle's mount is the entry's mnt_id).
+ * status[i]: it_restore's result. Returns the number restored. */
+uint32_t it_restore_many(void *base, uint32_t n, const uint64_t *nodeid,
+                         const uint64_t *lookups, const uint64_t *ino, const uint64_t *dev,
+                         const uint64_t *mnt_id, const uint8_t *handles,
+                         const uint16_t *handle_len, const int32_t *handle_type,
+                         const int32_t *fd, const uint32_t *mode, const uint64_t *parent,
+                         const uint8_t *names, const uint16_t *name_len, int32_t *status) {
+    uint64_t names_at = 0, handles_at = 0;
+    uint32_t done = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const char *hb = handle_len[i] ? (const char *)handles + handles_at : NULL;
+        status[i] = it_restore(base, nodeid[i], lookups[i], ino[i], dev[i], mnt_id[i], hb,
+                               handle_len[i], handle_type[i], mnt_id[i], fd[i], mode[i],
+                               parent[i], (const char *)names + names_at, name_len[i]);
+        if (status[i] == 0) done++;
+        handles_at += handle_len[i];
+        names_at += name_len[i];
+    }
+    return done;
+}
+
 static void ht_after_unpin(hdr_t *h, uint64_t fh) {
     uint32_t slot = fh_slot(h, fh);
     if (slot == NONE32) return;

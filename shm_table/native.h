@@ -92,6 +92,17 @@ int ht_snapshot(void *base, uint32_t slot, ht_entry_t *out);
 int ht_check(void *base, char *msg, size_t msglen);
 /* migration: an open file under the fh it had on the source (rising slots, empty table) */
 int ht_restore(void *base, uint64_t fh, uint64_t nodeid, int32_t fd, uint32_t flags);
+/* migration: the live entries as the device state's columns; and their restore */
+int64_t it_export(void *base, uint32_t max, uint64_t *nodeid, uint64_t *lookups,
+                  uint64_t *parent, uint32_t *mode, int32_t *fd, uint16_t *name_len,
+                  uint8_t *names, uint64_t names_cap, uint16_t *handle_len,
+                  int32_t *handle_type, uint8_t *handles, uint64_t handles_cap);
+uint32_t it_restore_many(void *base, uint32_t n, const uint64_t *nodeid,
+                         const uint64_t *lookups, const uint64_t *ino, const uint64_t *dev,
+                         const uint64_t *mnt_id, const uint8_t *handles,
+                         const uint16_t *handle_len, const int32_t *handle_type,
+                         const int32_t *fd, const uint32_t *mode, const uint64_t *parent,
+                         const uint8_t *names, const uint16_t *name_len, int32_t *status);
 /* an open file whose requests (but RELEASE) answer EIO from now on: ht_pin returns -5 */
 int ht_set_broken(void *base, uint64_t fh);
 #define HT_BROKEN 0x80000000

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -406,6 +407,60 @@ class InodeTable(_Segment):
                                 "is taken, out of order or beyond the capacity")
         if r != 0:
             raise ValueError(f"inode {entry.nodeid}: bad entry to restore")
+
+    def export(self, with_handles: bool) -> dict[str, Any]:
+        """Live migration's source: the live entries but the root, in rising slot order,
+        as columns: ``count``; ``nodeid``, ``lookups``, ``parent`` (array 'Q'), ``mode``
+        ('I'), ``fd`` ('i'), ``name_len`` ('H'), ``names`` (bytes, concatenated); with
+        ``with_handles`` also ``handle_len`` ('H', 0: none), ``handle_type`` ('i') and
+        ``handles`` (bytes). One C call, however many entries."""
+        while True:
+            cap = max(lib.it_hwm(self._b), 1)
+            cols = {k: ffi.new(f"{t}[]", cap) for k, t in (
+                ("nodeid", "uint64_t"), ("lookups", "uint64_t"), ("parent", "uint64_t"),
+                ("mode", "uint32_t"), ("fd", "int32_t"), ("name_len", "uint16_t"),
+                ("handle_len", "uint16_t"), ("handle_type", "int32_t"))}
+            names = ffi.new("uint8_t[]", cap * NAME_MAX)
+            handles = ffi.new("uint8_t[]", cap * MAX_HANDLE_SZ) if with_handles else ffi.NULL
+            n = lib.it_export(self._b, cap, cols["nodeid"], cols["lookups"], cols["parent"],
+                              cols["mode"], cols["fd"], cols["name_len"], names,
+                              cap * NAME_MAX, cols["handle_len"], cols["handle_type"],
+                              handles, cap * MAX_HANDLE_SZ if with_handles else 0)
+            if n >= 0:
+                break  # else the table grew meanwhile: again, larger
+        out: dict[str, Any] = {"count": n}
+        for key, code in (("nodeid", "Q"), ("lookups", "Q"), ("parent", "Q"), ("mode", "I"),
+                          ("fd", "i"), ("name_len", "H"), ("handle_len", "H"),
+                          ("handle_type", "i")):
+            col = array(code)
+            col.frombytes(ffi.buffer(cols[key], n * col.itemsize))
+            out[key] = col
+        out["names"] = bytes(ffi.buffer(names, sum(out["name_len"])))
+        if with_handles:
+            out["handles"] = bytes(ffi.buffer(handles, sum(out["handle_len"])))
+        else:
+            del out["handle_len"], out["handle_type"]
+        return out
+
+    def restore_many(self, cols: dict[str, Any]) -> list[int]:
+        """Live migration's destination: :meth:`restore` for columns as :meth:`export` makes
+        them plus ``ino``, ``dev``, ``mnt_id`` ('Q') and the ``fd`` ('i') each entry keeps
+        (-1: by file handle). Returns the indexes that failed (slot taken, bad entry)."""
+        n = cols["count"]
+        status = ffi.new("int32_t[]", max(n, 1))
+
+        def c(key: str, ctype: str) -> Any:
+            return ffi.from_buffer(f"{ctype}[]", cols[key]) if n else ffi.NULL
+
+        done = lib.it_restore_many(
+            self._b, n, c("nodeid", "uint64_t"), c("lookups", "uint64_t"),
+            c("ino", "uint64_t"), c("dev", "uint64_t"), c("mnt_id", "uint64_t"),
+            ffi.from_buffer("uint8_t[]", cols["handles"] or b"\0"),
+            c("handle_len", "uint16_t"), c("handle_type", "int32_t"), c("fd", "int32_t"),
+            c("mode", "uint32_t"), c("parent", "uint64_t"),
+            ffi.from_buffer("uint8_t[]", cols["names"] or b"\0"), c("name_len", "uint16_t"),
+            status)
+        return [] if done == n else [i for i in range(n) if status[i] != 0]
 
     # -- hot path (lock-free, except freeing an entry) -------------------------------------
     def pin(self, nodeid: int) -> tuple[int, int] | None:

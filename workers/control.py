@@ -19,7 +19,7 @@ OP_MEM = "mem"  # regions: [[gpa, size, uva, mmap_offset, fd], ...]
 OP_CALL = "call"  # fd: new call eventfd, or -1
 OP_KICK = "kick"  # fd: new kick eventfd
 OP_ENABLE = "enable"  # on: bool
-OP_STOP = "stop"  # reply carries last_avail
+OP_STOP = "stop"  # reply carries last_avail and the parked SETLKWs (see ParkedLocks.export)
 OP_LOG = "log"  # fd, size, offset: the dirty log to mark guest writes in (fd -1: stop)
 
 
@@ -57,3 +57,6 @@ class QueueSetup:
     log_fd: int = -1
     log_size: int = 0
     log_offset: int = 0
+    # SETLKWs a stopped worker of this queue had parked (ParkedLocks.export): this one
+    # parks them again and answers them into their chains (live migration, a restart)
+    parked: list[list[int]] = field(default_factory=list)

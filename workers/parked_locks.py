@@ -3,7 +3,14 @@
 A SETLKW that cannot be granted at once is parked here while the queue keeps serving; the
 worker retries every parked request every few milliseconds and answers each once it got
 its lock, failed, or was interrupted by the guest (FUSE_INTERRUPT, which may arrive on
-another queue's worker: it is posted on the shared interrupt board)."""
+another queue's worker: it is posted on the shared interrupt board).
+
+When the worker stops (GET_VRING_BASE: live migration, or the rings restart) the parked
+requests are handed to the supervisor (:meth:`ParkedLocks.export`); the queue's next
+worker, here or on the migration's destination, parks them again
+(:meth:`ParkedLocks.adopt`) and answers each into its descriptor chain, which is still in
+guest memory: it was popped before the stop reported the ring's last avail index, so the
+guest waits for its used entry and gets it exactly once."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import errno
 import logging
 from collections.abc import Callable
 
-from daemon.fs.passthrough import PendingLock
+from daemon.fs.passthrough import PassthroughFs, PendingLock
 from workers.interrupts import InterruptBoard
 
 log = logging.getLogger("pyvirtiofsd.worker")
@@ -29,6 +36,33 @@ class ParkedLocks:
 
     def park(self, head: int, unique: int, lock: PendingLock) -> None:
         self.waiting.append((head, unique, lock))
+
+    def export(self, limit: int) -> list[list[int]]:
+        """[head, unique, fh, nodeid, owner, start, end, type, flock, pid] per waiting
+        SETLKW, at most ``limit`` (the rest are lost, logged)."""
+        out = [[head, unique, w.fh, w.nodeid, w.owner, w.start, w.end, w.kind, int(w.flock),
+                w.pid] for head, unique, w in self.waiting]
+        if len(out) > limit:
+            log.error("queue %d: %d waiting SETLKWs are lost in the stop (at most %d are "
+                      "handed on)", self.queue, len(out) - limit, limit)
+        return out[:limit]
+
+    def adopt(self, fs: PassthroughFs, parked: list[list[int]], ring_size: int) -> None:
+        """Park the SETLKWs a stopped worker of this queue handed on."""
+        for entry in parked:
+            try:
+                head, unique, fh, nodeid, owner, start, end, kind, flock, pid = (
+                    int(x) for x in entry)
+            except (TypeError, ValueError):
+                log.error("queue %d: a handed-on SETLKW %r is malformed; dropped",
+                          self.queue, entry)
+                continue
+            if not 0 <= head < ring_size:
+                log.error("queue %d: handed-on SETLKW %d has head %d beyond the ring; "
+                          "dropped", self.queue, unique, head)
+                continue
+            self.park(head, unique, PendingLock(fs, fh, nodeid, owner, start, end, kind,
+                                                bool(flock), pid))
 
     def interrupt(self, target: int) -> None:
         """FUSE_INTERRUPT: a SETLKW waiting here ends with EINTR at the next retry (not

@@ -53,6 +53,7 @@ SERVE_TIMEOUT = lib.PYVFS_SERVE_TIMEOUT
 SERVE_ERROR = lib.PYVFS_SERVE_ERROR
 PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 LOCK_RETRY_MS = 10
+PARKED_HANDED_ON = 800  # waiting SETLKWs a stop hands on (its reply's size is bounded)
 WARN_BURST = 100
 WARN_PERIOD = 10.0
 # The high-priority queue carries FORGETs (and the rare INTERRUPT), which nobody waits for:
@@ -130,6 +131,7 @@ class QueueWorker:
         self.header_view = ffi.buffer(self.header)
         self.argbuf = ffi.new("char[]", MAX_REQUEST)
         self.parked = ParkedLocks(setup.index, interrupts)  # SETLKWs waiting for a lock
+        self.parked.adopt(fs, setup.parked, setup.size)  # a stopped worker's, if any
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
 
@@ -292,6 +294,7 @@ class QueueWorker:
         elif op == control.OP_STOP:
             self.epoll.close()  # its own fd, else left open in the shared table for ever
             reply["last_avail"] = self.queue.last_avail_idx
+            reply["parked"] = self.parked.export(PARKED_HANDED_ON)
             self.control.send(control.encode(reply))
             os._exit(0)
         else:

@@ -44,6 +44,16 @@ int pyvfs_access_fd(int fd, int mode);
 int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
 int pyvfs_syncfs(int fd);
 
+/* ---- migrate.c: live migration's destination finds the device state's inodes */
+#define PYVFS_NO_PATH 0xFFFFFFFF
+#define PYVFS_MIGRATE_HANDLE_MAX 128
+int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint64_t *parent,
+                       const uint8_t *paths, const uint32_t *path_len, int want_handles,
+                       int32_t *fd, uint64_t *ino, uint64_t *dev, uint32_t *mode,
+                       uint64_t *mnt_id, uint8_t *handles, uint16_t *handle_len,
+                       int32_t *handle_type, int32_t *err);
+void pyvfs_close_fds(int32_t *fds, uint32_t n);
+
 /* ---- memory.c: guest memory mapping, ring loads, copies to and from a chain's buffers */
 /* a guest memory region: guest-physical start, size, where it is mapped here */
 typedef struct { uint64_t gpa; uint64_t size; uint64_t host; } pyvfs_region_t;

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from daemon.fs.migration import inode_records
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
 from tests.support.daemon import daemon_log, start_pyvirtiofsd
@@ -174,7 +175,7 @@ def test_paths_are_read_at_the_switch_over(tmp_path: Path, sandbox: str) -> None
         result, blob = transfer(fe, SAVE)
         assert result == 0
         fe.close()
-    paths = {r["nodeid"]: r["path"] for r in msgpack.unpackb(blob)["inodes"]}
+    paths = {r["nodeid"]: r["path"] for r in inode_records(msgpack.unpackb(blob))}
     assert paths[ids["file"]] == b"moved/file"
     with daemon(share, tmp_path / "b.sock", "--sandbox", sandbox):
         fe, result = load_into(share, tmp_path / "b.sock", blob)
@@ -233,4 +234,28 @@ def test_device_state_is_offered(tmp_path: Path) -> None:
         fe = connect(tmp_path / "a.sock", 0)
         pf = vu.decode_u64(fe.call(R.GET_PROTOCOL_FEATURES))
         assert pf & vu.ProtocolFeature.DEVICE_STATE
+        fe.close()
+
+
+@pytest.mark.parametrize("damage", ["short column", "huge slot", "path lengths", "order"])
+def test_inconsistent_columns_fail_the_check(tmp_path: Path, damage: str) -> None:
+    """A state whose columns do not fit together is refused, never half-used."""
+    share = make_share(tmp_path)
+    _ids, blob = save_from(share, tmp_path / "a.sock")
+    state = msgpack.unpackb(blob)
+    inodes = state["inodes"]
+    if damage == "short column":
+        inodes["lookups"] = inodes["lookups"][:-8]
+    elif damage == "huge slot":
+        inodes["nodeid"] = inodes["nodeid"][:-8] + (1 << 32 | 0xFFFFFFF0).to_bytes(8, "little")
+    elif damage == "path lengths":
+        inodes["paths"] += b"x"
+    else:  # slots must rise
+        n = inodes["nodeid"]
+        inodes["nodeid"] = n[8:16] + n[:8] + n[16:]
+    with daemon(share, tmp_path / "b.sock") as proc:
+        fe, result = load_into(share, tmp_path / "b.sock", msgpack.packb(state))
+        assert result != 0
+        assert "device state transfer failed" in daemon_log(proc)
+        assert fe.call(R.GET_QUEUE_NUM)  # still serving
         fe.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from daemon.fs.migration import inode_records
 from daemon.protocol import fuse
 from tests.protocol.test_migration_state import (
     LOAD,
@@ -63,7 +64,8 @@ def test_unlinked_open_file(tmp_path: Path, mode: str, policy: str) -> None:
         stop_rings(fe)
         result, blob = transfer(fe, SAVE)
         assert result == 0
-        record = next(r for r in msgpack.unpackb(blob)["inodes"] if r["nodeid"] == victim)
+        record = next(r for r in inode_records(msgpack.unpackb(blob))
+                      if r["nodeid"] == victim)
         assert record["path"] is None
         if mode == "find-paths":
             assert record["unlinked"] is True
