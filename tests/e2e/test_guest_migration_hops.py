@@ -20,7 +20,7 @@ import pytest
 
 from tests.support import migholder, qemu10
 from tests.support.daemon import start_pyvirtiofsd
-from tests.support.hops import Hops
+from tests.support.hops import DaemonStarter, Hops
 from tests.support.migrate import MigrationPair
 
 KERNEL, QUEUES, NFILES, HOPS = "6.12", 2, 300, 3
@@ -35,7 +35,9 @@ def qemu() -> qemu10.Qemu:
         pytest.fail(f"no QEMU >= 8.2 for the migration tests: {e}; bash .ci/setup fetches it")
 
 
-def pyvirtiofsd_starter(mode: str):  # noqa: ANN201 (a DaemonStarter)
+def pyvirtiofsd_starter(mode: str) -> DaemonStarter:
+    """Fresh pyvirtiofsd daemons for the hops: two request queues, ``mode``, and the
+    --migration-on-error each hop asks for."""
     def start(share: Path, sock: Path, on_error: str) -> subprocess.Popen[bytes]:
         return start_pyvirtiofsd(share, sock, "--num-request-queues", str(QUEUES),
                                  "--migration-mode", mode, "--migration-on-error", on_error)
