@@ -38,6 +38,7 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         self.file = self.sock.makefile("rwb")
         self.events: list[dict] = []
@@ -65,7 +66,10 @@ class Qmp:
             if remaining <= 0:
                 raise TimeoutError(f"no QMP event {name} within {timeout} s")
             self.sock.settimeout(remaining)
-            line = self.file.readline()
+            try:
+                line = self.file.readline()
+            finally:
+                self.sock.settimeout(self.timeout)
             if not line:
                 raise ConnectionError("QMP connection closed")
             msg = json.loads(line)
