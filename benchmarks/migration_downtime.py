@@ -4,9 +4,13 @@ source's SET_DEVICE_STATE_FD(save) to its CHECK_DEVICE_STATE answer (the state w
 into the pipe), and from the destination's SET_DEVICE_STATE_FD(load) to its
 CHECK_DEVICE_STATE answer (the tables re-created), as QEMU drives them while the guest is
 stopped. The source's logging starts before (SET_FEATURES with LOG_ALL), as in a real
-migration, so paths collected in the pre-copy count for nothing here.
+migration, and the paths the daemon collects meanwhile (the pre-copy) are not counted.
 
     python3 -m benchmarks.migration_downtime [--inodes 3000] [--open 50] [--runs 5]
+        [--mode find-paths|file-handles]
+
+Each run starts fresh daemons of the tree this file is run from; to compare two trees,
+run it (with tests/protocol/test_migration_paths.py beside it) from each in turn.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ def one_run(base: Path, names: list[tuple[str, str]], n_open: int,
                 assert err == 0
                 opened += 1
         start_logging(fe)
-        if "file-handles" not in extra:
-            wait_collected(src)  # the pre-copy: the daemon collects paths meanwhile
+        if "file-handles" not in extra:  # the pre-copy: the daemon collects paths
+            wait_collected(src, 3, must=False)  # (a daemon before that collected none)
         for index in fe.rings:
             fe.call(R.GET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
         save_s, blob = timed_transfer(fe, SAVE)

@@ -1,5 +1,6 @@
 /* Live migration's destination: find the device state's inodes below the share in one call
- * (daemon/fs/migration/columns.py). The guest is stopped while this runs, so every system
+ * (daemon/fs/migration/find.py): by file handle where one is given (mount_fd >= 0:
+ * file-handles mode), else (or when it fails) by path. The guest is stopped while this runs, so every system
  * call and every Python round trip per inode counts: an inode whose path is its parent's
  * path and one more name is opened relative to the parent's fd (one openat), others are
  * walked from the share one component at a time, never following a symlink and refusing
@@ -49,8 +50,37 @@ static int walk(int root, const uint8_t *path, uint32_t len) {
     return fd;
 }
 
+/* What inode `fd` is: ids, mode and (want_handles) its file handle, appended to handles.
+ * 0 with err[i] set when it cannot be stat'ed. */
+static int identify(int fd, uint32_t i, int want_handles, uint64_t *ino, uint64_t *dev,
+                    uint32_t *mode, uint64_t *mnt_id, uint8_t *handles, uint64_t *handles_at,
+                    uint16_t *handle_len, int32_t *handle_type, int32_t *err) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        err[i] = errno;
+        return 0;
+    }
+    ino[i] = st.st_ino;
+    dev[i] = st.st_dev;
+    mode[i] = st.st_mode;
+    if (want_handles) {
+        int type = 0, mnt = 0;
+        int got = pyvfs_name_to_handle(fd, "", AT_EMPTY_PATH, handles + *handles_at,
+                                       PYVFS_MIGRATE_HANDLE_MAX, &type, &mnt);
+        if (got > 0) {
+            handle_len[i] = (uint16_t)got;
+            handle_type[i] = type;
+            mnt_id[i] = (uint64_t)mnt;
+            *handles_at += (uint64_t)got;
+        }
+    }
+    return 1;
+}
+
 int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint64_t *parent,
                        const uint8_t *paths, const uint32_t *path_len, int want_handles,
+                       int mount_fd, const uint8_t *src_handles,
+                       const uint16_t *src_handle_len, const int32_t *src_handle_type,
                        int32_t *fd, uint64_t *ino, uint64_t *dev, uint32_t *mode,
                        uint64_t *mnt_id, uint8_t *handles, uint16_t *handle_len,
                        int32_t *handle_type, int32_t *err) {
@@ -73,7 +103,7 @@ int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint6
         if (path_len[i] != PYVFS_NO_PATH) at += path_len[i];
         by_slot[(uint32_t)nodeid[i]] = (int32_t)i;
     }
-    uint64_t handles_at = 0;
+    uint64_t handles_at = 0, src_at = 0;
     char name[256];
     for (uint32_t i = 0; i < n; i++) {
         fd[i] = -1;
@@ -82,10 +112,25 @@ int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint6
         handle_type[i] = 0;
         mnt_id[i] = 0;
         uint32_t len = path_len[i];
-        if (len == PYVFS_NO_PATH) {
-            err[i] = ENOENT;
+        if (mount_fd >= 0 && src_handle_len[i]) {  /* file-handles: the handle first */
+            fd[i] = pyvfs_open_by_handle(mount_fd, src_handles + src_at, src_handle_len[i],
+                                         src_handle_type[i], O_PATH_FLAGS);
+            src_at += src_handle_len[i];
+            if (fd[i] < 0) err[i] = errno;
+        }
+        if (fd[i] < 0 && len == PYVFS_NO_PATH) {
+            if (!err[i]) err[i] = ENOENT;
             continue;
         }
+        if (fd[i] >= 0) {
+            if (!identify(fd[i], i, want_handles, ino, dev, mode, mnt_id, handles,
+                          &handles_at, handle_len, handle_type, err)) {
+                close(fd[i]);
+                fd[i] = -1;
+            }
+            continue;
+        }
+        err[i] = 0;
         const uint8_t *p = paths + start[i];
         /* the parent's fd when the path is the parent's path and one more name */
         int dir = -1;
@@ -118,26 +163,10 @@ int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint6
             err[i] = errno;
             continue;
         }
-        struct stat st;
-        if (fstat(fd[i], &st) != 0) {
-            err[i] = errno;
+        if (!identify(fd[i], i, want_handles, ino, dev, mode, mnt_id, handles, &handles_at,
+                      handle_len, handle_type, err)) {
             close(fd[i]);
             fd[i] = -1;
-            continue;
-        }
-        ino[i] = st.st_ino;
-        dev[i] = st.st_dev;
-        mode[i] = st.st_mode;
-        if (want_handles) {
-            int type = 0, mnt = 0;
-            int got = pyvfs_name_to_handle(fd[i], "", AT_EMPTY_PATH, handles + handles_at,
-                                           PYVFS_MIGRATE_HANDLE_MAX, &type, &mnt);
-            if (got > 0) {
-                handle_len[i] = (uint16_t)got;
-                handle_type[i] = type;
-                mnt_id[i] = (uint64_t)mnt;
-                handles_at += (uint64_t)got;
-            }
         }
     }
     free(start);

@@ -49,6 +49,8 @@ int pyvfs_syncfs(int fd);
 #define PYVFS_MIGRATE_HANDLE_MAX 128
 int pyvfs_migrate_find(int root, uint32_t n, const uint64_t *nodeid, const uint64_t *parent,
                        const uint8_t *paths, const uint32_t *path_len, int want_handles,
+                       int mount_fd, const uint8_t *src_handles,
+                       const uint16_t *src_handle_len, const int32_t *src_handle_type,
                        int32_t *fd, uint64_t *ino, uint64_t *dev, uint32_t *mode,
                        uint64_t *mnt_id, uint8_t *handles, uint16_t *handle_len,
                        int32_t *handle_type, int32_t *err);

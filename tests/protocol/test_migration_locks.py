@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from tests.protocol.test_migration_state import (
     read,
     transfer,
 )
-from tests.support.daemon import daemon_log
+from tests.support.daemon import daemon_log, start_pyvirtiofsd
 from tests.support.frontend import Frontend
+from tests.support.reference import stop_daemon
 
 R = vu.Request
 OWNER_A, PID_A = 0xA11CE, 4242
@@ -251,4 +253,32 @@ def test_source_cannot_take_a_lock_back(tmp_path: Path, share: Path) -> None:
                          fuse.FLUSH_IN.pack(ids["fh_a"], 0, 0, OWNER_A))
         assert err == 0
         assert lock(fe, ids["a"], ids["fh_a"], OWNER_A, 0, 99, fcntl.F_WRLCK)[0] == 0
+        fe.close()
+
+
+def test_a_destination_that_loaded_gives_the_locks_back_when_it_goes(
+        tmp_path: Path, share: Path) -> None:
+    """The destination took the locks, then the migration failed: the source's rings start
+    again while the destination still holds them; the source waits until the
+    destination's daemon is gone (its front-end quit) and takes them back: no EIO."""
+    with daemon(share, tmp_path / "a.sock") as src:
+        fe = connect(tmp_path / "a.sock", 2)
+        ids = guest_locks(fe)
+        bases = stop_rings(fe)
+        result, blob = transfer(fe, SAVE)
+        assert result == 0
+        dst = start_pyvirtiofsd(share, tmp_path / "b.sock")
+        try:
+            fe2, result = load_into(tmp_path / "b.sock", blob)
+            assert result == 0
+            assert held_on_host(share) == (True, True)  # by the destination
+            fe2.close()
+            threading.Timer(0.3, stop_daemon, (dst,)).start()
+            restart_rings(fe, bases)  # waits for the locks
+        finally:
+            stop_daemon(dst)
+        assert held_on_host(share) == (True, True), daemon_log(src)
+        assert "taken by someone else" not in daemon_log(src)
+        assert getlk(fe, ids) == (0, 99, fcntl.F_WRLCK, PID_A)
+        assert read(fe, ids["b"], ids["fh_b"], 100) == (0, b"flocked bytes\n")
         fe.close()

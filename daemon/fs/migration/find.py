@@ -2,12 +2,13 @@
 under their nodeids, its open files re-opened under their fhs, its locks taken.
 
 The guest is stopped meanwhile, so the common case costs no Python per inode: one C call
-(``pyvfs_migrate_find``, daemon/native/migrate.c) opens every inode that has a path (an
-openat relative to its parent's fd when the path is the parent's and one more name),
-stats it and takes its file handle, one C call (``InodeTable.restore_many``) re-creates
-the table, one closes the fds the table does not keep. Python handles the exceptions one
-by one: inodes found by file handle (``file-handles``), by parent and name (no path
-below the share), or not at all.
+(``pyvfs_migrate_find``, daemon/native/migrate.c) opens every inode by its file handle
+(file-handles mode) or its path (an openat relative to its parent's fd when the path is
+the parent's and one more name), stats it and takes its file handle; one C call
+(``InodeTable.restore_many``) re-creates the table; one closes the fds the table does not
+keep. Python handles the exceptions one by one: inodes the C pass did not find (tried
+again by handle and path, then by parent and name when they have no path below the
+share), or not at all.
 
 An inode not found, of another type than on the source, found twice, or whose file
 handle differs (``--migration-verify-handles``): ``--migration-on-error abort`` fails the
@@ -66,20 +67,20 @@ class Found:
         self.owned: set[int] = set()  # indexes whose fd the inode table keeps
         self.c_lens: list[int] = []
 
-    def by_paths(self, fs: PassthroughFs, cols: dict[str, Any], skip: set[int]) -> None:
-        """The C pass over every inode with a path (but ``skip``)."""
-        path_len = cols["path_len"]
-        if skip:
-            path_len = array("I", path_len)
-            for i in skip:
-                path_len[i] = NO_PATH
+    def by_paths(self, fs: PassthroughFs, cols: dict[str, Any], by_handle: bool) -> None:
+        """The C pass over every inode: by its file handle first with ``by_handle``
+        (file-handles mode), by its path."""
         root = os.open(fs.shared_dir, O_PATH_FLAGS | os.O_DIRECTORY)
         try:
             r = lib.pyvfs_migrate_find(
                 root, self.n, ffi.from_buffer("uint64_t[]", cols["nodeid"]),
                 ffi.from_buffer("uint64_t[]", cols["parent"]),
                 ffi.from_buffer("uint8_t[]", cols["paths"] or b"\0"),
-                ffi.from_buffer("uint32_t[]", path_len), int(fs.use_handles), self.fd,
+                ffi.from_buffer("uint32_t[]", cols["path_len"]), int(fs.use_handles),
+                fs.mount_fd if by_handle else -1,
+                ffi.from_buffer("uint8_t[]", cols["handles"] or b"\0"),
+                ffi.from_buffer("uint16_t[]", cols["handle_len"]),
+                ffi.from_buffer("int32_t[]", cols["handle_type"]), self.fd,
                 self.ino, self.dev, self.mode, self.mnt, self.handles, self.handle_len,
                 self.handle_type, self.err)
         finally:
@@ -190,17 +191,14 @@ def _find_all(fs: PassthroughFs, state: dict[str, Any], cols: dict[str, Any], fo
               index: dict[int, int], options: MigrationOptions) -> list[str]:
     """Find every inode; the lost ones get fd -1. Returns what was lost and why."""
     n = cols["count"]
-    by_handle = set()
-    if state["mode"] == "file-handles":
-        by_handle = {i for i in range(n) if cols["handle_len"][i]}
-    found.by_paths(fs, cols, by_handle)
+    file_handles = state["mode"] == "file-handles"
+    found.by_paths(fs, cols, file_handles)
     handle_at = [0, *accumulate(cols["handle_len"])]
     name_at = [0, *accumulate(cols["name_len"])]
     failed: list[str] = []
-    for i in range(n):
-        if i not in by_handle and found.fd[i] >= 0:
-            continue
-        why = _find_one(fs, cols, found, index, i, i in by_handle, handle_at, name_at)
+    for i in [i for i, fd in enumerate(ffi.unpack(found.fd, n)) if fd < 0]:
+        by_handle = file_handles and bool(cols["handle_len"][i])
+        why = _find_one(fs, cols, found, index, i, by_handle, handle_at, name_at)
         if why:
             failed.append(f"inode {cols['nodeid'][i]}: {why}")
     found.index_handles()

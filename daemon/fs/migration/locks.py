@@ -6,8 +6,9 @@ OFD and flock locks a description owns, with inclusive ranges, as FUSE's lk_in h
 puts it in the state and *lets go* of the locks, so that a destination on the same host
 can take them; the destination takes them again, non-blocking, before its
 CHECK_DEVICE_STATE answers. When the migration fails, QEMU starts the source's rings
-again and the source takes its locks back before any worker runs. A host process sees
-the locks held all along but for that handover window.
+again and the source takes its locks back before any worker runs (waiting up to
+``RETAKE_GRACE_S`` for a destination that had loaded the state to exit and let go). A
+host process sees the locks held all along but for that handover window.
 
 A lock that cannot be taken (someone took it in the window): on the destination
 ``--migration-on-error abort`` fails the check (after letting go of every lock it took);
@@ -37,6 +38,7 @@ from daemon.protocol import fuse
 log = logging.getLogger("pyvirtiofsd.migration")
 
 _TYPES = {"READ": locks.F_RDLCK, "WRITE": locks.F_WRLCK}
+RETAKE_GRACE_S = 2.0
 
 
 def held_by(fd: int, kind: str) -> list[list[int]]:
@@ -118,23 +120,33 @@ def hand_over(fs: PassthroughFs, held: HeldLocks) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def take_back(fs: PassthroughFs, held: HeldLocks) -> None:
-    """The migration failed: the source takes its locks again; one it cannot take makes
-    its holder fail with EIO (logged)."""
-    for nodeid, owner, _pid, _mode, broken, ranges in held.posix:
+def take_back(fs: PassthroughFs, held: HeldLocks) -> HeldLocks:
+    """The migration failed: the source takes its locks again. Returns those it could
+    not take (yet: a destination that loaded the state holds them until it exits)."""
+    left = HeldLocks()
+    for entry in held.posix:
+        nodeid, owner, _pid, _mode, broken, ranges = entry
         fd = -1 if broken else _owner_fd(fs, nodeid, owner)
         if fd >= 0 and not _take_ranges(fd, ranges):
-            log.error("migration failed: the POSIX locks of owner %#x on inode %d were "
-                      "taken by someone else meanwhile; its lock requests get EIO",
-                      owner, nodeid)
-            assert fs.lock_owners is not None
-            fs.lock_owners.set_broken(nodeid, owner)
+            left.posix.append(entry)
     for fh, lock_type in held.flock:
         fd = _handle_fd(fs, fh)
         if fd >= 0 and not _take_flock(fd, lock_type):
-            log.error("migration failed: the flock() of fh %#x was taken by someone else "
-                      "meanwhile; the guest gets EIO for that file", fh)
-            fs.handles.set_broken(fh)
+            left.flock.append([fh, lock_type])
+    return left
+
+
+def give_up(fs: PassthroughFs, left: HeldLocks) -> None:
+    """Locks the source could not take back: their holders fail with EIO (logged)."""
+    for nodeid, owner, _pid, _mode, _broken, _ranges in left.posix:
+        log.error("migration failed: the POSIX locks of owner %#x on inode %d were taken by "
+                  "someone else meanwhile; its lock requests get EIO", owner, nodeid)
+        assert fs.lock_owners is not None
+        fs.lock_owners.set_broken(nodeid, owner)
+    for fh, _lock_type in left.flock:
+        log.error("migration failed: the flock() of fh %#x was taken by someone else "
+                  "meanwhile; the guest gets EIO for that file", fh)
+        fs.handles.set_broken(fh)
 
 
 def _take_ranges(fd: int, ranges: list[list[int]]) -> bool:

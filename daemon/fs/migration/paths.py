@@ -4,18 +4,21 @@ re-checks what may have changed since.
 
 Collection, in two passes over the inode table: first every directory's (mtime, ctime),
 then every inode's path (the fd directory's link of its O_PATH fd, or of an fd its file
-handle opens). An inode's path changes only when an entry on it is renamed or unlinked,
-which changes the mtime of the directory holding that entry; that directory was an
-ancestor of the inode when its path was read, so it is in the table (the guest holds the
-parents of what it holds) and was stamped before any path was read. At the switch-over
-each directory is stamped again; a directory whose stamp changed, that had no stamp, or
-whose stamp was too recent to be trusted (a change within the same coarse clock tick
-would keep it: see ``RECENT_NS``) makes every inode whose collected path lies below its
-old or its current path collected again; inodes looked up since are collected then too.
-So the stopped phase costs a stat per directory and a readlink per changed or new inode,
-not a readlink per inode. The guest's own renames and unlinks change the mtimes the same
-way as the host's. ``--migration-confirm-paths`` does not use any of this: it reads and
-confirms every path at the switch-over.
+handle opens) and (st_ino, st_dev). An inode's path changes only when an entry on it is
+renamed or unlinked, which changes the mtime of the directory holding that entry; that
+directory was an ancestor of the inode when its path was read, so it is in the table (the
+guest holds the parents of what it holds) and was stamped before any path was read.
+
+At the switch-over each directory is stamped again. In a directory whose stamp changed
+(or was too recent to be trusted: a change within the same coarse clock tick would keep
+it, see ``RECENT_NS``), each entry it held at the collection (the table's inodes whose
+collected path is the directory's and one more name) is looked up by name: one that no
+longer leads to the same inode has its path and all paths below it read again. Inodes
+looked up since are read too. So the stopped phase costs a stat per directory, a stat
+per entry of a changed directory and a readlink per moved or new inode, not a readlink
+per inode. The guest's own renames and unlinks change the mtimes the same way as the
+host's. ``--migration-confirm-paths`` does not use any of this: it reads and confirms
+every path at the switch-over.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from daemon.fs import proc_fd
 from daemon.fs.fd_cache import open_by_handle
+from daemon.fs.ops.base import O_PATH_FLAGS
 from daemon.fs.passthrough import PassthroughFs
 
 log = logging.getLogger("pyvirtiofsd.migration")
@@ -108,6 +112,18 @@ def path_of(fs: PassthroughFs, inodes: Inodes, i: int) -> bytes | None:
             os.close(fd)
 
 
+def _path_and_ids(fs: PassthroughFs, inodes: Inodes,
+                  i: int) -> tuple[bytes | None, tuple[int, int]]:
+    """Inode ``i``'s path now and its (st_ino, st_dev)."""
+    fd, close = inodes.fd(fs, i)
+    try:
+        st = os.fstat(fd)
+        return relative(fs, readlink_fd(fd)), (st.st_ino, st.st_dev)
+    finally:
+        if close:
+            os.close(fd)
+
+
 def _stamp(fs: PassthroughFs, inodes: Inodes, i: int) -> tuple[int, int]:
     fd, close = inodes.fd(fs, i)
     try:
@@ -138,6 +154,7 @@ class PathCollector:
         self.paths: dict[int, bytes | None] = {}
         self.stamps: dict[int, tuple[int, int] | None] = {}  # None: not to be trusted
         self.root_stamp: tuple[int, int] | None = None
+        self.ids: dict[int, tuple[int, int]] = {}  # nodeid -> (st_ino, st_dev)
         self.complete = False
 
     async def collect(self) -> None:
@@ -155,7 +172,11 @@ class PathCollector:
                 await asyncio.sleep(0)
         self.root_stamp = _trusted(_root_stamp(fs))  # before any path, like the others
         for i in range(inodes.count):
-            self.paths[inodes.nodeids[i]] = path_or_none(fs, inodes, i)
+            nodeid = inodes.nodeids[i]
+            try:
+                self.paths[nodeid], self.ids[nodeid] = _path_and_ids(fs, inodes, i)
+            except OSError:
+                self.paths[nodeid] = None
             if i % CHUNK == CHUNK - 1:
                 await asyncio.sleep(0)
         self.complete = True
@@ -164,35 +185,69 @@ class PathCollector:
 
     def at_switch_over(self, inodes: Inodes) -> list[bytes | None]:
         """Every inode's path now (the guest stopped): the collected ones, but those below
-        a directory that changed since, and those looked up since, read again."""
+        an entry of a changed directory that is no longer what it was, and those looked up
+        since, read again."""
         fs = self.fs
-        suspects: list[bytes] = []
+        changed: list[tuple[bytes, int, bool]] = []  # (collected path, index, close fd)
         if self.root_stamp is None or _root_stamp(fs) != self.root_stamp:
-            suspects.append(b"")
-        for i in inodes.dirs():
-            nodeid = inodes.nodeids[i]
-            if nodeid not in self.stamps:
-                continue  # looked up since: it and all below it are new, read below
-            old = self.stamps[nodeid]
-            if old is not None:
+            changed.append((b"", os.open(fs.shared_dir, O_PATH_FLAGS | os.O_DIRECTORY), True))
+        stale: list[bytes] = []  # collected paths whose subtrees are read again
+        try:
+            for i in inodes.dirs():
+                nodeid = inodes.nodeids[i]
+                if nodeid not in self.stamps:
+                    continue  # looked up since: it and all below it are new, read below
+                old = self.stamps[nodeid]
                 try:
-                    if _stamp(fs, inodes, i) == old:
+                    if old is not None and _stamp(fs, inodes, i) == old:
                         continue
+                    path = self.paths.get(nodeid)
+                    if path is None or path == UNLINKED:
+                        continue
+                    fd, close = inodes.fd(fs, i)
+                    changed.append((path, fd, close))
                 except OSError:
-                    pass
-            for prefix in (self.paths.get(nodeid), path_or_none(fs, inodes, i)):
-                if prefix is not None and prefix != UNLINKED:
-                    suspects.append(prefix)
-        stale = _below_any(self.paths, suspects)
+                    path = self.paths.get(nodeid)
+                    if path is not None and path != UNLINKED:
+                        stale.append(path)
+            if changed:
+                stale += self._entries_gone(changed)
+        finally:
+            for _path, fd, close in changed:
+                if close:
+                    os.close(fd)
+        again_set = _below_any(self.paths, stale)
         paths = self.paths
         out = [paths.get(n) for n in inodes.nodeids]
-        again = [i for i, n in enumerate(inodes.nodeids) if n in stale or n not in paths]
+        again = [i for i, n in enumerate(inodes.nodeids)
+                 if n in again_set or n not in paths or out[i] is None or out[i] == UNLINKED]
         for i in again:
             out[i] = path_or_none(fs, inodes, i)
         if again:
             log.info("migration: %d of %d paths read again at the switch-over", len(again),
                      inodes.count)
         return out
+
+    def _entries_gone(self, changed: list[tuple[bytes, int, bool]]) -> list[bytes]:
+        """Of the entries the changed directories held at the collection (the table's
+        inodes whose collected path is the directory's and one more name), those whose
+        name no longer leads to the same inode: their collected paths."""
+        children: dict[bytes, list[tuple[bytes, int]]] = {}
+        for nodeid, path in self.paths.items():
+            if path is not None and path != UNLINKED and path:
+                parent, _, name = path.rpartition(b"/")
+                children.setdefault(parent, []).append((name, nodeid))
+        gone = []
+        for dir_path, dir_fd, _close in changed:
+            for name, nodeid in children.get(dir_path, ()):
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if (st.st_ino, st.st_dev) == self.ids.get(nodeid):
+                        continue
+                except OSError:
+                    pass
+                gone.append(dir_path + b"/" + name if dir_path else name)
+        return gone
 
 
 def _root_stamp(fs: PassthroughFs) -> tuple[int, int] | None:
