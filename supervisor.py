@@ -47,6 +47,7 @@ from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
+from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.pool import Worker, WorkerPool, close_quietly
 
@@ -458,8 +459,10 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self.front_end: FrontEnd | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exit_code = 0
+        # what each ring's worker popped and has not answered (workers/inflight.py)
+        self.inflight = InflightRecords(self.num_queues)
         self.pool = WorkerPool(fs, self.interrupts, stats, on_exit=self._worker_exited,
-                               on_kill=self._detach)
+                               on_kill=self._detach, inflight=self.inflight)
 
     # ----- features ---------------------------------------------------------------
 
