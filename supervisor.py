@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import mmap
 import os
 import resource
 import signal
@@ -47,7 +48,7 @@ from daemon.stats.daemon_info import DaemonInfo
 from daemon.stats.daemon_info import segment_name as info_segment
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
-from workers import control
+from workers import control, keeper
 from workers.control import QueueSetup
 from workers.device_state import DeviceState, VringState
 from workers.inflight import InflightRecords
@@ -500,6 +501,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             log.info("front-end connected")
         self.notifier.status("front-end connected")
         self.serving()
+        self.journal()
         try:
             while (msg := await front_end.messages.get()) is not None:
                 if msg is UPGRADE:
@@ -507,6 +509,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
                         break  # the front-end went away meanwhile
                     continue
                 await self.dispatch(msg)
+                self.journal()
         finally:
             await self.stop_all_workers("the front-end is gone")
             front_end.close()
@@ -544,10 +547,13 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
         commands read)."""
         info = self.carried.get("info")
         upgrades = self.carried.get("upgrades", 0)
-        log.info("serving with code %s (%d live upgrades)", handover.build_id(), upgrades)
+        restarts = self.carried.get("supervisor_restarts", 0)
+        log.info("serving with code %s (%d live upgrades, %d supervisor restarts)",
+                 handover.build_id(), upgrades, restarts)
         if info is not None:
             info.write({"build": handover.build_id(), "upgrades": upgrades,
-                        "since": time.time(), "serving": True})
+                        "supervisor_restarts": restarts, "since": time.time(),
+                        "serving": True})
 
     # ----- dispatch ---------------------------------------------------------------
 
@@ -1112,8 +1118,11 @@ def serve(args: argparse.Namespace) -> int:
         handles = HandleTable.create(names[1], args.handle_table_size)
         stats = QueueStats.create(names[2], 1 + args.num_request_queues)
     info = DaemonInfo.open(info_segment(os.getpid()), create=True)
+    restart = bool(resumed and resumed.get("restart"))  # the keeper's, not an upgrade
     carried = {"pid_fd": pid_fd, "tables": names, "info": info,
-               "upgrades": resumed["upgrades"] + 1 if resumed else 0}
+               "upgrades": resumed["upgrades"] + (0 if restart else 1) if resumed else 0,
+               "supervisor_restarts": (resumed.get("supervisor_restarts", 0) + restart
+                                       if resumed else 0)}
     shared_dir = os.path.abspath(args.shared_dir)
     # read while /proc is still there: the sandboxed server sees only its fds in it
     args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
@@ -1127,9 +1136,15 @@ def serve(args: argparse.Namespace) -> int:
         if args.sandbox != "none":
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
+            # the server's first process stays outside the sandbox as the supervisor's
+            # keeper (workers/keeper.py); the supervisor it clones goes in
+            carried["journal"] = journal = keeper.StateJournal()
+            carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
             try:
-                outside = sandbox.enter(args.sandbox, shared_dir, args.uid_maps,
-                                        args.gid_maps, after_upgrade=resumed is not None)
+                outside = sandbox.enter(
+                    args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
+                    after_upgrade=resumed is not None,
+                    keeper=lambda: keeper.split(journal, session, inodes, handles))
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1
@@ -1180,7 +1195,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
         security_label=args.security_label, killpriv_v2=args.killpriv_v2,
         allow_mmap=args.allow_mmap,
     )
-    fs = PassthroughFs(shared_dir, inodes, handles, config)
+    fs = PassthroughFs(shared_dir, inodes, handles, config,
+                       session=(carried or {}).get("session_page"))
     # with --sandbox none a live upgrade executes in this very process: its capabilities
     # and seccomp filter were set by the first program and stay (a second filter would
     # only stack on the first)

@@ -34,6 +34,7 @@ STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) c
 # what the program that starts serving after a handover is given: the state memfd and
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
+NOT_CARRIED = {"info", "journal", "session_page"}  # objects of this program only
 
 
 class LiveUpgrade:
@@ -100,7 +101,7 @@ class LiveUpgrade:
         fs = self.fs
         conn = self.front_end.conn.fileno() if self.front_end is not None else -1
         return {
-            **{k: v for k, v in self.carried.items() if k != "info"},
+            **{k: v for k, v in self.carried.items() if k not in NOT_CARRIED},
             "device": self.state.to_wire(),
             "conn": conn,
             "listener": self.listener_fd,
@@ -114,6 +115,13 @@ class LiveUpgrade:
                        self.notifier.watchdog],
             "build": handover.build_id(),
         }
+
+    def journal(self) -> None:
+        """Keep the device state where the keeper finds it if this process is killed
+        (workers/keeper.py); after every vhost-user message."""
+        journal = self.carried.get("journal")
+        if journal is not None and self.front_end is not None:
+            journal.write(self._wire_state())
 
     def _fds_to_keep(self) -> list[int]:
         """Every fd a guest depends on: the connection and device state, the tables' fds
