@@ -1,13 +1,15 @@
-"""Live upgrades under a running guest: a Linux 6.12 guest with 2 request queues runs fio
-(with crc32c verification) and two integrity checkers (one per vCPU: write a file, read
-it back, compare) while the host upgrades the daemon again and again with
-``pyvirtiofsd upgrade``. Reports I/O errors, mismatches, and the longest stall each
-event caused, from the guest's side: the checkers stamp every operation with
+"""Live upgrades and supervisor kills under a running guest: a Linux 6.12 guest with 2
+request queues runs fio (with crc32c verification) and two integrity checkers (one per
+vCPU: write a file, read it back, compare) while the host upgrades the daemon again and
+again with ``pyvirtiofsd upgrade`` and, in turn, SIGKILLs its supervisor (with
+``--sandbox chroot|namespace``: its keeper starts a new one, workers/keeper.py).
+Reports I/O errors, mismatches, and the longest stall each event caused, from the guest's
+side: the checkers stamp every operation with
 /proc/uptime (10 ms resolution), and an event's stall is the longest gap between two
 operations of a checker (the largest gaps of a run, one per event, stand out from the
 ~tens of ms an operation takes under TCG).
 
-    python3 -m benchmarks.upgrade_stalls --upgrades 10
+    python3 -m benchmarks.upgrade_stalls --upgrades 10 --kills 10 --sandbox namespace
 
 tests/e2e/test_live_upgrade.py runs the same with fewer events.
 """
@@ -15,7 +17,9 @@ tests/e2e/test_live_upgrade.py runs the same with fewer events.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,30 +88,66 @@ class Result:
         m = re.search(r"@@FIO (.*?)@@", self.run.script_output)
         return m.group(1) if m else ""
 
-    def handover_ms(self) -> list[float]:
-        """Daemon side: from the upgrade request to the new program's first worker."""
+    def handover_ms(self, kind: str = "upgrade") -> list[float]:
+        """Daemon side: from the upgrade request (or the supervisor's death) to the new
+        program taking the front-end over."""
+        begin = ("live upgrade requested" if kind == "upgrade"
+                 else "killed by signal 9; taking")
         out = []
 
         def secs(t: str) -> float:
             m, s = t.split(":")
             return int(m) * 60 + float(s.replace(",", "."))
         stamps = [(secs(t), what) for t, what in re.findall(
-            r"\d{4}-\d\d-\d\d \d\d:(\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] (live upgrade requested|"
-            r"live upgrade: took over)", self.log)]
+            r"\d{4}-\d\d-\d\d \d\d:(\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] .*?(live upgrade "
+            r"requested|killed by signal 9; taking|live upgrade: took over)", self.log)]
         start = None
         for t, what in stamps:
-            if what == "live upgrade requested":
-                start = t
+            if what in ("live upgrade requested", "killed by signal 9; taking"):
+                start = t if what == begin else None
             elif start is not None:
                 out.append(round((t - start) * 1000, 1))
                 start = None
         return out
 
 
+def supervisor_pid(main_pid: int) -> int:
+    """The supervisor: the first process under the daemon with two or more children (its
+    workers)."""
+    todo = [main_pid]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text()
+                    .split()]
+        except OSError:
+            kids = []
+        if len(kids) >= 2:
+            return pid
+        todo += kids
+    raise RuntimeError(f"no supervisor under {main_pid}")
+
+
+def kill_supervisor(main_pid: int) -> str:
+    """SIGKILL the supervisor; returns once a new one serves."""
+    from daemon.stats.daemon_info import read_info
+
+    before = read_info(main_pid).get("supervisor_restarts", 0)
+    victim = supervisor_pid(main_pid)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = read_info(main_pid)
+        if info.get("supervisor_restarts", 0) > before and info.get("serving"):
+            return f"supervisor {victim} killed; restart {info['supervisor_restarts']} serving"
+        time.sleep(0.02)
+    return f"supervisor {victim} killed; no new one within 20 s"
+
+
 def run(upgrades: int, interval: float = 4.0, sandbox: str = "none",
-        share: Path | None = None) -> Result:
-    """Boot the guest, upgrade ``upgrades`` times ``interval`` s apart once it has mounted,
-    then let it stop and report."""
+        share: Path | None = None, kills: int = 0) -> Result:
+    """Boot the guest; once it has mounted, upgrade ``upgrades`` times and kill the
+    supervisor ``kills`` times (in turn), ``interval`` s apart; then let it stop."""
     with tempfile.TemporaryDirectory(prefix="pyvfs-upgrade-") as tmp:
         share = share or Path(tmp) / "share"
         share.mkdir(exist_ok=True)
@@ -127,22 +167,28 @@ def run(upgrades: int, interval: float = 4.0, sandbox: str = "none",
                 if not mounted.wait(180):
                     return
                 time.sleep(interval)
-                for _ in range(upgrades):
+                both = min(upgrades, kills)  # in turn, then what is left of either
+                plan = ["upgrade", "kill"] * both + ["upgrade"] * (upgrades - both) \
+                    + ["kill"] * (kills - both)
+                for kind in plan:
                     if done.is_set():
                         return
                     t = time.monotonic()
-                    out = subprocess.run(
-                        [sys.executable, "-m", "supervisor", "upgrade", "--socket-path",
-                         str(sock)], cwd=REPO, capture_output=True, text=True)
-                    events.append(("upgrade", round(time.monotonic() - t, 3),
-                                   (out.stdout + out.stderr).strip()))
+                    if kind == "upgrade":
+                        out = subprocess.run(
+                            [sys.executable, "-m", "supervisor", "upgrade", "--socket-path",
+                             str(sock)], cwd=REPO, capture_output=True, text=True)
+                        text = (out.stdout + out.stderr).strip()
+                    else:
+                        text = kill_supervisor(proc.pid)
+                    events.append((kind, round(time.monotonic() - t, 3), text))
                     time.sleep(interval)
                 (share / "stop").write_text("stop\n")
 
             thread = threading.Thread(target=upgrader)
             thread.start()
             try:
-                fio_seconds = int(interval * (upgrades + 1))
+                fio_seconds = int(interval * (upgrades + kills + 1))
                 guest = run_guest(sock, guest_script(fio_seconds), kernel="6.12",
                                   num_request_queues=2, smp=2, memory_mb=1024,
                                   timeout=240 + fio_seconds,
@@ -158,14 +204,19 @@ def run(upgrades: int, interval: float = 4.0, sandbox: str = "none",
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--upgrades", type=int, default=10)
+    p.add_argument("--kills", type=int, default=0,
+                   help="supervisor SIGKILLs (needs --sandbox chroot or namespace)")
     p.add_argument("--interval", type=float, default=4.0)
     p.add_argument("--sandbox", default="none", choices=["none", "chroot", "namespace"])
     args = p.parse_args()
-    r = run(args.upgrades, args.interval, args.sandbox)
+    r = run(args.upgrades, args.interval, args.sandbox, kills=args.kills)
     print(f"guest rc={r.run.rc} script {r.run.script_seconds} s")
     for kind, seconds, out in r.events:
         print(f"{kind}: {seconds:.3f} s  {out}")
-    print("daemon hand-over (request -> new program's workers), ms:", r.handover_ms())
+    print("daemon side, upgrade request -> new program took the front-end over, ms:",
+          r.handover_ms("upgrade"))
+    print("daemon side, supervisor killed -> new supervisor took it over, ms:",
+          r.handover_ms("kill"))
     for c in r.checkers():
         print(f"checker {c['id']}: ops={c['ops']} errors={c['errors']} "
               f"mismatches={c['mismatches']} longest gap {c['max_gap_ms']} ms; "
