@@ -48,12 +48,13 @@ from daemon.stats.daemon_info import DaemonInfo
 from daemon.stats.daemon_info import segment_name as info_segment
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
-from workers import control, keeper
+from workers import control
 from workers.control import QueueSetup
-from workers.device_state import DeviceState, VringState
+from workers.handover import keeper
+from workers.handover.device_state import DeviceState, VringState
+from workers.handover.live_upgrade import HandOver, LiveUpgrade
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
-from workers.live_upgrade import HandOver, LiveUpgrade
 from workers.pool import Worker, WorkerPool, close_quietly
 
 log = logging.getLogger("pyvirtiofsd")
@@ -1137,7 +1138,7 @@ def serve(args: argparse.Namespace) -> int:
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
             # the server's first process stays outside the sandbox as the supervisor's
-            # keeper (workers/keeper.py); the supervisor it clones goes in
+            # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             carried["journal"] = journal = keeper.StateJournal()
             carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
             try:

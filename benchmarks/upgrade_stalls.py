@@ -2,7 +2,7 @@
 request queues runs fio (with crc32c verification) and two integrity checkers (one per
 vCPU: write a file, read it back, compare) while the host upgrades the daemon again and
 again with ``pyvirtiofsd upgrade`` and, in turn, SIGKILLs its supervisor (with
-``--sandbox chroot|namespace``: its keeper starts a new one, workers/keeper.py).
+``--sandbox chroot|namespace``: its keeper starts a new one, workers/handover/keeper.py).
 Reports I/O errors, mismatches, and the longest stall each event caused, from the guest's
 side: the checkers stamp every operation with
 /proc/uptime (10 ms resolution), and an event's stall is the longest gap between two

@@ -58,7 +58,7 @@ _server_fd_dir = -1  # set in the server once it is inside: see server_fd_direct
 # the server's end of the socket pair to the process outside, for a live upgrade's fds
 _handover_sock: socket.socket | None = None
 # run in the server before it enters: returns in the process that goes on into the
-# sandbox, stays (never returns) in the one that keeps the fd table (workers/keeper.py)
+# sandbox, stays (never returns) in the one that keeps the fd table (workers/handover/keeper.py)
 _keeper: Callable[[], None] | None = None
 
 

@@ -1,5 +1,5 @@
 """The supervisor SIGKILLed under a connected front-end (--sandbox chroot and namespace):
-its keeper (workers/keeper.py) holds the fd table and hands it, with the journalled
+its keeper (workers/handover/keeper.py) holds the fd table and hands it, with the journalled
 device state, to the process outside, which starts a new supervisor on it. The
 front-end's connection never closes, and what it holds comes through: nodeids, an open
 file, a lock, a SETLKW parked behind a host lock, requests in flight (each answered

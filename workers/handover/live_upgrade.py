@@ -24,7 +24,7 @@ from daemon.fs.passthrough import PassthroughFs
 from daemon.host import handover
 from daemon.host.sd_notify import Notifier
 from workers import control
-from workers.device_state import DeviceState
+from workers.handover.device_state import DeviceState
 from workers.inflight import InflightRecords
 from workers.pool import WorkerPool
 
@@ -118,7 +118,7 @@ class LiveUpgrade:
 
     def journal(self) -> None:
         """Keep the device state where the keeper finds it if this process is killed
-        (workers/keeper.py); after every vhost-user message."""
+        (workers/handover/keeper.py); after every vhost-user message."""
         journal = self.carried.get("journal")
         if journal is not None and self.front_end is not None:
             journal.write(self._wire_state())
