@@ -24,7 +24,6 @@ import signal
 import socket
 import stat
 import sys
-import time
 from collections.abc import Awaitable, Callable
 
 from daemon.fs import migration, proc_fd
@@ -52,7 +51,7 @@ from workers import control
 from workers.control import QueueSetup
 from workers.handover import keeper
 from workers.handover.device_state import DeviceState, VringState
-from workers.handover.live_upgrade import HandOver, LiveUpgrade
+from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.pool import Worker, WorkerPool, close_quietly
@@ -63,9 +62,6 @@ MAX_FDS_PER_MESSAGE = 16
 MAX_MEM_SLOTS = 509
 MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
-
-
-UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
 class FrontEnd:
@@ -520,41 +516,6 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
     def send(self, data: bytes) -> None:
         assert self.front_end is not None
         self.front_end.send(data)
-
-    def request_upgrade(self) -> None:
-        """SIGHUP: hand over to the installed code between two vhost-user messages."""
-        log.info("live upgrade requested")
-        if self.front_end is not None:
-            self.front_end.messages.put_nowait(UPGRADE)
-        elif getattr(self, "upgrade_requested", None) is not None:
-            self.upgrade_requested.set()
-
-    async def upgrade_between_messages(self, front_end: FrontEnd) -> bool | None:
-        """Stop reading the connection, answer what was read already, hand over (no
-        return on success); None if the front-end went away meanwhile."""
-        front_end.pause()
-        while not front_end.messages.empty():
-            msg = front_end.messages.get_nowait()
-            if msg is None:
-                return None
-            if msg is not UPGRADE:
-                await self.dispatch(msg)
-        await self.hand_over()
-        front_end.resume()  # still here: the old code goes on
-        return True
-
-    def serving(self) -> None:
-        """Say which code serves (the log, and the info segment the stats and upgrade
-        commands read)."""
-        info = self.carried.get("info")
-        upgrades = self.carried.get("upgrades", 0)
-        restarts = self.carried.get("supervisor_restarts", 0)
-        log.info("serving with code %s (%d live upgrades, %d supervisor restarts)",
-                 handover.build_id(), upgrades, restarts)
-        if info is not None:
-            info.write({"build": handover.build_id(), "upgrades": upgrades,
-                        "supervisor_restarts": restarts, "since": time.time(),
-                        "serving": True})
 
     # ----- dispatch ---------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any
 from daemon.fs.passthrough import PassthroughFs
 from daemon.host import handover
 from daemon.host.sd_notify import Notifier
+from daemon.protocol.vhost_user import Message
 from workers import control
 from workers.handover.device_state import DeviceState
 from workers.inflight import InflightRecords
@@ -35,6 +36,7 @@ STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) c
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
 NOT_CARRIED = {"info", "journal", "session_page"}  # objects of this program only
+UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
 class LiveUpgrade:
@@ -48,6 +50,41 @@ class LiveUpgrade:
     handing_over: bool
     hand_over_to: HandOver | None
     carried: dict[str, Any]  # what start-up wants back (tables, pid file, upgrades)
+
+    def request_upgrade(self) -> None:
+        """SIGHUP: hand over to the installed code between two vhost-user messages."""
+        log.info("live upgrade requested")
+        if self.front_end is not None:
+            self.front_end.messages.put_nowait(UPGRADE)
+        elif getattr(self, "upgrade_requested", None) is not None:
+            self.upgrade_requested.set()
+
+    async def upgrade_between_messages(self, front_end: Any) -> bool | None:
+        """Stop reading the connection, answer what was read already, hand over (no
+        return on success); None if the front-end went away meanwhile."""
+        front_end.pause()
+        while not front_end.messages.empty():
+            msg = front_end.messages.get_nowait()
+            if msg is None:
+                return None
+            if msg is not UPGRADE:
+                await self.dispatch(msg)  # type: ignore[attr-defined]
+        await self.hand_over()
+        front_end.resume()  # still here: the old code goes on
+        return True
+
+    def serving(self) -> None:
+        """Say which code serves (the log, and the info segment the stats and upgrade
+        commands read)."""
+        info = self.carried.get("info")
+        upgrades = self.carried.get("upgrades", 0)
+        restarts = self.carried.get("supervisor_restarts", 0)
+        log.info("serving with code %s (%d live upgrades, %d supervisor restarts)",
+                 handover.build_id(), upgrades, restarts)
+        if info is not None:
+            info.write({"build": handover.build_id(), "upgrades": upgrades,
+                        "supervisor_restarts": restarts, "since": time.time(),
+                        "serving": True})
 
     async def hand_over(self) -> None:
         """Stop the workers and hand everything to the installed code; returns only when
