@@ -30,7 +30,7 @@ from daemon.fs import migration, proc_fd
 from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
-from daemon.host import capabilities, no_site, sandbox, sd_notify, seccomp
+from daemon.host import activation, capabilities, no_site, sandbox, sd_notify, seccomp
 from daemon.host.sd_notify import Notifier
 from daemon.options import (
     CAPABILITIES,
@@ -965,27 +965,12 @@ def listener_from_fd(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-SD_LISTEN_FDS_START = 3
-
-
 def listener_from_systemd() -> socket.socket:
-    """The listening socket systemd passed (socket activation: LISTEN_FDS, LISTEN_PID);
-    its variables are taken out of the environment, as sd_listen_fds() does."""
-    count = os.environ.pop("LISTEN_FDS", "")
-    owner = os.environ.pop("LISTEN_PID", "")
-    os.environ.pop("LISTEN_FDNAMES", None)
-    if owner and owner != str(os.getpid()):
-        raise UsageError(f"socket activation: LISTEN_PID={owner} names another process "
-                         f"(this is {os.getpid()}); give --socket-path or --fd")
-    if count != "1":
-        raise UsageError(f"socket activation: LISTEN_FDS={count or '(unset)'}, expected "
-                         "exactly one socket (one vhost-user socket per daemon); give "
-                         "--socket-path or --fd")
-    listener = listener_from_fd(SD_LISTEN_FDS_START)
-    if listener.type != socket.SOCK_STREAM or listener.family != socket.AF_UNIX:
-        raise UsageError("socket activation: fd 3 is not a UNIX stream socket "
-                         "(ListenStream= with a path in the .socket unit)")
-    return listener
+    """The one listening socket systemd passed (socket activation without --socket-path)."""
+    try:
+        return activation.only_listener()
+    except activation.ActivationError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1024,11 +1009,15 @@ def serve(args: argparse.Namespace) -> int:
     raise_nofile(args.rlimit_nofile)
     os.umask(0)  # modes come from the guest, already masked by its umask
     pid_fd = -1
+    systemd_owns_path = False
     if args.fd is not None:
         listener = listener_from_fd(args.fd)
     elif args.socket_path:
         pid_fd = lock_pid_file(args.socket_path)
-        listener = create_listener(args.socket_path, args.socket_group)
+        # pyvirtiofsd@.socket passes a socket bound to the same path: take it over
+        passed = activation.listener_for_path(args.socket_path)
+        systemd_owns_path = passed is not None
+        listener = passed or create_listener(args.socket_path, args.socket_group)
     else:
         listener = listener_from_systemd()
     name = f"/pyvirtiofsd-{os.getpid()}"
@@ -1071,7 +1060,11 @@ def serve(args: argparse.Namespace) -> int:
         handles.unlink()
         stats.unlink()
         if args.socket_path:
-            for path in (args.socket_path, args.socket_path + ".pid"):
+            # a socket systemd passed stays: the .socket unit listens on it for the next start
+            leftovers = [args.socket_path + ".pid"]
+            if not systemd_owns_path:
+                leftovers.insert(0, args.socket_path)
+            for path in leftovers:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
