@@ -50,9 +50,11 @@ class Sent:
 
 class Frontend:
     def __init__(self, socket_path: str, memory_size: int = 64 << 20, queue_size: int = 256,
-                 event_idx: bool = True) -> None:
+                 event_idx: bool = True, connect_timeout: float = 10) -> None:
+        """``connect_timeout``: how long to retry a socket that is missing or refuses
+        (0: one try)."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + connect_timeout
         while True:
             try:
                 self.sock.connect(socket_path)
