@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support import assets
+from tests.support import assets, debian
 
 TREE = Path(__file__).resolve().parents[2]
 AGENT_PORT = "pyvfs.agent"
@@ -120,6 +120,19 @@ LAUNCHER = """#!/bin/sh
 # pyvirtiofsd from the work tree {tree}, for the systemd test VM
 PYTHONPATH={tree} exec {python} -m pyvirtiofsd "$@"
 """
+
+
+#: What the VM takes from the host's root, by a file each package provides (.ci/setup
+#: installs them; a stock Debian minbase has neither).
+HOST_PACKAGES = {"/lib/systemd/systemd": "systemd", "/usr/bin/pgrep": "procps"}
+
+
+def ensure_host_systemd() -> None:
+    """Install (via apt) systemd and procps where the host lacks them."""
+    missing = sorted({pkg for path, pkg in HOST_PACKAGES.items() if not Path(path).exists()})
+    if missing:
+        with assets.file_lock("apt"):
+            debian.install(missing)
 
 
 class AgentError(RuntimeError):
@@ -213,6 +226,7 @@ class SystemdVM:
     def start(self, timeout: float = 180) -> SystemdVM:
         """Boot and wait for the agent's first line (``boot_seconds``)."""
         assets.ensure_host_packages()
+        ensure_host_systemd()
         kernel = assets.ensure_kernel(KERNEL)
         initrd = self.work / "initrd.cpio"
         initrd.write_bytes(_base_initramfs(kernel).read_bytes()
