@@ -72,10 +72,10 @@ def test_socket_activation_starts_the_service_on_connect(vm: SystemdVM) -> None:
     assert vm.run(f"test -e {sock}")[0] == 1, "RemoveOnStop= removes the socket"
 
 
-def test_notify_ready_only_once_the_socket_accepts(vm: SystemdVM) -> None:
+def test_notify_ready_status_and_metrics(vm: SystemdVM) -> None:
     """Type=notify: the unit turns active with READY=1, which the daemon sends once its
     socket accepts (a QEMU unit ordered after it finds it listening), with a STATUS line
-    that `systemctl status` shows."""
+    that `systemctl status` shows. Then the metrics an operator scrapes from it."""
     share(vm, "ntf", "notified\n")
     sock = "/run/pyvirtiofsd/ntf.sock"
     # from inside the VM: the states seen while starting, and at the first "active" the
@@ -102,6 +102,14 @@ states""", timeout=90)
     assert vm.py("read_file(fe, b'hello').decode()") == "notified\n"
     out = vm.sh("systemctl status --no-pager pyvirtiofsd@ntf.service")
     assert 'Status: "front-end connected"' in out, out
+    # the operator's metrics: the shipped node_exporter unit, and stats in OpenMetrics
+    vm.sh("systemctl start pyvirtiofsd-metrics@ntf.service", timeout=90)
+    prom = vm.sh("cat /var/lib/node_exporter/textfile_collector/pyvirtiofsd-ntf.prom")
+    assert 'pyvirtiofsd_requests_total{opcode="READ",queue="1"} 1.0' in prom, prom
+    assert "pyvirtiofsd_up 1.0" in prom, prom
+    om = vm.sh(f"pyvirtiofsd stats --socket-path {sock} --format openmetrics", timeout=90)
+    assert 'pyvirtiofsd_requests_total{opcode="LOOKUP",queue="1"} 1.0' in om, om
+    assert om.rstrip().endswith("# EOF"), om[-200:]
     vm.py("fe.close()")
     vm.sh("systemctl stop pyvirtiofsd@ntf.service")
 

@@ -40,7 +40,7 @@ def read_file(fe: Frontend, name: bytes, timeout: float = 10) -> bytes:
                     out_size=fuse.OUT_HEADER_SIZE + 65536)
     error, data = fe.finish(sent, timeout)
     fe.fuse(Opcode.RELEASE, nodeid, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
-    fe.fuse(Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(1), out_size=0)
+    fe.fuse(Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(1), q=0, out_size=0)
     if error:
         raise OSError(-error, f"READ {name!r}")
     return data

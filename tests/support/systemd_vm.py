@@ -10,9 +10,10 @@ mounts a tmpfs on ``/srv/virtiofs`` (the shared directories) and switch_roots in
 
 What is in the overlay (``/etc`` and ``/usr/local/bin``):
 
-- ``packaging/pyvirtiofsd@.service`` and ``packaging/pyvirtiofsd@.socket`` as shipped, in
-  ``/etc/systemd/system``, and ``/usr/local/bin/pyvirtiofsd`` (the path the units name): a
-  two-line launcher for this tree with the test's Python;
+- ``packaging/pyvirtiofsd@.service``, ``pyvirtiofsd@.socket`` and
+  ``pyvirtiofsd-metrics@.service``/``.timer`` as shipped, in ``/etc/systemd/system``,
+  and ``/usr/local/bin/pyvirtiofsd`` (the path the units name): a two-line launcher for
+  this tree with the test's Python;
 - ``pyvfs-agent.service``, the command server (tests/support/systemd_agent.py) on a
   virtio-serial port: :meth:`SystemdVM.sh` and :meth:`SystemdVM.py` talk to it;
 - ``pyvfs-test.target``, the boot target (``systemd.unit=``): sysinit, basic and the
@@ -173,7 +174,8 @@ def overlay_archive(extra_units: dict[str, str] | None = None) -> bytes:
     python = sys.executable
     cpio = assets.CpioWriter()
     units = "overlay/etc/systemd/system"
-    for name in ("pyvirtiofsd@.service", "pyvirtiofsd@.socket"):
+    for name in ("pyvirtiofsd@.service", "pyvirtiofsd@.socket",
+                 "pyvirtiofsd-metrics@.service", "pyvirtiofsd-metrics@.timer"):
         cpio.file(f"{units}/{name}", (TREE / "packaging" / name).read_bytes())
     cpio.file(f"{units}/pyvfs-test.target", TARGET.encode())
     cpio.file(f"{units}/pyvfs-agent.service",
