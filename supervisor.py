@@ -23,14 +23,22 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from daemon.fs import migration, proc_fd
 from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
-from daemon.host import activation, capabilities, no_site, sandbox, sd_notify, seccomp
+from daemon.host import (
+    activation,
+    capabilities,
+    handover,
+    no_site,
+    sandbox,
+    sd_notify,
+    seccomp,
+)
 from daemon.host.sd_notify import Notifier
 from daemon.options import (
     CAPABILITIES,
@@ -43,11 +51,16 @@ from daemon.options import (
 )
 from daemon.protocol import vhost_user as vu
 from daemon.protocol.vhost_user import Message, ProtocolError
+from daemon.stats.daemon_info import DaemonInfo
+from daemon.stats.daemon_info import segment_name as info_segment
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
+from workers.device_state import DeviceState, VringState
+from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
+from workers.live_upgrade import HandOver, LiveUpgrade
 from workers.pool import Worker, WorkerPool, close_quietly
 
 log = logging.getLogger("pyvirtiofsd")
@@ -58,41 +71,7 @@ MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop i
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
 
 
-@dataclass
-class VringState:
-    size: int = 0
-    addr: vu.VringAddr | None = None
-    base: int = 0
-    kick_fd: int = -1  # >= 0 while the ring runs (SET_VRING_KICK until GET_VRING_BASE)
-    call_fd: int = -1
-    err_fd: int = -1
-    enabled: bool = False
-    worker: Worker | None = None  # the one worker serving the ring
-    restarts: int = 0
-    resume: bool = False  # a worker was lost: the next one starts at the used index
-
-
-@dataclass
-class DeviceState:
-    acked_features: int = 0
-    protocol_features: int = 0
-    regions: list[tuple[vu.MemoryRegion, int]] = field(default_factory=list)
-    vrings: dict[int, VringState] = field(default_factory=dict)
-    # SET_LOG_BASE: the front-end's dirty log (a memfd), used while VHOST_F_LOG_ALL is acked
-    log_fd: int = -1
-    log_size: int = 0
-    log_offset: int = 0
-
-    @property
-    def logging(self) -> bool:
-        """Whether workers mark the guest pages they write (live migration)."""
-        return bool(self.acked_features & vu.VHOST_F_LOG_ALL) and self.log_fd >= 0
-
-    def log_setup(self) -> dict[str, int]:
-        """The dirty log as workers take it: fd -1 while not logging."""
-        if not self.logging:
-            return {"fd": -1, "size": 0, "offset": 0}
-        return {"fd": self.log_fd, "size": self.log_size, "offset": self.log_offset}
+UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
 class FrontEnd:
@@ -118,6 +97,13 @@ class FrontEnd:
         if self.conn.fileno() >= 0:
             self.loop.remove_reader(self.conn.fileno())
             self.conn.close()
+
+    def pause(self) -> None:
+        """Stop reading messages (a live upgrade: the next program reads them)."""
+        self.loop.remove_reader(self.conn.fileno())
+
+    def resume(self) -> None:
+        self.loop.add_reader(self.conn.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         try:
@@ -431,7 +417,7 @@ async def _ready(add: Callable, remove: Callable, fd: int) -> None:
         remove(fd)
 
 
-class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
+class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, LiveUpgrade):
     def __init__(
         self,
         fs: PassthroughFs,
@@ -443,8 +429,19 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         stats: QueueStats | None = None,
         c_path: bool = True,
         migration_options: MigrationOptions | None = None,
+        resumed: dict | None = None,
+        hand_over_to: HandOver | None = None,
+        carried: dict | None = None,
     ) -> None:
+        """``resumed``: the state a previous program handed over (live upgrade);
+        ``hand_over_to``: how this one hands over on SIGHUP (None: it cannot);
+        ``carried``: what start-up wants in the handed-over state besides the device."""
         self.fs = fs
+        self.resumed = resumed
+        self.hand_over_to = hand_over_to
+        self.carried = carried or {}
+        self.handing_over = False
+        self.listener_fd = -1
         self.migration = migration_options or MigrationOptions()
         self._transfer = None
         self.notifier = notifier or Notifier()
@@ -454,12 +451,15 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         self.interrupts = InterruptBoard(self.num_queues)  # shared with every worker
         self.poll_us = poll_us
         self.c_path = c_path  # --c-fast-path, for every worker
-        self.state = DeviceState()
+        self.state = DeviceState.from_wire(resumed["device"]) if resumed else DeviceState()
         self.front_end: FrontEnd | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exit_code = 0
+        # what each ring's worker popped and has not answered (workers/inflight.py)
+        self.inflight = InflightRecords(self.num_queues,
+                                        resumed["inflight"] if resumed else -1)
         self.pool = WorkerPool(fs, self.interrupts, stats, on_exit=self._worker_exited,
-                               on_kill=self._detach)
+                               on_kill=self._detach, inflight=self.inflight)
 
     # ----- features ---------------------------------------------------------------
 
@@ -482,13 +482,38 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
     # ----- connection -------------------------------------------------------------
 
     async def serve(self, listener: socket.socket) -> int:
-        """Accept one front-end and serve it until it goes away, like virtiofsd."""
+        """Accept one front-end and serve it until it goes away, like virtiofsd; or go on
+        with the one a previous program handed over (live upgrade)."""
         self.loop = self.pool.loop = asyncio.get_running_loop()
-        self.front_end = front_end = await FrontEnd.accept(listener)
-        log.info("front-end connected")
+        self.listener_fd = listener.fileno()
+        conn = self.resumed["conn"] if self.resumed else -1
+        if conn >= 0:
+            self.front_end = front_end = FrontEnd(socket.socket(fileno=conn), self.loop)
+            for index in sorted(self.state.vrings):
+                self._start_logged(index)  # each resumes from its in-flight record
+            log.info("live upgrade: took over the front-end from code %s",
+                     self.resumed.get("build"))
+        else:
+            self.upgrade_requested = asyncio.Event()
+            accepted = asyncio.ensure_future(FrontEnd.accept(listener))
+            upgrade = asyncio.ensure_future(self.upgrade_requested.wait())
+            await asyncio.wait((accepted, upgrade), return_when=asyncio.FIRST_COMPLETED)
+            while not accepted.done():  # no front-end yet: nothing but fds to hand over
+                await self.hand_over()
+                self.upgrade_requested.clear()
+                upgrade = asyncio.ensure_future(self.upgrade_requested.wait())
+                await asyncio.wait((accepted, upgrade), return_when=asyncio.FIRST_COMPLETED)
+            upgrade.cancel()
+            self.front_end = front_end = accepted.result()
+            log.info("front-end connected")
         self.notifier.status("front-end connected")
+        self.serving()
         try:
             while (msg := await front_end.messages.get()) is not None:
+                if msg is UPGRADE:
+                    if await self.upgrade_between_messages(front_end) is None:
+                        break  # the front-end went away meanwhile
+                    continue
                 await self.dispatch(msg)
         finally:
             await self.stop_all_workers("the front-end is gone")
@@ -499,6 +524,38 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
     def send(self, data: bytes) -> None:
         assert self.front_end is not None
         self.front_end.send(data)
+
+    def request_upgrade(self) -> None:
+        """SIGHUP: hand over to the installed code between two vhost-user messages."""
+        log.info("live upgrade requested")
+        if self.front_end is not None:
+            self.front_end.messages.put_nowait(UPGRADE)
+        elif getattr(self, "upgrade_requested", None) is not None:
+            self.upgrade_requested.set()
+
+    async def upgrade_between_messages(self, front_end: FrontEnd) -> bool | None:
+        """Stop reading the connection, answer what was read already, hand over (no
+        return on success); None if the front-end went away meanwhile."""
+        front_end.pause()
+        while not front_end.messages.empty():
+            msg = front_end.messages.get_nowait()
+            if msg is None:
+                return None
+            if msg is not UPGRADE:
+                await self.dispatch(msg)
+        await self.hand_over()
+        front_end.resume()  # still here: the old code goes on
+        return True
+
+    def serving(self) -> None:
+        """Say which code serves (the log, and the info segment the stats and upgrade
+        commands read)."""
+        info = self.carried.get("info")
+        upgrades = self.carried.get("upgrades", 0)
+        log.info("serving with code %s (%d live upgrades)", handover.build_id(), upgrades)
+        if info is not None:
+            info.write({"build": handover.build_id(), "upgrades": upgrades,
+                        "since": time.time(), "serving": True})
 
     # ----- dispatch ---------------------------------------------------------------
 
@@ -736,7 +793,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers):
         """Start the ring's worker if the ring runs and nobody serves it. A killed
         predecessor that has not exited yet defers the start to its exit."""
         vring = self.state.vrings.get(index)
-        if vring is None or vring.worker is not None or vring.kick_fd < 0:
+        if vring is None or vring.worker is not None or vring.kick_fd < 0 or self.handing_over:
             return
         if self.pool.killed_on(index):
             log.warning("queue %d: its killed worker has not exited yet; the new one starts "
@@ -845,8 +902,10 @@ def lock_pid_file(socket_path: str) -> int:
 def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
         num_request_queues: int, poll_us: int = 0, notifier: Notifier | None = None,
         where: str = "", stats: QueueStats | None = None, c_path: bool = True,
-        migration_options: MigrationOptions | None = None) -> int:
-    """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return. systemd
+        migration_options: MigrationOptions | None = None, resumed: dict | None = None,
+        hand_over_to: HandOver | None = None, carried: dict | None = None) -> int:
+    """Serve one front-end on uvloop; SIGTERM/SIGINT stop workers and return, SIGHUP
+    hands over to the installed code (live upgrade, ``hand_over_to``). systemd
     (``notifier``) hears READY=1 once the listening socket is served, watchdog pings from
     this loop, and STOPPING=1."""
     import uvloop
@@ -854,14 +913,16 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
                      notifier=notifier, stats=stats, c_path=c_path,
-                     migration_options=migration_options)
+                     migration_options=migration_options, resumed=resumed,
+                     hand_over_to=hand_over_to, carried=carried)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGHUP, sup.request_upgrade)
         if notifier.watchdog:
             interval = notifier.watchdog
 
@@ -870,7 +931,10 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
                 loop.call_later(interval, ping)
 
             ping()
-        notifier.ready(f"waiting for the front-end{' on ' + where if where else ''}")
+        if resumed is None:
+            notifier.ready(f"waiting for the front-end{' on ' + where if where else ''}")
+        else:  # systemd: a reload (ExecReload sent SIGHUP) is done once this is said
+            notifier.notify(ready=1, status=f"serving with code {handover.build_id()}")
         try:
             return await sup.serve(listener)
         except asyncio.CancelledError:
@@ -977,6 +1041,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         no_site.reexec_without_site(argv)  # returns only where it does not apply
+    if argv[:1] == ["upgrade"]:
+        from daemon.host import upgrade_command
+
+        return upgrade_command.main(argv[1:])
     if argv[:1] == ["stats"]:
         from daemon.stats import report
 
@@ -1004,26 +1072,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
-    # connected now: inside the sandbox its path or abstract name is out of reach
-    notifier = sd_notify.Notifier.from_environment()
+    resumed = handover.take_state()  # a live upgrade: what the previous program left
+    handover.build_id()  # of the code as installed now, before the sandbox hides it
+    if resumed is None:
+        # connected now: inside the sandbox its path or abstract name is out of reach
+        notifier = sd_notify.Notifier.from_environment()
+    else:
+        notify_fd, watchdog = resumed["notify"]
+        notifier = sd_notify.Notifier(
+            socket.socket(fileno=notify_fd) if notify_fd >= 0 else None, watchdog)
     raise_nofile(args.rlimit_nofile)
     os.umask(0)  # modes come from the guest, already masked by its umask
     pid_fd = -1
-    systemd_owns_path = False
-    if args.fd is not None:
-        listener = listener_from_fd(args.fd)
-    elif args.socket_path:
-        pid_fd = lock_pid_file(args.socket_path)
-        # pyvirtiofsd@.socket passes a socket bound to the same path: take it over
-        passed = activation.listener_for_path(args.socket_path)
-        systemd_owns_path = passed is not None
-        listener = passed or create_listener(args.socket_path, args.socket_group)
-    else:
-        listener = listener_from_systemd()
     name = f"/pyvirtiofsd-{os.getpid()}"
-    inodes = InodeTable.create(name + "-inodes", args.inode_table_size)
-    handles = HandleTable.create(name + "-handles", args.handle_table_size)
-    stats = QueueStats.create(name + "-stats", 1 + args.num_request_queues)
+    names = [name + "-inodes", name + "-handles", name + "-stats"]
+    systemd_owns_path = False
+    if resumed is not None:
+        pid_fd = resumed["pid_fd"]
+        systemd_owns_path = resumed.get("systemd_owns_path", False)
+        listener = socket.socket(fileno=resumed["listener"])
+        names = resumed["tables"]
+        inodes = InodeTable.attach(names[0])
+        handles = HandleTable.attach(names[1])
+        stats = QueueStats.attach(names[2], writable=True)
+    else:
+        if args.fd is not None:
+            listener = listener_from_fd(args.fd)
+        elif args.socket_path:
+            pid_fd = lock_pid_file(args.socket_path)
+            # pyvirtiofsd@.socket passes a socket bound to the same path: take it over
+            passed = activation.listener_for_path(args.socket_path)
+            systemd_owns_path = passed is not None
+            listener = passed or create_listener(args.socket_path, args.socket_group)
+        else:
+            listener = listener_from_systemd()
+        inodes = InodeTable.create(names[0], args.inode_table_size)
+        handles = HandleTable.create(names[1], args.handle_table_size)
+        stats = QueueStats.create(names[2], 1 + args.num_request_queues)
+    info = DaemonInfo.open(info_segment(os.getpid()), create=True)
+    carried = {"pid_fd": pid_fd, "tables": names, "info": info,
+               "systemd_owns_path": systemd_owns_path,
+               "upgrades": resumed["upgrades"] + 1 if resumed else 0}
     shared_dir = os.path.abspath(args.shared_dir)
     # read while /proc is still there: the sandboxed server sees only its fds in it
     args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
@@ -1039,7 +1128,7 @@ def serve(args: argparse.Namespace) -> int:
 
             try:
                 outside = sandbox.enter(args.sandbox, shared_dir, args.uid_maps,
-                                        args.gid_maps)
+                                        args.gid_maps, after_upgrade=resumed is not None)
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1
@@ -1050,15 +1139,18 @@ def serve(args: argparse.Namespace) -> int:
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:
-                code = run_server(args, "/", listener, inodes, handles, notifier, stats)
+                code = run_server(args, "/", listener, inodes, handles, notifier, stats,
+                                  resumed, carried, sandbox.hand_over_outside)
             finally:
                 logging.shutdown()
             os._exit(code)
-        return run_server(args, shared_dir, listener, inodes, handles, notifier, stats)
+        return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
+                          resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
         inodes.unlink()
         handles.unlink()
         stats.unlink()
+        info.unlink()
         if args.socket_path:
             # a socket systemd passed stays: the .socket unit listens on it for the next start
             leftovers = [args.socket_path + ".pid"]
@@ -1076,7 +1168,8 @@ def serve(args: argparse.Namespace) -> int:
 def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
                inodes: InodeTable, handles: HandleTable,
                notifier: sd_notify.Notifier | None = None,
-               stats: QueueStats | None = None) -> int:
+               stats: QueueStats | None = None, resumed: dict | None = None,
+               carried: dict | None = None, hand_over_to: HandOver | None = None) -> int:
     log = logging.getLogger("pyvirtiofsd")
     config = Config(
         cache=args.cache, readdirplus=not args.no_readdirplus, writeback=args.writeback,
@@ -1091,12 +1184,20 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
         allow_mmap=args.allow_mmap,
     )
     fs = PassthroughFs(shared_dir, inodes, handles, config)
+    # with --sandbox none a live upgrade executes in this very process: its capabilities
+    # and seccomp filter were set by the first program and stay (a second filter would
+    # only stack on the first)
+    confined = resumed is not None and args.sandbox == "none"
     try:
-        fs.add_root()
+        if resumed is None:
+            fs.add_root()
+        else:
+            fs.resume(resumed)
     except OSError as e:
-        log.error("cannot share %s: %s", args.shared_dir, e.strerror or e)
+        log.error("cannot share %s: %s", args.shared_dir, e.strerror or e,
+                  exc_info=resumed is not None)
         return 1
-    if args.cap_last >= 0:  # started as root: keep only what serving files needs
+    if args.cap_last >= 0 and not confined:  # as root: keep only what serving needs
         keep = capabilities.retained(fs.use_handles,
                                      parse_modcaps(args.modcaps) if args.modcaps else ())
         try:
@@ -1105,9 +1206,11 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
             log.error("cannot drop capabilities: %s", e.strerror or e)
             return 1
         log.info("capabilities kept: %s", " ".join(sorted(keep)))
-    if args.seccomp != "none":
+    if args.seccomp != "none" and not confined:
         try:
-            allowed = seccomp.install(args.seccomp)
+            # --sandbox none: a live upgrade executes the new code in this process
+            allowed = seccomp.install(args.seccomp, seccomp.ALLOWED + (
+                ["execve"] if args.sandbox == "none" else []))
         except seccomp.SeccompError as e:
             log.error("--seccomp %s: %s", args.seccomp, e)
             return 1
@@ -1118,17 +1221,14 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
              args.socket_path or f"fd {listener.fileno()}",
              "" if args.sandbox == "none" else f" (--sandbox {args.sandbox})")
     return run(fs, listener, tag=args.tag,
-                          num_request_queues=args.num_request_queues,
-                          poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
-                          where=args.socket_path or f"fd {listener.fileno()}",
-                          c_path=args.c_fast_path == "on",
-                          migration_options=MigrationOptions(
-                              args.migration_mode, args.migration_on_error,
-                              args.migration_verify_handles, args.migration_confirm_paths))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+               num_request_queues=args.num_request_queues,
+               poll_us=max(0, args.poll_us), notifier=notifier, stats=stats,
+               where=args.socket_path or f"fd {listener.fileno()}",
+               c_path=args.c_fast_path == "on",
+               migration_options=MigrationOptions(
+                   args.migration_mode, args.migration_on_error,
+                   args.migration_verify_handles, args.migration_confirm_paths),
+               resumed=resumed, hand_over_to=hand_over_to, carried=carried)
 
 
 if __name__ == "__main__":

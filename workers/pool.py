@@ -28,6 +28,7 @@ from daemon.host.process import clone_shared_fds
 from daemon.stats.queue_stats import QueueStats
 from workers import control
 from workers.control import QueueSetup
+from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import worker_main  # imported here so workers start warm
 
@@ -77,8 +78,10 @@ class WorkerPool:
     def __init__(self, fs: PassthroughFs, interrupts: InterruptBoard,
                  stats: QueueStats | None, *,
                  on_exit: Callable[[Worker, int], None],
-                 on_kill: Callable[[Worker], None]) -> None:
+                 on_kill: Callable[[Worker], None],
+                 inflight: InflightRecords | None = None) -> None:
         self.fs = fs
+        self.inflight = inflight  # every ring's requests popped and not answered
         self.interrupts = interrupts  # shared with every worker
         self.stats = stats  # per-queue counters; each worker writes its own row
         self.on_exit = on_exit  # after a worker was reaped, with its wait status
@@ -105,7 +108,7 @@ class WorkerPool:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
                 worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
-                            lock_mutex_fd, self.stats)
+                            lock_mutex_fd, self.stats, self.inflight)
             finally:
                 os._exit(1)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table

@@ -18,11 +18,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
 from daemon.fs.passthrough import (
     GuestInputError,
-    HandleRef,
     PassthroughFs,
     Request,
 )
@@ -38,8 +37,10 @@ from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
 from workers.fast_path import FastPathContext
+from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.parked_locks import ParkedLocks
+from workers.worker_requests import PENDING, Incoming, WorkerRequests
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
@@ -51,7 +52,6 @@ SERVE_CHAIN = lib.PYVFS_SERVE_CHAIN
 SERVE_CONTROL = lib.PYVFS_SERVE_CONTROL
 SERVE_TIMEOUT = lib.PYVFS_SERVE_TIMEOUT
 SERVE_ERROR = lib.PYVFS_SERVE_ERROR
-PENDING = -1  # handle_chain's answer for a request that completes later (SETLKW)
 LOCK_RETRY_MS = 10
 WARN_BURST = 100
 WARN_PERIOD = 10.0
@@ -60,20 +60,6 @@ WARN_PERIOD = 10.0
 # used-ring notification serve dozens of them instead of a few (the guest does not kick
 # again meanwhile: with EVENT_IDX it waits for the worker to move avail_event).
 HIPRIO_GATHER_NS = 200_000
-
-
-class Incoming(NamedTuple):
-    """A request's FUSE header, checked against its chain, and the room for its reply."""
-
-    length: int
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int
-    extlen: int
-    room: int  # bytes the guest left for the reply after the out header
 
 
 # A request's handler, from the opcode table: the bytes written to the guest (already
@@ -92,9 +78,9 @@ def ring_addresses(mem: GuestMemory, s: QueueSetup) -> tuple[int, int, int]:
             mem.uva_to_gpa(s.used_uva, 6 + 8 * s.size))
 
 
-class QueueWorker:
+class QueueWorker(WorkerRequests):
     def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
-                 interrupts: InterruptBoard) -> None:
+                 interrupts: InterruptBoard, inflight: InflightRecords | None = None) -> None:
         self.setup = setup
         self.interrupts = interrupts
         self.fs = fs
@@ -107,9 +93,20 @@ class QueueWorker:
         self.dirty_log: DirtyLog | None = None  # mapped while the front-end logs
         if setup.log_fd >= 0:
             self.set_dirty_log(setup.log_fd, setup.log_size, setup.log_offset)
-        if setup.resume_from_used:
-            # a worker handles one request at a time, so everything before the used index
-            # was answered and at most the one request after it was lost with the old worker
+        self.resumed: list[int] = []  # heads the lost predecessor left unanswered
+        if inflight is not None:
+            self.queue.c.inflight = inflight.address(setup.index)
+            if setup.resume_from_used:
+                # re-serve what it popped and never answered (parked SETLKWs answered
+                # out of order included), then go on where it stopped popping
+                last_avail, self.resumed = inflight.recover(setup.index, setup.size,
+                                                            self.queue.used_idx)
+                self.queue.last_avail_idx = last_avail
+            else:
+                inflight.reset(setup.index, setup.last_avail_idx)
+        elif setup.resume_from_used:
+            # no records: in-order completions only, so everything before the used index
+            # was answered and at most the one request after it was lost
             self.queue.last_avail_idx = self.queue.used_idx
         self.unknown_opcodes: set[int] = set()
         self.chain = DescriptorChain()  # refilled for every request
@@ -190,6 +187,7 @@ class QueueWorker:
         self.epoll = ep
         s = self.serve
         s.epoll_fd = ep.fileno()
+        self.serve_resumed()
         self.start_draining()  # whatever is in the ring already
         if self.setup.resume_from_used and self.call_fd >= 0:
             # the worker before (killed, or dead) may have pushed answers it never signalled;
@@ -211,6 +209,8 @@ class QueueWorker:
                      0 if written == PENDING else written, 0)
                 if written != PENDING:
                     q.push_signal(q_chain.head, written, self.call_fd, q_chain)
+                else:
+                    lib.pyvfs_inflight_park(q.c, q_chain.head)
                 s.flags |= lib.PYVFS_PUSHED
             elif r > 1:  # a malformed chain: consumed, completed with length 0
                 q_chain.head = self.drain_head[0]
@@ -235,6 +235,30 @@ class QueueWorker:
                 raise OSError(err, f"epoll_wait: {os.strerror(err)}")
             if self.parked and r in (SERVE_TIMEOUT, SERVE_CONTROL):
                 self.retry_locks()
+
+    def serve_resumed(self) -> None:
+        """Answer the requests the lost predecessor popped and never answered, each
+        exactly once: its chain is walked again (the memory table may be another) and
+        handled as if just popped; a SETLKW may park again."""
+        q, chain = self.queue, self.chain
+        for head in self.resumed:
+            lib.pyvfs_inflight_completing(q.c, head)
+            chain.head = head
+            if not q.walk(chain):
+                self.warn("chain", "dropped descriptor chain: %s", q.last_error)
+                q.push(head, 0)
+                continue
+            written = self.handle_chain(chain)
+            note(chain.rd, chain.counts[0], chain.wr, chain.counts[1],
+                 0 if written == PENDING else written, 0)
+            if written == PENDING:
+                lib.pyvfs_inflight_park(q.c, head)
+            else:
+                q.push(head, written, chain)
+        if self.resumed:
+            log.info("queue %d: re-served %d request(s) the previous worker left "
+                     "unanswered", self.setup.index, len(self.resumed))
+        self.resumed = []
 
     def start_draining(self) -> None:
         """Make the next pyvfs_serve call drain the ring before it waits."""
@@ -385,6 +409,7 @@ class QueueWorker:
         have changed since) and push it."""
         chain = self.chain
         chain.head = head
+        lib.pyvfs_inflight_completing(self.queue.c, head)
         if self.queue.walk(chain):
             written = self.reply(chain, unique, error, b"")
         else:
@@ -438,58 +463,11 @@ class QueueWorker:
             log.exception("queue %d: opcode %d failed", self.setup.index, opcode)
         return self.reply(chain, unique, -code, b"")
 
-    # ----- the requests the worker answers itself (served_by=Server.WORKER) -----------
-
-    def serve_read(self, chain: DescriptorChain, h: Incoming) -> int:
-        """READ: the file's bytes straight into the guest's buffers."""
-        if chain.writable_len < fuse.OUT_HEADER_SIZE:
-            self.warn("reply", "no room for a reply to READ %d", h.unique)
-            return 0
-        fh, offset, size, *_ = fuse.READ_IN.unpack(self.args(chain, fuse.READ_IN.size))
-        if offset >= 1 << 63:
-            raise OSError(errno.EINVAL, "offset out of range")
-        size = min(size, chain.writable_len - fuse.OUT_HEADER_SIZE, fuse.MAX_WRITE)
-        with HandleRef(self.fs, fh) as handle:
-            n = chain.preadv(handle.fd, fuse.OUT_HEADER_SIZE, size, offset) if size > 0 else 0
-        total = fuse.OUT_HEADER_SIZE + n
-        chain.write(0, fuse.OUT_HEADER.pack(total, 0, h.unique))
-        return total
-
-    def serve_write(self, chain: DescriptorChain, h: Incoming) -> bytes:
-        """WRITE: the guest's bytes straight from its buffers into the file."""
-        fh, offset, size, wflags, _owner, _flags, _ = fuse.WRITE_IN.unpack(
-            self.args(chain, fuse.WRITE_IN.size))
-        start = fuse.IN_HEADER_SIZE + fuse.WRITE_IN.size
-        if start + size > h.length:
-            raise FuseError(errno.EINVAL, f"WRITE of {size} bytes with {h.length - start} sent")
-        if offset >= 1 << 63:
-            raise OSError(errno.EINVAL, "offset out of range")
-        if self.fs.config.readonly:
-            raise OSError(errno.EROFS, "read-only share")
-        with HandleRef(self.fs, fh) as handle, self.fs.write_guard(wflags, handle.fd, h.uid):
-            n = chain.pwritev(handle.fd, start, size, offset) if size > 0 else 0
-        return fuse.WRITE_OUT.pack(n, 0)
-
-    def serve_interrupt(self, chain: DescriptorChain, h: Incoming) -> int:
-        """INTERRUPT (no reply): cancel a waiting SETLKW."""
-        (target,) = fuse.INTERRUPT_IN.unpack(self.args(chain, fuse.INTERRUPT_IN.size))
-        self.parked.interrupt(target)
-        return 0
-
-    def serve_setlkw(self, chain: DescriptorChain, h: Incoming) -> int | bytes:
-        """SETLKW: the lock now, or the request parked until a retry gets it."""
-        arg = self.args(chain, fuse.LK_IN.size)
-        waiting = self.fs.start_setlkw(Request(h.opcode, h.unique, h.nodeid, h.uid, h.gid,
-                                               h.pid, arg, h.room))
-        if waiting is not None:
-            self.parked.park(chain.head, h.unique, waiting)
-            return PENDING
-        return b""
-
 
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                 interrupts: InterruptBoard, supervisor_pid: int,
-                lock_mutex_fd: int = -1, stats: QueueStats | None = None) -> NoReturn:
+                lock_mutex_fd: int = -1, stats: QueueStats | None = None,
+                inflight: InflightRecords | None = None) -> NoReturn:
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
@@ -503,7 +481,7 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
             fs.lock_owners.mutex_fd = lock_mutex_fd
         if stats is not None:
             stats.attach_worker(setup.index)
-        QueueWorker(setup, fs, control_sock, interrupts).run()
+        QueueWorker(setup, fs, control_sock, interrupts, inflight).run()
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
         log.exception("worker for queue %d failed", setup.index)
         os._exit(1)

@@ -38,17 +38,31 @@ _MUTEX = struct.Struct("hhqqi4x")  # struct flock: type whence start len pid
 
 
 class LockOwners:
-    def __init__(self, proc_open: Callable[[int, int], int], slots: int = SLOTS) -> None:
-        """``proc_open(fd, flags)`` opens fd's file anew (``daemon.fs.proc_fd.proc_open``)."""
+    def __init__(self, proc_open: Callable[[int, int], int], slots: int = SLOTS,
+                 memfd: int = -1) -> None:
+        """``proc_open(fd, flags)`` opens fd's file anew (``daemon.fs.proc_fd.proc_open``);
+        ``memfd``: the table a previous program left (live upgrade), its descriptions'
+        fds still open at the numbers it names."""
         self.slots = slots
-        self.memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
         # the entries, then a count of live ones (USED or CLOSING): the C FLUSH path
         # (daemon/native/fuse_ops.c) answers without the table while it is 0
         self.live_offset = _ENTRY.size * slots
-        os.ftruncate(self.memfd, self.live_offset + 8)
+        if memfd < 0:
+            memfd = os.memfd_create("pyvirtiofsd-lock-owners", os.MFD_CLOEXEC)
+            os.ftruncate(memfd, self.live_offset + 8)
+        self.memfd = memfd
         self.mem = mmap.mmap(self.memfd, self.live_offset + 8)
         self._proc_open = proc_open
         self.mutex_fd = -1  # this process's own description of the memfd
+
+    def fds(self) -> list[int]:
+        """The descriptions the table holds (each with its owner's locks)."""
+        out = []
+        for slot in range(self.slots):
+            _n, _o, fd, _users, state, _pid = _ENTRY.unpack_from(self.mem, slot * _ENTRY.size)
+            if state in (USED, CLOSING) and fd >= 0:
+                out.append(fd)
+        return out
 
     def open_mutex(self) -> int:
         """A new description of the table's memfd: one per worker (the supervisor closes

@@ -104,6 +104,20 @@ class PassthroughFs(SessionOps, InodeOps, ContextOps, AttributeOps, EntryOps, Fi
             if mapped is not None and mapped != SECURITY_CAPABILITY:
                 self.security_capability = mapped
 
+    def resume(self, carried: dict) -> None:
+        """Take over the share from the program before a live upgrade: the root is in the
+        inode table already (its fd still open), the mount fd and what INIT agreed on
+        come from the handed-over state (daemon/host/handover.py), and so does the lock
+        owners' table."""
+        self.mount_fd = carried["mount_fd"]
+        self.root_mnt_id = carried["root_mnt_id"]
+        self.use_handles = bool(carried["use_handles"])
+        self.session[:8] = carried["session"]
+        if self.lock_owners is not None and carried["lock_owners"] >= 0:
+            self.lock_owners.mem.close()
+            os.close(self.lock_owners.memfd)
+            self.lock_owners = LockOwners(proc_open, memfd=carried["lock_owners"])
+
     @property
     def serves_xattrs(self) -> bool:
         """Whether the xattr requests are served (--xattr or an option implying it);

@@ -23,7 +23,7 @@ import sys
 # the top-level modules the daemon imports from outside the standard library, and its own
 MODULES = ("daemon", "workers", "shm_table", "supervisor", "uvloop", "msgpack", "posix_ipc",
            "_cffi_backend")
-NO_REEXEC = {"stats", "--print-capabilities", "--version", "-V", "--help", "-h"}
+NO_REEXEC = {"stats", "upgrade", "--print-capabilities", "--version", "-V", "--help", "-h"}
 
 
 def module_roots() -> list[str] | None:

@@ -29,11 +29,16 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from daemon.host import handover
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -50,6 +55,8 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
+# the server's end of the socket pair to the process outside, for a live upgrade's fds
+_handover_sock: socket.socket | None = None
 
 
 class SandboxError(Exception):
@@ -83,9 +90,14 @@ class Outside:
     """What the process that stayed outside waits for."""
 
     pid: int  # the server, or the helper that waits for it (unprivileged namespace)
+    # our end of the socket pair the server hands its fds over on (live upgrade)
+    handover_sock: socket.socket | None = field(default=None)
 
     def wait(self) -> int:
-        """Forward stop signals to the sandbox, reap it and return its exit status."""
+        """Forward stop signals to the sandbox, reap it and return its exit status. A
+        server that handed its fds over (live upgrade) is followed by the installed
+        code: this process puts the fds back at their numbers and executes it, and the
+        new program starts a new server on them."""
         def forward(signum: int, _frame: object) -> None:
             try:
                 os.kill(self.pid, signum)
@@ -94,22 +106,83 @@ class Outside:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
+        received: dict[int, int] = {}  # fds a server hands over (live upgrade)
+        complete = False
+        sock = self.handover_sock
+        if sock is not None:
+            sock.setblocking(False)
         while True:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                return 1
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+            if sock is not None and not complete:
+                # read while the server sends: it may send more than the socket buffers
+                select.select([sock], [], [], 0.1)
+                complete = handover.receive_fds(sock, received)
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    return 1
+                if pid == 0:
+                    continue
+            else:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    return 1
+            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+            if code == handover.HANDED_OVER and sock is not None:
+                complete = complete or handover.receive_fds(sock, received)
+                self.take_over(received if complete else {})
+            return code
+
+    def take_over(self, received: dict[int, int]) -> None:
+        """The server's fds at their numbers here, then the installed code; returns only
+        if nothing (or not everything) was handed over."""
+        assert self.handover_sock is not None
+        if not received:
+            log.error("live upgrade: the server exited without handing everything over")
+            return
+        state_fd = next(iter(received))  # the first one sent
+        sock_fd = self.handover_sock.detach()
+        handover.place(received, keep=[sock_fd])
+        if sock_fd not in received:  # else the number is one of the server's fds now
+            os.close(sock_fd)
+        log.info("live upgrade: %d fds taken over from the server; executing %s",
+                 len(received), sys.executable)
+        handover.reexec(state_fd)
 
 
 def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
-          gid_maps: Sequence[NamespaceIdMap] = ()) -> Outside | None:
+          gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False
+          ) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
     shared_dir = os.path.realpath(shared_dir)
+    global _handover_sock
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _handover_sock = theirs
+    outside = _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
+    if outside is None:  # the server
+        ours.close()
+        return None
+    theirs.close()
+    _handover_sock = None
+    outside.handover_sock = ours
+    return outside
+
+
+def hand_over_outside(state_fd: int, fds: list[int]) -> None:
+    """In the sandboxed server (live upgrade): send every fd to keep (the state first)
+    to the process outside, which executes the installed code on them, and exit."""
+    assert _handover_sock is not None
+    handover.send_fds(_handover_sock, fds)
+    logging.shutdown()
+    os._exit(handover.HANDED_OVER)
+
+
+def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
+           gid_maps: Sequence[NamespaceIdMap], after_upgrade: bool) -> Outside | None:
     if mode == "chroot":
         if os.geteuid() != 0:
             raise SandboxError("--sandbox chroot needs root; use --sandbox namespace or none")
@@ -121,6 +194,15 @@ def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
             raise SandboxError("--uid-map/--gid-map set up a user namespace for an "
                                "unprivileged daemon; as root use --translate-uid/"
                                "--translate-gid instead")
+        if after_upgrade:
+            # the namespace the first server was PID 1 of died with it, and it is still
+            # where this process's children would go (fork: ENOMEM, unshare: EINVAL):
+            # point that back at our own pid namespace first
+            own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(own, CLONE_NEWPID), "setns(own pid namespace)")
+            finally:
+                os.close(own)
         _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         return _split(lambda: _enter_namespaces(CLONE_NEWNS | CLONE_NEWNET, shared_dir))
     return _enter_as_user(shared_dir, uid_maps, gid_maps)

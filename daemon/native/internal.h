@@ -40,6 +40,16 @@ static inline void pyvfs_bump(uint64_t *p, uint64_t n) {
     __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
 }
 
+/* inflight.c: a chain was popped (q->last_avail already counts it): record it before it
+   acts; and a used element was published: clear its record */
+static inline void pyvfs_inflight_popped(pyvfs_queue_t *q, uint32_t head) {
+    if (q->inflight)
+        __atomic_store_n(&((pyvfs_inflight_t *)(uintptr_t)q->inflight)->current,
+                         (uint64_t)q->last_avail | (uint64_t)(head & 0xFFFF) << 16
+                         | (uint64_t)q->used_idx << 32 | PYVFS_INFLIGHT_BUSY, __ATOMIC_RELEASE);
+}
+PYVFS_HIDDEN void pyvfs_inflight_pushed(pyvfs_queue_t *q, uint32_t head);
+
 /* ring.c: signal the call eventfd if the driver asks for an interrupt (counted) */
 PYVFS_HIDDEN void pyvfs_queue_notify(pyvfs_queue_t *q, int call_fd);
 

@@ -174,6 +174,10 @@ typedef struct {
        of guest-physical memory, mapped here (0: not logging), and the used ring's
        guest-physical address, whose writes are logged too */
     uint64_t log, log_size, used_gpa;
+    /* the ring's in-flight record (pyvfs_inflight_t in shared memory; 0: none), kept at
+       every pop and push so that a restarted worker re-serves exactly what was popped
+       and not answered (inflight.c) */
+    uint64_t inflight;
 } pyvfs_queue_t;
 /* Publish a used element; the first len bytes of wr (what the reply wrote) and the used
    ring's entry and index are marked in the dirty log while logging. */
@@ -187,6 +191,28 @@ void pyvfs_log_iov(const pyvfs_queue_t *q, const pyvfs_iov_t *iov, int n, uint64
 void pyvfs_queue_disable(pyvfs_queue_t *q);
 int pyvfs_queue_enable(pyvfs_queue_t *q);
 int pyvfs_queue_should_notify(pyvfs_queue_t *q);
+
+/* ---- inflight.c: what a ring's worker popped and has not answered, in shared memory
+ * (workers/inflight.py), so that a worker's successor re-serves it, exactly once.
+ * `current` is one word, stored whole: bits 0-15 the next avail entry to pop, 16-31
+ * the head being answered, 32-47 the used index before its answer, bit 48 BUSY. heads[h]
+ * is the state of a SETLKW parked at head h: PARKED, or PARKED|COMPLETING with the used
+ * index before its answer's push in bits 32-47. A record whose used index differs from
+ * the ring's at recovery was answered (its push is the only one after the record). */
+#define PYVFS_INFLIGHT_HEADS 32768
+#define PYVFS_INFLIGHT_BUSY 0x1000000000000
+#define PYVFS_INFLIGHT_PARKED 0x1000000000000
+#define PYVFS_INFLIGHT_COMPLETING 0x2000000000000
+typedef struct {
+    uint64_t current;
+    uint64_t heads[32768];
+} pyvfs_inflight_t;
+/* the request at head was parked (answered later): its record moves to heads[] */
+void pyvfs_inflight_park(pyvfs_queue_t *q, uint32_t head);
+/* a parked request at head is about to be answered and pushed */
+void pyvfs_inflight_completing(pyvfs_queue_t *q, uint32_t head);
+/* a ring (re)started from last_avail with nothing in flight */
+void pyvfs_inflight_reset(pyvfs_inflight_t *r, uint16_t last_avail);
 
 /* ---- serve.c: the worker's wait/drain/notify loop */
 /* pyvfs_serve's loop state and settings (QueueWorker keeps one) */

@@ -62,6 +62,7 @@ void pyvfs_queue_push(pyvfs_queue_t *q, uint32_t head, uint32_t len,
         log_used(q, 2, 2);
     }
     __atomic_store_n((uint16_t *)(uintptr_t)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+    if (q->inflight) pyvfs_inflight_pushed(q, head);
 }
 
 /* With EVENT_IDX the driver names, in used_event, the used entry it wants an interrupt for

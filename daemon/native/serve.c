@@ -37,6 +37,7 @@ static int drain(pyvfs_queue_t *q, pyvfs_iov_t *rd, pyvfs_iov_t *wr, int *counts
             (uint16_t *)(uintptr_t)(q->avail + 4 + 2 * (uint64_t)(q->last_avail % q->size)),
             __ATOMIC_ACQUIRE);
         q->last_avail++;
+        pyvfs_inflight_popped(q, h);  /* before it acts: a successor re-serves it */
         *head = h;
         /* the latency's start; right after an answer, that answer's clock read stands
            for it (one read a request instead of two while the ring stays busy) */

@@ -64,11 +64,14 @@ class QueueStats:
         return cls(name, mm)
 
     @classmethod
-    def attach(cls, name: str) -> QueueStats:
+    def attach(cls, name: str, writable: bool = False) -> QueueStats:
+        """Map a daemon's segment: read-only (the stats command), or ``writable`` for the
+        daemon itself after a live upgrade (its workers go on counting in it)."""
         shm = posix_ipc.SharedMemory(name)
         try:
             size = os.fstat(shm.fd).st_size
-            mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+            mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable
+                                                               else 0))
         finally:
             shm.close_fd()
         magic, version, queues, row, _ = HEADER.unpack_from(mm)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from daemon.stats.daemon_info import read_info
 from daemon.stats.tables import daemon_pid, read_tables
 
 
@@ -29,8 +30,12 @@ def snapshot(pid: int, interval: float) -> dict:
     second, handle_stats = t["inodes"], t["handles"]
     rate = {k: (second[k] - first["inodes"][k]) / interval
             for k in ("lookups", "inserts", "removals")}
+    info = read_info(pid)
     return {
         "pid": pid,
+        # which code serves, and how many live upgrades this daemon went through
+        "build": info.get("build"),
+        "live_upgrades": info.get("upgrades", 0),
         "workers": t["workers"],
         "fds_held": t["fds_held"],
         "inodes": {
@@ -70,7 +75,8 @@ def queue_rows(before: list[dict], after: list[dict], interval: float) -> list[d
 def render(s: dict) -> str:
     i, h = s["inodes"], s["open_files"]
     return "\n".join([
-        f"pyvirtiofsd pid {s['pid']}: {s['workers']} worker(s), {s['fds_held']} fds held",
+        f"pyvirtiofsd pid {s['pid']}: {s['workers']} worker(s), {s['fds_held']} fds held, "
+        f"code {s.get('build') or '?'} ({s.get('live_upgrades', 0)} live upgrades)",
         f"inodes:     {i['entries']:>10,} of {i['capacity']:,} "
         f"(load {i['load_factor']:.2%}, {i['with_file_handle']:,} by file handle, "
         f"{i['tombstones']:,} tombstones)",

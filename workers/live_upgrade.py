@@ -1,0 +1,135 @@
+"""Live upgrade, the supervisor's side: on SIGHUP (``systemctl reload``, ``pyvirtiofsd
+upgrade``) stop every worker between two requests, write what lives only in Python
+objects to a memfd, keep every fd a guest depends on open across exec, and hand over to
+the installed code (daemon/host/handover.py says who executes it in each sandbox mode).
+The new program reads the state back (``Supervisor(resumed=...)``), takes the same
+connection, and starts a worker per running ring that re-serves what its ring's in-flight
+record holds (workers/inflight.py) before it pops anything new.
+
+A mixin of ``supervisor.Supervisor``: the vhost-user connection never closes, and no
+message from the front-end is lost (the ones read before the handover are answered
+first; the rest wait in the socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemon.fs.passthrough import PassthroughFs
+from daemon.host import handover
+from daemon.host.sd_notify import Notifier
+from workers import control
+from workers.device_state import DeviceState
+from workers.inflight import InflightRecords
+from workers.pool import WorkerPool
+
+log = logging.getLogger("pyvirtiofsd")
+
+STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) cancels it
+# what the program that starts serving after a handover is given: the state memfd and
+# every fd to keep; it never returns (exec, or the sandboxed server's exit)
+HandOver = Callable[[int, list[int]], None]
+
+
+class LiveUpgrade:
+    state: DeviceState
+    pool: WorkerPool
+    fs: PassthroughFs
+    inflight: InflightRecords
+    notifier: Notifier
+    front_end: Any  # supervisor.FrontEnd
+    listener_fd: int
+    handing_over: bool
+    hand_over_to: HandOver | None
+    carried: dict[str, Any]  # what start-up wants back (tables, pid file, upgrades)
+
+    async def hand_over(self) -> None:
+        """Stop the workers and hand everything to the installed code; returns only when
+        that could not be done (the old code then goes on serving)."""
+        if self.hand_over_to is None:
+            log.error("live upgrade: not possible in this mode; SIGHUP ignored")
+            return
+        started = time.monotonic()
+        log.info("live upgrade: stopping workers (code %s)", handover.build_id())
+        self.notifier.status("live upgrade: handing over")
+        self.handing_over = True
+        try:
+            if not await self._stop_workers():
+                return
+            state_fd = handover.write_state(self._wire_state())
+            fds = handover.keep_open([state_fd, *self._fds_to_keep()])
+            log.info("live upgrade: %d fds and the device state handed over after %.1f ms",
+                     len(fds), 1000 * (time.monotonic() - started))
+            info = self.carried.get("info")
+            if info is not None:
+                info.write({**info.read(), "serving": False})
+            self.hand_over_to(state_fd, fds)
+        except Exception:  # noqa: BLE001 - the old code must go on serving
+            log.exception("live upgrade failed; the running code goes on serving")
+        finally:
+            self.handing_over = False
+        for index in list(self.state.vrings):
+            self._start_logged(index)  # type: ignore[attr-defined]
+
+    async def _stop_workers(self) -> bool:
+        """Every worker stopped between two requests (parked SETLKWs stay in the ring's
+        in-flight record) and reaped: a worker left would share no fd table with the new
+        program and keep serving its ring."""
+        workers = []
+        for vring in self.state.vrings.values():
+            if vring.worker is not None:
+                workers.append(vring.worker)
+                vring.worker = None
+                vring.resume = True  # the next worker starts from the in-flight record
+        await asyncio.gather(*(self.pool.ask(w, {"op": control.OP_STOP}) for w in workers))
+        pending = [w.exited for w in self.pool.workers if w.exited is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=STOP_WAIT)
+        if self.pool.workers:
+            log.error("live upgrade: workers %s did not exit within %.0f s; not upgrading",
+                      sorted(w.pid for w in self.pool.workers), STOP_WAIT)
+            return False
+        return True
+
+    def _wire_state(self) -> dict[str, Any]:
+        fs = self.fs
+        conn = self.front_end.conn.fileno() if self.front_end is not None else -1
+        return {
+            **{k: v for k, v in self.carried.items() if k != "info"},
+            "device": self.state.to_wire(),
+            "conn": conn,
+            "listener": self.listener_fd,
+            "inflight": self.inflight.fd,
+            "session": bytes(fs.session[:8]),
+            "lock_owners": fs.lock_owners.memfd if fs.lock_owners is not None else -1,
+            "mount_fd": fs.mount_fd,
+            "root_mnt_id": fs.root_mnt_id,
+            "use_handles": fs.use_handles,
+            "notify": [self.notifier.sock.fileno() if self.notifier.sock else -1,
+                       self.notifier.watchdog],
+            "build": handover.build_id(),
+        }
+
+    def _fds_to_keep(self) -> list[int]:
+        """Every fd a guest depends on: the connection and device state, the tables' fds
+        (inodes, open files, lock owners' descriptions) and the daemon's own."""
+        fs = self.fs
+        fds = [*self.state.fds(), self.listener_fd, self.inflight.fd, fs.mount_fd,
+               self.carried.get("pid_fd", -1)]
+        if self.front_end is not None:
+            fds.append(self.front_end.conn.fileno())
+        if self.notifier.sock is not None:
+            fds.append(self.notifier.sock.fileno())
+        if fs.lock_owners is not None:
+            fds += [fs.lock_owners.memfd, *fs.lock_owners.fds()]
+        fds += [e.fd for e in fs.inodes.iter_entries(dying=True)]
+        fds += [h.fd for h in fs.handles.iter_handles(released=True)]
+        for table in (fs.inodes, fs.handles):
+            for fd in table.take_orphaned_fds():
+                os.close(fd)
+        return sorted({fd for fd in fds if fd >= 0})
