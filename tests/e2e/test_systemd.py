@@ -150,3 +150,39 @@ def test_watchdog_restarts_a_stopped_supervisor(vm: SystemdVM) -> None:
           f"(WatchdogSec={WATCHDOG_SEC}), served again {back:.1f} s after it")
     vm.py("fe.close()")
     vm.sh("systemctl stop pyvirtiofsd@wd.socket pyvirtiofsd@wd.service")
+
+
+def test_reload_upgrades_under_a_served_front_end(vm: SystemdVM) -> None:
+    """systemctl reload (ExecReload=pyvirtiofsd upgrade): the daemon executes the installed
+    code again while the front-end keeps sending requests, one at a time; every one is
+    answered once, none is lost, and the connection and the main process stay."""
+    share(vm, "rl", "reloaded\n")
+    sock = "/run/pyvirtiofsd/rl.sock"
+    vm.sh("systemctl start pyvirtiofsd@rl.socket")
+    assert vm.py(f"fe = connect({sock!r}); read_file(fe, b'hello').decode()",
+                 timeout=90) == "reloaded\n"
+    before = show(vm, "pyvirtiofsd@rl.service", "MainPID", "NRestarts")
+    vm.py("loop = RequestLoop(fe)")
+    time.sleep(1)
+    answered = vm.py("loop.answered")
+    assert answered > 0, vm.py("loop.stop()")
+    start = time.monotonic()
+    vm.sh("systemctl reload pyvirtiofsd@rl.service", timeout=120)
+    reload_seconds = time.monotonic() - start
+    at_reload = vm.py("loop.answered")
+    deadline = time.monotonic() + 30
+    while vm.py("loop.answered") < at_reload + 20:  # the new code answers too
+        assert time.monotonic() < deadline, vm.py("loop.stop()")
+        time.sleep(0.5)
+    seen = vm.py("loop.stop()")
+    assert seen["failure"] is None and not seen["alive"], seen
+    assert seen["unexpected_answers"] == 0, seen
+    assert vm.py("read_file(fe, b'hello').decode()") == "reloaded\n"
+    after = show(vm, "pyvirtiofsd@rl.service", "MainPID", "NRestarts", "ActiveState")
+    assert after == {**before, "ActiveState": "active"}, after
+    journal = vm.journal("pyvirtiofsd@rl.service", 200)
+    assert "live upgrade 1, serving" in journal, journal
+    print(f"reload: systemctl reload took {reload_seconds:.1f} s; {seen['answered']} "
+          f"GETATTRs answered, the longest wait {seen['longest_s']} s")
+    vm.py("fe.close()")
+    vm.sh("systemctl stop pyvirtiofsd@rl.socket pyvirtiofsd@rl.service")

@@ -80,7 +80,9 @@ class RequestLoop:
         try:
             while not self._stop.is_set():
                 start = time.monotonic()
-                sent = self.fe.start(Opcode.GETATTR, 1, arg, out_size=fuse.OUT_HEADER_SIZE + 256)
+                # indirect: one ring descriptor a request, which wait_used frees again
+                sent = self.fe.start(Opcode.GETATTR, 1, arg, out_size=fuse.OUT_HEADER_SIZE + 256,
+                                     indirect=True)
                 error, payload = self.fe.finish(sent, self.answer_timeout)
                 self.longest = max(self.longest, time.monotonic() - start)
                 if error or len(payload) < fuse.ATTR_OUT_HEAD.size:
