@@ -73,6 +73,7 @@ class Frontend:
         self.rings: dict[int, Ring] = {}
         self.unique = 0
         self.acked_features = 0
+        self.reply_timeout = 10.0
 
     # ----- raw vhost-user ---------------------------------------------------------
 
@@ -87,8 +88,10 @@ class Frontend:
         )
         self.sock.sendmsg([data], anc)
 
-    def recv_reply(self, timeout: float = 10) -> tuple[int, bytes]:
-        self.sock.settimeout(timeout)
+    def recv_reply(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The next vhost-user reply, within ``timeout`` seconds (default
+        ``self.reply_timeout``, 10 s)."""
+        self.sock.settimeout(self.reply_timeout if timeout is None else timeout)
         head = self._recv_exact(vu.HEADER_SIZE)
         request, flags, size = vu.HEADER.unpack(head)
         assert flags & vu.FLAG_REPLY, f"reply without the reply flag: {flags:#x}"
