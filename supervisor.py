@@ -17,13 +17,13 @@ import asyncio
 import fcntl
 import json
 import logging
+import mmap
 import os
 import resource
 import signal
 import socket
 import stat
 import sys
-import time
 from collections.abc import Awaitable, Callable
 
 from daemon.fs import migration, proc_fd
@@ -57,10 +57,11 @@ from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
-from workers.device_state import DeviceState, VringState
+from workers.handover import keeper
+from workers.handover.device_state import DeviceState, VringState
+from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
-from workers.live_upgrade import HandOver, LiveUpgrade
 from workers.pool import Worker, WorkerPool, close_quietly
 
 log = logging.getLogger("pyvirtiofsd")
@@ -69,9 +70,6 @@ MAX_FDS_PER_MESSAGE = 16
 MAX_MEM_SLOTS = 509
 MAX_RESTARTS = 20  # per queue, over the daemon's life: past that a crash loop is assumed
 RECEIVE_TIMEOUT = 5.0  # for the rest of a message whose header has arrived
-
-
-UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
 class FrontEnd:
@@ -508,6 +506,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             log.info("front-end connected")
         self.notifier.status("front-end connected")
         self.serving()
+        self.journal()
         try:
             while (msg := await front_end.messages.get()) is not None:
                 if msg is UPGRADE:
@@ -515,6 +514,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
                         break  # the front-end went away meanwhile
                     continue
                 await self.dispatch(msg)
+                self.journal()
         finally:
             await self.stop_all_workers("the front-end is gone")
             front_end.close()
@@ -524,38 +524,6 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
     def send(self, data: bytes) -> None:
         assert self.front_end is not None
         self.front_end.send(data)
-
-    def request_upgrade(self) -> None:
-        """SIGHUP: hand over to the installed code between two vhost-user messages."""
-        log.info("live upgrade requested")
-        if self.front_end is not None:
-            self.front_end.messages.put_nowait(UPGRADE)
-        elif getattr(self, "upgrade_requested", None) is not None:
-            self.upgrade_requested.set()
-
-    async def upgrade_between_messages(self, front_end: FrontEnd) -> bool | None:
-        """Stop reading the connection, answer what was read already, hand over (no
-        return on success); None if the front-end went away meanwhile."""
-        front_end.pause()
-        while not front_end.messages.empty():
-            msg = front_end.messages.get_nowait()
-            if msg is None:
-                return None
-            if msg is not UPGRADE:
-                await self.dispatch(msg)
-        await self.hand_over()
-        front_end.resume()  # still here: the old code goes on
-        return True
-
-    def serving(self) -> None:
-        """Say which code serves (the log, and the info segment the stats and upgrade
-        commands read)."""
-        info = self.carried.get("info")
-        upgrades = self.carried.get("upgrades", 0)
-        log.info("serving with code %s (%d live upgrades)", handover.build_id(), upgrades)
-        if info is not None:
-            info.write({"build": handover.build_id(), "upgrades": upgrades,
-                        "since": time.time(), "serving": True})
 
     # ----- dispatch ---------------------------------------------------------------
 
@@ -1110,9 +1078,12 @@ def serve(args: argparse.Namespace) -> int:
         handles = HandleTable.create(names[1], args.handle_table_size)
         stats = QueueStats.create(names[2], 1 + args.num_request_queues)
     info = DaemonInfo.open(info_segment(os.getpid()), create=True)
+    restart = bool(resumed and resumed.get("restart"))  # the keeper's, not an upgrade
     carried = {"pid_fd": pid_fd, "tables": names, "info": info,
                "systemd_owns_path": systemd_owns_path,
-               "upgrades": resumed["upgrades"] + 1 if resumed else 0}
+               "upgrades": resumed["upgrades"] + (0 if restart else 1) if resumed else 0,
+               "supervisor_restarts": (resumed.get("supervisor_restarts", 0) + restart
+                                       if resumed else 0)}
     shared_dir = os.path.abspath(args.shared_dir)
     # read while /proc is still there: the sandboxed server sees only its fds in it
     args.cap_last = capabilities.last_cap() if os.geteuid() == 0 else -1
@@ -1126,9 +1097,15 @@ def serve(args: argparse.Namespace) -> int:
         if args.sandbox != "none":
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
+            # the server's first process stays outside the sandbox as the supervisor's
+            # keeper (workers/handover/keeper.py); the supervisor it clones goes in
+            carried["journal"] = journal = keeper.StateJournal()
+            carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
             try:
-                outside = sandbox.enter(args.sandbox, shared_dir, args.uid_maps,
-                                        args.gid_maps, after_upgrade=resumed is not None)
+                outside = sandbox.enter(
+                    args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
+                    after_upgrade=resumed is not None,
+                    keeper=lambda: keeper.split(journal, session, inodes, handles))
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1
@@ -1183,7 +1160,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
         security_label=args.security_label, killpriv_v2=args.killpriv_v2,
         allow_mmap=args.allow_mmap,
     )
-    fs = PassthroughFs(shared_dir, inodes, handles, config)
+    fs = PassthroughFs(shared_dir, inodes, handles, config,
+                       session=(carried or {}).get("session_page"))
     # with --sandbox none a live upgrade executes in this very process: its capabilities
     # and seccomp filter were set by the first program and stay (a second filter would
     # only stack on the first)

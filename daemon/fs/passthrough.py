@@ -70,7 +70,8 @@ class PassthroughFs(SessionOps, InodeOps, ContextOps, AttributeOps, EntryOps, Fi
     """One shared directory served over FUSE: the state every worker shares (declared in
     :class:`FsBase`); each opcode's handler is named in daemon/protocol/opcodes.py."""
 
-    def __init__(self, shared_dir: str, inodes, handles, config: Config) -> None:  # noqa: ANN001
+    def __init__(self, shared_dir: str, inodes, handles, config: Config,  # noqa: ANN001
+                 session: mmap.mmap | None = None) -> None:
         self.shared_dir = shared_dir
         Credentials.own_uid, Credentials.own_gid = os.geteuid(), os.getegid()
         self.inodes = inodes
@@ -83,8 +84,9 @@ class PassthroughFs(SessionOps, InodeOps, ContextOps, AttributeOps, EntryOps, Fi
         self.root_mnt_id = -1
         self.fd_cache = FdCache(config.fd_cache_size)
         # What INIT agreed on, for every worker: an anonymous MAP_SHARED page made before
-        # the workers are cloned, so all of them see the one copy.
-        self.session = mmap.mmap(-1, mmap.PAGESIZE)
+        # the workers are cloned, so all of them see the one copy (``session``: one made
+        # before the supervisor's keeper was cloned, so the keeper sees it too).
+        self.session = session if session is not None else mmap.mmap(-1, mmap.PAGESIZE)
         self._dents = ffi.new("char[]", GETDENTS_BUF)
         self._dents_view = ffi.buffer(self._dents)
         self._handle_buf = ffi.new("unsigned char[]", 128)

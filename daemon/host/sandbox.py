@@ -35,7 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.host import handover
@@ -57,6 +57,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
 # the server's end of the socket pair to the process outside, for a live upgrade's fds
 _handover_sock: socket.socket | None = None
+# run in the server before it enters: returns in the process that goes on into the
+# sandbox, stays (never returns) in the one that keeps the fd table (workers/handover/keeper.py)
+_keeper: Callable[[], None] | None = None
 
 
 class SandboxError(Exception):
@@ -153,13 +156,14 @@ class Outside:
 
 
 def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
-          gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False
-          ) -> Outside | None:
+          gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False,
+          keeper: Callable[[], None] | None = None) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
     shared_dir = os.path.realpath(shared_dir)
-    global _handover_sock
+    global _handover_sock, _keeper
+    _keeper = keeper
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _handover_sock = theirs
     outside = _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
@@ -220,6 +224,8 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
             os._exit(1)  # the parent is gone
         os.close(ready_r)
         try:
+            if _keeper is not None:
+                _keeper()  # returns in the process that enters the sandbox
             inside()
         except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
             log.error("sandbox: %s", e)

@@ -23,8 +23,9 @@ from typing import Any
 from daemon.fs.passthrough import PassthroughFs
 from daemon.host import handover
 from daemon.host.sd_notify import Notifier
+from daemon.protocol.vhost_user import Message
 from workers import control
-from workers.device_state import DeviceState
+from workers.handover.device_state import DeviceState
 from workers.inflight import InflightRecords
 from workers.pool import WorkerPool
 
@@ -34,6 +35,8 @@ STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) c
 # what the program that starts serving after a handover is given: the state memfd and
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
+NOT_CARRIED = {"info", "journal", "session_page"}  # objects of this program only
+UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
 class LiveUpgrade:
@@ -47,6 +50,41 @@ class LiveUpgrade:
     handing_over: bool
     hand_over_to: HandOver | None
     carried: dict[str, Any]  # what start-up wants back (tables, pid file, upgrades)
+
+    def request_upgrade(self) -> None:
+        """SIGHUP: hand over to the installed code between two vhost-user messages."""
+        log.info("live upgrade requested")
+        if self.front_end is not None:
+            self.front_end.messages.put_nowait(UPGRADE)
+        elif getattr(self, "upgrade_requested", None) is not None:
+            self.upgrade_requested.set()
+
+    async def upgrade_between_messages(self, front_end: Any) -> bool | None:
+        """Stop reading the connection, answer what was read already, hand over (no
+        return on success); None if the front-end went away meanwhile."""
+        front_end.pause()
+        while not front_end.messages.empty():
+            msg = front_end.messages.get_nowait()
+            if msg is None:
+                return None
+            if msg is not UPGRADE:
+                await self.dispatch(msg)  # type: ignore[attr-defined]
+        await self.hand_over()
+        front_end.resume()  # still here: the old code goes on
+        return True
+
+    def serving(self) -> None:
+        """Say which code serves (the log, and the info segment the stats and upgrade
+        commands read)."""
+        info = self.carried.get("info")
+        upgrades = self.carried.get("upgrades", 0)
+        restarts = self.carried.get("supervisor_restarts", 0)
+        log.info("serving with code %s (%d live upgrades, %d supervisor restarts)",
+                 handover.build_id(), upgrades, restarts)
+        if info is not None:
+            info.write({"build": handover.build_id(), "upgrades": upgrades,
+                        "supervisor_restarts": restarts, "since": time.time(),
+                        "serving": True})
 
     async def hand_over(self) -> None:
         """Stop the workers and hand everything to the installed code; returns only when
@@ -100,7 +138,7 @@ class LiveUpgrade:
         fs = self.fs
         conn = self.front_end.conn.fileno() if self.front_end is not None else -1
         return {
-            **{k: v for k, v in self.carried.items() if k != "info"},
+            **{k: v for k, v in self.carried.items() if k not in NOT_CARRIED},
             "device": self.state.to_wire(),
             "conn": conn,
             "listener": self.listener_fd,
@@ -114,6 +152,13 @@ class LiveUpgrade:
                        self.notifier.watchdog],
             "build": handover.build_id(),
         }
+
+    def journal(self) -> None:
+        """Keep the device state where the keeper finds it if this process is killed
+        (workers/handover/keeper.py); after every vhost-user message."""
+        journal = self.carried.get("journal")
+        if journal is not None and self.front_end is not None:
+            journal.write(self._wire_state())
 
     def _fds_to_keep(self) -> list[int]:
         """Every fd a guest depends on: the connection and device state, the tables' fds
