@@ -30,7 +30,15 @@ from daemon.fs import proc_fd
 from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
 from daemon.guest.memory import BadGuestAddress, check_regions, load_u16_at
-from daemon.host import capabilities, handover, no_site, sandbox, sd_notify, seccomp
+from daemon.host import (
+    activation,
+    capabilities,
+    handover,
+    no_site,
+    sandbox,
+    sd_notify,
+    seccomp,
+)
 from daemon.host.sd_notify import Notifier
 from daemon.options import (
     CAPABILITIES,
@@ -839,27 +847,12 @@ def listener_from_fd(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-SD_LISTEN_FDS_START = 3
-
-
 def listener_from_systemd() -> socket.socket:
-    """The listening socket systemd passed (socket activation: LISTEN_FDS, LISTEN_PID);
-    its variables are taken out of the environment, as sd_listen_fds() does."""
-    count = os.environ.pop("LISTEN_FDS", "")
-    owner = os.environ.pop("LISTEN_PID", "")
-    os.environ.pop("LISTEN_FDNAMES", None)
-    if owner and owner != str(os.getpid()):
-        raise UsageError(f"socket activation: LISTEN_PID={owner} names another process "
-                         f"(this is {os.getpid()}); give --socket-path or --fd")
-    if count != "1":
-        raise UsageError(f"socket activation: LISTEN_FDS={count or '(unset)'}, expected "
-                         "exactly one socket (one vhost-user socket per daemon); give "
-                         "--socket-path or --fd")
-    listener = listener_from_fd(SD_LISTEN_FDS_START)
-    if listener.type != socket.SOCK_STREAM or listener.family != socket.AF_UNIX:
-        raise UsageError("socket activation: fd 3 is not a UNIX stream socket "
-                         "(ListenStream= with a path in the .socket unit)")
-    return listener
+    """The one listening socket systemd passed (socket activation without --socket-path)."""
+    try:
+        return activation.only_listener()
+    except activation.ActivationError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -911,8 +904,10 @@ def serve(args: argparse.Namespace) -> int:
     pid_fd = -1
     name = f"/pyvirtiofsd-{os.getpid()}"
     names = [name + "-inodes", name + "-handles", name + "-stats"]
+    systemd_owns_path = False
     if resumed is not None:
         pid_fd = resumed["pid_fd"]
+        systemd_owns_path = resumed.get("systemd_owns_path", False)
         listener = socket.socket(fileno=resumed["listener"])
         names = resumed["tables"]
         inodes = InodeTable.attach(names[0])
@@ -923,7 +918,10 @@ def serve(args: argparse.Namespace) -> int:
             listener = listener_from_fd(args.fd)
         elif args.socket_path:
             pid_fd = lock_pid_file(args.socket_path)
-            listener = create_listener(args.socket_path, args.socket_group)
+            # pyvirtiofsd@.socket passes a socket bound to the same path: take it over
+            passed = activation.listener_for_path(args.socket_path)
+            systemd_owns_path = passed is not None
+            listener = passed or create_listener(args.socket_path, args.socket_group)
         else:
             listener = listener_from_systemd()
         inodes = InodeTable.create(names[0], args.inode_table_size)
@@ -932,6 +930,7 @@ def serve(args: argparse.Namespace) -> int:
     info = DaemonInfo.open(info_segment(os.getpid()), create=True)
     restart = bool(resumed and resumed.get("restart"))  # the keeper's, not an upgrade
     carried = {"pid_fd": pid_fd, "tables": names, "info": info,
+               "systemd_owns_path": systemd_owns_path,
                "upgrades": resumed["upgrades"] + (0 if restart else 1) if resumed else 0,
                "supervisor_restarts": (resumed.get("supervisor_restarts", 0) + restart
                                        if resumed else 0)}
@@ -981,7 +980,11 @@ def serve(args: argparse.Namespace) -> int:
         stats.unlink()
         info.unlink()
         if args.socket_path:
-            for path in (args.socket_path, args.socket_path + ".pid"):
+            # a socket systemd passed stays: the .socket unit listens on it for the next start
+            leftovers = [args.socket_path + ".pid"]
+            if not systemd_owns_path:
+                leftovers.insert(0, args.socket_path)
+            for path in leftovers:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # packaging/check-fresh.sh [bookworm|trixie] [--no-suite] [--wait-idle] [--reuse]
+#                          [--only TESTS]
 #
 # What a newcomer gets on a stock Debian server: debootstraps a minimal Debian 12 or 13
 # (--variant=minbase --include=python3,ca-certificates: no pip, no venv, no compiler), copies
@@ -21,6 +22,8 @@
 #   --wait-idle  before the suite, wait until no other pytest or benchmark runs here
 #   --reuse      keep an earlier run's system instead of a fresh debootstrap (quicker
 #                retries; not what a newcomer has)
+#   --only TESTS command 2 runs pytest on TESTS (a path under tests/) instead of the whole
+#                suite: one part checked in a fresh system (the summary says so)
 #
 # The mirror is the one this machine's apt configuration uses for the Debian archive. The
 # new system gets this machine's name servers, locally added CA certificates
@@ -32,13 +35,18 @@ release=bookworm
 run_suite=1
 wait_idle=0
 reuse=0
+only=
+want_only=0
 for arg in "$@"; do
+  if [ "$want_only" = 1 ]; then only=$arg; want_only=0; continue; fi
   case "$arg" in
+    --only) want_only=1 ;;
     bookworm|trixie) release=$arg ;;
     --no-suite) run_suite=0 ;;
     --wait-idle) wait_idle=1 ;;
     --reuse) reuse=1 ;;
-    *) echo "usage: $0 [bookworm|trixie] [--no-suite] [--wait-idle] [--reuse]" >&2; exit 2 ;;
+    *) echo "usage: $0 [bookworm|trixie] [--no-suite] [--wait-idle] [--reuse] [--only TESTS]" >&2
+       exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "check-fresh: run as root (debootstrap, mounts)" >&2; exit 1; }
@@ -60,6 +68,13 @@ command -v debootstrap >/dev/null || {
 # The README's two commands, word for word (the lines of its first sh block that run setup).
 mapfile -t commands < <(grep -E '^bash \.ci/setup && ' "$repo/README.md" | head -2)
 [ ${#commands[@]} = 2 ] || { echo "check-fresh: README.md does not give two commands" >&2; exit 1; }
+if [ -n "$only" ]; then
+  case "$only" in tests/*) ;; *) echo "check-fresh: --only takes a path under tests/" >&2; exit 2 ;; esac
+  [ "${commands[1]% tests}" != "${commands[1]}" ] \
+    || { echo "check-fresh: command 2 does not end in ' tests'" >&2; exit 1; }
+  commands[1]="${commands[1]% tests} $only"
+  note "--only: command 2 runs $only, not the whole suite"
+fi
 note "release $release; command 1: ${commands[0]}"
 note "command 2: ${commands[1]}"
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def activated(tmp_path: Path, listen_pid: str | None, listen_fds: str = "1",
-              kind: int = socket.SOCK_STREAM) -> tuple[subprocess.Popen[bytes], Path, Path]:
+              kind: int = socket.SOCK_STREAM, socket_path_option: bool = False,
+              ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     share = tmp_path / "share"
     share.mkdir()
     (share / "hello").write_text("hi\n")
@@ -38,7 +39,8 @@ def activated(tmp_path: Path, listen_pid: str | None, listen_fds: str = "1",
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", launcher, str(fd), "-m", "supervisor",
-             "--shared-dir", str(share), "--sandbox", "none"],
+             "--shared-dir", str(share), "--sandbox", "none",
+             *(["--socket-path", str(sock_path)] if socket_path_option else [])],
             cwd=REPO, stdout=log, stderr=log, pass_fds=(fd,))
     listener.close()
     return proc, sock_path, log_path
@@ -78,3 +80,25 @@ def test_datagram_socket_is_refused(tmp_path: Path) -> None:
     proc, _, log_path = activated(tmp_path, None, kind=socket.SOCK_DGRAM)
     assert proc.wait(timeout=20) == 2
     assert "fd 3 is not a UNIX stream socket" in log_path.read_text()
+
+
+def test_socket_path_takes_over_the_passed_socket_of_that_path(tmp_path: Path) -> None:
+    """pyvirtiofsd@.service names --socket-path; behind pyvirtiofsd@.socket systemd has
+    bound that path already: the daemon serves the passed socket and leaves the path to
+    systemd when it exits (the socket unit keeps listening on it)."""
+    proc, sock_path, log_path = activated(tmp_path, None, socket_path_option=True)
+    try:
+        inode = sock_path.stat().st_ino
+        fe = Frontend(str(sock_path))
+        try:
+            fe.setup(2)
+            fe.init()
+            error, payload = fe.lookup(1, b"hello")
+            assert error == 0 and payload
+        finally:
+            fe.close()
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+    finally:
+        stop_daemon(proc)
+    assert sock_path.stat().st_ino == inode, "the daemon bound a socket of its own"
+    assert not Path(str(sock_path) + ".pid").exists()

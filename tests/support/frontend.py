@@ -50,9 +50,11 @@ class Sent:
 
 class Frontend:
     def __init__(self, socket_path: str, memory_size: int = 64 << 20, queue_size: int = 256,
-                 event_idx: bool = True) -> None:
+                 event_idx: bool = True, connect_timeout: float = 10) -> None:
+        """``connect_timeout``: how long to retry a socket that is missing or refuses
+        (0: one try)."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + connect_timeout
         while True:
             try:
                 self.sock.connect(socket_path)
@@ -71,6 +73,7 @@ class Frontend:
         self.rings: dict[int, Ring] = {}
         self.unique = 0
         self.acked_features = 0
+        self.reply_timeout = 10.0
 
     # ----- raw vhost-user ---------------------------------------------------------
 
@@ -85,8 +88,10 @@ class Frontend:
         )
         self.sock.sendmsg([data], anc)
 
-    def recv_reply(self, timeout: float = 10) -> tuple[int, bytes]:
-        self.sock.settimeout(timeout)
+    def recv_reply(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The next vhost-user reply, within ``timeout`` seconds (default
+        ``self.reply_timeout``, 10 s)."""
+        self.sock.settimeout(self.reply_timeout if timeout is None else timeout)
         head = self._recv_exact(vu.HEADER_SIZE)
         request, flags, size = vu.HEADER.unpack(head)
         assert flags & vu.FLAG_REPLY, f"reply without the reply flag: {flags:#x}"
