@@ -28,6 +28,7 @@ from daemon.fs.passthrough import (
 )
 from daemon.guest.memory import BadGuestAddress, DirtyLog, GuestMemory
 from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
+from daemon.host.process import name_process
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.fuse import FuseError
@@ -493,6 +494,7 @@ def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socke
     """Entry point in the freshly cloned child; never returns."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
+        name_process(f"pyvfs-q{setup.index}")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
