@@ -138,7 +138,7 @@ def write_markdown(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]])
             if not rs:
                 continue
             load = [p for r in rs for p in r["load"]]
-            roles = sorted({kinds(p) for p in load}, key=["supervisor", "hiprio",
+            roles = sorted({kinds(p) for p in load}, key=["supervisor", "template", "hiprio",
                                                          "request worker"].index)
             for role in roles:
                 ps = [p for p in load if kinds(p) == role]

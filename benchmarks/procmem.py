@@ -40,8 +40,9 @@ class ProcMemory:
 
 
 def role_of(pid: int, root: int, order: dict[int, int]) -> str:
-    """The process's part in the daemon: its name (a worker names itself ``pyvfs-qN``;
-    older commits did not, then children are named by start order: queue 0 first)."""
+    """The process's part in the daemon: its name (a worker names itself ``pyvfs-qN``,
+    the process workers are cloned from ``pyvfs-template``; older commits did not, then
+    children are named by start order: queue 0 first)."""
     if pid == root:
         return "supervisor"
     try:
@@ -49,6 +50,8 @@ def role_of(pid: int, root: int, order: dict[int, int]) -> str:
             comm = f.read().strip()
     except OSError:
         comm = ""
+    if comm == "pyvfs-template":
+        return "template"
     if comm.startswith("pyvfs-q"):
         return "hiprio" if comm == "pyvfs-q0" else f"queue {comm[7:]}"
     return f"child {order.get(pid, '?')}"

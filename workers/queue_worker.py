@@ -121,7 +121,7 @@ class QueueWorker:
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
         # the opcodes the table lets C answer (daemon/native/fuse_ops.c), unless the C
         # path is off (--c-fast-path off: all in Python)
-        self.fast_path = FastPathContext(fs, setup.c_path)
+        self.fast_path = FastPathContext.shared(fs, setup.c_path)
         self.fast = int(setup.c_path)
         self.serve.fast = self.fast
         self.fast_ctx = self.fast_path.c

@@ -14,16 +14,15 @@ from daemon.native._sys import lib
 _before = ctypes.pythonapi.PyOS_BeforeFork
 _after_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
 _after_child = ctypes.pythonapi.PyOS_AfterFork_Child
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-PR_SET_NAME = 15
 
 
-def clone_shared_fds() -> int:
+def clone_shared_fds(sibling: bool = False) -> int:
     """Like os.fork(), but parent and child keep one fd table: an fd either opens or
     closes is opened or closed for both. Returns 0 in the child, the child's pid in the
-    parent. Call it only while the process has a single thread."""
+    caller. With ``sibling`` the child is the caller's parent's child (CLONE_PARENT).
+    Call it only while the process has a single thread."""
     _before()
-    pid = lib.pyvfs_clone_files()
+    pid = lib.pyvfs_clone_sibling() if sibling else lib.pyvfs_clone_files()
     if pid == 0:
         _after_child()
         return 0
@@ -38,4 +37,4 @@ def name_process(name: str) -> None:
     """Set the calling thread's name (/proc/PID/comm, what top and ps show), so an
     operator and the memory benchmark can tell the workers' queues apart; at most 15
     bytes are kept."""
-    _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    lib.pyvfs_set_name(name.encode()[:15])
