@@ -120,7 +120,7 @@ class WorkerPool:
     def _start_worker(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> NoReturn:
         """In a worker the template cloned: serve the ring (never returns)."""
         worker_main(setup, self.fs, socket.socket(fileno=control_fd), self.interrupts,
-                    self.supervisor_pid, lock_mutex_fd, self.stats)
+                    self.supervisor_pid, lock_mutex_fd, self.stats, signals_set=True)
 
     def killed_on(self, queue: int) -> bool:
         """A killed worker of this queue has not exited yet (asleep in the kernel, where a

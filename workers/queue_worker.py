@@ -488,17 +488,26 @@ class QueueWorker:
         return b""
 
 
+def worker_signals() -> None:
+    """A worker's signal dispositions: SIGTERM ends it, SIGINT (the operator's ^C at the
+    supervisor's terminal) does not, no wake-up fd of the supervisor's event loop."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                 interrupts: InterruptBoard, supervisor_pid: int,
-                lock_mutex_fd: int = -1, stats: QueueStats | None = None) -> NoReturn:
-    """Entry point in the freshly cloned child; never returns."""
+                lock_mutex_fd: int = -1, stats: QueueStats | None = None,
+                signals_set: bool = False) -> NoReturn:
+    """Entry point in the freshly cloned child; never returns. ``signals_set``: the
+    process it was cloned from set the signals as a worker wants them already."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
         name_process(f"pyvfs-q{setup.index}")
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if not signals_set:
+            worker_signals()
         if os.getppid() != supervisor_pid:
             os._exit(1)  # the supervisor died before PDEATHSIG was set
         if fs.lock_owners is not None:

@@ -36,6 +36,7 @@ import msgpack
 from daemon.host.process import clone_shared_fds, name_process
 from daemon.native._sys import lib
 from workers.control import QueueSetup
+from workers.queue_worker import worker_signals
 
 # how long the supervisor waits for the template's answer (it clones at once)
 SPAWN_TIMEOUT = 2.0
@@ -98,9 +99,7 @@ def _serve(sock: socket.socket, start_worker: StartWorker, prepare: Prepare,
     """The template's life: wait for a request, clone a worker, answer its pid."""
     lib.pyvfs_set_pdeathsig(signal.SIGKILL)
     name_process("pyvfs-template")
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_signals()  # once here rather than in every worker (each call writes to pages)
     if os.getppid() != supervisor:
         os._exit(1)  # the supervisor died before PDEATHSIG was set
     while True:
