@@ -38,8 +38,9 @@ from daemon.native._sys import lib
 from workers.control import QueueSetup
 from workers.queue_worker import worker_signals
 
-# how long the supervisor waits for the template's answer (it clones at once)
-SPAWN_TIMEOUT = 2.0
+# how long the supervisor waits for the template's answer (it clones at once); then it
+# clones the worker itself, still well within the second QEMU waits for its answer
+SPAWN_TIMEOUT = 0.25
 
 # in the new worker: serve this ring with this control socket fd and lock-owner mutex fd
 StartWorker = Callable[[QueueSetup, int, int], NoReturn]
