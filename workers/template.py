@@ -65,12 +65,16 @@ class Template:
             finally:
                 os._exit(1)
         self.pid = pid
+        self.reaped = False
         self.sock = ours
         self.peer_fd = theirs.detach()  # the template's end stays open in the shared table
 
     def spawn(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> int:
         """Have the template clone a worker; returns its pid (a child of ours). Raises
         OSError when the template cannot (then the caller drops it)."""
+        if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:  # killed: reaped just now
+            self.reaped = True
+            raise OSError(errno.ECHILD, f"worker template {self.pid} was killed")
         self.sock.send(msgpack.packb([dataclasses.astuple(setup), control_fd, lock_mutex_fd]))
         ready, _, _ = select.select([self.sock], [], [], SPAWN_TIMEOUT)
         answer = self.sock.recv(64) if ready else b""
@@ -83,11 +87,12 @@ class Template:
 
     def close(self) -> None:
         """Kill and reap the template (its workers live on: they are our children)."""
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        if not self.reaped:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
         self.sock.close()
         try:
             os.close(self.peer_fd)
