@@ -115,6 +115,8 @@ class RunResult:
     kicks: int = 0  # kick eventfd writes
     gen_cpu: float = 0.0  # generator's own CPU seconds (all threads)
     lat_ns: list[int] = field(default_factory=list, repr=False)
+    # each request queue's own figures: ops, ops_per_s, p50_us, p99_us
+    per_queue: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     @property
     def ops_per_s(self) -> float:
@@ -141,6 +143,17 @@ class RunResult:
             "gen_cpu_s": self.gen_cpu,
             "gen_cpu_share": self.gen_cpu / self.seconds if self.seconds else 0.0,
         }  # fmt: skip
+
+
+def queue_figures(q: int, ops: int, seconds: float, lat_ns: list[int]) -> dict[str, float]:
+    """One request queue's throughput and latency percentiles (µs)."""
+    s = sorted(lat_ns)
+
+    def pct(p: float) -> float:
+        return s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000.0 if s else 0.0
+
+    return {"queue": q, "ops": ops, "ops_per_s": ops / seconds if seconds else 0.0,
+            "p50_us": pct(50), "p99_us": pct(99)}
 
 
 def _cpu_self() -> float:
@@ -333,7 +346,9 @@ class LoadGen:
             if job.first_error and not res.first_error:
                 res.first_error, res.first_error_opcode = job.first_error, job.first_error_opcode
             res.seconds = max(res.seconds, job.elapsed_ns / 1e9)
-            res.lat_ns.extend(self.ffi.unpack(lat, job.lat_n))
+            mine = self.ffi.unpack(lat, job.lat_n)
+            res.lat_ns.extend(mine)
+            res.per_queue.append(queue_figures(q, job.ops, job.elapsed_ns / 1e9, mine))
             self.unique = max(self.unique, job.unique_base - (q << 48))
         if any(rcs):
             raise RuntimeError(f"lg_run failed: {rcs}")

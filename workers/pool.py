@@ -22,15 +22,18 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from daemon.fs.passthrough import PassthroughFs
 from daemon.host.process import clone_shared_fds
 from daemon.stats.queue_stats import QueueStats
 from workers import control
 from workers.control import QueueSetup
+from workers.fast_path import FastPathContext
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import worker_main  # imported here so workers start warm
+from workers.template import Template
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -88,6 +91,46 @@ class WorkerPool:
         self.on_kill = on_kill  # when a worker is killed: it no longer serves its ring
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workers: set[Worker] = set()
+        self.template: Template | None = None  # clones the workers (workers/template.py)
+        self.supervisor_pid = os.getpid()
+
+    def _spawn(self, setup: QueueSetup, theirs: socket.socket, lock_mutex_fd: int) -> int:
+        if self.template is None:
+            self.supervisor_pid = os.getpid()  # as the template's copy of us will see it
+            self.template = Template(self._start_worker, self._prepare, freeze_heap)
+        try:
+            return self.template.spawn(setup, theirs.fileno(), lock_mutex_fd)
+        except OSError as e:  # killed by someone: a new template for the next worker
+            log.warning("worker template %d: %s; cloning the worker directly",
+                        self.template.pid, e)
+            self.template.close()
+            self.template = None
+        supervisor_pid = os.getpid()
+        freeze_heap()
+        pid = clone_shared_fds()
+        if pid == 0:
+            try:  # the child must never unwind into the supervisor's code
+                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
+                            lock_mutex_fd, self.stats, self.inflight)
+            finally:
+                os._exit(1)
+        return pid
+
+    def _prepare(self, setup: QueueSetup) -> None:
+        """In the template: what its workers share rather than each making its own."""
+        FastPathContext.shared(self.fs, setup.c_path)
+
+    def _start_worker(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> NoReturn:
+        """In a worker the template cloned: serve the ring (never returns)."""
+        worker_main(setup, self.fs, socket.socket(fileno=control_fd), self.interrupts,
+                    self.supervisor_pid, lock_mutex_fd, self.stats, self.inflight, signals_set=True)
+
+    def close_template(self) -> None:
+        """Kill the template (a live upgrade: it shares the fd table the program is about
+        to leave, and would keep every fd in it open); the next start makes a new one."""
+        if self.template is not None:
+            self.template.close()
+            self.template = None
 
     def killed_on(self, queue: int) -> bool:
         """A killed worker of this queue has not exited yet (asleep in the kernel, where a
@@ -95,22 +138,14 @@ class WorkerPool:
         return any(w.queue == queue and w.killed for w in self.workers)
 
     def start(self, setup: QueueSetup) -> Worker:
-        """Clone a worker (sharing our fd table) that serves ``setup``'s ring."""
+        """Start a worker (sharing our fd table) that serves ``setup``'s ring: cloned by
+        the template process (workers/template.py), or by us if the template is gone."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        supervisor_pid = os.getpid()
         owners = self.fs.lock_owners
         lock_mutex_fd = owners.open_mutex() if owners is not None else -1
-        freeze_heap()
-        pid = clone_shared_fds()
-        if pid == 0:
-            try:  # the child must never unwind into the supervisor's code
-                ours.detach()  # shared fd table: closing it here would close it for everyone
-                worker_main(setup, self.fs, theirs, self.interrupts, supervisor_pid,
-                            lock_mutex_fd, self.stats, self.inflight)
-            finally:
-                os._exit(1)
+        pid = self._spawn(setup, theirs, lock_mutex_fd)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
         worker = Worker(pid, ours, peer_fd, setup.index, os.pidfd_open(pid), lock_mutex_fd,
@@ -218,7 +253,11 @@ class WorkerPool:
         close_quietly(worker.lock_mutex_fd)
 
     def kill_all_now(self) -> None:
-        """On the way out: kill and reap every worker there is, current or not."""
+        """On the way out: kill and reap every worker there is, current or not, and the
+        template."""
+        if self.template is not None:
+            self.template.close()
+            self.template = None
         for worker in list(self.workers):
             if self.loop is not None and not self.loop.is_closed() and worker.pidfd >= 0:
                 self.loop.remove_reader(worker.pidfd)

@@ -27,6 +27,7 @@ from daemon.fs.passthrough import (
 )
 from daemon.guest.memory import BadGuestAddress, DirtyLog, GuestMemory
 from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
+from daemon.host.process import name_process
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.fuse import FuseError
@@ -118,7 +119,7 @@ class QueueWorker(WorkerRequests):
         self.serve.gather_ns = HIPRIO_GATHER_NS if setup.index == 0 else 0
         # the opcodes the table lets C answer (daemon/native/fuse_ops.c), unless the C
         # path is off (--c-fast-path off: all in Python)
-        self.fast_path = FastPathContext(fs, setup.c_path)
+        self.fast_path = FastPathContext.shared(fs, setup.c_path)
         self.fast = int(setup.c_path)
         self.serve.fast = self.fast
         self.fast_ctx = self.fast_path.c
@@ -469,17 +470,27 @@ class QueueWorker(WorkerRequests):
         return self.reply(chain, unique, -code, b"")
 
 
+def worker_signals() -> None:
+    """A worker's signal dispositions: SIGTERM ends it, SIGINT (the operator's ^C at the
+    supervisor's terminal) does not, no wake-up fd of the supervisor's event loop."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def worker_main(setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                 interrupts: InterruptBoard, supervisor_pid: int,
                 lock_mutex_fd: int = -1, stats: QueueStats | None = None,
-                inflight: InflightRecords | None = None) -> NoReturn:
-    """Entry point in the freshly cloned child; never returns."""
+                inflight: InflightRecords | None = None,
+                signals_set: bool = False) -> NoReturn:
+    """Entry point in the freshly cloned child; never returns. ``signals_set``: the
+    process it was cloned from set the signals as a worker wants them already."""
     try:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        name_process(f"pyvfs-q{setup.index}")
+        if not signals_set:
+            worker_signals()
         if os.getppid() != supervisor_pid:
             os._exit(1)  # the supervisor died before PDEATHSIG was set
         if fs.lock_owners is not None:

@@ -19,11 +19,12 @@ and clone3 whatever their flags, and no ioctl at all):
   lines for a logged traceback) and FIONBIO (sockets, ``os.set_blocking``), and may
   toggle close-on-exec with FIOCLEX/FIONCLEX; libuv (uvloop) uses FIONBIO. Anything else
   (TIOCSTI, FICLONE, a device's requests) meets the mode's action.
-* clone: only with CLONE_FILES|SIGCHLD, the workers' (``pyvfs_clone_files``); the
-  server makes no threads and forks nothing once the filter is in (the sandbox forks
-  before). So no namespace flag (CLONE_NEWUSER...), no thread. clone3 passes its flags
-  in memory, out of a filter's sight: it fails with ENOSYS, which makes glibc fall back
-  to clone.
+* clone: only with CLONE_FILES|SIGCHLD, the workers' template's (``pyvfs_clone_files``),
+  and with CLONE_FILES|CLONE_PARENT|SIGCHLD, the workers' (``pyvfs_clone_sibling``,
+  workers/template.py); the server makes no threads and forks nothing else once the
+  filter is in (the sandbox forks before). So no namespace flag (CLONE_NEWUSER...), no
+  thread. clone3 passes its flags in memory, out of a filter's sight: it fails with
+  ENOSYS, which makes glibc fall back to clone.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ wait4 waitid write writev
 # ioctl requests (second argument) allowed; see the module's docstring
 TCGETS, FIONBIO, FIONCLEX, FIOCLEX = 0x5401, 0x5421, 0x5450, 0x5451
 IOCTLS = {"TCGETS": TCGETS, "FIONBIO": FIONBIO, "FIONCLEX": FIONCLEX, "FIOCLEX": FIOCLEX}
-# clone flags allowed: a worker (pyvfs_clone_files, daemon/native/syscalls.c)
-CLONE_FILES, SIGCHLD = 0x400, 17
-CLONE_FLAGS = [CLONE_FILES | SIGCHLD]
+# clone flags allowed: the workers' template (pyvfs_clone_files) and a worker
+# (pyvfs_clone_sibling), daemon/native/syscalls.c
+CLONE_FILES, CLONE_PARENT, SIGCHLD = 0x400, 0x8000, 17
+CLONE_FLAGS = [CLONE_FILES | SIGCHLD, CLONE_FILES | CLONE_PARENT | SIGCHLD]
 # which argument of clone holds the flags (s390 swaps the first two)
 CLONE_FLAGS_ARG = {"s390x": 1, "s390": 1}
 

@@ -16,6 +16,8 @@
 
 /* ---- syscalls.c: system calls the standard library lacks, and credentials */
 long pyvfs_clone_files(void);
+long pyvfs_clone_sibling(void);
+int pyvfs_set_name(const char *name);
 int pyvfs_setfsuid(unsigned int uid);
 int pyvfs_setfsgid(unsigned int gid);
 long pyvfs_getdents64(int fd, char *buf, size_t len);

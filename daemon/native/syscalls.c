@@ -24,6 +24,18 @@ long pyvfs_clone_files(void) {
     return syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
 }
 
+/* The same, but the child is the caller's sibling (CLONE_PARENT): a worker cloned by the
+   template process is the supervisor's child, reaped and watched by it. */
+long pyvfs_clone_sibling(void) {
+    return syscall(SYS_clone, CLONE_FILES | CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
+}
+
+/* The calling thread's name (/proc/PID/comm): in C, as a ctypes call would write to
+   dozens of the objects a worker shares with the template it was cloned from. */
+int pyvfs_set_name(const char *name) {
+    return prctl(PR_SET_NAME, name, 0, 0, 0);
+}
+
 /* setfsuid/setfsgid act on the calling thread only, unlike os.setresuid. */
 int pyvfs_setfsuid(unsigned int uid) { return setfsuid(uid); }
 int pyvfs_setfsgid(unsigned int gid) { return setfsgid(gid); }

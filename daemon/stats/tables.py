@@ -46,6 +46,17 @@ def _confinement(pid: int) -> tuple:
         return ()
 
 
+TEMPLATE_NAME = "pyvfs-template"  # the process workers are cloned from (workers/template.py)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def processes(pid: int) -> list[int]:
     """The supervisor and its workers. With --sandbox the pid file names the process
     that stayed outside: the supervisor is down its line of single children that live
@@ -102,7 +113,8 @@ def read_tables(pid: int) -> dict:
     finally:
         if counters:
             counters.close()
-    supervisor, *workers = processes(pid)
+    supervisor, *children = processes(pid)
+    workers = [p for p in children if _comm(p) != TEMPLATE_NAME]
     try:
         fds = len(os.listdir(f"/proc/{supervisor}/fd"))
     except OSError:

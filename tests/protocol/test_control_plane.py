@@ -442,7 +442,8 @@ def in_openat(pid: int) -> bool:
 
 
 def children(pid: int) -> dict[int, str]:
-    """pid's children and their states (from every /proc/<p>/stat's ppid)."""
+    """pid's children and their states (from every /proc/<p>/stat's ppid), less the
+    process the workers are cloned from (workers/template.py): it is no worker."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -452,7 +453,8 @@ def children(pid: int) -> dict[int, str]:
         except OSError:
             continue
         fields = text[text.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and text[text.find("(") + 1 : text.rfind(")")] != \
+                "pyvfs-template":
             out[int(entry)] = fields[0]
     return out
 

@@ -132,6 +132,7 @@ class LiveUpgrade:
             log.error("live upgrade: workers %s did not exit within %.0f s; not upgrading",
                       sorted(w.pid for w in self.pool.workers), STOP_WAIT)
             return False
+        self.pool.close_template()
         return True
 
     def _wire_state(self) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""What a daemon's processes hold in memory, per process and per kind of mapping.
+
+Read from /proc: ``smaps_rollup`` (PSS and its anonymous/file/shmem parts, private dirty),
+``status`` (page tables, VmPTE) and, for the breakdown by mapping, ``smaps``. Used by
+``benchmarks.memory_matrix``; kept apart so other benchmarks can name a daemon's processes
+the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from tests.support.reference_daemons import process_tree
+
+ROLLUP_FIELDS = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "pss_anon", "Pss_File": "pss_file",
+                 "Pss_Shmem": "pss_shmem", "Private_Dirty": "private_dirty",
+                 "Shared_Dirty": "shared_dirty"}
+
+
+@dataclass
+class ProcMemory:
+    """One process, in KiB."""
+
+    pid: int
+    role: str
+    rss: int = 0
+    pss: int = 0
+    pss_anon: int = 0
+    pss_file: int = 0
+    pss_shmem: int = 0
+    private_dirty: int = 0
+    shared_dirty: int = 0
+    page_tables: int = 0  # VmPTE
+    # PSS by kind of mapping (smaps), when asked for
+    by_mapping: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def role_of(pid: int, root: int, order: dict[int, int]) -> str:
+    """The process's part in the daemon: its name (a worker names itself ``pyvfs-qN``,
+    the process workers are cloned from ``pyvfs-template``; older commits did not, then
+    children are named by start order: queue 0 first)."""
+    if pid == root:
+        return "supervisor"
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = ""
+    if comm == "pyvfs-template":
+        return "template"
+    if comm.startswith("pyvfs-q"):
+        return "hiprio" if comm == "pyvfs-q0" else f"queue {comm[7:]}"
+    return f"child {order.get(pid, '?')}"
+
+
+def mapping_kind(name: str) -> str:
+    """A smaps mapping's line tail, as one of a few kinds a reader can act on."""
+    if "guest-ram" in name:
+        return "guest memory"
+    if name.startswith("/dev/shm/") or "pyvirtiofsd-lock-owners" in name:
+        return "shared tables"
+    if name in ("[heap]", ""):
+        return "heap (malloc, anon)"
+    if name == "[stack]":
+        return "stack"
+    if ".so" in name:
+        return "shared libraries"
+    if "python" in os.path.basename(name):
+        return "interpreter binary"
+    if name.startswith("/memfd:") or name.startswith("memfd:"):
+        return "other memfd"
+    return "other"
+
+
+def smaps_by_kind(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    kind = "other"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header line
+                    parts = line.split(None, 5)
+                    kind = mapping_kind(parts[5].strip() if len(parts) > 5 else "")
+                elif first == "Pss:":
+                    out[kind] = out.get(kind, 0) + int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def read_process(pid: int, role: str, detail: bool = False) -> ProcMemory | None:
+    m = ProcMemory(pid, role)
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ROLLUP_FIELDS:
+                    setattr(m, ROLLUP_FIELDS[key], int(line.split()[1]))
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmPTE:"):
+                    m.page_tables = int(line.split()[1])
+    except OSError:
+        return None
+    if detail:
+        m.by_mapping = smaps_by_kind(pid)
+    return m
+
+
+def snapshot(root: int, detail: bool = False) -> list[ProcMemory]:
+    """Every process of the daemon whose main process is ``root``."""
+    pids = process_tree(root)
+    order = {p: i for i, p in enumerate(sorted(p for p in pids if p != root))}
+    out = []
+    for pid in pids:
+        m = read_process(pid, role_of(pid, root, order), detail)
+        if m is not None:
+            out.append(m)
+    return sorted(out, key=lambda m: (m.role != "supervisor", m.role != "hiprio", m.pid))
+
+
+def total(procs: list[ProcMemory], key: str = "pss") -> int:
+    return sum(getattr(m, key) for m in procs)
