@@ -11,6 +11,7 @@ Python, as a differential test or a debugging session wants.
 
 from __future__ import annotations
 
+from daemon.fs import proc_fd
 from daemon.fs.passthrough import PassthroughFs
 from daemon.native._sys import ffi
 from daemon.protocol import fuse, opcodes
@@ -59,6 +60,7 @@ class FastPathContext:
         ctx.create_fopen = settings.create_reply_flags
         ctx.own_uid, ctx.own_gid = settings.own_ids
         ctx.ht_open = handles["ht_open"]
+        ctx.procdir = proc_fd.PROC_DIR_FD  # OPEN and SETATTR reopen fds through it
 
     def answers(self, opcode: int) -> bool:
         """Whether C may answer this opcode (it still declines single requests)."""
