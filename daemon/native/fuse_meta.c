@@ -218,8 +218,8 @@ static int fast_open(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
     return 1;
 }
 
-/* The SETATTRs answered here: mode, size (by name, not through a handle) and times, of a
- * regular file or directory. Owners, a handle (FATTR_FH, FATTR_LOCKOWNER) and
+/* The SETATTRs answered here: mode, size (by name, not through a handle) and times.
+ * Owners, a handle (FATTR_FH, FATTR_LOCKOWNER) and
  * FATTR_KILL_SUIDGID are Python's. FATTR_CTIME is ignored, as Python does. */
 #define PYVFS_SETATTR_HERE (FATTR_MODE | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME | \
                             FATTR_ATIME_NOW | FATTR_MTIME_NOW | FATTR_CTIME)
@@ -260,8 +260,10 @@ static int fast_setattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
     int fd = pyvfs_inode_fd(c, h->nodeid);
     if (fd < 0) return 0;
     struct stat st;
-    int ok = fstat(fd, &st) == 0 && (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode));
-    if (ok && (in.valid & FATTR_SIZE) && !S_ISREG(st.st_mode)) ok = 0;  /* EISDIR: Python */
+    int ok = 1;
+    /* a truncate of anything but a regular file: Python's EISDIR or EBADF (the other
+       calls are the ones Python makes, on whatever the inode is) */
+    if (in.valid & FATTR_SIZE) ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
     char path[32];
     int dir = proc_name(c, fd, path);
     if (ok && (in.valid & FATTR_MODE)) ok = fchmodat(dir, path, in.mode & 07777, 0) == 0;
