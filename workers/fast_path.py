@@ -60,7 +60,7 @@ class FastPathContext:
         ctx.create_fopen = settings.create_reply_flags
         ctx.own_uid, ctx.own_gid = settings.own_ids
         ctx.ht_open = handles["ht_open"]
-        ctx.procdir = proc_fd.PROC_DIR_FD  # OPEN and SETATTR reopen fds through it
+        ctx.procdir = proc_fd.fd_directory_fd()  # OPEN and SETATTR reopen fds through it
 
     def answers(self, opcode: int) -> bool:
         """Whether C may answer this opcode (it still declines single requests)."""

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.fs import proc_fd
 from daemon.fs.passthrough import PassthroughFs
 from daemon.host.process import clone_shared_fds
 from daemon.stats.queue_stats import QueueStats
@@ -99,6 +100,7 @@ class WorkerPool:
         supervisor_pid = os.getpid()
         owners = self.fs.lock_owners
         lock_mutex_fd = owners.open_mutex() if owners is not None else -1
+        proc_fd.fd_directory_fd()  # opened here, once, for every worker's C path
         freeze_heap()
         pid = clone_shared_fds()
         if pid == 0:
