@@ -412,7 +412,8 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
           "(above 1 = faster than Rust).", "",
           "| workload | unit |" + "".join(f" {LABELS[d]} | ×Rust |" for d in daemons),
           "|---|---|" + "---|---|" * len(daemons)]
-    for wl in WORKLOADS:
+    ran = [wl for wl in WORKLOADS if any(f"{wl}|{d}" in summary for d in daemons)]
+    for wl in ran:  # (--jobs: only what ran)
         row = f"| {wl} | {unit(wl)} |"
         for d in daemons:
             s = summary.get(f"{wl}|{d}")
@@ -425,7 +426,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
     L += ["", "## fio completion latency p50 / p99 (µs, median over rounds)", "",
           "| workload |" + "".join(f" {LABELS[d]} |" for d in daemons),
           "|---|" + "---|" * len(daemons)]
-    for j in FIO_JOBS:
+    for j in (j for j in FIO_JOBS if j.name in ran):
         row = f"| {j.name} |"
         for d in daemons:
             s = summary.get(f"{j.name}|{d}")
@@ -436,7 +437,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
           "One operation = one fio I/O, or one file/entry in the metadata phases.", "",
           "| workload |" + "".join(f" {LABELS[d]} |" for d in daemons),
           "|---|" + "---|" * len(daemons)]
-    for wl in WORKLOADS:
+    for wl in ran:
         row = f"| {wl} |"
         for d in daemons:
             s = summary.get(f"{wl}|{d}")
