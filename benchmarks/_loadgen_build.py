@@ -57,6 +57,7 @@ typedef struct {
     uint64_t unique_base;
     int frontend;            /* 0: batch, 1: driver (see lg_run) */
     uint32_t completion_ns;  /* driver: busy time per completion */
+    uint32_t variant;        /* workload variant (mknod type, setattr kind) */
     /* results */
     uint64_t ops, requests, errors, bytes, lat_n, stalls, waits, wakeups, kicks;
     int first_error;
@@ -111,6 +112,7 @@ typedef struct {
     uint64_t unique_base;
     int frontend;
     uint32_t completion_ns;
+    uint32_t variant;
     uint64_t ops, requests, errors, bytes, lat_n, stalls, waits, wakeups, kicks;
     int first_error;
     int first_error_opcode;
@@ -118,9 +120,24 @@ typedef struct {
 } lg_job;
 
 enum { W_GETATTR = 0, W_LOOKUP_FORGET = 1, W_CREATE = 2, W_READDIRPLUS = 3, W_READ = 4,
-       W_WRITE = 5 };
-enum { OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_UNLINK = 10, OP_READ = 15,
-       OP_WRITE = 16, OP_RELEASE = 18, OP_CREATE = 35, OP_READDIRPLUS = 44 };
+       W_WRITE = 5, W_MKDIR = 6, W_MKNOD = 7, W_SYMLINK = 8, W_RENAME = 9, W_SETATTR = 10,
+       W_OPEN_RELEASE = 11 };
+enum { OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_SETATTR = 4, OP_SYMLINK = 6,
+       OP_MKNOD = 8, OP_MKDIR = 9, OP_UNLINK = 10, OP_RMDIR = 11, OP_RENAME = 12,
+       OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_RELEASE = 18, OP_CREATE = 35,
+       OP_READDIRPLUS = 44 };
+/* SETATTR variants and their fuse_setattr_in valid bits */
+enum { SA_CHMOD = 0, SA_TRUNCATE = 1, SA_UTIMES = 2 };
+#define FATTR_MODE 1
+#define FATTR_SIZE 8
+#define FATTR_ATIME 16
+#define FATTR_MTIME 32
+#define S_TYPE 0170000
+#define S_REG 0100000
+#define S_DIR 0040000
+#define S_LNK 0120000
+/* a reply that arrived without error but says the wrong thing */
+#define E_BADREPLY (-74) /* -EBADMSG */
 #define F_NEXT 1
 #define F_WRITE 2
 #define F_INDIRECT 4
@@ -300,6 +317,150 @@ static void submit(lg_ring *r, slot *s, uint16_t head) {
     memset(H(r, s->gpa + S_OUT), 0, 16);
 }
 
+/* The slot's current file name (with a suffix: RENAME's two names); returns its length
+ * with the NUL. Names carry the queue, the slot and a counter of completed life cycles,
+ * so a name is never reused while its last owner may still exist. */
+static uint32_t slot_name(lg_job *j, slot *s, const char *suffix, char *out) {
+    snprintf(out, 64, "lg%u_%u_%llu%s", j->tag,
+             (unsigned)((s->gpa - j->slot_gpa) / j->slot_stride),
+             (unsigned long long)s->counter, suffix);
+    return (uint32_t)strlen(out) + 1;
+}
+
+/* A request whose reply is an entry (MKDIR, MKNOD, SYMLINK): in header, arguments,
+ * then the out header and the 128-byte entry_out. */
+static void entry_reply(lg_ring *r, slot *s) {
+    uint64_t out = s->gpa + S_OUT;
+    td(r, s, out, 16, F_WRITE); td(r, s, out + 16, 128, F_WRITE);
+}
+
+/* A name-only request in the slot's directory (UNLINK, RMDIR): header-only reply. */
+static void name_request(lg_ring *r, lg_job *j, slot *s, uint32_t opcode, const char *name) {
+    uint64_t req = s->gpa + S_REQ;
+    uint32_t nl = (uint32_t)strlen(name) + 1;
+    hdr(r, j, s, opcode, j->nodeid, 40 + nl);
+    memcpy(H(r, req + 256), name, nl);
+    td(r, s, req, 40, 0); td(r, s, req + 256, nl, 0);
+    td(r, s, s->gpa + S_OUT, 16, F_WRITE);
+}
+
+/* The metadata workloads beyond CREATE: each cycles through stages and leaves nothing
+ * behind once it is back at stage 0 (the generator stops a slot only there). */
+static void build_meta(lg_ring *r, lg_job *j, slot *s) {
+    uint64_t req = s->gpa + S_REQ, out = s->gpa + S_OUT;
+    char name[64];
+    switch (j->workload) {
+    case W_MKDIR: {                     /* MKDIR, RMDIR */
+        uint32_t nl = slot_name(j, s, "", name);
+        if (s->stage == 0) {
+            hdr(r, j, s, OP_MKDIR, j->nodeid, 40 + 8 + nl);
+            uint32_t a[2] = {0755, 022};
+            memcpy(H(r, req + 64), a, 8);
+            memcpy(H(r, req + 256), name, nl);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 8, 0); td(r, s, req + 256, nl, 0);
+            entry_reply(r, s);
+        } else {
+            name_request(r, j, s, OP_RMDIR, name);
+        }
+        break;
+    }
+    case W_MKNOD: {                     /* MKNOD (variant = file type), UNLINK */
+        uint32_t nl = slot_name(j, s, "", name);
+        if (s->stage == 0) {
+            hdr(r, j, s, OP_MKNOD, j->nodeid, 40 + 16 + nl);
+            uint32_t a[4] = {j->variant | 0644, 0, 022, 0};
+            memcpy(H(r, req + 64), a, 16);
+            memcpy(H(r, req + 256), name, nl);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 16, 0); td(r, s, req + 256, nl, 0);
+            entry_reply(r, s);
+        } else {
+            name_request(r, j, s, OP_UNLINK, name);
+        }
+        break;
+    }
+    case W_SYMLINK: {                   /* SYMLINK (to the workload's name), UNLINK */
+        uint32_t nl = slot_name(j, s, "", name);
+        if (s->stage == 0) {
+            uint32_t tl = (uint32_t)strlen(j->name) + 1;
+            hdr(r, j, s, OP_SYMLINK, j->nodeid, 40 + nl + tl);
+            memcpy(H(r, req + 256), name, nl);
+            memcpy(H(r, req + 256 + nl), j->name, tl);
+            td(r, s, req, 40, 0); td(r, s, req + 256, nl, 0);
+            td(r, s, req + 256 + nl, tl, 0);
+            entry_reply(r, s);
+        } else {
+            name_request(r, j, s, OP_UNLINK, name);
+        }
+        break;
+    }
+    case W_RENAME: {    /* MKNOD a; RENAME a->b, b->a, ... (the ops); UNLINK a or b */
+        char other[64];
+        if (s->stage == 0) {
+            uint32_t nl = slot_name(j, s, "_a", name);
+            hdr(r, j, s, OP_MKNOD, j->nodeid, 40 + 16 + nl);
+            uint32_t a[4] = {S_REG | 0644, 0, 022, 0};
+            memcpy(H(r, req + 64), a, 16);
+            memcpy(H(r, req + 256), name, nl);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 16, 0); td(r, s, req + 256, nl, 0);
+            entry_reply(r, s);
+        } else if (s->stage == 1 || s->stage == 2) {
+            uint32_t nl = slot_name(j, s, s->stage == 1 ? "_a" : "_b", name);
+            uint32_t ol = slot_name(j, s, s->stage == 1 ? "_b" : "_a", other);
+            hdr(r, j, s, OP_RENAME, j->nodeid, 40 + 8 + nl + ol);
+            memcpy(H(r, req + 64), &j->nodeid, 8);
+            memcpy(H(r, req + 256), name, nl);
+            memcpy(H(r, req + 256 + nl), other, ol);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 8, 0); td(r, s, req + 256, nl, 0);
+            td(r, s, req + 256 + nl, ol, 0);
+            td(r, s, out, 16, F_WRITE);
+        } else {                        /* 3: UNLINK a, 4: UNLINK b */
+            slot_name(j, s, s->stage == 3 ? "_a" : "_b", name);
+            name_request(r, j, s, OP_UNLINK, name);
+        }
+        break;
+    }
+    case W_SETATTR: {   /* chmod / truncate / utimes of one file, as Linux sends them */
+        uint8_t a[88] = {0};
+        uint32_t valid = 0;
+        uint64_t v = s->counter & 1;
+        if (j->variant == SA_CHMOD) {
+            uint32_t mode = S_REG | (v ? 0600 : 0644);
+            valid = FATTR_MODE; memcpy(a + 68, &mode, 4);
+        } else if (j->variant == SA_TRUNCATE) {
+            uint64_t size = v ? PAGE : 0;
+            valid = FATTR_SIZE; memcpy(a + 16, &size, 8);
+        } else {
+            uint64_t t = 1000000000ull + s->counter;
+            valid = FATTR_ATIME | FATTR_MTIME;
+            memcpy(a + 32, &t, 8); memcpy(a + 40, &t, 8);
+        }
+        memcpy(a, &valid, 4);
+        hdr(r, j, s, OP_SETATTR, j->nodeid, 40 + 88);
+        memcpy(H(r, req + 64), a, 88);
+        td(r, s, req, 40, 0); td(r, s, req + 64, 88, 0);
+        td(r, s, out, 16, F_WRITE); td(r, s, out + 16, 104, F_WRITE);
+        break;
+    }
+    case W_OPEN_RELEASE: {              /* OPEN read-only, RELEASE */
+        if (s->stage == 0) {
+            hdr(r, j, s, OP_OPEN, j->nodeid, 48);
+            uint32_t a[2] = {0 /* O_RDONLY */, 0};
+            memcpy(H(r, req + 64), a, 8);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 8, 0);
+            td(r, s, out, 16, F_WRITE); td(r, s, out + 16, 16, F_WRITE);
+        } else {
+            hdr(r, j, s, OP_RELEASE, j->nodeid, 64);
+            uint8_t a[24] = {0};
+            memcpy(a, &s->fh, 8);
+            memcpy(H(r, req + 64), a, 24);
+            td(r, s, req, 40, 0); td(r, s, req + 64, 24, 0);
+            td(r, s, out, 16, F_WRITE);
+        }
+        break;
+    }
+    }
+}
+
 static void build(lg_ring *r, lg_job *j, slot *s, uint64_t *rng) {
     s->nd = 0;
     uint64_t req = s->gpa + S_REQ, out = s->gpa + S_OUT;
@@ -385,6 +546,8 @@ static void build(lg_ring *r, lg_job *j, slot *s, uint64_t *rng) {
         }
         break;
     }
+    default:
+        build_meta(r, j, s);
     }
 }
 
@@ -405,13 +568,95 @@ static void error(lg_job *j, int err, int opcode) {
     if (!j->first_error) { j->first_error = err; j->first_error_opcode = opcode; }
 }
 
-/* Handle a completed request; returns 1 when an operation finished. */
-static int complete(lg_ring *r, lg_job *j, slot *s, uint32_t written, hiprio *h) {
+static inline uint32_t reply_u32(lg_ring *r, slot *s, uint32_t off) {
+    uint32_t v; memcpy(&v, H(r, s->gpa + S_OUT + 16 + off), 4); return v;
+}
+static inline uint64_t reply_u64(lg_ring *r, slot *s, uint32_t off) {
+    uint64_t v; memcpy(&v, H(r, s->gpa + S_OUT + 16 + off), 8); return v;
+}
+
+/* Check a reply's entry_out (a new entry of file type `type`), keep its nodeid; 0 if
+ * it is sound. */
+static int take_entry(lg_ring *r, slot *s, uint32_t written, uint32_t type) {
+    if (written < 16 + 128) return -1;
+    s->nodeid = reply_u64(r, s, 0);
+    uint32_t mode = reply_u32(r, s, 40 + 60);
+    return s->nodeid && (mode & S_TYPE) == type ? 0 : -1;
+}
+
+/* The metadata workloads' replies (see build_meta): 0 when a stage finished, 1 when an
+ * operation did, 2 when a stage finished and the next operation's clock starts now, or
+ * E_BADREPLY when a reply without error says the wrong thing. */
+static int complete_meta(lg_ring *r, lg_job *j, slot *s, uint32_t written, hiprio *h,
+                         int stopping) {
+    switch (j->workload) {
+    case W_MKDIR:
+    case W_MKNOD:
+    case W_SYMLINK: {
+        if (s->stage == 0) {
+            uint32_t type = j->workload == W_MKDIR ? S_DIR
+                            : j->workload == W_SYMLINK ? S_LNK : j->variant;
+            if (take_entry(r, s, written, type)) return E_BADREPLY;
+            s->stage = 1;
+            return 0;
+        }
+        if (h && s->nodeid) send_forget(h, s->nodeid, 1);
+        s->stage = 0; s->counter++;
+        return 1;
+    }
+    case W_RENAME:
+        switch (s->stage) {
+        case 0:
+            if (take_entry(r, s, written, S_REG)) return E_BADREPLY;
+            s->stage = stopping ? 3 : 1;
+            return 2;
+        case 1: s->stage = stopping ? 4 : 2; return 1;
+        case 2: s->stage = stopping ? 3 : 1; return 1;
+        default:
+            if (h && s->nodeid) send_forget(h, s->nodeid, 1);
+            s->stage = 0; s->counter++;
+            return 0;
+        }
+    case W_SETATTR: {
+        if (written < 16 + 104) return E_BADREPLY;
+        uint32_t mode = reply_u32(r, s, 16 + 60);
+        uint64_t size = reply_u64(r, s, 16 + 8);
+        if ((mode & S_TYPE) != S_REG) return E_BADREPLY;
+        /* other slots change the same file: the reply shows one of the two states */
+        if (j->variant == SA_CHMOD && (mode & 07777) != 0600 && (mode & 07777) != 0644)
+            return E_BADREPLY;
+        if (j->variant == SA_TRUNCATE && size != 0 && size != PAGE) return E_BADREPLY;
+        s->counter++;
+        return 1;
+    }
+    case W_OPEN_RELEASE:
+        if (s->stage == 0) {
+            if (written < 16 + 16) return E_BADREPLY;
+            s->fh = reply_u64(r, s, 0);
+            s->stage = 1;
+            return 0;
+        }
+        s->stage = 0;
+        return 1;
+    }
+    return 1;
+}
+
+/* Handle a completed request; returns 1 when an operation finished, 2 when the next one's
+ * clock starts now, 0 otherwise. */
+static int complete(lg_ring *r, lg_job *j, slot *s, uint32_t written, hiprio *h,
+                    int stopping) {
     struct out_header *oh = (struct out_header *)H(r, s->gpa + S_OUT);
     j->requests++;
     int err = (written >= 16) ? oh->error : -EPROTO;
     if (written < 16 && s->opcode == OP_FORGET) err = 0;
-    if (err) { error(j, err, s->opcode); s->stage = 0; return 1; }
+    if (!err && j->workload >= W_MKDIR) {
+        int rc = complete_meta(r, j, s, written, h, stopping);
+        if (rc >= 0) return rc;
+        err = rc;
+    }
+    /* a failed stage leaves its name behind: the next cycle takes a fresh one */
+    if (err) { error(j, err, s->opcode); s->stage = 0; s->counter++; return 1; }
     switch (j->workload) {
     case W_LOOKUP_FORGET: {
         uint64_t nodeid; memcpy(&nodeid, H(r, s->gpa + S_OUT + 16), 8);
@@ -476,11 +721,12 @@ static int sleep_interrupt(lg_ring *r, lg_job *j, int *idle_ms) {
 static int recycle(lg_ring *r, lg_job *j, slot *slots, uint32_t id, uint32_t len, uint64_t t,
                    int stopping, uint64_t *rng, hiprio *h) {
     slot *s = &slots[id];
-    if (complete(r, j, s, len, h)) {
+    int done = complete(r, j, s, len, h, stopping);
+    if (done == 1) {
         j->ops++;
         if (j->lat_n < j->lat_cap) j->lat_ns[j->lat_n++] = t - s->t0;
-        s->t0 = t;
     }
+    if (done) s->t0 = t;
     if (stopping && s->stage == 0) return 0;
     build(r, j, s, rng);
     submit(r, s, (uint16_t)id);

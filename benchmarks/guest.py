@@ -29,6 +29,7 @@ the daemon's own speed is in ``python3 -m benchmarks.run``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -113,6 +114,8 @@ class Params:
     fio_seconds: int
     file_mib: int
     tree: tuple[int, int, int]  # top dirs, subdirs each, files each
+    fio_jobs: tuple[str, ...] = tuple(j.name for j in FIO_JOBS)  # the fio jobs to run
+    meta: bool = True  # run the metadata phases
 
     @property
     def files(self) -> int:
@@ -151,7 +154,7 @@ def guest_script(p: Params) -> str:
         "mark start idle; sleep 1; mark end idle",
         f'{fio} --version | sed "s/^/@@INFO fio=/; s/$/@@/"',
     ]
-    for job in FIO_JOBS:
+    for job in (j for j in FIO_JOBS if j.name in p.fio_jobs):
         lines += [
             f"mark start {job.name}",
             f"{fio} {job.args(p.file_mib, p.fio_seconds)} > /tmp/{job.name}.log 2>&1",
@@ -160,7 +163,7 @@ def guest_script(p: Params) -> str:
             f'echo "@@FIO {job.name} rc=$rc@@"; cat /tmp/{job.name}.json; '
             f'[ $rc = 0 ] || cat /tmp/{job.name}.log; echo "@@ENDFIO@@"',
         ]
-    lines += [
+    meta = [
         "M=/mnt/meta; rm -rf $M; mkdir $M || exit 1; drop",
         "mark start create",
         f"t=0; while [ $t -lt {top} ]; do mkdir $M/t$t; s=0",
@@ -175,6 +178,9 @@ def guest_script(p: Params) -> str:
         'echo "@@COUNT stat $(wc -l < /tmp/sizes)@@"',
         "drop; mark start delete; rm -rf $M; mark end delete",
         '[ -e $M ] && echo "@@FAIL delete@@"',
+    ]
+    lines += meta if p.meta else []
+    lines += [
         "grep requests /proc/interrupts | "
         "awk '{ s = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; "
         'print "@@IRQ " $NF " " s "@@" }\'',
@@ -406,7 +412,8 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
           "(above 1 = faster than Rust).", "",
           "| workload | unit |" + "".join(f" {LABELS[d]} | ×Rust |" for d in daemons),
           "|---|---|" + "---|---|" * len(daemons)]
-    for wl in WORKLOADS:
+    ran = [wl for wl in WORKLOADS if any(f"{wl}|{d}" in summary for d in daemons)]
+    for wl in ran:  # (--jobs: only what ran)
         row = f"| {wl} | {unit(wl)} |"
         for d in daemons:
             s = summary.get(f"{wl}|{d}")
@@ -419,7 +426,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
     L += ["", "## fio completion latency p50 / p99 (µs, median over rounds)", "",
           "| workload |" + "".join(f" {LABELS[d]} |" for d in daemons),
           "|---|" + "---|" * len(daemons)]
-    for j in FIO_JOBS:
+    for j in (j for j in FIO_JOBS if j.name in ran):
         row = f"| {j.name} |"
         for d in daemons:
             s = summary.get(f"{j.name}|{d}")
@@ -430,7 +437,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
           "One operation = one fio I/O, or one file/entry in the metadata phases.", "",
           "| workload |" + "".join(f" {LABELS[d]} |" for d in daemons),
           "|---|" + "---|" * len(daemons)]
-    for wl in WORKLOADS:
+    for wl in ran:
         row = f"| {wl} |"
         for d in daemons:
             s = summary.get(f"{wl}|{d}")
@@ -567,6 +574,9 @@ def main() -> None:
     ap.add_argument("--fio-seconds", type=int)
     ap.add_argument("--no-probe", action="store_true",
                     help="skip the check of the reference daemons with two request queues")
+    ap.add_argument("--jobs", help="comma-separated fio jobs to run, and 'meta' for the "
+                    f"metadata phases (default all: {', '.join(WORKLOADS[:len(FIO_JOBS)])}, "
+                    "meta)")
     ap.add_argument("--out", help="output stem (default benchmarks/results/<date>-guest[-quick])")
     ap.add_argument("--from-json", metavar="JSON",
                     help="only rewrite the markdown and PNG next to an earlier run's JSON")
@@ -580,6 +590,14 @@ def main() -> None:
                fio_seconds=args.fio_seconds or (2 if args.quick else 3),
                file_mib=64 if args.quick else 128,
                tree=(10, 10, 20) if args.quick else (10, 10, 100))
+    if args.jobs:
+        chosen = args.jobs.split(",")
+        fio_names = {j.name for j in FIO_JOBS}
+        if unknown := set(chosen) - fio_names - {"meta"}:
+            sys.exit(f"unknown job(s) {sorted(unknown)}: choose from "
+                     f"{', '.join(sorted(fio_names))}, meta")
+        p = dataclasses.replace(p, fio_jobs=tuple(c for c in chosen if c in fio_names),
+                                meta="meta" in chosen)
     daemons = args.daemons.split(",")
     unknown = [d for d in daemons if d not in CONFIGS]
     if unknown:

@@ -21,6 +21,8 @@ import argparse
 import os
 import resource
 import select
+import shutil
+import stat
 import struct
 import threading
 import time
@@ -45,7 +47,31 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "write_4k": {"id": 5, "io": 4096, "what": "4 KiB WRITE at a random offset of 64 MiB"},
     "read_1m": {"id": 4, "io": 1 << 20, "what": "1 MiB READ (256 page descriptors)"},
     "write_1m": {"id": 5, "io": 1 << 20, "what": "1 MiB WRITE (256 page descriptors)"},
+    # The metadata workloads below each leave the share as they found it (the generator
+    # stops a request slot only at the end of its cycle), so cells repeat on one share.
+    "mkdir_rmdir": {"id": 6, "io": 0,
+                    "what": "MKDIR + RMDIR (+ FORGET) of a new directory, in a directory "
+                            "of each queue's own"},
+    "mknod_reg_unlink": {"id": 7, "io": 0, "variant": stat.S_IFREG,
+                         "what": "MKNOD (S_IFREG) + UNLINK (+ FORGET), per-queue directory"},
+    "mknod_fifo_unlink": {"id": 7, "io": 0, "variant": stat.S_IFIFO,
+                          "what": "MKNOD (S_IFIFO) + UNLINK (+ FORGET), per-queue directory"},
+    "symlink_unlink": {"id": 8, "io": 0,
+                       "what": "SYMLINK + UNLINK (+ FORGET), per-queue directory"},
+    "rename": {"id": 9, "io": 0,
+               "what": "RENAME of a file to and fro in its directory (one op per RENAME; "
+                       "each slot's file made by MKNOD first, unlinked at the end)"},
+    "setattr_chmod": {"id": 10, "io": 0, "variant": 0,
+                      "what": "SETATTR mode (chmod 0644/0600) of one file"},
+    "setattr_truncate": {"id": 10, "io": 0, "variant": 1,
+                         "what": "SETATTR size (truncate to 0/4096, no handle) of one file"},
+    "setattr_utimes": {"id": 10, "io": 0, "variant": 2,
+                       "what": "SETATTR atime+mtime (utimes) of one file"},
+    "open_release": {"id": 11, "io": 0, "what": "OPEN (read-only) + RELEASE of one file"},
 }
+# Workloads that work in each queue's own directory (as CREATE does)
+PER_QUEUE_DIR = {"create_release_unlink", "mkdir_rmdir", "mknod_reg_unlink",
+                 "mknod_fifo_unlink", "symlink_unlink", "rename"}
 
 MAX_QD = 64
 SLOT_STRIDE = 32768 + (1 << 20)  # see S_DATA in _loadgen_build.py
@@ -56,6 +82,7 @@ STAT_FILE = b"stat_target"
 DATA_FILE = b"data64m"
 DIR_1000 = b"dir1000"
 CREATE_DIR = b"createdir"
+SETATTR_FILE = b"setattr_target"
 # A Linux guest holds a directory's lock while it creates or unlinks in it, so two vCPUs
 # only ever create concurrently in two directories: each queue gets one (q1, q2, ...).
 MAX_QUEUES = 16
@@ -73,8 +100,9 @@ COMPLETION_US = 1.0
 def prepare_share(root: str) -> None:
     """Create the files the workloads use (idempotent)."""
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, STAT_FILE.decode()), "ab"):
-        pass
+    for name in (STAT_FILE, SETATTR_FILE):
+        with open(os.path.join(root, name.decode()), "ab"):
+            pass
     data = os.path.join(root, DATA_FILE.decode())
     if not os.path.exists(data) or os.path.getsize(data) != FILE_SIZE:
         with open(data, "wb") as f:
@@ -93,8 +121,12 @@ def prepare_share(root: str) -> None:
     for q in range(1, MAX_QUEUES + 1):
         qd = os.path.join(cd, f"q{q}")
         os.makedirs(qd, exist_ok=True)
-        for name in os.listdir(qd):
-            os.unlink(os.path.join(qd, name))
+        for name in os.listdir(qd):  # what an interrupted run left
+            path = os.path.join(qd, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
 
 
 @dataclass
@@ -273,9 +305,14 @@ class LoadGen:
             nodeid = self.lookup(1, STAT_FILE)
         elif workload == "lookup_forget":
             name = STAT_FILE
-        elif workload == "create_release_unlink":
+        elif workload in PER_QUEUE_DIR:
+            name = STAT_FILE if workload == "symlink_unlink" else b""  # the link's target
             top = self.lookup(1, CREATE_DIR)
             dirs = {q: self.lookup(top, f"q{q}".encode()) for q in range(1, self.queues + 1)}
+        elif workload.startswith("setattr_"):
+            nodeid = self.lookup(1, SETATTR_FILE)
+        elif workload == "open_release":
+            nodeid = self.lookup(1, STAT_FILE)
         elif workload == "readdirplus":
             nodeid = self.lookup(1, DIR_1000)
             release_op = fuse.Opcode.RELEASEDIR
@@ -297,6 +334,7 @@ class LoadGen:
             for i, fh in enumerate(handles.get(q, [])):
                 job.fh[i] = fh
             job.io_size = spec["io"]
+            job.variant = spec.get("variant", 0)
             job.file_size = FILE_SIZE
             job.name = name
             job.tag = q

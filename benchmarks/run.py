@@ -271,6 +271,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def round_ratios(runs: list[dict[str, Any]], key: tuple[str, int, str, int], daemon: str,
+                 base: str = "rust") -> list[float]:
+    """A daemon's ops/s over ``base``'s in each round (the two ran minutes apart at most),
+    for the cell ``key`` = (share, queues, workload, QD)."""
+    def per_round(d: str) -> dict[int, float]:
+        return {r["round"]: c["ops_per_s"] for r in runs
+                if (r["share"], r["queues"], r["daemon"]) == (key[0], key[1], d)
+                for c in r["cells"] if (c["workload"], c["qd"]) == key[2:]}
+    mine, theirs = per_round(daemon), per_round(base)
+    return [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]]
+
+
 def machine_info() -> dict[str, str]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -325,7 +337,8 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
               f"{meta.get('completion_us', COMPLETION_US)} µs per completion and publishes "
               f"each new request on its own (docs/performance.md)."]
     L += ["", "Cells show the median ops/s over rounds (min–max), then the median's ratio "
-          "to Rust virtiofsd.", ""]
+          "to Rust virtiofsd and, in brackets, the lowest and highest ratio of one round's "
+          "figures (each round runs every daemon once, back to back).", ""]
 
     def get(share: str, q: int, wl: str, qd: int, d: str) -> dict[str, Any] | None:
         return summary.get(f"{share}|{q}|{wl}|{qd}|{d}")
@@ -348,8 +361,10 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, dict[str
                     extra = (f" ({s['bytes_per_s_median'] / 1e9:.2f} GB/s)"
                              if wl.endswith("_1m") else "")
                     err = f" **{s['errors']} errors**" if s["errors"] else ""
+                    rr = round_ratios(runs, (share, 1, wl, qd), d) if d != "rust" else []
+                    spread = f" ({min(rr):.2f}–{max(rr):.2f})" if rr else ""
                     row += (f" {fmt_ops(s['ops_median'])} ({fmt_ops(s['ops_min'])}–"
-                            f"{fmt_ops(s['ops_max'])}){extra}{err} | {ratio:.2f} |")
+                            f"{fmt_ops(s['ops_max'])}){extra}{err} | {ratio:.2f}{spread} |")
                 L.append(row)
         L += ["", f"### {share}: QD1 latency p50 / p99 (µs), daemon CPU per op (µs), "
               "generator CPU share at QD16", ""]
@@ -525,7 +540,17 @@ def main() -> None:
     ap.add_argument("--completion-us", type=float, default=COMPLETION_US,
                     help="the driver front-end's guest time per completion")
     ap.add_argument("--out", help="output stem (default benchmarks/results/<date>[-quick])")
+    ap.add_argument("--from-json", metavar="JSON",
+                    help="only rewrite the markdown next to an earlier run's JSON")
     args = ap.parse_args()
+    if args.from_json:
+        path = Path(args.from_json)
+        doc = json.loads(path.read_text())
+        names = list(dict.fromkeys(r["daemon"] for r in doc["runs"]))
+        write_markdown(path.with_suffix(".md"), doc["meta"], doc["summary"], doc["runs"],
+                       names, [p.name for p in path.parent.glob(f"{path.stem}-*.png")])
+        print(f"rewrote {path.with_suffix('.md')}")
+        return
     seconds = args.seconds or (0.25 if args.quick else 1.0)
     daemons = args.daemons.split(",")
     frontends = tuple(args.frontends.split(","))

@@ -11,6 +11,7 @@ Python, as a differential test or a debugging session wants.
 
 from __future__ import annotations
 
+from daemon.fs import proc_fd
 from daemon.fs.passthrough import PassthroughFs
 from daemon.native._sys import ffi
 from daemon.protocol import fuse, opcodes
@@ -62,6 +63,7 @@ class FastPathContext:
         ctx.create_fopen = settings.create_reply_flags
         ctx.own_uid, ctx.own_gid = settings.own_ids
         ctx.ht_open = handles["ht_open"]
+        ctx.procdir = proc_fd.fd_directory_fd()  # OPEN and SETATTR reopen fds through it
 
     @classmethod
     def shared(cls, fs: PassthroughFs, enabled: bool) -> FastPathContext:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from daemon.fs import proc_fd
 from daemon.fs.passthrough import PassthroughFs
 from daemon.host.process import clone_shared_fds
 from daemon.stats.queue_stats import QueueStats
@@ -145,6 +146,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owners = self.fs.lock_owners
         lock_mutex_fd = owners.open_mutex() if owners is not None else -1
+        proc_fd.fd_directory_fd()  # opened here, once, for every worker's C path
         pid = self._spawn(setup, theirs, lock_mutex_fd)
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)

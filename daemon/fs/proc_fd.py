@@ -48,6 +48,29 @@ def read_fdinfo(fd: int) -> str:
         os.close(info)
 
 
+# The fd directory as a directory fd for the C path (daemon/native/fuse_meta.c reopens
+# fds by number under it: one path component instead of /proc/self/fd/N's five, about a
+# microsecond of an OPEN or SETATTR). Opened once by the supervisor (fd_directory_fd),
+# before its first worker clone: supervisor and workers share one fd table, so its
+# listing is every worker's too.
+_DIR_FD_FOR_C = -1
+
+
+def fd_directory_fd() -> int:
+    """A directory fd of the fd directory: the sandbox's (``PROC_DIR_FD``), or
+    /proc/self/fd opened on first call (-1 if it cannot be: C then uses the path)."""
+    global _DIR_FD_FOR_C
+    if PROC_DIR_FD >= 0:
+        return PROC_DIR_FD
+    if _DIR_FD_FOR_C < 0:
+        try:
+            _DIR_FD_FOR_C = os.open("/proc/self/fd",
+                                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+    return _DIR_FD_FOR_C
+
+
 def proc_name(fd: int) -> tuple[str, int | None]:
     """The name and dir_fd that reach ``fd``'s file through the fd directory."""
     if PROC_DIR_FD < 0:

@@ -1,5 +1,6 @@
 /* The FUSE requests answered wholly in C: READ and WRITE, GETATTR, LOOKUP, FORGET,
- * BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS, CREATE and FLUSH (pyvfs_fast), for the
+ * BATCH_FORGET, RELEASE(DIR), UNLINK, READDIRPLUS, CREATE and FLUSH (pyvfs_fast), and
+ * through fuse_meta.c RMDIR, RENAME, MKDIR, MKNOD, SYMLINK, OPEN and SETATTR, for the
  * opcodes whose bit is set in the context's c_ops.
  *
  * The rule: answer exactly what daemon/fs/passthrough.py would answer, byte for byte, or
@@ -39,19 +40,19 @@ _Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
 _Static_assert(sizeof(struct pyvfs_attr_out) == 120, "attr reply");
 _Static_assert(sizeof(struct pyvfs_entry_out) == 144, "entry reply");
 
-static void unpin_inode(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+void pyvfs_unpin_inode(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
     TABLE(c, it_unpin)((void *)c->inodes, nodeid);
 }
 
 /* Give back a lookup this request claimed for the guest but could not hand over. */
-static void unclaim(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+void pyvfs_unclaim(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
     TABLE(c, it_forget)((void *)c->inodes, nodeid, 1);
 }
 
 /* A pin on nodeid and its O_PATH fd (the table's, or this worker's cached or freshly
  * re-opened one for an inode kept by file handle): the fd, or -1 with nothing held.
  * Python's InodeRef. */
-static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
+int pyvfs_inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
     int64_t r = TABLE(c, it_pin)((void *)c->inodes, nodeid);
     if (r < 0) return -1;
     int fd = (int)((r >> 32) - 1);
@@ -68,13 +69,13 @@ static int inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid) {
         c->fd_cache->opened++;
         if (pyvfs_fdc_put(c->fd_cache, nodeid, fd) == 0) return fd;
     }
-    unpin_inode(c, nodeid);
+    pyvfs_unpin_inode(c, nodeid);
     return -1;
 }
 
 /* struct stat -> fuse_attr as fuse.pack_attr_into packs it; 0 when Python's struct
  * packing would refuse the values (negative times, nlink beyond 32 bits). */
-static int fill_attr(struct fuse_attr *a, const struct stat *st, uint32_t flags) {
+int pyvfs_fill_attr(struct fuse_attr *a, const struct stat *st, uint32_t flags) {
     if (st->st_atim.tv_sec < 0 || st->st_mtim.tv_sec < 0 || st->st_ctim.tv_sec < 0 ||
         st->st_nlink > UINT32_MAX || st->st_size < 0 || st->st_blocks < 0 ||
         st->st_blksize < 0 || (uint64_t)st->st_blksize > UINT32_MAX)
@@ -104,13 +105,13 @@ static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
                         const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len, uint32_t *written) {
     struct pyvfs_attr_out out;
     if (wr_len < sizeof out) return 0;  /* Python answers ERANGE */
-    int fd = inode_fd(c, h->nodeid);
+    int fd = pyvfs_inode_fd(c, h->nodeid);
     if (fd < 0) return 0;
     struct stat st;
     int ok = fstat(fd, &st) == 0;
-    unpin_inode(c, h->nodeid);
+    pyvfs_unpin_inode(c, h->nodeid);
     memset(&out, 0, sizeof out);
-    if (!ok || !fill_attr(&out.a.attr, &st, 0)) return 0;
+    if (!ok || !pyvfs_fill_attr(&out.a.attr, &st, 0)) return 0;
     out.a.attr_valid = c->timeout_sec;
     out.a.attr_valid_nsec = c->timeout_nsec;
     out.o.len = sizeof out;
@@ -123,7 +124,7 @@ static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
 /* fuse.split_name + passthrough.check_name: the first NUL-terminated string of the
    arguments, 1..255 bytes, no '/', not "." or "..", copied into name[256]. Its length, or
    0 for anything else (Python's EINVAL or ENAMETOOLONG). */
-static size_t read_name_at(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
+size_t pyvfs_read_name_at(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
                            uint64_t skip, char *name) {
     if (h->len - sizeof *h < skip) return 0;
     uint64_t args = h->len - sizeof *h - skip;
@@ -140,11 +141,11 @@ static size_t read_name_at(const struct fuse_in_header *h, const pyvfs_iov_t *rd
 
 static size_t read_name(const struct fuse_in_header *h, const pyvfs_iov_t *rd, int rd_n,
                         char *name) {
-    return read_name_at(h, rd, rd_n, 0, name);
+    return pyvfs_read_name_at(h, rd, rd_n, 0, name);
 }
 
 /* A reply that is just the out header (error 0). */
-static int reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr, int wr_n,
+int pyvfs_reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr, int wr_n,
                        uint32_t *written) {
     struct fuse_out_header o = {.len = sizeof o, .error = 0, .unique = h->unique};
     pyvfs_iov_write(wr, wr_n, 0, &o, sizeof o);
@@ -173,7 +174,7 @@ static int fast_flush(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
     pyvfs_iov_read(rd, rd_n, sizeof *h, &a, sizeof a);
     if (TABLE(c, ht_pin)((void *)c->handles, a.fh) < 0) return 0;  /* EBADF */
     TABLE(c, ht_unpin)((void *)c->handles, a.fh);
-    return reply_empty(h, wr, wr_n, written);
+    return pyvfs_reply_empty(h, wr, wr_n, written);
 }
 
 /* passthrough.op_release (RELEASE and RELEASEDIR): the guest's reference on the fh goes,
@@ -187,7 +188,7 @@ static int fast_release(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *
         return 0;
     pyvfs_iov_read(rd, rd_n, sizeof *h, &fh, sizeof fh);
     if (TABLE(c, ht_close)((void *)c->handles, fh) < 0) return 0;  /* pins used up: Python */
-    return reply_empty(h, wr, wr_n, written);
+    return pyvfs_reply_empty(h, wr, wr_n, written);
 }
 
 /* passthrough.op_unlink; a failing unlinkat is left to Python, which gets the same errno. */
@@ -197,11 +198,11 @@ static int fast_unlink(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     if (wr_len < sizeof(struct fuse_out_header)) return 0;
     char name[256];
     if (!read_name(h, rd, rd_n, name)) return 0;
-    int pfd = inode_fd(c, h->nodeid);
+    int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int r = unlinkat(pfd, name, 0);
-    unpin_inode(c, h->nodeid);
-    return r == 0 ? reply_empty(h, wr, wr_n, written) : 0;
+    pyvfs_unpin_inode(c, h->nodeid);
+    return r == 0 ? pyvfs_reply_empty(h, wr, wr_n, written) : 0;
 }
 
 /* FUSE_ATTR_SUBMOUNT for a directory on another file system than its parent, as
@@ -248,13 +249,13 @@ static int lookup_known(const pyvfs_fast_ctx_t *c, int pfd, const char *name,
     }
     int64_t flags = submount_flag(c, pfd, &st);
     memset(e, 0, sizeof *e);
-    if (flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)flags)) goto drop;
+    if (flags < 0 || !pyvfs_fill_attr(&e->attr, &st, (uint32_t)flags)) goto drop;
     e->nodeid = nodeid;
     e->entry_valid = e->attr_valid = c->timeout_sec;
     e->entry_valid_nsec = e->attr_valid_nsec = c->timeout_nsec;
     return 1;
 drop:
-    unclaim(c, nodeid);
+    pyvfs_unclaim(c, nodeid);
     return 0;
 }
 
@@ -269,7 +270,7 @@ drop:
  * is the file the caller holds open (Python takes it from the open fd itself).
  * 1: done; 0: the name does not exist (ENOENT, nothing taken); -1: anything else (nothing
  * taken; Python must answer). */
-static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
+int pyvfs_lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, const char *name,
                        size_t name_len, const struct stat *made, struct fuse_entry_out *e) {
     if (!made && lookup_known(c, pfd, name, e)) return 1;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -280,7 +281,7 @@ static int lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd, cons
         goto fail;  /* the name is another file's by now */
     memset(e, 0, sizeof *e);
     int64_t attr_flags = submount_flag(c, pfd, &st);
-    if (attr_flags < 0 || !fill_attr(&e->attr, &st, (uint32_t)attr_flags)) goto fail;
+    if (attr_flags < 0 || !pyvfs_fill_attr(&e->attr, &st, (uint32_t)attr_flags)) goto fail;
     struct { struct file_handle fh; unsigned char buf[PYVFS_MAX_HANDLE]; } fh;
     const char *hb = NULL;
     uint32_t hn = 0;
@@ -327,14 +328,14 @@ static int fast_lookup(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     char name[256];
     size_t name_len = read_name(h, rd, rd_n, name);
     if (!name_len) return 0;
-    int pfd = inode_fd(c, h->nodeid);
+    int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     /* the parent stays pinned in the fd cache while the child's fd goes in, as Python's
        InodeRef keeps it */
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    int r = lookup_core(c, h->nodeid, pfd, name, name_len, NULL, &out.e);
+    int r = pyvfs_lookup_core(c, h->nodeid, pfd, name, name_len, NULL, &out.e);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    unpin_inode(c, h->nodeid);
+    pyvfs_unpin_inode(c, h->nodeid);
     if (r == 0) {  /* no such name: fuse.negative_entry_out, or ENOENT with --cache never */
         if (!c->negative_lookup) return reply_error(h, -ENOENT, wr, wr_n, written);
         memset(&out, 0, sizeof out);
@@ -377,9 +378,9 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     if (in.flags & (O_DIRECTORY | O_TMPFILE) || in.open_flags & FUSE_OPEN_KILL_SUIDGID)
         return 0;
     char name[256];
-    size_t name_len = read_name_at(h, rd, rd_n, sizeof in, name);
+    size_t name_len = pyvfs_read_name_at(h, rd, rd_n, sizeof in, name);
     if (!name_len) return 0;
-    int pfd = inode_fd(c, h->nodeid);
+    int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
     int flags = (int)((in.flags & ~c->create_clear) | O_CLOEXEC | O_CREAT | O_NOFOLLOW |
@@ -398,13 +399,13 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
             /* a file made just now: no entry can know it yet. Its entry is looked up by
                name, so only while the name still is that file (a rename onto it on
                another queue: declined, and the file made here is gone with the name) */
-            int r = lookup_core(c, h->nodeid, pfd, name, name_len, &st, &out.e);
+            int r = pyvfs_lookup_core(c, h->nodeid, pfd, name, name_len, &st, &out.e);
             if (r == 0) made = 0;  /* gone meanwhile: not ours to unlink */
             if (r > 0) {
                 uint64_t fh = TABLE(c, ht_open)((void *)c->handles, out.e.nodeid, fd,
                                                 in.flags);
                 if (fh) ok = 1;
-                else unclaim(c, out.e.nodeid);
+                else pyvfs_unclaim(c, out.e.nodeid);
                 out.op.fh = fh;
             }
         }
@@ -420,7 +421,7 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
             unlinkat(pfd, name, 0);
     }
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    unpin_inode(c, h->nodeid);
+    pyvfs_unpin_inode(c, h->nodeid);
     if (!ok) return 0;
     memset(&out.o, 0, sizeof out.o);
     out.o.len = sizeof out;
@@ -456,7 +457,7 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
     int64_t hr = TABLE(c, ht_pin)((void *)c->handles, a.fh);
     if (hr < 0) return 0;  /* EBADF */
     int dfd = (int)((hr >> 32) - 1);
-    int pfd = inode_fd(c, h->nodeid);
+    int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) {
         TABLE(c, ht_unpin)((void *)c->handles, a.fh);
         return 0;
@@ -502,7 +503,7 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
                 ent.e.attr.mode = (uint32_t)d->type << 12;
             } else {
                 if (nrefs == max_refs) { ok = 0; break; }
-                int r = lookup_core(c, h->nodeid, pfd, d->name, name_len, NULL, &ent.e);
+                int r = pyvfs_lookup_core(c, h->nodeid, pfd, d->name, name_len, NULL, &ent.e);
                 if (r == 0) continue;  /* gone meanwhile: skipped, as in Python */
                 if (r < 0) { ok = 0; break; }
                 refs[nrefs++] = ent.e.nodeid;
@@ -522,11 +523,11 @@ static int fast_readdirplus(const pyvfs_fast_ctx_t *c, const struct fuse_in_head
         }
     }
     if (!ok)  /* give the lookups back: Python redoes the request from its offset */
-        for (uint64_t i = 0; i < nrefs; i++) unclaim(c, refs[i]);
+        for (uint64_t i = 0; i < nrefs; i++) pyvfs_unclaim(c, refs[i]);
     free(refs);
     free(buf);
     if (pinned) pyvfs_fdc_unpin(c->fd_cache, h->nodeid);
-    unpin_inode(c, h->nodeid);
+    pyvfs_unpin_inode(c, h->nodeid);
     TABLE(c, ht_unpin)((void *)c->handles, a.fh);
     if (!ok) return 0;
     struct fuse_out_header o = {.len = (uint32_t)(sizeof o + used), .error = 0,
@@ -662,6 +663,13 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
     case FUSE_READDIRPLUS:
     case FUSE_CREATE:
     case FUSE_FLUSH:
+    case FUSE_RMDIR:
+    case FUSE_RENAME:
+    case FUSE_MKDIR:
+    case FUSE_MKNOD:
+    case FUSE_SYMLINK:
+    case FUSE_OPEN:
+    case FUSE_SETATTR:
         break;
     default:
         return 0;
@@ -687,7 +695,10 @@ int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
         return fast_create(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
     case FUSE_FLUSH:
         return fast_flush(c, &h, rd, rd_n, wr_len, wr, wr_n, written);
-    default:
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
         return fast_forget(c, &h, rd, rd_n, written);
+    default:
+        return pyvfs_fast_meta(c, &h, rd, rd_n, wr, wr_n, wr_len, written);
     }
 }

@@ -50,6 +50,30 @@ static inline void pyvfs_inflight_popped(pyvfs_queue_t *q, uint32_t head) {
 }
 PYVFS_HIDDEN void pyvfs_inflight_pushed(pyvfs_queue_t *q, uint32_t head);
 
+/* fuse_ops.c: what the requests answered in C share (fuse_meta.c answers more of them) */
+struct fuse_in_header;
+struct fuse_attr;
+struct fuse_entry_out;
+struct stat;
+/* a pin on nodeid and its O_PATH fd (-1: nothing held); pyvfs_unpin_inode gives it back */
+PYVFS_HIDDEN int pyvfs_inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid);
+PYVFS_HIDDEN void pyvfs_unpin_inode(const pyvfs_fast_ctx_t *c, uint64_t nodeid);
+/* give back a lookup claimed for the guest that could not be handed over */
+PYVFS_HIDDEN void pyvfs_unclaim(const pyvfs_fast_ctx_t *c, uint64_t nodeid);
+PYVFS_HIDDEN int pyvfs_fill_attr(struct fuse_attr *a, const struct stat *st, uint32_t flags);
+PYVFS_HIDDEN size_t pyvfs_read_name_at(const struct fuse_in_header *h, const pyvfs_iov_t *rd,
+                                       int rd_n, uint64_t skip, char *name);
+PYVFS_HIDDEN int pyvfs_reply_empty(const struct fuse_in_header *h, const pyvfs_iov_t *wr,
+                                   int wr_n, uint32_t *written);
+PYVFS_HIDDEN int pyvfs_lookup_core(const pyvfs_fast_ctx_t *c, uint64_t parent, int pfd,
+                                   const char *name, size_t name_len, const struct stat *made,
+                                   struct fuse_entry_out *e);
+/* fuse_meta.c: RMDIR, RENAME, MKDIR, MKNOD, SYMLINK, OPEN, SETATTR (same contract as
+   pyvfs_fast; h already checked there) */
+PYVFS_HIDDEN int pyvfs_fast_meta(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
+                                 const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr,
+                                 int wr_n, uint64_t wr_len, uint32_t *written);
+
 /* ring.c: signal the call eventfd if the driver asks for an interrupt (counted) */
 PYVFS_HIDDEN void pyvfs_queue_notify(pyvfs_queue_t *q, int call_fd);
 

@@ -145,6 +145,9 @@ typedef struct {
     /* FLUSH: address of LockOwners' live-entry count (0: no fcntl lock forwarding); while
        it is 0 no owner has locks to drop */
     uint64_t lock_live;
+    /* OPEN, SETATTR: the fd directory an O_PATH fd is reopened through by its number
+       (daemon/fs/proc_fd.py's PROC_DIR_FD: -1 for /proc/self/fd) */
+    int32_t procdir;
 } pyvfs_fast_ctx_t;
 int pyvfs_fast(const pyvfs_iov_t *rd, int rd_n, uint64_t rd_len,
                const pyvfs_iov_t *wr, int wr_n, uint64_t wr_len,

@@ -443,6 +443,225 @@ def write_case(s: Session, dir_id: int) -> None:
     s.release(file_id, fh)
 
 
+# ----- the metadata requests of fuse_meta.c -------------------------------------------
+
+MADE = ("newdir", "owneddir", "fifo", "reg", "owned", "sl", "owned_sl", "emptydir", "full",
+        "from", "to", "trunc", "attrs")
+FIXED_TIME = 1_600_000_000
+
+
+def makes(d: Path) -> None:
+    """files(), less anything a metadata case made, and what those cases act on, made again
+    for each run: an empty and a full directory (RMDIR), a file to rename, a file to
+    truncate on open, a file whose attributes SETATTR changes."""
+    files(d)
+    for name in MADE:
+        p = d / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (d / "sub" / "moved").unlink()
+    (d / "emptydir").mkdir()
+    (d / "full").mkdir()
+    (d / "full" / "x").write_bytes(b"x")
+    (d / "from").write_bytes(b"from")
+    (d / "trunc").write_bytes(b"truncate me")
+    (d / "attrs").write_bytes(DATA)
+    os.chmod(d / "attrs", 0o644)
+    os.utime(d / "attrs", (FIXED_TIME, FIXED_TIME))
+    os.chmod(d / "sub", 0o755)
+    settle(d)
+
+
+def without_ctime(buf: bytes, attr_at: int) -> bytes:
+    """An attribute reply with only the ctime zeroed (a SETATTR that set atime and mtime
+    itself changed it)."""
+    b = bytearray(buf)
+    for start, stop in ((40, 48), (56, 60)):
+        if len(b) >= attr_at + stop:
+            b[attr_at + start : attr_at + stop] = bytes(stop - start)
+    return bytes(b)
+
+
+def made_entries(s: Session, replies: list[bytes]) -> None:
+    """FORGET the entries a case made (their nodeids agree between the runs)."""
+    for reply in replies:
+        if len(reply) >= 8:
+            nodeid, = struct.unpack_from("<Q", reply)
+            if nodeid:
+                s.req("forget made", Opcode.FORGET, nodeid, fuse.FORGET_IN.pack(1), q=0,
+                      out_size=0)
+
+
+def owner(s: Session, name: str) -> None:
+    st = os.lstat(s.dir / name)
+    s.note(f"owner of {name}", (st.st_uid, st.st_gid, oct(st.st_mode)))
+
+
+@case(Opcode.RMDIR, makes)
+def rmdir_case(s: Session, dir_id: int) -> None:
+    s.req("rmdir", Opcode.RMDIR, dir_id, b"emptydir\0")
+    s.req("rmdir again", Opcode.RMDIR, dir_id, b"emptydir\0")
+    s.req("lookup removed", Opcode.LOOKUP, dir_id, b"emptydir\0")
+    s.req("rmdir not empty", Opcode.RMDIR, dir_id, b"full\0")
+    s.req("rmdir a file", Opcode.RMDIR, dir_id, b"file\0")
+    for what, name in BAD_NAMES:
+        s.req(f"rmdir {what}", Opcode.RMDIR, dir_id, name)
+    s.req("rmdir forged parent", Opcode.RMDIR, 55555, b"full\0")
+    s.req("rmdir under a file", Opcode.RMDIR, s.lookup(dir_id, b"file"), b"x\0")
+    s.note("left", sorted(p.name[:12] for p in s.dir.iterdir()))
+
+
+@case(Opcode.RENAME, makes)
+def rename_case(s: Session, dir_id: int) -> None:
+    sub_id = s.lookup(dir_id, b"sub", normalise=lambda b: without_times(b, ATTR_AT_IN_ENTRY))
+
+    def rename(what: str, old: bytes, new: bytes, newdir: int = dir_id, parent: int = dir_id,
+               **kw: object) -> None:
+        s.req(what, Opcode.RENAME, parent, fuse.RENAME_IN.pack(newdir) + old + new, **kw)
+
+    rename("rename", b"from\0", b"to\0")
+    rename("rename into sub", b"to\0", b"moved\0", newdir=sub_id)
+    rename("rename back from sub", b"moved\0", b"to\0", parent=sub_id)
+    rename("rename missing", b"from\0", b"to\0")
+    rename("rename a directory onto a file", b"sub\0", b"file\0")
+    rename("rename onto itself", b"to\0", b"to\0")
+    for what, name in BAD_NAMES[:-1]:
+        rename(f"rename from {what}", name, b"x\0")
+        rename(f"rename to {what}", b"to\0", name)
+    rename("rename forged newdir", b"to\0", b"x\0", newdir=987654)
+    rename("rename forged parent", b"to\0", b"x\0", parent=987654)
+    s.req("rename short", Opcode.RENAME, dir_id, b"\0" * 4)
+    s.req("lookup renamed", Opcode.LOOKUP, dir_id, b"to\0", normalise=new_file_entry)
+    s.note("left", sorted(p.name[:12] for p in s.dir.iterdir()))
+
+
+def make_case(opcode: Opcode) -> Callable[[Session, int], None]:
+    """MKDIR, MKNOD and SYMLINK: made as root and as another caller, and everything that
+    must fail."""
+    def arg(mode: int, name: bytes, umask: int = 0o022) -> bytes:
+        if opcode == Opcode.MKDIR:
+            return fuse.MKDIR_IN.pack(mode, umask) + name
+        if opcode == Opcode.MKNOD:
+            return fuse.MKNOD_IN.pack(mode, 0, umask, 0) + name
+        return name + b"file\0"
+
+    def run(s: Session, dir_id: int) -> None:
+        op = opcode.name.lower()
+
+        def make(what: str, mode: int, name: bytes, parent: int = dir_id,
+                 **kw: object) -> bytes:
+            return s.req(f"{op} {what}", opcode, parent, arg(mode, name),
+                         normalise=new_file_entry, **kw)
+
+        first = {Opcode.MKDIR: "newdir", Opcode.MKNOD: "fifo", Opcode.SYMLINK: "sl"}[opcode]
+        other = {Opcode.MKDIR: "owneddir", Opcode.MKNOD: "owned",
+                 Opcode.SYMLINK: "owned_sl"}[opcode]
+        kind = stat_kind = {Opcode.MKDIR: 0, Opcode.MKNOD: 0o010000, Opcode.SYMLINK: 0}[opcode]
+        made = [make("", kind | 0o755, first.encode() + b"\0"),
+                make("as 1234", stat_kind | 0o750, other.encode() + b"\0", uid=1234,
+                     gid=1234)]
+        if opcode == Opcode.MKNOD:
+            made.append(make("regular", 0o100644, b"reg\0"))
+        owner(s, first)
+        owner(s, other)
+        make("exists", kind | 0o755, b"file\0")
+        for what, name in BAD_NAMES[:-1]:
+            make(what, kind | 0o755, name)
+        make("forged parent", kind | 0o755, b"x\0", parent=987654)
+        make("under a file", kind | 0o755, b"x\0", parent=s.lookup(dir_id, b"file"))
+        make("reply does not fit", kind | 0o755, b"x\0", out_size=100)
+        s.req(f"{op} short", opcode, dir_id, b"\0" * 3)
+        if opcode == Opcode.SYMLINK:
+            s.req("symlink empty target", opcode, dir_id, b"x\0\0")
+            s.req("symlink unterminated target", opcode, dir_id, b"x\0file")
+            s.req("symlink target too long", opcode, dir_id, b"x\0" + b"t" * 4096 + b"\0")
+        made_entries(s, made)
+        s.note("left", sorted(p.name[:12] for p in s.dir.iterdir()))
+
+    return run
+
+
+for _opcode in (Opcode.MKDIR, Opcode.MKNOD, Opcode.SYMLINK):
+    case(_opcode, makes)(make_case(_opcode))
+
+
+@case(Opcode.OPEN, makes)
+def open_case(s: Session, dir_id: int) -> None:
+    file_id = s.lookup(dir_id, b"file")
+    trunc_id = s.lookup(dir_id, b"trunc", normalise=new_file_entry)
+    fhs = [(file_id, s.open(file_id)), (file_id, s.open(file_id, os.O_RDWR)),
+           (file_id, s.open(file_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)),
+           (trunc_id, s.open(trunc_id, os.O_WRONLY | os.O_TRUNC))]
+    s.req("read through an fh opened", Opcode.READ, file_id,
+          fuse.READ_IN.pack(fhs[0][1], 0, 100, 0, 0, 0, 0))
+    s.req("getattr truncated", Opcode.GETATTR, trunc_id, normalise=new_file_attr)
+    sub_id = s.lookup(dir_id, b"sub", normalise=lambda b: without_times(b, ATTR_AT_IN_ENTRY))
+    fhs.append((sub_id, s.open(sub_id, os.O_RDONLY | os.O_DIRECTORY)))  # Python's
+    s.req("open a symlink", Opcode.OPEN, s.lookup(dir_id, b"link"), fuse.OPEN_IN.pack(0, 0))
+    s.req("open forged", Opcode.OPEN, 987654, fuse.OPEN_IN.pack(0, 0))
+    s.req("open O_TMPFILE", Opcode.OPEN, file_id, fuse.OPEN_IN.pack(os.O_TMPFILE | os.O_RDWR, 0))
+    s.req("open kill suid/sgid", Opcode.OPEN, file_id,
+          fuse.OPEN_IN.pack(os.O_RDWR, fuse.OPEN_KILL_SUIDGID))
+    s.req("open short", Opcode.OPEN, file_id, b"\0" * 4)
+    s.req("open, reply does not fit", Opcode.OPEN, file_id, fuse.OPEN_IN.pack(0, 0),
+          out_size=20)
+    for nodeid, fh in fhs:
+        s.release(nodeid, fh)
+
+
+@case(Opcode.SETATTR, makes)
+def setattr_case(s: Session, dir_id: int) -> None:
+    attrs_id = s.lookup(dir_id, b"attrs", normalise=new_file_entry)
+    sub_id = s.lookup(dir_id, b"sub", normalise=lambda b: without_times(b, ATTR_AT_IN_ENTRY))
+
+    def setattr(what: str, valid: int, nodeid: int = attrs_id, *, mode: int = 0,
+                size: int = 0, atime: int = 0, mtime: int = 0, ans: int = 0, mns: int = 0,
+                fh: int = 0, keep_times: bool = False, **kw: object) -> None:
+        arg = fuse.SETATTR_IN.pack(valid, 0, fh, size, 0, atime, mtime, 0, ans, mns, 0, mode,
+                                   0, 0, 0, 0)
+        ino_and_times = new_file_attr if nodeid == attrs_id else (
+            lambda b: without_times(b, ATTR_AT_IN_ATTR_OUT))
+
+        def ctime_only(b: bytes) -> bytes:
+            b = without_ctime(b, ATTR_AT_IN_ATTR_OUT)
+            return b[:16] + bytes(8) + b[24:] if nodeid == attrs_id and len(b) >= 24 else b
+
+        s.req(f"setattr {what}", Opcode.SETATTR, nodeid, arg,
+              normalise=ctime_only if keep_times else ino_and_times, **kw)
+
+    setattr("chmod", fuse.FATTR_MODE, mode=0o100600)
+    setattr("chmod setuid", fuse.FATTR_MODE, mode=0o104755)
+    setattr("truncate", fuse.FATTR_SIZE, size=100)
+    setattr("extend", fuse.FATTR_SIZE, size=20_000)
+    setattr("utimes", fuse.FATTR_ATIME | fuse.FATTR_MTIME, atime=1_500_000_000,
+            mtime=1_500_000_001, ans=5, mns=7, keep_times=True)
+    setattr("atime only", fuse.FATTR_ATIME, atime=1_400_000_000, keep_times=True)
+    setattr("touch", fuse.FATTR_ATIME | fuse.FATTR_MTIME | fuse.FATTR_ATIME_NOW |
+            fuse.FATTR_MTIME_NOW)
+    setattr("mode, size and times", fuse.FATTR_MODE | fuse.FATTR_SIZE | fuse.FATTR_ATIME |
+            fuse.FATTR_MTIME | (1 << 10), mode=0o644, size=5, atime=1_300_000_000,
+            mtime=1_300_000_000, keep_times=True)
+    setattr("chmod a directory", fuse.FATTR_MODE, sub_id, mode=0o40700)
+    setattr("truncate a directory", fuse.FATTR_SIZE, sub_id, size=0)
+    setattr("chmod a symlink", fuse.FATTR_MODE, s.lookup(dir_id, b"link"), mode=0o600)
+    setattr("nanoseconds out of range", fuse.FATTR_MTIME, mtime=5, mns=1_000_000_000)
+    setattr("seconds beyond 63 bits", fuse.FATTR_MTIME, mtime=1 << 63)
+    setattr("size beyond 63 bits", fuse.FATTR_SIZE, size=1 << 63)
+    setattr("kill suid/sgid", fuse.FATTR_SIZE | fuse.FATTR_KILL_SUIDGID, size=3)
+    setattr("owner", fuse.FATTR_UID | fuse.FATTR_GID)
+    fh = s.open(attrs_id, os.O_RDWR)
+    setattr("truncate through a handle", fuse.FATTR_SIZE | fuse.FATTR_FH, size=2, fh=fh)
+    s.release(attrs_id, fh)
+    setattr("forged", fuse.FATTR_MODE, 987654, mode=0o600)
+    setattr("reply does not fit", fuse.FATTR_MODE, mode=0o600, out_size=64)
+    s.req("setattr short", Opcode.SETATTR, attrs_id, b"\0" * 40)
+    st = os.stat(s.dir / "attrs")
+    s.note("attrs", (oct(st.st_mode), st.st_size, st.st_atime_ns))  # the last truncate: mtime
+
+
 # ----- the daemons and the tests ------------------------------------------------------
 
 

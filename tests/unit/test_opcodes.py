@@ -30,7 +30,10 @@ from workers.queue_worker import QueueWorker
 
 ALL_C = {Opcode.READ, Opcode.WRITE, Opcode.GETATTR, Opcode.LOOKUP, Opcode.FORGET,
          Opcode.BATCH_FORGET, Opcode.RELEASE, Opcode.RELEASEDIR, Opcode.UNLINK,
-         Opcode.READDIRPLUS, Opcode.CREATE, Opcode.FLUSH}  # fuse_ops.c's switch
+         Opcode.READDIRPLUS, Opcode.CREATE, Opcode.FLUSH, Opcode.RMDIR, Opcode.RENAME,
+         Opcode.MKDIR, Opcode.MKNOD, Opcode.SYMLINK, Opcode.OPEN,
+         Opcode.SETATTR}  # fuse_ops.c's switch (the last seven: fuse_meta.c)
+MAKES = {Opcode.CREATE, Opcode.MKDIR, Opcode.MKNOD, Opcode.SYMLINK}  # plain creates only
 
 
 def opcodes_of(mask: int) -> set[Opcode]:
@@ -68,12 +71,13 @@ def test_c_rows_are_the_switch_of_fast_path_c() -> None:
 @pytest.mark.parametrize(("conditions", "in_python"), [
     ((), set()),
     ((Condition.TRANSLATE_IDS,), ALL_C - {Opcode.READ, Opcode.WRITE}),
-    ((Condition.READONLY,), {Opcode.WRITE, Opcode.UNLINK, Opcode.CREATE}),
-    ((Condition.CAPABILITY_RENAMED,), {Opcode.WRITE, Opcode.CREATE}),
-    ((Condition.POSIX_ACL,), {Opcode.CREATE}),
-    ((Condition.SECURITY_LABEL,), {Opcode.CREATE}),
-    ((Condition.WRITEBACK,), {Opcode.CREATE}),
-    ((Condition.XATTRMAP,), {Opcode.CREATE}),
+    ((Condition.READONLY,), MAKES | {Opcode.WRITE, Opcode.UNLINK, Opcode.RMDIR,
+                                     Opcode.RENAME, Opcode.OPEN, Opcode.SETATTR}),
+    ((Condition.CAPABILITY_RENAMED,), MAKES | {Opcode.WRITE, Opcode.OPEN, Opcode.SETATTR}),
+    ((Condition.POSIX_ACL,), MAKES),
+    ((Condition.SECURITY_LABEL,), MAKES),
+    ((Condition.WRITEBACK,), MAKES | {Opcode.OPEN}),
+    ((Condition.XATTRMAP,), MAKES),
     ((Condition.READONLY, Condition.TRANSLATE_IDS), ALL_C - {Opcode.READ}),
 ])
 def test_mask_by_condition(conditions: tuple[Condition, ...], in_python: set[Opcode]) -> None:
