@@ -4,7 +4,7 @@ same harness on the same machine, interleaved.
     python3 -m benchmarks.migration [--rounds 3] [--hops 3] [--files 300,3000]
 
 Each boot is a 6.12 guest (QEMU 10, TCG, one vCPU, one request queue: Rust virtiofsd serves
-one) running ``migholder`` (tests/support/migholder.c) on the share: held files of each
+one) running ``migholder`` (tests/support/live_migration/holder.c) on the share: held files of each
 kind, a listing part way, a shared mapping, locks, O_DIRECT writes in flight, and ``--files``
 files stat'ed (that many inodes the daemon must carry). The guest is then migrated ``--hops``
 times between fresh daemons on the same share, each hop followed by a check that every held
@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import RESULTS, machine_info
-from tests.support import migholder, qemu10, reference
+from tests.support import qemu10, reference
 from tests.support.daemon import start_pyvirtiofsd
-from tests.support.hops import DaemonStarter, Hops
+from tests.support.live_migration import holder as migholder
+from tests.support.live_migration.hops import DaemonStarter, Hops
 from tests.support.migrate import MigrationPair
 
 KERNEL = "6.12"

@@ -1,6 +1,6 @@
 """A 6.12 guest with two request queues is live-migrated three times in a row between fresh
 pyvirtiofsd daemons on one share (QEMU 10, A -> B -> C -> D) while ``migholder``
-(tests/support/migholder.c) holds a read-write, a read-only and an append-mode file, a
+(tests/support/live_migration/holder.c) holds a read-write, a read-only and an append-mode file, a
 directory part way through its listing, a shared mapping, a cwd in a subdirectory, a flock
 and an fcntl lock, 300 cached dentries, an unlinked open file, and writes with O_DIRECT all
 the while. After each hop every held fd must read what the host wrote and write what the
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import migholder, qemu10
+from tests.support import qemu10
 from tests.support.daemon import start_pyvirtiofsd
-from tests.support.hops import DaemonStarter, Hops
+from tests.support.live_migration import holder as migholder
+from tests.support.live_migration.hops import DaemonStarter, Hops
 from tests.support.migrate import MigrationPair
 
 KERNEL, QUEUES, NFILES, HOPS = "6.12", 2, 300, 3

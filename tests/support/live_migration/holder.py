@@ -1,4 +1,4 @@
-"""The host side of ``migholder`` (tests/support/migholder.c), the guest program that holds
+"""The host side of ``migholder`` (holder.c beside this file), the guest program that holds
 files, a listing, a mapping, locks and cached dentries on a virtio-fs mount while the guest
 is live-migrated, and is driven step by step through a file on the share.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.support import assets
 
-SOURCE = Path(__file__).with_name("migholder.c")
+SOURCE = Path(__file__).with_name("holder.c")
 GUEST_PATH = "bin/migholder"
 LIST_ENTRIES = 200
 BLOCK = 4096

@@ -8,7 +8,7 @@
  *
  *   migholder MNT NFILES [unlinked]
  *
- * The host prepares the share (tests/support/migholder.py). Protocol:
+ * The host prepares the share (tests/support/live_migration/holder.py). Protocol:
  *  - MNT/ctl/cmd holds "SEQ WORD\n" padded to 64 bytes; the host rewrites it in place.
  *    The guest re-reads it every 20 ms (dropping its page cache first, so each poll is a
  *    READ through its open fd) and runs WORD ("check" or "finish") once per new SEQ.
