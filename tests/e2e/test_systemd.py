@@ -47,6 +47,17 @@ def show(vm: SystemdVM, unit: str, *props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def supervisor_pid(vm: SystemdVM, main_pid: str) -> str:
+    """The supervisor: the main process's child is the sandbox's keeper (pyvfs-keeper),
+    whose one child is the supervisor (its workers are the supervisor's children)."""
+    keeper = vm.sh(f"pgrep -P {main_pid}").split()
+    assert len(keeper) == 1, keeper
+    assert vm.sh(f"cat /proc/{keeper[0]}/comm").strip() == "pyvfs-keeper"
+    supervisor = vm.sh(f"pgrep -P {keeper[0]}").split()
+    assert len(supervisor) == 1, supervisor
+    return supervisor[0]
+
+
 def test_socket_activation_starts_the_service_on_connect(vm: SystemdVM) -> None:
     share(vm, "act", "activated\n")
     vm.sh("systemctl start pyvirtiofsd@act.socket")
@@ -125,9 +136,7 @@ def test_watchdog_restarts_a_stopped_supervisor(vm: SystemdVM) -> None:
                  timeout=150) == "watched\n"
     before = show(vm, "pyvirtiofsd@wd.service", "MainPID", "NRestarts", "WatchdogUSec")
     assert before["WatchdogUSec"] == f"{WATCHDOG_SEC}s" and before["NRestarts"] == "0"
-    supervisor = vm.sh(f"pgrep -P {before['MainPID']}").split()
-    assert len(supervisor) == 1, supervisor
-    vm.sh(f"kill -STOP {supervisor[0]}")
+    vm.sh(f"kill -STOP {supervisor_pid(vm, before['MainPID'])}")
     stopped = time.monotonic()
     # what the front-end sees: its connection closes when systemd kills the service
     closed_after = vm.py("connection_closed(fe, 30)", timeout=40)
@@ -186,3 +195,36 @@ def test_reload_upgrades_under_a_served_front_end(vm: SystemdVM) -> None:
           f"GETATTRs answered (4 in flight), the longest wait {seen['longest_s']} s")
     vm.py("fe.close()")
     vm.sh("systemctl stop pyvirtiofsd@rl.socket pyvirtiofsd@rl.service")
+
+
+def test_supervisor_kill_is_not_a_service_restart(vm: SystemdVM) -> None:
+    """kill -9 of the supervisor under systemd: the sandbox's keeper starts a new one on
+    the same fds; the front-end's requests (4 in flight) go on being answered, each once,
+    and systemd sees no restart (same MainPID, NRestarts=0, still active)."""
+    share(vm, "sk", "kept\n")
+    sock = "/run/pyvirtiofsd/sk.sock"
+    vm.sh("systemctl start pyvirtiofsd@sk.socket")
+    assert vm.py(f"fe = connect({sock!r}); read_file(fe, b'hello').decode()",
+                 timeout=150) == "kept\n"
+    before = show(vm, "pyvirtiofsd@sk.service", "MainPID", "NRestarts")
+    old = supervisor_pid(vm, before["MainPID"])
+    vm.py("loop = RequestLoop(fe)")
+    time.sleep(1)
+    vm.sh(f"kill -KILL {old}")
+    at_kill = vm.py("loop.answered")
+    deadline = time.monotonic() + 60
+    while vm.py("loop.answered") < at_kill + 20:  # the new supervisor's workers answer
+        assert time.monotonic() < deadline, (vm.py("loop.stop()"),
+                                             vm.journal("pyvirtiofsd@sk.service"))
+        time.sleep(0.5)
+    seen = vm.py("loop.stop()")
+    assert seen["failure"] is None and not seen["alive"], seen
+    assert seen["unexpected_answers"] == 0, seen
+    assert vm.py("read_file(fe, b'hello').decode()") == "kept\n"
+    after = show(vm, "pyvirtiofsd@sk.service", "MainPID", "NRestarts", "ActiveState")
+    assert after == {**before, "ActiveState": "active"}, after
+    assert supervisor_pid(vm, after["MainPID"]) != old
+    print(f"supervisor kill: {seen['answered']} GETATTRs answered (4 in flight), the "
+          f"longest wait {seen['longest_s']} s")
+    vm.py("fe.close()")
+    vm.sh("systemctl stop pyvirtiofsd@sk.socket pyvirtiofsd@sk.service")
