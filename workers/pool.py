@@ -104,7 +104,7 @@ class WorkerPool:
         except OSError as e:  # killed by someone: a new template for the next worker
             log.warning("worker template %d: %s; cloning the worker directly",
                         self.template.pid, e)
-            self.template.close()
+            self.template.close(known={w.pid for w in self.workers})
             self.template = None
         supervisor_pid = os.getpid()
         freeze_heap()
@@ -258,7 +258,7 @@ class WorkerPool:
         """On the way out: kill and reap every worker there is, current or not, and the
         template."""
         if self.template is not None:
-            self.template.close()
+            self.template.close(known={w.pid for w in self.workers})
             self.template = None
         for worker in list(self.workers):
             if self.loop is not None and not self.loop.is_closed() and worker.pidfd >= 0:

@@ -28,7 +28,7 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NoReturn
 
 import msgpack
@@ -40,7 +40,7 @@ from workers.queue_worker import worker_signals
 
 # how long the supervisor waits for the template's answer (it clones at once); then it
 # clones the worker itself, still well within the second QEMU waits for its answer
-SPAWN_TIMEOUT = 0.25
+SPAWN_TIMEOUT = 0.5
 
 # in the new worker: serve this ring with this control socket fd and lock-owner mutex fd
 StartWorker = Callable[[QueueSetup, int, int], NoReturn]
@@ -85,8 +85,11 @@ class Template:
             raise OSError(-pid, f"worker template: clone: {os.strerror(-pid)}")
         return pid
 
-    def close(self) -> None:
-        """Kill and reap the template (its workers live on: they are our children)."""
+    def close(self, known: Collection[int] = ()) -> None:
+        """Kill and reap the template (its workers live on: they are our children); then
+        kill any child of ours not in ``known`` (the current workers): a worker the
+        template cloned but had no time to report before it was killed or gave up
+        waiting must not serve a ring beside the one the caller starts next."""
         if not self.reaped:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -98,6 +101,28 @@ class Template:
             os.close(self.peer_fd)
         except OSError:
             pass
+        for pid in our_children() - set(known):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def our_children() -> set[int]:
+    """Every child of this process (of any of its threads)."""
+    kids: set[int] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:  # no /proc in this sandbox: nothing to find
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                kids.update(int(pid) for pid in f.read().split())
+        except OSError:
+            pass
+    return kids
 
 
 def _nothing() -> None:

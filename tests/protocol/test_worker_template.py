@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from daemon.protocol import fuse
 from tests.protocol.test_hostile_guest import KNOWN, KNOWN_DATA, Served, serve
 
@@ -78,13 +80,15 @@ def test_workers_are_the_supervisors_children_cloned_from_the_template(tmp_path:
             assert mine < supervisor - 512, (q, mine, supervisor)
 
 
-def test_a_worker_restarts_when_the_template_is_gone(tmp_path: Path) -> None:
-    """SIGKILL the template, then a worker: the supervisor clones the replacement itself
-    (and says so), the ring is served again, and the next restart has a new template."""
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_worker_restarts_when_the_template_is_gone(tmp_path: Path, how: int) -> None:
+    """SIGKILL or SIGSTOP the template, then a worker: the supervisor clones the
+    replacement itself (a stopped template is waited for half a second, then killed and
+    reaped), the ring is served again, and the next restart has a new template."""
     with serve(tmp_path, num_queues=3) as srv:
         template = next(pid for pid, name in children(srv.proc.pid).items()
                         if name == "pyvfs-template")
-        os.kill(template, signal.SIGKILL)
+        os.kill(template, how)
         old = srv.workers[1]
         os.kill(old, signal.SIGKILL)
         srv.workers[1] = restarted(srv, 1, old)
