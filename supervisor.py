@@ -492,6 +492,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             log.info("live upgrade: took over the front-end from code %s",
                      self.resumed.get("build"))
         else:
+            self.serving()  # the socket is served: an upgrade may come before QEMU does
             self.upgrade_requested = asyncio.Event()
             accepted = asyncio.ensure_future(FrontEnd.accept(listener))
             upgrade = asyncio.ensure_future(self.upgrade_requested.wait())
@@ -505,7 +506,8 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             self.front_end = front_end = accepted.result()
             log.info("front-end connected")
         self.notifier.status("front-end connected")
-        self.serving()
+        if conn >= 0:
+            self.serving()
         self.journal()
         try:
             while (msg := await front_end.messages.get()) is not None:

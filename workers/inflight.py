@@ -93,8 +93,3 @@ class InflightRecords:
             r.heads[head] = PARKED
         r.current = cur & 0xFFFF
         return Recovered(cur & 0xFFFF, heads)
-
-    def inheritable(self) -> int:
-        """The memfd, inheritable across exec (live upgrade)."""
-        os.set_inheritable(self.fd, True)
-        return self.fd

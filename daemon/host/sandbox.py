@@ -14,8 +14,15 @@ namespace (and a new user namespace when not started as root, with the ids of
 chroot: root only; the server chroots into the shared directory (no mounts: for
 containers that cannot make namespaces).
 
-In both, every server process's working directory is its root, the share, so no
-relative path leads out of it. An fd is reopened through a directory fd of the server's
+In both, the server's first process stays outside the mount namespace / chroot as the
+supervisor's keeper (``enter(keeper=...)``, workers/handover/keeper.py): it holds the fd
+table the supervisor it clones shares, so a killed supervisor can be replaced. A live
+upgrade or a keeper hands the fds to the process outside over a socket pair made here
+(``hand_over_outside``); that process puts them back at their numbers and executes the
+installed code (``Outside.take_over``, docs/operations.md).
+
+Every server process's working directory is its root, the share, so no relative path
+leads out of it. An fd is reopened through a directory fd of the server's
 fd directory (inside the root in namespace mode, outside it with chroot, as virtiofsd's
 proc_self_fd), which :func:`server_fd_directory` returns and the supervisor hands to
 ``daemon.fs.proc_fd``: only the decimal name of an fd number is ever looked up in it

@@ -27,6 +27,15 @@ umount /mnt
 """
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
 @pytest.mark.guest
 def test_guest_mount_in_namespace_sandbox(tmp_path: Path) -> None:
     share = tmp_path / "share"
@@ -34,19 +43,19 @@ def test_guest_mount_in_namespace_sandbox(tmp_path: Path) -> None:
     (share / "from-host").write_text("host-data\n")
     sock = tmp_path / "vfs.sock"
     with pyvirtiofsd(share, sock, "--sandbox", "namespace") as proc:
+        # the keeper is forked right after the socket appears, and clones the server,
+        # whose root becomes the share once the sandbox is set up
+        server = None
         deadline = time.monotonic() + 10
-        while True:  # the server is forked right after the socket appears
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                kids = f.read().split()
-            if kids or time.monotonic() > deadline:
-                break
+        while server is None and time.monotonic() < deadline:
+            for pid in descendants(proc.pid):
+                try:
+                    if os.stat(f"/proc/{pid}/root/").st_ino == share.stat().st_ino:
+                        server = pid
+                except OSError:
+                    pass
             time.sleep(0.05)
-        server = int(kids[0])
-        for _ in range(100):  # its root becomes the share once the sandbox is set up
-            if os.stat(f"/proc/{server}/root/").st_ino == share.stat().st_ino:
-                break
-            time.sleep(0.05)
-        assert os.stat(f"/proc/{server}/root/").st_ino == share.stat().st_ino
+        assert server is not None, "no process under the daemon has the share as root"
         assert os.readlink(f"/proc/{server}/ns/pid") != os.readlink("/proc/self/ns/pid")
         run = run_guest(sock, SCRIPT, timeout=300)
         assert proc.wait(30) == 0  # the guest powered off: the daemon ends cleanly

@@ -31,8 +31,9 @@ from tests.protocol.test_inflight import (
     open_file,
     setlkw,
 )
-from tests.support.daemon import REPO
-from tests.support.frontend import Sent
+from tests.support.daemon import REPO, daemon_log, start_pyvirtiofsd
+from tests.support.frontend import Frontend, Sent
+from tests.support.reference import stop_daemon
 
 MARKER = REPO / "daemon" / "host" / "_live_upgrade_test_marker.py"
 
@@ -134,3 +135,31 @@ def test_upgrade_of_a_daemon_that_is_not_there(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert done.returncode == 1
     assert "no daemon pid in" in done.stderr
+
+
+@pytest.mark.parametrize("sandbox", ["none", "namespace"])
+def test_upgrade_before_the_front_end_connects(tmp_path: Path, sandbox: str) -> None:
+    """Waiting for QEMU is serving too: the new code takes the listening socket over."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"hello")
+    sock = tmp_path / "vu.sock"
+    proc = start_pyvirtiofsd(share, sock, "--sandbox", sandbox)
+    try:
+        done = subprocess.run([sys.executable, "-m", "supervisor", "upgrade",
+                               "--socket-path", str(sock), "--timeout", "20"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "live upgrade 1, serving" in done.stdout, \
+            done.stderr + daemon_log(proc)
+        fe = Frontend(str(sock))
+        try:
+            fe.setup(2)
+            fe.init()
+            error, payload = fe.lookup(fuse.ROOT_ID, b"f")
+            assert error == 0
+            assert struct.unpack_from("<Q", payload, fuse.ENTRY_HEAD.size)[0] == \
+                (share / "f").stat().st_ino
+        finally:
+            fe.close()
+    finally:
+        stop_daemon(proc)
