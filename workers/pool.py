@@ -34,7 +34,7 @@ from workers.fast_path import FastPathContext
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import worker_main  # imported here so workers start warm
-from workers.template import Template
+from workers.template import Template, our_children
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -130,7 +130,8 @@ class WorkerPool:
         """Kill the template (a live upgrade: it shares the fd table the program is about
         to leave, and would keep every fd in it open); the next start makes a new one."""
         if self.template is not None:
-            self.template.close()
+            # it is not giving up on a worker: leave every other child alone (a successor)
+            self.template.close(known=our_children())
             self.template = None
 
     def killed_on(self, queue: int) -> bool:
