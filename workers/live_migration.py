@@ -19,7 +19,7 @@ from daemon.fs.passthrough import PassthroughFs
 from daemon.protocol import vhost_user as vu
 from daemon.protocol.vhost_user import Message, ProtocolError
 from workers import control
-from workers.pool import close_quietly
+from workers.pool import WorkerPool, close_quietly
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -129,6 +129,7 @@ class DeviceStateHandlers:
 
     state: Device
     fs: PassthroughFs
+    pool: WorkerPool
     migration: MigrationOptions
     _transfer: asyncio.Future[None] | None
     _handed_over: migration.HeldLocks | None  # the source's locks, while in the state
@@ -197,6 +198,7 @@ class DeviceStateHandlers:
         self.parked = migration.load_state(self.fs, blob, self.migration)
         log.info("migration: device state loaded (%d inodes, %d open files)",
                  len(self.fs.inodes) - 1, len(self.fs.handles))
+        self.pool.warm()  # the rings start while the guest is stopped: clone workers at once
 
     async def on_check_device_state(self, msg: Message) -> bytes:
         """0 when the last transfer completed; the front-end closed its end first."""

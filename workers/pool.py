@@ -95,10 +95,17 @@ class WorkerPool:
         self.template: Template | None = None  # clones the workers (workers/template.py)
         self.supervisor_pid = os.getpid()
 
-    def _spawn(self, setup: QueueSetup, theirs: socket.socket, lock_mutex_fd: int) -> int:
+    def warm(self) -> None:
+        """Clone the template now rather than at the first worker's start: a migration's
+        destination, whose guest stays stopped until QEMU hears that its rings started.
+        Only once the supervisor's objects are what workers need (the state loaded)."""
         if self.template is None:
             self.supervisor_pid = os.getpid()  # as the template's copy of us will see it
             self.template = Template(self._start_worker, self._prepare, freeze_heap)
+
+    def _spawn(self, setup: QueueSetup, theirs: socket.socket, lock_mutex_fd: int) -> int:
+        self.warm()
+        assert self.template is not None
         try:
             return self.template.spawn(setup, theirs.fileno(), lock_mutex_fd)
         except OSError as e:  # killed by someone: a new template for the next worker
