@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.fs import proc_fd
 from daemon.fs.fd_cache import FdCache
 from daemon.fs.passthrough import SESSION_FLAGS, Config, PassthroughFs, Request
 from daemon.native._sys import ffi, lib
@@ -721,3 +722,26 @@ def test_link_keeps_the_target_fd_its_request_pins(tmp_path: Path) -> None:
         assert f.fs.fd_cache.get(target) == held
     finally:
         f.close()
+
+
+# ----- the fd directory as a directory fd (OPEN and SETATTR reopen fds under it) -----
+def test_fd_directory_names_reach_the_fds_inode(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_PATH)
+    try:
+        d = proc_fd.fd_directory_fd()
+        assert d >= 0 and proc_fd.fd_directory_fd() == d  # opened once
+        st = os.stat(str(fd), dir_fd=d)
+        assert (st.st_ino, st.st_dev) == (f.stat().st_ino, f.stat().st_dev)
+    finally:
+        os.close(fd)
+
+
+def test_fd_directory_of_the_sandbox_wins() -> None:
+    saved = proc_fd.PROC_DIR_FD
+    try:
+        proc_fd.use_fd_directory(12345)
+        assert proc_fd.fd_directory_fd() == 12345
+    finally:
+        proc_fd.PROC_DIR_FD = saved
