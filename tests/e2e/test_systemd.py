@@ -1,4 +1,4 @@
-"""The shipped units under a real systemd (PID 1 of a test VM, tests/support/systemd_vm.py).
+"""The shipped units under a real systemd (PID 1 of a test VM, tests/support/systemd/vm.py).
 
 The VM boots the host's systemd from the host's root and installs packaging/
 pyvirtiofsd@.service and pyvirtiofsd@.socket as shipped, with /usr/local/bin/pyvirtiofsd
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.systemd_vm import SystemdVM
+from tests.support.systemd.vm import SystemdVM
 
 WATCHDOG_SEC = 4
 
@@ -30,7 +30,7 @@ DROP_INS = {
 def vm() -> Iterator[SystemdVM]:
     machine = SystemdVM(extra_units=DROP_INS).start()
     try:
-        machine.py("from tests.support.systemd_driver import *")
+        machine.py("from tests.support.systemd.driver import *")
         yield machine
     finally:
         machine.close()

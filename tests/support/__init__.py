@@ -9,7 +9,7 @@
   virtiofsd behind one start/stop interface.
 * ``vm`` and ``assets``: booting a throwaway QEMU guest, and the kernels and initramfs it
   boots.
-* ``systemd_vm``, ``systemd_agent`` and ``systemd_driver``: a VM that boots the host's
+* ``systemd`` (``vm``, ``agent``, ``driver``): a VM that boots the host's
   systemd as PID 1 (the shipped units under a real systemd), the command server inside it,
   and what the test front-end does in there.
 * ``debian``: the host's Debian release and apt sources; other suites (a kernel, Rust

@@ -14,7 +14,7 @@ What is in the overlay (``/etc`` and ``/usr/local/bin``):
   ``pyvirtiofsd-metrics@.service``/``.timer`` as shipped, in ``/etc/systemd/system``,
   and ``/usr/local/bin/pyvirtiofsd`` (the path the units name): a two-line launcher for
   this tree with the test's Python;
-- ``pyvfs-agent.service``, the command server (tests/support/systemd_agent.py) on a
+- ``pyvfs-agent.service``, the command server (tests/support/systemd/agent.py) on a
   virtio-serial port: :meth:`SystemdVM.sh` and :meth:`SystemdVM.py` talk to it;
 - ``pyvfs-test.target``, the boot target (``systemd.unit=``): sysinit, basic and the
   agent, nothing of multi-user.target;
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tests.support import assets, debian
 
-TREE = Path(__file__).resolve().parents[2]
+TREE = Path(__file__).resolve().parents[3]
 AGENT_PORT = "pyvfs.agent"
 KERNEL = "6.12"
 MODULES = ("9pnet_virtio", "9p", "overlay")
@@ -113,7 +113,7 @@ DefaultDependencies=no
 [Service]
 Environment=PYVFS_TREE={tree} PYTHONDONTWRITEBYTECODE=1
 WorkingDirectory={tree}
-ExecStart={python} {tree}/tests/support/systemd_agent.py
+ExecStart={python} {tree}/tests/support/systemd/agent.py
 Restart=always
 """
 

@@ -1,4 +1,4 @@
-"""The command server inside the systemd test VM (tests/support/systemd_vm.py).
+"""The command server inside the systemd test VM (tests/support/systemd/vm.py).
 
 Runs as ``pyvfs-agent.service`` under the VM's systemd and answers the host over a
 virtio-serial port, one JSON object a line each way. Two kinds of command:
