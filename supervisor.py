@@ -24,6 +24,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 
 from daemon.fs import proc_fd
@@ -57,7 +58,7 @@ from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
-from workers.handover import keeper
+from workers.handover import keeper, warm
 from workers.handover.device_state import DeviceState, VringState
 from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.inflight import InflightRecords
@@ -333,8 +334,11 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             self.front_end = front_end = FrontEnd(socket.socket(fileno=conn), self.loop)
             for index in sorted(self.state.vrings):
                 self._start_logged(index)  # each resumes from its in-flight record
-            log.info("live upgrade: took over the front-end from code %s",
-                     self.resumed.get("build"))
+            stalled = self.resumed.get("stalled_since")
+            log.info("live upgrade: took over the front-end from code %s%s",
+                     self.resumed.get("build"), "" if stalled is None else
+                     " (rings served by no worker for %.1f ms)"
+                     % (1000 * (time.monotonic() - stalled)))
         else:
             self.serving()  # the socket is served: an upgrade may come before QEMU does
             self.upgrade_requested = asyncio.Event()
@@ -891,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
     resumed = handover.take_state()  # a live upgrade: what the previous program left
+    if resumed is not None and "old_workers" in resumed:
+        warm.take_over(resumed)  # its workers served while this program started
     handover.build_id()  # of the code as installed now, before the sandbox hides it
     if resumed is None:
         # connected now: inside the sandbox its path or abstract name is out of reach
@@ -972,6 +978,7 @@ def serve(args: argparse.Namespace) -> int:
             finally:
                 logging.shutdown()
             os._exit(code)
+        carried["warm"] = True  # the workers serve while the new code starts
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
