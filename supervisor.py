@@ -978,7 +978,9 @@ def serve(args: argparse.Namespace) -> int:
             finally:
                 logging.shutdown()
             os._exit(code)
-        carried["warm"] = True  # the workers serve while the new code starts
+        # the workers serve while the new code starts (workers/handover/warm.py); the
+        # older way, stop them first, stays for comparison (benchmarks/upgrade_stalls.py)
+        carried["warm"] = os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first"
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
