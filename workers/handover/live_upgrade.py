@@ -36,7 +36,8 @@ STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) c
 # what the program that starts serving after a handover is given: the state memfd and
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
-NOT_CARRIED = {"info", "journal", "session_page", "warm"}  # objects of this program only
+# objects of this program only
+NOT_CARRIED = {"info", "journal", "session_page", "warm", "warm_holder"}
 UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
@@ -113,6 +114,7 @@ class LiveUpgrade:
             self.hand_over_to(state_fd, fds)
         except Exception:  # noqa: BLE001 - the old code must go on serving
             log.exception("live upgrade failed; the running code goes on serving")
+            warm.stop_holder(self.carried.pop("warm_holder", -1))
         finally:
             self.handing_over = False
         for index in list(self.state.vrings):
@@ -126,6 +128,7 @@ class LiveUpgrade:
         self.pool.close_template(keep_workers=True)  # it would clone old code's workers
         workers = [v.worker for v in self.state.vrings.values() if v.worker is not None]
         holder_pid, holder = warm.start_holder(self._fds_to_keep)
+        self.carried["warm_holder"] = holder_pid  # (killed if the exec fails)
         fds = self._fds_to_keep()
         controls = []
         for worker in workers:

@@ -57,6 +57,16 @@ def start_holder(fds_now: Callable[[], list[int]]) -> tuple[int, int]:
     return pid, ours.detach()
 
 
+def stop_holder(pid: int) -> None:
+    """The exec failed: the holder is not needed (the old code goes on serving)."""
+    if pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 def take_over(resumed: dict) -> None:
     """In the new program, before anything opens an fd: stop the old workers, take the
     old fd table's final contents at their numbers, close what the workers closed."""
