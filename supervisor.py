@@ -894,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
-    resumed = handover.take_state()  # a live upgrade: what the previous program left
+    # a live upgrade: what the previous program left (or the sandboxed server sends)
+    resumed = sandbox.take_from_server() or handover.take_state()
     if resumed is not None and "old_workers" in resumed:
         warm.take_over(resumed)  # its workers served while this program started
     handover.build_id()  # of the code as installed now, before the sandbox hides it
@@ -955,6 +956,10 @@ def serve(args: argparse.Namespace) -> int:
 
             # the server's first process stays outside the sandbox as the supervisor's
             # keeper (workers/handover/keeper.py); the supervisor it clones goes in
+            # the process outside executes the new code while the server serves
+            # (sandbox.Outside.exec_successor); PYVIRTIOFSD_UPGRADE as below
+            carried["outside_execs_first"] = warm_upgrades = (
+                os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first")
             carried["journal"] = journal = keeper.StateJournal()
             carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
             try:
@@ -967,6 +972,7 @@ def serve(args: argparse.Namespace) -> int:
                 return 1
             if outside is not None:
                 listener.close()  # the sandboxed server has its own copy
+                outside.exec_first = warm_upgrades
                 return outside.wait()
             proc_fd.use_fd_directory(sandbox.server_fd_directory(),
                                      sandbox.server_fdinfo_directory())

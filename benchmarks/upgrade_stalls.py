@@ -215,15 +215,15 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=4.0)
     p.add_argument("--sandbox", default="none", choices=["none", "chroot", "namespace"])
     p.add_argument("--compare", action="store_true",
-                   help="--sandbox none: a run whose upgrades stop the workers first (the "
-                   "older way), then one whose workers serve while the new code starts")
+                   help="a run whose upgrades stop the workers first (the older way), "
+                   "then one whose workers serve while the new code starts")
     args = p.parse_args()
     if args.compare:
         codes = []
         for way in ("stop-workers-first", "workers-serve-meanwhile"):
             os.environ["PYVIRTIOFSD_UPGRADE"] = way
             print(f"==== upgrades: {way}")
-            codes.append(report(run(args.upgrades, args.interval, "none")))
+            codes.append(report(run(args.upgrades, args.interval, args.sandbox)))
         return max(codes)
     return report(run(args.upgrades, args.interval, args.sandbox, kills=args.kills))
 

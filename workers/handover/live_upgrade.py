@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.fs.passthrough import PassthroughFs
-from daemon.host import handover
+from daemon.host import handover, sandbox
 from daemon.host.sd_notify import Notifier
 from daemon.protocol.vhost_user import Message
 from workers import control
@@ -32,12 +32,14 @@ from workers.pool import WorkerPool
 
 log = logging.getLogger("pyvirtiofsd")
 
+SUCCESSOR_WAIT = 30.0  # for the new program outside to start (sandboxed server)
 STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) cancels it
 # what the program that starts serving after a handover is given: the state memfd and
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
 # objects of this program only
-NOT_CARRIED = {"info", "journal", "session_page", "warm", "warm_holder"}
+NOT_CARRIED = {"info", "journal", "session_page", "warm", "warm_holder",
+               "outside_execs_first"}
 UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
@@ -101,6 +103,13 @@ class LiveUpgrade:
             if self.carried.get("warm"):
                 state_fd, fds = self._warm_state(started)
             else:
+                if self.carried.get("outside_execs_first"):
+                    log.info("live upgrade: serving while the process outside executes "
+                             "the installed code")
+                    if not sandbox.wait_for_successor(SUCCESSOR_WAIT):
+                        log.error("live upgrade: the new program outside did not ask for "
+                                  "the fds within %.0f s; going on", SUCCESSOR_WAIT)
+                        return
                 log.info("live upgrade: stopping workers (code %s)", handover.build_id())
                 if not await self._stop_workers():
                     return
@@ -129,6 +138,7 @@ class LiveUpgrade:
         workers = [v.worker for v in self.state.vrings.values() if v.worker is not None]
         holder_pid, holder = warm.start_holder(self._fds_to_keep)
         self.carried["warm_holder"] = holder_pid  # (killed if the exec fails)
+        warm.reopen_through(holder_pid)
         fds = self._fds_to_keep()
         controls = []
         for worker in workers:

@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from daemon.fs import proc_fd
 from daemon.host import handover
 from daemon.host.process import clone_shared_fds
 from workers import control
@@ -57,6 +58,20 @@ def start_holder(fds_now: Callable[[], list[int]]) -> tuple[int, int]:
     return pid, ours.detach()
 
 
+def reopen_through(holder_pid: int) -> None:
+    """The workers' C path reopens an inode's fd by its number under a directory fd of
+    /proc/<supervisor>/fd (daemon/fs/proc_fd.py): once the supervisor has executed the
+    new code, that names the new program's fd table, not the one the workers use, and a
+    number reused there since would open another file. Put the holder's fd directory
+    (which stays in the workers' table) at the same number, for every worker at once."""
+    number = proc_fd.fd_directory_fd()
+    if number < 0 or proc_fd.PROC_DIR_FD >= 0:
+        return  # the path /proc/self/fd (each worker's own table), or a sandbox's
+    holder_dir = os.open(f"/proc/{holder_pid}/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    os.dup2(holder_dir, number, inheritable=False)
+    os.close(holder_dir)
+
+
 def stop_holder(pid: int) -> None:
     """The exec failed: the holder is not needed (the old code goes on serving)."""
     if pid > 0:
@@ -71,6 +86,9 @@ def take_over(resumed: dict) -> None:
     """In the new program, before anything opens an fd: stop the old workers, take the
     old fd table's final contents at their numbers, close what the workers closed."""
     started = time.monotonic()
+    # the copies this program has now (a worker may have closed one of the listed fds
+    # before the exec: that number is free here, and a received fd may land on it)
+    inherited = [fd for fd in resumed["kept"] if _is_open(fd)]
     stopped = _stop_old_workers(resumed["old_workers"])
     holder_pid, holder_fd = resumed["fd_holder"]
     sock = socket.socket(fileno=holder_fd)
@@ -87,12 +105,9 @@ def take_over(resumed: dict) -> None:
     finally:
         sock.close()
         _reap(holder_pid, HOLDER_WAIT)
-    for fd in resumed["kept"]:  # inherited copies: closed by the workers since
-        if fd not in received and fd != resumed.get("state_fd"):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    for fd in inherited:  # copies of fds the workers closed since
+        if fd not in received:
+            os.close(fd)
     handover.place(received)
     resumed["stalled_since"] = started  # the rings wait from here to the new workers
     log.info("live upgrade: %d old workers stopped, %d fds taken over in %.1f ms "
@@ -146,3 +161,11 @@ def encode_workers(workers: list) -> list[list[int]]:
     """The old workers as the new program reaches them (pid, control fd, queue)."""
     return [[w.pid, w.control.fileno(), w.queue] for w in workers]
 
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
