@@ -96,10 +96,10 @@ class Result:
         out = []
 
         def secs(t: str) -> float:
-            m, s = t.split(":")
-            return int(m) * 60 + float(s.replace(",", "."))
+            h, m, s = t.split(":")
+            return (int(h) * 60 + int(m)) * 60 + float(s.replace(",", "."))
         stamps = [(secs(t), what) for t, what in re.findall(
-            r"\d{4}-\d\d-\d\d \d\d:(\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] .*?(live upgrade "
+            r"\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] .*?(live upgrade "
             r"requested|killed by signal 9; taking|live upgrade: took over)", self.log)]
         start = None
         for t, what in stamps:
