@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import signal
 import socket
 import sys
 import zlib
@@ -115,6 +116,10 @@ def reexec(state_fd: int, extra_env: dict[str, str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    # a second SIGHUP before the new program has set its handler would end it (the
+    # default action), and the guest's connection with it: ignored until then (the
+    # disposition survives exec), at worst that upgrade request is lost
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
