@@ -173,15 +173,16 @@ def test_files_opened_and_released_while_the_new_code_starts(tmp_path: Path) -> 
     handover/warm.py). Inodes looked up, files opened and released in that window live
     only in the old fd table; the new program must end up with exactly those: each file
     opened then reads its own bytes under the same inode, each released fh is gone. The
-    guest forgets inodes of before the upgrade meanwhile, so numbers are reused in the
-    old table that the new program's copy still has for the forgotten files."""
+    guest releases files it opened before the upgrade meanwhile, so numbers are reused in
+    the old table that the new program's copy still has for the released files (the
+    workers' C path must not reopen through the new program's table)."""
     with serve(tmp_path, "--sandbox", "none") as srv:
         count = 400
         for i in range(count):
             (srv.share / f"f{i}").write_bytes(b"file %d\n" % i)
-            (srv.share / f"p{i}").write_bytes(b"looked up before %d\n" % i)
-        # inodes the guest forgets in the window: their fds' numbers are reused there
-        before = [srv.lookup(fuse.ROOT_ID, b"p%d" % i, q=1)[1] for i in range(count)]
+            (srv.share / f"p{i}").write_bytes(b"opened before %d\n" % i)
+        # files the guest releases in the window: their fds' numbers are reused there
+        before = [open_file(srv, f"p{i}", q=1) for i in range(count)]
         pid = int((tmp_path / "vu.sock.pid").read_text())
         mark = len(srv.log())
         os.kill(pid, signal.SIGHUP)
@@ -190,7 +191,7 @@ def test_files_opened_and_released_while_the_new_code_starts(tmp_path: Path) -> 
         in_window = 0
         for i in range(count):
             stopped = "old workers stopped" in srv.log()[mark:]
-            srv.forget(before[i], q=1 + i % 2)
+            srv.release(*before[i], q=1 + i % 2)
             nodeid, fh = open_file(srv, f"f{i}", q=1 + i % 2)
             in_window += not stopped
             if i % 3 == 2:  # released again: its fd closes in the old table
