@@ -951,15 +951,16 @@ def serve(args: argparse.Namespace) -> int:
             log.error("--seccomp %s: %s", args.seccomp, e)
             return 1
     try:
-        if args.sandbox != "none":
+        split = args.sandbox != "none" or args.keeper
+        if split:
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
-            # the server's first process stays outside the sandbox as the supervisor's
-            # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             # the process outside executes the new code while the server serves
             # (sandbox.Outside.exec_successor); PYVIRTIOFSD_UPGRADE as below
             carried["outside_execs_first"] = warm_upgrades = (
                 os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first")
+            # the server's first process stays outside the sandbox as the supervisor's
+            # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             carried["journal"] = journal = keeper.StateJournal()
             carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
             try:
@@ -979,8 +980,9 @@ def serve(args: argparse.Namespace) -> int:
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:
-                code = run_server(args, "/", listener, inodes, handles, notifier, stats,
-                                  resumed, carried, sandbox.hand_over_outside)
+                code = run_server(args, "/" if args.sandbox != "none" else shared_dir,
+                                  listener, inodes, handles, notifier, stats, resumed,
+                                  carried, sandbox.hand_over_outside)
             finally:
                 logging.shutdown()
             os._exit(code)
@@ -1031,7 +1033,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
     # with --sandbox none a live upgrade executes in this very process: its capabilities
     # and seccomp filter were set by the first program and stay (a second filter would
     # only stack on the first)
-    confined = resumed is not None and args.sandbox == "none"
+    executes_itself = args.sandbox == "none" and not args.keeper
+    confined = resumed is not None and executes_itself
     try:
         if resumed is None:
             fs.add_root()
@@ -1054,7 +1057,7 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
         try:
             # --sandbox none: a live upgrade executes the new code in this process
             allowed = seccomp.install(args.seccomp, seccomp.ALLOWED + (
-                ["execve"] if args.sandbox == "none" else []))
+                ["execve"] if executes_itself else []))
         except seccomp.SeccompError as e:
             log.error("--seccomp %s: %s", args.seccomp, e)
             return 1

@@ -275,6 +275,8 @@ def hand_over_outside(state_fd: int, fds: list[int]) -> None:
 
 def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
            gid_maps: Sequence[NamespaceIdMap], after_upgrade: bool) -> Outside | None:
+    if mode == "none":  # --keeper: the split without a sandbox
+        return _split(lambda: None)
     if mode == "chroot":
         if os.geteuid() != 0:
             raise SandboxError("--sandbox chroot needs root; use --sandbox namespace or none")

@@ -60,10 +60,10 @@ def attr_ino(payload: bytes) -> int:
     return struct.unpack_from("<Q", payload, fuse.ATTR_OUT_HEAD.size)[0]
 
 
-@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace"])
+@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace", "none --keeper"])
 def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
                                                            sandbox: str) -> None:
-    with serve(tmp_path, "--posix-lock", "--sandbox", sandbox) as srv:
+    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
         fe = srv.fe
         pid = int((tmp_path / "vu.sock.pid").read_text())
         (srv.share / "data").write_bytes(b"before the upgrade\n")
