@@ -24,6 +24,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 
 from daemon.fs import proc_fd
@@ -57,7 +58,7 @@ from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
 from workers.control import QueueSetup
-from workers.handover import keeper
+from workers.handover import keeper, warm
 from workers.handover.device_state import DeviceState, VringState
 from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.inflight import InflightRecords
@@ -333,8 +334,11 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
             self.front_end = front_end = FrontEnd(socket.socket(fileno=conn), self.loop)
             for index in sorted(self.state.vrings):
                 self._start_logged(index)  # each resumes from its in-flight record
-            log.info("live upgrade: took over the front-end from code %s",
-                     self.resumed.get("build"))
+            stalled = self.resumed.get("stalled_since")
+            log.info("live upgrade: took over the front-end from code %s%s",
+                     self.resumed.get("build"), "" if stalled is None else
+                     " (rings served by no worker for %.1f ms)"
+                     % (1000 * (time.monotonic() - stalled)))
         else:
             self.serving()  # the socket is served: an upgrade may come before QEMU does
             self.upgrade_requested = asyncio.Event()
@@ -890,7 +894,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
-    resumed = handover.take_state()  # a live upgrade: what the previous program left
+    # a live upgrade: what the previous program left (or the sandboxed server sends)
+    resumed = sandbox.take_from_server() or handover.take_state()
+    if resumed is not None and "old_workers" in resumed:
+        warm.take_over(resumed)  # its workers served while this program started
     handover.build_id()  # of the code as installed now, before the sandbox hides it
     if resumed is None:
         # connected now: inside the sandbox its path or abstract name is out of reach
@@ -944,9 +951,14 @@ def serve(args: argparse.Namespace) -> int:
             log.error("--seccomp %s: %s", args.seccomp, e)
             return 1
     try:
-        if args.sandbox != "none":
+        split = args.sandbox != "none" or args.keeper
+        if split:
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
+            # the process outside executes the new code while the server serves
+            # (sandbox.Outside.exec_successor); PYVIRTIOFSD_UPGRADE as below
+            carried["outside_execs_first"] = warm_upgrades = (
+                os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first")
             # the server's first process stays outside the sandbox as the supervisor's
             # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             carried["journal"] = journal = keeper.StateJournal()
@@ -961,17 +973,22 @@ def serve(args: argparse.Namespace) -> int:
                 return 1
             if outside is not None:
                 listener.close()  # the sandboxed server has its own copy
+                outside.exec_first = warm_upgrades
                 return outside.wait()
             proc_fd.use_fd_directory(sandbox.server_fd_directory(),
                                      sandbox.server_fdinfo_directory())
             # the sandboxed server: it must not clean up host paths (the same names in
             # here are files of the shared directory); the process outside does that
             try:
-                code = run_server(args, "/", listener, inodes, handles, notifier, stats,
-                                  resumed, carried, sandbox.hand_over_outside)
+                code = run_server(args, "/" if args.sandbox != "none" else shared_dir,
+                                  listener, inodes, handles, notifier, stats, resumed,
+                                  carried, sandbox.hand_over_outside)
             finally:
                 logging.shutdown()
             os._exit(code)
+        # the workers serve while the new code starts (workers/handover/warm.py); the
+        # older way, stop them first, stays for comparison (benchmarks/upgrade_stalls.py)
+        carried["warm"] = os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first"
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
@@ -1016,7 +1033,8 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
     # with --sandbox none a live upgrade executes in this very process: its capabilities
     # and seccomp filter were set by the first program and stay (a second filter would
     # only stack on the first)
-    confined = resumed is not None and args.sandbox == "none"
+    executes_itself = args.sandbox == "none" and not args.keeper
+    confined = resumed is not None and executes_itself
     try:
         if resumed is None:
             fs.add_root()
@@ -1039,7 +1057,7 @@ def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socke
         try:
             # --sandbox none: a live upgrade executes the new code in this process
             allowed = seccomp.install(args.seccomp, seccomp.ALLOWED + (
-                ["execve"] if args.sandbox == "none" else []))
+                ["execve"] if executes_itself else []))
         except seccomp.SeccompError as e:
             log.error("--seccomp %s: %s", args.seccomp, e)
             return 1

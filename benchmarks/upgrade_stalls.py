@@ -96,10 +96,10 @@ class Result:
         out = []
 
         def secs(t: str) -> float:
-            m, s = t.split(":")
-            return int(m) * 60 + float(s.replace(",", "."))
+            h, m, s = t.split(":")
+            return (int(h) * 60 + int(m)) * 60 + float(s.replace(",", "."))
         stamps = [(secs(t), what) for t, what in re.findall(
-            r"\d{4}-\d\d-\d\d \d\d:(\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] .*?(live upgrade "
+            r"\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d,\d+) \w+ [\w.]+ \d+\] .*?(live upgrade "
             r"requested|killed by signal 9; taking|live upgrade: took over)", self.log)]
         start = None
         for t, what in stamps:
@@ -109,6 +109,12 @@ class Result:
                 out.append(round((t - start) * 1000, 1))
                 start = None
         return out
+
+    def ring_stall_ms(self) -> list[float]:
+        """Daemon side, a live upgrade that executed the new code while the workers
+        served: from the old workers' stop to the new ones serving."""
+        return [float(m) for m in re.findall(r"rings served by no worker for ([\d.]+) ms",
+                                             self.log)]
 
 
 def supervisor_pid(main_pid: int) -> int:
@@ -208,8 +214,21 @@ def main() -> int:
                    help="supervisor SIGKILLs (needs --sandbox chroot or namespace)")
     p.add_argument("--interval", type=float, default=4.0)
     p.add_argument("--sandbox", default="none", choices=["none", "chroot", "namespace"])
+    p.add_argument("--compare", action="store_true",
+                   help="a run whose upgrades stop the workers first (the older way), "
+                   "then one whose workers serve while the new code starts")
     args = p.parse_args()
-    r = run(args.upgrades, args.interval, args.sandbox, kills=args.kills)
+    if args.compare:
+        codes = []
+        for way in ("stop-workers-first", "workers-serve-meanwhile"):
+            os.environ["PYVIRTIOFSD_UPGRADE"] = way
+            print(f"==== upgrades: {way}")
+            codes.append(report(run(args.upgrades, args.interval, args.sandbox)))
+        return max(codes)
+    return report(run(args.upgrades, args.interval, args.sandbox, kills=args.kills))
+
+
+def report(r: Result) -> int:
     print(f"guest rc={r.run.rc} script {r.run.script_seconds} s")
     for kind, seconds, out in r.events:
         print(f"{kind}: {seconds:.3f} s  {out}")
@@ -217,6 +236,8 @@ def main() -> int:
           r.handover_ms("upgrade"))
     print("daemon side, supervisor killed -> new supervisor took it over, ms:",
           r.handover_ms("kill"))
+    print("daemon side, rings served by no worker (workers serve meanwhile), ms:",
+          r.ring_stall_ms())
     for c in r.checkers():
         print(f"checker {c['id']}: ops={c['ops']} errors={c['errors']} "
               f"mismatches={c['mismatches']} longest gap {c['max_gap_ms']} ms; "

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thread-pool-size", type=int, default=0,
                    help="accepted for compatibility: each queue has its own worker process")
     p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="namespace")
+    p.add_argument("--keeper", action="store_true",
+                   help="with --sandbox none: serve from a child process whose fds a keeper "
+                        "holds, so a killed supervisor is replaced as in the sandbox modes")
     p.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default="kill",
                    help="what a system call outside the server's allow-list does (default "
                         "kill)")

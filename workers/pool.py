@@ -133,9 +133,11 @@ class WorkerPool:
         worker_main(setup, self.fs, socket.socket(fileno=control_fd), self.interrupts,
                     self.supervisor_pid, lock_mutex_fd, self.stats, self.inflight, signals_set=True)
 
-    def close_template(self) -> None:
+    def close_template(self, keep_workers: bool = False) -> None:
         """Kill the template (a live upgrade: it shares the fd table the program is about
-        to leave, and would keep every fd in it open); the next start makes a new one."""
+        to leave, and would keep every fd in it open); the next start makes a new one.
+        ``keep_workers``: the current workers live on (they serve while the new code
+        starts, workers/handover/warm.py); no other child is killed either way."""
         if self.template is not None:
             # it is not giving up on a worker: leave every other child alone (a successor)
             self.template.close(known=our_children())

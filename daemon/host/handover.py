@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import signal
 import socket
 import sys
 import zlib
@@ -101,10 +102,13 @@ def keep_open(fds: Iterable[int]) -> list[int]:
     return kept
 
 
-def reexec(state_fd: int) -> None:
-    """Execute the daemon's installed code in this process (same pid, same fds)."""
+def reexec(state_fd: int, extra_env: dict[str, str] | None = None) -> None:
+    """Execute the daemon's installed code in this process (same pid, same fds); the
+    state's memfd (-1: none, ``extra_env`` says where the new program finds it)."""
     env = dict(os.environ)
-    env[ENV] = str(state_fd)
+    if state_fd >= 0:
+        env[ENV] = str(state_fd)
+    env.update(extra_env or {})
     # argparse asks the terminal's size (an ioctl the seccomp filter, which the new
     # image inherits with --sandbox none, does not allow) unless these say it
     env.setdefault("COLUMNS", "100")
@@ -112,6 +116,10 @@ def reexec(state_fd: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    # a second SIGHUP before the new program has set its handler would end it (the
+    # default action), and the guest's connection with it: ignored until then (the
+    # disposition survives exec), at worst that upgrade request is lost
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 

@@ -42,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,8 @@ PR_SET_PDEATHSIG = 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                   "riscv64": 41}
 
+SUCCESSOR_ENV = "PYVIRTIOFSD_SUCCESSOR"  # "<socket fd>:<server pid>" (live upgrade)
+GO = b"go"  # the new program outside is ready: stop the workers, send the fds
 _libc = ctypes.CDLL(None, use_errno=True)
 _server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
 _server_fdinfo_dir = -1  # its fdinfo directory (the locks an fd holds, for migration)
@@ -103,6 +106,7 @@ class Outside:
     pid: int  # the server, or the helper that waits for it (unprivileged namespace)
     # our end of the socket pair the server hands its fds over on (live upgrade)
     handover_sock: socket.socket | None = field(default=None)
+    exec_first: bool = True  # live upgrade: execute the new code while the server serves
 
     def wait(self) -> int:
         """Forward stop signals to the sandbox, reap it and return its exit status. A
@@ -115,14 +119,23 @@ class Outside:
             except ProcessLookupError:
                 pass
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        upgrade: list[bool] = []
+
+        def reload(signum: int, frame: object) -> None:
+            forward(signum, frame)
+            upgrade.append(True)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
+        signal.signal(signal.SIGHUP, reload)
         received: dict[int, int] = {}  # fds a server hands over (live upgrade)
         complete = False
         sock = self.handover_sock
         if sock is not None:
             sock.setblocking(False)
         while True:
+            if upgrade and self.exec_first and sock is not None and not received:
+                self.exec_successor()  # the server serves while the new code starts
             if sock is not None and not complete:
                 # read while the server sends: it may send more than the socket buffers
                 select.select([sock], [], [], 0.1)
@@ -145,6 +158,18 @@ class Outside:
                 complete = complete or handover.receive_fds(sock, received)
                 self.take_over(received if complete else {})
             return code
+
+    def exec_successor(self) -> None:
+        """Live upgrade: execute the installed code now, while the sandboxed server
+        (our child still) goes on serving; the new program imports everything, then
+        tells the server to stop its workers and hand its fds over
+        (:func:`take_from_server`), so the rings wait only for that, not for the
+        interpreter's start-up."""
+        assert self.handover_sock is not None
+        sock_fd = self.handover_sock.detach()
+        os.set_inheritable(sock_fd, True)
+        log.info("live upgrade: executing %s while the server serves", sys.executable)
+        handover.reexec(-1, {SUCCESSOR_ENV: f"{sock_fd}:{self.pid}"})
 
     def take_over(self, received: dict[int, int]) -> None:
         """The server's fds at their numbers here, then the installed code; returns only
@@ -184,6 +209,61 @@ def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
     return outside
 
 
+def wait_for_successor(timeout: float) -> bool:
+    """In the sandboxed server (live upgrade): wait until the new program outside has
+    started and asks for the fds (its workers serve meanwhile)."""
+    assert _handover_sock is not None
+    _handover_sock.settimeout(timeout)
+    try:
+        return _handover_sock.recv(16) == GO
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        _handover_sock.settimeout(None)
+
+
+def take_from_server() -> dict | None:
+    """In the new program the process outside executed (``Outside.exec_successor``): ask
+    the server for its fds, put them at their numbers once it has exited (status 75),
+    and return the state it handed over; None on a normal start."""
+    value = os.environ.pop(SUCCESSOR_ENV, "")
+    if not value:
+        return None
+    started = time.monotonic()
+    sock_fd, server_pid = (int(v) for v in value.split(":"))
+    sock = socket.socket(fileno=sock_fd)
+    sock.send(GO)
+    sock.setblocking(False)
+    received: dict[int, int] = {}
+    complete = False
+    while not complete:
+        select.select([sock], [], [], 0.05)
+        complete = handover.receive_fds(sock, received)
+        if not complete and os.waitpid(server_pid, os.WNOHANG)[0]:
+            complete = handover.receive_fds(sock, received)
+            if not complete:
+                raise SystemExit("live upgrade: the server exited without handing its fds "
+                                 "over; see the lines above")
+            server_pid = -1
+    if server_pid > 0:
+        _, status = os.waitpid(server_pid, 0)
+        if os.waitstatus_to_exitcode(status) != handover.HANDED_OVER:
+            log.warning("live upgrade: the server exited with status %d after the handover",
+                        os.waitstatus_to_exitcode(status))
+    state_fd = next(iter(received))  # the first one sent
+    sock_fd = sock.detach()
+    handover.place(received, keep=[sock_fd])
+    if sock_fd not in received:
+        os.close(sock_fd)
+    log.info("live upgrade: %d fds taken over from the server in %.1f ms", len(received),
+             1000 * (time.monotonic() - started))
+    os.environ[handover.ENV] = str(state_fd)
+    state = handover.take_state()
+    if state is not None:
+        state["stalled_since"] = started  # the rings wait from the go to the new workers
+    return state
+
+
 def hand_over_outside(state_fd: int, fds: list[int]) -> None:
     """In the sandboxed server (live upgrade): send every fd to keep (the state first)
     to the process outside, which executes the installed code on them, and exit."""
@@ -195,6 +275,8 @@ def hand_over_outside(state_fd: int, fds: list[int]) -> None:
 
 def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
            gid_maps: Sequence[NamespaceIdMap], after_upgrade: bool) -> Outside | None:
+    if mode == "none":  # --keeper: the split without a sandbox
+        return _split(lambda: None)
     if mode == "chroot":
         if os.geteuid() != 0:
             raise SandboxError("--sandbox chroot needs root; use --sandbox namespace or none")

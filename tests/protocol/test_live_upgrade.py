@@ -11,12 +11,15 @@ stats command shows the new code's build id and the count of upgrades.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,10 +60,10 @@ def attr_ino(payload: bytes) -> int:
     return struct.unpack_from("<Q", payload, fuse.ATTR_OUT_HEAD.size)[0]
 
 
-@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace"])
+@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace", "none --keeper"])
 def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
                                                            sandbox: str) -> None:
-    with serve(tmp_path, "--posix-lock", "--sandbox", sandbox) as srv:
+    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
         fe = srv.fe
         pid = int((tmp_path / "vu.sock.pid").read_text())
         (srv.share / "data").write_bytes(b"before the upgrade\n")
@@ -163,3 +166,59 @@ def test_upgrade_before_the_front_end_connects(tmp_path: Path, sandbox: str) -> 
             fe.close()
     finally:
         stop_daemon(proc)
+
+
+def test_files_opened_and_released_while_the_new_code_starts(tmp_path: Path) -> None:
+    """--sandbox none: the old workers serve while the new program starts (workers/
+    handover/warm.py). Inodes looked up, files opened and released in that window live
+    only in the old fd table; the new program must end up with exactly those: each file
+    opened then reads its own bytes under the same inode, each released fh is gone. The
+    guest releases files it opened before the upgrade meanwhile, so numbers are reused in
+    the old table that the new program's copy still has for the released files (the
+    workers' C path must not reopen through the new program's table)."""
+    with serve(tmp_path, "--sandbox", "none") as srv:
+        count = 400
+        for i in range(count):
+            (srv.share / f"f{i}").write_bytes(b"file %d\n" % i)
+            (srv.share / f"p{i}").write_bytes(b"opened before %d\n" % i)
+        # files the guest releases in the window: their fds' numbers are reused there
+        before = [open_file(srv, f"p{i}", q=1) for i in range(count)]
+        pid = int((tmp_path / "vu.sock.pid").read_text())
+        mark = len(srv.log())
+        os.kill(pid, signal.SIGHUP)
+        opened: dict[int, tuple[int, int]] = {}
+        released: list[tuple[int, int]] = []
+        in_window = 0
+        for i in range(count):
+            stopped = "old workers stopped" in srv.log()[mark:]
+            srv.release(*before[i], q=1 + i % 2)
+            nodeid, fh = open_file(srv, f"f{i}", q=1 + i % 2)
+            in_window += not stopped
+            if i % 3 == 2:  # released again: its fd closes in the old table
+                error, _ = srv.call(fuse.Opcode.RELEASE, nodeid,
+                                    fuse.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0), q=1 + i % 2)
+                assert error == 0
+                released.append((nodeid, fh))
+            else:
+                opened[i] = (nodeid, fh)
+            if stopped and i > 40:
+                break
+        assert in_window >= 5, f"only {in_window} opens while the new code started"
+        deadline = time.monotonic() + 20
+        while "live upgrade: took over the front-end" not in srv.log()[mark:]:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.02)
+        for i, (nodeid, fh) in opened.items():
+            error, data = srv.read(nodeid, fh, 64, q=2)
+            assert (error, data) == (0, b"file %d\n" % i)
+            error, payload = srv.call(fuse.Opcode.GETATTR, nodeid, bytes(16), q=1)
+            assert error == 0 and attr_ino(payload) == (srv.share / f"f{i}").stat().st_ino
+        for nodeid, fh in released:
+            error, _ = srv.read(nodeid, fh, 64, q=1)
+            assert error == -errno.EBADF
+        # the daemon holds no open file of a released one (only its inode's O_PATH fd)
+        fds = Path(f"/proc/{pid}/fd")
+        targets = [os.readlink(fds / n) for n in os.listdir(fds)]
+        for i in range(len(opened) + len(released)):
+            path = str((srv.share / f"f{i}").resolve())
+            assert targets.count(path) <= (2 if i in opened else 1), (i, targets.count(path))

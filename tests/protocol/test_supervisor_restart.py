@@ -1,6 +1,7 @@
-"""The supervisor SIGKILLed under a connected front-end (--sandbox chroot and namespace):
-its keeper (workers/handover/keeper.py) holds the fd table and hands it, with the journalled
-device state, to the process outside, which starts a new supervisor on it. The
+"""The supervisor SIGKILLed under a connected front-end (--sandbox chroot, namespace, and
+none --keeper): its keeper (workers/handover/keeper.py) holds the fd table and hands it,
+with the journalled device state, to the process outside, which starts a new supervisor
+on it. The
 front-end's connection never closes, and what it holds comes through: nodeids, an open
 file, a lock, a SETLKW parked behind a host lock, requests in flight (each answered
 exactly once)."""
@@ -41,10 +42,10 @@ def wait_serving(pid: int, restarts: int) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sandbox", ["chroot", "namespace"])
+@pytest.mark.parametrize("sandbox", ["chroot", "namespace", "none --keeper"])
 def test_killed_supervisor_is_replaced_under_the_front_end(tmp_path: Path,
                                                            sandbox: str) -> None:
-    with serve(tmp_path, "--posix-lock", "--sandbox", sandbox) as srv:
+    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
         fe = srv.fe
         pid = int((tmp_path / "vu.sock.pid").read_text())
         (srv.share / "data").write_bytes(b"before the kill\n")

@@ -21,21 +21,25 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.fs.passthrough import PassthroughFs
-from daemon.host import handover
+from daemon.host import handover, sandbox
 from daemon.host.sd_notify import Notifier
 from daemon.protocol.vhost_user import Message
 from workers import control
+from workers.handover import warm
 from workers.handover.device_state import DeviceState
 from workers.inflight import InflightRecords
 from workers.pool import WorkerPool
 
 log = logging.getLogger("pyvirtiofsd")
 
+SUCCESSOR_WAIT = 30.0  # for the new program outside to start (sandboxed server)
 STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) cancels it
 # what the program that starts serving after a handover is given: the state memfd and
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
-NOT_CARRIED = {"info", "journal", "session_page"}  # objects of this program only
+# objects of this program only
+NOT_CARRIED = {"info", "journal", "session_page", "warm", "warm_holder",
+               "outside_execs_first"}
 UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
 
@@ -93,14 +97,24 @@ class LiveUpgrade:
             log.error("live upgrade: not possible in this mode; SIGHUP ignored")
             return
         started = time.monotonic()
-        log.info("live upgrade: stopping workers (code %s)", handover.build_id())
         self.notifier.status("live upgrade: handing over")
         self.handing_over = True
         try:
-            if not await self._stop_workers():
-                return
-            state_fd = handover.write_state(self._wire_state())
-            fds = handover.keep_open([state_fd, *self._fds_to_keep()])
+            if self.carried.get("warm"):
+                state_fd, fds = self._warm_state(started)
+            else:
+                if self.carried.get("outside_execs_first"):
+                    log.info("live upgrade: serving while the process outside executes "
+                             "the installed code")
+                    if not sandbox.wait_for_successor(SUCCESSOR_WAIT):
+                        log.error("live upgrade: the new program outside did not ask for "
+                                  "the fds within %.0f s; going on", SUCCESSOR_WAIT)
+                        return
+                log.info("live upgrade: stopping workers (code %s)", handover.build_id())
+                if not await self._stop_workers():
+                    return
+                state_fd = handover.write_state(self._wire_state())
+                fds = handover.keep_open([state_fd, *self._fds_to_keep()])
             log.info("live upgrade: %d fds and the device state handed over after %.1f ms",
                      len(fds), 1000 * (time.monotonic() - started))
             info = self.carried.get("info")
@@ -109,10 +123,32 @@ class LiveUpgrade:
             self.hand_over_to(state_fd, fds)
         except Exception:  # noqa: BLE001 - the old code must go on serving
             log.exception("live upgrade failed; the running code goes on serving")
+            warm.stop_holder(self.carried.pop("warm_holder", -1))
         finally:
             self.handing_over = False
         for index in list(self.state.vrings):
             self._start_logged(index)  # type: ignore[attr-defined]
+
+    def _warm_state(self, started: float) -> tuple[int, list[int]]:
+        """--sandbox none: the workers go on serving while the new code starts; it stops
+        them and takes the fd table's final contents from a holder (workers/handover/warm.py)."""
+        log.info("live upgrade: executing the installed code while the workers serve "
+                 "(code %s)", handover.build_id())
+        self.pool.close_template(keep_workers=True)  # it would clone old code's workers
+        workers = [v.worker for v in self.state.vrings.values() if v.worker is not None]
+        holder_pid, holder = warm.start_holder(self._fds_to_keep)
+        self.carried["warm_holder"] = holder_pid  # (killed if the exec fails)
+        warm.reopen_through(holder_pid)
+        fds = self._fds_to_keep()
+        controls = []
+        for worker in workers:
+            worker.control.set_inheritable(True)
+            controls.append(worker.control.fileno())
+        state = {**self._wire_state(), "old_workers": warm.encode_workers(workers),
+                 "fd_holder": [holder_pid, holder], "kept": fds,
+                 "requested_at": started}
+        state_fd = handover.write_state(state)
+        return state_fd, handover.keep_open([state_fd, *fds, *controls, holder])
 
     async def _stop_workers(self) -> bool:
         """Every worker stopped between two requests (parked SETLKWs stay in the ring's
