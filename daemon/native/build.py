@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 HEADER = "pyvfs.h"
 PRIVATE_HEADER = "internal.h"
 # one per concern, see README.md; relative to the project root (setuptools builds there)
-C_FILES = ["syscalls.c", "memory.c", "chain.c", "fd_cache.c", "fuse_ops.c", "fuse_meta.c",
-           "stats.c", "ring.c", "inflight.c", "serve.c", "migrate.c"]
+C_FILES = ["syscalls.c", "memory.c", "chain.c", "fd_cache.c", "fuse_common.c", "fuse_ops.c",
+           "fuse_meta.c", "stats.c", "ring.c", "inflight.c", "serve.c", "migrate.c"]
 SOURCES = [f"daemon/native/{name}" for name in C_FILES]
 # setuptools rebuilds when any of these changes
 DEPENDS = [*SOURCES, f"daemon/native/{HEADER}", f"daemon/native/{PRIVATE_HEADER}",

@@ -50,7 +50,9 @@ static inline void pyvfs_inflight_popped(pyvfs_queue_t *q, uint32_t head) {
 }
 PYVFS_HIDDEN void pyvfs_inflight_pushed(pyvfs_queue_t *q, uint32_t head);
 
-/* fuse_ops.c: what the requests answered in C share (fuse_meta.c answers more of them) */
+#define PYVFS_MAX_HANDLE 128 /* bytes of a file handle kept in the inode table */
+
+/* fuse_common.c: what the requests answered in C share (fuse_meta.c answers more of them) */
 struct fuse_in_header;
 struct fuse_attr;
 struct fuse_entry_out;
