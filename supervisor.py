@@ -34,6 +34,7 @@ from daemon.guest.memory import BadGuestAddress, check_regions
 from daemon.host import (
     activation,
     capabilities,
+    fd_store,
     handover,
     no_site,
     sandbox,
@@ -761,6 +762,9 @@ def serve(args: argparse.Namespace) -> int:
             # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             carried["journal"] = journal = keeper.StateJournal()
             carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
+            if notifier.sock is not None and fd_store.wanted(os.environ):
+                # the supervisor keeps systemd's fd store current with the journal
+                carried["fd_store"] = fd_store.FdStore(notifier.sock)
             try:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
