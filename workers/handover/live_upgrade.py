@@ -205,7 +205,7 @@ class LiveUpgrade:
         and every fd it names but the inodes' and open files' (re-found by handle)."""
         fs = self.fs
         fds = [journal.fd, *self.state.fds(), self.listener_fd, self.inflight.fd,
-               fs.mount_fd]
+               fs.mount_fd, self.carried.get("session_fd", -1)]
         if self.front_end is not None:
             fds.append(self.front_end.conn.fileno())
         if fs.lock_owners is not None:
