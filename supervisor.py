@@ -772,7 +772,9 @@ def serve(args: argparse.Namespace) -> int:
             carried["session_page"] = session = mmap.mmap(session_fd, mmap.PAGESIZE)
             if notifier.sock is not None and fd_store.wanted(os.environ):
                 # the supervisor keeps systemd's fd store current with the journal
-                carried["fd_store"] = fd_store.FdStore(notifier.sock)
+                carried["fd_store"] = store = fd_store.FdStore(notifier.sock)
+                if resumed is not None:  # what the store holds from before: synced anew
+                    store.stored = dict.fromkeys(resumed.get("fd_store_names", ()), (0, 0))
             try:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,

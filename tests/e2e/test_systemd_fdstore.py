@@ -181,6 +181,7 @@ def test_restart_resumes_from_a_stand_in_store(tmp_path: Path, stop: str) -> Non
         assert served() == (0, ino, 0, b"kept")
         time.sleep(0.3)  # the journal after the last vhost-user message, pushed
         assert len(manager.store) >= 8, manager.store
+        stored = set(manager.store)
         if stop == "SIGTERM":  # systemctl restart with KillMode=mixed
             first.send_signal(signal.SIGTERM)
             first.wait(10)
@@ -193,6 +194,14 @@ def test_restart_resumes_from_a_stand_in_store(tmp_path: Path, stop: str) -> Non
         fe.reply_timeout = 60
         assert served() == (0, ino, 0, b"kept")
         assert connection_closed(fe, 0.5) is None
+        deadline = time.monotonic() + 5  # the new supervisor's first sync
+        while len(set(manager.store) & stored) != len(stored) - 2:
+            assert time.monotonic() < deadline, (manager.store, stored)
+            time.sleep(0.05)
+        # the same fds, no more: the old journal and session page were replaced by the
+        # new program's, the others are at the same numbers
+        assert len(manager.store) == len(stored), (manager.store, stored)
+        assert len(set(manager.store) & stored) == len(stored) - 2, (manager.store, stored)
     finally:
         fe.close()
         for proc in (first, second):

@@ -75,7 +75,7 @@ def take(environ: dict[str, str] | os._Environ[str], shared_dir: str) -> dict | 
     log.info("fd store: resumed from %d stored fds; %d inodes and %d open files "
              "re-opened, %d inodes lost", len(received), len(found) - len(passing), files,
              lost)
-    state.update(restart=True, from_fd_store=True, pid_fd=-1,
+    state.update(restart=True, from_fd_store=True, pid_fd=-1, fd_store_names=sorted(passed),
                  notify=[-1, state["notify"][1]])
     return state
 
