@@ -369,6 +369,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
         finally:
             await self.stop_all_workers("the front-end is gone")
             front_end.close()
+        self.front_end_gone()
         log.info("front-end disconnected, shutting down")
         return self.exit_code or front_end.exit_code
 
@@ -804,7 +805,9 @@ def serve(args: argparse.Namespace) -> int:
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
-        if "fd_store" not in carried:
+        journal = carried.get("journal")
+        state = journal.read() if "fd_store" in carried and journal is not None else None
+        if state is None or state.get("conn", -1) < 0:
             # else a restart of the service resumes on them (workers/handover/
             # from_fd_store.py); a stop leaves them in /dev/shm (docs/operations.md)
             inodes.unlink()

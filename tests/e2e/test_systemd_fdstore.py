@@ -202,8 +202,15 @@ def test_restart_resumes_from_a_stand_in_store(tmp_path: Path, stop: str) -> Non
         # new program's, the others are at the same numbers
         assert len(manager.store) == len(stored), (manager.store, stored)
         assert len(set(manager.store) & stored) == len(stored) - 2, (manager.store, stored)
+        tables = {f"pyvirtiofsd-{first.pid}-{kind}" for kind in ("inodes", "handles", "stats")}
+        assert tables <= {p.name for p in Path("/dev/shm").iterdir()}  # the restart's
+        fe.close()  # the front-end gone: the daemon exits, nothing left to resume
+        assert second.wait(20) == 0
+        assert manager.store == {}
+        assert not [p for p in Path("/dev/shm").iterdir() if p.name in tables]
     finally:
-        fe.close()
+        if fe.sock.fileno() >= 0:
+            fe.close()
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

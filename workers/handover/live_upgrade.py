@@ -200,6 +200,16 @@ class LiveUpgrade:
             if store is not None:  # and in systemd's, for a restart of the service
                 store.sync({fd_store.name_of(fd): fd for fd in self._fds_to_store(journal)})
 
+    def front_end_gone(self) -> None:
+        """Nothing to resume any more: the journal says so (the process outside then
+        removes the tables) and systemd's store is emptied."""
+        journal = self.carried.get("journal")
+        if journal is not None:
+            journal.write({"conn": -1})
+        store = self.carried.get("fd_store")
+        if store is not None:
+            store.sync({})
+
     def _fds_to_store(self, journal: Any) -> list[int]:
         """What a restarted service resumes from (daemon/host/fd_store.py): the journal
         and every fd it names but the inodes' and open files' (re-found by handle)."""
