@@ -208,6 +208,7 @@ def test_restart_resumes_from_a_stand_in_store(tmp_path: Path, stop: str) -> Non
         assert second.wait(20) == 0
         assert manager.store == {}
         assert not [p for p in Path("/dev/shm").iterdir() if p.name in tables]
+        assert not Path(f"/dev/shm/pyvirtiofsd-{first.pid}-info").exists()
     finally:
         if fe.sock.fileno() >= 0:
             fe.close()

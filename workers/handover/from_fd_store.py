@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 
+import posix_ipc
+
 from daemon.fs.fd_cache import open_by_handle
 from daemon.fs.lock_owners import LockOwners
 from daemon.fs.ops.base import O_PATH_FLAGS
@@ -56,6 +58,12 @@ def take(environ: dict[str, str] | os._Environ[str], shared_dir: str) -> dict | 
     session = state.pop("session_fd", -1)
     if session >= 0:
         state["session"] = os.pread(session, 8, 0)
+    # the killed daemon's info segment (its pid's): this one makes its own
+    old_info = state["tables"][0].removesuffix("-inodes") + "-info"
+    try:
+        posix_ipc.unlink_shared_memory(old_info)
+    except posix_ipc.ExistentialError:
+        pass
     inodes = InodeTable.attach(state["tables"][0])
     handles = HandleTable.attach(state["tables"][1])
     found, passing, lost = _reopen_inodes(inodes, state["mount_fd"], shared_dir)
