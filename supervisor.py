@@ -34,6 +34,7 @@ from daemon.guest.memory import BadGuestAddress, check_regions
 from daemon.host import (
     activation,
     capabilities,
+    fd_store,
     handover,
     no_site,
     sandbox,
@@ -57,7 +58,7 @@ from daemon.stats.daemon_info import segment_name as info_segment
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTable, InodeTable
 from workers import control
-from workers.handover import keeper, warm
+from workers.handover import from_fd_store, keeper, warm
 from workers.handover.device_state import DeviceState, VringState
 from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.handover.migration import DeviceStateHandlers, DirtyLogHandlers
@@ -368,6 +369,7 @@ class Supervisor(MemoryTableHandlers, DirtyLogHandlers, DeviceStateHandlers, Liv
         finally:
             await self.stop_all_workers("the front-end is gone")
             front_end.close()
+        self.front_end_gone()
         log.info("front-end disconnected, shutting down")
         return self.exit_code or front_end.exit_code
 
@@ -693,11 +695,13 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
     # a live upgrade: what the previous program left (or the sandboxed server sends)
-    resumed = sandbox.take_from_server() or handover.take_state()
+    resumed = (sandbox.take_from_server() or handover.take_state()
+               # a restart of the service: what systemd's fd store kept
+               or from_fd_store.take(os.environ, os.path.abspath(args.shared_dir)))
     if resumed is not None and "old_workers" in resumed:
         warm.take_over(resumed)  # its workers served while this program started
     handover.build_id()  # of the code as installed now, before the sandbox hides it
-    if resumed is None:
+    if resumed is None or resumed.get("from_fd_store"):
         # connected now: inside the sandbox its path or abstract name is out of reach
         notifier = sd_notify.Notifier.from_environment()
     else:
@@ -712,6 +716,8 @@ def serve(args: argparse.Namespace) -> int:
     systemd_owns_path = False
     if resumed is not None:
         pid_fd = resumed["pid_fd"]
+        if resumed.get("from_fd_store") and args.socket_path:
+            pid_fd = lock_pid_file(args.socket_path)
         systemd_owns_path = resumed.get("systemd_owns_path", False)
         listener = socket.socket(fileno=resumed["listener"])
         names = resumed["tables"]
@@ -760,7 +766,16 @@ def serve(args: argparse.Namespace) -> int:
             # the server's first process stays outside the sandbox as the supervisor's
             # keeper (workers/handover/keeper.py); the supervisor it clones goes in
             carried["journal"] = journal = keeper.StateJournal()
-            carried["session_page"] = session = mmap.mmap(-1, mmap.PAGESIZE)
+            # a memfd: systemd's fd store keeps it for a restart of the service
+            carried["session_fd"] = session_fd = os.memfd_create("pyvirtiofsd-session",
+                                                                 os.MFD_CLOEXEC)
+            os.ftruncate(session_fd, mmap.PAGESIZE)
+            carried["session_page"] = session = mmap.mmap(session_fd, mmap.PAGESIZE)
+            if notifier.sock is not None and fd_store.wanted(os.environ):
+                # the supervisor keeps systemd's fd store current with the journal
+                carried["fd_store"] = store = fd_store.FdStore(notifier.sock)
+                if resumed is not None:  # what the store holds from before: synced anew
+                    store.stored = dict.fromkeys(resumed.get("fd_store_names", ()), (0, 0))
             try:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
@@ -790,9 +805,14 @@ def serve(args: argparse.Namespace) -> int:
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
-        inodes.unlink()
-        handles.unlink()
-        stats.unlink()
+        journal = carried.get("journal")
+        state = journal.read() if "fd_store" in carried and journal is not None else None
+        if state is None or state.get("conn", -1) < 0:
+            # else a restart of the service resumes on them (workers/handover/
+            # from_fd_store.py); a stop leaves them in /dev/shm (docs/operations.md)
+            inodes.unlink()
+            handles.unlink()
+            stats.unlink()
         info.unlink()
         if args.socket_path:
             # a socket systemd passed stays: the .socket unit listens on it for the next start

@@ -49,11 +49,20 @@ class StateJournal:
     complete one (an 8-byte store), so a supervisor killed mid-write leaves the last
     complete state readable."""
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("pyvirtiofsd-journal", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, HEADER.size + 2 * AREA)
+    def __init__(self, fd: int = -1) -> None:
+        if fd < 0:
+            fd = os.memfd_create("pyvirtiofsd-journal", os.MFD_CLOEXEC)
+            os.ftruncate(fd, HEADER.size + 2 * AREA)
+        self.fd = fd
         self.map = mmap.mmap(self.fd, HEADER.size + 2 * AREA)
         self.seq = 0
+
+    @classmethod
+    def from_fd(cls, fd: int) -> StateJournal:
+        """The journal a killed service left in systemd's fd store (its sequence goes on)."""
+        journal = cls(fd)
+        journal.seq = HEADER.unpack_from(journal.map)[0]
+        return journal
 
     def write(self, state: dict) -> None:
         data = msgpack.packb(state)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.fs.passthrough import PassthroughFs
-from daemon.host import handover, sandbox
+from daemon.host import fd_store, handover, sandbox
 from daemon.host.sd_notify import Notifier
 from daemon.protocol.vhost_user import Message
 from workers import control
@@ -38,7 +38,7 @@ STOP_WAIT = 5.0  # a worker that has not exited by then (asleep in the kernel) c
 # every fd to keep; it never returns (exec, or the sandboxed server's exit)
 HandOver = Callable[[int, list[int]], None]
 # objects of this program only
-NOT_CARRIED = {"info", "journal", "session_page", "warm", "warm_holder",
+NOT_CARRIED = {"fd_store", "info", "journal", "session_page", "warm", "warm_holder",
                "outside_execs_first"}
 UPGRADE = Message(-1, 0, b"", [])  # queued by SIGHUP: hand over before the next message
 
@@ -196,6 +196,31 @@ class LiveUpgrade:
         journal = self.carried.get("journal")
         if journal is not None and self.front_end is not None:
             journal.write(self._wire_state())
+            store = self.carried.get("fd_store")
+            if store is not None:  # and in systemd's, for a restart of the service
+                store.sync({fd_store.name_of(fd): fd for fd in self._fds_to_store(journal)})
+
+    def front_end_gone(self) -> None:
+        """Nothing to resume any more: the journal says so (the process outside then
+        removes the tables) and systemd's store is emptied."""
+        journal = self.carried.get("journal")
+        if journal is not None:
+            journal.write({"conn": -1})
+        store = self.carried.get("fd_store")
+        if store is not None:
+            store.sync({})
+
+    def _fds_to_store(self, journal: Any) -> list[int]:
+        """What a restarted service resumes from (daemon/host/fd_store.py): the journal
+        and every fd it names but the inodes' and open files' (re-found by handle)."""
+        fs = self.fs
+        fds = [journal.fd, *self.state.fds(), self.listener_fd, self.inflight.fd,
+               fs.mount_fd, self.carried.get("session_fd", -1)]
+        if self.front_end is not None:
+            fds.append(self.front_end.conn.fileno())
+        if fs.lock_owners is not None:
+            fds.append(fs.lock_owners.memfd)
+        return sorted({fd for fd in fds if fd >= 0})
 
     def _fds_to_keep(self) -> list[int]:
         """Every fd a guest depends on: the connection and device state, the tables' fds
