@@ -128,7 +128,7 @@ def test_blocked_process_is_seen(tmp_path: Path) -> None:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # lets it go
         proc.wait(5)
         os.close(fd)
-    assert not checks.blocked_workers([os.getpid()])
+    assert proc.returncode == 0  # the writer let it out of open(): it was asleep there
 
 
 def test_open_watch_sees_opens_of_special_files_only(tmp_path: Path) -> None:
