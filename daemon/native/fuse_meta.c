@@ -23,8 +23,6 @@
 
 #define PYVFS_SYMLINK_MAX 4096 /* op_symlink: a longer target is ENAMETOOLONG */
 
-struct pyvfs_meta_entry_out { struct fuse_out_header o; struct fuse_entry_out e; };
-struct pyvfs_meta_attr_out { struct fuse_out_header o; struct fuse_attr_out a; };
 struct pyvfs_open_reply { struct fuse_out_header o; struct fuse_open_out op; };
 _Static_assert(sizeof(struct fuse_setattr_in) == 88, "fuse_setattr_in");
 _Static_assert(sizeof(struct fuse_mkdir_in) == 8, "fuse_mkdir_in");
@@ -106,7 +104,7 @@ static int make_node(int pfd, const pyvfs_make_t *m) {
 static int make_entry(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
                       const pyvfs_make_t *m, const pyvfs_iov_t *wr, int wr_n,
                       uint64_t wr_len, uint32_t *written) {
-    struct pyvfs_meta_entry_out out;
+    struct pyvfs_entry_out out;
     if (wr_len < sizeof out) return 0;  /* Python answers ERANGE */
     int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
@@ -246,7 +244,7 @@ static int setattr_time(uint32_t valid, uint32_t bit, uint32_t now_bit, uint64_t
 static int fast_setattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
                         const pyvfs_iov_t *rd, int rd_n, const pyvfs_iov_t *wr, int wr_n,
                         uint64_t wr_len, uint32_t *written) {
-    struct pyvfs_meta_attr_out out;
+    struct pyvfs_attr_out out;
     struct fuse_setattr_in in;
     if (wr_len < sizeof out || h->len - sizeof *h < sizeof in) return 0;
     pyvfs_iov_read(rd, rd_n, sizeof *h, &in, sizeof in);

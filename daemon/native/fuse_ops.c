@@ -31,14 +31,6 @@
 #define PYVFS_MAX_REQUEST ((1u << 20) + 64 * 1024) /* MAX_REQUEST, workers/queue_worker.py */
 #define PYVFS_ROOT_ID 1
 
-struct pyvfs_attr_out { struct fuse_out_header o; struct fuse_attr_out a; };
-struct pyvfs_entry_out { struct fuse_out_header o; struct fuse_entry_out e; };
-_Static_assert(sizeof(struct fuse_attr) == 88, "fuse_attr");
-_Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
-_Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
-_Static_assert(sizeof(struct pyvfs_attr_out) == 120, "attr reply");
-_Static_assert(sizeof(struct pyvfs_entry_out) == 144, "entry reply");
-
 /* passthrough.op_getattr: fstat of the inode's fd (the fh of FUSE_GETATTR_FH is not used,
  * as in Python). */
 static int fast_getattr(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,

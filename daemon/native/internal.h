@@ -7,6 +7,7 @@
 /* the shared tables' functions, called through addresses the tables hand over
    (InodeTable.c_api, HandleTable.c_api): their declarations type-check every call */
 #include "native.h"
+#include <linux/fuse.h>
 #include <time.h>
 
 #define PYVFS_HIDDEN __attribute__((visibility("hidden")))
@@ -53,10 +54,15 @@ PYVFS_HIDDEN void pyvfs_inflight_pushed(pyvfs_queue_t *q, uint32_t head);
 #define PYVFS_MAX_HANDLE 128 /* bytes of a file handle kept in the inode table */
 
 /* fuse_common.c: what the requests answered in C share (fuse_meta.c answers more of them) */
-struct fuse_in_header;
-struct fuse_attr;
-struct fuse_entry_out;
 struct stat;
+/* the ATTR and ENTRY replies as written to the guest: out header, then the body */
+struct pyvfs_attr_out { struct fuse_out_header o; struct fuse_attr_out a; };
+struct pyvfs_entry_out { struct fuse_out_header o; struct fuse_entry_out e; };
+_Static_assert(sizeof(struct fuse_attr) == 88, "fuse_attr");
+_Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
+_Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
+_Static_assert(sizeof(struct pyvfs_attr_out) == 120, "attr reply");
+_Static_assert(sizeof(struct pyvfs_entry_out) == 144, "entry reply");
 /* a pin on nodeid and its O_PATH fd (-1: nothing held); pyvfs_unpin_inode gives it back */
 PYVFS_HIDDEN int pyvfs_inode_fd(const pyvfs_fast_ctx_t *c, uint64_t nodeid);
 PYVFS_HIDDEN void pyvfs_unpin_inode(const pyvfs_fast_ctx_t *c, uint64_t nodeid);
