@@ -27,7 +27,14 @@ import pytest
 from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
 from tests.support.daemon import daemon_log, start_pyvirtiofsd
-from tests.support.frontend import F_INDIRECT, F_NEXT, F_WRITE, GUEST_BASE, Frontend
+from tests.support.frontend import (  # reclaim: shared from here with other tests
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    GUEST_BASE,
+    Frontend,
+    reclaim,
+)
 from tests.support.reference import stop_daemon
 from workers.queue_worker import MAX_REQUEST
 
@@ -199,13 +206,6 @@ class Served:
             assert process_state(pid) not in ("Z", "X"), f"worker {pid} of queue {q} died"
         for q in queues:
             self.assert_serves(q)
-
-
-def reclaim(fe: Frontend, q: int) -> None:
-    """Every request here completes before the next is sent, so once its used element
-    is back all descriptors are free again (Frontend.wait_used frees only the head)."""
-    ring = fe.rings[q]
-    ring.free = list(range(ring.size))
 
 
 def child_pids(pid: int) -> set[int]:

@@ -11,13 +11,10 @@ duplicate or a stray answer fails the test, and a lost one times out.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import random
 import re
 import signal
-import struct
 import time
 from pathlib import Path
 
@@ -26,42 +23,13 @@ import pytest
 from daemon.protocol import fuse
 from tests.protocol.test_hostile_guest import Served, reclaim, serve, worker_pids
 from tests.support.frontend import Sent
-
-OFD_WRLCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
-
-
-def host_lock(path: Path) -> int:
-    """A host process's write lock on the whole file (an OFD lock of this process)."""
-    fd = os.open(path, os.O_RDWR)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, OFD_WRLCK)
-    return fd
-
-
-def host_can_lock(path: Path) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, OFD_WRLCK)
-        return True
-    except OSError as e:
-        assert e.errno in (errno.EAGAIN, errno.EACCES)
-        return False
-    finally:
-        os.close(fd)
-
-
-def open_file(srv: Served, name: str, q: int) -> tuple[int, int]:
-    """(nodeid, fh) of a share file opened read-write by the guest."""
-    error, nodeid, _ = srv.lookup(fuse.ROOT_ID, name.encode(), q=q)
-    assert error == 0
-    error, fh = srv.open(nodeid, os.O_RDWR, q=q)
-    assert error == 0
-    return nodeid, fh
-
-
-def setlkw(srv: Served, nodeid: int, fh: int, owner: int, q: int) -> Sent:
-    return srv.fe.start(fuse.Opcode.SETLKW, nodeid,
-                        fuse.LK_IN.pack(fh, owner, 0, fuse.OFFSET_MAX, fcntl.F_WRLCK,
-                                        4000 + owner, 0, 0), q=q, out_size=256, indirect=True)
+from tests.support.held_state import (
+    assert_nothing_more,
+    host_can_lock,
+    host_lock,
+    open_file,
+    setlkw,
+)
 
 
 def kill_worker(srv: Served, q: int) -> int:
@@ -73,12 +41,6 @@ def kill_worker(srv: Served, q: int) -> int:
         assert time.monotonic() < deadline, f"no new worker for queue {q}: {srv.log()}"
         time.sleep(0.01)
     return pid
-
-
-def assert_nothing_more(srv: Served, q: int) -> None:
-    """No used element beyond those the test waited for: none was answered twice."""
-    with pytest.raises(TimeoutError):
-        srv.fe.wait_used(q, timeout=0.3)
 
 
 def test_parked_setlkw_and_later_answers_survive_a_killed_worker(tmp_path: Path) -> None:

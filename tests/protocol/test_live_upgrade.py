@@ -12,7 +12,6 @@ stats command shows the new code's build id and the count of upgrades.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import signal
@@ -25,17 +24,16 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
-from daemon.protocol import vhost_user as vu
-from tests.protocol.test_hostile_guest import Served, reclaim, serve
-from tests.protocol.test_inflight import (
-    assert_nothing_more,
-    host_can_lock,
-    host_lock,
-    open_file,
-    setlkw,
-)
+from tests.protocol.test_hostile_guest import Served, serve
 from tests.support.daemon import REPO, daemon_log, start_pyvirtiofsd
-from tests.support.frontend import Frontend, Sent
+from tests.support.frontend import Frontend
+from tests.support.held_state import (
+    assert_holdings_came_through,
+    assert_writes_answered,
+    open_file,
+    start_writes,
+    take_holdings,
+)
 from tests.support.reference import stop_daemon
 
 MARKER = REPO / "daemon" / "host" / "_live_upgrade_test_marker.py"
@@ -64,22 +62,8 @@ def attr_ino(payload: bytes) -> int:
 def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
                                                            sandbox: str) -> None:
     with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
-        fe = srv.fe
         pid = int((tmp_path / "vu.sock.pid").read_text())
-        (srv.share / "data").write_bytes(b"before the upgrade\n")
-        for name in ("held", "locked"):
-            (srv.share / name).write_bytes(b"lock me")
-        nodeid, fh = open_file(srv, "data", q=1)
-        ino = (srv.share / "data").stat().st_ino
-        held, held_fh = open_file(srv, "held", q=2)
-        error, _ = srv.call(fuse.Opcode.SETLK, held, fuse.LK_IN.pack(
-            held_fh, 9, 0, fuse.OFFSET_MAX, fcntl.F_WRLCK, 99, 0, 0), q=2)
-        assert error == 0 and not host_can_lock(srv.share / "held")
-        locked, locked_fh = open_file(srv, "locked", q=1)
-        reclaim(fe, 1)
-        reclaim(fe, 2)
-        hold = host_lock(srv.share / "locked")
-        parked = setlkw(srv, locked, locked_fh, owner=5, q=1)
+        held = take_holdings(srv, b"before the upgrade\n")
         before = stats(srv)
         assert before["live_upgrades"] == 0 and before["build"]
 
@@ -95,15 +79,9 @@ def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
             assert new_build != before["build"]
         assert "live upgrade 1, serving" in out
         # requests in flight while the second upgrade happens: each answered once
-        writes: list[Sent] = [fe.start(
-            fuse.Opcode.WRITE, nodeid, fuse.WRITE_IN.pack(fh, 100 + 10 * i, 10, 0, 0, 0, 0),
-            q=2, out_size=256, indirect=True, extra_readable=[b"%09d\n" % i])
-            for i in range(30)]
+        writes = start_writes(srv, held)
         assert "live upgrade 2, serving" in upgrade(srv)
-        answers = fe.finish_all(writes)
-        assert [(e, fuse.WRITE_OUT.unpack(p)[0]) for e, p in answers] == [(0, 10)] * 30
-        assert_nothing_more(srv, 2)
-        reclaim(fe, 2)
+        assert_writes_answered(srv, writes)
 
         after = stats(srv)
         assert after["pid"] == pid and after["live_upgrades"] == 2
@@ -111,25 +89,7 @@ def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
         log = srv.log()
         assert log.count("live upgrade: took over the front-end") == 2
         assert "serving with code" in log and "(2 live upgrades, 0 supervisor restarts)" in log
-        # the connection never closed: vhost-user still answers
-        assert vu.decode_u64(fe.call(vu.Request.GET_FEATURES)) & vu.VIRTIO_F_VERSION_1
-        # the same nodeid, the same inode; the open file reads what was written (on
-        # queue 2: queue 1's descriptors are the parked SETLKW's until it is answered)
-        error, payload = srv.call(fuse.Opcode.GETATTR, nodeid, bytes(16), q=2)
-        assert error == 0 and attr_ino(payload) == ino
-        error, data = srv.read(nodeid, fh, 4096, q=2)
-        assert error == 0 and data[:19] == b"before the upgrade\n"
-        assert data[100:400] == b"".join(b"%09d\n" % i for i in range(30))
-        # the lock taken before still excludes the host; the parked SETLKW is granted
-        # once the host lets go, and answered exactly once
-        assert not host_can_lock(srv.share / "held")
-        os.close(hold)
-        assert fe.finish(parked, timeout=10)[0] == 0
-        assert_nothing_more(srv, 1)
-        assert not host_can_lock(srv.share / "locked")
-        assert srv.proc.poll() is None
-        for q in (1, 2):  # (in a sandbox the workers are not the daemon's children)
-            srv.assert_serves(q)
+        assert_holdings_came_through(srv, held)
 
 
 def test_upgrade_of_a_daemon_that_is_not_there(tmp_path: Path) -> None:
