@@ -43,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procmem import MemorySampler
+from benchmarks.procmem import tree_memory as tree_mem
 from benchmarks.run import (
     DISK_DIR,
     RESULTS,
-    MemorySampler,
     fmt_mb,
     fs_type,
     journaled_ext4,
@@ -54,7 +55,6 @@ from benchmarks.run import (
     mount_disk_image,
     tree_cpu,
 )
-from benchmarks.run import tree_memory as tree_mem
 from tests.support import vm
 from tests.support.reference_daemons import Daemon, make
 

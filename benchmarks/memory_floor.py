@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.procmem import read_process  # noqa: E402
 from daemon.host.no_site import module_roots  # noqa: E402
 
 CASES = [
@@ -57,11 +58,9 @@ for k in kids:
 
 
 def pss_kb(pids: list[str]) -> int:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-    return total
+    procs = [read_process(int(pid), "") for pid in pids]
+    assert all(procs), f"a process of {pids} is gone"
+    return sum(m.pss for m in procs if m)
 
 
 def measure(code: str, flags: list[str], children: int) -> float:

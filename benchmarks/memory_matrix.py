@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadGen
-from benchmarks.procmem import ProcMemory, snapshot, total
+from benchmarks.procmem import MemorySampler, snapshot
 from benchmarks.run import RESULTS, machine_info, make_shares
 from tests.support.reference_daemons import Daemon, make
 
@@ -46,23 +46,10 @@ def measure(daemon: Daemon, share: Path, queues: int, seconds: float,
         gen = LoadGen(str(sock), queues)
         time.sleep(0.3)  # the workers finish starting
         idle = snapshot(proc.pid)
-        loaded: list[ProcMemory] = []
-        peak: list[ProcMemory] = []
-
-        def sample() -> None:  # a snapshot with the mapping breakdown late in the load
-            nonlocal loaded, peak
-            t_end = time.monotonic() + seconds * 0.8
-            while time.monotonic() < t_end:
-                s = snapshot(proc.pid)
-                if total(s) > total(peak):
-                    peak = s
-                time.sleep(0.1)
-            loaded = snapshot(proc.pid, detail=True)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        res = gen.run(WORKLOAD, QD, seconds)
-        sampler.join()
+        # the breakdown by mapping late in the load, while it still runs
+        with MemorySampler(proc.pid, until=seconds * 0.8) as mem:
+            res = gen.run(WORKLOAD, QD, seconds)
+        loaded, peak = mem.last, mem.peak
         return {"served_queues": gen.queues, "ops_per_s": res.ops_per_s, "errors": res.errors,
                 "idle": [m.as_dict() for m in idle], "load": [m.as_dict() for m in loaded],
                 "peak": [m.as_dict() for m in peak]}

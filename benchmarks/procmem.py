@@ -2,13 +2,15 @@
 
 Read from /proc: ``smaps_rollup`` (PSS and its anonymous/file/shmem parts, private dirty),
 ``status`` (page tables, VmPTE) and, for the breakdown by mapping, ``smaps``. Used by
-``benchmarks.memory_matrix``; kept apart so other benchmarks can name a daemon's processes
-the same way.
+``benchmarks.memory_matrix``, ``benchmarks.run`` and ``benchmarks.guest`` (MemorySampler,
+tree_memory) and ``benchmarks.memory_floor``, so every benchmark reads memory the same way.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 from tests.support.reference_daemons import process_tree
@@ -126,3 +128,46 @@ def snapshot(root: int, detail: bool = False) -> list[ProcMemory]:
 
 def total(procs: list[ProcMemory], key: str = "pss") -> int:
     return sum(getattr(m, key) for m in procs)
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes, summed over pid and its descendants."""
+    procs = snapshot(pid)
+    return total(procs, "rss") * 1024, total(procs, "pss") * 1024
+
+
+class MemorySampler:
+    """The memory of a daemon's processes sampled every ``interval`` s by a thread while a
+    workload runs (``with MemorySampler(pid) as mem: ...``): the largest RSS and PSS totals
+    seen (bytes) and the snapshot with the largest PSS total (``peak``). With ``until`` it
+    stops sampling that many seconds in and takes one snapshot with the breakdown by
+    mapping (``last``), so it is taken while the load still runs."""
+
+    def __init__(self, pid: int, interval: float = 0.1, until: float | None = None) -> None:
+        self.pid, self.interval, self.until = pid, interval, until
+        self.rss = self.pss = 0
+        self.peak: list[ProcMemory] = []
+        self.last: list[ProcMemory] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        deadline = None if self.until is None else time.monotonic() + self.until
+        while deadline is None or time.monotonic() < deadline:
+            procs = snapshot(self.pid)
+            self.rss = max(self.rss, total(procs, "rss") * 1024)
+            self.pss = max(self.pss, total(procs, "pss") * 1024)
+            if total(procs) > total(self.peak):
+                self.peak = procs
+            if self._stop.wait(self.interval):
+                break
+        if self.until is not None:
+            self.last = snapshot(self.pid, detail=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

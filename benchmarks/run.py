@@ -22,12 +22,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import COMPLETION_US, FRONTENDS, WORKLOADS, LoadGen, prepare_share
+from benchmarks.procmem import MemorySampler, tree_memory
 from tests.support.reference_daemons import Daemon, make, process_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,47 +65,6 @@ def machine_busy() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return (sum(v[:8]) - v[3] - v[4]) / TICK
-
-
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes, summed over pid and its descendants."""
-    rss = pss = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return rss, pss
-
-
-class MemorySampler:
-    """Peak RSS/PSS of a process tree while a workload runs."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval = pid, interval
-        self.rss = self.pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while True:
-            rss, pss = tree_memory(self.pid)
-            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ----- shares -----------------------------------------------------------------------------
