@@ -8,9 +8,9 @@ workers have acknowledged. It never touches a FUSE request itself.
 
 from __future__ import annotations
 
-from daemon.host import no_tls
+from daemon.host import lean_interpreter
 
-no_tls.install()  # before asyncio and uvloop, which import ssl (4 MB of OpenSSL per daemon)
+lean_interpreter.install_no_tls()  # before asyncio and uvloop import ssl (4 MB of OpenSSL)
 
 import argparse
 import asyncio
@@ -36,7 +36,6 @@ from daemon.host import (
     capabilities,
     fd_store,
     handover,
-    no_site,
     sandbox,
     sd_notify,
     seccomp,
@@ -662,7 +661,7 @@ def listener_from_systemd() -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-        no_site.reexec_without_site(argv)  # returns only where it does not apply
+        lean_interpreter.reexec_without_site(argv)  # returns only where it does not apply
     if argv[:1] == ["upgrade"]:
         from daemon.host import upgrade_command
 
@@ -670,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["stats"]:
         from daemon.stats import report
 
-        no_tls.uninstall()  # not the daemon: its --listen and exposition need the real ssl
+        lean_interpreter.uninstall_no_tls()  # not the daemon: --listen, exposition need ssl
         return report.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

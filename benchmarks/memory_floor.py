@@ -21,20 +21,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.procmem import read_process  # noqa: E402
-from daemon.host.no_site import module_roots  # noqa: E402
+from daemon.host.lean_interpreter import module_roots  # noqa: E402
 
 CASES = [
     ("bare interpreter (python3 -S: no site packages)", "pass", ["-S"]),
     ("bare interpreter with site packages", "pass", []),
     ("import uvloop (loads OpenSSL through ssl)", "import uvloop", []),
-    ("import uvloop without OpenSSL (daemon/host/no_tls.py)",
-     "from daemon.host import no_tls; no_tls.install()", []),
+    ("import uvloop without OpenSSL (daemon/host/lean_interpreter.py)",
+     "from daemon.host import lean_interpreter; lean_interpreter.install_no_tls()", []),
     ("the daemon's modules, without OpenSSL",
      "import supervisor, daemon.options, "
      "workers.queue_worker", []),
-    # as the daemon runs since it re-executes itself without site (daemon/host/no_site.py)
+    # as the daemon runs since it re-executes itself without site (daemon/host/lean_interpreter.py)
     ("import uvloop without OpenSSL, no site (-S -P)",
-     "from daemon.host import no_tls; no_tls.install()", ["-S", "-P"]),
+     "from daemon.host import lean_interpreter; lean_interpreter.install_no_tls()",
+     ["-S", "-P"]),
     ("the daemon's modules, without OpenSSL, no site (-S -P)",
      "import supervisor, daemon.options, "
      "workers.queue_worker", ["-S", "-P"]),
@@ -65,7 +66,7 @@ def pss_kb(pids: list[str]) -> int:
 
 def measure(code: str, flags: list[str], children: int) -> float:
     env = dict(os.environ)
-    if "-S" in flags:  # the daemon's own module path, as daemon/host/no_site.py sets it
+    if "-S" in flags:  # the daemon's own module path, as daemon/host/lean_interpreter.py sets it
         env["PYTHONPATH"] = os.pathsep.join(module_roots() or [])
     proc = subprocess.Popen([sys.executable, *flags, "-c",
                              CHILD.format(code=code, children=children)],

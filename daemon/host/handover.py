@@ -45,7 +45,7 @@ def build_id() -> str:
     if _build_id is None:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         # CRC-32 and Adler-32 of names and contents: an id, not a security check (hashlib
-        # would map OpenSSL's libcrypto into the daemon, which no_tls keeps out)
+        # would map OpenSSL's libcrypto into the daemon, which lean_interpreter keeps out)
         crc, adler = 0, 1
         for top in ("supervisor.py", "daemon", "workers", "shm_table"):
             path = os.path.join(root, top)

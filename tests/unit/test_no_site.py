@@ -1,4 +1,5 @@
-"""The daemon serves from an interpreter that ran no ``site`` hooks (daemon/host/no_site.py).
+"""The daemon serves from an interpreter that ran no ``site`` hooks
+(daemon/host/lean_interpreter.py, reexec_without_site).
 
 A ``.pth`` file in the user site directory (in a virtual environment: its site-packages)
 imports ``_decimal``, an extension module the daemon itself never loads; whether its

@@ -1,4 +1,5 @@
-"""The daemon keeps OpenSSL out of its processes (daemon/host/no_tls.py)."""
+"""The daemon keeps OpenSSL out of its processes (daemon/host/lean_interpreter.py,
+install_no_tls)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from tests.support.frontend import Frontend
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
-from daemon.host import no_tls
-print(no_tls.install())
+from daemon.host import lean_interpreter
+print(lean_interpreter.install_no_tls())
 import asyncio, ssl, uvloop
 maps = open("/proc/self/maps").read()
 print("libssl" in maps or "libcrypto" in maps)
@@ -45,11 +46,11 @@ def test_uvloop_runs_without_openssl_loaded() -> None:
 
 def test_real_ssl_is_used_when_the_placeholder_does_not_fit() -> None:
     # a uvloop that reads a name the placeholder lacks: the real module is loaded instead
-    prelude = ("from daemon.host import no_tls\n"
-               "_orig = no_tls._placeholder\n"
+    prelude = ("from daemon.host import lean_interpreter\n"
+               "_orig = lean_interpreter._ssl_placeholder\n"
                "def _thin():\n"
                "    m = _orig(); del m.MemoryBIO; return m\n"
-               "no_tls._placeholder = _thin\n")
+               "lean_interpreter._ssl_placeholder = _thin\n")
     lines = run_probe(prelude)
     assert lines[0] == "False"
     assert lines[1] == "True"  # the real OpenSSL is loaded
