@@ -112,13 +112,17 @@ class StandInManager:
         self.sock.bind(path)
         self.path = path
         self.store: dict[str, int] = {}
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._closing = False
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
 
     def _collect(self) -> None:
         while True:
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
             except OSError:
+                return
+            if self._closing:  # close()'s wake-up datagram
                 return
             fds = array.array("i")
             for level, kind, payload in anc:
@@ -131,6 +135,19 @@ class StandInManager:
                     os.close(old)
             if "FDSTORE" in fields:
                 self.store[fields["FDNAME"]] = fds[0]
+
+    def close(self) -> None:
+        """Stop the collecting thread (closing the socket would leave it asleep in
+        recvmsg), then close the socket and the fds still stored."""
+        self._closing = True
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"", self.path)
+        self._collector.join(5)
+        assert not self._collector.is_alive(), "the stand-in manager's thread did not stop"
+        self.sock.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
 
     def start(self, argv: list[str], passed: dict[str, int]) -> subprocess.Popen:
         fds = list(passed.values())
@@ -216,4 +233,4 @@ def test_restart_resumes_from_a_stand_in_store(tmp_path: Path, stop: str) -> Non
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-        manager.sock.close()
+        manager.close()
