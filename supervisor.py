@@ -663,9 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
         lean_interpreter.reexec_without_site(argv)  # returns only where it does not apply
     if argv[:1] == ["upgrade"]:
-        from daemon.host import upgrade_command
-
-        return upgrade_command.main(argv[1:])
+        return handover.upgrade_main(argv[1:])
     if argv[:1] == ["stats"]:
         from daemon.stats import report
 
