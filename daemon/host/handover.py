@@ -39,7 +39,7 @@ from collections.abc import Iterable
 
 import msgpack
 
-from daemon.stats.daemon_info import read_info
+from daemon.stats.daemon_info import daemon_pid, read_info
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -184,16 +184,6 @@ def place(received: dict[int, int], keep: Iterable[int] = ()) -> None:
 
 # ----- `pyvirtiofsd upgrade`: the command that asks a running daemon for it ------------
 
-def daemon_pid(socket_path: str) -> int:
-    """The pid the daemon serving ``socket_path`` wrote next to it."""
-    path = socket_path + ".pid"
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError) as e:
-        raise SystemExit(f"pyvirtiofsd upgrade: no daemon pid in {path}: {e}") from None
-
-
 def upgrade_main(argv: list[str]) -> int:
     """``pyvirtiofsd upgrade``: SIGHUP the daemon, wait until its new code serves; 0 if
     it does, else 1 with the reason on stderr."""
@@ -202,7 +192,7 @@ def upgrade_main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the new code to serve (default 30)")
     args = p.parse_args(argv)
-    pid = daemon_pid(args.socket_path)
+    pid = daemon_pid(args.socket_path, "pyvirtiofsd upgrade: no daemon pid in")
     before = read_info(pid)
     if not before:
         print(f"pyvirtiofsd upgrade: daemon {pid} publishes no info segment "

@@ -19,6 +19,18 @@ SIZE = 4096
 LENGTH = struct.Struct("<I")
 
 
+def daemon_pid(socket_path: str, failure: str) -> int:
+    """The pid the daemon serving ``socket_path`` wrote next to it (``S.pid``): how the
+    stats and upgrade commands find it. Where there is none, exits saying ``failure``,
+    the path and why."""
+    path = socket_path + ".pid"
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError) as e:
+        raise SystemExit(f"{failure} {path}: {e}") from None
+
+
 def segment_name(pid: int) -> str:
     return f"/pyvirtiofsd-{pid}-info"
 

@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 
-from daemon.stats.daemon_info import read_info
-from daemon.stats.tables import daemon_pid, read_tables
+from daemon.stats.daemon_info import daemon_pid, read_info
+from daemon.stats.tables import read_tables
 
 
 def snapshot(pid: int, interval: float) -> dict:
@@ -128,7 +128,8 @@ def main(argv: list[str]) -> int:
         p.error("--interval must be positive")
 
     def pid() -> int:
-        return args.pid if args.pid is not None else daemon_pid(args.socket_path)
+        return args.pid if args.pid is not None else daemon_pid(
+            args.socket_path, "pyvirtiofsd stats: cannot read the daemon's pid from")
 
     if args.watch:
         from daemon.stats import watch

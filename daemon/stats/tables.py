@@ -18,16 +18,6 @@ def segment_names(pid: int) -> tuple[str, str]:
     return f"/pyvirtiofsd-{pid}-inodes", f"/pyvirtiofsd-{pid}-handles"
 
 
-def daemon_pid(socket_path: str) -> int:
-    path = socket_path + ".pid"
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError) as e:
-        raise SystemExit(f"pyvirtiofsd stats: cannot read the daemon's pid from {path}: {e}"
-                         ) from None
-
-
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
