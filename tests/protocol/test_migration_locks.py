@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +29,12 @@ from tests.protocol.test_migration_state import (
 )
 from tests.support.daemon import daemon_log, start_pyvirtiofsd
 from tests.support.frontend import Frontend
+from tests.support.held_state import FLOCK, host_can_lock
 from tests.support.reference import stop_daemon
 
 R = vu.Request
 OWNER_A, PID_A = 0xA11CE, 4242
-HOST_FLOCK = struct.Struct("hhqqi4x")
+HOST_FLOCK = FLOCK  # struct flock, for host locks of other ranges
 
 
 def make_share(base: Path) -> Path:
@@ -72,15 +72,7 @@ def guest_locks(fe: Frontend) -> dict[str, int]:
 
 def host_posix_free(path: Path) -> bool:
     """Whether a host process gets an OFD write lock on [0, 100) (given back at once)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, HOST_FLOCK.pack(fcntl.F_WRLCK, 0, 0, 100, 0))
-        return True
-    except OSError as e:
-        assert e.errno in (errno.EAGAIN, errno.EACCES)
-        return False
-    finally:
-        os.close(fd)
+    return host_can_lock(path, length=100)
 
 
 def host_flock_free(path: Path) -> bool:

@@ -25,7 +25,8 @@ from tests.support.frontend import Sent, reclaim
 if TYPE_CHECKING:
     from tests.protocol.test_hostile_guest import Served
 
-OFD_WRLCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, length, pid
+OFD_WRLCK = FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0)
 IN_FLIGHT = 30  # WRITEs on queue 2 while the daemon changes, 10 bytes each from offset 100
 
 
@@ -36,11 +37,12 @@ def host_lock(path: Path) -> int:
     return fd
 
 
-def host_can_lock(path: Path) -> bool:
-    """Whether a host process could write-lock the whole file now (nobody holds a lock)."""
+def host_can_lock(path: Path, length: int = 0) -> bool:
+    """Whether a host process could write-lock the file's first ``length`` bytes (0: the
+    whole file) now, that is nobody holds a lock there (the lock is given back at once)."""
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, OFD_WRLCK)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 0, length, 0))
         return True
     except OSError as e:
         assert e.errno in (errno.EAGAIN, errno.EACCES)
