@@ -27,7 +27,7 @@ CASES = [
     ("bare interpreter (python3 -S: no site packages)", "pass", ["-S"]),
     ("bare interpreter with site packages", "pass", []),
     ("import uvloop (loads OpenSSL through ssl)", "import uvloop", []),
-    ("import uvloop without OpenSSL (daemon/host/lean_interpreter.py)",
+    ("import uvloop without OpenSSL (install_no_tls)",
      "from daemon.host import lean_interpreter; lean_interpreter.install_no_tls()", []),
     ("the daemon's modules, without OpenSSL",
      "import supervisor, daemon.options, "
