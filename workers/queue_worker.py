@@ -105,7 +105,7 @@ class QueueWorker(WorkerRequests):
                                                             self.queue.used_idx)
                 self.queue.last_avail_idx = last_avail
             else:
-                inflight.reset(setup.index, setup.last_avail_idx)
+                inflight.reset(setup.index, setup.last_avail_idx, setup.size)
         elif setup.resume_from_used:
             # no records: in-order completions only, so everything before the used index
             # was answered and at most the one request after it was lost
