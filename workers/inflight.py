@@ -61,9 +61,10 @@ class InflightRecords:
     def record(self, queue: int) -> object:
         return ffi.cast("pyvfs_inflight_t *", self.address(queue))
 
-    def reset(self, queue: int, last_avail: int) -> None:
-        """The front-end (re)started the ring at ``last_avail``: nothing is in flight."""
-        lib.pyvfs_inflight_reset(self.record(queue), last_avail & 0xFFFF)
+    def reset(self, queue: int, last_avail: int, size: int) -> None:
+        """The front-end (re)started the ring of ``size`` entries at ``last_avail``:
+        nothing is in flight."""
+        lib.pyvfs_inflight_reset(self.record(queue), last_avail & 0xFFFF, size)
 
     def next_avail(self, queue: int) -> int:
         """The next avail entry the ring's worker would pop."""

@@ -30,10 +30,11 @@ from daemon.host.process import clone_shared_fds
 from daemon.stats.queue_stats import QueueStats
 from workers import control
 from workers.control import QueueSetup
+from workers.dispatch import shared_dispatch
 from workers.fast_path import FastPathContext
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
-from workers.queue_worker import worker_main  # imported here so workers start warm
+from workers.queue_worker import QueueWorker, worker_main  # imported: workers start warm
 from workers.template import Template, our_children
 
 log = logging.getLogger("pyvirtiofsd")
@@ -127,6 +128,7 @@ class WorkerPool:
     def _prepare(self, setup: QueueSetup) -> None:
         """In the template: what its workers share rather than each making its own."""
         FastPathContext.shared(self.fs, setup.c_path)
+        shared_dispatch(self.fs, QueueWorker)
 
     def _start_worker(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> NoReturn:
         """In a worker the template cloned: serve the ring (never returns)."""

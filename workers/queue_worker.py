@@ -9,7 +9,6 @@ only state that outlives it is in the shared-memory tables and the shared fds.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import select
@@ -17,13 +16,11 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
 from typing import NoReturn
 
 from daemon.fs.passthrough import (
     GuestInputError,
     PassthroughFs,
-    Request,
 )
 from daemon.guest.memory import BadGuestAddress, DirtyLog, GuestMemory
 from daemon.guest.virtqueue import MAX_SEGMENTS, BadChain, DescriptorChain, SplitQueue, walk_error
@@ -31,12 +28,13 @@ from daemon.host.process import name_process
 from daemon.native._sys import ffi, lib
 from daemon.protocol import fuse
 from daemon.protocol.fuse import FuseError
-from daemon.protocol.opcodes import MIN_REPLY, TABLE, Op, Server
+from daemon.protocol.opcodes import MIN_REPLY
 from daemon.protocol.vhost_user import MemoryRegion
 from daemon.stats.queue_stats import QueueStats
 from shm_table import HandleTableFull, InodeTableFull
 from workers import control
 from workers.control import QueueSetup
+from workers.dispatch import shared_dispatch
 from workers.fast_path import FastPathContext
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
@@ -62,11 +60,6 @@ WARN_PERIOD = 10.0
 # used-ring notification serve dozens of them instead of a few (the guest does not kick
 # again meanwhile: with EVENT_IDX it waits for the worker to move avail_event).
 HIPRIO_GATHER_NS = 200_000
-
-
-# A request's handler, from the opcode table: the bytes written to the guest (already
-# answered; 0: no reply, PENDING: later), or the payload of a success reply to write.
-Handler = Callable[[DescriptorChain, Incoming], int | bytes | bytearray]
 
 
 def map_table(regions: list[list[int]]) -> GuestMemory:
@@ -105,7 +98,7 @@ class QueueWorker(WorkerRequests):
                                                             self.queue.used_idx)
                 self.queue.last_avail_idx = last_avail
             else:
-                inflight.reset(setup.index, setup.last_avail_idx)
+                inflight.reset(setup.index, setup.last_avail_idx, setup.size)
         elif setup.resume_from_used:
             # no records: in-order completions only, so everything before the used index
             # was answered and at most the one request after it was lost
@@ -123,7 +116,7 @@ class QueueWorker(WorkerRequests):
         self.fast = int(setup.c_path)
         self.serve.fast = self.fast
         self.fast_ctx = self.fast_path.c
-        self.handlers = self.dispatch_table(fs)
+        self.handlers = shared_dispatch(fs, QueueWorker)  # the template's (workers/dispatch.py)
         self.drain_head = ffi.new("uint32_t *")
         self.header = ffi.new("char[]", fuse.IN_HEADER_SIZE)
         self.header_view = ffi.buffer(self.header)
@@ -134,21 +127,6 @@ class QueueWorker(WorkerRequests):
             lib.pyvfs_inflight_park(self.queue.c, head)
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.warned: dict[str, tuple[float, int]] = {}
-
-    def dispatch_table(self, fs: PassthroughFs) -> dict[int, Handler]:
-        """Each opcode's handler, from daemon/protocol/opcodes.py: the file system's
-        method (its arguments read from the chain, its payload replied) or the worker's
-        own; opcodes left out are answered ENOSYS."""
-        handlers: dict[int, Handler] = {}
-        for row in TABLE:
-            if row.needs_xattr and not fs.serves_xattrs:
-                continue
-            if row.served_by is Server.WORKER:
-                handlers[row.opcode] = getattr(self, row.handler)
-            else:
-                handlers[row.opcode] = functools.partial(self.call_fs, row,
-                                                         getattr(fs, row.handler))
-        return handlers
 
     def remap(self, regions: list[list[int]]) -> None:
         """Switch to a new memory table; on any failure the old one stays in use.
@@ -361,28 +339,13 @@ class QueueWorker(WorkerRequests):
                     self.unknown_opcodes.add(opcode)
                     log.info("opcode %d not implemented: ENOSYS", opcode)
                 raise OSError(errno.ENOSYS, "not implemented")
-            answer = handler(chain, Incoming(length, opcode, unique, nodeid, uid, gid, pid,
-                                             extlen, room))
+            answer = handler(self, chain, Incoming(length, opcode, unique, nodeid, uid, gid,
+                                                   pid, extlen, room))
             if isinstance(answer, int):
                 return answer  # answered already, not at all (no reply) or later
         except Exception as e:  # noqa: BLE001 - every failure becomes an errno reply
             return self.reply_error(chain, unique, opcode, e)
         return self.reply(chain, unique, 0, answer)
-
-    def call_fs(self, row: Op, method: Callable[[Request], bytes | bytearray | None],
-                chain: DescriptorChain, h: Incoming) -> int | bytes | bytearray:
-        """A request the file system answers: its arguments (and request extensions:
-        security context, groups, which come last) read from the chain; no reply for
-        the opcodes that have none."""
-        arg = self.args(chain, h.length - fuse.IN_HEADER_SIZE)
-        ext = None
-        if h.extlen:
-            arg, ext = arg[: -8 * h.extlen], arg[-8 * h.extlen :]
-        payload = method(Request(h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid, arg,
-                                 h.room, ext))
-        if row.no_reply or payload is None:
-            return 0
-        return payload
 
     def args(self, chain: DescriptorChain, length: int) -> bytes:
         """The request's bytes after the FUSE header (arguments and names, not data)."""

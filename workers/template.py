@@ -33,7 +33,7 @@ from typing import NoReturn
 
 import msgpack
 
-from daemon.host.process import clone_shared_fds, name_process
+from daemon.host.process import clone_shared_fds, clone_sibling_bare, name_process
 from daemon.native._sys import lib
 from workers.control import QueueSetup
 from workers.queue_worker import worker_signals
@@ -170,7 +170,7 @@ def _serve(sock: socket.socket, start_worker: StartWorker, prepare: Prepare,
             pass
         gc.freeze()  # what this loop made stays out of the worker's collections too
         try:
-            pid = clone_shared_fds(sibling=True)
+            pid = clone_sibling_bare()  # one thread here: nothing for fork hooks to repair
         except OSError as e:
             sock.send(msgpack.packb(-(e.errno or errno.EAGAIN)))
             continue

@@ -38,3 +38,19 @@ def name_process(name: str) -> None:
     operator and the memory benchmark can tell the workers' queues apart; at most 15
     bytes are kept."""
     lib.pyvfs_set_name(name.encode()[:15])
+
+
+def clone_sibling_bare() -> int:
+    """``clone_shared_fds(sibling=True)`` without CPython's fork bookkeeping, for a
+    process that has one thread and never clones while that thread holds a lock of the
+    interpreter's (the workers' template, which clones only from its own loop): the
+    child then has nothing to repair. Why: PyOS_AfterFork_Child re-creates the
+    interpreter's locks and runs every after-fork hook (random's reseed among them), and
+    PyOS_BeforeFork and AfterFork_Parent take and release the import lock in the parent;
+    with the ctypes calls that wrap them that wrote ~0.2 MB of pages the clone shared
+    with its parent, copied into every worker. Returns 0 in the child."""
+    pid = lib.pyvfs_clone_sibling()
+    if pid < 0:
+        err = lib.pyvfs_errno()
+        raise OSError(err, os.strerror(err))
+    return pid

@@ -41,7 +41,11 @@ void pyvfs_inflight_completing(pyvfs_queue_t *q, uint32_t head) {
           | (uint64_t)q->used_idx << 32);
 }
 
-void pyvfs_inflight_reset(pyvfs_inflight_t *r, uint16_t last_avail) {
-    memset(r->heads, 0, sizeof r->heads);
+/* Only the ring's own heads are cleared: a head is a descriptor index, below the ring's
+   size, and recovery reads no other. Clearing all 32768 wrote 256 KiB of shared memory
+   per ring, which every ring then kept (the records' pages are allocated when written). */
+void pyvfs_inflight_reset(pyvfs_inflight_t *r, uint16_t last_avail, uint32_t size) {
+    if (size > PYVFS_INFLIGHT_HEADS) size = PYVFS_INFLIGHT_HEADS;
+    memset(r->heads, 0, size * sizeof r->heads[0]);
     store(&r->current, last_avail);
 }

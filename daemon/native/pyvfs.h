@@ -228,8 +228,8 @@ typedef struct {
 void pyvfs_inflight_park(pyvfs_queue_t *q, uint32_t head);
 /* a parked request at head is about to be answered and pushed */
 void pyvfs_inflight_completing(pyvfs_queue_t *q, uint32_t head);
-/* a ring (re)started from last_avail with nothing in flight */
-void pyvfs_inflight_reset(pyvfs_inflight_t *r, uint16_t last_avail);
+/* a ring of size entries (re)started from last_avail with nothing in flight */
+void pyvfs_inflight_reset(pyvfs_inflight_t *r, uint16_t last_avail, uint32_t size);
 
 /* ---- serve.c: the worker's wait/drain/notify loop */
 /* pyvfs_serve's loop state and settings (QueueWorker keeps one) */

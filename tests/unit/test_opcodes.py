@@ -25,6 +25,7 @@ from daemon.protocol.opcodes import (
     c_mask,
 )
 from shm_table import HandleTable, InodeTable
+from workers.dispatch import dispatch_table
 from workers.fast_path import FastPathContext
 from workers.queue_worker import QueueWorker
 
@@ -116,11 +117,11 @@ def test_the_file_system_names_each_condition(share: Path) -> None:
 
 
 def test_xattr_rows_follow_the_file_system(share: Path) -> None:
-    worker = object.__new__(QueueWorker)  # its dispatch only, no queue
     xattr_ops = {row.opcode for row in TABLE if row.needs_xattr}
-    plain = worker.dispatch_table(PassthroughFs(str(share), None, None, Config()))
+    plain = dispatch_table(PassthroughFs(str(share), None, None, Config()), QueueWorker)
     assert set(plain) == set(BY_OPCODE) - xattr_ops
-    served = worker.dispatch_table(PassthroughFs(str(share), None, None, Config(xattr=True)))
+    served = dispatch_table(PassthroughFs(str(share), None, None, Config(xattr=True)),
+                            QueueWorker)
     assert set(served) == set(BY_OPCODE)
 
 
