@@ -3,7 +3,7 @@ daemon wake-ups (context switches) and CPU, counted over one fio job in a real g
 
     python3 -m benchmarks.guest_requests [--daemons pyvirtiofsd,rust] [--seconds 3]
         [--jobs randread-4k-libaio-qd16,randwrite-4k-libaio-qd16] [--rounds N]
-        [--rust-debug] [--strace-dir DIR] [--json FILE]
+        [--rust-debug] [--strace-dir DIR [--perf-sched]] [--json FILE]
 
 Throughput in the guest varies ±20-30 % per boot under TCG (docs/performance.md, "In a
 real guest"), which hides a daemon that makes the guest do more work per I/O. Counts do
@@ -12,9 +12,10 @@ kicks more often per I/O shows a different number, not a wider range. pyvirtiofs
 requests by opcode come from its stats segment; Rust virtiofsd's from its
 ``--log-level debug`` log with ``--rust-debug`` (one "Received request" line each; the log
 slows it, so only its counts mean anything then). ``--strace-dir`` counts each daemon's
-system calls over the job (``strace -c -f``; slows both). Each job runs in its own boot
-with a fresh daemon; ``pyvirtiofsd-tree`` is the work tree as it is, ``pyvirtiofsd`` a
-snapshot of HEAD. One JSON line per boot; ``--json`` writes them all.
+system calls over the job (``strace -c -f``; slows both), or with ``--perf-sched`` records
+the scheduler over it (``perf sched record -a``: who waited how long for a core). Each
+job runs in its own boot with a fresh daemon; ``pyvirtiofsd-tree`` is the work tree as it
+is, ``pyvirtiofsd`` a snapshot of HEAD. One JSON line per boot; ``--json`` writes them all.
 """
 
 from __future__ import annotations
@@ -111,9 +112,13 @@ class Marks:
                     rec["ops"].update(r["by_opcode"])
             self.at[m.group(1)] = rec
             if self.strace_to and m.group(1) == "start":
-                pids = [a for p in process_tree(self.pid) for a in ("-p", str(p))]
-                self.strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(self.strace_to),
-                                                *pids], stderr=subprocess.DEVNULL)
+                if self.strace_to.suffix == ".sched":  # the scheduler's view, whole machine
+                    cmd = ["perf", "sched", "record", "-a", "-o", str(self.strace_to)]
+                else:
+                    pids = [a for p in process_tree(self.pid) for a in ("-p", str(p))]
+                    cmd = ["strace", "-c", "-f", "-o", str(self.strace_to), *pids]
+                self.strace = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
             elif self.strace and m.group(1) == "end":
                 self.strace.send_signal(signal.SIGINT)
                 self.strace.wait(30)
@@ -126,7 +131,7 @@ def rust_ops(log: str) -> Counter[str]:
 
 def one_boot(name: str, job: str, seconds: int, file_mib: int,
              bundle: dict[str, bytes], rust_debug: bool,
-             strace_dir: Path | None = None) -> dict[str, Any]:
+             strace_dir: Path | None = None, perf_sched: bool = False) -> dict[str, Any]:
     """One boot: fresh daemon, one fio job, the counts per I/O over that job."""
     # "pyvirtiofsd-tree": the work tree as it is (uncommitted changes included)
     daemon: Daemon = PyVirtiofsd(rev=None) if name == "pyvirtiofsd-tree" else make(name)
@@ -135,7 +140,8 @@ def one_boot(name: str, job: str, seconds: int, file_mib: int,
         daemon.command = _with_debug(daemon.command)  # type: ignore[method-assign]
     prepare_share(Params(1, seconds, file_mib, (1, 1, 1)))
     proc = daemon.start(SHARE, SOCK)
-    marks = Marks(proc.pid, is_py, strace_dir / f"{name}-{job}.strace" if strace_dir else None)
+    suffix = ".sched" if perf_sched else ".strace"
+    marks = Marks(proc.pid, is_py, strace_dir / f"{name}-{job}{suffix}" if strace_dir else None)
     try:
         run = vm.run_guest(SOCK, guest_script(job, seconds, file_mib), kernel="6.12", smp=2,
                            memory_mb=1024, timeout=300, initramfs_files=bundle,
@@ -190,6 +196,9 @@ def main() -> None:
     ap.add_argument("--rust-debug", action="store_true",
                     help="count Rust's requests by opcode from its debug log (slows it)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--perf-sched", action="store_true",
+                    help="with --strace-dir: record the scheduler (perf sched record -a) "
+                         "over each job instead of the system calls")
     ap.add_argument("--strace-dir", type=Path,
                     help="count the daemon's system calls over each job (strace -c; slows it)")
     args = ap.parse_args()
@@ -199,7 +208,7 @@ def main() -> None:
         for job in args.jobs.split(","):
             for name in args.daemons.split(","):
                 r = one_boot(name, job, args.seconds, args.file_mib, bundle, args.rust_debug,
-                             args.strace_dir)
+                             args.strace_dir, args.perf_sched)
                 results.append(r)
                 print(json.dumps(r), flush=True)
     if args.json:
