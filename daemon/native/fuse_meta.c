@@ -109,10 +109,9 @@ static int make_entry(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h,
     int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
-    setfsgid(h->gid);
-    setfsuid(h->uid);
+    int as_caller = pyvfs_caller_fsids(h->uid, h->gid, c->own_uid, c->own_gid);
     int made = make_node(pfd, m) == 0;
-    pyvfs_own_fsids(c->own_uid, c->own_gid);
+    if (as_caller) pyvfs_own_fsids(c->own_uid, c->own_gid);
     int ok = 0;
     struct stat st;
     if (made && fstatat(pfd, m->name, &st, AT_SYMLINK_NOFOLLOW) == 0) {

@@ -175,19 +175,17 @@ static int fast_create(const pyvfs_fast_ctx_t *c, const struct fuse_in_header *h
     int pfd = pyvfs_inode_fd(c, h->nodeid);
     if (pfd < 0) return 0;
     int pinned = pyvfs_fdc_pin(c->fd_cache, h->nodeid) == 0;
+    /* O_EXCL: only a file made by this open, so a regular file; never an existing FIFO
+       or device (EEXIST: Python answers), so no O_NONBLOCK to open it without waiting */
     int flags = (int)((in.flags & ~c->create_clear) | O_CLOEXEC | O_CREAT | O_NOFOLLOW |
-                      O_NONBLOCK | O_EXCL);
-    setfsgid(h->gid);
-    setfsuid(h->uid);
+                      O_EXCL);
+    int as_caller = pyvfs_caller_fsids(h->uid, h->gid, c->own_uid, c->own_gid);
     int fd = openat(pfd, name, flags, in.mode & 07777);
-    pyvfs_own_fsids(c->own_uid, c->own_gid);
+    if (as_caller) pyvfs_own_fsids(c->own_uid, c->own_gid);
     int ok = 0, made = fd >= 0, known = 0;
     struct stat st;
     if (fd >= 0) {
-        int fl;
-        if ((known = fstat(fd, &st) == 0) && S_ISREG(st.st_mode) &&
-            (in.flags & O_NONBLOCK ||
-             ((fl = fcntl(fd, F_GETFL)) >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0))) {
+        if ((known = fstat(fd, &st) == 0) && S_ISREG(st.st_mode)) {
             /* a file made just now: no entry can know it yet. Its entry is looked up by
                name, so only while the name still is that file (a rename onto it on
                another queue: declined, and the file made here is gone with the name) */

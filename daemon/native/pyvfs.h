@@ -35,6 +35,8 @@ int pyvfs_utimensat(int dirfd, const char *path, long long a_sec, long a_nsec,
 int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                     const char *newpath, unsigned int flags);
 int pyvfs_set_pdeathsig(int sig);
+int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
+                       unsigned int own_gid);
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid);
 #define PYVFS_XATTR_GET 0
 #define PYVFS_XATTR_LIST 1

@@ -98,6 +98,20 @@ int pyvfs_set_pdeathsig(int sig) {
    included, so a worker that ever served a request as another uid outlived a killed
    supervisor (its control socket never reads EOF: the shared fd table keeps the
    other end open). Re-arm it, and go now if the supervisor died meanwhile. */
+/* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's, and
+   pyvfs_own_fsids switches back where this returns 1. A caller with the daemon's own ids
+   (a root guest process with a root daemon) needs no switch: setfsuid/setfsgid to the
+   ids in force change nothing (the kernel discards the new credentials, and the
+   parent-death signal stays armed), so this returns 0 and the four calls and the re-arm
+   are skipped. Rust virtiofsd skips them the same way for a caller with its euid/egid. */
+int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
+                       unsigned int own_gid) {
+    if (uid == own_uid && gid == own_gid) return 0;
+    setfsgid(gid);
+    setfsuid(uid);
+    return 1;
+}
+
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid) {
     setfsuid(uid);
     setfsgid(gid);

@@ -26,20 +26,24 @@ class Credentials:
     (In an unprivileged user namespace an id outside its maps cannot be switched to; the
     file then gets the daemon's own ids.)"""
 
-    __slots__ = ("uid", "gid")
+    __slots__ = ("uid", "gid", "switched")
     own_uid = 0  # what to switch back to: the server's ids, set once it is in its sandbox
     own_gid = 0
 
     def __init__(self, uid: int, gid: int) -> None:
         self.uid = uid
         self.gid = gid
+        self.switched = False
 
     def __enter__(self) -> None:
-        lib.pyvfs_setfsgid(self.gid)
-        lib.pyvfs_setfsuid(self.uid)
+        # a caller with the daemon's own ids needs no switch (it would change nothing):
+        # pyvfs_caller_fsids says whether it switched, as the C path's creates do
+        self.switched = bool(lib.pyvfs_caller_fsids(self.uid, self.gid, Credentials.own_uid,
+                                                    Credentials.own_gid))
 
     def __exit__(self, *exc: object) -> None:
-        lib.pyvfs_own_fsids(Credentials.own_uid, Credentials.own_gid)
+        if self.switched:
+            lib.pyvfs_own_fsids(Credentials.own_uid, Credentials.own_gid)
 
 
 @contextlib.contextmanager
