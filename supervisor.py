@@ -12,10 +12,8 @@ from daemon.host import no_tls
 
 no_tls.install()  # before asyncio and uvloop, which import ssl (4 MB of OpenSSL per daemon)
 
-import argparse
 import asyncio
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -25,6 +23,7 @@ import socket
 import stat
 import sys
 import time
+import types
 from collections.abc import Callable
 
 from daemon.fs import proc_fd
@@ -47,7 +46,7 @@ from daemon.options import (
     LOG_LEVELS,
     UsageError,
     apply_compat,
-    build_parser,
+    parse,
     parse_modcaps,
     validate,
 )
@@ -672,9 +671,10 @@ def main(argv: list[str] | None = None) -> int:
 
         no_tls.uninstall()  # not the daemon: its --listen and exposition need the real ssl
         return report.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args, usage = parse(argv)
     if args.print_capabilities:
+        import json  # only here: the daemon never needs it
+
         print(json.dumps(CAPABILITIES))
         return 0
     try:
@@ -687,12 +687,12 @@ def main(argv: list[str] | None = None) -> int:
                      "not opened direct-io with --cache %s)", args.cache)
         return serve(args)
     except UsageError as e:
-        parser.print_usage(sys.stderr)
+        sys.stderr.write(usage)
         print(f"pyvirtiofsd: error: {e}", file=sys.stderr)
         return 2
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: types.SimpleNamespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
     # a live upgrade: what the previous program left (or the sandboxed server sends)
     resumed = (sandbox.take_from_server() or handover.take_state()
@@ -828,7 +828,7 @@ def serve(args: argparse.Namespace) -> int:
             os.close(pid_fd)
 
 
-def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
+def run_server(args: types.SimpleNamespace, shared_dir: str, listener: socket.socket,
                inodes: InodeTable, handles: HandleTable,
                notifier: sd_notify.Notifier | None = None,
                stats: QueueStats | None = None, resumed: dict | None = None,
