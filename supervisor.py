@@ -65,6 +65,7 @@ from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.pool import WorkerPool, close_quietly
 from workers.rings import RingHandlers
+from workers.template import quiet_fork_hooks
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -531,6 +532,10 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
     this loop, and STOPPING=1."""
     import uvloop
 
+    # one thread from here on, which clones only from its own loop: threading's and
+    # logging's after-fork hooks have nothing to repair in the template (or a worker this
+    # process clones itself), and they would copy ~0.45 MB of shared pages into it
+    quiet_fork_hooks()
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
                      notifier=notifier, stats=stats, c_path=c_path,
