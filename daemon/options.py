@@ -4,6 +4,7 @@ scripts can start pyvirtiofsd in its place."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -42,9 +43,9 @@ def parse(argv: list[str]) -> tuple[types.SimpleNamespace, str]:
     argparse and gettext are needed only here, yet their modules and the parser would stay
     in the heap for the daemon's lifetime (~0.35 MB, shared by every process cloned from
     the supervisor): the parser is dropped, the options copied out of argparse's
-    Namespace, and both modules taken out of ``sys.modules``, so the collection before the
-    first clone (workers/pool.py) frees them. Nothing in the daemon imports them again (a
-    ``stats`` or ``upgrade`` command is a process of its own)."""
+    Namespace, and both modules taken out of ``sys.modules`` and collected. Nothing in
+    the daemon imports them again (a ``stats`` or ``upgrade`` command is a process of its
+    own)."""
     already = [name for name in PARSING_MODULES if name in sys.modules]
     parser = build_parser()
     parsed = parser.parse_args(argv)
@@ -53,7 +54,13 @@ def parse(argv: list[str]) -> tuple[types.SimpleNamespace, str]:
     for name in PARSING_MODULES:
         if name not in already:
             sys.modules.pop(name, None)
-    return types.SimpleNamespace(**vars(parsed)), usage
+    options = types.SimpleNamespace(**vars(parsed))
+    del parsed
+    # collected now rather than just before the first clone: the rest of the start-up
+    # fills the holes they leave, where the supervisor would fill them after the clone
+    # (each page it writes then is copied)
+    gc.collect()
+    return options, usage
 
 
 def help_width() -> int:
