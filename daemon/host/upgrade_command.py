@@ -29,7 +29,9 @@ def daemon_pid(socket_path: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pyvirtiofsd upgrade", description=__doc__.split("\n")[0])
+    # no docstrings under python -OO, as the daemon itself runs
+    summary = (__doc__ or "").split("\n")[0]
+    p = argparse.ArgumentParser(prog="pyvirtiofsd upgrade", description=summary)
     p.add_argument("--socket-path", required=True, help="the daemon's --socket-path")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the new code to serve (default 30)")
