@@ -12,10 +12,8 @@ from daemon.host import lean_interpreter
 
 lean_interpreter.install_no_tls()  # before asyncio and uvloop import ssl (4 MB of OpenSSL)
 
-import argparse
 import asyncio
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -25,6 +23,7 @@ import socket
 import stat
 import sys
 import time
+import types
 from collections.abc import Callable
 
 from daemon.fs import proc_fd
@@ -46,7 +45,7 @@ from daemon.options import (
     LOG_LEVELS,
     UsageError,
     apply_compat,
-    build_parser,
+    parse,
     parse_modcaps,
     validate,
 )
@@ -65,6 +64,7 @@ from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.pool import WorkerPool, close_quietly
 from workers.rings import RingHandlers
+from workers.template import quiet_fork_hooks
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -531,6 +531,10 @@ def run(fs: PassthroughFs, listener: socket.socket, *, tag: str | None,
     this loop, and STOPPING=1."""
     import uvloop
 
+    # one thread from here on, which clones only from its own loop: threading's and
+    # logging's after-fork hooks have nothing to repair in the template (or a worker this
+    # process clones itself), and they would copy ~0.45 MB of shared pages into it
+    quiet_fork_hooks()
     notifier = notifier or Notifier()
     sup = Supervisor(fs, tag=tag, num_request_queues=num_request_queues, poll_us=poll_us,
                      notifier=notifier, stats=stats, c_path=c_path,
@@ -669,9 +673,10 @@ def main(argv: list[str] | None = None) -> int:
 
         lean_interpreter.uninstall_no_tls()  # not the daemon: --listen, exposition need ssl
         return report.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args, usage = parse(argv)
     if args.print_capabilities:
+        import json  # only here: the daemon never needs it
+
         print(json.dumps(CAPABILITIES))
         return 0
     try:
@@ -684,12 +689,12 @@ def main(argv: list[str] | None = None) -> int:
                      "not opened direct-io with --cache %s)", args.cache)
         return serve(args)
     except UsageError as e:
-        parser.print_usage(sys.stderr)
+        sys.stderr.write(usage)
         print(f"pyvirtiofsd: error: {e}", file=sys.stderr)
         return 2
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: types.SimpleNamespace) -> int:
     log = logging.getLogger("pyvirtiofsd")
     # a live upgrade: what the previous program left (or the sandboxed server sends)
     resumed = (sandbox.take_from_server() or handover.take_state()
@@ -825,7 +830,7 @@ def serve(args: argparse.Namespace) -> int:
             os.close(pid_fd)
 
 
-def run_server(args: argparse.Namespace, shared_dir: str, listener: socket.socket,
+def run_server(args: types.SimpleNamespace, shared_dir: str, listener: socket.socket,
                inodes: InodeTable, handles: HandleTable,
                notifier: sd_notify.Notifier | None = None,
                stats: QueueStats | None = None, resumed: dict | None = None,

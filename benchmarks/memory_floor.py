@@ -39,6 +39,10 @@ CASES = [
     ("the daemon's modules, without OpenSSL, no site (-S -P)",
      "import supervisor, daemon.options, "
      "workers.queue_worker", ["-S", "-P"]),
+    # as the daemon runs since it also drops docstrings (daemon/host/no_site.py FLAGS)
+    ("the daemon's modules, as the daemon runs (-S -P -OO)",
+     "import supervisor, daemon.options, "
+     "workers.queue_worker", ["-S", "-P", "-OO"]),
 ]
 
 CHILD = """

@@ -12,6 +12,14 @@ with ``-S`` (no ``site``) and ``-P`` (the working directory, which may be the sh
 directory, is not searched for modules), and with ``PYTHONPATH`` naming exactly the
 directories its own packages and its dependencies were found in.
 
+It also passes ``-OO``: without docstrings every module's code is smaller, 0.6 MB of
+heap that the supervisor and every worker share (``benchmarks.memory_floor``). The
+daemon's code uses no docstring at run time, and its ``assert`` statements only narrow
+types. Python reads ``.opt-2.pyc`` files then: where the install has none (pip writes
+only the plain ones), the first start writes them next to the others, or, where it may
+not, compiles the sources at every start; ``python3 -m compileall -o 2`` over the
+installed packages avoids that (docs/operations.md).
+
 ``exec`` keeps the pid and every inheritable fd (``--fd``, systemd's ``LISTEN_FDS``),
 so libvirt and systemd see no difference. ``PYVIRTIOFSD_SITE=1`` turns this off.
 
@@ -37,6 +45,8 @@ import types
 # the top-level modules the daemon imports from outside the standard library, and its own
 MODULES = ("daemon", "workers", "shm_table", "supervisor", "uvloop", "msgpack", "posix_ipc",
            "_cffi_backend")
+# no site, no working directory in sys.path, no docstrings (see above)
+FLAGS = ("-S", "-P", "-OO")
 NO_REEXEC = {"stats", "upgrade", "--print-capabilities", "--version", "-V", "--help", "-h"}
 
 
@@ -57,8 +67,8 @@ def module_roots() -> list[str] | None:
 
 
 def reexec_without_site(argv: list[str]) -> None:
-    """Replace this process by ``python -S -P -m supervisor ARGV``; returns only where
-    that is not wanted or not possible."""
+    """Replace this process by ``python -S -P -OO -m supervisor ARGV``; returns only
+    where that is not wanted or not possible."""
     if sys.flags.no_site or os.environ.get("PYVIRTIOFSD_SITE") == "1":
         return
     if NO_REEXEC.intersection(argv):
@@ -72,7 +82,7 @@ def reexec_without_site(argv: list[str]) -> None:
     env["PYTHONPATH"] = os.pathsep.join(roots)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-S", "-P", "-m", "supervisor", *argv], env)
+    os.execve(sys.executable, [sys.executable, *FLAGS, "-m", "supervisor", *argv], env)
 
 
 # ----- no TLS ------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import errno
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -398,6 +397,8 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
     uid_maps = list(uid_maps) or [NamespaceIdMap(uid, uid, 1)]
     gid_maps = list(gid_maps) or [NamespaceIdMap(gid, gid, 1)]
     helpers = {}
+    import shutil  # here only: it loads bz2 and lzma (~0.2 MB); outside the sandbox still
+
     for tool, maps, own in (("newuidmap", uid_maps, uid), ("newgidmap", gid_maps, gid)):
         if maps != [NamespaceIdMap(maps[0].inside, own, 1)]:
             path = shutil.which(tool)

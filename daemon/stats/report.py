@@ -104,7 +104,9 @@ def render_queues(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pyvirtiofsd stats", description=__doc__.splitlines()[0])
+    # no docstrings under python -OO, as the daemon itself runs
+    summary = (__doc__ or "\n").splitlines()[0]
+    p = argparse.ArgumentParser(prog="pyvirtiofsd stats", description=summary)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--socket-path", help="the daemon's --socket-path (reads <socket>.pid)")
     who.add_argument("--pid", type=int, help="the daemon's pid")

@@ -3,7 +3,7 @@
 It must carry both cffi extensions (no build left to the first run), keep the daemon's
 top-level names (``daemon``, ``workers``, ``shm_table``, ``supervisor``) out of
 site-packages, and serve from any working directory through its launcher, re-executing
-itself with ``python -S -P -m supervisor``, while python-daemon's top-level ``daemon``
+itself with ``python -S -P -OO -m supervisor``, while python-daemon's top-level ``daemon``
 (a test extra, so installed here) stays what its users import.
 
 The wheel is built from a copy of the sources without build isolation (the test extras
@@ -124,7 +124,7 @@ def test_installed_daemon_serves_from_any_directory(site: Path, tmp_path: Path) 
     try:
         wait_for_socket(proc, sock, timeout=20.0)
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
-        assert argv[1:5] == ["-S", "-P", "-m", "supervisor"], argv
+        assert argv[1:6] == ["-S", "-P", "-OO", "-m", "supervisor"], argv
         fe = Frontend(str(sock))
         try:
             fe.setup(2)

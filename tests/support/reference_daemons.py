@@ -96,9 +96,12 @@ def snapshot_pyvirtiofsd(rev: str = "HEAD") -> tuple[Path, str]:
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # byte-compiled as pip installs it: otherwise every start compiles the sources
-        # (PYTHONDONTWRITEBYTECODE is set here), which costs time and ~0.5 MB of heap
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "daemon", "shm_table",
+        # byte-compiled as pip installs it, and for -OO (as the daemon runs since it
+        # re-executes itself, daemon/host/lean_interpreter.py; its first start writes these where
+        # it may): otherwise every start compiles the sources (PYTHONDONTWRITEBYTECODE is
+        # set here), which costs time and ~0.5 MB of heap
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-o", "0", "-o", "2",
+                        "daemon", "shm_table",
                         "workers", "supervisor.py"], cwd=dest, check=True,
                        stdout=subprocess.DEVNULL)
         (dest / ".built").write_text(full)

@@ -74,7 +74,7 @@ def test_site_hooks_do_not_run_in_the_daemon(user_site_hook: Path, tmp_path: Pat
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYVIRTIOFSD_SITE", raising=False)
     argv, hooked, log = serve_and_look(tmp_path)
-    assert argv[1:5] == ["-S", "-P", "-m", "supervisor"], argv
+    assert argv[1:6] == ["-S", "-P", "-OO", "-m", "supervisor"], argv
     assert "--shared-dir" in argv and "--sandbox" in argv  # its arguments carried over
     assert hooked == [False] * 4, log
     assert "sharing" in log
@@ -113,7 +113,7 @@ def test_listening_fd_survives_the_reexec(tmp_path: Path) -> None:
             fe.setup(2)
             fe.init()
             argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
-            assert argv[1:3] == ["-S", "-P"]
+            assert argv[1:4] == ["-S", "-P", "-OO"]
         finally:
             fe.close()
         assert proc.wait(timeout=20) == 0, log_path.read_text()
