@@ -1,0 +1,166 @@
+"""The high-priority queue (0) is served by the worker template, not by a process of its
+own (workers/hiprio.py): a real daemon with one request queue, its real processes, the
+shared inode table and the FUSE answers a guest sees."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.protocol import fuse
+from daemon.protocol import vhost_user as vu
+from daemon.stats.queue_stats import QueueStats, segment_name
+from shm_table import InodeTable
+from tests.protocol.test_hostile_guest import KNOWN, Served, serve, worker_pids
+from tests.protocol.test_worker_template import children, ppid_and_name
+
+HOSTING = "pyvfs-tmpl+q0"
+R = vu.Request
+
+
+def queue0_requests(pid: int) -> int:
+    stats = QueueStats.attach(segment_name(pid))
+    try:
+        return stats.rows()[0]["requests"]
+    finally:
+        stats.close()
+
+
+def latest_worker(srv: Served, q: int, old: int) -> int:
+    """Queue q's worker started after ``old``, once the log names it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pid = worker_pids(srv.log()).get(q)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"queue {q}'s worker {old} was not replaced:\n{srv.log()}")
+
+
+def processes_become(srv: Served, expected: dict[int, str]) -> None:
+    """The daemon's children are exactly ``expected`` (pid: name) within a few seconds."""
+    deadline = time.monotonic() + 5
+    while children(srv.proc.pid) != expected:
+        assert time.monotonic() < deadline, (children(srv.proc.pid), expected)
+        time.sleep(0.02)
+
+
+def forgotten_on_queue0(srv: Served, names: list[bytes], batch: bool) -> None:
+    """Look each name up twice on queue 1, FORGET (or one BATCH_FORGET) all the lookups on
+    queue 0: the inodes leave the shared table."""
+    table = InodeTable.attach(f"/pyvirtiofsd-{srv.proc.pid}-inodes")
+    try:
+        nodeids = []
+        for name in names:
+            for _ in range(2):
+                error, nodeid, _mode = srv.lookup(fuse.ROOT_ID, name)
+                assert error == 0
+            assert table.lookups(nodeid) == 2
+            nodeids.append(nodeid)
+        if batch:
+            arg = fuse.BATCH_FORGET_IN.pack(len(nodeids), 0) + b"".join(
+                fuse.FORGET_ONE.pack(n, 2) for n in nodeids)
+            written, _, _ = srv.request(fuse.Opcode.BATCH_FORGET, 0, arg, q=0, out_size=0)
+            assert written == 0
+        else:
+            for n in nodeids:
+                srv.forget(n, 2, q=0)
+        deadline = time.monotonic() + 5
+        while any(table.get(n) is not None for n in nodeids):
+            assert time.monotonic() < deadline, [table.get(n) for n in nodeids]
+            time.sleep(0.01)
+    finally:
+        table.detach()
+
+
+def interrupted_setlkw(srv: Served, name: bytes) -> None:
+    """A SETLKW waiting on queue 1 for a host process's lock ends with EINTR when the
+    guest INTERRUPTs it on queue 0."""
+    held = os.open(srv.share / name.decode(), os.O_RDWR)
+    fcntl.fcntl(held, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    try:
+        error, nodeid, _ = srv.lookup(fuse.ROOT_ID, name)
+        assert error == 0
+        error, fh = srv.open(nodeid, os.O_RDWR)
+        assert error == 0
+        fe = srv.fe
+        fe.unique = srv.next_unique()
+        waiting = fe.start(fuse.Opcode.SETLKW, nodeid,
+                           fuse.LK_IN.pack(fh, 7, 0, fuse.OFFSET_MAX, fcntl.F_WRLCK, 0, 0, 0))
+        with pytest.raises(TimeoutError):  # it really waits for the host's lock
+            fe.wait_used(1, timeout=0.3)
+        interrupt = fe.start(fuse.Opcode.INTERRUPT, 0, fuse.INTERRUPT_IN.pack(waiting.unique),
+                             q=0, out_size=0)
+        assert fe.finish_all([waiting, interrupt], timeout=5) == [(-errno.EINTR, b""), (0, b"")]
+        srv.unique = fe.unique
+        srv.release(nodeid, fh)
+        srv.forget(nodeid, 1)
+    finally:
+        os.close(held)
+
+
+def test_queue0_is_served_by_the_template(tmp_path: Path) -> None:
+    """One request queue: the supervisor has two children, the template (serving queue 0,
+    named so) and queue 1's worker. FORGET, BATCH_FORGET and INTERRUPT on queue 0 act
+    and are counted; the template killed, queue 0 comes back in a new template, which
+    clones the next request worker; a stopped and restarted queue 0 (GET_VRING_BASE,
+    then SET_VRING_KICK) leaves the template cloning in between and serving after."""
+    with serve(tmp_path, "--posix-lock", num_queues=2) as srv:
+        for name in (b"a", b"b", b"c"):
+            (srv.share / name.decode()).write_bytes(b"x")
+        hosting = srv.workers[0]
+        processes_become(srv, {hosting: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        assert ppid_and_name(srv.workers[1])[0] == srv.proc.pid
+
+        before = queue0_requests(srv.proc.pid)
+        forgotten_on_queue0(srv, [b"a", b"b"], batch=True)
+        forgotten_on_queue0(srv, [b"c"], batch=False)
+        interrupted_setlkw(srv, b"a")
+        assert queue0_requests(srv.proc.pid) == before + 3
+
+        # the process serving queue 0 killed: a new template serves it, and clones
+        mark = srv.mark()
+        os.kill(hosting, signal.SIGKILL)
+        srv.expect_log(mark, rf"queue 0: worker {hosting} died")
+        hosting = srv.workers[0] = latest_worker(srv, 0, hosting)
+        processes_become(srv, {hosting: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        forgotten_on_queue0(srv, [b"b"], batch=True)
+        old = srv.workers[1]
+        os.kill(old, signal.SIGKILL)
+        srv.workers[1] = latest_worker(srv, 1, old)
+        processes_become(srv, {hosting: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        srv.assert_serves(1)
+        interrupted_setlkw(srv, b"b")
+        assert "cloning the worker directly" not in srv.log()
+
+        # queue 0 stopped: the template stays, idle, and still clones
+        fe = srv.fe
+        index, base = vu.decode_vring_state(fe.call(R.GET_VRING_BASE, vu.VRING_STATE.pack(0, 0)))
+        assert index == 0
+        processes_become(srv, {hosting: "pyvfs-template", srv.workers[1]: "pyvfs-q1"})
+        old = srv.workers[1]
+        os.kill(old, signal.SIGKILL)
+        srv.workers[1] = latest_worker(srv, 1, old)
+        processes_become(srv, {hosting: "pyvfs-template", srv.workers[1]: "pyvfs-q1"})
+        srv.assert_serves(1)
+        # and started again: the same template serves it
+        mark = srv.mark()
+        assert fe.ack(R.SET_VRING_BASE, vu.VRING_STATE.pack(0, base)) == 0
+        ring = fe.rings[0]
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        assert fe.ack(R.SET_VRING_KICK, vu.U64.pack(0), [kick]) == 0
+        os.close(ring.kick)
+        ring.kick = kick
+        assert fe.ack(R.SET_VRING_ENABLE, vu.VRING_STATE.pack(0, 1)) == 0
+        srv.expect_log(mark, rf"queue 0: worker {hosting} started")
+        processes_become(srv, {hosting: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        forgotten_on_queue0(srv, [KNOWN, b"c"], batch=True)
+        interrupted_setlkw(srv, b"c")
+        assert "Traceback" not in srv.log()
