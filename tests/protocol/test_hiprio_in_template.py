@@ -18,6 +18,7 @@ from daemon.protocol import fuse
 from daemon.protocol import vhost_user as vu
 from daemon.stats.queue_stats import QueueStats, segment_name
 from shm_table import InodeTable
+from tests.protocol.test_control_plane import Hang
 from tests.protocol.test_hostile_guest import KNOWN, Served, serve, worker_pids
 from tests.protocol.test_worker_template import children, ppid_and_name
 
@@ -164,3 +165,41 @@ def test_queue0_is_served_by_the_template(tmp_path: Path) -> None:
         forgotten_on_queue0(srv, [KNOWN, b"c"], batch=True)
         interrupted_setlkw(srv, b"c")
         assert "Traceback" not in srv.log()
+
+
+def test_queue0_asleep_in_the_host_does_not_hold_up_clones(tmp_path: Path) -> None:
+    """A guest makes the template sleep in a host openat on queue 0 (an OPEN of a file
+    the test holds a lease on). A request worker killed meanwhile is back within a second
+    (the template is given up after half a second and the supervisor clones it), queue 0
+    comes back in a new template (which replays the OPEN and sleeps again until the
+    lease goes), and once the lease is gone queue 0 answers again and the template
+    clones the next request worker itself."""
+    with serve(tmp_path, num_queues=2) as srv:
+        hang = Hang(srv, "lease", 0)
+        try:
+            template = srv.workers[0]
+            hang(template)
+            mark = srv.mark()
+            old = srv.workers[1]
+            started = time.monotonic()
+            os.kill(old, signal.SIGKILL)
+            srv.workers[1] = latest_worker(srv, 1, old)
+            assert time.monotonic() - started < 1.5
+            srv.expect_log(mark, rf"worker template {template}: .*did not answer; cloning "
+                           "the worker directly")
+            srv.assert_serves(1)
+            srv.workers[0] = latest_worker(srv, 0, template)
+            assert template not in children(srv.proc.pid)  # killed and reaped
+            hang(srv.workers[0])  # the new template replays the OPEN
+        finally:
+            hang.release()
+        [(error, _)] = srv.fe.finish_all(list(hang.pending.values()))  # type: ignore[arg-type]
+        assert error == 0
+        processes_become(srv, {srv.workers[0]: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        forgotten_on_queue0(srv, [KNOWN], batch=False)
+        mark = srv.mark()
+        old = srv.workers[1]
+        os.kill(old, signal.SIGKILL)
+        srv.workers[1] = latest_worker(srv, 1, old)
+        srv.assert_serves(1)
+        assert "cloning the worker directly" not in srv.log()[mark:]
