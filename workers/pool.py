@@ -224,8 +224,8 @@ class WorkerPool:
                 answer = control.decode(answered.result())
                 if not answer.get("ok"):
                     raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
-                if worker.hosted and message.get("op") == control.OP_STOP:
-                    self._hosting_ended(worker)
+                if message.get("op") == control.OP_STOP and self._hosting() is worker:
+                    self._hosting_ended(worker)  # (a template given up exits instead)
                 return answer
             if worker.exited.done() or answered.done():
                 return None  # it died (its exit is handled in _reap)
