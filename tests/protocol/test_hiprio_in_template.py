@@ -20,6 +20,7 @@ from daemon.stats.queue_stats import QueueStats, segment_name
 from shm_table import InodeTable
 from tests.protocol.test_control_plane import Hang
 from tests.protocol.test_hostile_guest import KNOWN, Served, serve, worker_pids
+from tests.protocol.test_live_upgrade import upgrade
 from tests.protocol.test_worker_template import children, ppid_and_name
 
 HOSTING = "pyvfs-tmpl+q0"
@@ -203,3 +204,23 @@ def test_queue0_asleep_in_the_host_does_not_hold_up_clones(tmp_path: Path) -> No
         srv.workers[1] = latest_worker(srv, 1, old)
         srv.assert_serves(1)
         assert "cloning the worker directly" not in srv.log()[mark:]
+
+
+def test_live_upgrade_while_the_template_serves_queue0(tmp_path: Path) -> None:
+    """--sandbox none: the old template goes on serving queue 0 while the new code starts
+    (it clones no more), then exits when the new program stops it; the new program's
+    template serves queue 0, no old process is left, and FORGET and INTERRUPT on queue
+    0 act as before."""
+    with serve(tmp_path, "--posix-lock", "--sandbox", "none", num_queues=2) as srv:
+        for name in (b"a", b"b"):
+            (srv.share / name.decode()).write_bytes(b"x")
+        old = dict(srv.workers)
+        mark = srv.mark()
+        assert "live upgrade 1, serving" in upgrade(srv)
+        srv.expect_log(mark, "old workers stopped")
+        for q in (0, 1):
+            srv.workers[q] = latest_worker(srv, q, old[q])
+        processes_become(srv, {srv.workers[0]: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        forgotten_on_queue0(srv, [b"a", b"b"], batch=True)
+        interrupted_setlkw(srv, b"a")
+        srv.assert_serves(1)
