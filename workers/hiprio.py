@@ -31,7 +31,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable
+from typing import NoReturn
 
 import msgpack
 
@@ -42,16 +42,12 @@ from workers.control import QueueSetup
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import QueueWorker
+from workers.template import Clone
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
 HOSTING_NAME = "pyvfs-tmpl+q0"  # the template while it serves queue 0 (15 bytes at most)
 IDLE_NAME = "pyvfs-template"  # workers/template.py names it so at its start
-
-# one request on the clone socket (workers/template.py): its bytes, and what the clone
-# must do first in its own address space
-Answer = Callable[[bytes, Callable[[], None]], None]
-
 
 class StopHosting(Exception):
     """OP_STOP answered: back to the template's loop."""
@@ -63,7 +59,7 @@ class HostedQueue(QueueWorker):
 
     def __init__(self, setup: QueueSetup, fs: PassthroughFs, control_sock: socket.socket,
                  interrupts: InterruptBoard, inflight: InflightRecords | None,
-                 requests: socket.socket, answer: Answer) -> None:
+                 requests: socket.socket, answer: Clone) -> None:
         super().__init__(setup, fs, control_sock, interrupts, inflight)
         self.requests: socket.socket | None = requests
         self.answer = answer
@@ -99,7 +95,7 @@ class HostedQueue(QueueWorker):
         if self.dirty_log is not None:
             self.dirty_log.close()
 
-    def stopped(self) -> None:  # type: ignore[override]
+    def stopped(self) -> NoReturn:
         if self.requests is None:
             os._exit(0)  # nobody to clone for any more: end as any worker does
         self.control.detach()  # the supervisor closes its number once it has the answer
@@ -109,7 +105,7 @@ class HostedQueue(QueueWorker):
 def serve_hosted(setup: QueueSetup, fs: PassthroughFs, control_fd: int,
                  interrupts: InterruptBoard, lock_mutex_fd: int, stats: QueueStats | None,
                  inflight: InflightRecords | None, requests: socket.socket,
-                 answer: Answer) -> None:
+                 answer: Clone) -> None:
     """In the template: answer the supervisor's request for queue 0's worker with our pid,
     serve the ring until OP_STOP, then return (to cloning); never when the ring cannot be
     served (the process exits, so the supervisor sees its worker die, as from a clone)."""

@@ -35,7 +35,7 @@ from workers.hiprio import serve_hosted
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import worker_main  # imported here so workers start warm
-from workers.template import Template, our_children
+from workers.template import Clone, Template, our_children
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -137,8 +137,7 @@ class WorkerPool:
                     self.supervisor_pid, lock_mutex_fd, self.stats, self.inflight, signals_set=True)
 
     def _host(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int,
-              requests: socket.socket, answer: Callable[[bytes, Callable[[], None]], None],
-              ) -> None:
+              requests: socket.socket, answer: Clone) -> None:
         """In the template: serve queue 0 there until it stops (workers/hiprio.py)."""
         serve_hosted(setup, self.fs, control_fd, self.interrupts, lock_mutex_fd, self.stats,
                      self.inflight, requests, answer)

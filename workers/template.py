@@ -46,11 +46,13 @@ SPAWN_TIMEOUT = 0.5
 StartWorker = Callable[[QueueSetup, int, int], NoReturn]
 # in the template, before it clones a worker for this ring: make what every worker uses
 Prepare = Callable[[QueueSetup], None]
+# in the template: answer one request read from the clone socket; the function given runs
+# first in the clone (in its own address space)
+Clone = Callable[[bytes, Callable[[], None]], None]
 # in the template, for queue 0: serve it here (workers/hiprio.py) with this control socket
-# fd and lock-owner mutex fd, answering the clone socket's requests with the function
-# given, until the ring stops
-Host = Callable[[QueueSetup, int, int, socket.socket, Callable[[bytes, Callable[[], None]],
-                                                                None]], None]
+# fd and lock-owner mutex fd until the ring stops, answering the clone socket's requests
+# meanwhile with the Clone given
+Host = Callable[[QueueSetup, int, int, socket.socket, Clone], None]
 
 
 class Template:
@@ -174,27 +176,30 @@ def _serve(sock: socket.socket, start_worker: StartWorker, prepare: Prepare,
     if os.getppid() != supervisor:
         os._exit(1)  # the supervisor died before PDEATHSIG was set
 
-    def clone_while_hosting(data: bytes, in_clone: Callable[[], None]) -> None:
-        _answer(sock, data, start_worker, prepare, None, in_clone)
+    def clone(data: bytes, in_clone: Callable[[], None]) -> None:
+        _answer(sock, data, start_worker, prepare, in_clone=in_clone)
+
+    def serve_queue0(setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> None:
+        assert host is not None
+        host(setup, control_fd, lock_mutex_fd, sock, clone)
 
     while True:
         data = sock.recv(65536)
         if not data:
             os._exit(0)  # the supervisor closed its end
-        _answer(sock, data, start_worker, prepare, host, None, clone_while_hosting)
+        _answer(sock, data, start_worker, prepare, serve_queue0 if host else None)
 
 
 def _answer(sock: socket.socket, data: bytes, start_worker: StartWorker, prepare: Prepare,
-            host: Host | None, in_clone: Callable[[], None] | None,
-            clone_while_hosting: Callable[[bytes, Callable[[], None]], None] | None = None,
-            ) -> None:
-    """One request: clone a worker for the ring and answer its pid, or (``host``) serve
-    queue 0 in this process until it stops. ``in_clone`` runs first in a clone made while
-    queue 0 is served here; a second request for queue 0 then is refused (EBUSY)."""
+            serve_queue0: Callable[[QueueSetup, int, int], None] | None = None,
+            in_clone: Callable[[], None] | None = None) -> None:
+    """One request: clone a worker for the ring and answer its pid, or (``serve_queue0``)
+    serve queue 0 in this process until it stops. ``in_clone`` runs first in a clone made
+    while queue 0 is served here; a second request for queue 0 then is refused (EBUSY)."""
     fields, control_fd, lock_mutex_fd = msgpack.unpackb(data)
     setup = QueueSetup(*fields)
-    if setup.index == 0 and host is not None and clone_while_hosting is not None:
-        host(setup, control_fd, lock_mutex_fd, sock, clone_while_hosting)
+    if setup.index == 0 and serve_queue0 is not None:
+        serve_queue0(setup, control_fd, lock_mutex_fd)
         return
     if setup.index == 0 and in_clone is not None:
         sock.send(msgpack.packb(-errno.EBUSY))
