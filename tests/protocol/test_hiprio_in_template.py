@@ -224,3 +224,44 @@ def test_live_upgrade_while_the_template_serves_queue0(tmp_path: Path) -> None:
         forgotten_on_queue0(srv, [b"a", b"b"], batch=True)
         interrupted_setlkw(srv, b"a")
         srv.assert_serves(1)
+
+
+def test_a_flooded_queue0_still_clones_promptly(tmp_path: Path) -> None:
+    """A guest keeps queue 0 full for two seconds (BATCH_FORGETs of 65,536 unknown
+    nodeids each, the ring refilled as it is used): a request worker killed meanwhile is
+    cloned by the template (no fallback to the supervisor) within half a second, while
+    queue 0 is still being flooded; every BATCH_FORGET is consumed."""
+    with serve(tmp_path, num_queues=2) as srv:
+        fe = srv.fe
+        n = 65536
+        arg = fuse.BATCH_FORGET_IN.pack(n, 0) + b"".join(
+            fuse.FORGET_ONE.pack((1 << 40) | i, 1) for i in range(n))
+        hdr = fuse.IN_HEADER.pack(fuse.IN_HEADER_SIZE + len(arg), fuse.Opcode.BATCH_FORGET,
+                                  srv.next_unique(), 0, 0, 0, 1, 0, 0)
+        [(gpa, length, _)] = fe.make_buffers([hdr + arg], [])
+        ring = fe.rings[0]
+        outstanding = 0
+        for _ in range(ring.size - 1):
+            fe.submit_descs(0, [(gpa, length, 0)])
+            outstanding += 1
+        old = srv.workers[1]
+        started = time.monotonic()
+        killed_at = restarted_at = 0.0
+        while time.monotonic() - started < 2 or not restarted_at:
+            assert time.monotonic() - started < 10, srv.log()
+            fe.wait_used(0, timeout=5)
+            fe.submit_descs(0, [(gpa, length, 0)])  # one used, one more in its place
+            now = time.monotonic()
+            if not killed_at and now - started > 0.5:
+                os.kill(old, signal.SIGKILL)
+                killed_at = now
+            elif killed_at and not restarted_at and worker_pids(srv.log())[1] != old:
+                restarted_at = now
+        assert restarted_at - killed_at < 0.5, restarted_at - killed_at
+        assert time.monotonic() - restarted_at > 0.5  # the flood went on after the clone
+        for _ in range(outstanding):
+            fe.wait_used(0, timeout=10)
+        assert "cloning the worker directly" not in srv.log()
+        srv.workers[1] = worker_pids(srv.log())[1]
+        processes_become(srv, {srv.workers[0]: HOSTING, srv.workers[1]: "pyvfs-q1"})
+        srv.assert_serves(1)
