@@ -64,6 +64,9 @@ def mb(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
 
+ROLE_ORDER = ["supervisor", "template", "template+hiprio", "hiprio", "request worker"]
+
+
 def kinds(proc: dict[str, Any]) -> str:
     """The process's role, with queue numbers folded: one request worker stands for all."""
     role = proc["role"]
@@ -125,8 +128,7 @@ def write_markdown(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]])
             if not rs:
                 continue
             load = [p for r in rs for p in r["load"]]
-            roles = sorted({kinds(p) for p in load}, key=["supervisor", "template", "hiprio",
-                                                         "request worker"].index)
+            roles = sorted({kinds(p) for p in load}, key=ROLE_ORDER.index)
             for role in roles:
                 ps = [p for p in load if kinds(p) == role]
                 n = len(ps) // len(rs)

@@ -43,8 +43,9 @@ class ProcMemory:
 
 def role_of(pid: int, root: int, order: dict[int, int]) -> str:
     """The process's part in the daemon: its name (a worker names itself ``pyvfs-qN``,
-    the process workers are cloned from ``pyvfs-template``; older commits did not, then
-    children are named by start order: queue 0 first)."""
+    the process workers are cloned from ``pyvfs-template``, ``pyvfs-tmpl+q0`` while it
+    serves queue 0 too; older commits did not, then children are named by start order:
+    queue 0 first)."""
     if pid == root:
         return "supervisor"
     try:
@@ -54,6 +55,8 @@ def role_of(pid: int, root: int, order: dict[int, int]) -> str:
         comm = ""
     if comm == "pyvfs-template":
         return "template"
+    if comm == "pyvfs-tmpl+q0":  # the template serving queue 0 (workers/hiprio.py)
+        return "template+hiprio"
     if comm.startswith("pyvfs-q"):
         return "hiprio" if comm == "pyvfs-q0" else f"queue {comm[7:]}"
     return f"child {order.get(pid, '?')}"

@@ -32,10 +32,11 @@ from workers import control
 from workers.control import QueueSetup
 from workers.dispatch import shared_dispatch
 from workers.fast_path import FastPathContext
+from workers.hiprio import serve_hosted
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import QueueWorker, worker_main  # imported: workers start warm
-from workers.template import Template, our_children
+from workers.template import Clone, Template, our_children
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -75,6 +76,7 @@ class Worker:
     lock_mutex_fd: int = -1  # its own description of the lock-owner table's memfd
     exited: asyncio.Future[int] | None = None  # its wait status, once reaped
     killed: bool = False  # SIGKILL sent: it never runs user code again
+    hosted: bool = False  # queue 0 served by the template process (workers/hiprio.py)
 
 
 class WorkerPool:
@@ -102,7 +104,8 @@ class WorkerPool:
         Only once the supervisor's objects are what workers need (the state loaded)."""
         if self.template is None:
             self.supervisor_pid = os.getpid()  # as the template's copy of us will see it
-            self.template = Template(self._start_worker, self._prepare, freeze_heap)
+            self.template = Template(self._start_worker, self._prepare, freeze_heap,
+                                     self._host)
 
     def _spawn(self, setup: QueueSetup, theirs: socket.socket, lock_mutex_fd: int) -> int:
         self.warm()
@@ -135,14 +138,29 @@ class WorkerPool:
         worker_main(setup, self.fs, socket.socket(fileno=control_fd), self.interrupts,
                     self.supervisor_pid, lock_mutex_fd, self.stats, self.inflight, signals_set=True)
 
+    def _host(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int,
+              requests: socket.socket, answer: Clone) -> None:
+        """In the template: serve queue 0 there until it stops (workers/hiprio.py)."""
+        serve_hosted(setup, self.fs, control_fd, self.interrupts, lock_mutex_fd, self.stats,
+                     self.inflight, requests, answer)
+
+    def _hosting(self) -> Worker | None:
+        """Queue 0's worker when the template serves it."""
+        t = self.template
+        return next((w for w in self.workers if w.hosted and t is not None and w.pid == t.pid),
+                    None)
+
     def close_template(self, keep_workers: bool = False) -> None:
         """Kill the template (a live upgrade: it shares the fd table the program is about
         to leave, and would keep every fd in it open); the next start makes a new one.
         ``keep_workers``: the current workers live on (they serve while the new code
         starts, workers/handover/warm.py); no other child is killed either way."""
         if self.template is not None:
-            # it is not giving up on a worker: leave every other child alone (a successor)
-            self.template.close(known=our_children())
+            if keep_workers and self._hosting() is not None:
+                self.template.release()  # queue 0's worker: it serves on, cloning no more
+            else:
+                # it is not giving up on a worker: leave every other child alone (a successor)
+                self.template.close(known=our_children())
             self.template = None
 
     def killed_on(self, queue: int) -> bool:
@@ -163,7 +181,8 @@ class WorkerPool:
         peer_fd = theirs.detach()  # the worker's end stays open in the shared table
         ours.setblocking(False)
         worker = Worker(pid, ours, peer_fd, setup.index, os.pidfd_open(pid), lock_mutex_fd,
-                        self.loop.create_future())
+                        self.loop.create_future(),
+                        hosted=self.template is not None and pid == self.template.pid)
         self.workers.add(worker)
         self.loop.add_reader(worker.pidfd, self._reap, worker)
         log.info("queue %d: worker %d started", setup.index, pid)
@@ -206,6 +225,8 @@ class WorkerPool:
                 answer = control.decode(answered.result())
                 if not answer.get("ok"):
                     raise OSError(errno.EIO, f"worker {worker.pid}: {answer.get('error')}")
+                if message.get("op") == control.OP_STOP and self._hosting() is worker:
+                    self._hosting_ended(worker)  # (a template given up exits instead)
                 return answer
             if worker.exited.done() or answered.done():
                 return None  # it died (its exit is handled in _reap)
@@ -246,6 +267,11 @@ class WorkerPool:
         self.loop.remove_reader(worker.pidfd)
         self._release_fds(worker)
         self.workers.discard(worker)
+        if worker.hosted and self.template is not None and self.template.pid == worker.pid:
+            # the template died with queue 0: the next start clones a new one
+            self.template.reaped = True
+            self.template.close(known=our_children())  # (it was cloning nothing)
+            self.template = None
         assert worker.exited is not None
         if not worker.exited.done():
             worker.exited.set_result(status)
@@ -254,6 +280,18 @@ class WorkerPool:
             for fd in table.take_orphaned_fds():
                 close_quietly(fd)
         self.on_exit(worker, status)
+
+    def _hosting_ended(self, worker: Worker) -> None:
+        """Queue 0's template stopped serving it and went back to cloning: to everyone
+        else, its worker exited (the process lives on, as the template, and is no
+        longer watched as a worker)."""
+        assert self.loop is not None and worker.exited is not None
+        self.loop.remove_reader(worker.pidfd)
+        self._release_fds(worker)
+        self.workers.discard(worker)
+        if not worker.exited.done():
+            worker.exited.set_result(0)
+        self.on_exit(worker, 0)
 
     def _release_fds(self, worker: Worker) -> None:
         if worker.control.fileno() >= 0 and self.loop is not None and not self.loop.is_closed():

@@ -168,6 +168,7 @@ class QueueWorker(WorkerRequests):
         ep.register(self.control.fileno(), select.EPOLLIN)
         ep.register(self.kick_fd, select.EPOLLIN)
         self.epoll = ep
+        self.watch(ep)
         s = self.serve
         s.epoll_fd = ep.fileno()
         self.serve_resumed()
@@ -301,12 +302,21 @@ class QueueWorker(WorkerRequests):
             reply["last_avail"] = self.queue.last_avail_idx
             reply["parked"] = self.parked.export(PARKED_HANDED_ON)
             self.control.send(control.encode(reply))
-            os._exit(0)
+            self.stopped()
         else:
             reply = {"ok": False, "error": f"unknown op {op!r}"}
         self.control.send(control.encode(reply))
         if op in (control.OP_ENABLE, control.OP_MEM, control.OP_KICK):
             self.start_draining()
+
+    def watch(self, ep: select.epoll) -> None:
+        """Register fds besides the kick and control ones in the serve loop's epoll (a
+        readable one ends pyvfs_serve as the control socket does: handle_control)."""
+
+    def stopped(self) -> NoReturn:
+        """OP_STOP was answered: the worker's process ends (workers/hiprio.py's queue 0,
+        served in the template, goes back to cloning instead)."""
+        os._exit(0)
 
     # ----- one request -----------------------------------------------------------
 

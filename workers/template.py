@@ -46,14 +46,22 @@ SPAWN_TIMEOUT = 0.5
 StartWorker = Callable[[QueueSetup, int, int], NoReturn]
 # in the template, before it clones a worker for this ring: make what every worker uses
 Prepare = Callable[[QueueSetup], None]
+# in the template: answer one request read from the clone socket; the function given runs
+# first in the clone (in its own address space)
+Clone = Callable[[bytes, Callable[[], None]], None]
+# in the template, for queue 0: serve it here (workers/hiprio.py) with this control socket
+# fd and lock-owner mutex fd until the ring stops, answering the clone socket's requests
+# meanwhile with the Clone given
+Host = Callable[[QueueSetup, int, int, socket.socket, Clone], None]
 
 
 class Template:
     """The supervisor's handle on the template process."""
 
     def __init__(self, start_worker: StartWorker, prepare: Prepare,
-                 freeze: Callable[[], None]) -> None:
-        """Clone the template; ``freeze`` readies the heap for sharing first (pool.py)."""
+                 freeze: Callable[[], None], host: Host | None = None) -> None:
+        """Clone the template; ``freeze`` readies the heap for sharing first (pool.py);
+        ``host`` serves queue 0 in the template rather than in a clone."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor = os.getpid()
         freeze()
@@ -61,7 +69,7 @@ class Template:
         if pid == 0:
             try:  # the child must never unwind into the supervisor's code
                 ours.detach()  # shared fd table: closing it here would close it for everyone
-                _serve(theirs, start_worker, prepare, supervisor)
+                _serve(theirs, start_worker, prepare, supervisor, host)
             finally:
                 os._exit(1)
         self.pid = pid
@@ -84,6 +92,14 @@ class Template:
         if pid < 0:
             raise OSError(-pid, f"worker template: clone: {os.strerror(-pid)}")
         return pid
+
+    def release(self) -> None:
+        """Give the template up without killing it, for it serves queue 0 and goes on
+        doing so (a live upgrade whose old workers serve on): it clones no more, closes
+        its end of the socket, and exits when queue 0 stops, as a worker does. It stays
+        our child, reaped as queue 0's worker."""
+        self.sock.close()
+        self.reaped = True  # not ours to reap any more: the worker's
 
     def close(self, known: Collection[int] = ()) -> None:
         """Kill and reap the template (its workers live on: they are our children); then
@@ -150,33 +166,59 @@ def quiet_fork_hooks() -> None:
 
 
 def _serve(sock: socket.socket, start_worker: StartWorker, prepare: Prepare,
-           supervisor: int) -> NoReturn:
-    """The template's life: wait for a request, clone a worker, answer its pid."""
+           supervisor: int, host: Host | None = None) -> NoReturn:
+    """The template's life: wait for a request, clone a worker (or serve queue 0 here),
+    answer its pid."""
     lib.pyvfs_set_pdeathsig(signal.SIGKILL)
     name_process("pyvfs-template")
     worker_signals()  # once here rather than in every worker (each call writes to pages)
     quiet_fork_hooks()
     if os.getppid() != supervisor:
         os._exit(1)  # the supervisor died before PDEATHSIG was set
+
+    def clone(data: bytes, in_clone: Callable[[], None]) -> None:
+        _answer(sock, data, start_worker, prepare, in_clone=in_clone)
+
+    def serve_queue0(setup: QueueSetup, control_fd: int, lock_mutex_fd: int) -> None:
+        assert host is not None
+        host(setup, control_fd, lock_mutex_fd, sock, clone)
+
     while True:
         data = sock.recv(65536)
         if not data:
             os._exit(0)  # the supervisor closed its end
-        fields, control_fd, lock_mutex_fd = msgpack.unpackb(data)
-        setup = QueueSetup(*fields)
+        _answer(sock, data, start_worker, prepare, serve_queue0 if host else None)
+
+
+def _answer(sock: socket.socket, data: bytes, start_worker: StartWorker, prepare: Prepare,
+            serve_queue0: Callable[[QueueSetup, int, int], None] | None = None,
+            in_clone: Callable[[], None] | None = None) -> None:
+    """One request: clone a worker for the ring and answer its pid, or (``serve_queue0``)
+    serve queue 0 in this process until it stops. ``in_clone`` runs first in a clone made
+    while queue 0 is served here; a second request for queue 0 then is refused (EBUSY)."""
+    fields, control_fd, lock_mutex_fd = msgpack.unpackb(data)
+    setup = QueueSetup(*fields)
+    if setup.index == 0 and serve_queue0 is not None:
+        serve_queue0(setup, control_fd, lock_mutex_fd)
+        return
+    if setup.index == 0 and in_clone is not None:
+        sock.send(msgpack.packb(-errno.EBUSY))
+        return
+    try:
+        prepare(setup)
+    except Exception:  # noqa: BLE001 - the worker makes it then, and reports what fails
+        pass
+    gc.freeze()  # what this loop made stays out of the worker's collections too
+    try:
+        pid = clone_sibling_bare()  # one thread here: nothing for fork hooks to repair
+    except OSError as e:
+        sock.send(msgpack.packb(-(e.errno or errno.EAGAIN)))
+        return
+    if pid == 0:
         try:
-            prepare(setup)
-        except Exception:  # noqa: BLE001 - the worker makes it then, and reports what fails
-            pass
-        gc.freeze()  # what this loop made stays out of the worker's collections too
-        try:
-            pid = clone_sibling_bare()  # one thread here: nothing for fork hooks to repair
-        except OSError as e:
-            sock.send(msgpack.packb(-(e.errno or errno.EAGAIN)))
-            continue
-        if pid == 0:
-            try:
-                start_worker(setup, control_fd, lock_mutex_fd)
-            finally:
-                os._exit(1)
-        sock.send(msgpack.packb(pid))
+            if in_clone is not None:
+                in_clone()
+            start_worker(setup, control_fd, lock_mutex_fd)
+        finally:
+            os._exit(1)
+    sock.send(msgpack.packb(pid))

@@ -51,7 +51,7 @@ def test_server_and_workers_are_filtered(tmp_path: Path, mode: str) -> None:
         err, made = front.fuse(fuse.Opcode.MKDIR, 1, struct.pack("<II", 0o700, 0) + b"d\0")
         assert err == 0
         statuses = {seccomp_status(p) for p in family(proc.pid)}
-        assert len(family(proc.pid)) == 4  # supervisor, the workers' template, two workers
+        assert len(family(proc.pid)) == 3  # supervisor, the template (serving queue 0), a worker
         log = log_of(proc)
     if mode == "kill":
         assert {s[0] for s in statuses} == {2} and min(s[1] for s in statuses) >= 1

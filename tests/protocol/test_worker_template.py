@@ -64,16 +64,17 @@ def restarted(srv: Served, q: int, old: int) -> int:
 
 
 def test_workers_are_the_supervisors_children_cloned_from_the_template(tmp_path: Path) -> None:
-    """One template, named so; every queue's worker is the supervisor's child (reaped and
-    PDEATHSIG'd by it) and names its queue; a request worker has fewer private pages than
-    the supervisor (cloned from the supervisor, each had as many: ~3 MB)."""
+    """One template, which serves queue 0 (workers/hiprio.py) and is named so; every
+    request queue's worker is the supervisor's child (reaped and PDEATHSIG'd by it) and
+    names its queue; a request worker has fewer private pages than the supervisor (cloned
+    from the supervisor, each had as many: ~3 MB)."""
     with serve(tmp_path, num_queues=3) as srv:
         assert reads_known(srv, 1) == KNOWN_DATA and reads_known(srv, 2) == KNOWN_DATA
         kids = children(srv.proc.pid)
-        templates = [pid for pid, name in kids.items() if name == "pyvfs-template"]
-        assert len(templates) == 1, kids
-        for q, pid in srv.workers.items():
-            assert kids.get(pid) == f"pyvfs-q{q}", (q, pid, kids)
+        assert len(kids) == 3, kids
+        assert kids.get(srv.workers[0]) == "pyvfs-tmpl+q0", kids
+        for q in (1, 2):
+            assert kids.get(srv.workers[q]) == f"pyvfs-q{q}", (q, kids)
         supervisor = private_dirty_kb(srv.proc.pid)
         for q in (1, 2):
             mine = private_dirty_kb(srv.workers[q])
@@ -82,18 +83,25 @@ def test_workers_are_the_supervisors_children_cloned_from_the_template(tmp_path:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_worker_restarts_when_the_template_is_gone(tmp_path: Path, how: int) -> None:
-    """SIGKILL or SIGSTOP the template, then a worker: the supervisor clones the
-    replacement itself (a stopped template is waited for half a second, then killed and
-    reaped), the ring is served again, and the next restart has a new template."""
+    """SIGKILL or SIGSTOP the template (queue 0's worker too), then a request worker.
+    Killed: queue 0 is restarted at once in a new template, which clones the request
+    worker's replacement. Stopped: the supervisor waits half a second for it, kills and
+    reaps it, and clones the replacement itself; queue 0 then restarts in a new template.
+    Every ring is served again, and the next restart is cloned by the new template."""
     with serve(tmp_path, num_queues=3) as srv:
-        template = next(pid for pid, name in children(srv.proc.pid).items()
-                        if name == "pyvfs-template")
+        template = srv.workers[0]
+        assert children(srv.proc.pid)[template] == "pyvfs-tmpl+q0"
         os.kill(template, how)
+        if how == signal.SIGKILL:
+            srv.workers[0] = restarted(srv, 0, template)
         old = srv.workers[1]
         os.kill(old, signal.SIGKILL)
         srv.workers[1] = restarted(srv, 1, old)
-        assert "cloning the worker directly" in srv.log()
+        assert ("cloning the worker directly" in srv.log()) == (how == signal.SIGSTOP)
+        if how == signal.SIGSTOP:
+            srv.workers[0] = restarted(srv, 0, template)
         assert reads_known(srv, 1) == KNOWN_DATA
+        assert reads_known(srv, 0) == KNOWN_DATA
         assert ppid_and_name(srv.workers[1]) == (srv.proc.pid, "pyvfs-q1")
         assert template not in children(srv.proc.pid)  # reaped, not left a zombie
 
@@ -102,4 +110,5 @@ def test_a_worker_restarts_when_the_template_is_gone(tmp_path: Path, how: int) -
         srv.workers[2] = restarted(srv, 2, old)
         assert reads_known(srv, 2) == KNOWN_DATA
         names = sorted(children(srv.proc.pid).values())
-        assert names == ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2", "pyvfs-template"], names
+        assert names == ["pyvfs-q1", "pyvfs-q2", "pyvfs-tmpl+q0"], names
+        assert ppid_and_name(srv.workers[2]) == (srv.proc.pid, "pyvfs-q2")

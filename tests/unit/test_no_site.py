@@ -62,7 +62,7 @@ def serve_and_look(tmp_path: Path) -> tuple[list[str], list[bool], str]:
         try:
             fe.setup(2)
             fe.init()
-            pids = daemon_processes(proc, 4)  # supervisor, template, hiprio and request workers
+            pids = daemon_processes(proc, 3)  # supervisor, template+hiprio, request worker
             hooked = ["_decimal" in Path(f"/proc/{pid}/maps").read_text() for pid in pids]
         finally:
             fe.close()
@@ -76,7 +76,7 @@ def test_site_hooks_do_not_run_in_the_daemon(user_site_hook: Path, tmp_path: Pat
     argv, hooked, log = serve_and_look(tmp_path)
     assert argv[1:6] == ["-S", "-P", "-OO", "-m", "supervisor"], argv
     assert "--shared-dir" in argv and "--sandbox" in argv  # its arguments carried over
-    assert hooked == [False] * 4, log
+    assert hooked == [False] * 3, log
     assert "sharing" in log
 
 
@@ -85,7 +85,7 @@ def test_pyvirtiofsd_site_keeps_the_interpreter(user_site_hook: Path, tmp_path: 
     monkeypatch.setenv("PYVIRTIOFSD_SITE", "1")
     argv, hooked, _ = serve_and_look(tmp_path)
     assert "-S" not in argv
-    assert hooked == [True] * 4
+    assert hooked == [True] * 3
 
 
 def test_listening_fd_survives_the_reexec(tmp_path: Path) -> None:

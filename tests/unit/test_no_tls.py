@@ -66,7 +66,7 @@ def test_running_daemon_maps_no_openssl(tmp_path: Path) -> None:
         try:
             fe.setup(2)
             fe.init()
-            pids = daemon_processes(proc, 4)  # supervisor, template, hiprio and request workers
+            pids = daemon_processes(proc, 3)  # supervisor, template+hiprio, request worker
             for pid in pids:
                 maps = Path(f"/proc/{pid}/maps").read_text()
                 assert "libcrypto" not in maps and "libssl" not in maps, pid
