@@ -77,6 +77,7 @@ class Worker:
     exited: asyncio.Future[int] | None = None  # its wait status, once reaped
     killed: bool = False  # SIGKILL sent: it never runs user code again
     hosted: bool = False  # queue 0 served by the template process (workers/hiprio.py)
+    awaited: asyncio.Future[bytes] | None = None  # the answer an ask() waits for
 
 
 class WorkerPool:
@@ -198,6 +199,7 @@ class WorkerPool:
             return None
         loop, sock = self.loop, worker.control
         answered: asyncio.Future[bytes] = loop.create_future()
+        worker.awaited = answered  # a worker that answers and exits: _reap reads it
 
         def readable() -> None:
             try:
@@ -265,6 +267,7 @@ class WorkerPool:
         except ChildProcessError:
             status = 0  # reaped elsewhere (shutdown)
         self.loop.remove_reader(worker.pidfd)
+        self._take_last_answer(worker)
         self._release_fds(worker)
         self.workers.discard(worker)
         if worker.hosted and self.template is not None and self.template.pid == worker.pid:
@@ -292,6 +295,21 @@ class WorkerPool:
         if not worker.exited.done():
             worker.exited.set_result(0)
         self.on_exit(worker, 0)
+
+    @staticmethod
+    def _take_last_answer(worker: Worker) -> None:
+        """A worker that answers OP_STOP exits at once: its pidfd may be seen before its
+        answer is read, and closing the socket then would lose the answer (with it the
+        SETLKWs it handed on). Read it now if an ask() waits for it."""
+        awaited, worker.awaited = worker.awaited, None
+        if awaited is None or awaited.done() or worker.control.fileno() < 0:
+            return
+        try:
+            data = worker.control.recv(control.MAX_MESSAGE, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if data:
+            awaited.set_result(data)
 
     def _release_fds(self, worker: Worker) -> None:
         if worker.control.fileno() >= 0 and self.loop is not None and not self.loop.is_closed():
