@@ -64,7 +64,7 @@ from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.pool import WorkerPool, close_quietly
 from workers.rings import RingHandlers
-from workers.template import quiet_fork_hooks
+from workers.template.process import quiet_fork_hooks
 
 log = logging.getLogger("pyvirtiofsd")
 

@@ -55,7 +55,7 @@ def role_of(pid: int, root: int, order: dict[int, int]) -> str:
         comm = ""
     if comm == "pyvfs-template":
         return "template"
-    if comm == "pyvfs-tmpl+q0":  # the template serving queue 0 (workers/hiprio.py)
+    if comm == "pyvfs-tmpl+q0":  # the template serving queue 0 (workers/template/hiprio.py)
         return "template+hiprio"
     if comm.startswith("pyvfs-q"):
         return "hiprio" if comm == "pyvfs-q0" else f"queue {comm[7:]}"

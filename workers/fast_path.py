@@ -68,7 +68,7 @@ class FastPathContext:
     @classmethod
     def shared(cls, fs: PassthroughFs, enabled: bool) -> FastPathContext:
         """One context per file system and switch, made once: by the workers' template
-        before it clones them (workers/template.py), so a worker refers to it instead of
+        before it clones them (workers/template/process.py), so a worker refers to it instead of
         building its own (which wrote to ~0.45 MB of pages it shared with the template:
         the settings, the opcode table, the tables' C entry points). The context holds
         only addresses that are the same in every clone and settings fixed at start-up."""

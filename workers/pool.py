@@ -32,11 +32,11 @@ from workers import control
 from workers.control import QueueSetup
 from workers.dispatch import shared_dispatch
 from workers.fast_path import FastPathContext
-from workers.hiprio import serve_hosted
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import QueueWorker, worker_main  # imported: workers start warm
-from workers.template import Clone, Template, our_children
+from workers.template.hiprio import serve_hosted
+from workers.template.process import Clone, Template, our_children
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -76,7 +76,7 @@ class Worker:
     lock_mutex_fd: int = -1  # its own description of the lock-owner table's memfd
     exited: asyncio.Future[int] | None = None  # its wait status, once reaped
     killed: bool = False  # SIGKILL sent: it never runs user code again
-    hosted: bool = False  # queue 0 served by the template process (workers/hiprio.py)
+    hosted: bool = False  # queue 0 served by the template process (workers/template/hiprio.py)
     awaited: asyncio.Future[bytes] | None = None  # the answer an ask() waits for
 
 
@@ -96,7 +96,7 @@ class WorkerPool:
         self.on_kill = on_kill  # when a worker is killed: it no longer serves its ring
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workers: set[Worker] = set()
-        self.template: Template | None = None  # clones the workers (workers/template.py)
+        self.template: Template | None = None  # clones the workers (workers/template/process.py)
         self.supervisor_pid = os.getpid()
 
     def warm(self) -> None:
@@ -141,7 +141,7 @@ class WorkerPool:
 
     def _host(self, setup: QueueSetup, control_fd: int, lock_mutex_fd: int,
               requests: socket.socket, answer: Clone) -> None:
-        """In the template: serve queue 0 there until it stops (workers/hiprio.py)."""
+        """In the template: serve queue 0 there until it stops (workers/template/hiprio.py)."""
         serve_hosted(setup, self.fs, control_fd, self.interrupts, lock_mutex_fd, self.stats,
                      self.inflight, requests, answer)
 
@@ -171,7 +171,7 @@ class WorkerPool:
 
     def start(self, setup: QueueSetup) -> Worker:
         """Start a worker (sharing our fd table) that serves ``setup``'s ring: cloned by
-        the template process (workers/template.py), or by us if the template is gone."""
+        the template process (workers/template/process.py), or by us if the template is gone."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -314,7 +314,7 @@ class QueueWorker(WorkerRequests):
         readable one ends pyvfs_serve as the control socket does: handle_control)."""
 
     def stopped(self) -> NoReturn:
-        """OP_STOP was answered: the worker's process ends (workers/hiprio.py's queue 0,
+        """OP_STOP was answered: the worker's process ends (workers/template/hiprio.py's queue 0,
         served in the template, goes back to cloning instead)."""
         os._exit(0)
 

@@ -21,7 +21,7 @@ and clone3 whatever their flags, and no ioctl at all):
   (TIOCSTI, FICLONE, a device's requests) meets the mode's action.
 * clone: only with CLONE_FILES|SIGCHLD, the workers' template's (``pyvfs_clone_files``),
   and with CLONE_FILES|CLONE_PARENT|SIGCHLD, the workers' (``pyvfs_clone_sibling``,
-  workers/template.py); the server makes no threads and forks nothing else once the
+  workers/template/process.py); the server makes no threads and forks nothing else once the
   filter is in (the sandbox forks before). So no namespace flag (CLONE_NEWUSER...), no
   thread. clone3 passes its flags in memory, out of a filter's sight: it fails with
   ENOSYS, which makes glibc fall back to clone.

@@ -36,8 +36,9 @@ def _confinement(pid: int) -> tuple:
         return ()
 
 
-# the process workers are cloned from (workers/template.py) while it serves no queue; serving
-# queue 0 (workers/hiprio.py) it is named pyvfs-tmpl+q0 and counts as that queue's worker
+# the process workers are cloned from (workers/template/process.py) while it serves no
+# queue; serving queue 0 (workers/template/hiprio.py) it is named pyvfs-tmpl+q0 and counts
+# as that queue's worker
 TEMPLATE_NAME = "pyvfs-template"
 
 

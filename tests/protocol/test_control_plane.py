@@ -443,8 +443,8 @@ def in_openat(pid: int) -> bool:
 
 def children(pid: int) -> dict[int, str]:
     """pid's children and their states (from every /proc/<p>/stat's ppid), less the
-    process the workers are cloned from (workers/template.py) while it serves no queue
-    (serving queue 0, workers/hiprio.py, it is named otherwise and counts)."""
+    process the workers are cloned from (workers/template/process.py) while it serves no queue
+    (serving queue 0, workers/template/hiprio.py, it is named otherwise and counts)."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -1,5 +1,5 @@
 """The high-priority queue (0) is served by the worker template, not by a process of its
-own (workers/hiprio.py): a real daemon with one request queue, its real processes, the
+own (workers/template/hiprio.py): a real daemon with one request queue, its real processes, the
 shared inode table and the FUSE answers a guest sees."""
 
 from __future__ import annotations

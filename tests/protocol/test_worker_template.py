@@ -1,4 +1,4 @@
-"""Workers are cloned from a still template process (workers/template.py), not from the
+"""Workers are cloned from a still template process (workers/template/process.py), not from the
 supervisor, so that the supervisor's activity after a clone does not make the worker's
 pages private: a real daemon, its real processes, their /proc figures."""
 
@@ -64,7 +64,7 @@ def restarted(srv: Served, q: int, old: int) -> int:
 
 
 def test_workers_are_the_supervisors_children_cloned_from_the_template(tmp_path: Path) -> None:
-    """One template, which serves queue 0 (workers/hiprio.py) and is named so; every
+    """One template, which serves queue 0 (workers/template/hiprio.py) and is named so; every
     request queue's worker is the supervisor's child (reaped and PDEATHSIG'd by it) and
     names its queue; a request worker has fewer private pages than the supervisor (cloned
     from the supervisor, each had as many: ~3 MB)."""

@@ -1,4 +1,4 @@
-"""Queue 0, the high-priority queue, served inside the worker template (workers/template.py)
+"""Queue 0, the high-priority queue, served inside the worker template (workers/template/process.py)
 rather than by a process of its own.
 
 Why: the guest sends only FORGET, BATCH_FORGET and INTERRUPT there, a trickle that C
@@ -42,12 +42,12 @@ from workers.control import QueueSetup
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
 from workers.queue_worker import QueueWorker
-from workers.template import Clone
+from workers.template.process import Clone
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
 HOSTING_NAME = "pyvfs-tmpl+q0"  # the template while it serves queue 0 (15 bytes at most)
-IDLE_NAME = "pyvfs-template"  # workers/template.py names it so at its start
+IDLE_NAME = "pyvfs-template"  # workers/template/process.py names it so at its start
 
 class StopHosting(Exception):
     """OP_STOP answered: back to the template's loop."""

@@ -49,7 +49,7 @@ Prepare = Callable[[QueueSetup], None]
 # in the template: answer one request read from the clone socket; the function given runs
 # first in the clone (in its own address space)
 Clone = Callable[[bytes, Callable[[], None]], None]
-# in the template, for queue 0: serve it here (workers/hiprio.py) with this control socket
+# in the template, for queue 0: serve it here (workers/template/hiprio.py) with this control socket
 # fd and lock-owner mutex fd until the ring stops, answering the clone socket's requests
 # meanwhile with the Clone given
 Host = Callable[[QueueSetup, int, int, socket.socket, Clone], None]
