@@ -146,15 +146,16 @@ def _nothing() -> None:
 
 
 def quiet_fork_hooks() -> None:
-    """In the template only: make threading's and logging's after-fork hooks do nothing
-    in the workers it clones. ``PyOS_AfterFork_Child`` runs them in every clone, and they
-    walk objects all over the heap (the thread registry, every handler's lock): 0.45 MB
-    of pages copied into a bare clone, ~0.15 MB in a worker, which touches some of those
-    pages later anyway. Their work is moot here: the template has
+    """In the supervisor, before it clones the template: make threading's and logging's
+    after-fork hooks do nothing in the processes it clones (the template, and a worker it
+    clones itself when the template is gone; the template clones its workers without any
+    hooks, ``clone_sibling_bare``). ``PyOS_AfterFork_Child`` runs them in every clone, and
+    they walk objects all over the heap (the thread registry, every handler's lock):
+    0.45 MB of pages copied into a bare clone. Their work is moot here: the supervisor has
     one thread, which clones only from its own loop, so no lock of theirs can be held at a
     clone and the thread registry names the one thread there is (``get_ident`` is the
     same in the clone). os.register_at_fork offers no way to take a hook back, so the
-    functions' code is replaced, in this process only."""
+    functions' code is replaced; the template inherits the replacement."""
     import logging
     import threading
 
@@ -172,7 +173,6 @@ def _serve(sock: socket.socket, start_worker: StartWorker, prepare: Prepare,
     lib.pyvfs_set_pdeathsig(signal.SIGKILL)
     name_process("pyvfs-template")
     worker_signals()  # once here rather than in every worker (each call writes to pages)
-    quiet_fork_hooks()
     if os.getppid() != supervisor:
         os._exit(1)  # the supervisor died before PDEATHSIG was set
 
