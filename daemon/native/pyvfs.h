@@ -18,8 +18,6 @@
 long pyvfs_clone_files(void);
 long pyvfs_clone_sibling(void);
 int pyvfs_set_name(const char *name);
-int pyvfs_setfsuid(unsigned int uid);
-int pyvfs_setfsgid(unsigned int gid);
 long pyvfs_getdents64(int fd, char *buf, size_t len);
 int pyvfs_fchownat_empty(int fd, unsigned int uid, unsigned int gid);
 int pyvfs_errno(void);

@@ -36,10 +36,6 @@ int pyvfs_set_name(const char *name) {
     return prctl(PR_SET_NAME, name, 0, 0, 0);
 }
 
-/* setfsuid/setfsgid act on the calling thread only, unlike os.setresuid. */
-int pyvfs_setfsuid(unsigned int uid) { return setfsuid(uid); }
-int pyvfs_setfsgid(unsigned int gid) { return setfsgid(gid); }
-
 long pyvfs_getdents64(int fd, char *buf, size_t len) {
     return syscall(SYS_getdents64, fd, buf, len);
 }
@@ -93,12 +89,8 @@ int pyvfs_set_pdeathsig(int sig) {
     return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
 }
 
-/* Back to the daemon's own fs ids after a request made files as the guest's caller.
-   The kernel clears the parent-death signal on every credential change, fsuid
-   included, so a worker that ever served a request as another uid outlived a killed
-   supervisor (its control socket never reads EOF: the shared fd table keeps the
-   other end open). Re-arm it, and go now if the supervisor died meanwhile. */
-/* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's, and
+/* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's
+   (setfsuid/setfsgid act on the calling thread only, unlike os.setresuid), and
    pyvfs_own_fsids switches back where this returns 1. A caller with the daemon's own ids
    (a root guest process with a root daemon) needs no switch: setfsuid/setfsgid to the
    ids in force change nothing (the kernel discards the new credentials, and the
@@ -112,6 +104,11 @@ int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
     return 1;
 }
 
+/* Back to the daemon's own fs ids after a request made files as the guest's caller.
+   The kernel clears the parent-death signal on every credential change, fsuid
+   included, so a worker that ever served a request as another uid outlived a killed
+   supervisor (its control socket never reads EOF: the shared fd table keeps the
+   other end open). Re-arm it, and go now if the supervisor died meanwhile. */
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid) {
     setfsuid(uid);
     setfsgid(gid);
