@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def test_syslog_without_a_syslog_daemon_falls_back_to_stderr(tmp_path: Path) -> 
     nobody.touch()
     with dev_log_replaced_by(nobody) as wrapper, \
             pyvirtiofsd(share, tmp_path / "vfs.sock", "--syslog", wrapper=wrapper) as proc:
-        pass
-    log = daemon_log(proc)  # read once it stopped: "sharing" may follow the socket's bind
+        # "sharing" follows the socket's bind: stopped before it, the daemon never says it
+        deadline = time.monotonic() + 10
+        while f"sharing {share}" not in daemon_log(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log = daemon_log(proc)
     assert "--syslog: no syslog daemon on /dev/log (Connection refused); logging to " \
            "standard error instead" in log
     assert f"sharing {share}" in log
