@@ -1,4 +1,5 @@
-"""Random FUSE requests from a hostile guest, on two request queues at once.
+"""Random FUSE requests from a hostile guest, on the high-priority queue (which the worker
+template serves, workers/template/hiprio.py) and two request queues at once.
 
 Each seed sends a few thousand requests built from every opcode the daemon knows and some
 it does not, with argument structs that are sometimes well formed, sometimes random,
@@ -9,7 +10,7 @@ callers' uids. They go to the C fast path and to Python alike.
 What the guest must see, request by request: a reply to every request that has one (a
 used element as long as the reply's own header says, for the request it was sent as,
 with an errno in range), and no reply to FORGET and BATCH_FORGET. Afterwards: the daemon
-and the same workers are alive and serve LOOKUP + READ of a known file on both queues,
+and the same workers are alive and serve LOOKUP + READ of a known file on every queue,
 nothing beside the share changed, and the log has no traceback (an exception the daemon
 did not expect is a bug even when it is answered EIO).
 
@@ -38,6 +39,9 @@ UNKNOWN_OPCODES = [0, 7, 19, 52, 99, 4096, 0xFFFFFFFF]
 OUT_ROOM = 65536 + 4096
 READ_ROOM = 16384 + 4096
 REQUESTS_PER_SEED = 2500
+# a guest may send anything on queue 0 too, where the template answers clone requests
+# between its chains
+QUEUES = (0, 1, 2)
 
 NAMES = [KNOWN, b"d", b"escape", b"new", b"new2", b".", b"..", b"a/b", b"/etc", b"",
          b"x" * 255, b"y" * 256, b"z" * 4000, b"\xff\xfe", b"..\0hidden", b"sub"]
@@ -71,7 +75,7 @@ class Fuzzer:
         # buffers reused by every request (the test front-end's allocator never frees)
         fe = srv.fe
         self.bufs = {q: (fe.alloc(READ_ROOM), fe.alloc(READ_ROOM), fe.alloc(OUT_ROOM))
-                     for q in (1, 2)}
+                     for q in QUEUES}
 
     # ----- value pools -----------------------------------------------------------
 
@@ -213,7 +217,7 @@ class Fuzzer:
         arg = self.build(op)
         nodeid = self.nodeid()
         uid = 0 if r.random() < 0.8 else r.choice([1000, 65534, 0xFFFFFFFF])
-        q = r.choice([1, 2])
+        q = r.choice(QUEUES)
         srv = self.srv
         unique = srv.next_unique()
         self.unique_of_last = unique
@@ -293,7 +297,7 @@ def test_random_requests_never_break_the_daemon(tmp_path: Path, seed: int) -> No
             known.unlink()
         known.write_bytes(KNOWN_DATA)
         os.chmod(srv.share, 0o755)
-        srv.assert_alive(queues=(1, 2))
+        srv.assert_alive(queues=QUEUES)
         assert outside_snapshot(base, srv.share) == before
         log = srv.log()
         assert "Traceback" not in log, log[-4000:]
@@ -333,7 +337,7 @@ def test_random_descriptor_chains_never_break_the_daemon(tmp_path: Path, seed: i
         pattern = rng.randbytes(CANARY_SIZE)
         fe.mem[fe.off(canary) : fe.off(canary) + CANARY_SIZE] = pattern
         write_area = fe.alloc(8 * 8192, 4096)
-        tables = {q: fe.alloc(16 * 8, 16) for q in (1, 2)}
+        tables = {q: fe.alloc(16 * 8, 16) for q in QUEUES}
         end = GUEST_BASE + fe.size
 
         def outside() -> int:
@@ -349,7 +353,7 @@ def test_random_descriptor_chains_never_break_the_daemon(tmp_path: Path, seed: i
             return canary + rng.randrange(CANARY_SIZE)
 
         for _ in range(CHAINS_PER_SEED):
-            q = rng.choice([1, 2])
+            q = rng.choice(QUEUES)
             ring = fe.rings[q]
             # the request itself sits at the start of the canary's first page, which
             # descriptors read; it is restored after each chain
@@ -417,5 +421,5 @@ def test_random_descriptor_chains_never_break_the_daemon(tmp_path: Path, seed: i
             fe.mem[fe.off(canary) : fe.off(canary) + len(raw)] = pattern[: len(raw)]
             assert bytes(fe.mem[fe.off(canary) : fe.off(canary) + CANARY_SIZE]) == pattern, \
                 f"the daemon wrote into memory the chain only let it read: {descs}"
-        srv.assert_alive(queues=(1, 2))
+        srv.assert_alive(queues=QUEUES)
         assert "Traceback" not in srv.log()
