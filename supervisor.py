@@ -62,7 +62,7 @@ from workers.handover.live_upgrade import UPGRADE, HandOver, LiveUpgrade
 from workers.handover.migration import DeviceStateHandlers, DirtyLogHandlers
 from workers.inflight import InflightRecords
 from workers.interrupts import InterruptBoard
-from workers.pool import WorkerPool, close_quietly
+from workers.pool import WorkerPool, close_quietly, freeze_heap
 from workers.rings import RingHandlers
 from workers.template.process import quiet_fork_hooks
 
@@ -778,6 +778,8 @@ def serve(args: types.SimpleNamespace) -> int:
                 carried["fd_store"] = store = fd_store.FdStore(notifier.sock)
                 if resumed is not None:  # what the store holds from before: synced anew
                     store.stored = dict.fromkeys(resumed.get("fd_store_names", ()), (0, 0))
+            quiet_fork_hooks()
+            freeze_heap()
             try:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,

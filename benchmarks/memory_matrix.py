@@ -64,7 +64,8 @@ def mb(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
 
-ROLE_ORDER = ["supervisor", "template", "template+hiprio", "hiprio", "request worker"]
+ROLE_ORDER = ["outside", "keeper", "supervisor", "template", "template+hiprio", "hiprio",
+              "request worker"]
 
 
 def kinds(proc: dict[str, Any]) -> str:

@@ -117,16 +117,51 @@ def read_process(pid: int, role: str, detail: bool = False) -> ProcMemory | None
     return m
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def sandbox_roles(root: int) -> dict[int, str]:
+    """With a sandbox the process started stays outside and waits for the server it
+    forked (both daemons); pyvirtiofsd's server is then a keeper, which clones the
+    supervisor (workers/handover/keeper.py). Those processes by pid; {} without one."""
+    kids = _children(root)
+    if len(kids) != 1:
+        return {}
+    server = kids[0]
+    if _comm(server) == "pyvfs-keeper":
+        inner = [k for k in _children(server) if not _comm(k).startswith("pyvfs-")]
+        return {root: "outside", server: "keeper", **({inner[0]: "supervisor"} if inner
+                                                        else {})}
+    if _comm(server).startswith("pyvfs-"):
+        return {}  # a template or worker: no sandbox
+    return {root: "outside", server: "supervisor"}
+
+
 def snapshot(root: int, detail: bool = False) -> list[ProcMemory]:
     """Every process of the daemon whose main process is ``root``."""
     pids = process_tree(root)
     order = {p: i for i, p in enumerate(sorted(p for p in pids if p != root))}
+    named = sandbox_roles(root)
     out = []
     for pid in pids:
-        m = read_process(pid, role_of(pid, root, order), detail)
+        m = read_process(pid, named.get(pid) or role_of(pid, root, order), detail)
         if m is not None:
             out.append(m)
-    return sorted(out, key=lambda m: (m.role != "supervisor", m.role != "hiprio", m.pid))
+    first = ("outside", "keeper", "supervisor", "hiprio")
+    return sorted(out, key=lambda m: (first.index(m.role) if m.role in first else 9, m.pid))
 
 
 def total(procs: list[ProcMemory], key: str = "pss") -> int:

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.host import handover
+from daemon.native._sys import ffi, lib
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -124,7 +125,7 @@ class Outside:
             forward(signum, frame)
             upgrade.append(True)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # should one come while Python runs
             signal.signal(sig, forward)
         signal.signal(signal.SIGHUP, reload)
         received: dict[int, int] = {}  # fds a server hands over (live upgrade)
@@ -132,27 +133,24 @@ class Outside:
         sock = self.handover_sock
         if sock is not None:
             sock.setblocking(False)
+        status = ffi.new("int *")
         while True:
             if upgrade and self.exec_first and sock is not None and not received:
                 self.exec_successor()  # the server serves while the new code starts
-            if sock is not None and not complete:
+            # the wait and the forwarding are C: see pyvfs_wait_child
+            watch = sock.fileno() if sock is not None and not complete else -1
+            event = lib.pyvfs_wait_child(self.pid, watch, status)
+            if event == lib.PYVFS_CHILD_HUP:
+                upgrade.append(True)
+                continue
+            if event == lib.PYVFS_CHILD_FD_READY:
                 # read while the server sends: it may send more than the socket buffers
-                select.select([sock], [], [], 0.1)
                 complete = handover.receive_fds(sock, received)
-                try:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
-                except ChildProcessError:
-                    return 1
-                if pid == 0:
-                    continue
-            else:
-                try:
-                    _, status = os.waitpid(self.pid, 0)
-                except InterruptedError:
-                    continue
-                except ChildProcessError:
-                    return 1
-            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+                continue
+            if event < 0:  # not our child any more
+                return 1
+            code = (os.waitstatus_to_exitcode(status[0]) if os.WIFEXITED(status[0])
+                    else 1)
             if code == handover.HANDED_OVER and sock is not None:
                 complete = complete or handover.receive_fds(sock, received)
                 self.take_over(received if complete else {})

@@ -33,6 +33,11 @@ int pyvfs_utimensat(int dirfd, const char *path, long long a_sec, long a_nsec,
 int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                     const char *newpath, unsigned int flags);
 int pyvfs_set_pdeathsig(int sig);
+#define PYVFS_CHILD_EXITED 0
+#define PYVFS_CHILD_HUP 1
+#define PYVFS_CHILD_FD_READY 2
+int pyvfs_wait_child(int pid, int fd, int *status);
+int pyvfs_set_subreaper(void);
 int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
                        unsigned int own_gid);
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid);

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -9,8 +10,10 @@
 #include <string.h>
 #include <sys/fsuid.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
@@ -87,6 +90,78 @@ int pyvfs_set_pdeathsig(int sig) {
     pdeath_sig = sig;
     pdeath_parent = getppid();
     return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
+}
+
+/* A process that only waits for the server it started (the process outside the sandbox,
+   the keeper) waits here, in C: any Python it ran while waiting would write to pages it
+   still shares with the server, and each such page is then kept twice (the server has
+   written most of them since). SIGTERM and SIGINT are forwarded to the child; SIGHUP is
+   forwarded and returned (a live upgrade); ``fd`` (-1: none) becoming readable is
+   returned. The three signals and SIGCHLD are blocked while it waits and the caller's
+   mask is back on return, so one that arrives while Python runs reaches its handler.
+   Without an fd it sleeps in sigwaitinfo (no fd of its own: the keeper shares the
+   server's fd table); with one, in poll on that fd and a signalfd. Returns
+   PYVFS_CHILD_EXITED with the wait status in *status, PYVFS_CHILD_HUP,
+   PYVFS_CHILD_FD_READY, or -errno. */
+int pyvfs_wait_child(int pid, int fd, int *status) {
+    sigset_t wanted, old;
+    sigemptyset(&wanted);
+    sigaddset(&wanted, SIGTERM);
+    sigaddset(&wanted, SIGINT);
+    sigaddset(&wanted, SIGHUP);
+    sigaddset(&wanted, SIGCHLD);
+    if (sigprocmask(SIG_BLOCK, &wanted, &old) < 0)
+        return -errno;
+    int sfd = -1, ret;
+    if (fd >= 0 && (sfd = signalfd(-1, &wanted, SFD_CLOEXEC)) < 0) {
+        ret = -errno;
+        goto out;
+    }
+    for (;;) {
+        pid_t r = waitpid(pid, status, WNOHANG); /* after blocking: no SIGCHLD is lost */
+        if (r == pid) {
+            ret = PYVFS_CHILD_EXITED;
+            break;
+        }
+        if (r < 0 && errno != EINTR) {
+            ret = -errno;
+            break;
+        }
+        int sig = 0;
+        if (sfd >= 0) {
+            struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+            if (poll(p, 2, -1) < 0 && errno != EINTR) {
+                ret = -errno;
+                break;
+            }
+            if (p[1].revents & POLLIN) {
+                struct signalfd_siginfo info;
+                if (read(sfd, &info, sizeof info) == (ssize_t)sizeof info)
+                    sig = (int)info.ssi_signo;
+            } else if (p[0].revents) {
+                ret = PYVFS_CHILD_FD_READY;
+                break;
+            }
+        } else {
+            sig = sigwaitinfo(&wanted, NULL);
+        }
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
+            kill(pid, sig);
+        if (sig == SIGHUP) {
+            ret = PYVFS_CHILD_HUP;
+            break;
+        }
+    }
+out:
+    if (sfd >= 0)
+        close(sfd);
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    return ret;
+}
+
+/* Orphaned descendants become ours (the keeper: a dead supervisor's workers). */
+int pyvfs_set_subreaper(void) {
+    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 }
 
 /* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's

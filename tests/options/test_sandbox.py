@@ -21,7 +21,7 @@ import pytest
 
 from daemon.protocol import fuse
 from tests.support.daemon import REPO, daemon_log, pyvirtiofsd
-from tests.support.frontend import Frontend
+from tests.support.frontend import Frontend, reclaim
 
 # runs the daemon as uid 1000 in a user namespace (mapped to the host's root, so the
 # interpreter under /root stays reachable): the unprivileged code path, on any machine
@@ -139,6 +139,44 @@ def test_sigterm_stops_the_sandboxed_server(tmp_path: Path) -> None:
         assert proc.wait(10) == 0
         front.close()
     for pid in [server, *workers]:
+        assert not Path(f"/proc/{pid}").exists()
+    assert not sock.exists() and segments(proc.pid) == []
+
+
+def switches(pid: int) -> int:
+    """How often the process has gone to sleep (voluntary context switches)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f
+                    if line.startswith("voluntary_ctxt_switches:"))
+
+
+def test_waiting_processes_sleep_and_forward_sigint(tmp_path: Path) -> None:
+    """The process outside and the keeper only wait for the server: they do not wake
+    while it serves (their Python would write to pages they share with it, each then
+    kept twice; an idle host must not pay for polls either), and an operator's ^C
+    (SIGINT) at the process outside reaches the server through both, which then stops
+    and leaves nothing behind."""
+    share, sock = make_share(tmp_path)
+    with pyvirtiofsd(share, sock, "--sandbox", "namespace") as proc:
+        front = Frontend(str(sock))
+        front.setup(2)
+        front.init()
+        keeper = children(proc.pid)[0]
+        with open(f"/proc/{keeper}/comm") as f:
+            assert f.read().strip() == "pyvfs-keeper"
+        server = server_pid(proc.pid)
+        assert children(keeper) == [server]
+        before = {pid: switches(pid) for pid in (proc.pid, keeper)}
+        for _ in range(200):  # the server and its workers serve meanwhile
+            assert front.lookup(1, b"f")[0] == 0
+            reclaim(front, 1)
+        time.sleep(1.0)
+        assert {pid: switches(pid) for pid in (proc.pid, keeper)} == before
+        workers = descendants(server)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        front.close()
+    for pid in [keeper, server, *workers]:
         assert not Path(f"/proc/{pid}").exists()
     assert not sock.exists() and segments(proc.pid) == []
 

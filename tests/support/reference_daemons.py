@@ -1,6 +1,10 @@
 """The three daemons under test, behind one start/stop interface.
 
 * ``pyvirtiofsd``: this repository (``python -m supervisor ... --sandbox none``).
+
+A name may end in ``+namespace`` or ``+chroot``: the same daemon with that ``--sandbox``
+(the default an operator and libvirt run is ``namespace``; the benchmarks' plain names run
+``none``, which needs no privileges).
 * ``rust``: Rust virtiofsd 1.13.2: the release's ``virtiofsd`` package from Debian 13 on;
   on Debian 12 trixie's, unpacked with trixie's libc (``tests/support/reference.py``).
 * ``c``: QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``, package qemu-system-common):
@@ -47,6 +51,7 @@ class Daemon:
     max_request_queues: int
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
+    sandbox: str = "none"  # --sandbox
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
         raise NotImplementedError
@@ -124,7 +129,7 @@ class PyVirtiofsd(Daemon):
         # commits before the start-up wiring moved into supervisor.py start as daemon.cli
         entry = "daemon.cli" if (self.tree / "daemon" / "cli.py").exists() else "supervisor"
         return [sys.executable, "-m", entry, "--shared-dir", str(shared_dir),
-                "--socket-path", str(socket_path), "--sandbox", "none"]
+                "--socket-path", str(socket_path), "--sandbox", self.sandbox]
 
     def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
         socket_path = Path(socket_path)
@@ -152,7 +157,7 @@ class RustVirtiofsd(Daemon):
 
     def command(self, shared_dir: Path, socket_path: Path) -> list[str]:
         return [*reference.rust_command(), f"--socket-path={socket_path}",
-                f"--shared-dir={shared_dir}", "--sandbox=none"]
+                f"--shared-dir={shared_dir}", f"--sandbox={self.sandbox}"]
 
     def start(self, shared_dir: str | Path, socket_path: str | Path) -> subprocess.Popen[bytes]:
         reference.note_rust_origin()
@@ -185,14 +190,26 @@ DAEMONS: dict[str, type[Daemon]] = {"pyvirtiofsd": PyVirtiofsd, "rust": RustVirt
                                     "c": CVirtiofsd}
 
 
+SANDBOXES = ("namespace", "chroot")
+
+
 def make(name: str) -> Daemon:
     """A daemon by name; ``pyvirtiofsd@REV`` is pyvirtiofsd at another commit, so a change
-    can be measured against what came before in the same interleaved run."""
-    if name.startswith("pyvirtiofsd@"):
-        daemon = PyVirtiofsd(rev=name.split("@", 1)[1])
+    can be measured against what came before in the same interleaved run; a ``+namespace``
+    or ``+chroot`` suffix runs it with that --sandbox (C virtiofsd: not offered)."""
+    base, _, sandbox = name.partition("+")
+    if sandbox and (sandbox not in SANDBOXES or base.startswith("c")):
+        raise ValueError(f"{name}: the suffix is +namespace or +chroot, for pyvirtiofsd "
+                         "or rust")
+    if base.startswith("pyvirtiofsd@"):
+        daemon: Daemon = PyVirtiofsd(rev=base.split("@", 1)[1])
+    else:
+        daemon = DAEMONS[base]()
+    if sandbox:
+        daemon.sandbox = sandbox
+    if name != daemon.name:
         daemon.name = daemon.label = name
-        return daemon
-    return DAEMONS[name]()
+    return daemon
 
 
 def process_tree(pid: int) -> list[int]:

@@ -17,7 +17,6 @@ journalled yet.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
@@ -31,12 +30,11 @@ from daemon.fs.lock_owners import LockOwners
 from daemon.fs.proc_fd import proc_open
 from daemon.host import handover, sandbox
 from daemon.host.process import clone_shared_fds
-from daemon.native._sys import lib
+from daemon.native._sys import ffi, lib
 from shm_table import HandleTable, InodeTable
 
 log = logging.getLogger("pyvirtiofsd")
 
-PR_SET_NAME, PR_SET_CHILD_SUBREAPER = 15, 36
 WORKERS_WAIT = 3.0  # the dead supervisor's workers die by PDEATHSIG; a task in the
 # kernel may take a moment
 HEADER = struct.Struct("<QII")  # sequence, length of area 0, length of area 1
@@ -99,24 +97,16 @@ def split(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
     if pid == 0:
         lib.pyvfs_set_pdeathsig(signal.SIGKILL)  # the supervisor goes with its keeper
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, b"pyvfs-keeper", 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the workers come to us (chroot)
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # from the outside
-        signal.signal(sig, forward)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+    # from here until the supervisor exits, nothing but C: each page the keeper's Python
+    # wrote would be kept twice, as the supervisor has its own copy of most of them
+    lib.pyvfs_set_name(b"pyvfs-keeper")
+    lib.pyvfs_set_subreaper()  # the workers come to us (chroot)
+    status = ffi.new("int *")
+    # SIGTERM, SIGINT and SIGHUP from the outside are forwarded to the supervisor
+    while (event := lib.pyvfs_wait_child(pid, -1, status)) != lib.PYVFS_CHILD_EXITED:
+        if event < 0:
+            os._exit(1)  # not our child: cannot be
+    status = status[0]
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:  # it exited (a stop, or a live upgrade's handover: 75)
         os._exit(code)
