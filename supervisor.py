@@ -784,7 +784,8 @@ def serve(args: types.SimpleNamespace) -> int:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
                     after_upgrade=resumed is not None,
-                    keeper=lambda: keeper.split(journal, session, inodes, handles))
+                    keeper=lambda pid, status: keeper.keep(journal, session, inodes, handles,
+                                                           pid, status))
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1

@@ -68,9 +68,10 @@ _server_fd_dir = -1  # set in the server once it is inside: see server_fd_direct
 _server_fdinfo_dir = -1  # its fdinfo directory (the locks an fd holds, for migration)
 # the server's end of the socket pair to the process outside, for a live upgrade's fds
 _handover_sock: socket.socket | None = None
-# run in the server before it enters: returns in the process that goes on into the
-# sandbox, stays (never returns) in the one that keeps the fd table (workers/handover/keeper.py)
-_keeper: Callable[[], None] | None = None
+# run in the keeper (the server's first process, which keeps the fd table) once the server
+# it cloned has exited, with its pid and wait status; never returns
+# (workers/handover/keeper.py)
+_keeper: Callable[[int, int], None] | None = None
 
 
 class SandboxError(Exception):
@@ -187,7 +188,7 @@ class Outside:
 
 def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
           gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False,
-          keeper: Callable[[], None] | None = None) -> Outside | None:
+          keeper: Callable[[int, int], None] | None = None) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
@@ -300,27 +301,28 @@ def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
 
 
 def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
-    """Fork the server; it runs ``inside`` once the parent is known to be alive (a pipe
-    the parent holds, so a parent that died first is seen as end of file)."""
+    """Fork the server (C: pyvfs_split); it runs ``inside`` once the parent is known to
+    be alive. With a keeper the child clones the server and stays as its keeper, which
+    runs ``_keeper`` once the server has exited."""
     ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(ready_w)
-        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-        if os.read(ready_r, 1) != b"1":
-            os._exit(1)  # the parent is gone
-        os.close(ready_r)
+    server, status = ffi.new("int *"), ffi.new("int *")
+    pid = lib.pyvfs_split(ready_r, ready_w, int(_keeper is not None), server, status)
+    if pid == lib.PYVFS_SPLIT_KEEPER:  # the keeper, after the server exited
         try:
-            if _keeper is not None:
-                _keeper()  # returns in the process that enters the sandbox
+            _keeper(server[0], status[0])
+        finally:
+            os._exit(1)
+    if pid < 0:
+        os.close(ready_r)
+        os.close(ready_w)
+        raise SandboxError(f"fork: {os.strerror(-pid)}")
+    if pid == 0:
+        try:
             inside()
         except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
             log.error("sandbox: %s", e)
             os._exit(1)
         return None
-    os.close(ready_r)
-    os.write(ready_w, b"1")
-    os.close(ready_w)
     return Outside(pid)
 
 

@@ -159,9 +159,59 @@ out:
     return ret;
 }
 
-/* Orphaned descendants become ours (the keeper: a dead supervisor's workers). */
-int pyvfs_set_subreaper(void) {
-    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+/* The sandbox's split (daemon/host/sandbox.py), in C from the fork until the server
+   runs Python: the process outside, the keeper and the server share every page of the
+   interpreter's heap at the split, and each page one of them writes afterwards is kept
+   twice (thrice, when the keeper had written it too). CPython's fork bookkeeping and the
+   Python around it wrote ~0.9 MB of them in the keeper's process before it cloned the
+   server; that is why there is none: the process has one thread here and holds no lock
+   of the interpreter's, so there is nothing to repair (as for the template's clones).
+
+   fork(); in the parent (the process outside) tell the child it is alive (a byte on
+   ``ready_w``) and return the child's pid. The child arms PR_SET_PDEATHSIG and waits for
+   that byte, so a parent that died first is seen as end of file (exit 1). Without
+   ``with_keeper`` it returns 0: it is the server. Else it clones the server with
+   CLONE_FILES (one fd table for both; 0 is returned there, PDEATHSIG armed) and stays
+   as its keeper (workers/handover/keeper.py): named pyvfs-keeper, subreaper of the
+   server's orphans, waiting in pyvfs_wait_child (which forwards SIGTERM, SIGINT and
+   SIGHUP) until the server exits; then it returns PYVFS_SPLIT_KEEPER with the server's
+   pid and wait status. -errno if the fork fails. */
+long pyvfs_split(int ready_r, int ready_w, int with_keeper, int *server, int *status) {
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid > 0) {
+        close(ready_r);
+        if (write(ready_w, "1", 1) != 1) {
+            /* the child sees end of file and exits: the caller sees its status */
+        }
+        close(ready_w);
+        return pid;
+    }
+    close(ready_w);
+    char alive = 0;
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || read(ready_r, &alive, 1) != 1 ||
+        alive != '1')
+        _exit(1); /* the parent is gone */
+    close(ready_r);
+    if (!with_keeper)
+        return 0;
+    long s = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
+    if (s < 0)
+        _exit(1);
+    if (s == 0) {
+        pyvfs_set_pdeathsig(SIGKILL); /* the server goes with its keeper */
+        return 0;
+    }
+    prctl(PR_SET_NAME, "pyvfs-keeper", 0, 0, 0);
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* the workers come to us (chroot) */
+    *server = (int)s;
+    int event;
+    while ((event = pyvfs_wait_child((int)s, -1, status)) != PYVFS_CHILD_EXITED) {
+        if (event < 0)
+            _exit(1); /* not our child: cannot be */
+    }
+    return PYVFS_SPLIT_KEEPER;
 }
 
 /* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's

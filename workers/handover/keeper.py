@@ -20,17 +20,15 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import signal
 import struct
 import time
+from typing import NoReturn
 
 import msgpack
 
 from daemon.fs.lock_owners import LockOwners
 from daemon.fs.proc_fd import proc_open
 from daemon.host import handover, sandbox
-from daemon.host.process import clone_shared_fds
-from daemon.native._sys import ffi, lib
 from shm_table import HandleTable, InodeTable
 
 log = logging.getLogger("pyvirtiofsd")
@@ -89,24 +87,12 @@ class StateJournal:
                                strict_map_key=False)
 
 
-def split(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
-          handles: HandleTable) -> None:
-    """In the sandboxed server: clone the supervisor (which returns from here) and stay
-    as its keeper (which never returns)."""
-    pid = clone_shared_fds()
-    if pid == 0:
-        lib.pyvfs_set_pdeathsig(signal.SIGKILL)  # the supervisor goes with its keeper
-        return
-    # from here until the supervisor exits, nothing but C: each page the keeper's Python
-    # wrote would be kept twice, as the supervisor has its own copy of most of them
-    lib.pyvfs_set_name(b"pyvfs-keeper")
-    lib.pyvfs_set_subreaper()  # the workers come to us (chroot)
-    status = ffi.new("int *")
-    # SIGTERM, SIGINT and SIGHUP from the outside are forwarded to the supervisor
-    while (event := lib.pyvfs_wait_child(pid, -1, status)) != lib.PYVFS_CHILD_EXITED:
-        if event < 0:
-            os._exit(1)  # not our child: cannot be
-    status = status[0]
+def keep(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
+         handles: HandleTable, pid: int, status: int) -> NoReturn:
+    """In the keeper, once the supervisor it cloned (pid) has exited with ``status``: exit
+    with it, or (killed by a signal) hand its fds on. The clone and the wait before are C
+    (daemon/host/sandbox.py, pyvfs_split): any Python the keeper ran while the supervisor
+    served would write to pages the two share, each then kept twice."""
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:  # it exited (a stop, or a live upgrade's handover: 75)
         os._exit(code)
