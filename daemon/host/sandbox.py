@@ -304,6 +304,9 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
     """Fork the server (C: pyvfs_split); it runs ``inside`` once the parent is known to
     be alive. With a keeper the child clones the server and stays as its keeper, which
     runs ``_keeper`` once the server has exited."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # pyvfs_split skips CPython's fork bookkeeping, which one thread needs not
+        raise SandboxError(f"the daemon runs {threads} threads before entering the sandbox")
     ready_r, ready_w = os.pipe()
     server, status = ffi.new("int *"), ffi.new("int *")
     pid = lib.pyvfs_split(ready_r, ready_w, int(_keeper is not None), server, status)
