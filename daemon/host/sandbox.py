@@ -72,6 +72,8 @@ _handover_sock: socket.socket | None = None
 # it cloned has exited, with its pid and wait status; never returns
 # (workers/handover/keeper.py)
 _keeper: Callable[[int, int], None] | None = None
+# in the process outside: the fd its wait after the split watches (the handover socket)
+_watch_fd = -1
 
 
 class SandboxError(Exception):
@@ -108,6 +110,8 @@ class Outside:
     # our end of the socket pair the server hands its fds over on (live upgrade)
     handover_sock: socket.socket | None = field(default=None)
     exec_first: bool = True  # live upgrade: execute the new code while the server serves
+    # what ended the wait that began right after the fork (pyvfs_split): event, status
+    first: tuple[int, int] | None = None
 
     def wait(self) -> int:
         """Forward stop signals to the sandbox, reap it and return its exit status. A
@@ -140,7 +144,11 @@ class Outside:
                 self.exec_successor()  # the server serves while the new code starts
             # the wait and the forwarding are C: see pyvfs_wait_child
             watch = sock.fileno() if sock is not None and not complete else -1
-            event = lib.pyvfs_wait_child(self.pid, watch, status)
+            if self.first is not None:
+                event, status[0] = self.first
+                self.first = None
+            else:
+                event = lib.pyvfs_wait_child(self.pid, watch, status)
             if event == lib.PYVFS_CHILD_HUP:
                 upgrade.append(True)
                 continue
@@ -193,11 +201,14 @@ def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
     shared_dir = os.path.realpath(shared_dir)
-    global _handover_sock, _keeper
+    global _handover_sock, _keeper, _watch_fd
     _keeper = keeper
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _handover_sock = theirs
+    ours.setblocking(False)  # Outside.wait reads it while the server sends
+    _watch_fd = ours.fileno()  # watched from the moment of the split (pyvfs_split)
     outside = _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
+    _watch_fd = -1
     if outside is None:  # the server
         ours.close()
         return None
@@ -308,25 +319,27 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
     if threads != 1:  # pyvfs_split skips CPython's fork bookkeeping, which one thread needs not
         raise SandboxError(f"the daemon runs {threads} threads before entering the sandbox")
     ready_r, ready_w = os.pipe()
-    server, status = ffi.new("int *"), ffi.new("int *")
-    pid = lib.pyvfs_split(ready_r, ready_w, int(_keeper is not None), server, status)
-    if pid == lib.PYVFS_SPLIT_KEEPER:  # the keeper, after the server exited
+    pid, status = ffi.new("int *"), ffi.new("int *")
+    role = lib.pyvfs_split(ready_r, ready_w, int(_keeper is not None), _watch_fd, pid,
+                           status)
+    if role == lib.PYVFS_SPLIT_KEEPER:  # the keeper, after the server exited
         try:
-            _keeper(server[0], status[0])
+            _keeper(pid[0], status[0])
         finally:
             os._exit(1)
-    if pid < 0:
+    if role < 0:
         os.close(ready_r)
         os.close(ready_w)
-        raise SandboxError(f"fork: {os.strerror(-pid)}")
-    if pid == 0:
+        raise SandboxError(f"fork: {os.strerror(-role)}")
+    if role == 0:
         try:
             inside()
         except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
             log.error("sandbox: %s", e)
             os._exit(1)
         return None
-    return Outside(pid)
+    # the process outside, back from its wait (C) with the first event
+    return Outside(pid[0], first=(role - lib.PYVFS_SPLIT_OUTSIDE, status[0]))
 
 
 def _enter_chroot(shared_dir: str) -> None:
@@ -425,6 +438,8 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         os.write(to_parent_w, b"1")
         if os.read(to_child_r, 1) != b"1":
             os._exit(1)  # the maps could not be written (the parent said why)
+        global _watch_fd
+        _watch_fd = -1  # the handover socket is the process outside's, not this helper's
         server = _split(lambda: _enter_namespaces(0, shared_dir))
         if server is None:
             return None

@@ -38,7 +38,9 @@ int pyvfs_set_pdeathsig(int sig);
 #define PYVFS_CHILD_FD_READY 2
 int pyvfs_wait_child(int pid, int fd, int *status);
 #define PYVFS_SPLIT_KEEPER -100000
-long pyvfs_split(int ready_r, int ready_w, int with_keeper, int *server, int *status);
+#define PYVFS_SPLIT_OUTSIDE 100
+long pyvfs_split(int ready_r, int ready_w, int with_keeper, int watch_fd, int *pid,
+                 int *status);
 int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
                        unsigned int own_gid);
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid);

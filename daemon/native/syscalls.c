@@ -168,25 +168,35 @@ out:
    of the interpreter's, so there is nothing to repair (as for the template's clones).
 
    fork(); in the parent (the process outside) tell the child it is alive (a byte on
-   ``ready_w``) and return the child's pid. The child arms PR_SET_PDEATHSIG and waits for
-   that byte, so a parent that died first is seen as end of file (exit 1). Without
-   ``with_keeper`` it returns 0: it is the server. Else it clones the server with
-   CLONE_FILES (one fd table for both; 0 is returned there, PDEATHSIG armed) and stays
-   as its keeper (workers/handover/keeper.py): named pyvfs-keeper, subreaper of the
-   server's orphans, waiting in pyvfs_wait_child (which forwards SIGTERM, SIGINT and
-   SIGHUP) until the server exits; then it returns PYVFS_SPLIT_KEEPER with the server's
-   pid and wait status. -errno if the fork fails. */
-long pyvfs_split(int ready_r, int ready_w, int with_keeper, int *server, int *status) {
-    pid_t pid = fork();
-    if (pid < 0)
+   ``ready_w``), then wait right here (pyvfs_wait_child, watching ``watch_fd``) and return
+   PYVFS_SPLIT_OUTSIDE plus its first event, with the child's pid in *pid: the parent's
+   Python between the fork and its wait wrote ~0.7 MB of pages the server writes too. The
+   child arms PR_SET_PDEATHSIG and waits for that byte, so a parent that died first is
+   seen as end of file (exit 1). Without ``with_keeper`` it returns 0: it is the server.
+   Else it clones the server with CLONE_FILES (one fd table for both; 0 is returned
+   there, PDEATHSIG armed) and stays as its keeper (workers/handover/keeper.py): named
+   pyvfs-keeper, subreaper of the server's orphans, waiting in pyvfs_wait_child (which
+   forwards SIGTERM, SIGINT and SIGHUP) until the server exits; then it returns
+   PYVFS_SPLIT_KEEPER with the server's pid in *pid and its wait status. -errno if the
+   fork fails. */
+long pyvfs_split(int ready_r, int ready_w, int with_keeper, int watch_fd, int *pid,
+                 int *status) {
+    pid_t child = fork();
+    if (child < 0)
         return -errno;
-    if (pid > 0) {
+    if (child > 0) {
         close(ready_r);
         if (write(ready_w, "1", 1) != 1) {
-            /* the child sees end of file and exits: the caller sees its status */
+            /* the child sees end of file and exits: the wait below sees its status */
         }
         close(ready_w);
-        return pid;
+        *pid = child;
+        int event = pyvfs_wait_child(child, watch_fd, status);
+        if (event < 0) { /* not our child: cannot be; as if it had failed */
+            *status = 1 << 8;
+            event = PYVFS_CHILD_EXITED;
+        }
+        return PYVFS_SPLIT_OUTSIDE + event;
     }
     close(ready_w);
     char alive = 0;
@@ -205,7 +215,7 @@ long pyvfs_split(int ready_r, int ready_w, int with_keeper, int *server, int *st
     }
     prctl(PR_SET_NAME, "pyvfs-keeper", 0, 0, 0);
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* the workers come to us (chroot) */
-    *server = (int)s;
+    *pid = (int)s;
     int event;
     while ((event = pyvfs_wait_child((int)s, -1, status)) != PYVFS_CHILD_EXITED) {
         if (event < 0)
