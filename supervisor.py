@@ -26,6 +26,8 @@ import time
 import types
 from collections.abc import Callable
 
+import posix_ipc
+
 from daemon.fs import proc_fd
 from daemon.fs.migration import MigrationOptions
 from daemon.fs.passthrough import Config, PassthroughFs
@@ -681,23 +683,80 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         apply_compat(args)
+        # executed by a process that waited around the sandboxed server (sandbox.Finish)
+        plan = sandbox.take_plan()
+        exited = os.environ.pop(sandbox.SERVER_EXITED_ENV, None) if plan else None
+        if plan is not None and sandbox.KEEPER_ENV in os.environ:
+            setup_logging(args.log_level, args.syslog)
+            keeper.keep_executed(os.environ.pop(sandbox.KEEPER_ENV), plan)
+        if plan is not None and exited is not None and sandbox.SUCCESSOR_ENV not in os.environ:
+            setup_logging(args.log_level, args.syslog)
+            return finish_outside(args, plan, int(exited))
         validate(args)
         setup_logging(args.log_level, args.syslog)
         log = logging.getLogger("pyvirtiofsd")
         if args.allow_mmap and args.cache not in ("metadata", "never"):
             log.info("--allow-mmap only matters with --cache metadata or never (files are "
                      "not opened direct-io with --cache %s)", args.cache)
-        return serve(args)
+        return serve(args, (plan, int(exited)) if plan and exited is not None else None)
     except UsageError as e:
         sys.stderr.write(usage)
         print(f"pyvirtiofsd: error: {e}", file=sys.stderr)
         return 2
 
 
-def serve(args: types.SimpleNamespace) -> int:
+def finish_outside(args: types.SimpleNamespace, plan: dict, code: int) -> int:
+    """The process outside, executed afresh once the sandboxed server exited
+    (daemon/native/sandbox.c): remove what it made in the host's namespaces, exit with
+    the server's status."""
+    journal = keeper.StateJournal(plan["journal_fd"]) if plan["fd_store"] else None
+    clean_up(args, plan["tables"], plan["info"], journal, plan["systemd_owns_path"], -1)
+    return code
+
+
+def clean_up(args: types.SimpleNamespace, tables: list[str], info: str,
+             journal: keeper.StateJournal | None, systemd_owns_path: bool,
+             pid_fd: int) -> None:
+    """What a daemon leaves when it stops: the shared-memory tables (unless systemd's fd
+    store keeps a connection a restart resumes on: ``journal``), the info segment, the
+    socket (unless systemd passed it) and the pid file."""
+    state = journal.read() if journal is not None else None
+    if state is None or state.get("conn", -1) < 0:
+        # else a restart of the service resumes on them (workers/handover/
+        # from_fd_store.py); a stop leaves them in /dev/shm (docs/operations.md)
+        for name in tables:
+            try:
+                posix_ipc.unlink_shared_memory(name)
+            except posix_ipc.ExistentialError:
+                pass
+    try:
+        posix_ipc.unlink_shared_memory(info)
+    except posix_ipc.ExistentialError:
+        pass
+    if args.socket_path:
+        # a socket systemd passed stays: the .socket unit listens on it for the next start
+        leftovers = [args.socket_path + ".pid"]
+        if not systemd_owns_path:
+            leftovers.insert(0, args.socket_path)
+        for path in leftovers:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    if pid_fd >= 0:
+        os.close(pid_fd)
+
+
+def serve(args: types.SimpleNamespace, finishing: tuple[dict, int] | None = None) -> int:
+    """Serve; ``finishing``: this is the process outside executed afresh after the
+    sandboxed server handed its fds over (a live upgrade), with the plan and status to
+    finish with if it did not hand everything over."""
     log = logging.getLogger("pyvirtiofsd")
     # a live upgrade: what the previous program left (or the sandboxed server sends)
-    resumed = (sandbox.take_from_server() or handover.take_state()
+    resumed = sandbox.take_from_server(finishing is not None)
+    if resumed is None and finishing is not None:
+        return finish_outside(args, *finishing)
+    resumed = (resumed or handover.take_state()
                # a restart of the service: what systemd's fd store kept
                or from_fd_store.take(os.environ, os.path.abspath(args.shared_dir)))
     if resumed is not None and "old_workers" in resumed:
@@ -780,12 +839,22 @@ def serve(args: types.SimpleNamespace) -> int:
                     store.stored = dict.fromkeys(resumed.get("fd_store_names", ()), (0, 0))
             quiet_fork_hooks()
             freeze_heap()
+            # the process outside and the keeper run no Python from the split on
+            # (daemon/native/sandbox.c); what they execute then needs these
+            finish = sandbox.Finish(
+                exec_first=warm_upgrades,
+                journal_fd=journal.fd if "fd_store" in carried else -1,
+                state={"tables": [inodes.name, handles.name, stats.name], "info": info.name,
+                       "journal_fd": journal.fd, "session_fd": session_fd,
+                       "fd_store": "fd_store" in carried,
+                       "systemd_owns_path": systemd_owns_path})
             try:
                 outside = sandbox.enter(
                     args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
                     after_upgrade=resumed is not None,
                     keeper=lambda pid, status: keeper.keep(journal, session, inodes, handles,
-                                                           pid, status))
+                                                           pid, status),
+                    finish=finish)
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1
@@ -810,27 +879,9 @@ def serve(args: types.SimpleNamespace) -> int:
         return run_server(args, shared_dir, listener, inodes, handles, notifier, stats,
                           resumed, carried, lambda state_fd, _fds: handover.reexec(state_fd))
     finally:
-        journal = carried.get("journal")
-        state = journal.read() if "fd_store" in carried and journal is not None else None
-        if state is None or state.get("conn", -1) < 0:
-            # else a restart of the service resumes on them (workers/handover/
-            # from_fd_store.py); a stop leaves them in /dev/shm (docs/operations.md)
-            inodes.unlink()
-            handles.unlink()
-            stats.unlink()
-        info.unlink()
-        if args.socket_path:
-            # a socket systemd passed stays: the .socket unit listens on it for the next start
-            leftovers = [args.socket_path + ".pid"]
-            if not systemd_owns_path:
-                leftovers.insert(0, args.socket_path)
-            for path in leftovers:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        if pid_fd >= 0:
-            os.close(pid_fd)
+        clean_up(args, [inodes.name, handles.name, stats.name], info.name,
+                 carried.get("journal") if "fd_store" in carried else None,
+                 systemd_owns_path, pid_fd)
 
 
 def run_server(args: types.SimpleNamespace, shared_dir: str, listener: socket.socket,

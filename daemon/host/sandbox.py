@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgpack
+
 from daemon.host import handover
 from daemon.native._sys import ffi, lib
 
@@ -62,6 +64,8 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                   "riscv64": 41}
 
 SUCCESSOR_ENV = "PYVIRTIOFSD_SUCCESSOR"  # "<socket fd>:<server pid>" (live upgrade)
+SERVER_EXITED_ENV = "PYVIRTIOFSD_SERVER_EXITED"  # "<status>": the process outside finishes
+KEEPER_ENV = "PYVIRTIOFSD_KEEPER"  # "<server pid>:<wait status>": the server was killed
 GO = b"go"  # the new program outside is ready: stop the workers, send the fds
 _libc = ctypes.CDLL(None, use_errno=True)
 _server_fd_dir = -1  # set in the server once it is inside: see server_fd_directory()
@@ -74,6 +78,55 @@ _handover_sock: socket.socket | None = None
 _keeper: Callable[[int, int], None] | None = None
 # in the process outside: the fd its wait after the split watches (the handover socket)
 _watch_fd = -1
+# what the process outside and the keeper execute when their wait ends (see Finish)
+_finish: Finish | None = None
+PLAN_ENV = "PYVIRTIOFSD_SPLIT_PLAN"  # the Finish's state, for the program executed
+
+
+@dataclass
+class Finish:
+    """With a plan, the process outside and the keeper run no Python after the split
+    (daemon/native/sandbox.c): they give their copy of the heap back (each page the
+    server wrote since would be kept twice: 5 MB with one queue) and, when their wait
+    ends, execute the daemon afresh with this in its environment (PLAN_ENV, as JSON) and
+    the event: PYVIRTIOFSD_SUCCESSOR (a live upgrade), PYVIRTIOFSD_SERVER_EXITED (the
+    process outside finishes: the status), PYVIRTIOFSD_KEEPER (the server was killed:
+    the keeper hands its fds on). :func:`take_plan` reads it there."""
+
+    exec_first: bool  # a SIGHUP executes the new code at once (sandbox.Outside)
+    journal_fd: int  # kept open for the program that finishes (-1: none)
+    state: dict  # what those programs need: tables, journal, session, sockets
+
+
+def take_plan() -> dict | None:
+    """In a program the process outside or the keeper executed: the state its Finish
+    carried (removed from the environment); None in any other start."""
+    raw = os.environ.pop(PLAN_ENV, None)
+    return msgpack.unpackb(bytes.fromhex(raw)) if raw else None
+
+
+def adopt_server_socket(fd: int) -> None:
+    """In the keeper's new program: the server's end of the handover socket, at ``fd``."""
+    global _handover_sock
+    _handover_sock = socket.socket(fileno=fd)
+
+
+def _plan_blob() -> tuple[bytes, int, int]:
+    """The program the waiting processes execute: this one, as it was started."""
+    env = dict(os.environ)
+    # argparse asks the terminal's size (an ioctl) unless these say it
+    env.setdefault("COLUMNS", "100")
+    env.setdefault("LINES", "40")
+    assert _finish is not None
+    env[PLAN_ENV] = msgpack.packb(_finish.state).hex()
+    for name in (SUCCESSOR_ENV, SERVER_EXITED_ENV, KEEPER_ENV):
+        env.pop(name, None)  # sandbox.c adds the one an event means
+    argv = list(sys.orig_argv)
+    parts = [os.fsencode(sys.executable), *map(os.fsencode, argv),
+             *(os.fsencode(f"{k}={v}") for k, v in env.items())]
+    if any(b"\0" in p for p in parts):
+        raise SandboxError("an argument or environment entry holds a NUL byte")
+    return b"".join(p + b"\0" for p in parts), len(argv), len(env)
 
 
 class SandboxError(Exception):
@@ -196,19 +249,24 @@ class Outside:
 
 def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
           gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False,
-          keeper: Callable[[int, int], None] | None = None) -> Outside | None:
+          keeper: Callable[[int, int], None] | None = None,
+          finish: Finish | None = None) -> Outside | None:
     """Split into the sandboxed server and the process that stays outside. Returns None
     in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
     the original process. Raises SandboxError before any split when a step fails."""
     shared_dir = os.path.realpath(shared_dir)
-    global _handover_sock, _keeper, _watch_fd
+    global _handover_sock, _keeper, _watch_fd, _finish
     _keeper = keeper
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _handover_sock = theirs
     ours.setblocking(False)  # Outside.wait reads it while the server sends
     _watch_fd = ours.fileno()  # watched from the moment of the split (pyvfs_split)
+    if finish is not None:
+        finish.state = {**finish.state, "server_sock": theirs.fileno()}
+    _finish = finish
     outside = _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
     _watch_fd = -1
+    _finish = None
     if outside is None:  # the server
         ours.close()
         return None
@@ -231,26 +289,36 @@ def wait_for_successor(timeout: float) -> bool:
         _handover_sock.settimeout(None)
 
 
-def take_from_server() -> dict | None:
-    """In the new program the process outside executed (``Outside.exec_successor``): ask
-    the server for its fds, put them at their numbers once it has exited (status 75),
-    and return the state it handed over; None on a normal start."""
+def take_from_server(finishing: bool = False) -> dict | None:
+    """In the new program the process outside executed (``Outside.exec_successor``, or
+    sandbox.c): ask the server for its fds, put them at their numbers once it has exited
+    (status 75), and return the state it handed over; None on a normal start, and
+    (``finishing``: the caller then finishes as the process outside) when the server
+    exited without handing everything over."""
     value = os.environ.pop(SUCCESSOR_ENV, "")
     if not value:
         return None
     started = time.monotonic()
     sock_fd, server_pid = (int(v) for v in value.split(":"))
     sock = socket.socket(fileno=sock_fd)
-    sock.send(GO)
+    try:
+        sock.send(GO)
+    except OSError:  # the server sent its fds unasked and is gone (-1: it was reaped)
+        pass
     sock.setblocking(False)
     received: dict[int, int] = {}
     complete = False
     while not complete:
         select.select([sock], [], [], 0.05)
         complete = handover.receive_fds(sock, received)
-        if not complete and os.waitpid(server_pid, os.WNOHANG)[0]:
+        if not complete and (server_pid < 0 or os.waitpid(server_pid, os.WNOHANG)[0]):
             complete = handover.receive_fds(sock, received)
             if not complete:
+                if finishing:
+                    log.error("live upgrade: the server exited without handing everything "
+                              "over")
+                    sock.close()
+                    return None
                 raise SystemExit("live upgrade: the server exited without handing its fds "
                                  "over; see the lines above")
             server_pid = -1
@@ -313,18 +381,31 @@ def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
 
 def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
     """Fork the server (C: pyvfs_split); it runs ``inside`` once the parent is known to
-    be alive. With a keeper the child clones the server and stays as its keeper, which
-    runs ``_keeper`` once the server has exited."""
+    be alive. With a keeper the child clones the server and stays as its keeper. With a
+    plan (``_finish``) neither the parent nor the keeper returns here; without one the
+    keeper runs ``_keeper`` once the server has exited, and the parent returns what
+    ended the first wait."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:  # pyvfs_split skips CPython's fork bookkeeping, which one thread needs not
         raise SandboxError(f"the daemon runs {threads} threads before entering the sandbox")
     ready_r, ready_w = os.pipe()
-    pid, status = ffi.new("int *"), ffi.new("int *")
-    role = lib.pyvfs_split(ready_r, ready_w, int(_keeper is not None), _watch_fd, pid,
-                           status)
+    split = ffi.new("pyvfs_split_t *")
+    split.ready_r, split.ready_w = ready_r, ready_w
+    split.with_keeper = int(_keeper is not None)
+    split.watch_fd = _watch_fd
+    split.journal_fd = -1
+    split.handed_over = handover.HANDED_OVER
+    if _finish is not None:
+        blob, argc, envc = _plan_blob()
+        plan = ffi.from_buffer(blob)  # alive until the call returns (in the server)
+        split.plan, split.plan_len, split.argc, split.envc = plan, len(blob), argc, envc
+        split.exec_first = int(_finish.exec_first)
+        split.journal_fd = _finish.journal_fd
+    role = lib.pyvfs_split(split)
     if role == lib.PYVFS_SPLIT_KEEPER:  # the keeper, after the server exited
         try:
-            _keeper(pid[0], status[0])
+            assert _keeper is not None
+            _keeper(split.pid, split.status)
         finally:
             os._exit(1)
     if role < 0:
@@ -339,7 +420,7 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
             os._exit(1)
         return None
     # the process outside, back from its wait (C) with the first event
-    return Outside(pid[0], first=(role - lib.PYVFS_SPLIT_OUTSIDE, status[0]))
+    return Outside(split.pid, first=(role - lib.PYVFS_SPLIT_OUTSIDE, split.status))
 
 
 def _enter_chroot(shared_dir: str) -> None:
@@ -438,8 +519,9 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         os.write(to_parent_w, b"1")
         if os.read(to_child_r, 1) != b"1":
             os._exit(1)  # the maps could not be written (the parent said why)
-        global _watch_fd
+        global _watch_fd, _finish
         _watch_fd = -1  # the handover socket is the process outside's, not this helper's
+        _finish = None  # this helper reports to the process outside, in Python
         server = _split(lambda: _enter_namespaces(0, shared_dir))
         if server is None:
             return None

@@ -18,7 +18,8 @@ HEADER = "pyvfs.h"
 PRIVATE_HEADER = "internal.h"
 # one per concern, see README.md; relative to the project root (setuptools builds there)
 C_FILES = ["syscalls.c", "memory.c", "chain.c", "fd_cache.c", "fuse_common.c", "fuse_ops.c",
-           "fuse_meta.c", "stats.c", "ring.c", "inflight.c", "serve.c", "migrate.c"]
+           "fuse_meta.c", "stats.c", "ring.c", "inflight.c", "serve.c", "migrate.c",
+           "sandbox.c"]
 SOURCES = [f"daemon/native/{name}" for name in C_FILES]
 # setuptools rebuilds when any of these changes
 DEPENDS = [*SOURCES, f"daemon/native/{HEADER}", f"daemon/native/{PRIVATE_HEADER}",
@@ -26,7 +27,9 @@ DEPENDS = [*SOURCES, f"daemon/native/{HEADER}", f"daemon/native/{PRIVATE_HEADER}
 EXTRA_COMPILE_ARGS = ["-Wall", "-Wextra", "-Werror", "-O3", "-flto"]
 # link-time optimisation: the ring loop, chain walker, fd cache and the ops answered in C
 # live in separate files but still inline into each other as when they were one file
-EXTRA_LINK_ARGS = ["-O3", "-flto"]
+# -z now: every symbol bound at load; the processes that wait around the sandbox (sandbox.c)
+# drop the dynamic linker's heap data that binding a symbol later would need
+EXTRA_LINK_ARGS = ["-O3", "-flto", "-Wl,-z,now"]
 INCLUDE_DIRS = [HERE, os.path.join(ROOT, "shm_table")]
 
 _INT_LITERAL = re.compile(r"-?(0x[0-9a-f]+|[0-9]+)[ul]*", re.IGNORECASE)

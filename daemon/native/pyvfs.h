@@ -33,14 +33,6 @@ int pyvfs_utimensat(int dirfd, const char *path, long long a_sec, long a_nsec,
 int pyvfs_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                     const char *newpath, unsigned int flags);
 int pyvfs_set_pdeathsig(int sig);
-#define PYVFS_CHILD_EXITED 0
-#define PYVFS_CHILD_HUP 1
-#define PYVFS_CHILD_FD_READY 2
-int pyvfs_wait_child(int pid, int fd, int *status);
-#define PYVFS_SPLIT_KEEPER -100000
-#define PYVFS_SPLIT_OUTSIDE 100
-long pyvfs_split(int ready_r, int ready_w, int with_keeper, int watch_fd, int *pid,
-                 int *status);
 int pyvfs_caller_fsids(unsigned int uid, unsigned int gid, unsigned int own_uid,
                        unsigned int own_gid);
 void pyvfs_own_fsids(unsigned int uid, unsigned int gid);
@@ -53,6 +45,29 @@ long pyvfs_xattr(int op, int procdir, int fd, const char *name, void *value,
 int pyvfs_access_fd(int fd, int mode);
 int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
 int pyvfs_syncfs(int fd);
+
+/* ---- sandbox.c: the processes that only wait around the sandboxed server */
+#define PYVFS_CHILD_EXITED 0
+#define PYVFS_CHILD_HUP 1
+#define PYVFS_CHILD_FD_READY 2
+int pyvfs_wait_child(int pid, int fd, int *status);
+#define PYVFS_SPLIT_OUTSIDE 100
+#define PYVFS_SPLIT_KEEPER -100000
+typedef struct {
+    int ready_r, ready_w; /* the pipe that tells the child its parent is alive */
+    int with_keeper;      /* the child clones the server and keeps the fd table */
+    int watch_fd;         /* the process outside: the handover socket (-1: none) */
+    int exec_first;       /* it: a SIGHUP executes the successor at once */
+    int journal_fd;       /* it: kept open for the program that finishes (-1: none) */
+    int handed_over;      /* the server's exit status after handing its fds over */
+    /* the program executed at the events (NULL: return to Python instead): the
+       executable, argc arguments and envc environment entries, each ended by a NUL */
+    const char *plan;
+    size_t plan_len;
+    int argc, envc;
+    int pid, status; /* out */
+} pyvfs_split_t;
+long pyvfs_split(pyvfs_split_t *s);
 
 /* ---- migrate.c: live migration's destination finds the device state's inodes */
 #define PYVFS_NO_PATH 0xFFFFFFFF

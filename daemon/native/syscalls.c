@@ -2,7 +2,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -10,10 +9,8 @@
 #include <string.h>
 #include <sys/fsuid.h>
 #include <sys/prctl.h>
-#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,138 +87,6 @@ int pyvfs_set_pdeathsig(int sig) {
     pdeath_sig = sig;
     pdeath_parent = getppid();
     return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
-}
-
-/* A process that only waits for the server it started (the process outside the sandbox,
-   the keeper) waits here, in C: any Python it ran while waiting would write to pages it
-   still shares with the server, and each such page is then kept twice (the server has
-   written most of them since). SIGTERM and SIGINT are forwarded to the child; SIGHUP is
-   forwarded and returned (a live upgrade); ``fd`` (-1: none) becoming readable is
-   returned. The three signals and SIGCHLD are blocked while it waits and the caller's
-   mask is back on return, so one that arrives while Python runs reaches its handler.
-   Without an fd it sleeps in sigwaitinfo (no fd of its own: the keeper shares the
-   server's fd table); with one, in poll on that fd and a signalfd. Returns
-   PYVFS_CHILD_EXITED with the wait status in *status, PYVFS_CHILD_HUP,
-   PYVFS_CHILD_FD_READY, or -errno. */
-int pyvfs_wait_child(int pid, int fd, int *status) {
-    sigset_t wanted, old;
-    sigemptyset(&wanted);
-    sigaddset(&wanted, SIGTERM);
-    sigaddset(&wanted, SIGINT);
-    sigaddset(&wanted, SIGHUP);
-    sigaddset(&wanted, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &wanted, &old) < 0)
-        return -errno;
-    int sfd = -1, ret;
-    if (fd >= 0 && (sfd = signalfd(-1, &wanted, SFD_CLOEXEC)) < 0) {
-        ret = -errno;
-        goto out;
-    }
-    for (;;) {
-        pid_t r = waitpid(pid, status, WNOHANG); /* after blocking: no SIGCHLD is lost */
-        if (r == pid) {
-            ret = PYVFS_CHILD_EXITED;
-            break;
-        }
-        if (r < 0 && errno != EINTR) {
-            ret = -errno;
-            break;
-        }
-        int sig = 0;
-        if (sfd >= 0) {
-            struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
-            if (poll(p, 2, -1) < 0 && errno != EINTR) {
-                ret = -errno;
-                break;
-            }
-            if (p[1].revents & POLLIN) {
-                struct signalfd_siginfo info;
-                if (read(sfd, &info, sizeof info) == (ssize_t)sizeof info)
-                    sig = (int)info.ssi_signo;
-            } else if (p[0].revents) {
-                ret = PYVFS_CHILD_FD_READY;
-                break;
-            }
-        } else {
-            sig = sigwaitinfo(&wanted, NULL);
-        }
-        if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
-            kill(pid, sig);
-        if (sig == SIGHUP) {
-            ret = PYVFS_CHILD_HUP;
-            break;
-        }
-    }
-out:
-    if (sfd >= 0)
-        close(sfd);
-    sigprocmask(SIG_SETMASK, &old, NULL);
-    return ret;
-}
-
-/* The sandbox's split (daemon/host/sandbox.py), in C from the fork until the server
-   runs Python: the process outside, the keeper and the server share every page of the
-   interpreter's heap at the split, and each page one of them writes afterwards is kept
-   twice (thrice, when the keeper had written it too). CPython's fork bookkeeping and the
-   Python around it wrote ~0.9 MB of them in the keeper's process before it cloned the
-   server; that is why there is none: the process has one thread here and holds no lock
-   of the interpreter's, so there is nothing to repair (as for the template's clones).
-
-   fork(); in the parent (the process outside) tell the child it is alive (a byte on
-   ``ready_w``), then wait right here (pyvfs_wait_child, watching ``watch_fd``) and return
-   PYVFS_SPLIT_OUTSIDE plus its first event, with the child's pid in *pid: the parent's
-   Python between the fork and its wait wrote ~0.7 MB of pages the server writes too. The
-   child arms PR_SET_PDEATHSIG and waits for that byte, so a parent that died first is
-   seen as end of file (exit 1). Without ``with_keeper`` it returns 0: it is the server.
-   Else it clones the server with CLONE_FILES (one fd table for both; 0 is returned
-   there, PDEATHSIG armed) and stays as its keeper (workers/handover/keeper.py): named
-   pyvfs-keeper, subreaper of the server's orphans, waiting in pyvfs_wait_child (which
-   forwards SIGTERM, SIGINT and SIGHUP) until the server exits; then it returns
-   PYVFS_SPLIT_KEEPER with the server's pid in *pid and its wait status. -errno if the
-   fork fails. */
-long pyvfs_split(int ready_r, int ready_w, int with_keeper, int watch_fd, int *pid,
-                 int *status) {
-    pid_t child = fork();
-    if (child < 0)
-        return -errno;
-    if (child > 0) {
-        close(ready_r);
-        if (write(ready_w, "1", 1) != 1) {
-            /* the child sees end of file and exits: the wait below sees its status */
-        }
-        close(ready_w);
-        *pid = child;
-        int event = pyvfs_wait_child(child, watch_fd, status);
-        if (event < 0) { /* not our child: cannot be; as if it had failed */
-            *status = 1 << 8;
-            event = PYVFS_CHILD_EXITED;
-        }
-        return PYVFS_SPLIT_OUTSIDE + event;
-    }
-    close(ready_w);
-    char alive = 0;
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || read(ready_r, &alive, 1) != 1 ||
-        alive != '1')
-        _exit(1); /* the parent is gone */
-    close(ready_r);
-    if (!with_keeper)
-        return 0;
-    long s = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
-    if (s < 0)
-        _exit(1);
-    if (s == 0) {
-        pyvfs_set_pdeathsig(SIGKILL); /* the server goes with its keeper */
-        return 0;
-    }
-    prctl(PR_SET_NAME, "pyvfs-keeper", 0, 0, 0);
-    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* the workers come to us (chroot) */
-    *pid = (int)s;
-    int event;
-    while ((event = pyvfs_wait_child((int)s, -1, status)) != PYVFS_CHILD_EXITED) {
-        if (event < 0)
-            _exit(1); /* not our child: cannot be */
-    }
-    return PYVFS_SPLIT_KEEPER;
 }
 
 /* Make files as the guest's caller: the thread's fsuid/fsgid become the caller's

@@ -112,6 +112,19 @@ def keep(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
     sandbox.hand_over_outside(state_fd, [state_fd, *fds])
 
 
+def keep_executed(event: str, plan: dict) -> NoReturn:
+    """The keeper's new program (daemon/native/sandbox.c executed it with the killed
+    supervisor's fd table, every fd inheritable): ``event`` is "<pid>:<wait status>",
+    ``plan`` what sandbox.Finish carried."""
+    pid, status = (int(v) for v in event.split(":"))
+    journal = StateJournal(plan["journal_fd"])
+    session = mmap.mmap(plan["session_fd"], mmap.PAGESIZE)
+    inodes = InodeTable.attach(plan["tables"][0])
+    handles = HandleTable.attach(plan["tables"][1])
+    sandbox.adopt_server_socket(plan["server_sock"])
+    keep(journal, session, inodes, handles, pid, status)
+
+
 def _reap_orphans() -> None:
     """Wait until the dead supervisor's workers are gone (they are ours now)."""
     deadline = time.monotonic() + WORKERS_WAIT
