@@ -150,12 +150,19 @@ def switches(pid: int) -> int:
                     if line.startswith("voluntary_ctxt_switches:"))
 
 
+def anonymous_kib(pid: int) -> int:
+    """The process's resident anonymous memory (its heap, shared or not)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
+
+
 def test_waiting_processes_sleep_and_forward_sigint(tmp_path: Path) -> None:
-    """The process outside and the keeper only wait for the server: they do not wake
-    while it serves (their Python would write to pages they share with it, each then
-    kept twice; an idle host must not pay for polls either), and an operator's ^C
-    (SIGINT) at the process outside reaches the server through both, which then stops
-    and leaves nothing behind."""
+    """The process outside and the keeper only wait for the server: they hold no copy of
+    its heap (they gave theirs back at the split: each page the server wrote since would
+    otherwise be kept twice, 5 MB with one queue), they do not wake while it serves (an
+    idle host must not pay for polls either), and an operator's ^C (SIGINT) at the
+    process outside reaches the server through both, which then stops and leaves
+    nothing behind."""
     share, sock = make_share(tmp_path)
     with pyvirtiofsd(share, sock, "--sandbox", "namespace") as proc:
         front = Frontend(str(sock))
@@ -166,6 +173,10 @@ def test_waiting_processes_sleep_and_forward_sigint(tmp_path: Path) -> None:
             assert f.read().strip() == "pyvfs-keeper"
         server = server_pid(proc.pid)
         assert children(keeper) == [server]
+        server_heap = anonymous_kib(server)
+        assert server_heap > 6000
+        for pid in (proc.pid, keeper):
+            assert anonymous_kib(pid) < server_heap // 3, (pid, anonymous_kib(pid), server_heap)
         before = {pid: switches(pid) for pid in (proc.pid, keeper)}
         for _ in range(200):  # the server and its workers serve meanwhile
             assert front.lookup(1, b"f")[0] == 0
