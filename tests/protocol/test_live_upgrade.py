@@ -58,9 +58,16 @@ def attr_ino(payload: bytes) -> int:
     return struct.unpack_from("<Q", payload, fuse.ATTR_OUT_HEAD.size)[0]
 
 
-@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace", "none --keeper"])
-def test_upgrade_keeps_connection_files_locks_and_requests(tmp_path: Path,
-                                                           sandbox: str) -> None:
+@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace", "none --keeper",
+                                     "namespace:stop-workers-first"])
+def test_upgrade_keeps_connection_files_locks_and_requests(
+        tmp_path: Path, sandbox: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``:stop-workers-first``: the older order (PYVIRTIOFSD_UPGRADE), where the server
+    stops its workers and sends its fds before the process outside executes the new
+    code."""
+    sandbox, _, order = sandbox.partition(":")
+    if order:
+        monkeypatch.setenv("PYVIRTIOFSD_UPGRADE", order)
     with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
         pid = int((tmp_path / "vu.sock.pid").read_text())
         held = take_holdings(srv, b"before the upgrade\n")
