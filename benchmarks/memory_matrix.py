@@ -64,7 +64,7 @@ def mb(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
 
-ROLE_ORDER = ["outside", "keeper", "supervisor", "template", "template+hiprio", "hiprio",
+ROLE_ORDER = ["outside", "helper", "keeper", "supervisor", "template", "template+hiprio", "hiprio",
               "request worker"]
 
 

@@ -136,11 +136,16 @@ def _comm(pid: int) -> str:
 def sandbox_roles(root: int) -> dict[int, str]:
     """With a sandbox the process started stays outside and waits for the server it
     forked (both daemons); pyvirtiofsd's server is then a keeper, which clones the
-    supervisor (workers/handover/keeper.py). Those processes by pid; {} without one."""
+    supervisor (workers/handover/keeper.py), and unprivileged a helper sits between the
+    two. Those processes by pid; {} without one."""
     kids = _children(root)
     if len(kids) != 1:
         return {}
     server = kids[0]
+    below = _children(server)
+    if _comm(server) != "pyvfs-keeper" and len(below) == 1 and _comm(below[0]) == "pyvfs-keeper":
+        # not root: a helper made the user namespace and waits for the keeper
+        return {**sandbox_roles(server), root: "outside", server: "helper"}
     if _comm(server) == "pyvfs-keeper":
         inner = [k for k in _children(server) if not _comm(k).startswith("pyvfs-")]
         return {root: "outside", server: "keeper", **({inner[0]: "supervisor"} if inner
@@ -160,7 +165,7 @@ def snapshot(root: int, detail: bool = False) -> list[ProcMemory]:
         m = read_process(pid, named.get(pid) or role_of(pid, root, order), detail)
         if m is not None:
             out.append(m)
-    first = ("outside", "keeper", "supervisor", "hiprio")
+    first = ("outside", "helper", "keeper", "supervisor", "hiprio")
     return sorted(out, key=lambda m: (first.index(m.role) if m.role in first else 9, m.pid))
 
 

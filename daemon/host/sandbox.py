@@ -78,6 +78,9 @@ _handover_sock: socket.socket | None = None
 _keeper: Callable[[int, int], None] | None = None
 # in the process outside: the fd its wait after the split watches (the handover socket)
 _watch_fd = -1
+# in the helper of an unprivileged sandbox: its wait after the split only exits with the
+# keeper's status (the process outside, its parent, does the rest)
+_helper = False
 # what the process outside and the keeper execute when their wait ends (see Finish)
 _finish: Finish | None = None
 PLAN_ENV = "PYVIRTIOFSD_SPLIT_PLAN"  # the Finish's state, for the program executed
@@ -395,6 +398,7 @@ def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
     split.watch_fd = _watch_fd
     split.journal_fd = -1
     split.handed_over = handover.HANDED_OVER
+    split.parent_exits = int(_helper)
     if _finish is not None:
         blob, argc, envc = _plan_blob()
         plan = ffi.from_buffer(blob)  # alive until the call returns (in the server)
@@ -511,18 +515,20 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         os.close(to_parent_r)
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
         try:
-            _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET),
-                   "unshare(user, pid, mount, network namespaces)")
+            _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET),
+                   "unshare(user, pid, network namespaces)")
         except SandboxError as e:
             log.error("sandbox: %s", e)
             os._exit(1)
         os.write(to_parent_w, b"1")
         if os.read(to_child_r, 1) != b"1":
             os._exit(1)  # the maps could not be written (the parent said why)
-        global _watch_fd, _finish
+        global _watch_fd, _helper
         _watch_fd = -1  # the handover socket is the process outside's, not this helper's
-        _finish = None  # this helper reports to the process outside, in Python
-        server = _split(lambda: _enter_namespaces(0, shared_dir))
+        _helper = True
+        # the server makes its own mount namespace: the keeper stays in ours, where the
+        # daemon can be executed afresh (pivot_root would move its root too)
+        server = _split(lambda: _enter_namespaces(CLONE_NEWNS, shared_dir))
         if server is None:
             return None
         os._exit(server.wait())
@@ -544,6 +550,16 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         raise
     os.write(to_child_w, b"1")
     os.close(to_child_w)
+    if _finish is not None:  # from here as the root modes' process outside: C only
+        split = ffi.new("pyvfs_split_t *")
+        split.watch_fd = _watch_fd
+        split.handed_over = handover.HANDED_OVER
+        blob, argc, envc = _plan_blob()
+        plan = ffi.from_buffer(blob)
+        split.plan, split.plan_len, split.argc, split.envc = plan, len(blob), argc, envc
+        split.exec_first = int(_finish.exec_first)
+        split.journal_fd = _finish.journal_fd
+        lib.pyvfs_outside(split, pid)  # never returns
     return outside
 
 

@@ -60,6 +60,8 @@ typedef struct {
     int exec_first;       /* it: a SIGHUP executes the successor at once */
     int journal_fd;       /* it: kept open for the program that finishes (-1: none) */
     int handed_over;      /* the server's exit status after handing its fds over */
+    int parent_exits;     /* with a plan, the parent only exits with the child's status
+                             (the helper of an unprivileged sandbox) */
     /* the program executed at the events (NULL: return to Python instead): the
        executable, argc arguments and envc environment entries, each ended by a NUL */
     const char *plan;
@@ -68,6 +70,7 @@ typedef struct {
     int pid, status; /* out */
 } pyvfs_split_t;
 long pyvfs_split(pyvfs_split_t *s);
+void pyvfs_outside(pyvfs_split_t *s, int child);
 
 /* ---- migrate.c: live migration's destination finds the device state's inodes */
 #define PYVFS_NO_PATH 0xFFFFFFFF

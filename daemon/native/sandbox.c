@@ -421,6 +421,15 @@ long pyvfs_split(pyvfs_split_t *arg) {
         }
         close(s->ready_w);
         s->pid = child;
+        if (s->plan != NULL && s->parent_exits) {
+            drop_heap();
+            int status = 0, event;
+            while ((event = pyvfs_wait_child(child, -1, &status)) != PYVFS_CHILD_EXITED) {
+                if (event < 0)
+                    _exit(1);
+            }
+            _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+        }
         if (s->plan != NULL) {
             drop_heap();
             outside(s, child);
@@ -467,4 +476,18 @@ long pyvfs_split(pyvfs_split_t *arg) {
     }
     arg->pid = (int)server;
     return PYVFS_SPLIT_KEEPER;
+}
+
+/* The process outside of an unprivileged sandbox (daemon/host/sandbox.py
+   _enter_as_user), once its helper has the namespaces and their id maps: from here as
+   outside() in pyvfs_split, with ``child`` the helper. Never returns; -errno would be
+   the plan not parsing, which it then reports by exiting 1. */
+void pyvfs_outside(pyvfs_split_t *arg, int child) {
+    pyvfs_split_t opts = *arg; /* ``arg`` is in Python's memory, which drop_heap gives back */
+    if (plan_load(opts.plan, opts.plan_len, opts.argc, opts.envc) < 0) {
+        say("pyvirtiofsd: bad plan for the process outside\n");
+        _exit(1);
+    }
+    drop_heap();
+    outside(&opts, (pid_t)child);
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
+from tests.protocol.test_hostile_guest import serve
 from tests.support.daemon import REPO, daemon_log, pyvirtiofsd
 from tests.support.frontend import Frontend, reclaim
 
@@ -311,6 +312,31 @@ def test_namespace_sandbox_unprivileged(tmp_path: Path, maps: list[str]) -> None
     assert (share / "d").stat().st_uid == 0
     assert seen["xattr"] == (0, 0, b"hello")
     assert not sock.exists() and not Path(f"{sock}.pid").exists()
+
+
+def test_unprivileged_inode_looked_up_on_one_queue_serves_on_another(tmp_path: Path) -> None:
+    """Not root, --inode-file-handles=prefer (the default): a file handle is made without
+    privileges but opened again only with CAP_DAC_READ_SEARCH in the host's user
+    namespace, which the unprivileged sandbox lacks. So every inode keeps an O_PATH fd
+    (with a warning), and an inode one queue's worker looked up serves on another queue;
+    it was EPERM there, the other worker having no fd of it and no right to the handle."""
+    with serve(tmp_path, "--sandbox", "namespace", wrapper=AS_UID_1000) as srv:
+        (srv.share / "data").write_bytes(b"across queues")
+        err, entry = srv.call(fuse.Opcode.LOOKUP, 1, b"data\0", q=1)
+        assert err == 0
+        nodeid = struct.unpack_from("<Q", entry)[0]
+        err, attr = srv.call(fuse.Opcode.GETATTR, nodeid, bytes(16), q=2)
+        assert err == 0
+        assert (struct.unpack_from("<Q", attr, fuse.ATTR_OUT_HEAD.size)[0]
+                == (srv.share / "data").stat().st_ino)
+        err, opened = srv.call(fuse.Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(os.O_RDONLY, 0),
+                               q=2)
+        assert err == 0
+        fh = struct.unpack_from("<Q", opened)[0]
+        err, data = srv.call(fuse.Opcode.READ, nodeid,
+                             fuse.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), q=2)
+        assert (err, data) == (0, b"across queues")
+        assert "file handles cannot be opened here" in srv.log()
 
 
 def run_cli(*args: str, wrapper: list[str] | None = None) -> subprocess.CompletedProcess:

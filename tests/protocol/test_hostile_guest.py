@@ -18,7 +18,7 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,11 +246,13 @@ def make_share(base: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def serve(base: Path, *extra: str, num_queues: int = NUM_QUEUES) -> Iterator[Served]:
-    """A fresh share and daemon under ``base`` with a set-up front-end and FUSE INIT."""
+def serve(base: Path, *extra: str, num_queues: int = NUM_QUEUES,
+          wrapper: Sequence[str] = ()) -> Iterator[Served]:
+    """A fresh share and daemon under ``base`` with a set-up front-end and FUSE INIT;
+    ``wrapper``: a command the daemon runs under (another uid)."""
     share, outside = make_share(base)
     socket_path = base / "vu.sock"
-    proc = start_pyvirtiofsd(share, socket_path, *extra)
+    proc = start_pyvirtiofsd(share, socket_path, *extra, wrapper=wrapper)
     fe: Frontend | None = None
     try:
         fe = Frontend(str(socket_path), memory_size=64 << 20, queue_size=256)

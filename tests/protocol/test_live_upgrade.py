@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from daemon.protocol import fuse
+from tests.options.test_sandbox import AS_UID_1000
 from tests.protocol.test_hostile_guest import Served, serve
 from tests.support.daemon import REPO, daemon_log, start_pyvirtiofsd
 from tests.support.frontend import Frontend
@@ -59,16 +60,18 @@ def attr_ino(payload: bytes) -> int:
 
 
 @pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace", "none --keeper",
-                                     "namespace:stop-workers-first"])
+                                     "namespace:stop-workers-first", "namespace as uid 1000"])
 def test_upgrade_keeps_connection_files_locks_and_requests(
         tmp_path: Path, sandbox: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``:stop-workers-first``: the older order (PYVIRTIOFSD_UPGRADE), where the server
     stops its workers and sends its fds before the process outside executes the new
-    code."""
+    code. ``as uid 1000``: not root, the unprivileged namespace sandbox."""
+    sandbox, _, user = sandbox.partition(" as uid ")
     sandbox, _, order = sandbox.partition(":")
     if order:
         monkeypatch.setenv("PYVIRTIOFSD_UPGRADE", order)
-    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
+    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split(),
+               wrapper=AS_UID_1000 if user else ()) as srv:
         pid = int((tmp_path / "vu.sock.pid").read_text())
         held = take_holdings(srv, b"before the upgrade\n")
         before = stats(srv)

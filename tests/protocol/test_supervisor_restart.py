@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.stats.daemon_info import read_info
-from tests.options.test_sandbox import server_pid
+from tests.options.test_sandbox import AS_UID_1000, server_pid
 from tests.protocol.test_hostile_guest import serve
 from tests.support.held_state import (
     assert_holdings_came_through,
@@ -36,10 +36,16 @@ def wait_serving(pid: int, restarts: int) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sandbox", ["chroot", "namespace", "none --keeper"])
+@pytest.mark.parametrize("sandbox", ["chroot", "namespace", "none --keeper",
+                                     "namespace as uid 1000"])
 def test_killed_supervisor_is_replaced_under_the_front_end(tmp_path: Path,
                                                            sandbox: str) -> None:
-    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split()) as srv:
+    """``as uid 1000``: not root, the unprivileged namespace sandbox (its own user
+    namespace, a helper process between the process outside and the keeper)."""
+    sandbox, _, user = sandbox.partition(" as uid ")
+    wrapper = AS_UID_1000 if user else ()
+    with serve(tmp_path, "--posix-lock", "--sandbox", *sandbox.split(),
+               wrapper=wrapper) as srv:
         pid = int((tmp_path / "vu.sock.pid").read_text())
         held = take_holdings(srv, b"before the kill\n")
         for rounds in (1, 2):

@@ -97,8 +97,35 @@ class InodeOps(FsBase):
         self.root_mnt_id = mnt
         # open_by_handle_at wants a real (not O_PATH) fd on the mount
         self.mount_fd = proc_open(fd, os.O_RDONLY | os.O_DIRECTORY)
+        if handle is not None:
+            refused = self._handles_refused(handle, htype)
+            if refused and self.config.file_handles == "mandatory":
+                os.close(fd)
+                raise OSError(errno.EPERM, f"--inode-file-handles=mandatory, but file "
+                              f"handles of {self.shared_dir} cannot be opened ({refused}; "
+                              "open_by_handle_at needs CAP_DAC_READ_SEARCH in the host's "
+                              "user namespace, which an unprivileged sandbox lacks): use "
+                              "--inode-file-handles=prefer or never")
+            if refused:
+                # name_to_handle_at works without privileges, open_by_handle_at does not:
+                # an inode kept by handle only could not be opened by any other worker
+                log.warning("--inode-file-handles=prefer: the shared directory's file "
+                            "handles cannot be opened here (%s; open_by_handle_at needs "
+                            "CAP_DAC_READ_SEARCH in the host's user namespace): every inode "
+                            "keeps an O_PATH fd", refused)
+                self.use_handles = False
+                handle, htype, mnt = None, 0, mnt
         self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
         return fuse.ROOT_ID
+
+    def _handles_refused(self, handle: bytes, htype: int) -> str:
+        """Why a file handle of the share cannot be opened again ("" if it can)."""
+        fd = lib.pyvfs_open_by_handle(self.mount_fd, handle, len(handle), htype,
+                                      O_PATH_FLAGS)
+        if fd < 0:
+            return os.strerror(lib.pyvfs_errno())
+        os.close(fd)
+        return ""
 
     def _file_handle(self, fd: int) -> tuple[bytes | None, int, int]:
         if not self.use_handles:
