@@ -821,7 +821,7 @@ def serve(args: types.SimpleNamespace, finishing: tuple[dict, int] | None = None
             import uvloop  # noqa: F401 - nothing can be imported once inside
 
             # the process outside executes the new code while the server serves
-            # (sandbox.Outside.exec_successor); PYVIRTIOFSD_UPGRADE as below
+            # (daemon/native/sandbox.c); PYVIRTIOFSD_UPGRADE as below
             carried["outside_execs_first"] = warm_upgrades = (
                 os.environ.get("PYVIRTIOFSD_UPGRADE") != "stop-workers-first")
             # the server's first process stays outside the sandbox as the supervisor's
@@ -831,7 +831,7 @@ def serve(args: types.SimpleNamespace, finishing: tuple[dict, int] | None = None
             carried["session_fd"] = session_fd = os.memfd_create("pyvirtiofsd-session",
                                                                  os.MFD_CLOEXEC)
             os.ftruncate(session_fd, mmap.PAGESIZE)
-            carried["session_page"] = session = mmap.mmap(session_fd, mmap.PAGESIZE)
+            carried["session_page"] = mmap.mmap(session_fd, mmap.PAGESIZE)
             if notifier.sock is not None and fd_store.wanted(os.environ):
                 # the supervisor keeps systemd's fd store current with the journal
                 carried["fd_store"] = store = fd_store.FdStore(notifier.sock)
@@ -848,20 +848,12 @@ def serve(args: types.SimpleNamespace, finishing: tuple[dict, int] | None = None
                        "journal_fd": journal.fd, "session_fd": session_fd,
                        "fd_store": "fd_store" in carried,
                        "systemd_owns_path": systemd_owns_path})
-            try:
-                outside = sandbox.enter(
-                    args.sandbox, shared_dir, args.uid_maps, args.gid_maps,
-                    after_upgrade=resumed is not None,
-                    keeper=lambda pid, status: keeper.keep(journal, session, inodes, handles,
-                                                           pid, status),
-                    finish=finish)
+            try:  # returns only in the sandboxed server
+                sandbox.enter(args.sandbox, shared_dir, finish, args.uid_maps, args.gid_maps,
+                              after_upgrade=resumed is not None)
             except sandbox.SandboxError as e:
                 log.error("--sandbox %s: %s", args.sandbox, e)
                 return 1
-            if outside is not None:
-                listener.close()  # the sandboxed server has its own copy
-                outside.exec_first = warm_upgrades
-                return outside.wait()
             proc_fd.use_fd_directory(sandbox.server_fd_directory(),
                                      sandbox.server_fdinfo_directory())
             # the sandboxed server: it must not clean up host paths (the same names in

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from daemon.stats.tables import children
 from tests.support.reference_daemons import process_tree
 
 ROLLUP_FIELDS = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "pss_anon", "Pss_File": "pss_file",
@@ -48,11 +49,7 @@ def role_of(pid: int, root: int, order: dict[int, int]) -> str:
     queue 0 first)."""
     if pid == root:
         return "supervisor"
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-    except OSError:
-        comm = ""
+    comm = _comm(pid)
     if comm == "pyvfs-template":
         return "template"
     if comm == "pyvfs-tmpl+q0":  # the template serving queue 0 (workers/template/hiprio.py)
@@ -117,14 +114,6 @@ def read_process(pid: int, role: str, detail: bool = False) -> ProcMemory | None
     return m
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -138,16 +127,16 @@ def sandbox_roles(root: int) -> dict[int, str]:
     forked (both daemons); pyvirtiofsd's server is then a keeper, which clones the
     supervisor (workers/handover/keeper.py), and unprivileged a helper sits between the
     two. Those processes by pid; {} without one."""
-    kids = _children(root)
+    kids = children(root)
     if len(kids) != 1:
         return {}
     server = kids[0]
-    below = _children(server)
+    below = children(server)
     if _comm(server) != "pyvfs-keeper" and len(below) == 1 and _comm(below[0]) == "pyvfs-keeper":
         # not root: a helper made the user namespace and waits for the keeper
         return {**sandbox_roles(server), root: "outside", server: "helper"}
     if _comm(server) == "pyvfs-keeper":
-        inner = [k for k in _children(server) if not _comm(k).startswith("pyvfs-")]
+        inner = [k for k in children(server) if not _comm(k).startswith("pyvfs-")]
         return {root: "outside", server: "keeper", **({inner[0]: "supervisor"} if inner
                                                         else {})}
     if _comm(server).startswith("pyvfs-"):

@@ -15,11 +15,12 @@ chroot: root only; the server chroots into the shared directory (no mounts: for
 containers that cannot make namespaces).
 
 In both, the server's first process stays outside the mount namespace / chroot as the
-supervisor's keeper (``enter(keeper=...)``, workers/handover/keeper.py): it holds the fd
-table the supervisor it clones shares, so a killed supervisor can be replaced. A live
-upgrade or a keeper hands the fds to the process outside over a socket pair made here
-(``hand_over_outside``); that process puts them back at their numbers and executes the
-installed code (``Outside.take_over``, docs/operations.md).
+supervisor's keeper (workers/handover/keeper.py): it holds the fd table the supervisor it
+clones shares, so a killed supervisor can be replaced. The process outside and the keeper
+run no Python after the split (daemon/native/sandbox.c, :class:`Finish`). A live upgrade
+or a keeper hands the fds to the process outside over a socket pair made here
+(``hand_over_outside``); that process executes the installed code, which puts them back
+at their numbers (:func:`take_from_server`, docs/operations.md).
 
 Every server process's working directory is its root, the share, so no relative path
 leads out of it. An fd is reopened through a directory fd of the server's
@@ -42,8 +43,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgpack
 
@@ -72,10 +73,6 @@ _server_fd_dir = -1  # set in the server once it is inside: see server_fd_direct
 _server_fdinfo_dir = -1  # its fdinfo directory (the locks an fd holds, for migration)
 # the server's end of the socket pair to the process outside, for a live upgrade's fds
 _handover_sock: socket.socket | None = None
-# run in the keeper (the server's first process, which keeps the fd table) once the server
-# it cloned has exited, with its pid and wait status; never returns
-# (workers/handover/keeper.py)
-_keeper: Callable[[int, int], None] | None = None
 # in the process outside: the fd its wait after the split watches (the handover socket)
 _watch_fd = -1
 # in the helper of an unprivileged sandbox: its wait after the split only exits with the
@@ -91,12 +88,13 @@ class Finish:
     """With a plan, the process outside and the keeper run no Python after the split
     (daemon/native/sandbox.c): they give their copy of the heap back (each page the
     server wrote since would be kept twice: 5 MB with one queue) and, when their wait
-    ends, execute the daemon afresh with this in its environment (PLAN_ENV, as JSON) and
+    ends, execute the daemon afresh with this in its environment (PLAN_ENV, msgpack in
+    hex) and
     the event: PYVIRTIOFSD_SUCCESSOR (a live upgrade), PYVIRTIOFSD_SERVER_EXITED (the
     process outside finishes: the status), PYVIRTIOFSD_KEEPER (the server was killed:
     the keeper hands its fds on). :func:`take_plan` reads it there."""
 
-    exec_first: bool  # a SIGHUP executes the new code at once (sandbox.Outside)
+    exec_first: bool  # a SIGHUP executes the new code at once (else once the fds come)
     journal_fd: int  # kept open for the program that finishes (-1: none)
     state: dict  # what those programs need: tables, journal, session, sockets
 
@@ -158,125 +156,23 @@ class NamespaceIdMap:
     count: int
 
 
-@dataclass
-class Outside:
-    """What the process that stayed outside waits for."""
-
-    pid: int  # the server, or the helper that waits for it (unprivileged namespace)
-    # our end of the socket pair the server hands its fds over on (live upgrade)
-    handover_sock: socket.socket | None = field(default=None)
-    exec_first: bool = True  # live upgrade: execute the new code while the server serves
-    # what ended the wait that began right after the fork (pyvfs_split): event, status
-    first: tuple[int, int] | None = None
-
-    def wait(self) -> int:
-        """Forward stop signals to the sandbox, reap it and return its exit status. A
-        server that handed its fds over (live upgrade) is followed by the installed
-        code: this process puts the fds back at their numbers and executes it, and the
-        new program starts a new server on them."""
-        def forward(signum: int, _frame: object) -> None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-        upgrade: list[bool] = []
-
-        def reload(signum: int, frame: object) -> None:
-            forward(signum, frame)
-            upgrade.append(True)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):  # should one come while Python runs
-            signal.signal(sig, forward)
-        signal.signal(signal.SIGHUP, reload)
-        received: dict[int, int] = {}  # fds a server hands over (live upgrade)
-        complete = False
-        sock = self.handover_sock
-        if sock is not None:
-            sock.setblocking(False)
-        status = ffi.new("int *")
-        while True:
-            if upgrade and self.exec_first and sock is not None and not received:
-                self.exec_successor()  # the server serves while the new code starts
-            # the wait and the forwarding are C: see pyvfs_wait_child
-            watch = sock.fileno() if sock is not None and not complete else -1
-            if self.first is not None:
-                event, status[0] = self.first
-                self.first = None
-            else:
-                event = lib.pyvfs_wait_child(self.pid, watch, status)
-            if event == lib.PYVFS_CHILD_HUP:
-                upgrade.append(True)
-                continue
-            if event == lib.PYVFS_CHILD_FD_READY:
-                # read while the server sends: it may send more than the socket buffers
-                complete = handover.receive_fds(sock, received)
-                continue
-            if event < 0:  # not our child any more
-                return 1
-            code = (os.waitstatus_to_exitcode(status[0]) if os.WIFEXITED(status[0])
-                    else 1)
-            if code == handover.HANDED_OVER and sock is not None:
-                complete = complete or handover.receive_fds(sock, received)
-                self.take_over(received if complete else {})
-            return code
-
-    def exec_successor(self) -> None:
-        """Live upgrade: execute the installed code now, while the sandboxed server
-        (our child still) goes on serving; the new program imports everything, then
-        tells the server to stop its workers and hand its fds over
-        (:func:`take_from_server`), so the rings wait only for that, not for the
-        interpreter's start-up."""
-        assert self.handover_sock is not None
-        sock_fd = self.handover_sock.detach()
-        os.set_inheritable(sock_fd, True)
-        log.info("live upgrade: executing %s while the server serves", sys.executable)
-        handover.reexec(-1, {SUCCESSOR_ENV: f"{sock_fd}:{self.pid}"})
-
-    def take_over(self, received: dict[int, int]) -> None:
-        """The server's fds at their numbers here, then the installed code; returns only
-        if nothing (or not everything) was handed over."""
-        assert self.handover_sock is not None
-        if not received:
-            log.error("live upgrade: the server exited without handing everything over")
-            return
-        state_fd = next(iter(received))  # the first one sent
-        sock_fd = self.handover_sock.detach()
-        handover.place(received, keep=[sock_fd])
-        if sock_fd not in received:  # else the number is one of the server's fds now
-            os.close(sock_fd)
-        log.info("live upgrade: %d fds taken over from the server; executing %s",
-                 len(received), sys.executable)
-        handover.reexec(state_fd)
-
-
-def enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap] = (),
-          gid_maps: Sequence[NamespaceIdMap] = (), after_upgrade: bool = False,
-          keeper: Callable[[int, int], None] | None = None,
-          finish: Finish | None = None) -> Outside | None:
-    """Split into the sandboxed server and the process that stays outside. Returns None
-    in the server (now inside, serving ``/`` in namespace mode), an :class:`Outside` in
-    the original process. Raises SandboxError before any split when a step fails."""
+def enter(mode: str, shared_dir: str, finish: Finish,
+          uid_maps: Sequence[NamespaceIdMap] = (), gid_maps: Sequence[NamespaceIdMap] = (),
+          after_upgrade: bool = False) -> None:
+    """Split into the sandboxed server, the keeper and the process that stays outside.
+    Returns only in the server (now inside, serving ``/`` in namespace mode): the others
+    wait in C and then execute ``finish``'s program. Raises SandboxError before any split
+    when a step fails."""
     shared_dir = os.path.realpath(shared_dir)
-    global _handover_sock, _keeper, _watch_fd, _finish
-    _keeper = keeper
+    global _handover_sock, _watch_fd, _finish
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _handover_sock = theirs
-    ours.setblocking(False)  # Outside.wait reads it while the server sends
+    ours.setblocking(False)  # the successor reads it while the server sends
     _watch_fd = ours.fileno()  # watched from the moment of the split (pyvfs_split)
-    if finish is not None:
-        finish.state = {**finish.state, "server_sock": theirs.fileno()}
+    finish.state = {**finish.state, "server_sock": theirs.fileno()}
     _finish = finish
-    outside = _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
-    _watch_fd = -1
-    _finish = None
-    if outside is None:  # the server
-        ours.close()
-        return None
-    theirs.close()
-    _handover_sock = None
-    outside.handover_sock = ours
-    return outside
+    _enter(mode, shared_dir, uid_maps, gid_maps, after_upgrade)
+    ours.close()  # the server
 
 
 def wait_for_successor(timeout: float) -> bool:
@@ -293,9 +189,9 @@ def wait_for_successor(timeout: float) -> bool:
 
 
 def take_from_server(finishing: bool = False) -> dict | None:
-    """In the new program the process outside executed (``Outside.exec_successor``, or
-    sandbox.c): ask the server for its fds, put them at their numbers once it has exited
-    (status 75), and return the state it handed over; None on a normal start, and
+    """In the new program the process outside executed (daemon/native/sandbox.c): ask
+    the server for its fds, put them at their numbers once it has exited (status 75),
+    and return the state it handed over; None on a normal start, and
     (``finishing``: the caller then finishes as the process outside) when the server
     exited without handing everything over."""
     value = os.environ.pop(SUCCESSOR_ENV, "")
@@ -354,13 +250,15 @@ def hand_over_outside(state_fd: int, fds: list[int]) -> None:
 
 
 def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
-           gid_maps: Sequence[NamespaceIdMap], after_upgrade: bool) -> Outside | None:
+           gid_maps: Sequence[NamespaceIdMap], after_upgrade: bool) -> None:
     if mode == "none":  # --keeper: the split without a sandbox
-        return _split(lambda: None)
+        _split(lambda: None)
+        return
     if mode == "chroot":
         if os.geteuid() != 0:
             raise SandboxError("--sandbox chroot needs root; use --sandbox namespace or none")
-        return _split(lambda: _enter_chroot(shared_dir))
+        _split(lambda: _enter_chroot(shared_dir))
+        return
     if mode != "namespace":
         raise ValueError(mode)
     if os.geteuid() == 0:
@@ -378,53 +276,49 @@ def _enter(mode: str, shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
             finally:
                 os.close(own)
         _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-        return _split(lambda: _enter_namespaces(CLONE_NEWNS | CLONE_NEWNET, shared_dir))
-    return _enter_as_user(shared_dir, uid_maps, gid_maps)
+        _split(lambda: _enter_namespaces(CLONE_NEWNS | CLONE_NEWNET, shared_dir))
+        return
+    _enter_as_user(shared_dir, uid_maps, gid_maps)
 
 
-def _split(inside) -> Outside | None:  # noqa: ANN001 - the server's set-up step
-    """Fork the server (C: pyvfs_split); it runs ``inside`` once the parent is known to
-    be alive. With a keeper the child clones the server and stays as its keeper. With a
-    plan (``_finish``) neither the parent nor the keeper returns here; without one the
-    keeper runs ``_keeper`` once the server has exited, and the parent returns what
-    ended the first wait."""
+def _plan(split) -> object:  # noqa: ANN001 - a pyvfs_split_t *
+    """What the process outside and the keeper need to execute at the end of their wait
+    (``_finish``); returns the buffer ``split`` points into, to be kept alive until the
+    C call (which copies it at once)."""
+    assert _finish is not None
+    blob, argc, envc = _plan_blob()
+    plan = ffi.from_buffer(blob)
+    split.plan, split.plan_len, split.argc, split.envc = plan, len(blob), argc, envc
+    split.watch_fd = _watch_fd
+    split.handed_over = handover.HANDED_OVER
+    split.exec_first = int(_finish.exec_first)
+    split.journal_fd = _finish.journal_fd
+    return plan
+
+
+def _split(inside) -> None:  # noqa: ANN001 - the server's set-up step
+    """Fork (C: pyvfs_split): the child clones the server, which runs ``inside`` once the
+    parent is known to be alive, and stays as its keeper; neither the parent (the process
+    outside, or the helper of an unprivileged sandbox) nor the keeper returns here."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:  # pyvfs_split skips CPython's fork bookkeeping, which one thread needs not
         raise SandboxError(f"the daemon runs {threads} threads before entering the sandbox")
     ready_r, ready_w = os.pipe()
     split = ffi.new("pyvfs_split_t *")
     split.ready_r, split.ready_w = ready_r, ready_w
-    split.with_keeper = int(_keeper is not None)
-    split.watch_fd = _watch_fd
-    split.journal_fd = -1
-    split.handed_over = handover.HANDED_OVER
     split.parent_exits = int(_helper)
-    if _finish is not None:
-        blob, argc, envc = _plan_blob()
-        plan = ffi.from_buffer(blob)  # alive until the call returns (in the server)
-        split.plan, split.plan_len, split.argc, split.envc = plan, len(blob), argc, envc
-        split.exec_first = int(_finish.exec_first)
-        split.journal_fd = _finish.journal_fd
+    plan = _plan(split)
     role = lib.pyvfs_split(split)
-    if role == lib.PYVFS_SPLIT_KEEPER:  # the keeper, after the server exited
-        try:
-            assert _keeper is not None
-            _keeper(split.pid, split.status)
-        finally:
-            os._exit(1)
+    del plan
     if role < 0:
         os.close(ready_r)
         os.close(ready_w)
         raise SandboxError(f"fork: {os.strerror(-role)}")
-    if role == 0:
-        try:
-            inside()
-        except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
-            log.error("sandbox: %s", e)
-            os._exit(1)
-        return None
-    # the process outside, back from its wait (C) with the first event
-    return Outside(split.pid, first=(role - lib.PYVFS_SPLIT_OUTSIDE, split.status))
+    try:
+        inside()
+    except BaseException as e:  # noqa: BLE001 - the parent reports the exit status
+        log.error("sandbox: %s", e)
+        os._exit(1)
 
 
 def _enter_chroot(shared_dir: str) -> None:
@@ -489,7 +383,7 @@ def server_fdinfo_directory() -> int:
 
 
 def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
-                   gid_maps: Sequence[NamespaceIdMap]) -> Outside | None:
+                   gid_maps: Sequence[NamespaceIdMap]) -> None:
     """Unprivileged: a helper unshares a user namespace (with pid, mount and network
     namespaces owned by it), this process writes its id maps from outside (newuidmap and
     newgidmap for anything beyond our own ids), then the helper forks the server, PID 1
@@ -528,16 +422,13 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         _helper = True
         # the server makes its own mount namespace: the keeper stays in ours, where the
         # daemon can be executed afresh (pivot_root would move its root too)
-        server = _split(lambda: _enter_namespaces(CLONE_NEWNS, shared_dir))
-        if server is None:
-            return None
-        os._exit(server.wait())
+        _split(lambda: _enter_namespaces(CLONE_NEWNS, shared_dir))
+        return  # the server
     os.close(to_child_r)
     os.close(to_parent_w)
-    outside = Outside(pid)
     if os.read(to_parent_r, 1) != b"1":
         os.close(to_child_w)
-        outside.wait()
+        os.waitpid(pid, 0)
         raise SandboxError("could not create the namespaces (see the line above; "
                            "unprivileged user namespaces may be disabled: "
                            "sysctl kernel.unprivileged_userns_clone)")
@@ -546,21 +437,15 @@ def _enter_as_user(shared_dir: str, uid_maps: Sequence[NamespaceIdMap],
         _write_maps(pid, "gid", gid_maps, helpers.get("newgidmap"))
     except SandboxError:
         os.close(to_child_w)
-        outside.wait()
+        os.waitpid(pid, 0)
         raise
     os.write(to_child_w, b"1")
     os.close(to_child_w)
-    if _finish is not None:  # from here as the root modes' process outside: C only
-        split = ffi.new("pyvfs_split_t *")
-        split.watch_fd = _watch_fd
-        split.handed_over = handover.HANDED_OVER
-        blob, argc, envc = _plan_blob()
-        plan = ffi.from_buffer(blob)
-        split.plan, split.plan_len, split.argc, split.envc = plan, len(blob), argc, envc
-        split.exec_first = int(_finish.exec_first)
-        split.journal_fd = _finish.journal_fd
-        lib.pyvfs_outside(split, pid)  # never returns
-    return outside
+    # from here as the root modes' process outside: C only
+    split = ffi.new("pyvfs_split_t *")
+    plan = _plan(split)
+    lib.pyvfs_outside(split, pid)  # never returns
+    del plan
 
 
 def _write_maps(pid: int, kind: str, maps: list[NamespaceIdMap], helper: str | None) -> None:

@@ -47,27 +47,19 @@ int pyvfs_fallocate(int fd, int mode, long long offset, long long len);
 int pyvfs_syncfs(int fd);
 
 /* ---- sandbox.c: the processes that only wait around the sandboxed server */
-#define PYVFS_CHILD_EXITED 0
-#define PYVFS_CHILD_HUP 1
-#define PYVFS_CHILD_FD_READY 2
-int pyvfs_wait_child(int pid, int fd, int *status);
-#define PYVFS_SPLIT_OUTSIDE 100
-#define PYVFS_SPLIT_KEEPER -100000
 typedef struct {
     int ready_r, ready_w; /* the pipe that tells the child its parent is alive */
-    int with_keeper;      /* the child clones the server and keeps the fd table */
     int watch_fd;         /* the process outside: the handover socket (-1: none) */
     int exec_first;       /* it: a SIGHUP executes the successor at once */
     int journal_fd;       /* it: kept open for the program that finishes (-1: none) */
     int handed_over;      /* the server's exit status after handing its fds over */
-    int parent_exits;     /* with a plan, the parent only exits with the child's status
+    int parent_exits;     /* the parent only exits with the child's status
                              (the helper of an unprivileged sandbox) */
-    /* the program executed at the events (NULL: return to Python instead): the
-       executable, argc arguments and envc environment entries, each ended by a NUL */
+    /* the program the process outside and the keeper execute when their wait ends:
+       the executable, argc arguments and envc environment entries, each ended by a NUL */
     const char *plan;
     size_t plan_len;
     int argc, envc;
-    int pid, status; /* out */
 } pyvfs_split_t;
 long pyvfs_split(pyvfs_split_t *s);
 void pyvfs_outside(pyvfs_split_t *s, int child);

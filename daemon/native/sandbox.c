@@ -25,15 +25,19 @@
 
 #include "internal.h"
 
+#define CHILD_EXITED 0
+#define CHILD_HUP 1
+#define CHILD_FD_READY 2
+
 /* A process that only waits for the server it started waits here, in C. SIGTERM and
    SIGINT are forwarded to the child; SIGHUP is forwarded and returned (a live upgrade);
    ``fd`` (-1: none) becoming readable is returned. The three signals and SIGCHLD are
    blocked while it waits and the caller's mask is back on return, so one that arrives
    while Python runs reaches its handler. Without an fd it sleeps in sigwaitinfo (no fd of
    its own: the keeper shares the server's fd table); with one, in poll on that fd and a
-   signalfd. Returns PYVFS_CHILD_EXITED with the wait status in *status, PYVFS_CHILD_HUP,
-   PYVFS_CHILD_FD_READY, or -errno. */
-int pyvfs_wait_child(int pid, int fd, int *status) {
+   signalfd. Returns CHILD_EXITED with the wait status in *status, CHILD_HUP,
+   CHILD_FD_READY, or -errno. */
+static int pyvfs_wait_child(int pid, int fd, int *status) {
     sigset_t wanted, old;
     sigemptyset(&wanted);
     sigaddset(&wanted, SIGTERM);
@@ -50,7 +54,7 @@ int pyvfs_wait_child(int pid, int fd, int *status) {
     for (;;) {
         pid_t r = waitpid(pid, status, WNOHANG); /* after blocking: no SIGCHLD is lost */
         if (r == pid) {
-            ret = PYVFS_CHILD_EXITED;
+            ret = CHILD_EXITED;
             break;
         }
         if (r < 0 && errno != EINTR) {
@@ -69,7 +73,7 @@ int pyvfs_wait_child(int pid, int fd, int *status) {
                 if (read(sfd, &info, sizeof info) == (ssize_t)sizeof info)
                     sig = (int)info.ssi_signo;
             } else if (p[0].revents) {
-                ret = PYVFS_CHILD_FD_READY;
+                ret = CHILD_FD_READY;
                 break;
             }
         } else {
@@ -78,7 +82,7 @@ int pyvfs_wait_child(int pid, int fd, int *status) {
         if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
             kill(pid, sig);
         if (sig == SIGHUP) {
-            ret = PYVFS_CHILD_HUP;
+            ret = CHILD_HUP;
             break;
         }
     }
@@ -351,9 +355,9 @@ static void outside(const pyvfs_split_t *s, pid_t child) {
     for (;;) {
         int status = 0;
         int event = pyvfs_wait_child(child, sock, &status);
-        if (event == PYVFS_CHILD_HUP && !(s->exec_first && sock >= 0))
+        if (event == CHILD_HUP && !(s->exec_first && sock >= 0))
             continue; /* forwarded: the server stops its workers, then sends */
-        if (event == PYVFS_CHILD_HUP || event == PYVFS_CHILD_FD_READY) {
+        if (event == CHILD_HUP || event == CHILD_FD_READY) {
             inheritable(sock);
             signal(SIGHUP, SIG_IGN); /* until the new program has its handler */
             plan_env(0, "PYVIRTIOFSD_SUCCESSOR", sock, child, 1);
@@ -380,7 +384,7 @@ static void outside(const pyvfs_split_t *s, pid_t child) {
    outside (workers/handover/keeper.py). */
 static void keeper(pid_t server) {
     int status = 0, event;
-    while ((event = pyvfs_wait_child(server, -1, &status)) != PYVFS_CHILD_EXITED) {
+    while ((event = pyvfs_wait_child(server, -1, &status)) != CHILD_EXITED) {
         if (event < 0)
             _exit(1); /* not our child: cannot be */
     }
@@ -395,21 +399,18 @@ static void keeper(pid_t server) {
    process has one thread here and holds no lock of the interpreter's, so CPython's fork
    bookkeeping has nothing to repair, and none of its writes are made.
 
-   fork(); the parent (the process outside) tells the child it is alive (a byte on
-   ready_w); the child arms PR_SET_PDEATHSIG and waits for that byte, so a parent that
-   died first is seen as end of file (exit 1). Without with_keeper the child returns 0:
-   it is the server. Else it clones the server with CLONE_FILES (one fd table for both;
+   fork(); the parent tells the child it is alive (a byte on ready_w); the child arms
+   PR_SET_PDEATHSIG and waits for that byte, so a parent that died first is seen as end
+   of file (exit 1). The child clones the server with CLONE_FILES (one fd table for both;
    0 is returned there, PDEATHSIG armed) and stays as its keeper: named pyvfs-keeper,
-   subreaper of the server's orphans. With a plan, the parent and the keeper give their
-   heap back and never return (outside(), keeper()). Without one (the helper of an
-   unprivileged sandbox, which returns what it waits for to Python), the parent returns
-   PYVFS_SPLIT_OUTSIDE plus the first event of its wait, and the keeper
-   PYVFS_SPLIT_KEEPER once the server exited; s->pid and s->status say which and how.
-   -errno if the plan does not parse or the fork fails. */
+   subreaper of the server's orphans. The parent and the keeper give their heap back and
+   never return: the parent is the process outside (outside()), or with parent_exits the
+   helper of an unprivileged sandbox, which only exits with the keeper's status. -errno
+   if the plan does not parse or the fork fails. */
 long pyvfs_split(pyvfs_split_t *arg) {
     /* a copy on the stack: ``arg`` is in Python's memory, which drop_heap gives back */
     pyvfs_split_t opts = *arg, *s = &opts;
-    if (s->plan != NULL && plan_load(s->plan, s->plan_len, s->argc, s->envc) < 0)
+    if (s->plan == NULL || plan_load(s->plan, s->plan_len, s->argc, s->envc) < 0)
         return -EINVAL;
     pid_t child = fork();
     if (child < 0)
@@ -420,27 +421,16 @@ long pyvfs_split(pyvfs_split_t *arg) {
             /* the child sees end of file and exits: the wait below sees its status */
         }
         close(s->ready_w);
-        s->pid = child;
-        if (s->plan != NULL && s->parent_exits) {
-            drop_heap();
+        drop_heap();
+        if (s->parent_exits) {
             int status = 0, event;
-            while ((event = pyvfs_wait_child(child, -1, &status)) != PYVFS_CHILD_EXITED) {
+            while ((event = pyvfs_wait_child(child, -1, &status)) != CHILD_EXITED) {
                 if (event < 0)
                     _exit(1);
             }
             _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
         }
-        if (s->plan != NULL) {
-            drop_heap();
-            outside(s, child);
-        }
-        int event = pyvfs_wait_child(child, s->watch_fd, &arg->status);
-        if (event < 0) { /* not our child: cannot be; as if it had failed */
-            arg->status = 1 << 8;
-            event = PYVFS_CHILD_EXITED;
-        }
-        arg->pid = child;
-        return PYVFS_SPLIT_OUTSIDE + event;
+        outside(s, child);
     }
     close(s->ready_w);
     char alive = 0;
@@ -448,34 +438,19 @@ long pyvfs_split(pyvfs_split_t *arg) {
         alive != '1')
         _exit(1); /* the parent is gone */
     close(s->ready_r);
-    if (!s->with_keeper) {
-        if (s->plan != NULL) /* the server's copy: not needed there */
-            munmap(plan.region, plan.region_len);
-        return 0;
-    }
     long server = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
     if (server < 0)
         _exit(1);
     if (server == 0) {
         pyvfs_set_pdeathsig(SIGKILL); /* the server goes with its keeper */
-        if (s->plan != NULL)
-            munmap(plan.region, plan.region_len);
+        munmap(plan.region, plan.region_len); /* the server's copy: not needed there */
         return 0;
     }
     prctl(PR_SET_NAME, "pyvfs-keeper", 0, 0, 0);
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* the workers come to us (chroot) */
-    s->pid = (int)server;
-    if (s->plan != NULL) {
-        drop_heap();
-        keeper((pid_t)server);
-    }
-    int event;
-    while ((event = pyvfs_wait_child((int)server, -1, &arg->status)) != PYVFS_CHILD_EXITED) {
-        if (event < 0)
-            _exit(1);
-    }
-    arg->pid = (int)server;
-    return PYVFS_SPLIT_KEEPER;
+    drop_heap();
+    keeper((pid_t)server);
+    return 0; /* not reached: keeper() executes or exits */
 }
 
 /* The process outside of an unprivileged sandbox (daemon/host/sandbox.py

@@ -18,7 +18,8 @@ def segment_names(pid: int) -> tuple[str, str]:
     return f"/pyvirtiofsd-{pid}-inodes", f"/pyvirtiofsd-{pid}-handles"
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """A process's children (of its main thread), from /proc; [] once it is gone."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(c) for c in f.read().split()]
@@ -54,12 +55,12 @@ def processes(pid: int) -> list[int]:
     """The supervisor and its workers. With --sandbox the pid file names the process
     that stayed outside: the supervisor is down its line of single children that live
     in another root or other namespaces."""
-    children = _children(pid)
-    while len(children) == 1 and (_confinement(children[0]) != _confinement(pid)
-                                  or _is_keeper(children[0])):
-        pid = children[0]
-        children = _children(pid)
-    return [pid, *children]
+    kids = children(pid)
+    while len(kids) == 1 and (_confinement(kids[0]) != _confinement(pid)
+                              or _is_keeper(kids[0])):
+        pid = kids[0]
+        kids = children(pid)
+    return [pid, *kids]
 
 
 def _is_keeper(pid: int) -> bool:

@@ -89,10 +89,8 @@ class StateJournal:
 
 def keep(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
          handles: HandleTable, pid: int, status: int) -> NoReturn:
-    """In the keeper, once the supervisor it cloned (pid) has exited with ``status``: exit
-    with it, or (killed by a signal) hand its fds on. The clone and the wait before are C
-    (daemon/host/sandbox.py, pyvfs_split): any Python the keeper ran while the supervisor
-    served would write to pages the two share, each then kept twice."""
+    """The keeper, once the supervisor it cloned (pid) has exited with ``status``: exit
+    with it, or (killed by a signal) hand its fds on."""
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:  # it exited (a stop, or a live upgrade's handover: 75)
         os._exit(code)
@@ -113,9 +111,10 @@ def keep(journal: StateJournal, session: mmap.mmap, inodes: InodeTable,
 
 
 def keep_executed(event: str, plan: dict) -> NoReturn:
-    """The keeper's new program (daemon/native/sandbox.c executed it with the killed
-    supervisor's fd table, every fd inheritable): ``event`` is "<pid>:<wait status>",
-    ``plan`` what sandbox.Finish carried."""
+    """The keeper's new program: the clone and the wait are C (daemon/native/sandbox.c,
+    pyvfs_split), which executed this with the killed supervisor's fd table, every fd
+    inheritable: ``event`` is "<pid>:<wait status>", ``plan`` what sandbox.Finish
+    carried."""
     pid, status = (int(v) for v in event.split(":"))
     journal = StateJournal(plan["journal_fd"])
     session = mmap.mmap(plan["session_fd"], mmap.PAGESIZE)

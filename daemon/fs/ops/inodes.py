@@ -114,7 +114,7 @@ class InodeOps(FsBase):
                             "CAP_DAC_READ_SEARCH in the host's user namespace): every inode "
                             "keeps an O_PATH fd", refused)
                 self.use_handles = False
-                handle, htype, mnt = None, 0, mnt
+                handle, htype = None, 0
         self.inodes.insert_root((st.st_ino, st.st_dev, mnt), fd, st.st_mode, handle, htype)
         return fuse.ROOT_ID
 
